@@ -1,0 +1,14 @@
+#pragma once
+// Which back ends this build has. CUDA code lives in cuda/ and is compiled only when CMake
+// found nvcc (PION_CUDA=AUTO|ON); CPU code never depends on it.
+#include <string>
+
+namespace pion {
+
+bool cuda_compiled();
+// Number of CUDA devices visible at run time (0 when not compiled or no driver/GPU).
+int cuda_device_count();
+// A one-line description for logs and `pion --version`.
+std::string backend_summary();
+
+}  // namespace pion

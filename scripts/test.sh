@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The test suite, as CI runs it: a Release build with every test, then an ASan+UBSan build of
+# the same tests. Tests that need the GPU skip with a message when none is present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+jobs=$(nproc)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$jobs}
+
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release
+cmake --build build -j"$jobs"
+(cd build && ctest --output-on-failure -j"$jobs")
+
+# Sanitizers: CUDA off (nvcc objects are not instrumented), benchmarks off.
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPION_SANITIZE=ON -DPION_CUDA=OFF \
+  -DPION_BUILD_BENCH=OFF
+cmake --build build-asan -j"$jobs"
+(cd build-asan && ASAN_OPTIONS=detect_leaks=1 PION_SANITIZED=1 ctest --output-on-failure -j"$jobs")

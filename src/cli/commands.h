@@ -1,0 +1,11 @@
+#pragma once
+// Each subcommand of `pion` lives in its own file and registers itself on the app here.
+// A command's callback throws pion::Error for bad input; main() prints it on one line and
+// exits with code 2.
+#include <CLI/CLI.hpp>
+
+namespace pion::cli {
+
+void add_optim_trace_command(CLI::App& app);
+
+}  // namespace pion::cli

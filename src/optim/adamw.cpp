@@ -1,0 +1,67 @@
+#include "pion/optim/adamw.h"
+
+#include <cmath>
+
+#include "pion/core/error.h"
+#include "pion/optim/state_util.h"
+
+namespace pion {
+
+std::size_t AdamW::add_param_group(std::vector<Param> params, double lr, const Options& options) {
+  check(options.beta1 >= 0 && options.beta1 < 1 && options.beta2 >= 0 && options.beta2 < 1,
+        "adamw: betas must lie in [0, 1)");
+  check(options.eps >= 0 && options.weight_decay >= 0, "adamw: eps and weight_decay must be >= 0");
+  std::size_t g = add_group(std::move(params), lr);
+  options_.push_back(options);
+  return g;
+}
+
+nlohmann::json AdamW::group_options(std::size_t g) const {
+  const Options& o = options_.at(g);
+  return {{"beta1", o.beta1}, {"beta2", o.beta2}, {"eps", o.eps}, {"weight_decay", o.weight_decay}};
+}
+
+void AdamW::set_group_options(std::size_t g, const nlohmann::json& j) {
+  Options& o = options_.at(g);
+  o.beta1 = j.at("beta1").get<double>();
+  o.beta2 = j.at("beta2").get<double>();
+  o.eps = j.at("eps").get<double>();
+  o.weight_decay = j.at("weight_decay").get<double>();
+}
+
+void AdamW::check_state(const Param& p, const StateMap& state) const {
+  require_state(p, state, "exp_avg", p.value.shape());
+  require_state(p, state, "exp_avg_sq", p.value.shape());
+}
+
+void AdamW::update_group(std::size_t g) {
+  ParamGroup& group = groups_[g];
+  const Options& o = options_[g];
+  const double t = static_cast<double>(steps_);
+  const double bias1 = 1.0 - std::pow(o.beta1, t);
+  const double bias2 = 1.0 - std::pow(o.beta2, t);
+  // torch: step_size = lr / bias1; denom = sqrt(v) / sqrt(bias2) + eps; p -= step_size * m / denom
+  const float step_size = static_cast<float>(group.lr / bias1);
+  const float bias2_sqrt = static_cast<float>(std::sqrt(bias2));
+  const float decay = static_cast<float>(1.0 - group.lr * o.weight_decay);
+  const float b1 = static_cast<float>(o.beta1), b2 = static_cast<float>(o.beta2);
+  const float eps = static_cast<float>(o.eps);
+  for (Param& p : group.params) {
+    StateMap& s = state_for(p);
+    float* m = state_tensor(s, "exp_avg", p.value.shape()).data<float>();
+    float* v = state_tensor(s, "exp_avg_sq", p.value.shape()).data<float>();
+    float* w = p.value.data<float>();
+    const float* grad = p.grad.data<float>();
+    const std::int64_t n = p.value.numel();
+#pragma omp parallel for schedule(static)
+    for (std::int64_t i = 0; i < n; ++i) {
+      w[i] *= decay;
+      m[i] = m[i] * b1 + (1.0f - b1) * grad[i];
+      v[i] = v[i] * b2 + (1.0f - b2) * grad[i] * grad[i];
+      const float denom = std::sqrt(v[i]) / bias2_sqrt + eps;
+      w[i] -= step_size * m[i] / denom;
+    }
+  }
+}
+
+}  // namespace pion

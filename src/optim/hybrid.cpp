@@ -1,0 +1,64 @@
+#include "pion/optim/hybrid.h"
+
+#include "pion/core/error.h"
+
+namespace pion {
+
+bool is_hidden_matrix(const Param& p) {
+  if (p.value.ndim() != 2) return false;
+  const std::string& n = p.name;
+  return n.find("embed") == std::string::npos && n.find("lm_head") == std::string::npos;
+}
+
+RoutedParams route_params(const std::vector<Param>& params,
+                          const std::function<bool(const Param&)>& to_matrix) {
+  RoutedParams out;
+  for (const auto& p : params) (to_matrix(p) ? out.matrix : out.other).push_back(p);
+  return out;
+}
+
+void OptimizerSet::add(std::unique_ptr<Optimizer> optimizer) {
+  check(optimizer != nullptr, "OptimizerSet::add: null optimizer");
+  optimizers_.push_back(std::move(optimizer));
+}
+
+bool OptimizerSet::step() {
+  for (const auto& o : optimizers_) {
+    if (!o->grads_finite()) {
+      for (auto& each : optimizers_) each->record_skipped_step();
+      ++skipped_steps_;
+      return false;
+    }
+  }
+  for (auto& o : optimizers_) o->step_unchecked();
+  return true;
+}
+
+void OptimizerSet::zero_grad() {
+  for (auto& o : optimizers_) o->zero_grad();
+}
+
+void OptimizerSet::set_lr_factor(double factor) {
+  for (auto& o : optimizers_) o->set_lr_factor(factor);
+}
+
+std::size_t OptimizerSet::state_bytes() const {
+  std::size_t b = 0;
+  for (const auto& o : optimizers_) b += o->state_bytes();
+  return b;
+}
+
+void OptimizerSet::save_state(TensorFile& out) const {
+  for (std::size_t i = 0; i < optimizers_.size(); ++i)
+    optimizers_[i]->save_state(out, "optim." + std::to_string(i) + ".");
+  out.metadata["optim.skipped_steps"] = std::to_string(skipped_steps_);
+}
+
+void OptimizerSet::load_state(const TensorFile& in) {
+  for (std::size_t i = 0; i < optimizers_.size(); ++i)
+    optimizers_[i]->load_state(in, "optim." + std::to_string(i) + ".");
+  auto it = in.metadata.find("optim.skipped_steps");
+  skipped_steps_ = it == in.metadata.end() ? 0 : std::stoll(it->second);
+}
+
+}  // namespace pion

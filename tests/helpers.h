@@ -1,0 +1,26 @@
+#pragma once
+// Helpers shared by the tests: random tensors, temp dirs, running the pion binary and Python.
+#include <cstdint>
+#include <string>
+
+#include "pion/core/tensor.h"
+
+namespace pion::test {
+
+Tensor random_tensor(const Shape& shape, std::uint64_t seed, double std = 1.0, DType dtype = DType::F32);
+// A fresh empty directory under the system temp dir, unique per call.
+std::string temp_dir(const std::string& tag);
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr together
+};
+// Runs a shell command and captures its output and exit code.
+CommandResult run_command(const std::string& command);
+// Runs the built `pion` binary with the given argument string.
+CommandResult run_pion(const std::string& args);
+// True when /usr/bin/python3 can import every module in the space-separated list.
+bool python_has(const std::string& modules);
+std::string source_dir();
+std::string python();
+
+}  // namespace pion::test
