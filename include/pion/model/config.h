@@ -1,0 +1,36 @@
+#pragma once
+// The shape of a LLaMA-style decoder: token embedding -> n_layer pre-norm blocks
+// [x += attn(rmsnorm(x)); x += mlp(rmsnorm(x))] -> final RMSNorm -> untied LM head.
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace pion {
+
+struct ModelConfig {
+  int vocab_size = 0;
+  int n_layer = 0;
+  int n_head = 0;
+  int d_model = 0;
+  int ffn_hidden = 0;           // 0 = the multiple of 32 nearest above 8/3 d_model (see ffn_size())
+  int seq_len = 0;              // the longest sequence forward() accepts (the RoPE table length)
+  double dropout = 0.0;         // on the attention and MLP outputs, before the residual add
+  std::string init = "normal";  // normal | spectral (see init.h)
+  double init_std = 0.02;       // std of the normal init, and of embeddings under spectral
+  double rope_theta = 10000.0;
+  double norm_eps = 1e-5;
+
+  // Throws pion::Error naming the field for any invalid value (e.g. d_model % n_head != 0).
+  void validate() const;
+  int head_dim() const { return d_model / n_head; }
+  // The MLP hidden width actually used: ffn_hidden, or the 8/3 d_model rule when it is 0.
+  int ffn_size() const;
+  // Number of scalar parameters.
+  std::int64_t num_params() const;
+
+  // For checkpoint metadata. from_json rejects unknown keys and re-validates.
+  nlohmann::json to_json() const;
+  static ModelConfig from_json(const nlohmann::json& object);
+};
+
+}  // namespace pion
