@@ -55,10 +55,29 @@ void OptimizerSet::save_state(TensorFile& out) const {
 }
 
 void OptimizerSet::load_state(const TensorFile& in) {
+  std::int64_t skipped = 0;
+  if (auto it = in.metadata.find("optim.skipped_steps"); it != in.metadata.end()) {
+    try {
+      skipped = std::stoll(it->second);
+    } catch (const std::exception&) {
+      throw Error("optimizer state: 'optim.skipped_steps' is not an integer: '" + it->second + "'");
+    }
+  }
+  // Optimizers load one by one; if a later one rejects the file, put the earlier ones back
+  // from an in-memory copy so a failed load changes nothing.
+  TensorFile backup;
   for (std::size_t i = 0; i < optimizers_.size(); ++i)
-    optimizers_[i]->load_state(in, "optim." + std::to_string(i) + ".");
-  auto it = in.metadata.find("optim.skipped_steps");
-  skipped_steps_ = it == in.metadata.end() ? 0 : std::stoll(it->second);
+    optimizers_[i]->save_state(backup, "optim." + std::to_string(i) + ".");
+  std::size_t loaded = 0;
+  try {
+    for (; loaded < optimizers_.size(); ++loaded)
+      optimizers_[loaded]->load_state(in, "optim." + std::to_string(loaded) + ".");
+  } catch (...) {
+    for (std::size_t i = 0; i < loaded; ++i)
+      optimizers_[i]->load_state(backup, "optim." + std::to_string(i) + ".");
+    throw;
+  }
+  skipped_steps_ = skipped;
 }
 
 }  // namespace pion

@@ -90,36 +90,56 @@ void Optimizer::save_state(TensorFile& out, const std::string& prefix) const {
     for (const auto& p : groups_[g].params) jg["params"].push_back(p.name);
     meta["groups"].push_back(jg);
   }
-  for (const auto& [name, s] : state_)
+  // Which parameters have state, so a load can tell a dropped tensor set from a parameter
+  // that never stepped (e.g. one added after training started).
+  meta["stateful"] = nlohmann::json::array();
+  for (const auto& [name, s] : state_) {
+    meta["stateful"].push_back(name);
     for (const auto& [key, t] : s) out.tensors[prefix + name + "." + key] = t;
+  }
   out.metadata[prefix + "meta"] = meta.dump();
 }
 
 void Optimizer::load_state(const TensorFile& in, const std::string& prefix) {
   auto it = in.metadata.find(prefix + "meta");
   check(it != in.metadata.end(), "optimizer state: metadata '" + prefix + "meta' is missing");
-  nlohmann::json meta;
+  // Read and validate everything first, so a mismatch leaves this optimizer untouched.
+  struct GroupMeta {
+    nlohmann::json options;
+    double lr, base_lr;
+  };
+  std::vector<GroupMeta> group_meta;
+  std::vector<std::string> stateful;
+  std::int64_t steps = 0, skipped_steps = 0;
   try {
-    meta = nlohmann::json::parse(it->second);
+    const nlohmann::json meta = nlohmann::json::parse(it->second);
+    check(meta.value("kind", "") == kind(), "optimizer state was saved by '" +
+                                                meta.value("kind", "?") + "', not '" + kind() +
+                                                "'");
+    check(meta.contains("groups") && meta.at("groups").size() == groups_.size(),
+          "optimizer state: number of param groups differs from this optimizer's");
+    for (std::size_t g = 0; g < groups_.size(); ++g) {
+      const auto& jg = meta.at("groups").at(g);
+      const auto& names = jg.at("params");
+      check(names.size() == groups_[g].params.size(),
+            "optimizer state: group " + std::to_string(g) + " has a different number of parameters");
+      for (std::size_t i = 0; i < names.size(); ++i)
+        check(names[i].get<std::string>() == groups_[g].params[i].name,
+              "optimizer state: group " + std::to_string(g) + " parameter " + std::to_string(i) +
+                  " is '" + names[i].get<std::string>() + "', expected '" +
+                  groups_[g].params[i].name + "'");
+      GroupMeta gm{jg.at("options"), jg.at("lr").get<double>(), jg.at("base_lr").get<double>()};
+      check(std::isfinite(gm.lr) && gm.lr >= 0 && std::isfinite(gm.base_lr) && gm.base_lr >= 0,
+            "optimizer state: group " + std::to_string(g) + " has a bad learning rate");
+      group_meta.push_back(std::move(gm));
+    }
+    steps = meta.value("steps", std::int64_t{0});
+    skipped_steps = meta.value("skipped_steps", std::int64_t{0});
+    if (meta.contains("stateful")) stateful = meta.at("stateful").get<std::vector<std::string>>();
   } catch (const nlohmann::json::exception& e) {
-    throw Error("optimizer state: metadata '" + prefix + "meta' is not valid JSON");
+    throw Error("optimizer state: metadata '" + prefix + "meta' is malformed (" + e.what() + ")");
   }
-  check(meta.value("kind", "") == kind(), "optimizer state was saved by '" +
-                                              meta.value("kind", "?") + "', not '" + kind() + "'");
-  check(meta.contains("groups") && meta["groups"].size() == groups_.size(),
-        "optimizer state: number of param groups differs from this optimizer's");
-  // Validate everything first so a mismatch leaves this optimizer untouched.
   std::map<std::string, StateMap> new_state;
-  for (std::size_t g = 0; g < groups_.size(); ++g) {
-    const auto& names = meta["groups"][g]["params"];
-    check(names.size() == groups_[g].params.size(),
-          "optimizer state: group " + std::to_string(g) + " has a different number of parameters");
-    for (std::size_t i = 0; i < names.size(); ++i)
-      check(names[i] == groups_[g].params[i].name,
-            "optimizer state: group " + std::to_string(g) + " parameter " + std::to_string(i) +
-                " is '" + names[i].get<std::string>() + "', expected '" +
-                groups_[g].params[i].name + "'");
-  }
   std::map<std::string, const Param*> by_name;
   for (const auto& g : groups_)
     for (const auto& p : g.params) by_name[p.name] = &p;
@@ -136,16 +156,27 @@ void Optimizer::load_state(const TensorFile& in, const std::string& prefix) {
     check(t.dtype() == DType::F32, "optimizer state: tensor '" + key + "' must be F32");
     new_state[owner->name][rest.substr(owner->name.size() + 1)] = t.clone();
   }
+  for (const auto& name : stateful)
+    check(new_state.count(name) == 1,
+          "optimizer state: the tensors of parameter '" + name + "' are missing from the file");
   for (const auto& [name, s] : new_state) check_state(*by_name.at(name), s);
+  // Hyperparameters go through the subclass, which may still reject them: restore the old
+  // ones if it does, so a failed load changes nothing.
+  std::vector<nlohmann::json> old_options;
+  for (std::size_t g = 0; g < groups_.size(); ++g) old_options.push_back(group_options(g));
+  try {
+    for (std::size_t g = 0; g < groups_.size(); ++g) set_group_options(g, group_meta[g].options);
+  } catch (const std::exception& e) {
+    for (std::size_t g = 0; g < groups_.size(); ++g) set_group_options(g, old_options[g]);
+    throw Error("optimizer state: bad hyperparameters in '" + prefix + "meta' (" + e.what() + ")");
+  }
   for (std::size_t g = 0; g < groups_.size(); ++g) {
-    const auto& jg = meta["groups"][g];
-    set_group_options(g, jg.at("options"));
-    groups_[g].lr = jg.at("lr").get<double>();
-    groups_[g].base_lr = jg.at("base_lr").get<double>();
+    groups_[g].lr = group_meta[g].lr;
+    groups_[g].base_lr = group_meta[g].base_lr;
   }
   state_ = std::move(new_state);
-  steps_ = meta.value("steps", std::int64_t{0});
-  skipped_steps_ = meta.value("skipped_steps", std::int64_t{0});
+  steps_ = steps;
+  skipped_steps_ = skipped_steps;
 }
 
 }  // namespace pion
