@@ -7,5 +7,11 @@
 namespace pion::cli {
 
 void add_optim_trace_command(CLI::App& app);
+void add_train_command(CLI::App& app);
+void add_finetune_command(CLI::App& app);
+void add_eval_command(CLI::App& app);
+void add_sample_command(CLI::App& app);
+void add_prepare_command(CLI::App& app);
+void add_make_task_command(CLI::App& app);
 
 }  // namespace pion::cli

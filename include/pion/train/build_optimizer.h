@@ -1,0 +1,22 @@
+#pragma once
+// Builds the optimizer set a training run uses, from its config:
+//   adamw: every parameter to AdamW (lr); 2-D parameters decay, 1-D (norm weights) do not,
+//          as in nanoGPT.
+//   muon:  hidden matrices to Muon (matrix_lr, muon_momentum, weight_decay); embeddings,
+//          LM head and norms to AdamW (lr) as above.
+//   pion:  hidden matrices to Pion (matrix_lr, pion_c, beta1/beta2, pion_retraction,
+//          pion_reanchor_every; no weight decay: Pion keeps the spectrum, so the weight norm
+//          cannot grow); the rest to AdamW (lr) as above.
+#include <vector>
+
+#include "pion/optim/hybrid.h"
+#include "pion/train/config.h"
+
+namespace pion {
+
+OptimizerSet build_optimizers(const TrainConfig& config, const std::vector<Param>& params);
+
+// The largest Pion spectrum drift over the set's Pion matrices (0 when there is no Pion).
+double max_spectrum_drift(const OptimizerSet& set);
+
+}  // namespace pion

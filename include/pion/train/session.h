@@ -1,0 +1,53 @@
+#pragma once
+// What the `pion` subcommands share: resolving a config's data into a prepared dataset,
+// adapting the data loaders to the trainer's BatchSource, validation evaluators, loading a
+// model back from a checkpoint, and sampling text from a model.
+#include <memory>
+#include <string>
+
+#include "pion/core/random.h"
+#include "pion/data/finetune.h"
+#include "pion/data/loader.h"
+#include "pion/data/prepare.h"
+#include "pion/data/tokenizer.h"
+#include "pion/model/llama.h"
+#include "pion/train/trainer.h"
+
+namespace pion {
+
+// config.data is "fortunes" (the built-in corpus), a prepared dataset directory, or a text
+// file. The last two kinds of text are tokenized into <out_dir>/data once; a later run (or
+// --resume) with the same out_dir reuses it.
+DatasetSummary resolve_dataset(const TrainConfig& config);
+
+ModelConfig model_config_for(const TrainConfig& config, int vocab_size);
+
+// Pretraining batches: random windows of a token shard.
+std::unique_ptr<BatchSource> make_shard_source(const std::string& shard_path, const TrainConfig& config);
+// Finetuning batches: prompt/response examples with the loss on responses only.
+std::unique_ptr<BatchSource> make_finetune_source(FinetuneDataset dataset, const TrainConfig& config);
+
+// Mean loss over the first `batches` fixed evaluation batches of a shard / finetune set.
+Evaluator make_shard_evaluator(const std::string& shard_path, const TrainConfig& config, int batches);
+Evaluator make_finetune_evaluator(FinetuneDataset dataset, const TrainConfig& config, int batches);
+
+// A model and what it was trained with, read back from a training checkpoint.
+struct LoadedCheckpoint {
+  TrainConfig config;
+  nlohmann::json extra;  // includes "tokenizer": path of the tokenizer file
+  std::unique_ptr<Llama<float>> model;
+  std::unique_ptr<Tokenizer> tokenizer;
+};
+LoadedCheckpoint load_checkpoint(const std::string& path);
+
+struct SampleOptions {
+  int max_new_tokens = 200;
+  double temperature = 1.0;  // 0 = greedy
+  int top_k = 0;             // 0 = no top-k filter
+  std::string stop;          // stop once the generated text contains this ("" = never)
+};
+// Continues `prompt` (its last seq_len tokens are the context) and returns the new text.
+std::string generate(Llama<float>& model, const Tokenizer& tokenizer, const std::string& prompt,
+                     const SampleOptions& options, Rng& rng);
+
+}  // namespace pion

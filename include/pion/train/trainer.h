@@ -1,0 +1,68 @@
+#pragma once
+// The training loop shared by `pion train` (pretraining on a token shard) and `pion finetune`
+// (prompt/response pairs, loss on response tokens only):
+//   for step in [start, max_iters):
+//     lr = base_lr * schedule(step); zero grads
+//     grad_accum x { batch <- source; loss = model.forward; model.backward(1/grad_accum) }
+//     clip the global gradient norm; optimizers.step() (skips and counts NaN/Inf)
+//     log a progress line and a metrics.jsonl record; evaluate; checkpoint
+// Checkpoints (out_dir/checkpoint.safetensors) hold the weights, the optimizer state, the
+// data source's and dropout's RNG state, the step and the config, so --resume continues
+// bit-exactly. SIGINT (Ctrl-C) finishes the current step, saves a checkpoint and returns.
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "pion/model/llama.h"
+#include "pion/train/config.h"
+
+namespace pion {
+
+// Where batches come from. Implementations: pretraining windows of a token shard, and
+// finetuning examples. State is a JSON value so a checkpoint can restore it.
+class BatchSource {
+ public:
+  virtual ~BatchSource() = default;
+  // Fills inputs and targets [batch, seq] (targets < 0 are ignored by the loss).
+  virtual void next(std::vector<std::int32_t>& inputs, std::vector<std::int32_t>& targets) = 0;
+  virtual nlohmann::json state() const = 0;
+  virtual void restore(const nlohmann::json& state) = 0;
+};
+
+// Validation: the mean loss over a fixed set of batches (the same every eval).
+using Evaluator = std::function<double(Llama<float>&)>;
+
+struct TrainSummary {
+  double best_val_loss = 0.0;
+  double final_val_loss = 0.0;
+  double final_train_loss = 0.0;
+  int iters = 0;
+  double tokens_per_sec = 0.0;
+  double wall_seconds = 0.0;
+  double spectrum_drift_max = 0.0;
+  std::int64_t skipped_steps = 0;
+  bool interrupted = false;
+  nlohmann::json to_json() const;
+};
+
+struct TrainInputs {
+  TrainConfig config;
+  nlohmann::json extra_metadata;    // stored in the checkpoint (tokenizer path, mode, ...)
+  std::unique_ptr<BatchSource> train_source;
+  Evaluator evaluate;               // may be empty (no validation)
+  bool resume = false;              // continue from out_dir/checkpoint.safetensors
+  std::string init_from;            // finetuning: start from these weights (fresh optimizer)
+};
+
+TrainSummary run_training(TrainInputs inputs, Llama<float>& model);
+
+// The checkpoint file of a run directory.
+std::string checkpoint_path(const std::string& out_dir);
+
+// Set by the SIGINT handler that run_training installs; a second Ctrl-C exits at once.
+bool interrupt_requested();
+
+}  // namespace pion

@@ -1,0 +1,68 @@
+// `pion eval`: validation loss and perplexity of a checkpoint, and the exact-match accuracy of
+// its greedy answers on a prompt/response set.
+#include <cmath>
+#include <iostream>
+
+#include "cli/commands.h"
+#include "cli/exact_match_eval.h"
+#include "pion/core/error.h"
+#include "pion/data/prepare.h"
+#include "pion/train/session.h"
+
+namespace pion::cli {
+
+namespace {
+
+struct EvalArgs {
+  std::string checkpoint;
+  std::string data;   // prepared dataset dir; default: the one the checkpoint trained on
+  std::string tasks;  // JSONL of prompt/response pairs
+  int batches = 50;
+  int max_examples = 200;
+};
+
+void run_eval(const EvalArgs& args) {
+  LoadedCheckpoint ck = load_checkpoint(args.checkpoint);
+  nlohmann::json result = {{"checkpoint", args.checkpoint}};
+  std::string dataset = args.data;
+  if (dataset.empty() && args.tasks.empty() && ck.extra.contains("dataset"))
+    dataset = ck.extra["dataset"].get<std::string>();
+  if (!dataset.empty()) {
+    DatasetSummary data = load_dataset_summary(dataset);
+    check(data.vocab_size == ck.model->config().vocab_size,
+          "eval: dataset '" + dataset + "' has vocabulary " + std::to_string(data.vocab_size) +
+              ", the checkpoint " + std::to_string(ck.model->config().vocab_size));
+    Evaluator evaluate = make_shard_evaluator(data.val_path, ck.config, args.batches);
+    ck.model->set_training(false);
+    const double loss = evaluate(*ck.model);
+    result["val_loss"] = loss;
+    result["perplexity"] = std::exp(loss);
+    std::cout << "val loss " << loss << " | perplexity " << std::exp(loss) << " (" << args.batches
+              << " batches of " << ck.config.batch_size << " x " << ck.config.seq_len << ")\n";
+  }
+  if (!args.tasks.empty()) {
+    auto examples = load_finetune_jsonl(args.tasks);
+    const std::size_t k = std::min<std::size_t>(examples.size(), static_cast<std::size_t>(args.max_examples));
+    const double acc = exact_match_accuracy(*ck.model, *ck.tokenizer, std::span(examples).first(k), std::cout);
+    result["exact_match"] = acc;
+    result["examples"] = k;
+    std::cout << "exact match " << acc * 100.0 << "% on " << k << " examples\n";
+  }
+  check(result.size() > 1, "eval: nothing to evaluate: give --data DATASET_DIR or --tasks FILE.jsonl");
+  std::cout << result.dump() << "\n";
+}
+
+}  // namespace
+
+void add_eval_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand("eval", "validation loss / perplexity and exact-match accuracy of a checkpoint");
+  auto args = std::make_shared<EvalArgs>();
+  cmd->add_option("--checkpoint", args->checkpoint, "checkpoint.safetensors from pion train/finetune")->required();
+  cmd->add_option("--data", args->data, "prepared dataset dir (default: the checkpoint's own)");
+  cmd->add_option("--tasks", args->tasks, "JSONL of {\"prompt\", \"response\"} for exact-match accuracy");
+  cmd->add_option("--batches", args->batches, "validation batches");
+  cmd->add_option("--max_examples", args->max_examples, "prompt/response examples to answer");
+  cmd->callback([args] { run_eval(*args); });
+}
+
+}  // namespace pion::cli

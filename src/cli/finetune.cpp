@@ -1,0 +1,97 @@
+// `pion finetune`: supervised finetuning from a checkpoint on {prompt, response} pairs, with
+// the loss on response tokens only; ends with the exact-match accuracy of greedy answers on
+// the held-out examples.
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+
+#include "cli/commands.h"
+#include "cli/config_flags.h"
+#include "cli/exact_match_eval.h"
+#include "pion/core/error.h"
+#include "pion/train/session.h"
+
+namespace pion::cli {
+
+namespace {
+
+struct FinetuneArgs {
+  std::string from;
+  std::string tasks;
+  bool resume = false;
+  int eval_examples = 200;
+};
+
+void run_finetune(const ConfigFlags& flags, const FinetuneArgs& args) {
+  check(!args.from.empty(), "finetune: give --from CHECKPOINT (a pion train checkpoint)");
+  check(!args.tasks.empty(), "finetune: give --tasks TASKS.jsonl ({\"prompt\", \"response\"} per line)");
+  LoadedCheckpoint base = load_checkpoint(args.from);
+  // Model keys come from the checkpoint; the rest from the defaults below, then file/flags.
+  TrainConfig config = base.config;
+  config.out_dir = "runs/finetune";
+  config.max_iters = 500;
+  config.warmup_iters = 20;
+  config.eval_interval = 100;
+  config.checkpoint_interval = 0;
+  config.dropout = 0.0;
+  apply_config_flags(flags, config);
+  for (const char* key : {"n_layer", "n_head", "d_model", "ffn_hidden", "seq_len", "tokenizer"})
+    check(config.to_json()[key] == base.config.to_json()[key],
+          std::string("finetune: '") + key + "' comes from the checkpoint and cannot change");
+  config.data = args.tasks;
+  config.validate();
+
+  std::vector<FinetuneExample> examples = load_finetune_jsonl(args.tasks);
+  check(examples.size() >= 2, "finetune: need at least 2 examples in '" + args.tasks + "'");
+  const auto n_val = std::max<std::size_t>(1, static_cast<std::size_t>(examples.size() * config.val_fraction));
+  std::vector<FinetuneExample> train(examples.begin(), examples.end() - static_cast<long>(n_val));
+  std::vector<FinetuneExample> val(examples.end() - static_cast<long>(n_val), examples.end());
+  FinetuneDataset train_set(train, *base.tokenizer);
+  FinetuneDataset val_set(val, *base.tokenizer);
+  const auto cut = train_set.count_truncated(config.seq_len);
+  std::cout << "finetune: " << train.size() << " train / " << val.size() << " held-out examples";
+  if (cut > 0) std::cout << " (" << cut << " truncated to seq_len " << config.seq_len << ")";
+  std::cout << "\n";
+
+  std::filesystem::create_directories(config.out_dir);
+  const std::string tokenizer_copy = config.out_dir + "/tokenizer.json";
+  base.tokenizer->save(tokenizer_copy);
+  Llama<float>& model = *base.model;
+  model.dropout_rng() = Rng(config.seed ^ 0xd50f07ULL);
+
+  TrainInputs in;
+  in.config = config;
+  in.resume = args.resume;
+  in.extra_metadata = {{"mode", "finetune"}, {"tokenizer", tokenizer_copy}, {"from", args.from}, {"tasks", args.tasks}};
+  in.train_source = make_finetune_source(train_set, config);
+  const int eval_batches = static_cast<int>(std::min<std::int64_t>(config.eval_iters, (val.size() + config.batch_size - 1) / config.batch_size));
+  in.evaluate = make_finetune_evaluator(val_set, config, std::max(1, eval_batches));
+  TrainSummary s = run_training(std::move(in), model);
+
+  const std::size_t k = std::min<std::size_t>(val.size(), static_cast<std::size_t>(args.eval_examples));
+  const double acc = exact_match_accuracy(model, *base.tokenizer, std::span(val).first(k), std::cout);
+  nlohmann::json summary = s.to_json();
+  summary["exact_match"] = acc;
+  summary["exact_match_examples"] = k;
+  {
+    std::ofstream out(config.out_dir + "/summary.json");
+    out << summary.dump(2) << "\n";
+  }
+  std::cout << "done: held-out exact match " << acc * 100.0 << "% on " << k << " examples, best val loss "
+            << s.best_val_loss << " -> " << config.out_dir << "/summary.json\n";
+}
+
+}  // namespace
+
+void add_finetune_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand("finetune", "finetune a checkpoint on prompt/response pairs (loss on responses)");
+  auto args = std::make_shared<FinetuneArgs>();
+  cmd->add_option("--from", args->from, "checkpoint to start from (from pion train)")->required();
+  cmd->add_option("--tasks", args->tasks, "JSONL of {\"prompt\", \"response\"} (see pion make-task)")->required();
+  cmd->add_option("--eval_examples", args->eval_examples, "held-out examples for the exact-match accuracy");
+  cmd->add_flag("--resume", args->resume, "continue from <out_dir>/checkpoint.safetensors");
+  auto flags = add_config_flags(*cmd);
+  cmd->callback([flags, args] { run_finetune(*flags, *args); });
+}
+
+}  // namespace pion::cli

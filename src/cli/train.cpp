@@ -1,0 +1,82 @@
+// `pion train`: pretrain a LLaMA-style model on text with AdamW, Muon or Pion.
+#include <filesystem>
+#include <iostream>
+
+#include "cli/commands.h"
+#include "cli/config_flags.h"
+#include "pion/core/random.h"
+#include "pion/model/init.h"
+#include "pion/train/session.h"
+
+namespace pion::cli {
+
+namespace {
+
+void print_spectrum_summary(Llama<float>& model) {
+  auto spectra = hidden_spectra(model.named_params());
+  if (spectra.empty()) return;
+  double lo = spectra[0].sigma_min, hi = spectra[0].sigma_max;
+  for (const auto& s : spectra) {
+    lo = std::min(lo, s.sigma_min);
+    hi = std::max(hi, s.sigma_max);
+  }
+  std::cout << "hidden-matrix spectrum at init: " << spectra.size() << " matrices, singular values in ["
+            << lo << ", " << hi << "]\n";
+}
+
+void run_train(const ConfigFlags& flags, bool resume) {
+  TrainConfig config;
+  apply_config_flags(flags, config);
+  if (resume) {
+    // The run's own config.json is the base; flags may extend it (e.g. a larger max_iters).
+    const std::string saved = config.out_dir + "/config.json";
+    if (std::filesystem::exists(saved)) {
+      TrainConfig from_run;
+      apply_config_json(from_run, read_json_file(saved));
+      apply_config_flags(flags, from_run);
+      config = from_run;
+    }
+  }
+  config.validate();
+  DatasetSummary data = resolve_dataset(config);
+  std::filesystem::create_directories(config.out_dir);
+  const std::string tokenizer_copy = config.out_dir + "/tokenizer.json";
+  if (!std::filesystem::exists(tokenizer_copy) ||
+      !std::filesystem::equivalent(tokenizer_copy, data.tokenizer_path))
+    std::filesystem::copy_file(data.tokenizer_path, tokenizer_copy,
+                               std::filesystem::copy_options::overwrite_existing);
+  std::cout << "data: " << data.source << " | " << data.tokenizer_kind << " tokenizer, vocab "
+            << data.vocab_size << " | " << data.train_tokens << " train / " << data.val_tokens
+            << " val tokens\n";
+
+  Llama<float> model(model_config_for(config, data.vocab_size));
+  Rng init_rng(config.seed);
+  model.init_weights(init_rng);
+  model.dropout_rng() = Rng(config.seed ^ 0xd50f07ULL);
+  std::cout << "model: " << config.n_layer << " layers, d_model " << config.d_model << ", "
+            << model.config().num_params() << " parameters | optimizer " << config.optimizer << "\n";
+  print_spectrum_summary(model);
+
+  TrainInputs in;
+  in.config = config;
+  in.resume = resume;
+  in.extra_metadata = {{"mode", "pretrain"}, {"tokenizer", tokenizer_copy}, {"dataset", data.dir}};
+  in.train_source = make_shard_source(data.train_path, config);
+  in.evaluate = make_shard_evaluator(data.val_path, config, config.eval_iters);
+  TrainSummary s = run_training(std::move(in), model);
+  std::cout << "done: best val loss " << s.best_val_loss << ", " << s.tokens_per_sec
+            << " tok/s, spectrum drift " << s.spectrum_drift_max << ", skipped steps "
+            << s.skipped_steps << " -> " << config.out_dir << "/summary.json\n";
+}
+
+}  // namespace
+
+void add_train_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand("train", "pretrain a LLaMA-style model (AdamW, Muon or Pion)");
+  auto flags = add_config_flags(*cmd);
+  auto resume = std::make_shared<bool>(false);
+  cmd->add_flag("--resume", *resume, "continue bit-exactly from <out_dir>/checkpoint.safetensors");
+  cmd->callback([flags, resume] { run_train(*flags, *resume); });
+}
+
+}  // namespace pion::cli

@@ -1,0 +1,69 @@
+#include "pion/train/build_optimizer.h"
+
+#include <algorithm>
+
+#include "pion/optim/adamw.h"
+#include "pion/optim/muon.h"
+#include "pion/optim/pion.h"
+
+namespace pion {
+
+namespace {
+
+// AdamW over `params`: 2-D tensors (embeddings, LM head, or all matrices under adamw) decay,
+// 1-D tensors (RMSNorm weights) do not, as nanoGPT does.
+std::unique_ptr<Optimizer> make_adamw(const TrainConfig& c, const std::vector<Param>& params) {
+  std::vector<Param> decay, no_decay;
+  for (const auto& p : params) (p.value.ndim() >= 2 ? decay : no_decay).push_back(p);
+  auto adamw = std::make_unique<AdamW>();
+  AdamW::Options o;
+  o.beta1 = c.beta1;
+  o.beta2 = c.beta2;
+  o.eps = 1e-8;
+  o.weight_decay = c.weight_decay;
+  adamw->add_param_group(std::move(decay), c.lr, o);
+  o.weight_decay = 0.0;
+  adamw->add_param_group(std::move(no_decay), c.lr, o);
+  return adamw;
+}
+
+}  // namespace
+
+OptimizerSet build_optimizers(const TrainConfig& c, const std::vector<Param>& params) {
+  OptimizerSet set;
+  if (c.optimizer == "adamw") {
+    set.add(make_adamw(c, params));
+    return set;
+  }
+  RoutedParams routed = route_params(params);
+  if (c.optimizer == "muon") {
+    auto muon = std::make_unique<Muon>();
+    Muon::Options o;
+    o.momentum = c.muon_momentum;
+    o.weight_decay = c.weight_decay;
+    muon->add_param_group(std::move(routed.matrix), c.matrix_lr, o);
+    set.add(std::move(muon));
+  } else {
+    auto pion = std::make_unique<Pion>();
+    Pion::Options o;
+    o.c = c.pion_c;
+    o.beta1 = c.beta1;
+    o.beta2 = c.beta2;
+    o.retraction = parse_retraction(c.pion_retraction);
+    o.reanchor_every = c.pion_reanchor_every;
+    pion->add_param_group(std::move(routed.matrix), c.matrix_lr, o);
+    set.add(std::move(pion));
+  }
+  set.add(make_adamw(c, routed.other));
+  return set;
+}
+
+double max_spectrum_drift(const OptimizerSet& set) {
+  double drift = 0.0;
+  for (const auto& o : set.optimizers())
+    if (const auto* pion = dynamic_cast<const Pion*>(o.get()))
+      for (const auto& [name, d] : pion->spectrum_drifts()) drift = std::max(drift, d);
+  return drift;
+}
+
+}  // namespace pion

@@ -1,0 +1,42 @@
+#include "pion/train/metrics.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+
+#include "pion/core/error.h"
+
+namespace pion {
+
+JsonlWriter::JsonlWriter(const std::string& path, bool append)
+    : file_(std::fopen(path.c_str(), append ? "a" : "w")), path_(path) {
+  check(file_ != nullptr, "cannot open metrics file '" + path + "': " + std::strerror(errno));
+}
+
+void JsonlWriter::write(const nlohmann::json& record) {
+  const std::string line = record.dump() + "\n";
+  const bool ok = std::fwrite(line.data(), 1, line.size(), file_.get()) == line.size() &&
+                  std::fflush(file_.get()) == 0;
+  check(ok, "cannot write metrics to '" + path_ + "': " + std::strerror(errno) + " (disk full?)");
+}
+
+std::string format_duration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  const long s = std::lround(seconds);
+  char buf[32];
+  if (s >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", s / 3600, (s % 3600) / 60);
+  else if (s >= 60) std::snprintf(buf, sizeof buf, "%ldm%02lds", s / 60, s % 60);
+  else std::snprintf(buf, sizeof buf, "%lds", s);
+  return buf;
+}
+
+std::string progress_line(long step, long total, double loss, double lr, double tokens_per_sec,
+                          double eta_seconds) {
+  char buf[160];
+  const double ktok = tokens_per_sec / 1000.0;
+  std::snprintf(buf, sizeof buf, "step %ld/%ld | loss %.4f | lr %.2e | %.1fK tok/s | ETA %s", step,
+                total, loss, lr, ktok, format_duration(eta_seconds).c_str());
+  return buf;
+}
+
+}  // namespace pion

@@ -1,0 +1,214 @@
+#include "pion/train/session.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <iostream>
+#include <numeric>
+
+#include "pion/core/error.h"
+#include "pion/core/safetensors.h"
+#include "pion/data/corpus.h"
+
+namespace pion {
+
+namespace fs = std::filesystem;
+
+DatasetSummary resolve_dataset(const TrainConfig& config) {
+  if (config.data != "fortunes" && is_prepared_dataset(config.data)) return load_dataset_summary(config.data);
+  const std::string dir = (fs::path(config.out_dir) / "data").string();
+  if (is_prepared_dataset(dir)) {
+    DatasetSummary s = load_dataset_summary(dir);
+    check(s.tokenizer_kind == config.tokenizer,
+          "'" + dir + "' was prepared with the " + s.tokenizer_kind + " tokenizer, not " +
+              config.tokenizer + "; use another out_dir or delete that directory");
+    return s;
+  }
+  if (config.data == "fortunes") {
+    std::cout << "preparing the built-in corpus (Debian fortunes) with the " << config.tokenizer
+              << " tokenizer in " << dir << "\n";
+    return prepare_dataset_from_text(default_corpus_text(), "fortunes", config.tokenizer,
+                                     config.vocab_size, dir, config.val_fraction);
+  }
+  check(fs::exists(config.data), "data '" + config.data +
+                                     "' does not exist: give a UTF-8 text file, a directory made by "
+                                     "`pion prepare`, or 'fortunes' for the built-in corpus");
+  check(fs::is_regular_file(config.data), "data '" + config.data +
+                                              "' is a directory without meta.json; prepare it with `pion prepare`");
+  std::cout << "tokenizing " << config.data << " with the " << config.tokenizer << " tokenizer into "
+            << dir << "\n";
+  return prepare_dataset(config.data, config.tokenizer, config.vocab_size, dir, config.val_fraction);
+}
+
+ModelConfig model_config_for(const TrainConfig& c, int vocab_size) {
+  ModelConfig m;
+  m.vocab_size = vocab_size;
+  m.n_layer = c.n_layer;
+  m.n_head = c.n_head;
+  m.d_model = c.d_model;
+  m.ffn_hidden = c.ffn_hidden;
+  m.seq_len = c.seq_len;
+  m.dropout = c.dropout;
+  m.init = c.init;
+  m.init_std = c.init_std;
+  m.validate();
+  return m;
+}
+
+namespace {
+
+LoaderOptions loader_options(const TrainConfig& c) {
+  LoaderOptions o;
+  o.batch_size = c.batch_size;
+  o.seq_len = c.seq_len;
+  o.seed = c.seed;
+  return o;
+}
+
+class ShardSource : public BatchSource {
+ public:
+  ShardSource(const std::string& path, const TrainConfig& c)
+      : loader_(DataLoader::from_shard(path, loader_options(c))) {}
+  void next(std::vector<std::int32_t>& inputs, std::vector<std::int32_t>& targets) override {
+    Batch b = loader_.next_batch();
+    inputs = std::move(b.inputs);
+    targets = std::move(b.targets);
+  }
+  nlohmann::json state() const override { return loader_.state(); }
+  void restore(const nlohmann::json& s) override { loader_.set_state(s.get<std::string>()); }
+
+ private:
+  DataLoader loader_;
+};
+
+class FinetuneSource : public BatchSource {
+ public:
+  FinetuneSource(FinetuneDataset dataset, const TrainConfig& c)
+      : loader_(std::move(dataset), loader_options(c)) {}
+  void next(std::vector<std::int32_t>& inputs, std::vector<std::int32_t>& targets) override {
+    Batch b = loader_.next_batch();
+    inputs = std::move(b.inputs);
+    targets = std::move(b.targets);
+  }
+  nlohmann::json state() const override { return loader_.state(); }
+  void restore(const nlohmann::json& s) override { loader_.set_state(s.get<std::string>()); }
+
+ private:
+  FinetuneLoader loader_;
+};
+
+// Mean of per-batch losses weighted by their target counts (so padding-heavy finetuning
+// batches do not skew the mean).
+template <class Loader>
+Evaluator make_evaluator(std::shared_ptr<Loader> loader, const TrainConfig& c, int batches) {
+  const int B = c.batch_size, T = c.seq_len;
+  return [loader, batches, B, T](Llama<float>& model) {
+    double total = 0.0, count = 0.0;
+    for (int k = 0; k < batches; ++k) {
+      Batch b = loader->eval_batch(k);
+      const double loss = model.forward(b.inputs, b.targets, B, T);
+      const double n = static_cast<double>(model.target_count());
+      total += loss * n;
+      count += n;
+    }
+    return count > 0 ? total / count : std::nan("");
+  };
+}
+
+}  // namespace
+
+std::unique_ptr<BatchSource> make_shard_source(const std::string& shard_path, const TrainConfig& config) {
+  return std::make_unique<ShardSource>(shard_path, config);
+}
+
+std::unique_ptr<BatchSource> make_finetune_source(FinetuneDataset dataset, const TrainConfig& config) {
+  return std::make_unique<FinetuneSource>(std::move(dataset), config);
+}
+
+Evaluator make_shard_evaluator(const std::string& shard_path, const TrainConfig& config, int batches) {
+  auto loader = std::make_shared<DataLoader>(DataLoader::from_shard(shard_path, loader_options(config)));
+  return make_evaluator(loader, config, batches);
+}
+
+Evaluator make_finetune_evaluator(FinetuneDataset dataset, const TrainConfig& config, int batches) {
+  auto loader = std::make_shared<FinetuneLoader>(std::move(dataset), loader_options(config));
+  return make_evaluator(loader, config, batches);
+}
+
+LoadedCheckpoint load_checkpoint(const std::string& path) {
+  TensorFile file = load_safetensors(path);
+  auto cfg_it = file.metadata.find("pion.config");
+  auto model_it = file.metadata.find("pion.model_config");
+  check(cfg_it != file.metadata.end() && model_it != file.metadata.end(),
+        "'" + path + "' is not a pion training checkpoint (no pion.config metadata)");
+  LoadedCheckpoint out;
+  apply_config_json(out.config, nlohmann::json::parse(cfg_it->second));
+  auto extra_it = file.metadata.find("pion.extra");
+  out.extra = extra_it == file.metadata.end() ? nlohmann::json::object()
+                                               : nlohmann::json::parse(extra_it->second);
+  out.model = std::make_unique<Llama<float>>(ModelConfig::from_json(nlohmann::json::parse(model_it->second)));
+  out.model->load_weights(file, "model.");
+  check(out.extra.contains("tokenizer"), "'" + path + "' does not name its tokenizer");
+  std::string tok = out.extra["tokenizer"].get<std::string>();
+  if (!fs::exists(tok)) {
+    // The run directory may have moved: look beside the checkpoint.
+    const fs::path beside = fs::path(path).parent_path() / "tokenizer.json";
+    check(fs::exists(beside), "tokenizer '" + tok + "' of checkpoint '" + path + "' is missing");
+    tok = beside.string();
+  }
+  out.tokenizer = load_tokenizer(tok);
+  check(out.tokenizer->vocab_size() == out.model->config().vocab_size,
+        "tokenizer '" + tok + "' does not match the checkpoint's vocabulary size");
+  return out;
+}
+
+std::string generate(Llama<float>& model, const Tokenizer& tokenizer, const std::string& prompt,
+                     const SampleOptions& options, Rng& rng) {
+  const int V = model.config().vocab_size;
+  const int max_ctx = model.config().seq_len;
+  std::vector<std::int32_t> ids = tokenizer.encode(prompt);
+  check(!ids.empty(), "sample: the prompt must not be empty");
+  const std::size_t prompt_len = ids.size();
+  model.set_training(false);
+  std::vector<std::int32_t> context;
+  std::vector<float> probs(static_cast<std::size_t>(V));
+  std::vector<int> order(static_cast<std::size_t>(V));
+  std::string text;
+  for (int step = 0; step < options.max_new_tokens; ++step) {
+    const std::size_t start = ids.size() > static_cast<std::size_t>(max_ctx) ? ids.size() - max_ctx : 0;
+    context.assign(ids.begin() + static_cast<long>(start), ids.end());
+    const int T = static_cast<int>(context.size());
+    model.forward(context, {}, 1, T);
+    const float* logits = model.logits() + static_cast<std::size_t>(T - 1) * V;
+    int next = 0;
+    if (options.temperature <= 0.0) {
+      next = static_cast<int>(std::max_element(logits, logits + V) - logits);
+    } else {
+      std::iota(order.begin(), order.end(), 0);
+      int k = options.top_k > 0 && options.top_k < V ? options.top_k : V;
+      std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                        [&](int a, int b) { return logits[a] > logits[b]; });
+      const double top = logits[order[0]];
+      double sum = 0.0;
+      for (int i = 0; i < k; ++i) {
+        probs[static_cast<std::size_t>(i)] = static_cast<float>(std::exp((logits[order[i]] - top) / options.temperature));
+        sum += probs[static_cast<std::size_t>(i)];
+      }
+      double u = rng.uniform() * sum;
+      next = order[static_cast<std::size_t>(k - 1)];
+      for (int i = 0; i < k; ++i) {
+        u -= probs[static_cast<std::size_t>(i)];
+        if (u <= 0) {
+          next = order[static_cast<std::size_t>(i)];
+          break;
+        }
+      }
+    }
+    ids.push_back(next);
+    text = tokenizer.decode(std::span<const std::int32_t>(ids).subspan(prompt_len));
+    if (!options.stop.empty() && text.find(options.stop) != std::string::npos) break;
+  }
+  return text;
+}
+
+}  // namespace pion
