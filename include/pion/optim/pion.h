@@ -1,0 +1,83 @@
+#pragma once
+// Pion (Shi et al., "Pion: A Spectrum-Preserving Optimizer via Orthogonal Equivalence
+// Transformation", arXiv:2605.12492): every weight matrix is multiplied on both sides by
+// orthogonal matrices, W <- R W P, so it keeps the singular values it started with and
+// training only turns its singular vectors. The update (see docs PION.md and
+// src/optim/pion_math.h for the formulas):
+//   G_in = W^T g - g^T W, G_out = g W^T - W g^T (skew); Adam-style moments m, v of each;
+//   A = -m / (sqrt(v) + eps); alpha = c sqrt(d_out d_in) / (||A_out W + W A_in||_F + eps);
+//   W <- R(s A_out) W R(s A_in), s = lr * alpha.
+// No bias correction: it would rescale A by a scalar that alpha cancels (up to eps).
+// The first-order change has RMS lr * c whatever the gradient scale: c is a target RMS.
+//
+// Only 2-D parameters are accepted: route embeddings, the LM head, norms and biases to
+// AdamW (see hybrid.h). State per d_out x d_in matrix: m_in, v_in (d_in x d_in), m_out,
+// v_out (d_out x d_out) and sigma0, the singular values at the first step.
+#include <cstdint>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "pion/optim/optimizer.h"
+
+namespace pion {
+
+enum class PionRetraction {
+  Taylor2,  // E2(sA) = I + sA + (sA)^2/2, the paper's choice: the spectrum drifts upwards
+            // by O((s||A||)^4) per step (E2^T E2 = I + (sA)^4/4) plus fp32 rounding
+  Cayley,   // (I - sA/2)^-1 (I + sA/2): exactly orthogonal for skew A
+  Exp,      // exp(sA) by scaling and squaring: exactly orthogonal for skew A
+};
+const char* retraction_name(PionRetraction r);
+// Parses "taylor2", "cayley" or "exp"; throws pion::Error naming the choices otherwise.
+PionRetraction parse_retraction(const std::string& name);
+
+class Pion : public Optimizer {
+ public:
+  struct Options {
+    double c = 0.2;  // target RMS of the first-order update per unit lr
+    double beta1 = 0.9;
+    double beta2 = 0.999;
+    double eps = 1e-8;  // > 0: guards 0/0 in A and alpha when a gradient is zero
+    PionRetraction retraction = PionRetraction::Taylor2;
+    // Every N steps (0 = never) project W back onto its initial spectrum with an SVD,
+    // W <- U diag(sigma0) V^T, removing whatever drift the retraction and rounding left.
+    std::int64_t reanchor_every = 0;
+  };
+
+  std::string kind() const override { return "pion"; }
+  std::size_t add_param_group(std::vector<Param> params, double lr, const Options& options);
+  const Options& options(std::size_t g) const { return options_.at(g); }
+
+  nlohmann::json group_options(std::size_t g) const override;
+  void set_group_options(std::size_t g, const nlohmann::json& options) override;
+
+  // max_i |sigma_i(W) - sigma0_i| / max_i sigma0_i for one parameter, computed now with an
+  // fp64 SVD. 0 before the parameter's first step (W is still its own reference). Throws
+  // pion::Error for a name this optimizer does not hold.
+  double spectrum_drift(const std::string& param_name) const;
+  // The same for every parameter, by name.
+  std::map<std::string, double> spectrum_drifts() const;
+
+ protected:
+  void update_group(std::size_t g) override;
+  void check_state(const Param& p, const StateMap& state) const override;
+
+ private:
+  // Per-shape work buffers (not optimizer state: never saved, rebuilt on demand).
+  struct Scratch {
+    Tensor a_in, a_out;       // X = W^T g / g W^T, overwritten in place by the directions
+    Tensor p, q;              // A_out W and W A_in, then the retraction's intermediates
+    Tensor f_in, f_out;       // exact retractions only: the d x d orthogonal factors
+    std::vector<float> work;  // exact retractions only: factor workspace
+  };
+  Scratch& scratch_for(std::int64_t d_out, std::int64_t d_in);
+  void update_matrix(Param& p, double lr, const Options& o);
+  const Param& find_param(const std::string& name) const;
+
+  std::vector<Options> options_;
+  std::map<std::pair<std::int64_t, std::int64_t>, Scratch> scratch_;
+};
+
+}  // namespace pion
