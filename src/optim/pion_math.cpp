@@ -6,20 +6,24 @@
 #include <cmath>
 #include <cstring>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include "pion/core/error.h"
 #include "pion/core/linalg.h"
 
 namespace pion::pion_math {
 
-namespace {
-// Below this many elements an OpenMP region costs more than it saves (waking a thread can
-// take a scheduler time slice on a busy machine), so small matrices run on one thread.
-constexpr std::int64_t kParallelMin = 1 << 15;
-}  // namespace
+// Threading: the GEMMs run on OpenBLAS's threads; the elementwise passes here run on the
+// calling thread on purpose. They are memory-bound (one core streams them nearly as fast as
+// two), and an OpenMP region between GEMMs costs far more than it saves: after each region
+// libgomp's idle workers spin (about 300k pause loops by default) on the cores OpenBLAS is
+// about to use. Measured on the 2-core dev machine, OpenMP passes here made a 768 x 768
+// Pion step up to 2x slower.
 
 template <class T>
 void skew_from_product(const T* x, std::int64_t d, T* g) {
-#pragma omp parallel for schedule(static) if (d * d >= kParallelMin)
   for (std::int64_t i = 0; i < d; ++i)
     for (std::int64_t j = 0; j < d; ++j) g[i * d + j] = x[i * d + j] - x[j * d + i];
 }
@@ -40,23 +44,97 @@ void output_generator(const T* w, const T* grad, std::int64_t d_out, std::int64_
 
 namespace {
 
-// Tiles of the moment pass: four kTile^2 local arrays per thread stay in L1/L2.
+// The moment pass works on kTile x kTile tiles so the transposed reads and mirrored writes
+// stay in L1.
 constexpr std::int64_t kTile = 32;
 
 template <class T>
 struct MomentRow {
   T b1, c1, b2, c2, eps;
-  // One contiguous run of elements: g is the generator, m, v, x the state and output rows.
-  void operator()(const T* g, T* m, T* v, T* x, std::int64_t n) const {
+  // One contiguous run: g is the generator, m and v the moments (updated in place), a the
+  // direction -m / (sqrt(v) + eps).
+  void operator()(const T* g, T* m, T* v, T* a, std::int64_t n) const {
     for (std::int64_t j = 0; j < n; ++j) {
       const T mj = b1 * m[j] + c1 * g[j];
       const T vj = b2 * v[j] + c2 * g[j] * g[j];
       m[j] = mj;
       v[j] = vj;
-      x[j] = -mj / (std::sqrt(vj) + eps);
+      a[j] = -mj / (std::sqrt(vj) + eps);
     }
   }
 };
+
+#if defined(__SSE2__)
+// fp32 with SSE: GCC does not vectorise std::sqrt under the default -fmath-errno, and the
+// sqrt and divide are most of this pass's arithmetic. The tail uses the single-lane forms
+// of the same instructions, so every element is rounded the same way wherever it falls.
+template <>
+void MomentRow<float>::operator()(const float* g, float* m, float* v, float* a,
+                                  std::int64_t n) const {
+  const __m128 vb1 = _mm_set1_ps(b1), vc1 = _mm_set1_ps(c1), vb2 = _mm_set1_ps(b2),
+               vc2 = _mm_set1_ps(c2), veps = _mm_set1_ps(eps), zero = _mm_setzero_ps();
+  std::int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const __m128 gj = _mm_loadu_ps(g + j);
+    const __m128 mj = _mm_add_ps(_mm_mul_ps(vb1, _mm_loadu_ps(m + j)), _mm_mul_ps(vc1, gj));
+    const __m128 vj =
+        _mm_add_ps(_mm_mul_ps(vb2, _mm_loadu_ps(v + j)), _mm_mul_ps(_mm_mul_ps(vc2, gj), gj));
+    _mm_storeu_ps(m + j, mj);
+    _mm_storeu_ps(v + j, vj);
+    _mm_storeu_ps(a + j, _mm_div_ps(_mm_sub_ps(zero, mj), _mm_add_ps(_mm_sqrt_ps(vj), veps)));
+  }
+  for (; j < n; ++j) {
+    const __m128 gj = _mm_load_ss(g + j);
+    const __m128 mj = _mm_add_ss(_mm_mul_ss(vb1, _mm_load_ss(m + j)), _mm_mul_ss(vc1, gj));
+    const __m128 vj =
+        _mm_add_ss(_mm_mul_ss(vb2, _mm_load_ss(v + j)), _mm_mul_ss(_mm_mul_ss(vc2, gj), gj));
+    _mm_store_ss(m + j, mj);
+    _mm_store_ss(v + j, vj);
+    _mm_store_ss(a + j, _mm_div_ss(_mm_sub_ss(zero, mj), _mm_add_ss(_mm_sqrt_ss(vj), veps)));
+  }
+}
+#endif
+
+// dst = src^T (negated when `negate`) for an r x c block of src (row stride lds) into a
+// c x r block of dst (row stride ldd). Negation flips the sign bit, exactly like unary minus.
+template <class T>
+void transpose_block(const T* src, std::int64_t lds, T* dst, std::int64_t ldd, std::int64_t r,
+                     std::int64_t c, bool negate) {
+  for (std::int64_t i = 0; i < r; ++i)
+    for (std::int64_t j = 0; j < c; ++j)
+      dst[j * ldd + i] = negate ? -src[i * lds + j] : src[i * lds + j];
+}
+
+#if defined(__SSE2__)
+// fp32: 4 x 4 blocks through SSE shuffles; the scalar edges use the generic loop.
+template <>
+void transpose_block<float>(const float* src, std::int64_t lds, float* dst, std::int64_t ldd,
+                            std::int64_t r, std::int64_t c, bool negate) {
+  const __m128 sign = _mm_set1_ps(negate ? -0.0f : 0.0f);
+  const std::int64_t r4 = r & ~std::int64_t{3}, c4 = c & ~std::int64_t{3};
+  for (std::int64_t i = 0; i < r4; i += 4)
+    for (std::int64_t j = 0; j < c4; j += 4) {
+      __m128 row0 = _mm_loadu_ps(src + i * lds + j), row1 = _mm_loadu_ps(src + (i + 1) * lds + j);
+      __m128 row2 = _mm_loadu_ps(src + (i + 2) * lds + j),
+             row3 = _mm_loadu_ps(src + (i + 3) * lds + j);
+      _MM_TRANSPOSE4_PS(row0, row1, row2, row3);
+      _mm_storeu_ps(dst + j * ldd + i, _mm_xor_ps(row0, sign));
+      _mm_storeu_ps(dst + (j + 1) * ldd + i, _mm_xor_ps(row1, sign));
+      _mm_storeu_ps(dst + (j + 2) * ldd + i, _mm_xor_ps(row2, sign));
+      _mm_storeu_ps(dst + (j + 3) * ldd + i, _mm_xor_ps(row3, sign));
+    }
+  if (c4 < c) {
+    for (std::int64_t i = 0; i < r; ++i)
+      for (std::int64_t j = c4; j < c; ++j)
+        dst[j * ldd + i] = negate ? -src[i * lds + j] : src[i * lds + j];
+  }
+  if (r4 < r) {
+    for (std::int64_t i = r4; i < r; ++i)
+      for (std::int64_t j = 0; j < c4; ++j)
+        dst[j * ldd + i] = negate ? -src[i * lds + j] : src[i * lds + j];
+  }
+}
+#endif
 
 }  // namespace
 
@@ -64,35 +142,36 @@ template <class T>
 void update_moments_and_direction(T* x, T* m, T* v, std::int64_t d, const MomentCoefficients& k) {
   const MomentRow<T> row{T(k.beta1), T(1.0 - k.beta1), T(k.beta2), T(1.0 - k.beta2), T(k.eps)};
   const std::int64_t tiles = (d + kTile - 1) / kTile;
-  // Tile pair (I, J), I <= J: read X[I, J] and X[J, I] into local arrays first, so X can be
-  // overwritten with A in place; both tiles then stream contiguously through m, v and x.
-#pragma omp parallel for schedule(dynamic, 1) if (d * d >= kParallelMin)
+  T lower_t[kTile * kTile], g[kTile];
+  // Tile pairs (I, J), I <= J. The upper tile is computed, the lower one written as its
+  // mirror (A and m negated, v copied): half the arithmetic, and exact skew symmetry
+  // whatever the rounding. The update of a lower element would equal its mirror anyway,
+  // because Pion's m is exactly skew and v exactly symmetric from the first step on.
   for (std::int64_t ti = 0; ti < tiles; ++ti) {
-    T upper[kTile * kTile], lower[kTile * kTile];  // X[I, J] (ni x nj), X[J, I] (nj x ni)
-    T g_upper[kTile * kTile], g_lower[kTile * kTile];
     for (std::int64_t tj = ti; tj < tiles; ++tj) {
       const std::int64_t i0 = ti * kTile, j0 = tj * kTile;
       const std::int64_t ni = std::min(kTile, d - i0), nj = std::min(kTile, d - j0);
-      for (std::int64_t a = 0; a < ni; ++a)
-        std::memcpy(upper + a * nj, x + (i0 + a) * d + j0,
-                    sizeof(T) * static_cast<std::size_t>(nj));
-      for (std::int64_t b = 0; b < nj; ++b)
-        std::memcpy(lower + b * ni, x + (j0 + b) * d + i0,
-                    sizeof(T) * static_cast<std::size_t>(ni));
-      for (std::int64_t a = 0; a < ni; ++a)
-        for (std::int64_t b = 0; b < nj; ++b) {
-          g_upper[a * nj + b] = upper[a * nj + b] - lower[b * ni + a];
-          g_lower[b * ni + a] = lower[b * ni + a] - upper[a * nj + b];
-        }
+      // X[J, I]^T, read before X is overwritten; then G = X - X^T row by row.
+      transpose_block(x + j0 * d + i0, d, lower_t, nj, nj, ni, false);
       for (std::int64_t a = 0; a < ni; ++a) {
         const std::int64_t off = (i0 + a) * d + j0;
-        row(g_upper + a * nj, m + off, v + off, x + off, nj);
+        for (std::int64_t b = 0; b < nj; ++b) g[b] = x[off + b] - lower_t[a * nj + b];
+        row(g, m + off, v + off, x + off, nj);
       }
-      if (ti == tj) continue;  // a diagonal tile is its own mirror: done above
-      for (std::int64_t b = 0; b < nj; ++b) {
-        const std::int64_t off = (j0 + b) * d + i0;
-        row(g_lower + b * ni, m + off, v + off, x + off, ni);
+      if (ti != tj) {  // mirror the whole upper tile into the lower one
+        transpose_block(x + i0 * d + j0, d, x + j0 * d + i0, d, ni, nj, true);
+        transpose_block(m + i0 * d + j0, d, m + j0 * d + i0, d, ni, nj, true);
+        transpose_block(v + i0 * d + j0, d, v + j0 * d + i0, d, ni, nj, false);
+        continue;
       }
+      // A diagonal tile mirrors onto itself: only below its diagonal.
+      for (std::int64_t b = 1; b < nj; ++b)
+        for (std::int64_t a = 0; a < b; ++a) {
+          const std::int64_t lower = (j0 + b) * d + i0 + a, upper = (i0 + a) * d + j0 + b;
+          x[lower] = -x[upper];
+          m[lower] = -m[upper];
+          v[lower] = v[upper];
+        }
     }
   }
 }
@@ -100,7 +179,8 @@ void update_moments_and_direction(T* x, T* m, T* v, std::int64_t d, const Moment
 template <class T>
 double norm_of_sum(const T* p, const T* q, std::int64_t count) {
   double sum = 0.0;
-#pragma omp parallel for reduction(+ : sum) schedule(static) if (count >= kParallelMin)
+  // simd reduction: partial sums per lane (no threads), deterministic for a given build.
+#pragma omp simd reduction(+ : sum)
   for (std::int64_t i = 0; i < count; ++i) {
     const double e = static_cast<double>(p[i]) + static_cast<double>(q[i]);
     sum += e * e;
@@ -122,7 +202,6 @@ namespace {
 // out = a + s * b, elementwise over count values.
 template <class T>
 void add_scaled(const T* a, const T* b, T s, T* out, std::int64_t count) {
-#pragma omp parallel for schedule(static) if (count >= kParallelMin)
   for (std::int64_t i = 0; i < count; ++i) out[i] = a[i] + s * b[i];
 }
 }  // namespace

@@ -41,9 +41,10 @@ void output_generator(const T* w, const T* grad, std::int64_t d_out, std::int64_
 
 // The fused moment pass, in place. On entry x holds the d x d product X (W^T g or g W^T);
 // on return it holds the direction A = -m / (sqrt(v) + eps), where m and v were updated
-// with G = X - X^T. The pass works on (i, j)/(j, i) tile pairs so X can be overwritten in
-// place and every element is read and written once. For exactly skew m (as Pion's state
-// always is) m and A stay exactly skew and v exactly symmetric.
+// with G = X - X^T. Works on tile pairs so X can be overwritten in place; computes the
+// upper triangle and mirrors it, so m and A come out exactly skew and v exactly symmetric.
+// For Pion's own state (exactly skew m, symmetric v from the first step on) that equals
+// the elementwise formula on every element.
 template <class T>
 void update_moments_and_direction(T* x, T* m, T* v, std::int64_t d, const MomentCoefficients& k);
 
