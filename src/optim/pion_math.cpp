@@ -19,8 +19,8 @@ namespace pion::pion_math {
 // calling thread on purpose. They are memory-bound (one core streams them nearly as fast as
 // two), and an OpenMP region between GEMMs costs far more than it saves: after each region
 // libgomp's idle workers spin (about 300k pause loops by default) on the cores OpenBLAS is
-// about to use. Measured on the 2-core dev machine, OpenMP passes here made a 768 x 768
-// Pion step up to 2x slower.
+// about to use. On the 2-core dev machine a 768 x 768 step took 0.075 s with OpenMP
+// passes here and 0.043 s without (0.047 s with OpenMP and OMP_WAIT_POLICY=PASSIVE).
 
 template <class T>
 void skew_from_product(const T* x, std::int64_t d, T* g) {
