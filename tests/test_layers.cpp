@@ -332,3 +332,19 @@ TEST(Layers, CrossEntropyWithIgnoredTargets) {
   bad[2] = static_cast<std::int32_t>(v);
   EXPECT_THROW(cross_entropy_forward(lse.data(), logits.data(), bad.data(), n, v), Error);
 }
+
+TEST(Layers, FastExpIsAccurate) {
+  double worst = 0;
+  for (int i = 0; i <= 200000; ++i) {
+    const float x = -87.0f + 175.0f * static_cast<float>(i) / 200000.0f;
+    const double ref = std::exp(static_cast<double>(x));
+    worst = std::max(worst, std::abs(fast_exp(x) - ref) / ref);
+  }
+  EXPECT_LT(worst, 3e-7);
+  EXPECT_EQ(fast_exp(-100.0f), 0.0f);
+  EXPECT_EQ(fast_exp(0.0f), 1.0f);
+  EXPECT_TRUE(std::isnan(fast_exp(std::nanf(""))));
+  EXPECT_TRUE(std::isfinite(fast_exp(1000.0f)));
+  EXPECT_GT(fast_exp(1000.0f), 1e38f);
+  std::printf("[fast_exp] worst relative error on [-87, 88]: %.2e\n", worst);
+}

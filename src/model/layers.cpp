@@ -3,17 +3,75 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "pion/core/error.h"
 #include "pion/core/linalg.h"
 
 namespace pion::layers {
 
+namespace {
+// Loops with less work than this run serially: on a small, shared machine waking the OpenMP
+// threads costs more than it saves (and each parallel region is a barrier that a preempted
+// thread can stall).
+constexpr i64 kMinParallelWork = i64{1} << 17;
+bool worth_parallel(i64 work) {
+  return work >= kMinParallelWork;
+}
+
+// Inlined into the loops (a call would stop them vectorising); fast_exp() is its public face.
+// Cephes-style: x = k ln2 + r with |r| <= ln2/2, e^r by a degree-6 polynomial, 2^k by building
+// the exponent bits. The range checks are integer masks on the bit pattern, not float compares
+// and selects: under GCC's default -ftrapping-math those would keep the loops scalar.
+[[gnu::always_inline]] inline float fast_exp_inline(float x) {
+  const std::uint32_t bits = __builtin_bit_cast(std::uint32_t, x);
+  const std::uint32_t mag = bits & 0x7fffffffu;
+  const std::uint32_t not_nan = mag <= 0x7f800000u;
+  const std::uint32_t neg = bits >> 31;
+  const std::uint32_t below = neg & (mag > 0x42ae0000u) & not_nan;         // x < -87
+  const std::uint32_t above = (neg ^ 1u) & (mag > 0x42b00000u) & not_nan;  // x > 88
+  const std::uint32_t mb = 0u - below, ma = 0u - above;                    // all-ones masks
+  // Clamp to [-87, 88] (NaN passes through and makes the result NaN).
+  const float xc =
+      __builtin_bit_cast(float, (bits & ~(mb | ma)) | (0xc2ae0000u & mb) | (0x42b00000u & ma));
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float kf = xc * 1.44269504088896341f + magic;
+  const float k = kf - magic;
+  float r = xc - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const std::int32_t ki =
+      __builtin_bit_cast(std::int32_t, kf) - __builtin_bit_cast(std::int32_t, magic);
+  const float scale = __builtin_bit_cast(float, (ki + 127) << 23);  // 2^k, k in [-126, 127]
+  return __builtin_bit_cast(float, __builtin_bit_cast(std::uint32_t, p * scale) & ~mb);
+}
+
+// exp for the float path: std::exp for double keeps the fp64 reference exact.
+template <class T>
+[[gnu::always_inline]] inline T exp_t(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return fast_exp_inline(x);
+  } else {
+    return std::exp(x);
+  }
+}
+}  // namespace
+
+float fast_exp(float x) {
+  return fast_exp_inline(x);
+}
+
 // ---- embedding ---------------------------------------------------------------------------------
 
 template <class T>
 void embedding_forward(T* out, const std::int32_t* tokens, const T* table, i64 n, i64 c) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(n * c))
   for (i64 i = 0; i < n; ++i) std::copy_n(table + tokens[i] * c, c, out + i * c);
 }
 
@@ -31,7 +89,7 @@ void embedding_backward(T* dtable, const T* dout, const std::int32_t* tokens, i6
 
 template <class T>
 void rmsnorm_forward(T* out, T* rstd, const T* x, const T* weight, i64 n, i64 c, double eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(3 * n * c))
   for (i64 i = 0; i < n; ++i) {
     const T* xi = x + i * c;
     T ss = 0;
@@ -48,7 +106,7 @@ void rmsnorm_backward(T* dx, T* dweight, const T* dout, const T* x, const T* wei
                       i64 n, i64 c) {
   // y = w x r, r = (mean(x^2) + eps)^(-1/2), dr/dx_j = -r^3 x_j / c, so
   // dx_j = r w_j dy_j - (r^3 / c) x_j sum_k w_k dy_k x_k.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(5 * n * c))
   for (i64 i = 0; i < n; ++i) {
     const T* xi = x + i * c;
     const T* gi = dout + i * c;
@@ -116,7 +174,7 @@ void rope_apply(T* x, const RopeTable<T>& table, i64 batch, i64 seq, i64 n_head,
             std::to_string(2 * table.half) + " used with seq " + std::to_string(seq) +
             ", head_dim " + std::to_string(head_dim));
   const i64 half = table.half;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(batch * seq * n_head * head_dim))
   for (i64 row = 0; row < batch * seq; ++row) {
     const i64 pos = row % seq;
     const T* cs = table.cos.data() + pos * half;
@@ -158,7 +216,8 @@ void attention_forward(T* out, T* probs, const T* qkv, i64 batch, i64 seq, i64 n
   const i64 stride = 3 * d;
   const T scale = T(1) / std::sqrt(static_cast<T>(head_dim));
   // One (batch, head) pair per task: two small GEMMs and a causal softmax in between.
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) \
+    schedule(static) if (worth_parallel(batch * n_head * seq * seq * head_dim))
   for (i64 b = 0; b < batch; ++b) {
     for (i64 h = 0; h < n_head; ++h) {
       const T* q = qkv + b * seq * stride + h * head_dim;
@@ -171,8 +230,9 @@ void attention_forward(T* out, T* probs, const T* qkv, i64 batch, i64 seq, i64 n
         T mx = row[0];
         for (i64 j = 1; j <= i; ++j) mx = std::max(mx, row[j]);
         T sum = 0;
+#pragma omp simd reduction(+ : sum)
         for (i64 j = 0; j <= i; ++j) {
-          row[j] = std::exp(row[j] - mx);
+          row[j] = exp_t(row[j] - mx);
           sum += row[j];
         }
         const T inv = T(1) / sum;
@@ -191,7 +251,8 @@ void attention_backward(T* dqkv, T* scratch, const T* dout, const T* probs, cons
   const i64 d = n_head * head_dim;
   const i64 stride = 3 * d;
   const T scale = T(1) / std::sqrt(static_cast<T>(head_dim));
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) \
+    schedule(static) if (worth_parallel(batch * n_head * seq * seq * head_dim))
   for (i64 b = 0; b < batch; ++b) {
     for (i64 h = 0; h < n_head; ++h) {
       const i64 off = b * seq * stride + h * head_dim;
@@ -227,27 +288,29 @@ void attention_backward(T* dqkv, T* scratch, const T* dout, const T* probs, cons
 
 template <class T>
 void swiglu_forward(T* out, const T* gu, i64 n, i64 f) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(8 * n * f))
   for (i64 i = 0; i < n; ++i) {
     const T* g = gu + i * 2 * f;
     const T* u = g + f;
     T* o = out + i * f;
-    for (i64 j = 0; j < f; ++j) o[j] = g[j] / (T(1) + std::exp(-g[j])) * u[j];
+#pragma omp simd
+    for (i64 j = 0; j < f; ++j) o[j] = g[j] / (T(1) + exp_t(-g[j])) * u[j];
   }
 }
 
 template <class T>
 void swiglu_backward(T* dgu, const T* dout, const T* gu, i64 n, i64 f) {
   // silu(g) = g s(g), silu'(g) = s(g) (1 + g (1 - s(g))).
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(12 * n * f))
   for (i64 i = 0; i < n; ++i) {
     const T* g = gu + i * 2 * f;
     const T* u = g + f;
     const T* go = dout + i * f;
     T* dg = dgu + i * 2 * f;
     T* du = dg + f;
+#pragma omp simd
     for (i64 j = 0; j < f; ++j) {
-      const T s = T(1) / (T(1) + std::exp(-g[j]));
+      const T s = T(1) / (T(1) + exp_t(-g[j]));
       dg[j] += go[j] * u[j] * s * (T(1) + g[j] * (T(1) - s));
       du[j] += go[j] * g[j] * s;
     }
@@ -263,14 +326,14 @@ void make_dropout_mask(std::uint8_t* keep, i64 n, double p, Rng& rng) {
 template <class T>
 void dropout_forward(T* out, const T* in, const std::uint8_t* keep, i64 n, double p) {
   const T scale = static_cast<T>(1.0 / (1.0 - p));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(n))
   for (i64 i = 0; i < n; ++i) out[i] = keep[i] ? in[i] * scale : T(0);
 }
 
 template <class T>
 void dropout_backward(T* din, const T* dout, const std::uint8_t* keep, i64 n, double p) {
   const T scale = static_cast<T>(1.0 / (1.0 - p));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(n))
   for (i64 i = 0; i < n; ++i) din[i] += keep[i] ? dout[i] * scale : T(0);
 }
 
@@ -295,13 +358,14 @@ double cross_entropy_forward(T* lse, const T* logits, const std::int32_t* target
                              i64* count) {
   check_targets(targets, n, v);
   double total = 0.0;
-#pragma omp parallel for schedule(static) reduction(+ : total)
+#pragma omp parallel for schedule(static) reduction(+ : total) if (worth_parallel(4 * n * v))
   for (i64 i = 0; i < n; ++i) {
     const T* row = logits + i * v;
     T mx = row[0];
     for (i64 j = 1; j < v; ++j) mx = std::max(mx, row[j]);
     T sum = 0;
-    for (i64 j = 0; j < v; ++j) sum += std::exp(row[j] - mx);
+#pragma omp simd reduction(+ : sum)
+    for (i64 j = 0; j < v; ++j) sum += exp_t(row[j] - mx);
     lse[i] = mx + std::log(sum);
     if (targets[i] >= 0) total += static_cast<double>(lse[i] - row[targets[i]]);
   }
@@ -316,12 +380,12 @@ void cross_entropy_backward(T* dlogits, const T* logits, const T* lse, const std
   const i64 counted = count_targets(targets, n);
   if (counted == 0) return;
   const T g = static_cast<T>(dloss / static_cast<double>(counted));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(4 * n * v))
   for (i64 i = 0; i < n; ++i) {
     if (targets[i] < 0) continue;
     const T* row = logits + i * v;
     T* drow = dlogits + i * v;
-    for (i64 j = 0; j < v; ++j) drow[j] += g * std::exp(row[j] - lse[i]);
+    for (i64 j = 0; j < v; ++j) drow[j] += g * exp_t(row[j] - lse[i]);
     drow[targets[i]] -= g;
   }
 }

@@ -140,7 +140,7 @@ void Llama<T>::ensure_buffers(int batch, int seq) {
 namespace {
 template <class T>
 void add_into(T* y, const T* x, const T* delta, i64 n) {
-#pragma omp parallel for schedule(static)
+  // Serial: memory-bound and small next to the GEMMs around it.
   for (i64 i = 0; i < n; ++i) y[i] = x[i] + delta[i];
 }
 template <class T>

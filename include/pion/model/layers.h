@@ -19,6 +19,11 @@ namespace pion::layers {
 
 using i64 = std::int64_t;
 
+// e^x in float, relative error below 3e-7, branch-free so loops over it vectorise: 0 below -87,
+// saturates at e^88 above 88 (no inf), NaN stays NaN. The float path's softmaxes and SiLU use
+// it; the double path uses std::exp.
+float fast_exp(float x);
+
 // ---- token embedding: out[i] = table[tokens[i]] (table [V, c], out [n, c]) ----------------
 template <class T>
 void embedding_forward(T* out, const std::int32_t* tokens, const T* table, i64 n, i64 c);
