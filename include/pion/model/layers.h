@@ -9,7 +9,8 @@
 // - Forward functions write their outputs. Backward functions ADD into every gradient they
 //   produce (inputs and parameters), so callers zero gradient buffers first; the residual
 //   stream's gradient then simply accumulates. Exception: rope_* work in place.
-// - Matrix products go through gemm<T> (OpenBLAS); row-wise work is parallel with OpenMP.
+// - Matrix products go through gemm<T> (OpenBLAS, which threads them). Row-wise work uses
+//   OpenMP only when it is large (see kMinParallelWork in layers.cpp for why).
 #include <cstdint>
 #include <vector>
 
