@@ -2,6 +2,7 @@
 // forward checks against naive loops. Each layer's scalar test loss is sum(out * R) for a fixed
 // random R, so the gradient flowing into backward is R.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <cstdint>
@@ -347,4 +348,29 @@ TEST(Layers, FastExpIsAccurate) {
   EXPECT_TRUE(std::isfinite(fast_exp(1000.0f)));
   EXPECT_GT(fast_exp(1000.0f), 1e38f);
   std::printf("[fast_exp] worst relative error on [-87, 88]: %.2e\n", worst);
+}
+
+TEST(Layers, AttentionParallelPathMatchesSerial) {
+  // Big enough to take the OpenMP path (work >= 2^24); one thread vs several must agree
+  // bit for bit, since every (batch, head) task writes its own slice.
+  const i64 b = 5, t = 128, h = 4, hd = 64, d = h * hd;
+  auto qkv64 = random_vector(b * t * 3 * d, 90);
+  auto r64 = random_vector(b * t * d, 91);
+  std::vector<float> qkv(qkv64.begin(), qkv64.end()), r(r64.begin(), r64.end());
+  auto run = [&](int threads, std::vector<float>& out, std::vector<float>& dqkv) {
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(threads);
+    std::vector<float> probs(b * h * t * t), scratch(probs.size());
+    out.assign(b * t * d, 0.0f);
+    dqkv.assign(qkv.size(), 0.0f);
+    attention_forward(out.data(), probs.data(), qkv.data(), b, t, h, hd);
+    attention_backward(dqkv.data(), scratch.data(), r.data(), probs.data(), qkv.data(), b, t, h,
+                       hd);
+    omp_set_num_threads(saved);
+  };
+  std::vector<float> out1, d1, out2, d2;
+  run(1, out1, d1);
+  run(3, out2, d2);
+  EXPECT_EQ(out1, out2);
+  EXPECT_EQ(d1, d2);
 }
