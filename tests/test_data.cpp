@@ -35,10 +35,11 @@ std::string shakespeare_path() {
   return "";
 }
 
-#define REQUIRE_SHAKESPEARE(var)                                                             \
-  const std::string var = shakespeare_path();                                                \
-  if (var.empty()) GTEST_SKIP() << "tinyshakespeare.txt not found beside the repository " \
-                                   "(expected ../shared/data/tinyshakespeare.txt)";
+#define REQUIRE_SHAKESPEARE(var)                                           \
+  const std::string var = shakespeare_path();                              \
+  if (var.empty())                                                         \
+    GTEST_SKIP() << "tinyshakespeare.txt not found beside the repository " \
+                    "(expected ../shared/data/tinyshakespeare.txt)";
 
 // The first `bytes` bytes of tinyshakespeare (ASCII, so any cut is valid UTF-8).
 std::string shakespeare_prefix(const std::string& path, std::size_t bytes) {
@@ -56,15 +57,16 @@ void expect_error(Fn&& fn, std::initializer_list<std::string> parts) {
     fn();
     ADD_FAILURE() << "expected pion::Error";
   } catch (const Error& e) {
-    for (const auto& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
+    for (const auto& p : parts)
+      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
   }
 }
 
 // A random string over a mix of ASCII, Latin-1, CJK and emoji characters; with_lower_block
 // adds U+2581 (the character SentencePiece uses for a space, so bpe cannot round-trip it).
 std::string random_unicode_text(std::uint64_t seed, int n, bool with_lower_block = true) {
-  std::vector<char32_t> alphabet = {U'a', U'Z', U' ', U'\n', U'\t', U'7', U'%', U'\u00e9',
-                                    U'\u00fc', U'\u4e2d', U'\U0001F600', U'.'};
+  std::vector<char32_t> alphabet = {U'a', U'Z',      U' ',      U'\n',     U'\t',         U'7',
+                                    U'%', U'\u00e9', U'\u00fc', U'\u4e2d', U'\U0001F600', U'.'};
   if (with_lower_block) alphabet.push_back(U'\u2581');
   Rng rng(seed);
   std::string s;
@@ -72,7 +74,8 @@ std::string random_unicode_text(std::uint64_t seed, int n, bool with_lower_block
   return s;
 }
 
-std::vector<std::uint16_t> random_tokens(std::uint64_t seed, std::size_t n, std::uint64_t vocab = 65536) {
+std::vector<std::uint16_t> random_tokens(std::uint64_t seed, std::size_t n,
+                                         std::uint64_t vocab = 65536) {
   Rng rng(seed);
   std::vector<std::uint16_t> t(n);
   for (auto& x : t) x = static_cast<std::uint16_t>(rng.below(vocab));
@@ -84,12 +87,15 @@ std::vector<std::uint16_t> random_tokens(std::uint64_t seed, std::size_t n, std:
 TEST(TextIo, InvalidUtf8NamesOffsetAndLine) {
   const std::string good = "line one\nline two caf\xC3\xA9\n";
   EXPECT_NO_THROW(validate_utf8(good, "x"));
-  // A lone continuation byte, an overlong '/', a surrogate, a truncated 3-byte sequence, > U+10FFFF.
-  for (const std::string& bad : {std::string("\x80"), std::string("\xC0\xAF"), std::string("\xED\xA0\x80"),
-                                std::string("\xE4\xB8"), std::string("\xF4\x90\x80\x80")}) {
+  // A lone continuation byte, an overlong '/', a surrogate, a truncated 3-byte sequence, >
+  // U+10FFFF.
+  for (const std::string& bad :
+       {std::string("\x80"), std::string("\xC0\xAF"), std::string("\xED\xA0\x80"),
+        std::string("\xE4\xB8"), std::string("\xF4\x90\x80\x80")}) {
     const std::string text = good + "ab" + bad + "cd";
     expect_error([&] { validate_utf8(text, "file 'f.txt'"); },
-                 {"file 'f.txt'", "not valid UTF-8", "byte offset " + std::to_string(good.size() + 2), "line 3"});
+                 {"file 'f.txt'", "not valid UTF-8",
+                  "byte offset " + std::to_string(good.size() + 2), "line 3"});
   }
 }
 
@@ -99,7 +105,8 @@ TEST(TextIo, ReadTextFileErrors) {
   write_bytes(dir + "/empty.txt", "");
   expect_error([&] { read_text_file(dir + "/empty.txt"); }, {"empty.txt", "empty"});
   write_bytes(dir + "/latin1.txt", "caf\xE9 au lait");
-  expect_error([&] { read_text_file(dir + "/latin1.txt"); }, {"latin1.txt", "byte offset 3", "0xE9"});
+  expect_error([&] { read_text_file(dir + "/latin1.txt"); },
+               {"latin1.txt", "byte offset 3", "0xE9"});
   const std::string text = random_unicode_text(3, 500);
   write_bytes(dir + "/ok.txt", text);
   EXPECT_EQ(read_text_file(dir + "/ok.txt"), text);
@@ -112,12 +119,11 @@ TEST(TextIo, CodePointsRoundTripAndBase64) {
   std::string back;
   for (char32_t cp : points) append_utf8(back, cp);
   EXPECT_EQ(back, text);
-  EXPECT_EQ(text.substr(utf8_offset_of_code_point(text, 700)),
-            [&] {
-              std::string s;
-              for (std::size_t i = 700; i < points.size(); ++i) append_utf8(s, points[i]);
-              return s;
-            }());
+  EXPECT_EQ(text.substr(utf8_offset_of_code_point(text, 700)), [&] {
+    std::string s;
+    for (std::size_t i = 700; i < points.size(); ++i) append_utf8(s, points[i]);
+    return s;
+  }());
   Rng rng(5);
   for (int len = 0; len < 40; ++len) {
     std::string bytes(static_cast<std::size_t>(len), '\0');
@@ -160,7 +166,8 @@ TEST(CharTokenizer, UnicodeRoundTripSaveLoadAndUnknownCharacter) {
   EXPECT_EQ(loaded->vocab_size(), tok->vocab_size());
   EXPECT_EQ(loaded->encode(text), ids);
 
-  expect_error([&] { tok->encode("aZ\xC3\xA9Q"); }, {"U+0051 'Q'", "byte offset 4", "not in the char"});
+  expect_error([&] { tok->encode("aZ\xC3\xA9Q"); },
+               {"U+0051 'Q'", "byte offset 4", "not in the char"});
   expect_error([&] { tok->decode(std::vector<std::int32_t>{1, 13}); }, {"id 13", "position 1"});
   expect_error([&] { tok->encode("a\xFF"); }, {"not valid UTF-8", "byte offset 1"});
   expect_error([&] { train_tokenizer("char", ""); }, {"empty"});
@@ -172,7 +179,8 @@ TEST(ByteTokenizer, RoundTripAndSaveLoad) {
   EXPECT_EQ(tok->vocab_size(), 256);
   const auto ids = tok->encode(text);
   ASSERT_EQ(ids.size(), text.size());
-  for (std::size_t i = 0; i < ids.size(); ++i) ASSERT_EQ(ids[i], static_cast<unsigned char>(text[i]));
+  for (std::size_t i = 0; i < ids.size(); ++i)
+    ASSERT_EQ(ids[i], static_cast<unsigned char>(text[i]));
   EXPECT_EQ(tok->decode(ids), text);
   const std::string dir = test::temp_dir("data_byte");
   tok->save(dir + "/tok.json");
@@ -181,7 +189,8 @@ TEST(ByteTokenizer, RoundTripAndSaveLoad) {
 }
 
 TEST(BpeTokenizer, TrainRoundTripDeterminismAndSaveLoad) {
-  if (!have_sentencepiece()) GTEST_SKIP() << "built without SentencePiece (install libsentencepiece-dev)";
+  if (!have_sentencepiece())
+    GTEST_SKIP() << "built without SentencePiece (install libsentencepiece-dev)";
   REQUIRE_SHAKESPEARE(path);
   const std::string all = read_text_file(path);
   const std::string train = all.substr(0, 200'000);
@@ -226,12 +235,15 @@ TEST(Tokenizer, LoadErrors) {
   expect_error([&] { load_tokenizer(dir + "/other.json"); }, {"not a pion tokenizer"});
   write_bytes(dir + "/kind.json", R"({"format": "pion-tokenizer", "version": 1, "kind": "word"})");
   expect_error([&] { load_tokenizer(dir + "/kind.json"); }, {"unknown tokenizer kind 'word'"});
-  write_bytes(dir + "/dup.json", R"({"format": "pion-tokenizer", "version": 1, "kind": "char", "vocab": ["b", "a"]})");
+  write_bytes(dir + "/dup.json",
+              R"({"format": "pion-tokenizer", "version": 1, "kind": "char", "vocab": ["b", "a"]})");
   expect_error([&] { load_tokenizer(dir + "/dup.json"); }, {"sorted"});
-  expect_error([] { train_tokenizer("wordpiece", "abc"); }, {"unknown tokenizer kind", "char, byte, bpe"});
+  expect_error([] { train_tokenizer("wordpiece", "abc"); },
+               {"unknown tokenizer kind", "char, byte, bpe"});
   if (have_sentencepiece()) {
     write_bytes(dir + "/junk.model", "definitely not a protobuf");
-    expect_error([&] { load_tokenizer(dir + "/junk.model"); }, {"junk.model", "not a valid SentencePiece model"});
+    expect_error([&] { load_tokenizer(dir + "/junk.model"); },
+                 {"junk.model", "not a valid SentencePiece model"});
   }
 }
 
@@ -270,7 +282,8 @@ TEST(Shard, CorruptShardsAreRejected) {
   expect_error([&] { read_shard(dir + "/version.bin"); }, {"version 2"});
 
   write_bytes(dir + "/truncated.bin", good.substr(0, good.size() - 3));
-  expect_error([&] { read_shard(dir + "/truncated.bin"); }, {"truncated.bin", "truncated", "1000 tokens"});
+  expect_error([&] { read_shard(dir + "/truncated.bin"); },
+               {"truncated.bin", "truncated", "1000 tokens"});
   write_bytes(dir + "/trailing.bin", good + "xy");
   expect_error([&] { read_shard(dir + "/trailing.bin"); }, {"trailing bytes"});
   write_bytes(dir + "/short.bin", good.substr(0, 100));
@@ -311,12 +324,43 @@ TEST(PrepareDataset, CharSplitSizesAndContents) {
   EXPECT_EQ(loaded.tokenizer_kind, "char");
   EXPECT_EQ(loaded.source, dir + "/in.txt");
 
-  expect_error([&] { prepare_dataset(dir + "/in.txt", "char", 0, dir + "/x", 1.0); }, {"val_fraction"});
-  expect_error([&] { prepare_dataset(dir + "/in.txt", "char", 0, dir + "/x", 0.0); }, {"val_fraction"});
+  expect_error([&] { prepare_dataset(dir + "/in.txt", "char", 0, dir + "/x", 1.0); },
+               {"val_fraction"});
+  expect_error([&] { prepare_dataset(dir + "/in.txt", "char", 0, dir + "/x", 0.0); },
+               {"val_fraction"});
   write_bytes(dir + "/one.txt", "a");
   expect_error([&] { prepare_dataset(dir + "/one.txt", "char", 0, dir + "/x"); }, {"too few"});
-  expect_error([&] { prepare_dataset(dir + "/absent.txt", "byte", 0, dir + "/x"); }, {"absent.txt", "does not exist"});
+  expect_error([&] { prepare_dataset(dir + "/absent.txt", "byte", 0, dir + "/x"); },
+               {"absent.txt", "does not exist"});
   expect_error([&] { load_dataset_summary(dir + "/x"); }, {"not a prepared dataset"});
+}
+
+// An independent reader and encoder: NumPy reads the shards the way llm.c's Python tools do,
+// and nanoGPT's shakespeare_char recipe (sorted character set, first 90% to train) encodes.
+TEST(PrepareDataset, MatchesNanoGptCharRecipeReadByNumPy) {
+  REQUIRE_SHAKESPEARE(path);
+  if (!test::python_has("numpy")) GTEST_SKIP() << "/usr/bin/python3 has no numpy";
+  const std::string dir = test::temp_dir("data_prep_np");
+  write_bytes(dir + "/in.txt", shakespeare_prefix(path, 100'003));
+  prepare_dataset(dir + "/in.txt", "char", 0, dir + "/ds");
+  const std::string script = R"(
+import sys, numpy as np
+d = sys.argv[1]
+text = open(d + '/in.txt', encoding='utf-8').read()
+chars = sorted(set(text)); stoi = {c: i for i, c in enumerate(chars)}
+n = len(text); parts = {'train': text[:int(n * 0.9)], 'val': text[int(n * 0.9):]}
+for name, part in parts.items():
+    raw = open(d + '/ds/' + name + '.bin', 'rb').read()
+    header = np.frombuffer(raw[:1024], dtype='<i4')
+    assert header[0] == 20240520 and header[1] == 1 and header[2] == len(part), header[:3]
+    tokens = np.frombuffer(raw[1024:], dtype='<u2')
+    assert tokens.tolist() == [stoi[c] for c in part], name
+print('ok', len(chars))
+)";
+  write_bytes(dir + "/check.py", script);
+  const auto r = test::run_command(test::python() + " " + dir + "/check.py " + dir);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("ok"), std::string::npos) << r.output;
 }
 
 TEST(PrepareDataset, BpeIsTrainedOnTheTrainingPart) {
@@ -330,7 +374,8 @@ TEST(PrepareDataset, BpeIsTrainedOnTheTrainingPart) {
   EXPECT_EQ(s.vocab_size, 360);
   const auto tok = load_tokenizer(s.tokenizer_path);
   // The saved tokenizer is the one trained on the first 80% of the text.
-  EXPECT_EQ(tok->to_json(), train_tokenizer("bpe", std::string_view(text).substr(0, 96'000), 360)->to_json());
+  EXPECT_EQ(tok->to_json(),
+            train_tokenizer("bpe", std::string_view(text).substr(0, 96'000), 360)->to_json());
   const auto val = read_shard(s.val_path);
   EXPECT_EQ(static_cast<std::int64_t>(val.size()), s.val_tokens);
   EXPECT_EQ(tok->decode(std::vector<std::int32_t>(val.begin(), val.end())), text.substr(96'000));
@@ -341,7 +386,8 @@ TEST(PrepareDataset, BpeIsTrainedOnTheTrainingPart) {
 
 // The start of the window `row` of a batch in `tokens`, checking inputs and targets are that
 // window and the one shifted by one; -1 when the row is no window of the stream.
-std::int64_t window_start(const std::vector<std::uint16_t>& tokens, const Batch& b, std::int64_t row) {
+std::int64_t window_start(const std::vector<std::uint16_t>& tokens, const Batch& b,
+                          std::int64_t row) {
   const auto t = static_cast<std::size_t>(b.seq_len);
   for (std::size_t s = 0; s + t < tokens.size(); ++s) {
     bool match = true;
@@ -361,7 +407,8 @@ TEST(DataLoader, TargetsAreInputsShiftedByOne) {
     ASSERT_EQ(b.seq_len, 17);
     ASSERT_EQ(b.inputs.size(), 6u * 17u);
     for (std::int64_t r = 0; r < b.rows; ++r) {
-      for (std::int64_t i = 0; i + 1 < b.seq_len; ++i) ASSERT_EQ(b.targets[r * 17 + i], b.inputs[r * 17 + i + 1]);
+      for (std::int64_t i = 0; i + 1 < b.seq_len; ++i)
+        ASSERT_EQ(b.targets[r * 17 + i], b.inputs[r * 17 + i + 1]);
       ASSERT_GE(window_start(tokens, b, r), 0) << "row " << r << " is not a window of the stream";
     }
   }
@@ -397,7 +444,8 @@ TEST(DataLoader, StateSaveRestoreContinuesIdentically) {
   std::vector<Batch> expected;
   for (int i = 0; i < 5; ++i) expected.push_back(a.next_batch());
 
-  DataLoader resumed(tokens, {.batch_size = 3, .seq_len = 12, .seed = 1});  // the seed is overridden
+  DataLoader resumed(tokens,
+                     {.batch_size = 3, .seq_len = 12, .seed = 1});  // the seed is overridden
   resumed.set_state(state);
   EXPECT_EQ(resumed.batches_drawn(), 7);
   for (int i = 0; i < 5; ++i) {
@@ -416,7 +464,9 @@ TEST(DataLoader, RankSlicesEqualTheGlobalBatch) {
     DataLoader global(tokens, {.batch_size = 8, .seq_len = 10, .seed = 5});
     std::vector<DataLoader> ranks;
     for (int r = 0; r < world; ++r)
-      ranks.emplace_back(tokens, LoaderOptions{.batch_size = 8, .seq_len = 10, .rank = r, .world_size = world, .seed = 5});
+      ranks.emplace_back(
+          tokens,
+          LoaderOptions{.batch_size = 8, .seq_len = 10, .rank = r, .world_size = world, .seed = 5});
     for (int step = 0; step < 4; ++step) {
       const Batch g = global.next_batch();
       std::vector<std::int32_t> inputs, targets;
@@ -430,10 +480,12 @@ TEST(DataLoader, RankSlicesEqualTheGlobalBatch) {
       ASSERT_EQ(targets, g.targets);
     }
   }
-  expect_error([&] { DataLoader(tokens, {.batch_size = 6, .seq_len = 10, .rank = 0, .world_size = 4}); },
-               {"divisible by world_size 4"});
-  expect_error([&] { DataLoader(tokens, {.batch_size = 8, .seq_len = 10, .rank = 2, .world_size = 2}); },
-               {"rank 2"});
+  expect_error(
+      [&] { DataLoader(tokens, {.batch_size = 6, .seq_len = 10, .rank = 0, .world_size = 4}); },
+      {"divisible by world_size 4"});
+  expect_error(
+      [&] { DataLoader(tokens, {.batch_size = 8, .seq_len = 10, .rank = 2, .world_size = 2}); },
+      {"rank 2"});
 }
 
 TEST(DataLoader, EvalBatchesAreFixedNonOverlappingWindows) {
@@ -462,7 +514,8 @@ TEST(DataLoader, FromShardAndShortStreams) {
   const std::string dir = test::temp_dir("data_loader");
   const auto tokens = random_tokens(47, 300);
   write_shard(dir + "/t.bin", tokens);
-  DataLoader loader = DataLoader::from_shard(dir + "/t.bin", {.batch_size = 2, .seq_len = 20, .seed = 8});
+  DataLoader loader =
+      DataLoader::from_shard(dir + "/t.bin", {.batch_size = 2, .seq_len = 20, .seed = 8});
   EXPECT_EQ(loader.num_tokens(), 300);
   const Batch b = loader.next_batch();
   EXPECT_GE(window_start(tokens, b, 1), 0);
@@ -486,6 +539,7 @@ TEST(Finetune, JsonlLoadErrorsNameTheLine) {
       {"{\"prompt\": 5, \"response\": \"x\"}\n", {"line 1", "\"prompt\" must be a string"}},
       {"{\"prompt\": \"\", \"response\": \"x\"}\n", {"line 1", "empty \"prompt\""}},
       {"\n  \n", {"holds no examples"}},
+      {good + "\r\n{\"prompt\": \"caf\xE9=\", \"response\": \"x\"}\n", {"line 2", "not valid JSON"}},
   };
   int i = 0;
   for (const auto& [content, parts] : cases) {
@@ -495,7 +549,8 @@ TEST(Finetune, JsonlLoadErrorsNameTheLine) {
       load_finetune_jsonl(path);
       ADD_FAILURE() << "no error for " << content;
     } catch (const Error& e) {
-      for (const auto& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
+      for (const auto& p : parts)
+        EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
       EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
     }
   }
@@ -569,8 +624,10 @@ TEST(Finetune, LoaderDeterminismStateAndRankSlices) {
   EXPECT_EQ(c.next_batch().inputs, next.inputs);
 
   FinetuneLoader global(FinetuneDataset(examples, *tok), opt);
-  FinetuneLoader r0(FinetuneDataset(examples, *tok), {.batch_size = 4, .seq_len = 16, .rank = 0, .world_size = 2, .seed = 99});
-  FinetuneLoader r1(FinetuneDataset(examples, *tok), {.batch_size = 4, .seq_len = 16, .rank = 1, .world_size = 2, .seed = 99});
+  FinetuneLoader r0(FinetuneDataset(examples, *tok),
+                    {.batch_size = 4, .seq_len = 16, .rank = 0, .world_size = 2, .seed = 99});
+  FinetuneLoader r1(FinetuneDataset(examples, *tok),
+                    {.batch_size = 4, .seq_len = 16, .rank = 1, .world_size = 2, .seed = 99});
   for (int i = 0; i < 3; ++i) {
     const Batch g = global.next_batch();
     auto x = r0.next_batch().inputs;
@@ -610,7 +667,8 @@ TEST(Arithmetic, DeterministicAndCorrect) {
     const std::size_t plus = ex.prompt.find('+');
     ASSERT_NE(plus, std::string::npos);
     ASSERT_EQ(ex.prompt.back(), '=');
-    const std::string a = ex.prompt.substr(0, plus), b = ex.prompt.substr(plus + 1, ex.prompt.size() - plus - 2);
+    const std::string a = ex.prompt.substr(0, plus),
+                      b = ex.prompt.substr(plus + 1, ex.prompt.size() - plus - 2);
     for (const auto& s : {a, b}) {
       ASSERT_TRUE(s.size() >= 1 && s.size() <= 18) << ex.prompt;
       ASSERT_TRUE(s.size() == 1 || s[0] != '0') << "leading zero in " << ex.prompt;
@@ -641,12 +699,14 @@ TEST(DefaultCorpus, SyntheticFortuneDirectory) {
   write_bytes(dir + "/a.u8", "duplicate");
   fs::create_symlink(dir + "/a", dir + "/link");
   EXPECT_EQ(default_corpus_text(dir), "one\ntwo\n\nunder xblink\n\nsecond file\n\n");
-  const std::size_t chars = build_default_corpus(dir + "/../corpus_" + std::to_string(::getpid()) + ".txt", dir);
+  const std::size_t chars =
+      build_default_corpus(dir + "/../corpus_" + std::to_string(::getpid()) + ".txt", dir);
   EXPECT_EQ(chars, std::string("one\ntwo\n\nunder xblink\n\nsecond file\n\n").size());
   fs::remove(dir + "/../corpus_" + std::to_string(::getpid()) + ".txt");
 
   const std::string empty = test::temp_dir("data_nofortunes");
-  expect_error([&] { default_corpus_text(empty + "/games/fortunes"); }, {"apt-get install fortunes"});
+  expect_error([&] { default_corpus_text(empty + "/games/fortunes"); },
+               {"apt-get install fortunes"});
 }
 
 TEST(DefaultCorpus, DebianFortunes) {
@@ -660,8 +720,8 @@ TEST(DefaultCorpus, DebianFortunes) {
   EXPECT_EQ(text.find('\b'), std::string::npos);
   const auto tok = train_tokenizer("char", text);
   EXPECT_GT(tok->vocab_size(), 90);
-  std::printf("default corpus: %zu characters, %zu bytes, %d distinct characters\n", chars, text.size(),
-              tok->vocab_size());
+  std::printf("default corpus: %zu characters, %zu bytes, %d distinct characters\n", chars,
+              text.size(), tok->vocab_size());
 }
 
 }  // namespace

@@ -23,8 +23,9 @@ std::string random_number(Rng& rng, int digits) {
 }  // namespace
 
 std::string add_decimal(std::string_view a, std::string_view b) {
-  check(all_digits(a) && all_digits(b), "add_decimal: operands must be non-empty digit strings, got '" +
-                                            std::string(a) + "' and '" + std::string(b) + "'");
+  check(all_digits(a) && all_digits(b),
+        "add_decimal: operands must be non-empty digit strings, got '" + std::string(a) +
+            "' and '" + std::string(b) + "'");
   std::string out;
   int carry = 0;
   for (std::size_t i = 0; i < std::max(a.size(), b.size()) || carry; ++i) {
@@ -43,8 +44,8 @@ std::vector<FinetuneExample> arithmetic_examples(std::int64_t n, std::uint64_t s
                                                  int max_digits) {
   check(n >= 1, "arithmetic: the number of examples must be >= 1, got " + std::to_string(n));
   check(min_digits >= 1 && min_digits <= max_digits && max_digits <= 1000,
-        "arithmetic: need 1 <= min_digits <= max_digits <= 1000, got min_digits " + std::to_string(min_digits) +
-            ", max_digits " + std::to_string(max_digits));
+        "arithmetic: need 1 <= min_digits <= max_digits <= 1000, got min_digits " +
+            std::to_string(min_digits) + ", max_digits " + std::to_string(max_digits));
   Rng rng(seed);
   const auto span = static_cast<std::uint64_t>(max_digits - min_digits + 1);
   std::vector<FinetuneExample> out;
@@ -59,15 +60,15 @@ std::vector<FinetuneExample> arithmetic_examples(std::int64_t n, std::uint64_t s
   return out;
 }
 
-void generate_arithmetic(const std::string& path, std::int64_t n, std::uint64_t seed, int min_digits,
-                         int max_digits) {
+void generate_arithmetic(const std::string& path, std::int64_t n, std::uint64_t seed,
+                         int min_digits, int max_digits) {
   write_finetune_jsonl(path, arithmetic_examples(n, seed, min_digits, max_digits));
 }
 
 std::string arithmetic_answer(std::string_view prompt) {
   const std::size_t plus = prompt.find('+');
-  const bool well_formed = plus != std::string_view::npos && !prompt.empty() && prompt.back() == '=' &&
-                           all_digits(prompt.substr(0, plus)) &&
+  const bool well_formed = plus != std::string_view::npos && !prompt.empty() &&
+                           prompt.back() == '=' && all_digits(prompt.substr(0, plus)) &&
                            all_digits(prompt.substr(plus + 1, prompt.size() - plus - 2));
   if (!well_formed) {
     // Built with append: GCC 12 warns falsely (-Wrestrict) on "'" + std::string(...) here.
@@ -78,7 +79,8 @@ std::string arithmetic_answer(std::string_view prompt) {
   return add_decimal(prompt.substr(0, plus), prompt.substr(plus + 1, prompt.size() - plus - 2));
 }
 
-double arithmetic_reward(std::string_view prompt, std::string_view completion, std::string_view end_marker) {
+double arithmetic_reward(std::string_view prompt, std::string_view completion,
+                         std::string_view end_marker) {
   return exact_match(completion, arithmetic_answer(prompt), end_marker) ? 1.0 : 0.0;
 }
 

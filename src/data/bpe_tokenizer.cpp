@@ -57,7 +57,8 @@ class LineIterator final : public sentencepiece::SentenceIterator {
 
 class BpeTokenizer final : public Tokenizer {
  public:
-  BpeTokenizer(const std::string& model_bytes, const std::string& source) : model_bytes_(model_bytes) {
+  BpeTokenizer(const std::string& model_bytes, const std::string& source)
+      : model_bytes_(model_bytes) {
     const auto status = processor_.LoadFromSerializedProto(model_bytes_);
     check(status.ok(), source + " is not a valid SentencePiece model: " + status.ToString());
     check(processor_.GetPieceSize() <= 65536,
@@ -103,12 +104,14 @@ class BpeTokenizer final : public Tokenizer {
 
 }  // namespace
 
-std::unique_ptr<Tokenizer> make_bpe_tokenizer(const std::string& model_bytes, const std::string& source) {
+std::unique_ptr<Tokenizer> make_bpe_tokenizer(const std::string& model_bytes,
+                                              const std::string& source) {
   return std::make_unique<BpeTokenizer>(model_bytes, source);
 }
 
-std::unique_ptr<Tokenizer> train_bpe_tokenizer(std::string_view text, int vocab_size,
-                                               const std::string& /*work_dir: training runs in memory*/) {
+std::unique_ptr<Tokenizer> train_bpe_tokenizer(
+    std::string_view text, int vocab_size,
+    const std::string& /*work_dir: training runs in memory*/) {
   check(!text.empty(), "bpe tokenizer: the training text is empty");
   validate_utf8(text, "bpe tokenizer training text");
   // Every distinct character becomes a piece (character_coverage = 1), plus 256 byte pieces
@@ -118,9 +121,9 @@ std::unique_ptr<Tokenizer> train_bpe_tokenizer(std::string_view text, int vocab_
     if (cp != '\n') distinct.insert(cp == ' ' ? U'\u2581' : cp);  // ' ' is stored as U+2581
   const int minimum = 1 + 256 + static_cast<int>(distinct.size());
   check(vocab_size >= minimum && vocab_size <= 65536,
-        "bpe vocab_size " + std::to_string(vocab_size) + " is out of range: this text needs at least " +
-            std::to_string(minimum) + " (1 <unk> + 256 byte-fallback pieces + " +
-            std::to_string(distinct.size()) +
+        "bpe vocab_size " + std::to_string(vocab_size) +
+            " is out of range: this text needs at least " + std::to_string(minimum) +
+            " (1 <unk> + 256 byte-fallback pieces + " + std::to_string(distinct.size()) +
             " distinct characters) and uint16 token shards allow at most 65536");
 
   const std::unordered_map<std::string, std::string> options = {
@@ -145,9 +148,10 @@ std::unique_ptr<Tokenizer> train_bpe_tokenizer(std::string_view text, int vocab_
   LineIterator lines(text);
   std::string model_bytes;
   const auto status = sentencepiece::SentencePieceTrainer::Train(options, &lines, &model_bytes);
-  check(status.ok(), "SentencePiece BPE training failed (vocab_size " + std::to_string(vocab_size) +
-                         "): " + status.ToString() +
-                         ". A vocabulary larger than the text supports also fails: try a smaller one.");
+  check(status.ok(),
+        "SentencePiece BPE training failed (vocab_size " + std::to_string(vocab_size) +
+            "): " + status.ToString() +
+            ". A vocabulary larger than the text supports also fails: try a smaller one.");
   return make_bpe_tokenizer(model_bytes, "the trained SentencePiece model");
 }
 
@@ -162,7 +166,9 @@ namespace {
 }
 }  // namespace
 
-std::unique_ptr<Tokenizer> make_bpe_tokenizer(const std::string&, const std::string&) { no_sentencepiece(); }
+std::unique_ptr<Tokenizer> make_bpe_tokenizer(const std::string&, const std::string&) {
+  no_sentencepiece();
+}
 std::unique_ptr<Tokenizer> train_bpe_tokenizer(std::string_view, int, const std::string&) {
   no_sentencepiece();
 }

@@ -19,7 +19,8 @@ class CharTokenizer final : public Tokenizer {
                                       " characters do not fit uint16 token shards (max 65536)");
     for (std::size_t i = 0; i < vocab_.size(); ++i) {
       check(vocab_[i] <= 0x10FFFF && !(vocab_[i] >= 0xD800 && vocab_[i] <= 0xDFFF),
-            "char tokenizer: vocabulary entry " + std::to_string(i) + " is not a Unicode scalar value");
+            "char tokenizer: vocabulary entry " + std::to_string(i) +
+                " is not a Unicode scalar value");
       check(i == 0 || vocab_[i - 1] < vocab_[i],
             "char tokenizer: the vocabulary must be sorted and free of duplicates (entry " +
                 std::to_string(i) + ")");
@@ -43,8 +44,8 @@ class CharTokenizer final : public Tokenizer {
       const std::int32_t id = lookup(cp);
       if (id < 0) {
         throw Error("character " + describe_code_point(cp) + " at byte offset " +
-                    std::to_string(utf8_offset_of_code_point(text, i)) + " is not in the char tokenizer's vocabulary (" +
-                    std::to_string(vocab_.size()) +
+                    std::to_string(utf8_offset_of_code_point(text, i)) +
+                    " is not in the char tokenizer's vocabulary (" + std::to_string(vocab_.size()) +
                     " characters, taken from its training text); build the vocabulary from text "
                     "that contains it, or use the byte or bpe tokenizer");
       }
@@ -58,9 +59,9 @@ class CharTokenizer final : public Tokenizer {
     out.reserve(ids.size());
     for (std::size_t i = 0; i < ids.size(); ++i) {
       const std::int32_t id = ids[i];
-      check(id >= 0 && id < vocab_size(), "char tokenizer: id " + std::to_string(id) + " at position " +
-                                              std::to_string(i) + " is outside the vocabulary [0, " +
-                                              std::to_string(vocab_size()) + ")");
+      check(id >= 0 && id < vocab_size(),
+            "char tokenizer: id " + std::to_string(id) + " at position " + std::to_string(i) +
+                " is outside the vocabulary [0, " + std::to_string(vocab_size()) + ")");
       append_utf8(out, vocab_[static_cast<std::size_t>(id)]);
     }
     return out;
@@ -73,7 +74,8 @@ class CharTokenizer final : public Tokenizer {
       append_utf8(s, cp);
       vocab.push_back(s);
     }
-    nlohmann::json j = {{"format", "pion-tokenizer"}, {"version", 1}, {"kind", "char"}, {"vocab", vocab}};
+    nlohmann::json j = {
+        {"format", "pion-tokenizer"}, {"version", 1}, {"kind", "char"}, {"vocab", vocab}};
     return j.dump(1) + "\n";
   }
 

@@ -22,19 +22,23 @@ std::vector<FinetuneExample> load_finetune_jsonl(const std::string& path) {
     try {
       j = nlohmann::json::parse(line);
     } catch (const nlohmann::json::parse_error& e) {
-      throw Error(where + " is not valid JSON (" + e.what() + "); each line must be one object like " +
+      throw Error(where + " is not valid JSON (" + e.what() +
+                  "); each line must be one object like " +
                   R"({"prompt": "12+34=", "response": "46"})");
     }
-    check(j.is_object(), where + " is not a JSON object; expected " + R"({"prompt": ..., "response": ...})");
+    check(j.is_object(),
+          where + " is not a JSON object; expected " + R"({"prompt": ..., "response": ...})");
     for (const char* key : {"prompt", "response"}) {
       check(j.contains(key), where + " has no \"" + key + "\" key");
       check(j[key].is_string(), where + ": \"" + key + "\" must be a string, got " + j[key].dump());
     }
     FinetuneExample ex{j["prompt"].get<std::string>(), j["response"].get<std::string>()};
-    check(!ex.prompt.empty(), where + " has an empty \"prompt\"; the first response token needs a context");
+    check(!ex.prompt.empty(),
+          where + " has an empty \"prompt\"; the first response token needs a context");
     examples.push_back(std::move(ex));
   }
-  check(!examples.empty(), "finetuning file '" + path + "' holds no examples; expected JSONL lines like " +
+  check(!examples.empty(), "finetuning file '" + path +
+                               "' holds no examples; expected JSONL lines like " +
                                R"({"prompt": "12+34=", "response": "46"})");
   return examples;
 }
@@ -58,8 +62,8 @@ std::string finetune_text(std::span<const FinetuneExample> examples, std::string
   return out;
 }
 
-FinetuneDataset::FinetuneDataset(std::span<const FinetuneExample> examples, const Tokenizer& tokenizer,
-                                 std::string end_marker)
+FinetuneDataset::FinetuneDataset(std::span<const FinetuneExample> examples,
+                                 const Tokenizer& tokenizer, std::string end_marker)
     : end_marker_(std::move(end_marker)) {
   check(!examples.empty(), "finetuning dataset: no examples");
   check(!end_marker_.empty(), "finetuning dataset: the end marker must not be empty");
@@ -72,12 +76,14 @@ FinetuneDataset::FinetuneDataset(std::span<const FinetuneExample> examples, cons
     } catch (const Error& e) {
       throw Error("finetuning example " + std::to_string(i) + ": " + e.what());
     }
-    check(!t.prompt.empty(), "finetuning example " + std::to_string(i) + ": the prompt encodes to no tokens");
+    check(!t.prompt.empty(),
+          "finetuning example " + std::to_string(i) + ": the prompt encodes to no tokens");
     examples_.push_back(std::move(t));
   }
 }
 
-void FinetuneDataset::fill_row(std::size_t index, std::int64_t seq_len, std::span<std::int32_t> inputs,
+void FinetuneDataset::fill_row(std::size_t index, std::int64_t seq_len,
+                               std::span<std::int32_t> inputs,
                                std::span<std::int32_t> targets) const {
   check(seq_len >= 1, "seq_len must be >= 1");
   const auto t = static_cast<std::size_t>(seq_len);
@@ -89,7 +95,8 @@ void FinetuneDataset::fill_row(std::size_t index, std::int64_t seq_len, std::spa
   const std::size_t prompt_len = std::min(ex.prompt.size(), t + 1 - completion_len);
   const std::size_t length = prompt_len + completion_len;  // <= T + 1
   const auto token = [&](std::size_t i) {
-    return i < prompt_len ? ex.prompt[ex.prompt.size() - prompt_len + i] : ex.completion[i - prompt_len];
+    return i < prompt_len ? ex.prompt[ex.prompt.size() - prompt_len + i]
+                          : ex.completion[i - prompt_len];
   };
   for (std::size_t i = 0; i < t; ++i) {
     if (i + 1 < length) {
@@ -103,7 +110,8 @@ void FinetuneDataset::fill_row(std::size_t index, std::int64_t seq_len, std::spa
   }
 }
 
-Batch FinetuneDataset::make_batch(std::span<const std::size_t> indices, std::int64_t seq_len) const {
+Batch FinetuneDataset::make_batch(std::span<const std::size_t> indices,
+                                  std::int64_t seq_len) const {
   Batch b;
   b.rows = static_cast<std::int64_t>(indices.size());
   b.seq_len = seq_len;
@@ -111,7 +119,8 @@ Batch FinetuneDataset::make_batch(std::span<const std::size_t> indices, std::int
   b.inputs.resize(indices.size() * t);
   b.targets.resize(indices.size() * t);
   for (std::size_t r = 0; r < indices.size(); ++r)
-    fill_row(indices[r], seq_len, std::span(b.inputs).subspan(r * t, t), std::span(b.targets).subspan(r * t, t));
+    fill_row(indices[r], seq_len, std::span(b.inputs).subspan(r * t, t),
+             std::span(b.targets).subspan(r * t, t));
   return b;
 }
 
@@ -129,8 +138,9 @@ FinetuneLoader::FinetuneLoader(FinetuneDataset dataset, const LoaderOptions& opt
 
 Batch FinetuneLoader::rows_of(std::span<const std::size_t> global_indices) const {
   const auto rows = static_cast<std::size_t>(local_batch_size());
-  return dataset_.make_batch(global_indices.subspan(static_cast<std::size_t>(options_.rank) * rows, rows),
-                             options_.seq_len);
+  return dataset_.make_batch(
+      global_indices.subspan(static_cast<std::size_t>(options_.rank) * rows, rows),
+      options_.seq_len);
 }
 
 Batch FinetuneLoader::next_batch() {
@@ -155,9 +165,8 @@ std::int64_t FinetuneLoader::eval_batches_per_pass() const {
 
 std::string FinetuneLoader::state() const {
   const auto s = rng_.state();
-  return nlohmann::json{{"rng", {s[0], s[1], s[2], s[3]}},
-                        {"batches", batches_drawn_},
-                        {"examples", dataset_.size()}}
+  return nlohmann::json{
+      {"rng", {s[0], s[1], s[2], s[3]}}, {"batches", batches_drawn_}, {"examples", dataset_.size()}}
       .dump();
 }
 
@@ -168,31 +177,37 @@ void FinetuneLoader::set_state(const std::string& state) {
   try {
     const auto j = nlohmann::json::parse(state);
     const auto& rng = j.at("rng");
-    check(rng.is_array() && rng.size() == 4, "finetune loader state is malformed: \"rng\" must hold 4 numbers");
+    check(rng.is_array() && rng.size() == 4,
+          "finetune loader state is malformed: \"rng\" must hold 4 numbers");
     for (std::size_t i = 0; i < 4; ++i) words[i] = rng.at(i).get<std::uint64_t>();
     batches = j.at("batches").get<std::int64_t>();
     examples = j.at("examples").get<std::size_t>();
   } catch (const nlohmann::json::exception& e) {
-    throw Error(std::string("finetune loader state is malformed (") + e.what() + "): '" + state + "'");
+    throw Error(std::string("finetune loader state is malformed (") + e.what() + "): '" + state +
+                "'");
   }
-  check(words != std::array<std::uint64_t, 4>{}, "finetune loader state: an all-zero rng state is invalid");
-  check(examples == dataset_.size(), "finetune loader state was saved over " + std::to_string(examples) +
-                                         " examples but this dataset has " + std::to_string(dataset_.size()) +
-                                         "; resume with the same data");
+  check(words != std::array<std::uint64_t, 4>{},
+        "finetune loader state: an all-zero rng state is invalid");
+  check(examples == dataset_.size(),
+        "finetune loader state was saved over " + std::to_string(examples) +
+            " examples but this dataset has " + std::to_string(dataset_.size()) +
+            "; resume with the same data");
   rng_.set_state(words);
   batches_drawn_ = batches;
 }
 
-bool exact_match(std::string_view completion, std::string_view reference, std::string_view end_marker) {
+bool exact_match(std::string_view completion, std::string_view reference,
+                 std::string_view end_marker) {
   const std::size_t end = completion.find(end_marker);
   return end != std::string_view::npos && completion.substr(0, end) == reference;
 }
 
-double exact_match_rate(std::span<const std::string> completions, std::span<const FinetuneExample> examples,
-                        std::string_view end_marker) {
+double exact_match_rate(std::span<const std::string> completions,
+                        std::span<const FinetuneExample> examples, std::string_view end_marker) {
   check(completions.size() == examples.size() && !examples.empty(),
-        "exact_match_rate: need one completion per example (got " + std::to_string(completions.size()) +
-            " completions for " + std::to_string(examples.size()) + " examples)");
+        "exact_match_rate: need one completion per example (got " +
+            std::to_string(completions.size()) + " completions for " +
+            std::to_string(examples.size()) + " examples)");
   std::size_t hits = 0;
   for (std::size_t i = 0; i < examples.size(); ++i)
     hits += exact_match(completions[i], examples[i].response, end_marker);

@@ -11,9 +11,11 @@ void validate_rank_slicing(std::int64_t global_batch, int rank, int world_size) 
   check(global_batch >= 1, "batch size must be >= 1, got " + std::to_string(global_batch));
   check(world_size >= 1, "world_size must be >= 1, got " + std::to_string(world_size));
   check(rank >= 0 && rank < world_size,
-        "rank " + std::to_string(rank) + " is outside [0, world_size = " + std::to_string(world_size) + ")");
+        "rank " + std::to_string(rank) +
+            " is outside [0, world_size = " + std::to_string(world_size) + ")");
   check(global_batch % world_size == 0, "the global batch size " + std::to_string(global_batch) +
-                                            " must be divisible by world_size " + std::to_string(world_size) +
+                                            " must be divisible by world_size " +
+                                            std::to_string(world_size) +
                                             " so every rank gets the same number of rows");
 }
 
@@ -22,8 +24,9 @@ DataLoader::DataLoader(std::vector<std::uint16_t> tokens, const LoaderOptions& o
   validate_rank_slicing(options_.batch_size, options_.rank, options_.world_size);
   check(options_.seq_len >= 1, "seq_len must be >= 1, got " + std::to_string(options_.seq_len));
   check(num_tokens() >= options_.seq_len + 1,
-        "the token stream has " + std::to_string(num_tokens()) + " tokens, fewer than seq_len + 1 = " +
-            std::to_string(options_.seq_len + 1) + " needed for one window; use more text or a shorter seq_len");
+        "the token stream has " + std::to_string(num_tokens()) +
+            " tokens, fewer than seq_len + 1 = " + std::to_string(options_.seq_len + 1) +
+            " needed for one window; use more text or a shorter seq_len");
 }
 
 DataLoader DataLoader::from_shard(const std::string& path, const LoaderOptions& options) {
@@ -48,7 +51,8 @@ Batch DataLoader::windows(std::span<const std::int64_t> global_starts) const {
     const std::int64_t start = global_starts[static_cast<std::size_t>(first + r)];
     for (std::int64_t i = 0; i < t; ++i) {
       b.inputs[static_cast<std::size_t>(r * t + i)] = tokens_[static_cast<std::size_t>(start + i)];
-      b.targets[static_cast<std::size_t>(r * t + i)] = tokens_[static_cast<std::size_t>(start + i + 1)];
+      b.targets[static_cast<std::size_t>(r * t + i)] =
+          tokens_[static_cast<std::size_t>(start + i + 1)];
     }
   }
   return b;
@@ -73,13 +77,15 @@ Batch DataLoader::eval_batch(std::int64_t index) const {
   const std::int64_t windows_total = (num_tokens() - 1) / options_.seq_len;
   std::vector<std::int64_t> starts(static_cast<std::size_t>(options_.batch_size));
   for (std::int64_t j = 0; j < options_.batch_size; ++j)
-    starts[static_cast<std::size_t>(j)] = ((index * options_.batch_size + j) % windows_total) * options_.seq_len;
+    starts[static_cast<std::size_t>(j)] =
+        ((index * options_.batch_size + j) % windows_total) * options_.seq_len;
   return windows(starts);
 }
 
 std::string DataLoader::state() const {
   const auto s = rng_.state();
-  nlohmann::json j = {{"rng", {s[0], s[1], s[2], s[3]}}, {"batches", batches_drawn_}, {"tokens", num_tokens()}};
+  nlohmann::json j = {
+      {"rng", {s[0], s[1], s[2], s[3]}}, {"batches", batches_drawn_}, {"tokens", num_tokens()}};
   return j.dump();
 }
 
@@ -90,14 +96,16 @@ void DataLoader::set_state(const std::string& state) {
   try {
     const auto j = nlohmann::json::parse(state);
     const auto& rng = j.at("rng");
-    check(rng.is_array() && rng.size() == 4, "data loader state is malformed: \"rng\" must hold 4 numbers");
+    check(rng.is_array() && rng.size() == 4,
+          "data loader state is malformed: \"rng\" must hold 4 numbers");
     for (std::size_t i = 0; i < 4; ++i) words[i] = rng.at(i).get<std::uint64_t>();
     batches = j.at("batches").get<std::int64_t>();
     tokens = j.at("tokens").get<std::int64_t>();
   } catch (const nlohmann::json::exception& e) {
     throw Error(std::string("data loader state is malformed (") + e.what() + "): '" + state + "'");
   }
-  check(words != std::array<std::uint64_t, 4>{}, "data loader state: an all-zero rng state is invalid");
+  check(words != std::array<std::uint64_t, 4>{},
+        "data loader state: an all-zero rng state is invalid");
   check(tokens == num_tokens(), "data loader state was saved over " + std::to_string(tokens) +
                                     " tokens but this shard has " + std::to_string(num_tokens()) +
                                     "; resume with the same dataset");

@@ -13,19 +13,26 @@ namespace pion {
 namespace fs = std::filesystem;
 
 nlohmann::json DatasetSummary::to_json() const {
-  return {{"format", "pion-dataset"},   {"version", 1},
-          {"source", source},           {"tokenizer_kind", tokenizer_kind},
-          {"vocab_size", vocab_size},   {"val_fraction", val_fraction},
-          {"train_chars", train_chars}, {"val_chars", val_chars},
-          {"train_tokens", train_tokens}, {"val_tokens", val_tokens},
-          {"train", "train.bin"},       {"val", "val.bin"},
+  return {{"format", "pion-dataset"},
+          {"version", 1},
+          {"source", source},
+          {"tokenizer_kind", tokenizer_kind},
+          {"vocab_size", vocab_size},
+          {"val_fraction", val_fraction},
+          {"train_chars", train_chars},
+          {"val_chars", val_chars},
+          {"train_tokens", train_tokens},
+          {"val_tokens", val_tokens},
+          {"train", "train.bin"},
+          {"val", "val.bin"},
           {"tokenizer", "tokenizer.json"}};
 }
 
 DatasetSummary prepare_dataset(const std::string& text_path, const std::string& tokenizer_kind,
                                int vocab_size, const std::string& out_dir, double val_fraction) {
   const std::string text = read_text_file(text_path);
-  return prepare_dataset_from_text(text, text_path, tokenizer_kind, vocab_size, out_dir, val_fraction);
+  return prepare_dataset_from_text(text, text_path, tokenizer_kind, vocab_size, out_dir,
+                                   val_fraction);
 }
 
 DatasetSummary prepare_dataset_from_text(std::string_view text, const std::string& source,
@@ -37,10 +44,12 @@ DatasetSummary prepare_dataset_from_text(std::string_view text, const std::strin
   validate_utf8(text, "text '" + source + "'");
 
   const std::size_t chars = utf8_length(text);
-  const auto train_chars = static_cast<std::size_t>(std::floor(static_cast<double>(chars) * (1.0 - val_fraction)));
+  const auto train_chars =
+      static_cast<std::size_t>(std::floor(static_cast<double>(chars) * (1.0 - val_fraction)));
   check(train_chars > 0 && train_chars < chars,
-        "'" + source + "' has " + std::to_string(chars) + " characters: too few to split with val_fraction " +
-            std::to_string(val_fraction) + " into non-empty training and validation parts");
+        "'" + source + "' has " + std::to_string(chars) +
+            " characters: too few to split with val_fraction " + std::to_string(val_fraction) +
+            " into non-empty training and validation parts");
   const std::size_t split = utf8_offset_of_code_point(text, train_chars);
   const std::string_view train_text = text.substr(0, split);
   const std::string_view val_text = text.substr(split);
@@ -48,12 +57,14 @@ DatasetSummary prepare_dataset_from_text(std::string_view text, const std::strin
   const auto tokenizer = tokenizer_kind == "char"
                              ? train_tokenizer("char", text)  // whole text: see prepare.h
                              : train_tokenizer(tokenizer_kind, train_text, vocab_size, out_dir);
-  check(tokenizer->vocab_size() <= 65536, "vocabulary of " + std::to_string(tokenizer->vocab_size()) +
+  check(tokenizer->vocab_size() <= 65536, "vocabulary of " +
+                                              std::to_string(tokenizer->vocab_size()) +
                                               " does not fit uint16 token shards (max 65536)");
 
   std::error_code ec;
   fs::create_directories(out_dir, ec);
-  check(!ec && fs::is_directory(out_dir), "cannot create dataset directory '" + out_dir + "': " + ec.message());
+  check(!ec && fs::is_directory(out_dir),
+        "cannot create dataset directory '" + out_dir + "': " + ec.message());
   // Remove a stale meta.json first so a crash half way never leaves a "complete" directory.
   fs::remove(fs::path(out_dir) / "meta.json", ec);
 
@@ -87,12 +98,15 @@ bool is_prepared_dataset(const std::string& dir) {
 
 DatasetSummary load_dataset_summary(const std::string& dir) {
   const std::string meta_path = (fs::path(dir) / "meta.json").string();
-  check(is_prepared_dataset(dir), "'" + dir + "' is not a prepared dataset (no meta.json); prepare it from a text file first");
+  check(
+      is_prepared_dataset(dir),
+      "'" + dir + "' is not a prepared dataset (no meta.json); prepare it from a text file first");
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(read_file_bytes(meta_path));
   } catch (const nlohmann::json::exception& e) {
-    throw Error("dataset metadata '" + meta_path + "' is not valid JSON (" + e.what() + "); prepare the dataset again");
+    throw Error("dataset metadata '" + meta_path + "' is not valid JSON (" + e.what() +
+                "); prepare the dataset again");
   }
   check(j.is_object() && j.value("format", "") == "pion-dataset" && j.value("version", 0) == 1,
         "'" + meta_path + "' is not pion dataset metadata (version 1); prepare the dataset again");
@@ -111,11 +125,12 @@ DatasetSummary load_dataset_summary(const std::string& dir) {
     s.train_tokens = j.at("train_tokens").get<std::int64_t>();
     s.val_tokens = j.at("val_tokens").get<std::int64_t>();
   } catch (const nlohmann::json::exception& e) {
-    throw Error("dataset metadata '" + meta_path + "' is missing a key or has a wrong type (" + e.what() +
-                "); prepare the dataset again");
+    throw Error("dataset metadata '" + meta_path + "' is missing a key or has a wrong type (" +
+                e.what() + "); prepare the dataset again");
   }
   for (const auto& p : {s.train_path, s.val_path, s.tokenizer_path})
-    check(fs::is_regular_file(p), "dataset '" + dir + "' is incomplete: '" + p + "' is missing; prepare it again");
+    check(fs::is_regular_file(p),
+          "dataset '" + dir + "' is incomplete: '" + p + "' is missing; prepare it again");
   return s;
 }
 

@@ -3,10 +3,10 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -63,10 +63,11 @@ void validate_utf8(std::string_view text, const std::string& source) {
     char32_t cp = 0;
     const std::size_t len = decode_one(text, i, &cp);
     if (len == 0) {
-      throw Error(source + " is not valid UTF-8: bad byte " +
-                  hex_byte(static_cast<unsigned char>(text[i])) + " at byte offset " +
-                  std::to_string(i) + " (line " + std::to_string(line) +
-                  "). Convert it to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`.");
+      throw Error(
+          source + " is not valid UTF-8: bad byte " +
+          hex_byte(static_cast<unsigned char>(text[i])) + " at byte offset " + std::to_string(i) +
+          " (line " + std::to_string(line) +
+          "). Convert it to UTF-8 first, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`.");
     }
     if (cp == '\n') ++line;
     i += len;
@@ -88,7 +89,8 @@ std::string read_file_bytes(const std::string& path) {
 
 std::string read_text_file(const std::string& path) {
   std::string text = read_file_bytes(path);
-  if (text.empty()) throw Error("text file '" + path + "' is empty; give a file with some text in it");
+  if (text.empty())
+    throw Error("text file '" + path + "' is empty; give a file with some text in it");
   validate_utf8(text, "text file '" + path + "'");
   return text;
 }

@@ -17,7 +17,8 @@ std::string join_kinds() {
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 }  // namespace
@@ -27,7 +28,9 @@ const std::vector<std::string>& tokenizer_kinds() {
   return kinds;
 }
 
-void Tokenizer::save(const std::string& path) const { write_file_atomic(path, to_json()); }
+void Tokenizer::save(const std::string& path) const {
+  write_file_atomic(path, to_json());
+}
 
 std::unique_ptr<Tokenizer> train_tokenizer(const std::string& kind, std::string_view text,
                                            int vocab_size, const std::string& work_dir) {
@@ -41,7 +44,8 @@ std::unique_ptr<Tokenizer> train_tokenizer(const std::string& kind, std::string_
   throw Error("unknown tokenizer kind '" + kind + "'; choose one of " + join_kinds());
 }
 
-std::unique_ptr<Tokenizer> tokenizer_from_json(std::string_view json_text, const std::string& source) {
+std::unique_ptr<Tokenizer> tokenizer_from_json(std::string_view json_text,
+                                               const std::string& source) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(json_text);
@@ -57,14 +61,16 @@ std::unique_ptr<Tokenizer> tokenizer_from_json(std::string_view json_text, const
   const std::string kind = j.value("kind", "");
   if (kind == "byte") return make_byte_tokenizer();
   if (kind == "char") {
-    check(j.contains("vocab") && j["vocab"].is_array(), source + ": a char tokenizer needs a \"vocab\" array");
+    check(j.contains("vocab") && j["vocab"].is_array(),
+          source + ": a char tokenizer needs a \"vocab\" array");
     std::vector<char32_t> vocab;
     for (std::size_t i = 0; i < j["vocab"].size(); ++i) {
       const auto& entry = j["vocab"][i];
       const std::string s = entry.is_string() ? entry.get<std::string>() : std::string();
       const auto points = utf8_code_points(s);
       check(points.size() == 1, source + ": char vocab entry " + std::to_string(i) +
-                                    " must be a string of exactly one character, got " + entry.dump());
+                                    " must be a string of exactly one character, got " +
+                                    entry.dump());
       vocab.push_back(points[0]);
     }
     return make_char_tokenizer(std::move(vocab));
@@ -82,7 +88,8 @@ std::unique_ptr<Tokenizer> tokenizer_from_json(std::string_view json_text, const
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
   const std::string bytes = read_file_bytes(path);
   check(!bytes.empty(), "tokenizer file '" + path + "' is empty");
-  if (ends_with(path, ".model")) return make_bpe_tokenizer(bytes, "SentencePiece model '" + path + "'");
+  if (ends_with(path, ".model"))
+    return make_bpe_tokenizer(bytes, "SentencePiece model '" + path + "'");
   return tokenizer_from_json(bytes, "tokenizer file '" + path + "'");
 }
 

@@ -17,8 +17,8 @@ namespace pion {
 std::vector<FinetuneExample> arithmetic_examples(std::int64_t n, std::uint64_t seed, int min_digits,
                                                  int max_digits);
 // The same examples written as JSONL (write_finetune_jsonl).
-void generate_arithmetic(const std::string& path, std::int64_t n, std::uint64_t seed, int min_digits,
-                         int max_digits);
+void generate_arithmetic(const std::string& path, std::int64_t n, std::uint64_t seed,
+                         int min_digits, int max_digits);
 
 // Sum of two non-negative decimal numbers given as digit strings (any length).
 std::string add_decimal(std::string_view a, std::string_view b);

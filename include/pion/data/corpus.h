@@ -18,6 +18,7 @@ inline constexpr const char* kFortunesDir = "/usr/share/games/fortunes";
 // `apt-get install fortunes`), or a file that is not valid UTF-8.
 std::string default_corpus_text(const std::string& fortunes_dir = kFortunesDir);
 // Writes the corpus to `path` atomically and returns its length in characters (code points).
-std::size_t build_default_corpus(const std::string& path, const std::string& fortunes_dir = kFortunesDir);
+std::size_t build_default_corpus(const std::string& path,
+                                 const std::string& fortunes_dir = kFortunesDir);
 
 }  // namespace pion

@@ -47,12 +47,12 @@ class DataLoader {
   // Reads the shard at `path` (read_shard's validation applies).
   static DataLoader from_shard(const std::string& path, const LoaderOptions& options);
 
-  Batch next_batch();                            // random windows (training)
-  Batch eval_batch(std::int64_t index) const;    // fixed windows (evaluation)
+  Batch next_batch();                          // random windows (training)
+  Batch eval_batch(std::int64_t index) const;  // fixed windows (evaluation)
   // Eval batches needed to visit every fixed window once: ceil(W / B_global).
   std::int64_t eval_batches_per_pass() const;
 
-  std::string state() const;                // JSON: {"rng": [4 words], "batches": n, "tokens": n}
+  std::string state() const;                 // JSON: {"rng": [4 words], "batches": n, "tokens": n}
   void set_state(const std::string& state);  // errors on malformed state or another shard
 
   std::int64_t num_tokens() const { return static_cast<std::int64_t>(tokens_.size()); }

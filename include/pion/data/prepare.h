@@ -33,7 +33,8 @@ struct DatasetSummary {
 // needed). vocab_size is used by bpe only. val_fraction must be in (0, 1) and leave both
 // parts non-empty.
 DatasetSummary prepare_dataset(const std::string& text_path, const std::string& tokenizer_kind,
-                               int vocab_size, const std::string& out_dir, double val_fraction = 0.1);
+                               int vocab_size, const std::string& out_dir,
+                               double val_fraction = 0.1);
 // The same from text in memory; `source` names it in the summary and error messages.
 DatasetSummary prepare_dataset_from_text(std::string_view text, const std::string& source,
                                          const std::string& tokenizer_kind, int vocab_size,

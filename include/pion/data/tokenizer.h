@@ -10,6 +10,10 @@
 //         decode(encode(s)) == s for every valid UTF-8 string, newlines included. Only the
 //         <unk> special piece is kept (no BOS/EOS), so the vocabulary is at least
 //         1 + 256 + (distinct characters in the training text).
+//         One exception to the round trip: SentencePiece stores a space as U+2581 '▁', so a
+//         literal U+2581 in the input decodes as a space. Digits are split one by one
+//         (split_digits), which keeps arithmetic tasks learnable. Training is single-threaded
+//         over every non-empty line, so the same text and vocab_size give the same model.
 //
 // Saved format (one file, usually tokenizer.json): a JSON object
 //   {"format": "pion-tokenizer", "version": 1, "kind": "char"|"byte"|"bpe", ...}
@@ -43,17 +47,19 @@ class Tokenizer {
 // True when this build can train and load bpe tokenizers.
 bool have_sentencepiece();
 
-// kind: "char" | "byte" | "bpe". vocab_size is used by bpe only. work_dir: where bpe may put
-// temporary files ("" = the system temp dir); the trained model itself lives in memory and
-// is written by save(). Errors: unknown kind, empty or invalid UTF-8 text, bpe without
-// SentencePiece, a bpe vocab_size too small for the text's characters.
+// kind: "char" | "byte" | "bpe". vocab_size is used by bpe only. work_dir is accepted for
+// callers that pass a scratch directory but is unused: SentencePiece trains from the text in
+// memory (a SentenceIterator over its lines) and returns the model as bytes, so no temporary
+// files are written; save() writes the model. Errors: unknown kind, empty or invalid UTF-8 text,
+// bpe without SentencePiece, a bpe vocab_size too small for the text's characters.
 std::unique_ptr<Tokenizer> train_tokenizer(const std::string& kind, std::string_view text,
                                            int vocab_size = 0, const std::string& work_dir = "");
 
 // Loads a file written by Tokenizer::save, or a SentencePiece ".model" file.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path);
 // Parses the JSON text save() writes; `source` names it in error messages.
-std::unique_ptr<Tokenizer> tokenizer_from_json(std::string_view json_text, const std::string& source);
+std::unique_ptr<Tokenizer> tokenizer_from_json(std::string_view json_text,
+                                               const std::string& source);
 
 // Each kind directly (train_tokenizer and load_tokenizer dispatch to these).
 // char: `vocab` is the id -> code point table; it must be sorted and free of duplicates.
@@ -62,7 +68,8 @@ std::unique_ptr<Tokenizer> make_char_tokenizer(std::vector<char32_t> vocab);
 std::unique_ptr<Tokenizer> train_char_tokenizer(std::string_view text);
 std::unique_ptr<Tokenizer> make_byte_tokenizer();
 // bpe: a serialized SentencePiece ModelProto (the bytes of a .model file).
-std::unique_ptr<Tokenizer> make_bpe_tokenizer(const std::string& model_bytes, const std::string& source);
+std::unique_ptr<Tokenizer> make_bpe_tokenizer(const std::string& model_bytes,
+                                              const std::string& source);
 std::unique_ptr<Tokenizer> train_bpe_tokenizer(std::string_view text, int vocab_size,
                                                const std::string& work_dir);
 
