@@ -44,9 +44,8 @@ struct MatrixShape {
 // the same width: up and gate 2048 x 768, down 768 x 2048).
 const std::vector<MatrixShape>& layer_shapes() {
   static const std::vector<MatrixShape> shapes = {
-      {"attn.q", 768, 768},   {"attn.k", 768, 768},   {"attn.v", 768, 768},
-      {"attn.o", 768, 768},   {"mlp.up", 2048, 768},  {"mlp.gate", 2048, 768},
-      {"mlp.down", 768, 2048}};
+      {"attn.q", 768, 768},  {"attn.k", 768, 768},    {"attn.v", 768, 768},   {"attn.o", 768, 768},
+      {"mlp.up", 2048, 768}, {"mlp.gate", 2048, 768}, {"mlp.down", 768, 2048}};
   return shapes;
 }
 
@@ -131,8 +130,8 @@ void sgemm_benchmark(benchmark::State& state, std::int64_t m, std::int64_t n, st
                       b.data<float>(), n, 0.0f, c.data<float>(), n);
     benchmark::ClobberMemory();
   }
-  state.counters["flops"] = 2.0 * static_cast<double>(m) * static_cast<double>(n) *
-                            static_cast<double>(k);
+  state.counters["flops"] =
+      2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
 }
 
 // The GEMM flops of one Pion taylor2 step on the layer, as the spec counts them:
@@ -182,8 +181,8 @@ int main(int argc, char** argv) {
     std::int64_t m, n, k;
   } gemms[] = {{2048, 2048, 2048}, {768, 768, 768}, {2048, 768, 768}, {768, 768, 2048}};
   for (const auto& g : gemms) {
-    const std::string name = "sgemm/" + std::to_string(g.m) + "x" + std::to_string(g.n) + "x" +
-                             std::to_string(g.k);
+    const std::string name =
+        "sgemm/" + std::to_string(g.m) + "x" + std::to_string(g.n) + "x" + std::to_string(g.k);
     benchmark::RegisterBenchmark(name.c_str(), sgemm_benchmark, g.m, g.n, g.k)
         ->Unit(benchmark::kMillisecond)
         ->UseRealTime()

@@ -7,9 +7,11 @@ std::shared_ptr<ConfigFlags> add_config_flags(CLI::App& cmd) {
   cmd.add_option("--config", flags->config_file, "JSON file of config keys (flags override it)");
   for (const auto& key : train_config_keys()) {
     cmd.add_option_function<std::string>(
-           "--" + key.name, [flags, name = key.name](const std::string& v) { flags->values[name] = v; },
-           key.help)
-        ->group("Config keys");
+           "--" + key.name,
+           [flags, name = key.name](const std::string& v) { flags->values[name] = v; }, key.help)
+        ->group("Config keys")
+        // A flag given twice keeps its last value, as scripts that append overrides expect.
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   }
   return flags;
 }

@@ -4,6 +4,7 @@
 
 #include "cli/commands.h"
 #include "cli/config_flags.h"
+#include "pion/core/error.h"
 #include "pion/core/random.h"
 #include "pion/model/init.h"
 #include "pion/train/session.h"
@@ -20,11 +21,11 @@ void print_spectrum_summary(Llama<float>& model) {
     lo = std::min(lo, s.sigma_min);
     hi = std::max(hi, s.sigma_max);
   }
-  std::cout << "hidden-matrix spectrum at init: " << spectra.size() << " matrices, singular values in ["
-            << lo << ", " << hi << "]\n";
+  std::cout << "hidden-matrix spectrum at init: " << spectra.size()
+            << " matrices, singular values in [" << lo << ", " << hi << "]\n";
 }
 
-void run_train(const ConfigFlags& flags, bool resume) {
+void run_train(const ConfigFlags& flags, bool resume, int stop_after) {
   TrainConfig config;
   apply_config_flags(flags, config);
   if (resume) {
@@ -38,6 +39,11 @@ void run_train(const ConfigFlags& flags, bool resume) {
     }
   }
   config.validate();
+  // Checked before the dataset is prepared, so a mistyped out_dir fails at once.
+  const std::string checkpoint = config.out_dir + "/checkpoint.safetensors";
+  check(!resume || std::filesystem::exists(checkpoint),
+        "--resume: no checkpoint at '" + checkpoint +
+            "'; start without --resume or point out_dir at a run");
   DatasetSummary data = resolve_dataset(config);
   std::filesystem::create_directories(config.out_dir);
   const std::string tokenizer_copy = config.out_dir + "/tokenizer.json";
@@ -54,12 +60,14 @@ void run_train(const ConfigFlags& flags, bool resume) {
   model.init_weights(init_rng);
   model.dropout_rng() = Rng(config.seed ^ 0xd50f07ULL);
   std::cout << "model: " << config.n_layer << " layers, d_model " << config.d_model << ", "
-            << model.config().num_params() << " parameters | optimizer " << config.optimizer << "\n";
+            << model.config().num_params() << " parameters | optimizer " << config.optimizer
+            << "\n";
   print_spectrum_summary(model);
 
   TrainInputs in;
   in.config = config;
   in.resume = resume;
+  in.stop_after = stop_after;
   in.extra_metadata = {{"mode", "pretrain"}, {"tokenizer", tokenizer_copy}, {"dataset", data.dir}};
   in.train_source = make_shard_source(data.train_path, config);
   in.evaluate = make_shard_evaluator(data.val_path, config, config.eval_iters);
@@ -76,7 +84,12 @@ void add_train_command(CLI::App& app) {
   auto flags = add_config_flags(*cmd);
   auto resume = std::make_shared<bool>(false);
   cmd->add_flag("--resume", *resume, "continue bit-exactly from <out_dir>/checkpoint.safetensors");
-  cmd->callback([flags, resume] { run_train(*flags, *resume); });
+  auto stop_after = std::make_shared<int>(0);
+  cmd->add_option(
+      "--stop_after", *stop_after,
+      "stop with a checkpoint after this many steps (the schedule still spans max_iters; "
+      "continue with --resume)");
+  cmd->callback([flags, resume, stop_after] { run_train(*flags, *resume, *stop_after); });
 }
 
 }  // namespace pion::cli

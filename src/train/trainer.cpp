@@ -120,18 +120,26 @@ void save_checkpoint(const std::string& path, const TrainConfig& config, Llama<f
 
 }  // namespace
 
-bool interrupt_requested() { return g_interrupted.load(); }
+bool interrupt_requested() {
+  return g_interrupted.load();
+}
 
 std::string checkpoint_path(const std::string& out_dir) {
   return (std::filesystem::path(out_dir) / "checkpoint.safetensors").string();
 }
 
 nlohmann::json TrainSummary::to_json() const {
-  auto num = [](double v) { return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr); };
-  return {{"best_val_loss", num(best_val_loss)},   {"final_val_loss", num(final_val_loss)},
-          {"final_train_loss", num(final_train_loss)}, {"iters", iters},
-          {"tokens_per_sec", tokens_per_sec},      {"wall_seconds", wall_seconds},
-          {"spectrum_drift_max", spectrum_drift_max}, {"skipped_steps", skipped_steps},
+  auto num = [](double v) {
+    return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr);
+  };
+  return {{"best_val_loss", num(best_val_loss)},
+          {"final_val_loss", num(final_val_loss)},
+          {"final_train_loss", num(final_train_loss)},
+          {"iters", iters},
+          {"tokens_per_sec", tokens_per_sec},
+          {"wall_seconds", wall_seconds},
+          {"spectrum_drift_max", spectrum_drift_max},
+          {"skipped_steps", skipped_steps},
           {"interrupted", interrupted}};
 }
 
@@ -162,14 +170,16 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
     check(meta.value("format", "") == kCheckpointFormat,
           "'" + ckpt + "' has an unknown checkpoint format");
     const auto saved_model = nlohmann::json::parse(file.metadata.at("pion.model_config"));
-    check(saved_model == model.config().to_json(),
-          "--resume: the checkpoint's model shape differs from the config's: " + saved_model.dump());
+    check(
+        saved_model == model.config().to_json(),
+        "--resume: the checkpoint's model shape differs from the config's: " + saved_model.dump());
     model.load_weights(file, "model.");
     optimizers.load_state(file);
     source.restore(meta.at("data_state"));
     restore_rng(model.dropout_rng(), meta.at("dropout_rng"));
     progress.step = meta.at("step").get<int>();
-    if (!meta.at("best_val_loss").is_null()) progress.best_val_loss = meta.at("best_val_loss").get<double>();
+    if (!meta.at("best_val_loss").is_null())
+      progress.best_val_loss = meta.at("best_val_loss").get<double>();
     progress.tokens_seen = meta.at("tokens_seen").get<double>();
     progress.wall_seconds = meta.at("wall_seconds").get<double>();
     std::cout << "resumed from " << ckpt << " at step " << progress.step << "\n";
@@ -192,7 +202,8 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   const auto run_start = Clock::now();
   double train_seconds = 0.0;  // this process's time in training steps (not evals)
   int steps_this_run = 0;
-  double window_seconds = 0.0, window_tokens = 0.0, last_loss = std::numeric_limits<double>::quiet_NaN();
+  double window_seconds = 0.0, window_tokens = 0.0,
+         last_loss = std::numeric_limits<double>::quiet_NaN();
 
   auto evaluate = [&](nlohmann::json& record) {
     if (!in.evaluate) return;
@@ -203,12 +214,15 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
     progress.best_val_loss = std::min(progress.best_val_loss, val);
     record["val_loss"] = val;
     record["spectrum_drift"] = max_spectrum_drift(optimizers);
-    std::cout << "step " << progress.step << " | val loss " << val << " | best " << progress.best_val_loss
-              << "\n";
+    std::cout << "step " << progress.step << " | val loss " << val << " | best "
+              << progress.best_val_loss << "\n";
   };
 
   model.set_training(true);
-  while (progress.step < cfg.max_iters && !interrupt_requested()) {
+  auto should_stop = [&] {
+    return interrupt_requested() || (in.stop_after > 0 && progress.step >= in.stop_after);
+  };
+  while (progress.step < cfg.max_iters && !should_stop()) {
     const auto t0 = Clock::now();
     optimizers.set_lr_factor(schedule->factor(progress.step));
     model.zero_grad();
@@ -232,13 +246,15 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
     last_loss = loss;
 
     const double lr_now = optimizers.optimizers().front()->groups().front().lr;
-    nlohmann::json record = {{"step", progress.step},
-                             {"lr", lr_now},
-                             {"train_loss", std::isfinite(loss) ? nlohmann::json(loss) : nlohmann::json(nullptr)},
-                             {"grad_norm", std::isfinite(norm) ? nlohmann::json(norm) : nlohmann::json(nullptr)},
-                             {"tokens_per_sec", tokens_per_step / dt},
-                             {"elapsed_seconds", progress.wall_seconds + std::chrono::duration<double>(Clock::now() - run_start).count()},
-                             {"skipped", !applied}};
+    nlohmann::json record = {
+        {"step", progress.step},
+        {"lr", lr_now},
+        {"train_loss", std::isfinite(loss) ? nlohmann::json(loss) : nlohmann::json(nullptr)},
+        {"grad_norm", std::isfinite(norm) ? nlohmann::json(norm) : nlohmann::json(nullptr)},
+        {"tokens_per_sec", tokens_per_step / dt},
+        {"elapsed_seconds",
+         progress.wall_seconds + std::chrono::duration<double>(Clock::now() - run_start).count()},
+        {"skipped", !applied}};
     if (!applied) std::cout << "step " << progress.step << ": non-finite gradient, step skipped\n";
     if (progress.step % cfg.log_interval == 0 || progress.step == cfg.max_iters) {
       const double tps = window_tokens / window_seconds;
@@ -252,21 +268,22 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
     if (cfg.checkpoint_interval > 0 && progress.step % cfg.checkpoint_interval == 0 && !last) {
       Progress snapshot = progress;
       snapshot.wall_seconds += std::chrono::duration<double>(Clock::now() - run_start).count();
-      save_checkpoint(ckpt, cfg, model, optimizers, source, snapshot,
-                      in.extra_metadata);
+      save_checkpoint(ckpt, cfg, model, optimizers, source, snapshot, in.extra_metadata);
     }
   }
-  summary.interrupted = interrupt_requested() && progress.step < cfg.max_iters;
+  summary.interrupted = should_stop() && progress.step < cfg.max_iters;
   progress.wall_seconds += std::chrono::duration<double>(Clock::now() - run_start).count();
   save_checkpoint(ckpt, cfg, model, optimizers, source, progress, in.extra_metadata);
-  if (summary.interrupted) std::cout << "interrupted: checkpoint saved to " << ckpt << "; continue with --resume\n";
+  if (summary.interrupted)
+    std::cout << "interrupted: checkpoint saved to " << ckpt << "; continue with --resume\n";
 
   write_json_file(cfg.out_dir + "/spectrum_final.json", spectra_json(params));
   summary.best_val_loss = progress.best_val_loss;
   summary.final_val_loss = progress.last_val_loss;
   summary.final_train_loss = last_loss;
   summary.iters = progress.step;
-  summary.tokens_per_sec = steps_this_run > 0 ? steps_this_run * tokens_per_step / train_seconds : 0.0;
+  summary.tokens_per_sec =
+      steps_this_run > 0 ? steps_this_run * tokens_per_step / train_seconds : 0.0;
   summary.wall_seconds = progress.wall_seconds;
   summary.spectrum_drift_max = max_spectrum_drift(optimizers);
   summary.skipped_steps = optimizers.skipped_steps();

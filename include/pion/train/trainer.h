@@ -50,11 +50,13 @@ struct TrainSummary {
 
 struct TrainInputs {
   TrainConfig config;
-  nlohmann::json extra_metadata;    // stored in the checkpoint (tokenizer path, mode, ...)
+  nlohmann::json extra_metadata;  // stored in the checkpoint (tokenizer path, mode, ...)
   std::unique_ptr<BatchSource> train_source;
-  Evaluator evaluate;               // may be empty (no validation)
-  bool resume = false;              // continue from out_dir/checkpoint.safetensors
-  std::string init_from;            // finetuning: start from these weights (fresh optimizer)
+  Evaluator evaluate;     // may be empty (no validation)
+  bool resume = false;    // continue from out_dir/checkpoint.safetensors
+  std::string init_from;  // finetuning: start from these weights (fresh optimizer)
+  int stop_after = 0;     // > 0: stop (with a checkpoint) once the step count reaches
+                          // this, as if interrupted; --resume continues the schedule
 };
 
 TrainSummary run_training(TrainInputs inputs, Llama<float>& model);
