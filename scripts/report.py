@@ -34,7 +34,8 @@ def load_run(path):
         if os.path.exists(p):
             with open(p) as f:
                 spectra[which] = json.load(f)
-    label = config.get("optimizer", os.path.basename(path))
+    # The directory name labels the run (unique, and the user chose it: adamw, pion-spectral, ...).
+    label = os.path.basename(os.path.normpath(path))
     return {"path": path, "label": label, "config": config, "summary": summary,
             "records": records, "spectra": spectra}
 
@@ -108,18 +109,20 @@ def main():
     runs = [load_run(p) for p in sys.argv[2:]]
     plot_curves(runs, out_dir)
     lines = ["# pion comparison report", "",
-             "| optimizer | lr / matrix_lr | best val loss | final val loss | tokens/s | wall (s) | spectrum drift | skipped steps |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| run | optimizer | init | lr / matrix_lr | best val loss | final val loss | tokens/s | wall (s) | spectrum drift | skipped steps |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         s, c = r["summary"], r["config"]
         lrs = f"{c['lr']:g}" if c["optimizer"] == "adamw" else f"{c['lr']:g} / {c['matrix_lr']:g}"
-        lines.append(f"| {r['label']} | {lrs} | {fmt(s['best_val_loss'])} | {fmt(s['final_val_loss'])} | "
+        lines.append(f"| {r['label']} | {c['optimizer']} | {c['init']} | {lrs} | {fmt(s['best_val_loss'])} | {fmt(s['final_val_loss'])} | "
                      f"{s['tokens_per_sec']:.0f} | {s['wall_seconds']:.1f} | {s['spectrum_drift_max']:.2e} | "
                      f"{s['skipped_steps']} |")
     c0 = runs[0]["config"]
     lines += ["", f"Model: {c0['n_layer']} layers, {c0['n_head']} heads, d_model {c0['d_model']}, "
               f"seq_len {c0['seq_len']}, batch {c0['batch_size']}, {c0['max_iters']} iters, "
-              f"{c0['schedule']} schedule, tokenizer {c0['tokenizer']}, init {c0['init']}, data {c0['data']}.",
+              f"{c0['schedule']} schedule, tokenizer {c0['tokenizer']}, data {c0['data']}. "
+              "Spectrum drift: max over Pion matrices of max |sigma - sigma_0| / max sigma_0 "
+              "(0 for AdamW and Muon, which do not preserve the spectrum and are not measured).",
               "", "![val loss vs step](val_loss_vs_step.png)", "", "![val loss vs time](val_loss_vs_time.png)",
               "", "![train loss](train_loss.png)", ""]
     for r in runs:

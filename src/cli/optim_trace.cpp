@@ -201,9 +201,11 @@ void run_optim_trace(const TraceArgs& args) {
 void add_optim_trace_command(CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "optim-trace",
-      "Apply T optimizer steps from a safetensors trace (W.<i> initial 2-D fp32 weights, "
-      "g.<i>.<t> gradient of matrix i at step t) at a constant learning rate and write the final "
-      "W.<i>. Used to check the optimizers against fp64 references.");
+      "replay a gradient trace through one optimizer (cross-check against other implementations)");
+  cmd->footer(
+      "IN holds fp32 W.<i> (initial 2-D weights) and g.<i>.<t> (gradient of matrix i at step t, "
+      "t = 0..T-1); T steps run at the config's constant learning rate and OUT gets the final "
+      "W.<i>. Bad input: one-line error, exit code 2.");
   auto args = std::make_shared<TraceArgs>();
   cmd->add_option("--optimizer", args->optimizer, "adamw | muon | pion")->required();
   cmd->add_option("--config", args->config,
