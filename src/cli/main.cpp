@@ -3,12 +3,45 @@
 #include <cstdio>
 #include <exception>
 #include <iostream>
+#include <streambuf>
+#include <string>
 
 #include "cli/commands.h"
 #include "pion/core/device.h"
 #include "pion/core/error.h"
+#include "pion/dist/communicator.h"
+
+namespace {
+
+// Under mpirun only rank 0 prints progress: the other ranks' std::cout goes nowhere. Errors
+// (std::cerr) stay visible on every rank, prefixed with the rank.
+class NullBuffer : public std::streambuf {
+ protected:
+  int overflow(int c) override { return c; }
+};
+
+int fail(const std::string& what) {
+  pion::dist::Communicator& comm = pion::dist::world();
+  if (comm.distributed()) {
+    std::cerr << "pion: error: rank " << comm.rank() << ": " << what << "\n" << std::flush;
+    // The other ranks may be waiting in a collective for this one: end the whole job now.
+    comm.abort(2);
+  }
+  std::cerr << "pion: error: " << what << "\n";
+  return 2;
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
+  pion::dist::Session mpi(argc, argv);  // MPI only when launched by mpirun
+  NullBuffer null_buffer;
+  std::streambuf* cout_buffer = std::cout.rdbuf();
+  if (!pion::dist::world().is_root()) std::cout.rdbuf(&null_buffer);
+  struct RestoreCout {
+    std::streambuf* buffer;
+    ~RestoreCout() { std::cout.rdbuf(buffer); }
+  } restore_cout{cout_buffer};
   CLI::App app{"pion: train language models with the spectrum-preserving Pion optimizer, AdamW or Muon"};
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string("pion 0.1.0; back ends: ") + pion::backend_summary());
@@ -32,11 +65,9 @@ int main(int argc, char** argv) {
     const int code = app.exit(e);
     return code == 0 ? 0 : 2;
   } catch (const pion::Error& e) {
-    std::cerr << "pion: error: " << e.what() << "\n";
-    return 2;
+    return fail(e.what());
   } catch (const std::exception& e) {
-    std::cerr << "pion: error: " << e.what() << "\n";
-    return 2;
+    return fail(e.what());
   }
   return 0;
 }

@@ -6,6 +6,7 @@
 #include "cli/config_flags.h"
 #include "pion/core/error.h"
 #include "pion/core/random.h"
+#include "pion/dist/communicator.h"
 #include "pion/model/init.h"
 #include "pion/train/session.h"
 
@@ -25,7 +26,7 @@ void print_spectrum_summary(Llama<float>& model) {
             << " matrices, singular values in [" << lo << ", " << hi << "]\n";
 }
 
-void run_train(const ConfigFlags& flags, bool resume, int stop_after) {
+void run_train(const ConfigFlags& flags, bool resume, int stop_after, double collective_timeout) {
   TrainConfig config;
   apply_config_flags(flags, config);
   if (resume) {
@@ -44,13 +45,21 @@ void run_train(const ConfigFlags& flags, bool resume, int stop_after) {
   check(!resume || std::filesystem::exists(checkpoint),
         "--resume: no checkpoint at '" + checkpoint +
             "'; start without --resume or point out_dir at a run");
-  DatasetSummary data = resolve_dataset(config);
-  std::filesystem::create_directories(config.out_dir);
+  // Under mpirun, rank 0 prepares the dataset and copies the tokenizer; the others wait and
+  // then find it prepared (no two processes write the same files).
+  dist::Communicator& comm = dist::world();
+  DatasetSummary data;
   const std::string tokenizer_copy = config.out_dir + "/tokenizer.json";
-  if (!std::filesystem::exists(tokenizer_copy) ||
-      !std::filesystem::equivalent(tokenizer_copy, data.tokenizer_path))
-    std::filesystem::copy_file(data.tokenizer_path, tokenizer_copy,
-                               std::filesystem::copy_options::overwrite_existing);
+  if (comm.is_root()) {
+    data = resolve_dataset(config);
+    std::filesystem::create_directories(config.out_dir);
+    if (!std::filesystem::exists(tokenizer_copy) ||
+        !std::filesystem::equivalent(tokenizer_copy, data.tokenizer_path))
+      std::filesystem::copy_file(data.tokenizer_path, tokenizer_copy,
+                                 std::filesystem::copy_options::overwrite_existing);
+  }
+  comm.barrier();
+  if (!comm.is_root()) data = resolve_dataset(config);
   std::cout << "data: " << data.source << " | " << data.tokenizer_kind << " tokenizer, vocab "
             << data.vocab_size << " | " << data.train_tokens << " train / " << data.val_tokens
             << " val tokens\n";
@@ -68,6 +77,7 @@ void run_train(const ConfigFlags& flags, bool resume, int stop_after) {
   in.config = config;
   in.resume = resume;
   in.stop_after = stop_after;
+  in.collective_timeout = collective_timeout;
   in.extra_metadata = {{"mode", "pretrain"}, {"tokenizer", tokenizer_copy}, {"dataset", data.dir}};
   in.train_source = make_shard_source(data.train_path, config);
   in.evaluate = make_shard_evaluator(data.val_path, config, config.eval_iters);
@@ -89,7 +99,14 @@ void add_train_command(CLI::App& app) {
       "--stop_after", *stop_after,
       "stop with a checkpoint after this many steps (the schedule still spans max_iters; "
       "continue with --resume)");
-  cmd->callback([flags, resume, stop_after] { run_train(*flags, *resume, *stop_after); });
+  auto collective_timeout = std::make_shared<double>(600.0);
+  cmd->add_option("--collective_timeout", *collective_timeout,
+                  "under mpirun: seconds a rank waits in one collective before it ends the job "
+                  "(another rank died or hangs); 0 waits forever")
+      ->capture_default_str();
+  cmd->callback([flags, resume, stop_after, collective_timeout] {
+    run_train(*flags, *resume, *stop_after, *collective_timeout);
+  });
 }
 
 }  // namespace pion::cli

@@ -282,6 +282,7 @@ void Llama<T>::backward(double loss_scale) {
     zero(dh, n * d);
     layers::linear_backward(dh, g.wqkv, dqkv, a.h1, w.wqkv, n, d, 3 * d);
     layers::rmsnorm_backward(dres, g.attn_norm, dh, a.x_in, w.attn_norm, a.rstd1, n, d);
+    if (layer_grads_ready_) layer_grads_ready_(static_cast<int>(li));
   }
   layers::embedding_backward(g_.tok_embedding, dres, tokens_.data(), n, d);
 }

@@ -25,13 +25,17 @@ void OptimizerSet::add(std::unique_ptr<Optimizer> optimizer) {
 bool OptimizerSet::step() {
   for (const auto& o : optimizers_) {
     if (!o->grads_finite()) {
-      for (auto& each : optimizers_) each->record_skipped_step();
-      ++skipped_steps_;
+      skip_step();
       return false;
     }
   }
   for (auto& o : optimizers_) o->step_unchecked();
   return true;
+}
+
+void OptimizerSet::skip_step() {
+  for (auto& each : optimizers_) each->record_skipped_step();
+  ++skipped_steps_;
 }
 
 void OptimizerSet::zero_grad() {

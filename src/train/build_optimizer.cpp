@@ -1,6 +1,7 @@
 #include "pion/train/build_optimizer.h"
 
 #include <algorithm>
+#include <functional>
 
 #include "pion/optim/adamw.h"
 #include "pion/optim/muon.h"
@@ -29,7 +30,13 @@ std::unique_ptr<Optimizer> make_adamw(const TrainConfig& c, const std::vector<Pa
 
 }  // namespace
 
-OptimizerSet build_optimizers(const TrainConfig& c, const std::vector<Param>& params) {
+OptimizerSet build_optimizers(const TrainConfig& c, const std::vector<Param>& all_params,
+                              const std::function<bool(const Param&)>& keep) {
+  // Routing is per parameter, so a rank's shard is routed exactly as in the whole model.
+  // Groups stay even when empty, so every rank's state dict has the same structure.
+  std::vector<Param> params;
+  for (const auto& p : all_params)
+    if (!keep || keep(p)) params.push_back(p);
   OptimizerSet set;
   if (c.optimizer == "adamw") {
     set.add(make_adamw(c, params));

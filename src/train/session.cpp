@@ -5,10 +5,12 @@
 #include <filesystem>
 #include <iostream>
 #include <numeric>
+#include <span>
 
 #include "pion/core/error.h"
 #include "pion/core/safetensors.h"
 #include "pion/data/corpus.h"
+#include "pion/dist/communicator.h"
 
 namespace pion {
 
@@ -62,6 +64,9 @@ LoaderOptions loader_options(const TrainConfig& c) {
   o.batch_size = c.batch_size;
   o.seq_len = c.seq_len;
   o.seed = c.seed;
+  // Data parallelism: every rank draws the same global batch and keeps its slice.
+  o.rank = dist::world().rank();
+  o.world_size = dist::world().size();
   return o;
 }
 
@@ -101,17 +106,19 @@ class FinetuneSource : public BatchSource {
 // batches do not skew the mean).
 template <class Loader>
 Evaluator make_evaluator(std::shared_ptr<Loader> loader, const TrainConfig& c, int batches) {
-  const int B = c.batch_size, T = c.seq_len;
-  return [loader, batches, B, T](Llama<float>& model) {
-    double total = 0.0, count = 0.0;
+  const int T = c.seq_len;
+  return [loader, batches, T](Llama<float>& model) {
+    // Each rank evaluates its rows of every eval batch; the sums are reduced over ranks.
+    double sums[2] = {0.0, 0.0};  // loss * count, count
     for (int k = 0; k < batches; ++k) {
       Batch b = loader->eval_batch(k);
-      const double loss = model.forward(b.inputs, b.targets, B, T);
+      const double loss = model.forward(b.inputs, b.targets, static_cast<int>(b.rows), T);
       const double n = static_cast<double>(model.target_count());
-      total += loss * n;
-      count += n;
+      sums[0] += loss * n;
+      sums[1] += n;
     }
-    return count > 0 ? total / count : std::nan("");
+    dist::world().allreduce_sum(std::span<double>(sums, 2));
+    return sums[1] > 0 ? sums[0] / sums[1] : std::nan("");
   };
 }
 

@@ -11,9 +11,14 @@
 #include <fstream>
 #include <iostream>
 #include <limits>
+#include <optional>
+#include <set>
+#include <span>
 
 #include "pion/core/error.h"
 #include "pion/core/safetensors.h"
+#include "pion/dist/communicator.h"
+#include "pion/dist/shard.h"
 #include "pion/model/init.h"
 #include "pion/optim/schedule.h"
 #include "pion/train/build_optimizer.h"
@@ -96,12 +101,26 @@ struct Progress {
   double wall_seconds = 0.0;  // training time before this process (resumed runs)
 };
 
+// Every rank calls this (it gathers the sharded optimizer state); only rank 0 writes, with
+// the atomic writer, so a rank dying mid-save leaves the previous checkpoint intact.
 void save_checkpoint(const std::string& path, const TrainConfig& config, Llama<float>& model,
-                     const OptimizerSet& optimizers, const BatchSource& source,
-                     const Progress& progress, const nlohmann::json& extra) {
+                     const OptimizerSet& optimizers, const dist::OptimizerLayout& layout,
+                     const BatchSource& source, const Progress& progress,
+                     const nlohmann::json& extra) {
+  dist::Communicator& comm = dist::world();
+  TensorFile state;
+  optimizers.save_state(state);
+  if (comm.distributed()) {
+    std::vector<std::string> packed = comm.gather(dist::pack(state), 0);
+    if (!comm.is_root()) return;
+    std::vector<TensorFile> shards;
+    for (const auto& bytes : packed) shards.push_back(dist::unpack(bytes));
+    state = dist::merge_optimizer_states(shards, layout);
+  }
   TensorFile file;
   model.save_weights(file, "model.");
-  optimizers.save_state(file);
+  for (auto& [name, t] : state.tensors) file.tensors[name] = t;
+  for (auto& [key, value] : state.metadata) file.metadata[key] = value;
   nlohmann::json meta = {{"format", kCheckpointFormat},
                          {"step", progress.step},
                          {"best_val_loss", std::isfinite(progress.best_val_loss)
@@ -116,6 +135,31 @@ void save_checkpoint(const std::string& path, const TrainConfig& config, Llama<f
   file.metadata["pion.model_config"] = model.config().to_json().dump();
   file.metadata["pion.extra"] = extra.dump();
   save_safetensors(path, file);
+}
+
+// Contiguous [offset, offset + count) ranges of the gradient buffer, one per layer, that
+// backward finishes layer by layer (last layer first); what is left (embedding, final norm,
+// LM head) is one more bucket reduced after backward. Empty when the layout is not
+// layer-contiguous (then the whole buffer is reduced after backward).
+struct Bucket {
+  std::int64_t offset = 0, count = 0;
+};
+std::vector<Bucket> layer_buckets(const Llama<float>& model) {
+  std::vector<Bucket> out(static_cast<std::size_t>(model.config().n_layer));
+  std::vector<std::int64_t> summed(out.size(), 0);
+  for (const auto& e : model.layout()) {
+    if (e.name.rfind("layers.", 0) != 0) continue;
+    const auto l = static_cast<std::size_t>(std::stoll(e.name.substr(7)));
+    if (l >= out.size()) return {};
+    Bucket& b = out[l];
+    const std::int64_t end = std::max(b.offset + b.count, e.offset + e.numel());
+    b.offset = summed[l] == 0 ? e.offset : std::min(b.offset, e.offset);
+    b.count = end - b.offset;
+    summed[l] += e.numel();
+  }
+  for (std::size_t l = 0; l < out.size(); ++l)
+    if (summed[l] != out[l].count) return {};
+  return out;
 }
 
 }  // namespace
@@ -140,7 +184,11 @@ nlohmann::json TrainSummary::to_json() const {
           {"wall_seconds", wall_seconds},
           {"spectrum_drift_max", spectrum_drift_max},
           {"skipped_steps", skipped_steps},
-          {"interrupted", interrupted}};
+          {"interrupted", interrupted},
+          {"world_size", world_size},
+          {"optimizer_state_bytes_per_rank", optimizer_state_bytes},
+          {"optimizer_step_ms_per_rank", optimizer_step_ms},
+          {"communication_ms_per_rank", sync_ms}};
 }
 
 TrainSummary run_training(TrainInputs in, Llama<float>& model) {
@@ -148,16 +196,44 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   cfg.validate();
   check(in.train_source != nullptr, "run_training: no training data source");
   BatchSource& source = *in.train_source;
-  std::filesystem::create_directories(cfg.out_dir);
+  dist::Communicator& comm = dist::world();
+  const int world = comm.size(), rank = comm.rank();
+  const bool root = comm.is_root();
+  check(cfg.batch_size % world == 0,
+        "batch_size " + std::to_string(cfg.batch_size) + " is the global batch and must divide "
+        "evenly among the " + std::to_string(world) + " ranks; pick a multiple of " +
+        std::to_string(world));
+  if (root) std::filesystem::create_directories(cfg.out_dir);
   if (cfg.threads > 0) {
     omp_set_num_threads(cfg.threads);
     openblas_set_num_threads(cfg.threads);
   }
 
   std::vector<Param> params = model.named_params();
-  OptimizerSet optimizers = build_optimizers(cfg, params);
+  // Sharded optimizer (dist/shard.h): the whole set only names the parameters (its state is
+  // created lazily, so it costs nothing); this rank steps the ones the plan gives it.
+  const OptimizerSet full_set = build_optimizers(cfg, params);
+  const dist::OptimizerLayout layout = dist::layout_of(full_set);
+  const dist::OwnershipPlan plan = dist::plan_ownership(full_set, world);
+  std::set<std::string> owned;
+  for (const auto& [name, r] : plan.owner)
+    if (r == rank) owned.insert(name);
+  OptimizerSet optimizers =
+      build_optimizers(cfg, params, [&](const Param& p) { return owned.count(p.name) > 0; });
+  // The ranges each owner broadcasts after its step (all-gather of updated weights).
+  struct OwnedRange {
+    std::span<float> values;
+    int owner;
+  };
+  std::vector<OwnedRange> weight_ranges;
+  for (auto& p : params)
+    if (auto it = plan.owner.find(p.name); it != plan.owner.end())
+      weight_ranges.push_back({{p.value.data<float>(), static_cast<std::size_t>(p.value.numel())},
+                               it->second});
+
   auto schedule = make_schedule(cfg.schedule, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio);
   const std::string ckpt = checkpoint_path(cfg.out_dir);
+  comm.set_timeout(in.collective_timeout, ckpt);
   Progress progress;
 
   if (in.resume) {
@@ -174,7 +250,8 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
         saved_model == model.config().to_json(),
         "--resume: the checkpoint's model shape differs from the config's: " + saved_model.dump());
     model.load_weights(file, "model.");
-    optimizers.load_state(file);
+    // The file holds every parameter's state whatever N it was saved with; keep ours.
+    optimizers.load_state(world > 1 ? dist::shard_optimizer_state(file, layout, owned) : file);
     source.restore(meta.at("data_state"));
     restore_rng(model.dropout_rng(), meta.at("dropout_rng"));
     progress.step = meta.at("step").get<int>();
@@ -188,22 +265,71 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
     model.load_weights(file, "model.");
     std::cout << "initialised weights from " << in.init_from << "\n";
   }
+  if (rank > 0) {
+    // Dropout masks must differ between ranks (their rows differ). Derived from rank 0's
+    // stream, so a run is reproducible for a given N; with dropout on, runs with different N
+    // (or resumed with another N) draw different masks.
+    auto s = model.dropout_rng().state();
+    model.dropout_rng() = Rng(s[0] ^ (0x9e3779b97f4a7c15ULL * static_cast<std::uint64_t>(rank)));
+  }
 
-  write_json_file(cfg.out_dir + "/config.json", cfg.to_json());
-  if (!in.resume) write_json_file(cfg.out_dir + "/spectrum_init.json", spectra_json(params));
-  JsonlWriter metrics(cfg.out_dir + "/metrics.jsonl", in.resume);
+  if (root) {
+    write_json_file(cfg.out_dir + "/config.json", cfg.to_json());
+    if (!in.resume) write_json_file(cfg.out_dir + "/spectrum_init.json", spectra_json(params));
+  }
+  std::optional<JsonlWriter> metrics;
+  if (root) metrics.emplace(cfg.out_dir + "/metrics.jsonl", in.resume);
   SigintGuard sigint;
+  if (world > 1)
+    std::cout << "data parallel: " << world << " ranks, " << cfg.batch_size / world
+              << " rows each; optimizer state sharded by cost (rank loads "
+              << [&] {
+                   std::string out;
+                   for (double l : plan.load) out += (out.empty() ? "" : " / ") + std::to_string(static_cast<long long>(l / 1e6)) + "M";
+                   return out;
+                 }()
+              << ")\n";
 
-  const int B = cfg.batch_size, T = cfg.seq_len;
+  const int B = cfg.batch_size, T = cfg.seq_len, local_B = B / world;
   const double tokens_per_step = static_cast<double>(B) * T * cfg.grad_accum;
   std::vector<std::int32_t> inputs, targets;
   TrainSummary summary;
+  summary.world_size = world;
   using Clock = std::chrono::steady_clock;
   const auto run_start = Clock::now();
   double train_seconds = 0.0;  // this process's time in training steps (not evals)
+  double optim_seconds = 0.0, sync_seconds = 0.0;
   int steps_this_run = 0;
   double window_seconds = 0.0, window_tokens = 0.0,
          last_loss = std::numeric_limits<double>::quiet_NaN();
+
+  // Gradient all-reduce in buckets: each layer's range starts reducing (MPI_Iallreduce) as
+  // soon as backward has finished that layer, during the last micro-batch; the rest
+  // (embedding, final norm, LM head) once backward returns. All are waited on before the
+  // gradient norm. Local gradients are pre-scaled (see the loop), so the sum is the mean.
+  float* grad_data = model.grads().data<float>();
+  const std::int64_t grad_total = model.grads().numel();
+  const std::vector<Bucket> buckets = world > 1 ? layer_buckets(model) : std::vector<Bucket>{};
+  auto start_layer_bucket = [&](int layer) {
+    const Bucket& b = buckets[static_cast<std::size_t>(layer)];
+    comm.start_allreduce_sum({grad_data + b.offset, static_cast<std::size_t>(b.count)});
+    // MPI progresses non-blocking collectives only inside MPI calls: poke it per layer.
+    comm.progress();
+  };
+  auto reduce_rest = [&] {
+    if (buckets.empty()) {
+      comm.allreduce_sum(std::span<float>(grad_data, static_cast<std::size_t>(grad_total)));
+      return;
+    }
+    std::int64_t lo = grad_total, hi = 0;
+    for (const auto& b : buckets) {
+      lo = std::min(lo, b.offset);
+      hi = std::max(hi, b.offset + b.count);
+    }
+    comm.start_allreduce_sum({grad_data, static_cast<std::size_t>(lo)});
+    comm.start_allreduce_sum({grad_data + hi, static_cast<std::size_t>(grad_total - hi)});
+    comm.wait_all();
+  };
 
   auto evaluate = [&](nlohmann::json& record) {
     if (!in.evaluate) return;
@@ -213,14 +339,17 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
     progress.last_val_loss = val;
     progress.best_val_loss = std::min(progress.best_val_loss, val);
     record["val_loss"] = val;
-    record["spectrum_drift"] = max_spectrum_drift(optimizers);
+    record["spectrum_drift"] = comm.allreduce_max(max_spectrum_drift(optimizers));
     std::cout << "step " << progress.step << " | val loss " << val << " | best "
               << progress.best_val_loss << "\n";
   };
 
   model.set_training(true);
+  // Every rank must take the same decision (a Ctrl-C may reach the ranks at different times).
   auto should_stop = [&] {
-    return interrupt_requested() || (in.stop_after > 0 && progress.step >= in.stop_after);
+    const bool local = interrupt_requested();
+    const bool any = comm.distributed() ? comm.allreduce_max(local ? 1.0 : 0.0) > 0 : local;
+    return any || (in.stop_after > 0 && progress.step >= in.stop_after);
   };
   while (progress.step < cfg.max_iters && !should_stop()) {
     const auto t0 = Clock::now();
@@ -229,13 +358,47 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
     double loss = 0.0;
     for (int micro = 0; micro < cfg.grad_accum; ++micro) {
       source.next(inputs, targets);
-      loss += model.forward(inputs, targets, B, T) / cfg.grad_accum;
-      model.backward(1.0 / cfg.grad_accum);
+      const double local_loss = model.forward(inputs, targets, local_B, T);
+      // The loss is the mean over the GLOBAL micro-batch: weight this rank's mean by its share
+      // of the counted targets (exactly 1/N when every target counts, as in pretraining), so
+      // the summed gradients are the global mean's, as in one process.
+      double share = 1.0;
+      if (comm.distributed()) {
+        const double local_count = static_cast<double>(model.target_count());
+        const double global_count = comm.allreduce_sum(local_count);
+        share = global_count > 0 ? local_count / global_count : 0.0;
+      }
+      loss += comm.allreduce_sum(local_loss * share) / cfg.grad_accum;
+      // Reduce during backward only on the last micro-batch: earlier ones still accumulate.
+      const bool overlap = !buckets.empty() && micro + 1 == cfg.grad_accum;
+      model.set_layer_grads_ready_hook(overlap ? std::function<void(int)>(start_layer_bucket)
+                                               : std::function<void(int)>());
+      model.backward(share / cfg.grad_accum);
     }
+    const auto t_sync0 = Clock::now();
+    if (comm.distributed()) reduce_rest();
+    double sync = std::chrono::duration<double>(Clock::now() - t_sync0).count();
+    // All ranks hold the same reduced gradients now, so the norm, the clip and the NaN/Inf
+    // skip below come out the same everywhere.
     const double norm = grad_norm(model.grads());
     if (cfg.grad_clip > 0 && std::isfinite(norm) && norm > cfg.grad_clip)
       scale(model.grads(), static_cast<float>(cfg.grad_clip / (norm + 1e-6)));
-    const bool applied = optimizers.step();
+    const auto t_opt0 = Clock::now();
+    bool applied = false;
+    if (std::isfinite(norm)) {
+      applied = optimizers.step();
+    } else {
+      optimizers.skip_step();
+    }
+    const auto t_opt1 = Clock::now();
+    optim_seconds += std::chrono::duration<double>(t_opt1 - t_opt0).count();
+    if (applied && comm.distributed()) {
+      // All-gather of the updated weights: each parameter from its owner.
+      for (auto& r : weight_ranges) comm.start_broadcast(r.values, r.owner);
+      comm.wait_all();
+    }
+    sync += std::chrono::duration<double>(Clock::now() - t_opt1).count();
+    sync_seconds += sync;
     ++progress.step;
     ++steps_this_run;
     progress.tokens_seen += tokens_per_step;
@@ -264,20 +427,37 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
     }
     const bool last = progress.step == cfg.max_iters;
     if ((cfg.eval_interval > 0 && progress.step % cfg.eval_interval == 0) || last) evaluate(record);
-    metrics.write(record);
+    if (metrics) metrics->write(record);
     if (cfg.checkpoint_interval > 0 && progress.step % cfg.checkpoint_interval == 0 && !last) {
       Progress snapshot = progress;
       snapshot.wall_seconds += std::chrono::duration<double>(Clock::now() - run_start).count();
-      save_checkpoint(ckpt, cfg, model, optimizers, source, snapshot, in.extra_metadata);
+      save_checkpoint(ckpt, cfg, model, optimizers, layout, source, snapshot, in.extra_metadata);
     }
   }
+  model.set_layer_grads_ready_hook({});
   summary.interrupted = should_stop() && progress.step < cfg.max_iters;
   progress.wall_seconds += std::chrono::duration<double>(Clock::now() - run_start).count();
-  save_checkpoint(ckpt, cfg, model, optimizers, source, progress, in.extra_metadata);
+  save_checkpoint(ckpt, cfg, model, optimizers, layout, source, progress, in.extra_metadata);
   if (summary.interrupted)
     std::cout << "interrupted: checkpoint saved to " << ckpt << "; continue with --resume\n";
 
-  write_json_file(cfg.out_dir + "/spectrum_final.json", spectra_json(params));
+  // Per-rank optimizer figures (the point of sharding: each about 1/N of one process's).
+  const double state_bytes = static_cast<double>(optimizers.state_bytes());
+  const double step_ms = steps_this_run > 0 ? 1e3 * optim_seconds / steps_this_run : 0.0;
+  const double sync_ms = steps_this_run > 0 ? 1e3 * sync_seconds / steps_this_run : 0.0;
+  summary.optimizer_state_bytes = comm.allgather(state_bytes);
+  summary.optimizer_step_ms = comm.allgather(step_ms);
+  summary.sync_ms = comm.allgather(sync_ms);
+  const double drift = comm.allreduce_max(max_spectrum_drift(optimizers));
+  for (int r = 0; r < world; ++r)
+    std::cout << "rank " << r << ": optimizer state "
+              << summary.optimizer_state_bytes[static_cast<std::size_t>(r)] / (1 << 20)
+              << " MiB, optimizer step " << summary.optimizer_step_ms[static_cast<std::size_t>(r)]
+              << " ms/step" << (world > 1 ? ", communication " : "")
+              << (world > 1 ? std::to_string(summary.sync_ms[static_cast<std::size_t>(r)]) + " ms/step" : "")
+              << "\n";
+
+  if (root) write_json_file(cfg.out_dir + "/spectrum_final.json", spectra_json(params));
   summary.best_val_loss = progress.best_val_loss;
   summary.final_val_loss = progress.last_val_loss;
   summary.final_train_loss = last_loss;
@@ -285,9 +465,9 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   summary.tokens_per_sec =
       steps_this_run > 0 ? steps_this_run * tokens_per_step / train_seconds : 0.0;
   summary.wall_seconds = progress.wall_seconds;
-  summary.spectrum_drift_max = max_spectrum_drift(optimizers);
+  summary.spectrum_drift_max = drift;
   summary.skipped_steps = optimizers.skipped_steps();
-  write_json_file(cfg.out_dir + "/summary.json", summary.to_json());
+  if (root) write_json_file(cfg.out_dir + "/summary.json", summary.to_json());
   return summary;
 }
 

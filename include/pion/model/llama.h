@@ -26,6 +26,7 @@
 // T = double exists so gradients can be checked by finite differences; train with float.
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <vector>
@@ -66,6 +67,12 @@ class Llama {
                  int batch, int seq);
   // Adds d(loss_scale * loss)/dparams of the last forward() into grads().
   void backward(double loss_scale = 1.0);
+  // Called by backward() right after layer l's gradients are final (layers run last to first),
+  // so data-parallel training can start reducing them while earlier layers still compute.
+  // Empty (the default): nothing is called.
+  void set_layer_grads_ready_hook(std::function<void(int layer)> hook) {
+    layer_grads_ready_ = std::move(hook);
+  }
   // [B, T, vocab_size] logits of the last forward().
   const T* logits() const;
   // Targets counted by the last forward's loss.
@@ -155,6 +162,7 @@ class Llama {
   bool have_loss_ = false;
   bool dropout_used_ = false;
   std::int64_t target_count_ = 0;
+  std::function<void(int)> layer_grads_ready_;
 };
 
 extern template class Llama<float>;

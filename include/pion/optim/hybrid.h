@@ -26,6 +26,10 @@ class OptimizerSet {
   void add(std::unique_ptr<Optimizer> optimizer);
   // Steps every optimizer, or none (and counts a skipped step) if any gradient is non-finite.
   bool step();
+  // Counts a skipped step without looking at gradients (data-parallel training decides from
+  // the all-reduced gradient norm, identically on every rank, since a rank's optimizers see
+  // only the parameters it owns).
+  void skip_step();
   void zero_grad();
   void set_lr_factor(double factor);
   std::int64_t skipped_steps() const { return skipped_steps_; }

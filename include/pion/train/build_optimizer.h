@@ -7,6 +7,7 @@
 //   pion:  hidden matrices to Pion (matrix_lr, pion_c, beta1/beta2, pion_retraction,
 //          pion_reanchor_every; no weight decay: Pion keeps the spectrum, so the weight norm
 //          cannot grow); the rest to AdamW (lr) as above.
+#include <functional>
 #include <vector>
 
 #include "pion/optim/hybrid.h"
@@ -14,7 +15,10 @@
 
 namespace pion {
 
-OptimizerSet build_optimizers(const TrainConfig& config, const std::vector<Param>& params);
+// `keep` (data-parallel sharding): only parameters it accepts get an optimizer (and state);
+// empty = all.
+OptimizerSet build_optimizers(const TrainConfig& config, const std::vector<Param>& params,
+                              const std::function<bool(const Param&)>& keep = {});
 
 // The largest Pion spectrum drift over the set's Pion matrices (0 when there is no Pion).
 double max_spectrum_drift(const OptimizerSet& set);

@@ -9,6 +9,13 @@
 // Checkpoints (out_dir/checkpoint.safetensors) hold the weights, the optimizer state, the
 // data source's and dropout's RNG state, the step and the config, so --resume continues
 // bit-exactly. SIGINT (Ctrl-C) finishes the current step, saves a checkpoint and returns.
+//
+// Under `mpirun -np N` (pion/dist): batch_size is the GLOBAL batch; each rank runs forward and
+// backward on its batch_size / N rows, gradients are summed over ranks in per-layer buckets
+// started during backward, every rank clips and checks the same reduced gradient, each rank
+// steps only the parameters it owns (dist/shard.h) and broadcasts them. Rank 0 alone prints,
+// writes metrics, summary and checkpoints; checkpoints are identical whatever N, so a run can
+// resume with another N.
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -45,6 +52,13 @@ struct TrainSummary {
   double spectrum_drift_max = 0.0;
   std::int64_t skipped_steps = 0;
   bool interrupted = false;
+  // Data parallelism (mpirun): ranks, and per rank (index = rank) the optimizer state it
+  // holds, its mean optimizer step time and its mean communication time per step
+  // (gradient all-reduce wait + all-gather of updated weights).
+  int world_size = 1;
+  std::vector<double> optimizer_state_bytes;
+  std::vector<double> optimizer_step_ms;
+  std::vector<double> sync_ms;
   nlohmann::json to_json() const;
 };
 
@@ -57,6 +71,9 @@ struct TrainInputs {
   std::string init_from;  // finetuning: start from these weights (fresh optimizer)
   int stop_after = 0;     // > 0: stop (with a checkpoint) once the step count reaches
                           // this, as if interrupted; --resume continues the schedule
+  // Data parallelism: seconds a rank may wait in one collective before it ends the job
+  // (another rank died or hangs). <= 0: wait forever.
+  double collective_timeout = 600.0;
 };
 
 TrainSummary run_training(TrainInputs inputs, Llama<float>& model);
