@@ -1,6 +1,9 @@
 // `pion`: one binary, one subcommand per file under src/cli/.
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <iostream>
 #include <streambuf>
@@ -33,7 +36,19 @@ int fail(const std::string& what) {
 
 }  // namespace
 
+// libgomp's idle workers spin for a long while after each parallel region (its default when
+// OMP_WAIT_POLICY is unset); on the cores OpenBLAS's own threads need, that made training steps
+// 1.5-3x slower on 2 cores (Muon 9.6K -> 3.1K tok/s on the baby config). libgomp reads the
+// policy once, before main(), so the only way to set it for ourselves is to re-execute with it.
+// A user who sets OMP_WAIT_POLICY keeps their choice.
+void ensure_passive_openmp_wait(char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY") != nullptr) return;
+  if (setenv("OMP_WAIT_POLICY", "PASSIVE", 0) != 0) return;
+  execv("/proc/self/exe", argv);  // returns only on failure: carry on with the default policy
+}
+
 int main(int argc, char** argv) {
+  ensure_passive_openmp_wait(argv);
   pion::dist::Session mpi(argc, argv);  // MPI only when launched by mpirun
   NullBuffer null_buffer;
   std::streambuf* cout_buffer = std::cout.rdbuf();
@@ -42,9 +57,11 @@ int main(int argc, char** argv) {
     std::streambuf* buffer;
     ~RestoreCout() { std::cout.rdbuf(buffer); }
   } restore_cout{cout_buffer};
-  CLI::App app{"pion: train language models with the spectrum-preserving Pion optimizer, AdamW or Muon"};
+  CLI::App app{
+      "pion: train language models with the spectrum-preserving Pion optimizer, AdamW or Muon"};
   app.require_subcommand(1);
-  app.set_version_flag("--version", std::string("pion 0.1.0; back ends: ") + pion::backend_summary());
+  app.set_version_flag("--version",
+                       std::string("pion 0.1.0; back ends: ") + pion::backend_summary());
   // Command-line mistakes read like every other error: one "pion: error:" line. Set before the
   // subcommands are added, which copy it.
   app.failure_message([](const CLI::App*, const CLI::Error& e) {
