@@ -34,12 +34,6 @@ std::string mpi_skip_reason() {
     return "pion was built without MPI (PION_MPI=OFF or no libopenmpi-dev)";
   if (test::run_command("command -v mpirun").exit_code != 0)
     return "mpirun is not on PATH (apt-get install openmpi-bin)";
-  // OpenMPI's own allocations are reported as leaks by LeakSanitizer and its shared-memory
-  // transport trips ASan's interceptors; the sanitizer build covers the MPI-free code paths
-  // (the unit tests below) and the Release build runs these.
-  if (std::getenv("PION_SANITIZED") != nullptr)
-    return "PION_SANITIZED is set: OpenMPI is not sanitizer-clean, the Release build runs the "
-           "multi-process tests";
   return "";
 }
 
@@ -75,8 +69,16 @@ std::string flags(const std::string& data, const std::string& out, const std::st
          " --matrix_lr 0.02 --lr 0.003 --dropout 0 --grad_clip 0.5";
 }
 
+// The environment of every mpirun-launched rank. OpenMPI never frees some of its start-up
+// allocations, in components it has dlclose'd by exit, so LeakSanitizer (in the sanitizer
+// build) would fail every rank with stacks it cannot even attribute: the ranks run with leak
+// detection off, everything else of ASan + UBSan on. pion's own code is leak-checked by the
+// single-process runs of the same tests and by the unit tests above.
+const char* kRankEnv = "OMP_NUM_THREADS=1 ASAN_OPTIONS=detect_leaks=0 ";
+
 test::CommandResult run_ranks(int ranks, const std::string& args) {
-  return test::run_command("OMP_NUM_THREADS=1 mpirun --allow-run-as-root --oversubscribe -np " +
+  return test::run_command(std::string(kRankEnv) +
+                           "mpirun --allow-run-as-root --oversubscribe -np " +
                            std::to_string(ranks) + " " + PION_BINARY + " " + args);
 }
 
@@ -309,8 +311,8 @@ FailureRun run_and_signal(const std::string& signal, const std::string& extra) {
   const std::string corpus = make_corpus(out.dir);
   const std::string script = out.dir + "/run.sh";
   std::ofstream(script)
-      << "OMP_NUM_THREADS=1 mpirun --allow-run-as-root --oversubscribe -np 2 " << PION_BINARY
-      << " train " << flags(corpus, out.dir + "/o", "pion", 1000000)
+      << kRankEnv << "mpirun --allow-run-as-root --oversubscribe -np 2 " << PION_BINARY << " train "
+      << flags(corpus, out.dir + "/o", "pion", 1000000)
       << " --eval_interval 0 --checkpoint_interval 10 " << extra << " > " << out.dir
       << "/log 2>&1 &\n"
       << "mp=$!\n"
