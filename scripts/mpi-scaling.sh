@@ -17,8 +17,8 @@ common="--data $data --tokenizer char --n_layer 4 --n_head 4 --d_model 128 --seq
   --eval_interval 0 --log_interval 1000 --threads 1"
 declare -A extra=([adamw]="" [muon]="--matrix_lr 0.02" [pion]="--init spectral --matrix_lr 0.002")
 mpirun_=(mpirun --allow-run-as-root --oversubscribe -x OMP_NUM_THREADS=1)
-echo "| optimizer | ranks | max rel. weight diff vs 1 rank | optimizer step ms (per rank) | optimizer state MiB (per rank) | comm. ms/step (per rank) |"
-echo "|---|---|---|---|---|---|"
+echo "| optimizer | ranks | max rel. weight diff vs 1 rank | optimizer step, wall ms (per rank) | optimizer step, CPU ms (per rank) | optimizer state MiB (per rank) | comm. wall ms/step (per rank) |"
+echo "|---|---|---|---|---|---|---|"
 for opt in adamw muon pion; do
   OMP_NUM_THREADS=1 "$pion" train $common --optimizer $opt ${extra[$opt]} --out_dir $work/$opt-1 > $work/$opt-1.log 2>&1
   "${mpirun_[@]}" -np 2 "$pion" train $common --optimizer $opt ${extra[$opt]} --out_dir $work/$opt-2 > $work/$opt-2.log 2>&1
@@ -31,6 +31,7 @@ f = lambda xs, k=1.0: " / ".join(f"{x * k:.2f}" for x in xs)
 rel = "—" if sys.argv[3] == "1" else sys.argv[4]
 comm = "—" if sys.argv[3] == "1" else f(s["communication_ms_per_rank"])
 print(f"| {sys.argv[2]} | {sys.argv[3]} | {rel} | {f(s['optimizer_step_ms_per_rank'])} | "
+      f"{f(s['optimizer_step_cpu_ms_per_rank'])} | "
       f"{f(s['optimizer_state_bytes_per_rank'], 1 / 2**20)} | {comm} |")
 PY
   done

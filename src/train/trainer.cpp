@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <csignal>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -50,6 +51,13 @@ class SigintGuard {
 };
 
 constexpr const char* kCheckpointFormat = "pion-train-checkpoint-v1";
+
+// CPU seconds used by this process so far (all threads).
+double process_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
 
 double grad_norm(const Tensor& grads) {
   const float* g = grads.data<float>();
@@ -188,6 +196,7 @@ nlohmann::json TrainSummary::to_json() const {
           {"world_size", world_size},
           {"optimizer_state_bytes_per_rank", optimizer_state_bytes},
           {"optimizer_step_ms_per_rank", optimizer_step_ms},
+          {"optimizer_step_cpu_ms_per_rank", optimizer_step_cpu_ms},
           {"communication_ms_per_rank", sync_ms}};
 }
 
@@ -299,6 +308,10 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   const auto run_start = Clock::now();
   double train_seconds = 0.0;  // this process's time in training steps (not evals)
   double optim_seconds = 0.0, sync_seconds = 0.0;
+  // CPU time of the optimizer step as well as wall time: on a shared machine, ranks that
+  // compete for cores see wall times inflated by time-slicing, while CPU time measures the
+  // work each rank does (what sharding divides).
+  double optim_cpu_seconds = 0.0;
   int steps_this_run = 0;
   double window_seconds = 0.0, window_tokens = 0.0,
          last_loss = std::numeric_limits<double>::quiet_NaN();
@@ -384,6 +397,7 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
     if (cfg.grad_clip > 0 && std::isfinite(norm) && norm > cfg.grad_clip)
       scale(model.grads(), static_cast<float>(cfg.grad_clip / (norm + 1e-6)));
     const auto t_opt0 = Clock::now();
+    const double cpu0 = process_cpu_seconds();
     bool applied = false;
     if (std::isfinite(norm)) {
       applied = optimizers.step();
@@ -391,6 +405,7 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
       optimizers.skip_step();
     }
     const auto t_opt1 = Clock::now();
+    optim_cpu_seconds += process_cpu_seconds() - cpu0;
     optim_seconds += std::chrono::duration<double>(t_opt1 - t_opt0).count();
     if (applied && comm.distributed()) {
       // All-gather of the updated weights: each parameter from its owner.
@@ -447,13 +462,16 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   const double sync_ms = steps_this_run > 0 ? 1e3 * sync_seconds / steps_this_run : 0.0;
   summary.optimizer_state_bytes = comm.allgather(state_bytes);
   summary.optimizer_step_ms = comm.allgather(step_ms);
+  summary.optimizer_step_cpu_ms =
+      comm.allgather(steps_this_run > 0 ? 1e3 * optim_cpu_seconds / steps_this_run : 0.0);
   summary.sync_ms = comm.allgather(sync_ms);
   const double drift = comm.allreduce_max(max_spectrum_drift(optimizers));
   for (int r = 0; r < world; ++r)
     std::cout << "rank " << r << ": optimizer state "
               << summary.optimizer_state_bytes[static_cast<std::size_t>(r)] / (1 << 20)
               << " MiB, optimizer step " << summary.optimizer_step_ms[static_cast<std::size_t>(r)]
-              << " ms/step" << (world > 1 ? ", communication " : "")
+              << " ms/step (CPU " << summary.optimizer_step_cpu_ms[static_cast<std::size_t>(r)]
+              << " ms)" << (world > 1 ? ", communication " : "")
               << (world > 1 ? std::to_string(summary.sync_ms[static_cast<std::size_t>(r)]) + " ms/step" : "")
               << "\n";
 

@@ -58,6 +58,7 @@ struct TrainSummary {
   int world_size = 1;
   std::vector<double> optimizer_state_bytes;
   std::vector<double> optimizer_step_ms;
+  std::vector<double> optimizer_step_cpu_ms;  // CPU time (all threads) of the step
   std::vector<double> sync_ms;
   nlohmann::json to_json() const;
 };
