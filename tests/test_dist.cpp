@@ -220,7 +220,9 @@ TEST_P(DistEqualityTest, TwoRanksMatchOneRank) {
   ASSERT_EQ(one.exit_code, 0) << one.output;
   auto two = run_ranks(2, "train " + flags(corpus, dir + "/two", opt, 20));
   ASSERT_EQ(two.exit_code, 0) << two.output;
-  EXPECT_NE(two.output.find("data parallel: 2 ranks, 4 rows each"), std::string::npos)
+  EXPECT_NE(two.output.find("data parallel: 2 ranks, 4 rows each; gradients all-reduced in 3 "
+                            "buckets, one per layer started during backward"),
+            std::string::npos)
       << two.output;
   // Only rank 0 prints: one "done:" line.
   const auto done = two.output.find("done:");

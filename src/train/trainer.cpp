@@ -208,10 +208,11 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   dist::Communicator& comm = dist::world();
   const int world = comm.size(), rank = comm.rank();
   const bool root = comm.is_root();
-  check(cfg.batch_size % world == 0,
-        "batch_size " + std::to_string(cfg.batch_size) + " is the global batch and must divide "
-        "evenly among the " + std::to_string(world) + " ranks; pick a multiple of " +
-        std::to_string(world));
+  check(cfg.batch_size % world == 0, "batch_size " + std::to_string(cfg.batch_size) +
+                                         " is the global batch and must divide "
+                                         "evenly among the " +
+                                         std::to_string(world) + " ranks; pick a multiple of " +
+                                         std::to_string(world));
   if (root) std::filesystem::create_directories(cfg.out_dir);
   if (cfg.threads > 0) {
     omp_set_num_threads(cfg.threads);
@@ -237,8 +238,8 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   std::vector<OwnedRange> weight_ranges;
   for (auto& p : params)
     if (auto it = plan.owner.find(p.name); it != plan.owner.end())
-      weight_ranges.push_back({{p.value.data<float>(), static_cast<std::size_t>(p.value.numel())},
-                               it->second});
+      weight_ranges.push_back(
+          {{p.value.data<float>(), static_cast<std::size_t>(p.value.numel())}, it->second});
 
   auto schedule = make_schedule(cfg.schedule, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio);
   const std::string ckpt = checkpoint_path(cfg.out_dir);
@@ -289,16 +290,6 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   std::optional<JsonlWriter> metrics;
   if (root) metrics.emplace(cfg.out_dir + "/metrics.jsonl", in.resume);
   SigintGuard sigint;
-  if (world > 1)
-    std::cout << "data parallel: " << world << " ranks, " << cfg.batch_size / world
-              << " rows each; optimizer state sharded by cost (rank loads "
-              << [&] {
-                   std::string out;
-                   for (double l : plan.load) out += (out.empty() ? "" : " / ") + std::to_string(static_cast<long long>(l / 1e6)) + "M";
-                   return out;
-                 }()
-              << ")\n";
-
   const int B = cfg.batch_size, T = cfg.seq_len, local_B = B / world;
   const double tokens_per_step = static_cast<double>(B) * T * cfg.grad_accum;
   std::vector<std::int32_t> inputs, targets;
@@ -323,6 +314,16 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   float* grad_data = model.grads().data<float>();
   const std::int64_t grad_total = model.grads().numel();
   const std::vector<Bucket> buckets = world > 1 ? layer_buckets(model) : std::vector<Bucket>{};
+  if (world > 1) {
+    std::string loads;
+    for (double l : plan.load)
+      loads += (loads.empty() ? "" : " / ") + std::to_string(static_cast<long long>(l / 1e6)) + "M";
+    std::cout << "data parallel: " << world << " ranks, " << local_B << " rows each; gradients "
+              << (buckets.empty() ? std::string("all-reduced after backward")
+                                  : "all-reduced in " + std::to_string(buckets.size() + 1) +
+                                        " buckets, one per layer started during backward")
+              << "; optimizer work sharded by cost (rank loads " << loads << ")\n";
+  }
   auto start_layer_bucket = [&](int layer) {
     const Bucket& b = buckets[static_cast<std::size_t>(layer)];
     comm.start_allreduce_sum({grad_data + b.offset, static_cast<std::size_t>(b.count)});
@@ -472,7 +473,9 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
               << " MiB, optimizer step " << summary.optimizer_step_ms[static_cast<std::size_t>(r)]
               << " ms/step (CPU " << summary.optimizer_step_cpu_ms[static_cast<std::size_t>(r)]
               << " ms)" << (world > 1 ? ", communication " : "")
-              << (world > 1 ? std::to_string(summary.sync_ms[static_cast<std::size_t>(r)]) + " ms/step" : "")
+              << (world > 1
+                      ? std::to_string(summary.sync_ms[static_cast<std::size_t>(r)]) + " ms/step"
+                      : "")
               << "\n";
 
   if (root) write_json_file(cfg.out_dir + "/spectrum_final.json", spectra_json(params));
