@@ -86,9 +86,13 @@ def plot_spectra(run, out_dir):
     rows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        ax.plot(init[name]["sigma"], label="init", linewidth=1.5)
-        ax.plot(final[name]["sigma"], linestyle="--", label="final", linewidth=1.2)
-        ax.set_title(name.replace("layers.", "L"), fontsize=8)
+        s0, s1 = init[name]["sigma"], final[name]["sigma"]
+        ax.plot(s0, label="init", linewidth=1.5)
+        ax.plot(s1, linestyle="--", label="final", linewidth=1.2)
+        # From zero, so an unchanged spectrum looks unchanged; the title gives the drift.
+        ax.set_ylim(0, 1.1 * max(max(s0), max(s1)))
+        drift = max(abs(a - b) for a, b in zip(s0, s1)) / max(s0)
+        ax.set_title(f"{name.replace('layers.', 'L')}  drift {drift:.1e}", fontsize=7)
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Training throughput: `pion train` against PyTorch CPU (bench/torch_train.py) training the
+# same model with the same config on the same token shard, side by side in one run, the two
+# sides interleaved (pion, torch, pion, torch, ...) so machine load hits both alike.
+# Prints a Markdown table with hardware, date, versions and the command.
+#
+#   scripts/bench-train.sh [--steps N] [--reps N] [--threads N] [--build-dir DIR]
+#
+# Defaults: 150 steps per measurement, 2 repetitions (the best of each side is reported, the
+# least disturbed by other load), threads = nproc, build dir build-bench. Data:
+# ../shared/data/tinyshakespeare.txt (char tokenizer). Configs: nanoGPT's baby config and its
+# shakespeare-char size (6 layers, d_model 384, seq_len 256) at batch 8.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command_line="scripts/bench-train.sh${*:+ $*}"
+
+steps=150
+reps=2
+threads=$(nproc)
+build_dir=build-bench
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --steps) steps="$2"; shift 2 ;;
+    --reps) reps="$2"; shift 2 ;;
+    --threads) threads="$2"; shift 2 ;;
+    --build-dir) build_dir="$2"; shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "bench-train.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+python=/usr/bin/python3  # Debian's: it has torch (the pyenv python3 on PATH may not)
+text=../shared/data/tinyshakespeare.txt
+[[ -f "$text" ]] || { echo "bench-train.sh: $text not found (../shared must sit beside the checkout)" >&2; exit 1; }
+"$python" -c 'import torch' 2>/dev/null ||
+  { echo "bench-train.sh: $python cannot import torch; install python3-torch" >&2; exit 1; }
+
+export OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads
+if [[ ! -f "$build_dir/CMakeCache.txt" ]]; then
+  cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DPION_CUDA=OFF -DPION_BUILD_TESTS=OFF >/dev/null
+fi
+cmake --build "$build_dir" -j"$(nproc)" --target pion >/dev/null
+pion="$build_dir/pion"
+work="$build_dir/bench-train"
+mkdir -p "$work"
+[[ -f "$work/data/train.bin" ]] || "$pion" prepare --input "$text" --tokenizer char --out "$work/data" >/dev/null
+
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+start_time=$(date +%s)
+declare -A best
+rows=()
+measure() {  # name, optimizer, json config (model + batch), pion flags...
+  local name=$1 optimizer=$2 cfg=$3; shift 3
+  local key="$name/$optimizer"
+  for ((r = 0; r < reps; r++)); do
+    rm -rf "$work/run"
+    "$pion" train --data "$work/data" --optimizer "$optimizer" --max_iters "$steps" --warmup_iters 10 \
+      --eval_interval 0 --log_interval 1000000 --threads "$threads" "$@" --out_dir "$work/run" >/dev/null
+    local p
+    p=$("$python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["tokens_per_sec"])' "$work/run/summary.json")
+    [[ -z "${best[$key/pion]:-}" ]] || p=$("$python" -c "print(max($p, ${best[$key/pion]}))")
+    best[$key/pion]=$p
+    if [[ "$optimizer" == adamw ]]; then
+      local t
+      t=$("$python" bench/torch_train.py --data "$work/data" --config "$cfg" --steps "$steps" --threads "$threads" |
+        "$python" -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_sec"])')
+      [[ -z "${best[$key/torch]:-}" ]] || t=$("$python" -c "print(max($t, ${best[$key/torch]}))")
+      best[$key/torch]=$t
+    fi
+  done
+}
+
+baby_flags=(--n_layer 4 --n_head 4 --d_model 128 --seq_len 64 --batch_size 12)
+baby_cfg='{"n_layer": 4, "n_head": 4, "d_model": 128, "seq_len": 64, "batch_size": 12, "lr": 0.001}'
+mid_flags=(--n_layer 6 --n_head 6 --d_model 384 --seq_len 256 --batch_size 8)
+mid_cfg='{"n_layer": 6, "n_head": 6, "d_model": 384, "seq_len": 256, "batch_size": 8, "lr": 0.001}'
+for opt in adamw muon pion; do
+  measure baby "$opt" "$baby_cfg" "${baby_flags[@]}"
+  measure mid "$opt" "$mid_cfg" "${mid_flags[@]}"
+done
+
+fmt() { "$python" -c "print(f'{float(\"$1\"):,.0f}')"; }
+ratio() { "$python" -c "print(f'{float(\"$1\") / float(\"$2\"):.2f}')"; }
+echo "## Training throughput: pion train vs PyTorch CPU (one run, interleaved)"
+echo
+echo "| config | PyTorch AdamW tok/s | pion AdamW tok/s | pion / PyTorch | pion Muon tok/s | pion Pion tok/s | Pion / AdamW (pion) |"
+echo "|---|---:|---:|---:|---:|---:|---:|"
+for name in baby mid; do
+  echo "| $name | $(fmt "${best[$name/adamw/torch]}") | $(fmt "${best[$name/adamw/pion]}") |" \
+       "$(ratio "${best[$name/adamw/pion]}" "${best[$name/adamw/torch]}") | $(fmt "${best[$name/muon/pion]}") |" \
+       "$(fmt "${best[$name/pion/pion]}") | $(ratio "${best[$name/pion/pion]}" "${best[$name/adamw/pion]}") |"
+done
+cat <<EOF
+
+baby: 4 layers, 4 heads, d_model 128, seq_len 64, batch 12 (nanoGPT's baby config, LLaMA
+variant). mid: 6 layers, 6 heads, d_model 384, seq_len 256, batch 8. Char tokenizer on
+tinyshakespeare (vocab 65); fp32; $steps steps per measurement, best of $reps (tokens / time in
+training steps, evals off). PyTorch runs AdamW only (its peer); Muon and Pion are pion's own
+runs, shown as throughput relative to pion's AdamW.
+
+| | |
+|---|---|
+| CPU | $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) logical CPUs, $threads threads used by both sides |
+| date | $(date -u +%Y-%m-%dT%H:%M:%SZ) |
+| load average (1/5/15 min) | before $load_before, after $(cut -d' ' -f1-3 /proc/loadavg) |
+| wall time of the run | $(( $(date +%s) - start_time )) s |
+| pion | git $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(c++ --version | head -1), Release |
+| PyTorch | $("$python" -c 'import torch; print(torch.__version__)') (Debian python3-torch), OMP_NUM_THREADS=$threads |
+| command | \`$command_line\` |
+EOF
