@@ -274,10 +274,18 @@ void Communicator::abort(int code) {
 #else  // single process only: every collective is the identity
 
 Session::Session(int&, char**&) {
-  if (launched_by_mpirun())
+  // N copies each training alone into the same out_dir would overwrite each other's files.
+  // (`mpirun -np 1` is harmless: one process, so it runs.)
+  const char* sizes[] = {std::getenv("OMPI_COMM_WORLD_SIZE"), std::getenv("PMI_SIZE")};
+  bool several_ranks = false;
+  for (const char* s : sizes)
+    if (s != nullptr && std::atoi(s) > 1) several_ranks = true;
+  if (several_ranks) {
     std::fprintf(stderr,
-                 "pion: warning: launched by mpirun, but this pion was built without MPI "
-                 "(PION_MPI=OFF or no libopenmpi-dev): every rank trains alone\n");
+                 "pion: error: launched by mpirun, but this pion was built without MPI "
+                 "(PION_MPI=OFF or no libopenmpi-dev); rebuild with MPI or run without mpirun\n");
+    std::exit(2);
+  }
 }
 Session::~Session() = default;
 void Communicator::allreduce_sum(std::span<float>) {}

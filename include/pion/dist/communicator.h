@@ -86,7 +86,8 @@ class Communicator {
 Communicator& world();
 
 // RAII: initialises MPI when launched by mpirun (and built with MPI), finalises at the end.
-// Construct once, first thing in main().
+// Construct once, first thing in main(). Launched by mpirun with more than one rank but
+// without MPI support compiled in, it prints an error and exits with code 2.
 class Session {
  public:
   Session(int& argc, char**& argv);
