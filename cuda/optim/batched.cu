@@ -1,0 +1,113 @@
+// The kernels and cuBLAS wrapper shared by the GPU optimizers (declared in batched.cuh).
+#include <limits>
+#include <string>
+
+#include "batched.cuh"
+
+namespace pion::cuda::detail {
+namespace {
+
+__global__ void set_lr_kernel(StepScalars* s, double lr) {
+  s->lr = lr;
+}
+
+__global__ void begin_step_kernel(StepScalars* s) {
+  s->bad_grad = 0;
+}
+
+__global__ void count_step_kernel(StepScalars* s) {
+  if (s->bad_grad != 0)
+    ++s->skipped;
+  else
+    ++s->steps;
+}
+
+__global__ void flag_non_finite_kernel(void* const* x_ptrs, std::int64_t count, StepScalars* s) {
+  const float* x = static_cast<const float*>(x_ptrs[blockIdx.y]);
+  int bad = 0;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+    bad |= !isfinite(x[i]);
+  // One atomic per block at most; every thread reaches the barrier (the loop exits at the
+  // same count for all).
+  if (__syncthreads_or(bad) != 0 && threadIdx.x == 0) atomicOr(&s->bad_grad, 1);
+}
+
+__global__ void sum_squares_kernel(void* const* x_ptrs, void* const* y_ptrs, std::int64_t count,
+                                   double* partial) {
+  __shared__ double shared[kThreads];
+  const float* x = static_cast<const float*>(x_ptrs[blockIdx.y]);
+  const float* y = y_ptrs != nullptr ? static_cast<const float*>(y_ptrs[blockIdx.y]) : nullptr;
+  double acc = 0.0;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    // (p + q) in double, as the CPU's norm_of_sum.
+    const double e = static_cast<double>(x[i]) + (y != nullptr ? static_cast<double>(y[i]) : 0.0);
+    acc += e * e;
+  }
+  shared[threadIdx.x] = acc;
+  __syncthreads();
+  for (unsigned stride = blockDim.x / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[blockIdx.y * gridDim.x + blockIdx.x] = shared[0];
+}
+
+int as_int(std::int64_t v, const char* what) {
+  check(v >= 0 && v <= std::numeric_limits<int>::max(), std::string("cuda gemm: ") + what + " = " +
+                                                            std::to_string(v) +
+                                                            " does not fit cuBLAS's int arguments");
+  return static_cast<int>(v);
+}
+
+}  // namespace
+
+void gemm_rm(cublasHandle_t h, GemmKind kind, bool trans_a, bool trans_b, std::int64_t m,
+             std::int64_t n, std::int64_t k, float alpha, const DevicePointers& a, std::int64_t lda,
+             const DevicePointers& b, std::int64_t ldb, float beta, const DevicePointers& c,
+             std::int64_t ldc, std::size_t batch) {
+  const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cudaDataType type = kind == GemmKind::Bf16 ? CUDA_R_16BF : CUDA_R_32F;
+  // CUBLAS_COMPUTE_32F with the Context's CUBLAS_DEFAULT_MATH is plain fp32 (no TF32);
+  // FAST_TF32 rounds the fp32 inputs to TF32 for the tensor cores and accumulates in fp32.
+  const cublasComputeType_t compute =
+      kind == GemmKind::Tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  // Column-major call computing C^T (n x m) = op(B)^T (n x k) op(A)^T (k x m).
+  PION_CUBLAS_CHECK(cublasGemmBatchedEx(
+      h, op_b, op_a, as_int(n, "n"), as_int(m, "m"), as_int(k, "k"), &alpha, b.get(), type,
+      as_int(ldb, "ldb"), a.get(), type, as_int(lda, "lda"), &beta, c.get(), type,
+      as_int(ldc, "ldc"), as_int(static_cast<std::int64_t>(batch), "batch"), compute,
+      CUBLAS_GEMM_DEFAULT));
+}
+
+void queue_set_lr(cudaStream_t stream, StepScalars* scalars, double lr) {
+  set_lr_kernel<<<1, 1, 0, stream>>>(scalars, lr);
+  PION_CUDA_CHECK_LAUNCH("set_lr");
+}
+
+void queue_begin_step(cudaStream_t stream, StepScalars* scalars) {
+  begin_step_kernel<<<1, 1, 0, stream>>>(scalars);
+  PION_CUDA_CHECK_LAUNCH("begin_step");
+}
+
+void queue_flag_non_finite(cudaStream_t stream, const DevicePointers& x, std::int64_t count,
+                           std::size_t batch, StepScalars* scalars) {
+  flag_non_finite_kernel<<<batch_grid(batch), kThreads, 0, stream>>>(x.get(), count, scalars);
+  PION_CUDA_CHECK_LAUNCH("flag_non_finite");
+}
+
+void queue_count_step(cudaStream_t stream, StepScalars* scalars) {
+  count_step_kernel<<<1, 1, 0, stream>>>(scalars);
+  PION_CUDA_CHECK_LAUNCH("count_step");
+}
+
+void queue_sum_squares(cudaStream_t stream, const DevicePointers& x, const DevicePointers* y,
+                       std::int64_t count, std::size_t batch, double* partial) {
+  sum_squares_kernel<<<batch_grid(batch), kThreads, 0, stream>>>(
+      x.get(), y != nullptr ? y->get() : nullptr, count, partial);
+  PION_CUDA_CHECK_LAUNCH("sum_squares");
+}
+
+}  // namespace pion::cuda::detail

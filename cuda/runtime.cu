@@ -1,0 +1,126 @@
+// Device memory, the stream + cuBLAS context and graph capture (include/pion/cuda/runtime.h).
+#include <utility>
+
+#include "context.cuh"
+
+namespace pion::cuda {
+
+namespace {
+// 32 MiB: cuBLAS's recommendation for Hopper is at least 32 MiB for best kernel choice.
+constexpr std::size_t kWorkspaceBytes = std::size_t{32} << 20;
+
+void require_device() {
+  if (device_count() == 0)
+    throw Error(
+        "cuda: no CUDA device is visible (cudaGetDeviceCount reports none); run on a "
+        "machine with an NVIDIA GPU or use the CPU optimizers");
+}
+}  // namespace
+
+std::string device_description() {
+  require_device();
+  cudaDeviceProp prop{};
+  PION_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  return std::string(prop.name) + ", sm_" + std::to_string(prop.major) +
+         std::to_string(prop.minor) + ", " + std::to_string(prop.totalGlobalMem >> 30) + " GiB";
+}
+
+DeviceBuffer::DeviceBuffer(std::size_t count) : count_(count) {
+  if (count == 0) return;
+  void* p = nullptr;
+  PION_CUDA_CHECK(cudaMalloc(&p, count * sizeof(float)));
+  ptr_ = static_cast<float*>(p);
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  if (ptr_ != nullptr) cudaFree(ptr_);  // no throw from a destructor
+}
+
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
+    : ptr_(std::exchange(other.ptr_, nullptr)), count_(std::exchange(other.count_, 0)) {}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+  if (this != &other) {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+    ptr_ = std::exchange(other.ptr_, nullptr);
+    count_ = std::exchange(other.count_, 0);
+  }
+  return *this;
+}
+
+void DeviceBuffer::upload(const float* host, std::size_t count) {
+  check(count == count_, "cuda: upload of " + std::to_string(count) + " floats into a buffer of " +
+                             std::to_string(count_));
+  if (count == 0) return;
+  // The optimizers' streams are non-blocking: a plain cudaMemcpy would not wait for a step
+  // still reading or writing this buffer.
+  PION_CUDA_CHECK(cudaDeviceSynchronize());
+  PION_CUDA_CHECK(cudaMemcpy(ptr_, host, count * sizeof(float), cudaMemcpyHostToDevice));
+}
+
+void DeviceBuffer::download(float* host, std::size_t count) const {
+  check(count == count_, "cuda: download of " + std::to_string(count) +
+                             " floats from a buffer of " + std::to_string(count_));
+  if (count == 0) return;
+  PION_CUDA_CHECK(cudaDeviceSynchronize());  // see upload
+  PION_CUDA_CHECK(cudaMemcpy(host, ptr_, count * sizeof(float), cudaMemcpyDeviceToHost));
+}
+
+void DeviceBuffer::zero() {
+  if (count_ == 0) return;
+  PION_CUDA_CHECK(cudaDeviceSynchronize());  // see upload
+  PION_CUDA_CHECK(cudaMemset(ptr_, 0, count_ * sizeof(float)));
+  PION_CUDA_CHECK(cudaDeviceSynchronize());  // cudaMemset may return before it is done
+}
+
+Context::Context() : impl_(std::make_unique<Impl>()) {
+  require_device();
+  Impl& c = *impl_;
+  PION_CUDA_CHECK(cudaStreamCreateWithFlags(&c.stream, cudaStreamNonBlocking));
+  PION_CUBLAS_CHECK(cublasCreate(&c.blas));
+  PION_CUBLAS_CHECK(cublasSetStream(c.blas, c.stream));
+  // fp32 GEMMs stay fp32: no TF32 tensor cores unless a call asks for them (its compute type).
+  PION_CUBLAS_CHECK(cublasSetMathMode(c.blas, CUBLAS_DEFAULT_MATH));
+  PION_CUBLAS_CHECK(cublasSetPointerMode(c.blas, CUBLAS_POINTER_MODE_HOST));
+  PION_CUDA_CHECK(cudaMalloc(&c.workspace, kWorkspaceBytes));
+  PION_CUBLAS_CHECK(cublasSetWorkspace(c.blas, c.workspace, kWorkspaceBytes));
+}
+
+Context::~Context() {
+  Impl& c = *impl_;
+  if (c.graph_exec != nullptr) cudaGraphExecDestroy(c.graph_exec);
+  if (c.graph != nullptr) cudaGraphDestroy(c.graph);
+  if (c.stream != nullptr) cudaStreamSynchronize(c.stream);
+  if (c.blas != nullptr) cublasDestroy(c.blas);
+  if (c.workspace != nullptr) cudaFree(c.workspace);
+  if (c.stream != nullptr) cudaStreamDestroy(c.stream);
+}
+
+void Context::synchronize() {
+  PION_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
+}
+
+void Context::begin_capture() {
+  PION_CUDA_CHECK(cudaStreamBeginCapture(impl_->stream, cudaStreamCaptureModeThreadLocal));
+}
+
+void Context::end_capture() {
+  Impl& c = *impl_;
+  cudaGraph_t graph = nullptr;
+  PION_CUDA_CHECK(cudaStreamEndCapture(c.stream, &graph));
+  if (c.graph_exec != nullptr) cudaGraphExecDestroy(c.graph_exec);
+  if (c.graph != nullptr) cudaGraphDestroy(c.graph);
+  c.graph = graph;
+  c.graph_exec = nullptr;
+  PION_CUDA_CHECK(cudaGraphInstantiate(&c.graph_exec, c.graph, 0));
+}
+
+void Context::launch_graph() {
+  Impl& c = *impl_;
+  check(c.graph_exec != nullptr,
+        "cuda: launch_graph before a capture (call begin_capture, "
+        "queue the work, end_capture)");
+  PION_CUDA_CHECK(cudaGraphLaunch(c.graph_exec, c.stream));
+}
+
+}  // namespace pion::cuda

@@ -1,0 +1,126 @@
+#pragma once
+// Optimizers on the GPU: Pion (taylor2 retraction, fp32 or mixed precision), AdamW and Muon
+// (Newton-Schulz in bf16 like the reference, or fp32 for parity with the CPU) with the math
+// of the CPU classes in pion/optim/, over weights and gradients that already live in device
+// memory. Plain C++17 without CUDA types (see runtime.h).
+//
+// A step queues kernels and cuBLAS calls on the Context's stream and returns: no host
+// synchronisation, no device-to-host copy, no allocation. Everything a step reads that
+// changes between steps lives on the device: the learning rate (written by set_lr), the
+// step counters (AdamW's bias corrections read them there) and Pion's alpha. So one step
+// can be captured into a CUDA graph and replayed with a new learning rate each time:
+//
+//   opt->set_lr(lr0); ctx.begin_capture(); opt->queue_step(); ctx.end_capture();
+//   for each step: opt->set_lr(lr); ctx.launch_graph();      // set_lr is not captured
+//
+// Non-finite gradients: like Optimizer::step on the CPU, a step whose gradients hold a NaN or
+// Inf anywhere (any parameter of this optimizer) leaves weights and state untouched and
+// counts as skipped. The check runs on the device and the decision is read there by every
+// kernel (no host round trip); skipped_steps() reports the count. A hybrid set of GPU
+// optimizers checks each optimizer's own gradients only (the CPU OptimizerSet skips all
+// optimizers when any gradient is bad).
+//
+// Matrices of equal shape are updated together: one batched cuBLAS call per GEMM of the
+// formula and one launch per elementwise pass for the whole shape group (a GPT layer stack
+// has three or four shapes, so Pion's step is about 4 x 7 batched GEMMs).
+//
+// State is kept per parameter under the CPU optimizer's names (Pion: m_in, v_in, m_out,
+// v_out; AdamW: exp_avg, exp_avg_sq; Muon: momentum_buffer) and can be copied to and from
+// the host with download_state / upload_state, row-major fp32 like the CPU tensors. Pion's
+// CPU state also holds sigma0 (for re-anchoring and drift reports); the GPU class does not.
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pion/cuda/runtime.h"
+
+namespace pion::cuda {
+
+// One trainable matrix (or vector: rows = 1) in device memory, row-major fp32.
+struct DeviceParam {
+  std::string name;
+  float* value = nullptr;
+  const float* grad = nullptr;
+  std::int64_t rows = 0;
+  std::int64_t cols = 0;
+};
+
+using HostState = std::map<std::string, std::vector<float>>;
+
+class CudaOptimizer {
+ public:
+  virtual ~CudaOptimizer() = default;
+  virtual std::string kind() const = 0;
+
+  // Queues one update of every parameter with learning rate lr: set_lr(lr), queue_step().
+  void step(double lr) {
+    set_lr(lr);
+    queue_step();
+  }
+  // Queues a write of lr into the optimizer's device-side learning rate. The value travels
+  // as a kernel argument (copied at launch), so the host may call again at once.
+  virtual void set_lr(double lr) = 0;
+  // Queues one update that reads the learning rate and step counter from device memory:
+  // this is what a CUDA graph captures.
+  virtual void queue_step() = 0;
+
+  // Steps applied and steps skipped for non-finite gradients, read from the device (these
+  // synchronise the stream; never call them inside a step or a capture).
+  virtual std::int64_t steps() const = 0;
+  virtual std::int64_t skipped_steps() const = 0;
+  // Restores the counters (resuming from a checkpoint; AdamW's bias corrections use steps).
+  virtual void set_steps(std::int64_t steps, std::int64_t skipped_steps) = 0;
+
+  // The state of one parameter under the CPU optimizer's names (synchronous copies).
+  virtual HostState download_state(const std::string& param_name) const = 0;
+  virtual void upload_state(const std::string& param_name, const HostState& state) = 0;
+};
+
+struct CudaPionOptions {
+  double c = 0.2;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  // "fp32": every GEMM in fp32 (the CPU's arithmetic up to summation order).
+  // "mixed": the seven GEMMs on TF32 tensor cores (fp32 in and out, 10-bit mantissa
+  // inputs), while W and every addition into it stay fp32. Each GEMM result reaches W
+  // only multiplied by s = lr * alpha (the identity part of E2(sA) W E2(sA) is added
+  // elementwise in fp32), so the tensor-core rounding perturbs W by about s ||A|| 2^-11
+  // relative per step: the update is slightly less exact, the weights are not rounded.
+  // The spectrum drift this adds is measured in tests/test_cuda_optim.cpp.
+  std::string precision = "fp32";
+  // Only the paper's E2 (taylor2) retraction runs on the GPU so far; the CPU's cayley and
+  // exp retractions and re-anchoring (Pion::Options) are not implemented here.
+};
+
+struct CudaAdamWOptions {
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.01;
+};
+
+struct CudaMuonOptions {
+  double momentum = 0.95;
+  bool nesterov = true;
+  int ns_steps = 5;
+  double weight_decay = 0.0;
+  double eps = 1e-7;
+  // "bf16": Newton-Schulz on bf16 matrices with fp32 accumulation, as the reference
+  // implementation runs it on GPUs (X is normalised in fp32 and then rounded to bf16; the
+  // bf16 result is added to the fp32 weights). "fp32": the CPU class's arithmetic.
+  std::string precision = "bf16";
+};
+
+// Throw pion::Error on bad options or parameters (same checks as the CPU classes). The
+// Context and the parameters' device memory must outlive the optimizer.
+std::unique_ptr<CudaOptimizer> make_cuda_pion(Context& ctx, std::vector<DeviceParam> params,
+                                              const CudaPionOptions& options);
+std::unique_ptr<CudaOptimizer> make_cuda_adamw(Context& ctx, std::vector<DeviceParam> params,
+                                               const CudaAdamWOptions& options);
+std::unique_ptr<CudaOptimizer> make_cuda_muon(Context& ctx, std::vector<DeviceParam> params,
+                                              const CudaMuonOptions& options);
+
+}  // namespace pion::cuda
