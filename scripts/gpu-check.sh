@@ -53,7 +53,7 @@ echo "== build"
 start=$(date +%s)
 cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DPION_CUDA=ON -DPION_BUILD_BENCH=OFF \
   -DPION_MPI=OFF "${cmake_extra[@]}"
-cmake --build build-gpu -j"$(nproc)" --target pion test_cuda_optim
+cmake --build build-gpu -j"$(nproc)" --target pion test_cuda_optim test_cuda_layers
 echo "build took $(($(date +%s) - start)) s"
 
 echo "== tests"

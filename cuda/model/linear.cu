@@ -1,0 +1,123 @@
+// Linear layers through cuBLAS (fp32, TF32 or bf16 inputs with fp32 accumulation), the
+// row-major GEMM wrapper the attention also uses, and the bf16 workspace.
+#include <cuda_bf16.h>
+
+#include "common.cuh"
+
+namespace pion::cuda::layers {
+
+namespace detail {
+
+void gemm_rm(Context& ctx, MatmulPrecision precision, bool bf16_inputs, bool trans_a, bool trans_b,
+             i64 m, i64 n, i64 k, float alpha, const void* a, i64 lda, long long stride_a,
+             const void* b, i64 ldb, long long stride_b, float beta, float* c, i64 ldc,
+             long long stride_c, i64 batch) {
+  const std::string who = "gemm";
+  const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cudaDataType in_type = bf16_inputs ? CUDA_R_16BF : CUDA_R_32F;
+  const cublasComputeType_t compute =
+      precision == MatmulPrecision::Tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  // C^T (n x m, ld ldc) = op(B)^T (n x k, buffer b, ld ldb) op(A)^T (k x m, buffer a, ld lda).
+  PION_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      ctx.impl().blas, op_b, op_a, as_int(n, who, "n"), as_int(m, who, "m"), as_int(k, who, "k"),
+      &alpha, b, in_type, as_int(ldb, who, "ldb"), stride_b, a, in_type, as_int(lda, who, "lda"),
+      stride_a, &beta, c, CUDA_R_32F, as_int(ldc, who, "ldc"), stride_c,
+      as_int(batch, who, "batch"), compute, CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace detail
+
+using namespace detail;
+
+namespace {
+
+__global__ void to_bf16_kernel(__nv_bfloat16* out, const float* in, i64 count) {
+  for (i64 i = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<i64>(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16(in[i]);  // round to nearest even
+}
+
+// Slices of the workspace start on 64-element (128-byte) boundaries, which the tensor-core
+// GEMM kernels want.
+std::size_t padded(i64 count) {
+  return (static_cast<std::size_t>(count) + 63) / 64 * 64;
+}
+
+// Queues a bf16 copy of count floats into the workspace at element offset `at`; returns it.
+const __nv_bfloat16* to_bf16(Context& ctx, Bf16Workspace& ws, std::size_t at, const float* in,
+                             i64 count) {
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(ws.data()) + at;
+  to_bf16_kernel<<<blocks_for(count), kThreads, 0, stream_of(ctx)>>>(out, in, count);
+  PION_CUDA_CHECK_LAUNCH("to_bf16_kernel");
+  return out;
+}
+
+void check_linear(i64 n, i64 d_in, i64 d_out, MatmulPrecision precision,
+                  const Bf16Workspace* workspace, const std::string& who) {
+  require_positive(n, who, "n");
+  require_positive(d_in, who, "d_in");
+  require_positive(d_out, who, "d_out");
+  if (precision == MatmulPrecision::Bf16) {
+    const std::size_t need = linear_bf16_workspace_elements(n, d_in, d_out);
+    require(workspace != nullptr && workspace->size() >= need, who,
+            "Bf16 precision needs a Bf16Workspace of at least " + std::to_string(need) +
+                " elements (linear_bf16_workspace_elements)");
+  }
+}
+
+}  // namespace
+
+Bf16Workspace::Bf16Workspace(std::size_t elements) : count_(elements) {
+  if (elements == 0) return;
+  PION_CUDA_CHECK(cudaMalloc(&ptr_, elements * sizeof(__nv_bfloat16)));
+}
+
+Bf16Workspace::~Bf16Workspace() {
+  if (ptr_ != nullptr) cudaFree(ptr_);  // no throw from a destructor
+}
+
+std::size_t linear_bf16_workspace_elements(i64 n, i64 d_in, i64 d_out) {
+  // Backward needs dout, weight and in at once; forward uses the first two slices.
+  return padded(n * d_out) + padded(d_out * d_in) + padded(n * d_in);
+}
+
+void linear_forward(Context& ctx, float* out, const float* in, const float* weight, i64 n, i64 d_in,
+                    i64 d_out, MatmulPrecision precision, Bf16Workspace* workspace) {
+  check_linear(n, d_in, d_out, precision, workspace, "linear_forward");
+  // out [n, d_out] = in [n, d_in] W^T, W [d_out, d_in].
+  if (precision == MatmulPrecision::Bf16) {
+    const __nv_bfloat16* in16 = to_bf16(ctx, *workspace, 0, in, n * d_in);
+    const __nv_bfloat16* w16 = to_bf16(ctx, *workspace, padded(n * d_in), weight, d_out * d_in);
+    gemm_rm(ctx, precision, true, false, true, n, d_out, d_in, 1.0f, in16, d_in, 0, w16, d_in, 0,
+            0.0f, out, d_out, 0, 1);
+    return;
+  }
+  gemm_rm(ctx, precision, false, false, true, n, d_out, d_in, 1.0f, in, d_in, 0, weight, d_in, 0,
+          0.0f, out, d_out, 0, 1);
+}
+
+void linear_backward(Context& ctx, float* din, float* dweight, const float* dout, const float* in,
+                     const float* weight, i64 n, i64 d_in, i64 d_out, MatmulPrecision precision,
+                     Bf16Workspace* workspace) {
+  check_linear(n, d_in, d_out, precision, workspace, "linear_backward");
+  const bool bf16 = precision == MatmulPrecision::Bf16;
+  const void* dout_op = dout;
+  const void* w_op = weight;
+  const void* in_op = in;
+  if (bf16) {
+    dout_op = to_bf16(ctx, *workspace, 0, dout, n * d_out);
+    const std::size_t w_at = padded(n * d_out);
+    if (din != nullptr) w_op = to_bf16(ctx, *workspace, w_at, weight, d_out * d_in);
+    in_op = to_bf16(ctx, *workspace, w_at + padded(d_out * d_in), in, n * d_in);
+  }
+  // din [n, d_in] += dout [n, d_out] W [d_out, d_in].
+  if (din != nullptr)
+    gemm_rm(ctx, precision, bf16, false, false, n, d_in, d_out, 1.0f, dout_op, d_out, 0, w_op, d_in,
+            0, 1.0f, din, d_in, 0, 1);
+  // dW [d_out, d_in] += dout^T [d_out, n] in [n, d_in].
+  gemm_rm(ctx, precision, bf16, true, false, d_out, d_in, n, 1.0f, dout_op, d_out, 0, in_op, d_in,
+          0, 1.0f, dweight, d_in, 0, 1);
+}
+
+}  // namespace pion::cuda::layers

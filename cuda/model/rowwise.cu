@@ -1,0 +1,306 @@
+// Row-wise and elementwise layers: embedding, RMSNorm, RoPE, SwiGLU, the residual add, and
+// the int32 device buffer for token ids. Each kernel is the CPU loop of src/model/layers.cpp
+// with the same expression order (nvcc may still contract a * b + c into an FMA, so results
+// differ from the CPU by rounding; the tests bound it).
+#include <utility>
+
+#include "common.cuh"
+
+namespace pion::cuda {
+
+DeviceInt32Buffer::DeviceInt32Buffer(std::size_t count) : count_(count) {
+  if (count == 0) return;
+  void* p = nullptr;
+  PION_CUDA_CHECK(cudaMalloc(&p, count * sizeof(std::int32_t)));
+  ptr_ = static_cast<std::int32_t*>(p);
+}
+
+DeviceInt32Buffer::~DeviceInt32Buffer() {
+  if (ptr_ != nullptr) cudaFree(ptr_);  // no throw from a destructor
+}
+
+DeviceInt32Buffer::DeviceInt32Buffer(DeviceInt32Buffer&& other) noexcept
+    : ptr_(std::exchange(other.ptr_, nullptr)), count_(std::exchange(other.count_, 0)) {}
+
+DeviceInt32Buffer& DeviceInt32Buffer::operator=(DeviceInt32Buffer&& other) noexcept {
+  if (this != &other) {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+    ptr_ = std::exchange(other.ptr_, nullptr);
+    count_ = std::exchange(other.count_, 0);
+  }
+  return *this;
+}
+
+void DeviceInt32Buffer::upload(const std::int32_t* host, std::size_t count) {
+  check(count == count_, "cuda: upload of " + std::to_string(count) +
+                             " int32 values into a buffer of " + std::to_string(count_));
+  if (count == 0) return;
+  // Streams are non-blocking: wait for any work that may still read this buffer.
+  PION_CUDA_CHECK(cudaDeviceSynchronize());
+  PION_CUDA_CHECK(cudaMemcpy(ptr_, host, count * sizeof(std::int32_t), cudaMemcpyHostToDevice));
+}
+
+void DeviceInt32Buffer::download(std::int32_t* host, std::size_t count) const {
+  check(count == count_, "cuda: download of " + std::to_string(count) +
+                             " int32 values from a buffer of " + std::to_string(count_));
+  if (count == 0) return;
+  PION_CUDA_CHECK(cudaDeviceSynchronize());
+  PION_CUDA_CHECK(cudaMemcpy(host, ptr_, count * sizeof(std::int32_t), cudaMemcpyDeviceToHost));
+}
+
+}  // namespace pion::cuda
+
+namespace pion::cuda::layers {
+
+using namespace detail;
+
+namespace {
+
+// Grid-stride loop over [0, count).
+#define PION_FOR_EACH(i, count)                                                      \
+  for (i64 i = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; i < (count); \
+       i += static_cast<i64>(gridDim.x) * blockDim.x)
+
+// Vocabulary shards of embedding_backward: c * kEmbeddingShards threads share the work.
+constexpr unsigned kEmbeddingShards = 64;
+
+__global__ void embedding_forward_kernel(float* out, const std::int32_t* tokens, const float* table,
+                                         i64 n, i64 c) {
+  PION_FOR_EACH(e, n * c) {
+    const i64 i = e / c, j = e - i * c;
+    out[e] = table[static_cast<i64>(tokens[i]) * c + j];
+  }
+}
+
+// Thread (column j, shard blockIdx.y) adds, for i = 0..n-1 in order, every row whose token
+// falls in its shard: each dtable element has exactly one writer, and rows with the same
+// token are summed in row order like the CPU's serial loop.
+__global__ void embedding_backward_kernel(float* dtable, const float* dout,
+                                          const std::int32_t* tokens, i64 n, i64 c) {
+  const i64 j = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x;
+  if (j >= c) return;
+  const unsigned shard = blockIdx.y;
+  for (i64 i = 0; i < n; ++i) {
+    const std::int32_t t = tokens[i];  // the same address across the warp: one broadcast load
+    if (static_cast<unsigned>(t) % kEmbeddingShards == shard)
+      dtable[static_cast<i64>(t) * c + j] += dout[i * c + j];
+  }
+}
+
+// One block per row: rstd = 1 / sqrt(mean(x^2) + eps), out = w * (x * rstd).
+__global__ void rmsnorm_forward_kernel(float* out, float* rstd, const float* x, const float* weight,
+                                       i64 c, float eps) {
+  const i64 row = blockIdx.x;
+  const float* xi = x + row * c;
+  float ss = 0.0f;
+  for (i64 j = threadIdx.x; j < c; j += blockDim.x) ss += xi[j] * xi[j];
+  ss = block_sum(ss);
+  const float r = 1.0f / sqrtf(ss / static_cast<float>(c) + eps);  // IEEE sqrt and divide
+  if (threadIdx.x == 0) rstd[row] = r;
+  float* oi = out + row * c;
+  for (i64 j = threadIdx.x; j < c; j += blockDim.x) oi[j] = weight[j] * (xi[j] * r);
+}
+
+// One block per row: dx_j += r w_j dy_j - (r^3 / c) x_j sum_k w_k dy_k x_k (the CPU's
+// derivation: y = w x r, r = (mean(x^2) + eps)^(-1/2), dr/dx_j = -r^3 x_j / c).
+__global__ void rmsnorm_backward_dx_kernel(float* dx, const float* dout, const float* x,
+                                           const float* weight, const float* rstd, i64 c) {
+  const i64 row = blockIdx.x;
+  const float* xi = x + row * c;
+  const float* gi = dout + row * c;
+  const float r = rstd[row];
+  float dot = 0.0f;
+  for (i64 j = threadIdx.x; j < c; j += blockDim.x) dot += weight[j] * gi[j] * xi[j];
+  dot = block_sum(dot);
+  const float coef = dot * r * r * r / static_cast<float>(c);
+  float* dxi = dx + row * c;
+  for (i64 j = threadIdx.x; j < c; j += blockDim.x) dxi[j] += r * weight[j] * gi[j] - coef * xi[j];
+}
+
+// dweight_j += sum_i dy_ij x_ij r_i. Block (32, kRowLanes): 32 adjacent columns (coalesced
+// row reads), kRowLanes threads per column each summing every kRowLanes-th row, then one
+// thread per column adds the kRowLanes partials in a fixed order. No atomics.
+constexpr unsigned kRowLanes = 16;
+__global__ void rmsnorm_backward_dweight_kernel(float* dweight, const float* dout, const float* x,
+                                                const float* rstd, i64 n, i64 c) {
+  __shared__ float partial[kRowLanes][33];  // +1 column: no bank conflicts on the final pass
+  const i64 j = blockIdx.x * static_cast<i64>(32) + threadIdx.x;
+  float acc = 0.0f;
+  if (j < c)
+    for (i64 i = threadIdx.y; i < n; i += kRowLanes)
+      acc += dout[i * c + j] * x[i * c + j] * rstd[i];
+  partial[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < c) {
+    float sum = 0.0f;
+    for (unsigned l = 0; l < kRowLanes; ++l) sum += partial[l][threadIdx.x];
+    dweight[j] += sum;
+  }
+}
+
+// Thread per (row, head, pair i): rotates (x_i, x_{i+half}) by sign * angle(pos, i).
+__global__ void rope_kernel(float* x, const float* cos_table, const float* sin_table, i64 rows,
+                            i64 seq, i64 n_head, i64 head_dim, i64 half, i64 row_stride,
+                            float sign) {
+  PION_FOR_EACH(e, rows * n_head * half) {
+    const i64 i = e % half;
+    const i64 h = (e / half) % n_head;
+    const i64 row = e / (half * n_head);
+    const i64 pos = row % seq;
+    const float cs = cos_table[pos * half + i];
+    const float s = sign * sin_table[pos * half + i];
+    float* a = x + row * row_stride + h * head_dim;
+    const float xa = a[i], xb = a[i + half];
+    a[i] = xa * cs - xb * s;
+    a[i + half] = xb * cs + xa * s;
+  }
+}
+
+__global__ void swiglu_forward_kernel(float* out, const float* gu, i64 n, i64 f) {
+  PION_FOR_EACH(e, n * f) {
+    const i64 i = e / f, j = e - i * f;
+    const float g = gu[i * 2 * f + j];
+    const float u = gu[i * 2 * f + f + j];
+    out[e] = g / (1.0f + expf(-g)) * u;
+  }
+}
+
+// silu(g) = g s(g), silu'(g) = s(g) (1 + g (1 - s(g))).
+__global__ void swiglu_backward_kernel(float* dgu, const float* dout, const float* gu, i64 n,
+                                       i64 f) {
+  PION_FOR_EACH(e, n * f) {
+    const i64 i = e / f, j = e - i * f;
+    const float g = gu[i * 2 * f + j];
+    const float u = gu[i * 2 * f + f + j];
+    const float go = dout[e];
+    const float s = 1.0f / (1.0f + expf(-g));
+    dgu[i * 2 * f + j] += go * u * s * (1.0f + g * (1.0f - s));
+    dgu[i * 2 * f + f + j] += go * g * s;
+  }
+}
+
+__global__ void residual_kernel(float* out, const float* x, const float* delta, i64 count) {
+  PION_FOR_EACH(e, count) out[e] = x[e] + delta[e];
+}
+
+__global__ void accumulate_kernel(float* dst, const float* src, i64 count) {
+  PION_FOR_EACH(e, count) dst[e] += src[e];
+}
+
+#undef PION_FOR_EACH
+
+void check_rope(const DeviceRopeTable& table, i64 batch, i64 seq, i64 n_head, i64 head_dim,
+                i64 row_stride, const std::string& who) {
+  require_positive(batch, who, "batch");
+  require_positive(seq, who, "seq");
+  require_positive(n_head, who, "n_head");
+  require(seq <= table.seq_len() && 2 * table.half() == head_dim, who,
+          "table built for seq_len " + std::to_string(table.seq_len()) + ", head_dim " +
+              std::to_string(2 * table.half()) + " used with seq " + std::to_string(seq) +
+              ", head_dim " + std::to_string(head_dim));
+  require(row_stride >= n_head * head_dim, who,
+          "row_stride " + std::to_string(row_stride) +
+              " is less than n_head * head_dim = " + std::to_string(n_head * head_dim));
+}
+
+void rope_apply(Context& ctx, float* x, const DeviceRopeTable& table, i64 batch, i64 seq,
+                i64 n_head, i64 head_dim, i64 row_stride, float sign, const char* who) {
+  check_rope(table, batch, seq, n_head, head_dim, row_stride, who);
+  const i64 rows = batch * seq;
+  rope_kernel<<<blocks_for(rows * n_head * table.half()), kThreads, 0, stream_of(ctx)>>>(
+      x, table.cos(), table.sin(), rows, seq, n_head, head_dim, table.half(), row_stride, sign);
+  PION_CUDA_CHECK_LAUNCH("rope_kernel");
+}
+
+}  // namespace
+
+void embedding_forward(Context& ctx, float* out, const std::int32_t* tokens, const float* table,
+                       i64 n, i64 c) {
+  require_positive(n, "embedding_forward", "n");
+  require_positive(c, "embedding_forward", "c");
+  embedding_forward_kernel<<<blocks_for(n * c), kThreads, 0, stream_of(ctx)>>>(out, tokens, table,
+                                                                               n, c);
+  PION_CUDA_CHECK_LAUNCH("embedding_forward_kernel");
+}
+
+void embedding_backward(Context& ctx, float* dtable, const float* dout, const std::int32_t* tokens,
+                        i64 n, i64 c) {
+  require_positive(n, "embedding_backward", "n");
+  require_positive(c, "embedding_backward", "c");
+  const dim3 grid(static_cast<unsigned>((c + kThreads - 1) / kThreads), kEmbeddingShards);
+  embedding_backward_kernel<<<grid, kThreads, 0, stream_of(ctx)>>>(dtable, dout, tokens, n, c);
+  PION_CUDA_CHECK_LAUNCH("embedding_backward_kernel");
+}
+
+void rmsnorm_forward(Context& ctx, float* out, float* rstd, const float* x, const float* weight,
+                     i64 n, i64 c, double eps) {
+  require_positive(n, "rmsnorm_forward", "n");
+  require_positive(c, "rmsnorm_forward", "c");
+  rmsnorm_forward_kernel<<<static_cast<unsigned>(as_int(n, "rmsnorm_forward", "n")), kThreads, 0,
+                           stream_of(ctx)>>>(out, rstd, x, weight, c, static_cast<float>(eps));
+  PION_CUDA_CHECK_LAUNCH("rmsnorm_forward_kernel");
+}
+
+void rmsnorm_backward(Context& ctx, float* dx, float* dweight, const float* dout, const float* x,
+                      const float* weight, const float* rstd, i64 n, i64 c) {
+  require_positive(n, "rmsnorm_backward", "n");
+  require_positive(c, "rmsnorm_backward", "c");
+  rmsnorm_backward_dx_kernel<<<static_cast<unsigned>(as_int(n, "rmsnorm_backward", "n")), kThreads,
+                               0, stream_of(ctx)>>>(dx, dout, x, weight, rstd, c);
+  PION_CUDA_CHECK_LAUNCH("rmsnorm_backward_dx_kernel");
+  const dim3 block(32, kRowLanes);
+  rmsnorm_backward_dweight_kernel<<<static_cast<unsigned>((c + 31) / 32), block, 0,
+                                    stream_of(ctx)>>>(dweight, dout, x, rstd, n, c);
+  PION_CUDA_CHECK_LAUNCH("rmsnorm_backward_dweight_kernel");
+}
+
+DeviceRopeTable::DeviceRopeTable(const std::vector<float>& cos, const std::vector<float>& sin,
+                                 i64 seq_len, i64 half)
+    : cos_(cos.size()), sin_(sin.size()), seq_len_(seq_len), half_(half) {
+  require(seq_len > 0 && half > 0 && cos.size() == static_cast<std::size_t>(seq_len * half) &&
+              sin.size() == cos.size(),
+          "DeviceRopeTable",
+          "cos and sin must hold seq_len * half values each (build them with "
+          "pion::layers::make_rope_table<float>)");
+  cos_.upload(cos.data(), cos.size());
+  sin_.upload(sin.data(), sin.size());
+}
+
+void rope_forward(Context& ctx, float* x, const DeviceRopeTable& table, i64 batch, i64 seq,
+                  i64 n_head, i64 head_dim, i64 row_stride) {
+  rope_apply(ctx, x, table, batch, seq, n_head, head_dim, row_stride, 1.0f, "rope_forward");
+}
+
+void rope_backward(Context& ctx, float* dx, const DeviceRopeTable& table, i64 batch, i64 seq,
+                   i64 n_head, i64 head_dim, i64 row_stride) {
+  // A rotation's transpose is the rotation by the opposite angle.
+  rope_apply(ctx, dx, table, batch, seq, n_head, head_dim, row_stride, -1.0f, "rope_backward");
+}
+
+void swiglu_forward(Context& ctx, float* out, const float* gu, i64 n, i64 f) {
+  require_positive(n, "swiglu_forward", "n");
+  require_positive(f, "swiglu_forward", "f");
+  swiglu_forward_kernel<<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(out, gu, n, f);
+  PION_CUDA_CHECK_LAUNCH("swiglu_forward_kernel");
+}
+
+void swiglu_backward(Context& ctx, float* dgu, const float* dout, const float* gu, i64 n, i64 f) {
+  require_positive(n, "swiglu_backward", "n");
+  require_positive(f, "swiglu_backward", "f");
+  swiglu_backward_kernel<<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(dgu, dout, gu, n, f);
+  PION_CUDA_CHECK_LAUNCH("swiglu_backward_kernel");
+}
+
+void residual_forward(Context& ctx, float* out, const float* x, const float* delta, i64 count) {
+  require_positive(count, "residual_forward", "count");
+  residual_kernel<<<blocks_for(count), kThreads, 0, stream_of(ctx)>>>(out, x, delta, count);
+  PION_CUDA_CHECK_LAUNCH("residual_kernel");
+}
+
+void accumulate(Context& ctx, float* dst, const float* src, i64 count) {
+  require_positive(count, "accumulate", "count");
+  accumulate_kernel<<<blocks_for(count), kThreads, 0, stream_of(ctx)>>>(dst, src, count);
+  PION_CUDA_CHECK_LAUNCH("accumulate_kernel");
+}
+
+}  // namespace pion::cuda::layers

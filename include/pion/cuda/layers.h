@@ -1,0 +1,197 @@
+#pragma once
+// The decoder's layers on the GPU: device versions of pion/model/layers.h (float path) with
+// the same semantics, shapes and conventions, on fp32 device pointers:
+// - `n` is the number of token rows (B * T); rows are contiguous, row-major.
+// - Linear weights are [d_out, d_in] (out = in W^T).
+// - Forward functions write their outputs; backward functions ADD into every gradient they
+//   produce, so callers zero gradient buffers first. Exception: rope_* work in place.
+// Every function queues kernels / cuBLAS calls on the Context's stream and returns: no host
+// synchronisation, no allocation, no device-to-host copy, so a training step built from them
+// can be captured into a CUDA graph. Argument checks (shapes, int ranges) throw pion::Error
+// on the host before anything is queued.
+//
+// Reductions are deterministic: fixed block shapes and fixed tree orders, no float atomics
+// (embedding_backward and rmsnorm_backward's dweight included), so the same inputs give the
+// same bits on every run. They are not bit-identical to the CPU (tree vs sequential sums);
+// the tests bound the difference.
+//
+// Plain C++17 with no CUDA types (see runtime.h); the kernels live in cuda/model/.
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "pion/cuda/runtime.h"
+
+namespace pion::cuda {
+
+// Owns count int32 values of device memory (token ids, targets). Movable, not copyable.
+// upload/download are synchronous (they first wait for the whole device, like DeviceBuffer).
+class DeviceInt32Buffer {
+ public:
+  DeviceInt32Buffer() = default;
+  explicit DeviceInt32Buffer(std::size_t count);
+  ~DeviceInt32Buffer();
+  DeviceInt32Buffer(DeviceInt32Buffer&& other) noexcept;
+  DeviceInt32Buffer& operator=(DeviceInt32Buffer&& other) noexcept;
+  DeviceInt32Buffer(const DeviceInt32Buffer&) = delete;
+  DeviceInt32Buffer& operator=(const DeviceInt32Buffer&) = delete;
+
+  std::int32_t* data() { return ptr_; }
+  const std::int32_t* data() const { return ptr_; }
+  std::size_t size() const { return count_; }
+  void upload(const std::int32_t* host, std::size_t count);
+  void download(std::int32_t* host, std::size_t count) const;
+
+ private:
+  std::int32_t* ptr_ = nullptr;
+  std::size_t count_ = 0;
+};
+
+}  // namespace pion::cuda
+
+namespace pion::cuda::layers {
+
+using i64 = std::int64_t;
+
+// How a GEMM runs. Every kind accumulates in fp32 and reads / writes fp32 buffers:
+// Fp32: plain fp32 on CUDA cores (parity with the CPU, ~1e-6 relative);
+// Tf32: fp32 data rounded to TF32 on the tensor cores (~1e-3 relative);
+// Bf16: inputs (activations and the fp32 master weights) are rounded to bf16 into a
+//       caller-owned Bf16Workspace, multiplied on the tensor cores with fp32 accumulation
+//       (cublasGemmEx, CUBLAS_COMPUTE_32F); outputs and gradients stay fp32 (~1e-2 relative).
+enum class MatmulPrecision { Fp32, Tf32, Bf16 };
+
+// Device scratch for the bf16 copies of a linear layer's operands. Allocated once at its
+// full size (set-up time: cudaMalloc), so calls that use it can be graph-captured.
+class Bf16Workspace {
+ public:
+  explicit Bf16Workspace(std::size_t elements);
+  ~Bf16Workspace();
+  Bf16Workspace(const Bf16Workspace&) = delete;
+  Bf16Workspace& operator=(const Bf16Workspace&) = delete;
+  std::size_t size() const { return count_; }
+  void* data() const { return ptr_; }  // __nv_bfloat16[size()]
+
+ private:
+  void* ptr_ = nullptr;
+  std::size_t count_ = 0;
+};
+// Elements a Bf16Workspace needs for linear_forward and linear_backward at these sizes.
+std::size_t linear_bf16_workspace_elements(i64 n, i64 d_in, i64 d_out);
+
+// ---- token embedding: out[i] = table[tokens[i]] (table [V, c], out [n, c]) ----------------
+void embedding_forward(Context& ctx, float* out, const std::int32_t* tokens, const float* table,
+                       i64 n, i64 c);
+// dtable[tokens[i]] += dout[i]. Deterministic without atomics: each thread owns one column of
+// one vocabulary shard (tokens with token % shards == shard) and walks the rows in order, so
+// rows with the same token are added in the CPU's order (the result is bit-identical to it).
+// Cost: every thread reads all n token ids (warp-broadcast loads); fine for n up to ~1e5.
+void embedding_backward(Context& ctx, float* dtable, const float* dout, const std::int32_t* tokens,
+                        i64 n, i64 c);
+
+// ---- RMSNorm: out = weight * x / sqrt(mean(x^2) + eps), per row of c; rstd [n] is kept ------
+// One block per row, fp32 sums in a fixed tree order.
+void rmsnorm_forward(Context& ctx, float* out, float* rstd, const float* x, const float* weight,
+                     i64 n, i64 c, double eps);
+// dx += ..., dweight += sum over rows of dout * x * rstd (columns split across blocks, rows
+// summed per column in a fixed order: no atomics).
+void rmsnorm_backward(Context& ctx, float* dx, float* dweight, const float* dout, const float* x,
+                      const float* weight, const float* rstd, i64 n, i64 c);
+
+// ---- linear without bias: out [n, d_out] = in [n, d_in] * weight[d_out, d_in]^T -------------
+// workspace is needed (and must hold linear_bf16_workspace_elements) only for Bf16.
+void linear_forward(Context& ctx, float* out, const float* in, const float* weight, i64 n, i64 d_in,
+                    i64 d_out, MatmulPrecision precision = MatmulPrecision::Fp32,
+                    Bf16Workspace* workspace = nullptr);
+// din += dout W (din may be nullptr), dweight += dout^T in.
+void linear_backward(Context& ctx, float* din, float* dweight, const float* dout, const float* in,
+                     const float* weight, i64 n, i64 d_in, i64 d_out,
+                     MatmulPrecision precision = MatmulPrecision::Fp32,
+                     Bf16Workspace* workspace = nullptr);
+
+// ---- rotary position embedding (pairs (i, i + head_dim/2), like the CPU) ---------------------
+// The cos / sin tables of pion::layers::make_rope_table<float> ([seq_len, half] each), copied
+// to the device once.
+class DeviceRopeTable {
+ public:
+  DeviceRopeTable(const std::vector<float>& cos, const std::vector<float>& sin, i64 seq_len,
+                  i64 half);
+  i64 seq_len() const { return seq_len_; }
+  i64 half() const { return half_; }
+  const float* cos() const { return cos_.data(); }
+  const float* sin() const { return sin_.data(); }
+
+ private:
+  DeviceBuffer cos_, sin_;
+  i64 seq_len_ = 0, half_ = 0;
+};
+// In place on batch * seq rows `row_stride` apart, each starting with n_head heads of head_dim.
+void rope_forward(Context& ctx, float* x, const DeviceRopeTable& table, i64 batch, i64 seq,
+                  i64 n_head, i64 head_dim, i64 row_stride);
+// The transpose (rotation by -angle), in place on a gradient.
+void rope_backward(Context& ctx, float* dx, const DeviceRopeTable& table, i64 batch, i64 seq,
+                   i64 n_head, i64 head_dim, i64 row_stride);
+
+// ---- causal multi-head self-attention (layout of pion::layers::attention_forward) -----------
+// qkv [batch, seq, 3 d] rows [q | k | v]; out [batch, seq, d]; probs [batch, n_head, seq, seq]
+// (softmax with key j <= query i, zeros above the diagonal; kept for backward).
+// The straightforward version: per (batch, head) S = scale Q K^T and O = P V as strided-
+// batched cuBLAS GEMMs (one call per batch element over all heads) and a masked softmax
+// kernel between them. It materialises the seq x seq scores, which is fine at small seq;
+// a fused (flash-attention style, online softmax, no probs buffer) kernel is the next step
+// for long contexts. precision: Fp32 or Tf32 (Bf16 is rejected).
+void attention_forward(Context& ctx, float* out, float* probs, const float* qkv, i64 batch, i64 seq,
+                       i64 n_head, i64 head_dim, MatmulPrecision precision = MatmulPrecision::Fp32);
+// dqkv += gradient; scratch holds batch * n_head * seq * seq floats (overwritten).
+void attention_backward(Context& ctx, float* dqkv, float* scratch, const float* dout,
+                        const float* probs, const float* qkv, i64 batch, i64 seq, i64 n_head,
+                        i64 head_dim, MatmulPrecision precision = MatmulPrecision::Fp32);
+
+// ---- SwiGLU: gu [n, 2 f] = [gate | up], out [n, f] = silu(gate) * up -------------------------
+void swiglu_forward(Context& ctx, float* out, const float* gu, i64 n, i64 f);
+void swiglu_backward(Context& ctx, float* dgu, const float* dout, const float* gu, i64 n, i64 f);
+
+// ---- residual stream -------------------------------------------------------------------------
+// out = x + delta (out may alias x or delta). Its backward is accumulate(dx, dout) and
+// accumulate(ddelta, dout).
+void residual_forward(Context& ctx, float* out, const float* x, const float* delta, i64 count);
+// dst += src.
+void accumulate(Context& ctx, float* dst, const float* src, i64 count);
+
+// ---- softmax cross-entropy, forward and backward fused ----------------------------------------
+// Device-side results of one cross_entropy call (the loss never travels to the host unless
+// asked: read() synchronises the stream).
+class CrossEntropyResult {
+ public:
+  // Room for up to max_rows rows' partial losses.
+  explicit CrossEntropyResult(i64 max_rows);
+  ~CrossEntropyResult();
+  CrossEntropyResult(const CrossEntropyResult&) = delete;
+  CrossEntropyResult& operator=(const CrossEntropyResult&) = delete;
+
+  struct Host {
+    double loss = 0.0;    // mean over counted rows (0 when none, like the CPU)
+    i64 count = 0;        // rows with a target >= 0
+    i64 bad_targets = 0;  // rows with a target >= v (the CPU throws; see below)
+  };
+  // Synchronises ctx's stream and copies the scalars back.
+  Host read(Context& ctx) const;
+
+  struct Impl;
+  Impl& impl() { return *impl_; }
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+// Like pion::layers::cross_entropy_forward + cross_entropy_backward in one pass over the
+// logits [n, v]: lse [n] (may be null) = logsumexp of each row; loss = mean over rows with
+// target >= 0 of lse - logits[target] (rows with a negative target are ignored; no counted
+// row: loss 0 and no gradient); when dlogits is not null, dlogits += dloss * d(mean
+// loss)/dlogits. dloss is a kernel argument (a captured graph replays the captured value).
+// The CPU throws for a target >= v; checking that here would need a host round trip, so such
+// a row is ignored (no loss, no gradient) and counted in bad_targets: callers check
+// result.read().bad_targets == 0 (or validate targets on the host before uploading them).
+void cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, float* dlogits,
+                   const float* logits, const std::int32_t* targets, i64 n, i64 v, double dloss);
+
+}  // namespace pion::cuda::layers

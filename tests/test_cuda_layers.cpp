@@ -1,0 +1,418 @@
+// The GPU decoder layers (include/pion/cuda/layers.h) against the CPU float layers
+// (include/pion/model/layers.h) on random inputs: forward outputs, and backward gradients
+// added into random (non-zero) starting gradients, so the "backward adds" convention is
+// checked too. fp32 paths to ~1e-5 of the reference's largest magnitude; TF32 / bf16 GEMMs to
+// looser bounds, their errors printed. Deterministic paths (embedding and RMSNorm weight
+// gradients, the cross-entropy mean) are run twice and compared bit for bit. Every test
+// skips with a clear message when this build has no CUDA back end or the machine has no CUDA
+// device; scripts/gpu-check.sh runs them on a GPU.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "pion/core/error.h"
+#include "pion/core/random.h"
+#include "pion/model/layers.h"
+#ifdef PION_HAVE_CUDA
+#include "pion/cuda/layers.h"
+#endif
+
+#ifndef PION_HAVE_CUDA
+
+TEST(CudaLayers, NeedsCudaBuild) {
+  GTEST_SKIP() << "CUDA back end not compiled (PION_CUDA=OFF or no nvcc); configure with "
+                  "-DPION_CUDA=ON and run scripts/gpu-check.sh on a GPU machine";
+}
+
+#else
+
+namespace {
+
+using i64 = std::int64_t;
+namespace cl = pion::cuda::layers;
+namespace hl = pion::layers;
+using pion::cuda::Context;
+using pion::cuda::DeviceBuffer;
+
+#define PION_REQUIRE_CUDA_DEVICE()                                                            \
+  if (pion::cuda::device_count() == 0)                                                        \
+  GTEST_SKIP() << "no CUDA device: cudaGetDeviceCount reports none (this build has the CUDA " \
+                  "back end; run scripts/gpu-check.sh on a machine with an NVIDIA GPU)"
+
+std::vector<float> randn(i64 count, std::uint64_t seed, double std = 1.0, double mean = 0.0) {
+  pion::Rng rng(seed);
+  std::vector<float> v(static_cast<std::size_t>(count));
+  for (float& x : v) x = static_cast<float>(mean + std * rng.normal());
+  return v;
+}
+
+std::vector<std::int32_t> random_ids(i64 count, i64 below, std::uint64_t seed) {
+  pion::Rng rng(seed);
+  std::vector<std::int32_t> v(static_cast<std::size_t>(count));
+  for (std::int32_t& x : v)
+    x = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(below)));
+  return v;
+}
+
+// A device copy of a host vector.
+struct Dev {
+  DeviceBuffer buf;
+  explicit Dev(const std::vector<float>& host) : buf(host.size()) {
+    buf.upload(host.data(), host.size());
+  }
+  explicit Dev(i64 count) : buf(static_cast<std::size_t>(count)) {}
+  float* get() { return buf.data(); }
+  // Waits for the whole device (DeviceBuffer::download synchronises) and copies back.
+  std::vector<float> host() const {
+    std::vector<float> h(buf.size());
+    buf.download(h.data(), h.size());
+    return h;
+  }
+};
+
+struct DevIds {
+  pion::cuda::DeviceInt32Buffer buf;
+  explicit DevIds(const std::vector<std::int32_t>& host) : buf(host.size()) {
+    buf.upload(host.data(), host.size());
+  }
+  std::int32_t* get() { return buf.data(); }
+};
+
+// max |gpu - cpu| / max |cpu|, printed; fails above tol, on a size mismatch, on a non-finite
+// value, or when the reference is all zeros (a vacuous comparison).
+double expect_close(const std::string& what, const std::vector<float>& gpu,
+                    const std::vector<float>& cpu, double tol) {
+  EXPECT_EQ(gpu.size(), cpu.size()) << what;
+  if (gpu.size() != cpu.size()) return INFINITY;
+  double max_diff = 0.0, max_ref = 0.0;
+  bool finite = true;
+  for (std::size_t i = 0; i < cpu.size(); ++i) {
+    finite = finite && std::isfinite(gpu[i]);
+    max_diff = std::max(max_diff, std::abs(static_cast<double>(gpu[i]) - cpu[i]));
+    max_ref = std::max(max_ref, std::abs(static_cast<double>(cpu[i])));
+  }
+  const double rel = max_ref > 0.0 ? max_diff / max_ref : INFINITY;
+  std::printf("  %-36s vs cpu: max|gpu - cpu| / max|cpu| = %.3e (bound %.0e)\n", what.c_str(), rel,
+              tol);
+  EXPECT_TRUE(finite) << what << ": the GPU result holds a NaN or Inf";
+  EXPECT_GT(max_ref, 0.0) << what << ": the CPU reference is all zeros";
+  EXPECT_LE(rel, tol) << what;
+  return rel;
+}
+
+constexpr double kFp32 = 1e-5;
+// Chained fp32 GEMMs and reductions summed in a different order than the CPU's.
+constexpr double kFp32Chain = 3e-5;
+
+TEST(CudaLayers, EmbeddingMatchesCpuBitForBit) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 v = 50, c = 300, n = 257;  // c > one block of columns; many repeated tokens
+  const auto tokens = random_ids(n, v, 1);
+  const auto table = randn(v * c, 2);
+  const auto dout = randn(n * c, 3);
+  const auto dtable0 = randn(v * c, 4);
+
+  std::vector<float> out(static_cast<std::size_t>(n * c)), dtable = dtable0;
+  hl::embedding_forward(out.data(), tokens.data(), table.data(), n, c);
+  hl::embedding_backward(dtable.data(), dout.data(), tokens.data(), n, c);
+
+  DevIds d_tokens(tokens);
+  Dev d_table(table), d_dout(dout), d_out(n * c), d_dtable(dtable0);
+  cl::embedding_forward(ctx, d_out.get(), d_tokens.get(), d_table.get(), n, c);
+  cl::embedding_backward(ctx, d_dtable.get(), d_dout.get(), d_tokens.get(), n, c);
+  EXPECT_EQ(d_out.host(), out);
+  // Same additions in the same order per element: identical bits.
+  EXPECT_EQ(d_dtable.host(), dtable);
+  expect_close("embedding dtable", d_dtable.host(), dtable, 0.0);
+}
+
+TEST(CudaLayers, RmsNormMatchesCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 37, c = 300;  // c > threads per block: the strided row loop runs twice
+  const double eps = 1e-5;
+  const auto x = randn(n * c, 10);
+  const auto w = randn(c, 11, 0.3, 1.0);
+  const auto dout = randn(n * c, 12);
+  const auto dx0 = randn(n * c, 13), dw0 = randn(c, 14);
+
+  std::vector<float> out(static_cast<std::size_t>(n * c)), rstd(static_cast<std::size_t>(n));
+  std::vector<float> dx = dx0, dw = dw0;
+  hl::rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), n, c, eps);
+  hl::rmsnorm_backward(dx.data(), dw.data(), dout.data(), x.data(), w.data(), rstd.data(), n, c);
+
+  Dev d_x(x), d_w(w), d_dout(dout), d_out(n * c), d_rstd(n), d_dx(dx0), d_dw(dw0);
+  cl::rmsnorm_forward(ctx, d_out.get(), d_rstd.get(), d_x.get(), d_w.get(), n, c, eps);
+  cl::rmsnorm_backward(ctx, d_dx.get(), d_dw.get(), d_dout.get(), d_x.get(), d_w.get(),
+                       d_rstd.get(), n, c);
+  expect_close("rmsnorm out", d_out.host(), out, kFp32);
+  expect_close("rmsnorm rstd", d_rstd.host(), rstd, kFp32);
+  expect_close("rmsnorm dx", d_dx.host(), dx, kFp32Chain);
+  expect_close("rmsnorm dweight", d_dw.host(), dw, kFp32Chain);
+
+  // The weight gradient has no atomics: a second run from the same start gives the same bits.
+  const auto first = d_dw.host();
+  Dev d_dw2(dw0), d_dx2(dx0);
+  cl::rmsnorm_backward(ctx, d_dx2.get(), d_dw2.get(), d_dout.get(), d_x.get(), d_w.get(),
+                       d_rstd.get(), n, c);
+  EXPECT_EQ(d_dw2.host(), first);
+}
+
+void check_linear(cl::MatmulPrecision precision, double tol, const std::string& label) {
+  Context ctx;
+  const i64 n = 33, d_in = 70, d_out = 50;
+  const auto in = randn(n * d_in, 20);
+  const auto w = randn(d_out * d_in, 21, 0.2);
+  const auto dout = randn(n * d_out, 22);
+  const auto din0 = randn(n * d_in, 23), dw0 = randn(d_out * d_in, 24);
+
+  std::vector<float> out(static_cast<std::size_t>(n * d_out)), din = din0, dw = dw0;
+  hl::linear_forward(out.data(), in.data(), w.data(), n, d_in, d_out);
+  hl::linear_backward(din.data(), dw.data(), dout.data(), in.data(), w.data(), n, d_in, d_out);
+
+  cl::Bf16Workspace ws(precision == cl::MatmulPrecision::Bf16
+                           ? cl::linear_bf16_workspace_elements(n, d_in, d_out)
+                           : 0);
+  cl::Bf16Workspace* wsp = precision == cl::MatmulPrecision::Bf16 ? &ws : nullptr;
+  Dev dev_in(in), dev_w(w), dev_dout(dout), dev_out(n * d_out), dev_din(din0), dev_dw(dw0);
+  cl::linear_forward(ctx, dev_out.get(), dev_in.get(), dev_w.get(), n, d_in, d_out, precision, wsp);
+  cl::linear_backward(ctx, dev_din.get(), dev_dw.get(), dev_dout.get(), dev_in.get(), dev_w.get(),
+                      n, d_in, d_out, precision, wsp);
+  expect_close(label + " out", dev_out.host(), out, tol);
+  expect_close(label + " din", dev_din.host(), din, tol);
+  expect_close(label + " dweight", dev_dw.host(), dw, tol);
+
+  // din = nullptr: only the weight gradient.
+  std::vector<float> dw_only = dw0;
+  hl::linear_backward<float>(nullptr, dw_only.data(), dout.data(), in.data(), w.data(), n, d_in,
+                             d_out);
+  Dev dev_dw_only(dw0);
+  cl::linear_backward(ctx, nullptr, dev_dw_only.get(), dev_dout.get(), dev_in.get(), dev_w.get(), n,
+                      d_in, d_out, precision, wsp);
+  expect_close(label + " dweight (no din)", dev_dw_only.host(), dw_only, tol);
+}
+
+TEST(CudaLayers, LinearFp32MatchesCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  check_linear(cl::MatmulPrecision::Fp32, kFp32Chain, "linear fp32");
+}
+
+TEST(CudaLayers, LinearTf32AndBf16CloseToCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  // TF32 keeps 10 mantissa bits, bf16 7: errors of ~1e-3 and ~1e-2 of the output scale.
+  check_linear(cl::MatmulPrecision::Tf32, 5e-3, "linear tf32");
+  check_linear(cl::MatmulPrecision::Bf16, 3e-2, "linear bf16");
+}
+
+TEST(CudaLayers, LinearBf16NeedsWorkspace) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  Dev a(4 * 4), w(4 * 4), out(4 * 4);
+  EXPECT_THROW(cl::linear_forward(ctx, out.get(), a.get(), w.get(), 4, 4, 4,
+                                  cl::MatmulPrecision::Bf16, nullptr),
+               pion::Error);
+}
+
+TEST(CudaLayers, RopeMatchesCpuInsideQkvRows) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 batch = 2, seq = 7, n_head = 3, head_dim = 8, d = n_head * head_dim;
+  const i64 stride = 3 * d;  // q inside fused [q | k | v] rows: k and v must stay untouched
+  const auto table = hl::make_rope_table<float>(10, head_dim, 10000.0);
+  const cl::DeviceRopeTable d_table(table.cos, table.sin, table.seq_len, table.half);
+  const auto x0 = randn(batch * seq * stride, 30);
+
+  std::vector<float> x = x0;
+  hl::rope_forward(x.data(), table, batch, seq, n_head, head_dim, stride);
+  Dev d_x(x0);
+  cl::rope_forward(ctx, d_x.get(), d_table, batch, seq, n_head, head_dim, stride);
+  const auto gx = d_x.host();
+  expect_close("rope forward", gx, x, kFp32);
+  for (i64 r = 0; r < batch * seq; ++r)
+    for (i64 j = d; j < stride; ++j)
+      ASSERT_EQ(gx[static_cast<std::size_t>(r * stride + j)],
+                x0[static_cast<std::size_t>(r * stride + j)])
+          << "row " << r << " column " << j << " outside q changed";
+
+  std::vector<float> g = x0;
+  hl::rope_backward(g.data(), table, batch, seq, n_head, head_dim, stride);
+  Dev d_g(x0);
+  cl::rope_backward(ctx, d_g.get(), d_table, batch, seq, n_head, head_dim, stride);
+  expect_close("rope backward", d_g.host(), g, kFp32);
+
+  // A table too short for seq is a host-side error.
+  EXPECT_THROW(cl::rope_forward(ctx, d_x.get(), d_table, 1, 11, n_head, head_dim, stride),
+               pion::Error);
+}
+
+TEST(CudaLayers, AttentionMatchesCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 batch = 2, seq = 13, n_head = 3, head_dim = 8, d = n_head * head_dim;
+  const i64 nqkv = batch * seq * 3 * d, nout = batch * seq * d;
+  const i64 nprobs = batch * n_head * seq * seq;
+  const auto qkv = randn(nqkv, 40);
+  const auto dout = randn(nout, 41);
+  const auto dqkv0 = randn(nqkv, 42);
+
+  std::vector<float> out(static_cast<std::size_t>(nout)), probs(static_cast<std::size_t>(nprobs));
+  std::vector<float> scratch(probs.size()), dqkv = dqkv0;
+  hl::attention_forward(out.data(), probs.data(), qkv.data(), batch, seq, n_head, head_dim);
+  hl::attention_backward(dqkv.data(), scratch.data(), dout.data(), probs.data(), qkv.data(), batch,
+                         seq, n_head, head_dim);
+
+  Dev d_qkv(qkv), d_dout(dout), d_out(nout), d_probs(nprobs), d_scratch(nprobs), d_dqkv(dqkv0);
+  cl::attention_forward(ctx, d_out.get(), d_probs.get(), d_qkv.get(), batch, seq, n_head, head_dim);
+  cl::attention_backward(ctx, d_dqkv.get(), d_scratch.get(), d_dout.get(), d_probs.get(),
+                         d_qkv.get(), batch, seq, n_head, head_dim);
+  const auto gprobs = d_probs.host();
+  expect_close("attention out", d_out.host(), out, kFp32Chain);
+  expect_close("attention probs", gprobs, probs, kFp32Chain);
+  expect_close("attention dqkv", d_dqkv.host(), dqkv, kFp32Chain);
+  // The causal mask: exact zeros above the diagonal.
+  for (i64 r = 0; r < batch * n_head * seq; ++r)
+    for (i64 j = r % seq + 1; j < seq; ++j)
+      ASSERT_EQ(gprobs[static_cast<std::size_t>(r * seq + j)], 0.0f) << "row " << r << " key " << j;
+
+  // TF32 GEMMs: close at a loose bound (printed).
+  Dev t_out(nout), t_probs(nprobs);
+  cl::attention_forward(ctx, t_out.get(), t_probs.get(), d_qkv.get(), batch, seq, n_head, head_dim,
+                        cl::MatmulPrecision::Tf32);
+  expect_close("attention out (tf32)", t_out.host(), out, 1e-2);
+  EXPECT_THROW(cl::attention_forward(ctx, t_out.get(), t_probs.get(), d_qkv.get(), batch, seq,
+                                     n_head, head_dim, cl::MatmulPrecision::Bf16),
+               pion::Error);
+}
+
+TEST(CudaLayers, SwigluMatchesCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 19, f = 45;
+  const auto gu = randn(n * 2 * f, 50, 2.0);
+  const auto dout = randn(n * f, 51);
+  const auto dgu0 = randn(n * 2 * f, 52);
+
+  std::vector<float> out(static_cast<std::size_t>(n * f)), dgu = dgu0;
+  hl::swiglu_forward(out.data(), gu.data(), n, f);
+  hl::swiglu_backward(dgu.data(), dout.data(), gu.data(), n, f);
+
+  Dev d_gu(gu), d_dout(dout), d_out(n * f), d_dgu(dgu0);
+  cl::swiglu_forward(ctx, d_out.get(), d_gu.get(), n, f);
+  cl::swiglu_backward(ctx, d_dgu.get(), d_dout.get(), d_gu.get(), n, f);
+  expect_close("swiglu out", d_out.host(), out, kFp32);
+  expect_close("swiglu dgu", d_dgu.host(), dgu, kFp32);
+}
+
+TEST(CudaLayers, ResidualAddAndAccumulate) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 count = 1000;
+  const auto x = randn(count, 60), delta = randn(count, 61), dst0 = randn(count, 62);
+  std::vector<float> sum(x.size()), acc = dst0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    sum[i] = x[i] + delta[i];
+    acc[i] += delta[i];
+  }
+  Dev d_x(x), d_delta(delta), d_out(count), d_dst(dst0);
+  cl::residual_forward(ctx, d_out.get(), d_x.get(), d_delta.get(), count);
+  cl::accumulate(ctx, d_dst.get(), d_delta.get(), count);
+  EXPECT_EQ(d_out.host(), sum);
+  EXPECT_EQ(d_dst.host(), acc);
+  // In place (out aliases x), as the residual stream does.
+  cl::residual_forward(ctx, d_x.get(), d_x.get(), d_delta.get(), count);
+  EXPECT_EQ(d_x.host(), sum);
+}
+
+TEST(CudaLayers, CrossEntropyMatchesCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 29, v = 300;  // v > threads per block
+  const double dloss = 1.7;
+  const auto logits = randn(n * v, 70, 3.0);
+  auto targets = random_ids(n, v, 71);
+  for (i64 i = 0; i < n; i += 4) targets[static_cast<std::size_t>(i)] = -1;  // ignored rows
+  const auto dlogits0 = randn(n * v, 72, 0.01);
+
+  std::vector<float> lse(static_cast<std::size_t>(n)), dlogits = dlogits0;
+  i64 count = 0;
+  const double loss =
+      hl::cross_entropy_forward(lse.data(), logits.data(), targets.data(), n, v, &count);
+  hl::cross_entropy_backward(dlogits.data(), logits.data(), lse.data(), targets.data(), n, v,
+                             dloss);
+
+  cl::CrossEntropyResult result(n);
+  DevIds d_targets(targets);
+  Dev d_logits(logits), d_lse(n), d_dlogits(dlogits0);
+  cl::cross_entropy(ctx, result, d_lse.get(), d_dlogits.get(), d_logits.get(), d_targets.get(), n,
+                    v, dloss);
+  const auto r = result.read(ctx);
+  std::printf("  cross-entropy loss gpu %.9f vs cpu %.9f\n", r.loss, loss);
+  EXPECT_EQ(r.count, count);
+  EXPECT_EQ(r.bad_targets, 0);
+  EXPECT_NEAR(r.loss, loss, 2e-6 * std::abs(loss));
+  expect_close("cross-entropy lse", d_lse.host(), lse, kFp32);
+  expect_close("cross-entropy dlogits", d_dlogits.host(), dlogits, kFp32Chain);
+
+  // Same inputs, same bits (fixed reduction order).
+  Dev d_dlogits2(dlogits0);
+  cl::cross_entropy(ctx, result, nullptr, d_dlogits2.get(), d_logits.get(), d_targets.get(), n, v,
+                    dloss);
+  EXPECT_EQ(result.read(ctx).loss, r.loss);
+  EXPECT_EQ(d_dlogits2.host(), d_dlogits.host());
+}
+
+TEST(CudaLayers, CrossEntropyIgnoredAndBadTargets) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 6, v = 40;
+  const auto logits = randn(n * v, 80);
+  const auto dlogits0 = randn(n * v, 81);
+  cl::CrossEntropyResult result(n);
+  Dev d_logits(logits);
+
+  // No counted row: loss 0 and the gradient untouched (the CPU's convention, not NaN).
+  {
+    DevIds d_targets(std::vector<std::int32_t>(static_cast<std::size_t>(n), -1));
+    Dev d_dlogits(dlogits0);
+    cl::cross_entropy(ctx, result, nullptr, d_dlogits.get(), d_logits.get(), d_targets.get(), n, v,
+                      1.0);
+    const auto r = result.read(ctx);
+    EXPECT_EQ(r.count, 0);
+    EXPECT_EQ(r.loss, 0.0);
+    EXPECT_EQ(d_dlogits.host(), dlogits0);
+  }
+  // A target >= v: counted in bad_targets and otherwise ignored, i.e. the CPU result with that
+  // row's target set to -1 (the CPU itself throws for it).
+  {
+    auto targets = random_ids(n, v, 82);
+    targets[2] = static_cast<std::int32_t>(v);
+    auto cpu_targets = targets;
+    cpu_targets[2] = -1;
+    std::vector<float> lse(static_cast<std::size_t>(n)), dlogits = dlogits0;
+    const double loss =
+        hl::cross_entropy_forward(lse.data(), logits.data(), cpu_targets.data(), n, v);
+    hl::cross_entropy_backward(dlogits.data(), logits.data(), lse.data(), cpu_targets.data(), n, v,
+                               1.0);
+    EXPECT_THROW(hl::cross_entropy_forward(lse.data(), logits.data(), targets.data(), n, v),
+                 pion::Error);
+    DevIds d_targets(targets);
+    Dev d_dlogits(dlogits0);
+    cl::cross_entropy(ctx, result, nullptr, d_dlogits.get(), d_logits.get(), d_targets.get(), n, v,
+                      1.0);
+    const auto r = result.read(ctx);
+    EXPECT_EQ(r.bad_targets, 1);
+    EXPECT_EQ(r.count, n - 1);
+    EXPECT_NEAR(r.loss, loss, 2e-6 * std::abs(loss));
+    expect_close("cross-entropy dlogits (bad row)", d_dlogits.host(), dlogits, kFp32Chain);
+  }
+}
+
+}  // namespace
+
+#endif  // PION_HAVE_CUDA
