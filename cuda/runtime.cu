@@ -115,6 +115,17 @@ void Context::end_capture() {
   PION_CUDA_CHECK(cudaGraphInstantiate(&c.graph_exec, c.graph, 0));
 }
 
+void Context::abort_capture() noexcept {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(impl_->stream, &status) == cudaSuccess &&
+      status != cudaStreamCaptureStatusNone) {
+    cudaGraph_t graph = nullptr;
+    if (cudaStreamEndCapture(impl_->stream, &graph) == cudaSuccess && graph != nullptr)
+      cudaGraphDestroy(graph);
+  }
+  cudaGetLastError();  // clear the (non-sticky) error the failed call left behind
+}
+
 void Context::launch_graph() {
   Impl& c = *impl_;
   check(c.graph_exec != nullptr,

@@ -9,21 +9,17 @@
 # (OpenBLAS, LAPACKE, nlohmann-json, CLI11, GoogleTest) and no network. --fetch-deps
 # downloads those Debian 12 packages into .gpu-deps/ (ignored by git through
 # .git/info/exclude); on the GPU machine they are unpacked under /tmp/pion-deps and CMake,
-# pkg-config and the loader are pointed there. Where the libraries are installed, no
-# .gpu-deps/ is needed. Build directory: build-gpu (Release, PION_CUDA=ON, no benchmarks).
+# pkg-config and the loader are pointed there (scripts/gpu-env.sh). Where the libraries are
+# installed, no .gpu-deps/ is needed. Build directory: build-gpu (Release, PION_CUDA=ON, no
+# benchmarks). The optimizer benchmark on the GPU is scripts/gpu-bench.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-deps_dir=.gpu-deps
-packages=(libopenblas-dev libopenblas-pthread-dev libopenblas0-pthread libgfortran5
-  liblapacke-dev liblapacke libtmglib3 libcli11-dev nlohmann-json3-dev libgtest-dev
-  pkgconf-bin libpkgconf3)
+# The dependency set-up and the build-gpu configuration are shared with gpu-bench.sh.
+source scripts/gpu-env.sh
 
 if [[ "${1:-}" == "--fetch-deps" ]]; then
-  mkdir -p "$deps_dir"
-  grep -qxF "/$deps_dir/" .git/info/exclude 2>/dev/null || echo "/$deps_dir/" >>.git/info/exclude
-  (cd "$deps_dir" && apt-get download "${packages[@]}")
-  ls -l "$deps_dir"
+  pion_gpu_fetch_deps
   exit 0
 fi
 
@@ -31,28 +27,11 @@ echo "== GPU"
 nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv,noheader
 nvcc --version | tail -n 1 || /usr/local/cuda/bin/nvcc --version | tail -n 1
 
-cmake_extra=()
-if compgen -G "$deps_dir/*.deb" >/dev/null; then
-  prefix=/tmp/pion-deps
-  mkdir -p "$prefix"
-  for f in "$deps_dir"/*.deb; do dpkg -x "$f" "$prefix"; done
-  lib="$prefix/usr/lib/x86_64-linux-gnu"
-  export CMAKE_PREFIX_PATH="$prefix/usr${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
-  # openblas.pc names absolute /usr paths: the sysroot prefix maps them into $prefix.
-  export PKG_CONFIG_PATH="$lib/openblas-pthread/pkgconfig:$lib/pkgconfig:$prefix/usr/share/pkgconfig"
-  export PKG_CONFIG_SYSROOT_DIR="$prefix"
-  # liblapacke needs libblas.so.3 / liblapack.so.3 (OpenBLAS's, normally chosen by Debian's
-  # alternatives) at link and run time.
-  export LD_LIBRARY_PATH="$lib:$lib/openblas-pthread${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  export CPATH="$prefix/usr/include${CPATH:+:$CPATH}"
-  command -v pkg-config >/dev/null || cmake_extra+=("-DPKG_CONFIG_EXECUTABLE=$prefix/usr/bin/pkgconf")
-  echo "== using the Debian packages in $deps_dir (unpacked under $prefix)"
-fi
+pion_gpu_use_deps
 
 echo "== build"
 start=$(date +%s)
-cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DPION_CUDA=ON -DPION_BUILD_BENCH=OFF \
-  -DPION_MPI=OFF "${cmake_extra[@]}"
+pion_gpu_configure
 cmake --build build-gpu -j"$(nproc)" --target pion test_cuda_optim test_cuda_layers
 echo "build took $(($(date +%s) - start)) s"
 

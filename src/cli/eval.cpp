@@ -34,7 +34,7 @@ void run_eval(const EvalArgs& args) {
               ", the checkpoint " + std::to_string(ck.model->config().vocab_size));
     Evaluator evaluate = make_shard_evaluator(data.val_path, ck.config, args.batches);
     ck.model->set_training(false);
-    const double loss = evaluate(*ck.model);
+    const double loss = evaluate(cpu_batch_loss(*ck.model));
     result["val_loss"] = loss;
     result["perplexity"] = std::exp(loss);
     std::cout << "val loss " << loss << " | perplexity " << std::exp(loss) << " (" << args.batches

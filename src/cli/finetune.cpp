@@ -7,6 +7,7 @@
 
 #include "cli/commands.h"
 #include "cli/config_flags.h"
+#include "cli/run_on_device.h"
 #include "cli/exact_match_eval.h"
 #include "pion/core/error.h"
 #include "pion/train/session.h"
@@ -40,6 +41,7 @@ void run_finetune(const ConfigFlags& flags, const FinetuneArgs& args) {
           std::string("finetune: '") + key + "' comes from the checkpoint and cannot change");
   config.data = args.tasks;
   config.validate();
+  require_device(config);
 
   std::vector<FinetuneExample> examples = load_finetune_jsonl(args.tasks);
   check(examples.size() >= 2, "finetune: need at least 2 examples in '" + args.tasks + "'");
@@ -66,7 +68,7 @@ void run_finetune(const ConfigFlags& flags, const FinetuneArgs& args) {
   in.train_source = make_finetune_source(train_set, config);
   const int eval_batches = static_cast<int>(std::min<std::int64_t>(config.eval_iters, (val.size() + config.batch_size - 1) / config.batch_size));
   in.evaluate = make_finetune_evaluator(val_set, config, std::max(1, eval_batches));
-  TrainSummary s = run_training(std::move(in), model);
+  TrainSummary s = run_training_on_device(std::move(in), model);
 
   const std::size_t k = std::min<std::size_t>(val.size(), static_cast<std::size_t>(args.eval_examples));
   const double acc = exact_match_accuracy(model, *base.tokenizer, std::span(val).first(k), std::cout);

@@ -76,6 +76,7 @@ int main(int argc, char** argv) {
   pion::cli::add_prepare_command(app);
   pion::cli::add_make_task_command(app);
   pion::cli::add_optim_trace_command(app);
+  pion::cli::add_bench_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -4,6 +4,7 @@
 
 #include "cli/commands.h"
 #include "cli/config_flags.h"
+#include "cli/run_on_device.h"
 #include "pion/core/error.h"
 #include "pion/core/random.h"
 #include "pion/dist/communicator.h"
@@ -40,6 +41,7 @@ void run_train(const ConfigFlags& flags, bool resume, int stop_after, double col
     }
   }
   config.validate();
+  require_device(config);
   // Checked before the dataset is prepared, so a mistyped out_dir fails at once.
   const std::string checkpoint = config.out_dir + "/checkpoint.safetensors";
   check(!resume || std::filesystem::exists(checkpoint),
@@ -81,7 +83,7 @@ void run_train(const ConfigFlags& flags, bool resume, int stop_after, double col
   in.extra_metadata = {{"mode", "pretrain"}, {"tokenizer", tokenizer_copy}, {"dataset", data.dir}};
   in.train_source = make_shard_source(data.train_path, config);
   in.evaluate = make_shard_evaluator(data.val_path, config, config.eval_iters);
-  TrainSummary s = run_training(std::move(in), model);
+  TrainSummary s = run_training_on_device(std::move(in), model);
   std::cout << "done: best val loss " << s.best_val_loss << ", " << s.tokens_per_sec
             << " tok/s, spectrum drift " << s.spectrum_drift_max << ", skipped steps "
             << s.skipped_steps << " -> " << config.out_dir << "/summary.json\n";

@@ -68,6 +68,24 @@ const StateMap* Optimizer::state(const std::string& param_name) const {
   return it == state_.end() ? nullptr : &it->second;
 }
 
+void Optimizer::set_state(const std::string& param_name, StateMap state) {
+  const Param* owner = nullptr;
+  for (const auto& g : groups_)
+    for (const auto& p : g.params)
+      if (p.name == param_name) owner = &p;
+  check(owner != nullptr, kind() + ": set_state for unknown parameter '" + param_name + "'");
+  for (const auto& [key, t] : state)
+    check(t.dtype() == DType::F32, kind() + ": state '" + key + "' of '" + param_name + "' must be F32");
+  check_state(*owner, state);
+  state_[param_name] = std::move(state);
+}
+
+void Optimizer::set_counters(std::int64_t steps, std::int64_t skipped_steps) {
+  check(steps >= 0 && skipped_steps >= 0, kind() + ": step counters must be >= 0");
+  steps_ = steps;
+  skipped_steps_ = skipped_steps;
+}
+
 std::size_t Optimizer::state_bytes() const {
   std::size_t bytes = 0;
   for (const auto& [name, s] : state_)

@@ -176,6 +176,22 @@ void Pion::update_matrix(Param& p, double lr, const Options& o) {
   if (o.reanchor_every > 0 && steps_ % o.reanchor_every == 0) reanchor(p.value, state.at("sigma0"));
 }
 
+double relative_spectrum_drift(const Tensor& w, const Tensor& sigma0) {
+  const Tensor sigma = singular_values(w.to(DType::F64));
+  check(sigma.numel() == sigma0.numel(), "spectrum drift: " + std::to_string(sigma0.numel()) +
+                                             " reference singular values for a matrix with " +
+                                             std::to_string(sigma.numel()));
+  const Tensor ref32 = sigma0.to(DType::F32);
+  const double* now = sigma.data<double>();
+  const float* ref = ref32.data<float>();
+  double worst = 0.0, largest = 0.0;
+  for (std::int64_t i = 0; i < sigma0.numel(); ++i) {
+    worst = std::max(worst, std::abs(now[i] - static_cast<double>(ref[i])));
+    largest = std::max(largest, static_cast<double>(ref[i]));
+  }
+  return largest > 0.0 ? worst / largest : worst;
+}
+
 const Param& Pion::find_param(const std::string& name) const {
   for (const auto& g : groups_)
     for (const auto& p : g.params)
@@ -187,16 +203,7 @@ double Pion::spectrum_drift(const std::string& param_name) const {
   const Param& p = find_param(param_name);
   const StateMap* st = state(param_name);
   if (st == nullptr || st->find("sigma0") == st->end()) return 0.0;
-  const Tensor sigma = singular_values(p.value.to(DType::F64));
-  const Tensor& sigma0 = st->at("sigma0");
-  const double* now = sigma.data<double>();
-  const float* ref = sigma0.data<float>();
-  double worst = 0.0, largest = 0.0;
-  for (std::int64_t i = 0; i < sigma0.numel(); ++i) {
-    worst = std::max(worst, std::abs(now[i] - static_cast<double>(ref[i])));
-    largest = std::max(largest, static_cast<double>(ref[i]));
-  }
-  return largest > 0.0 ? worst / largest : worst;
+  return relative_spectrum_drift(p.value, st->at("sigma0"));
 }
 
 std::map<std::string, double> Pion::spectrum_drifts() const {

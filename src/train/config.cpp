@@ -77,6 +77,11 @@ const std::vector<Field>& fields() {
       field("seed", "random seed", &TrainConfig::seed),
       field("threads", "OpenMP/BLAS threads (0 = all cores)", &TrainConfig::threads),
       field("out_dir", "output directory (metrics, summary, checkpoint)", &TrainConfig::out_dir),
+      field("device", "cpu | cuda (the GPU back end: model, optimizers and loss on device 0)", &TrainConfig::device),
+      field("matmul_precision", "cuda: the model's GEMMs, bf16 | tf32 | fp32 (fp32 accumulation, fp32 master weights)", &TrainConfig::matmul_precision),
+      field("attention", "cuda: auto | flash | materialized (auto: flash once seq_len > 256)", &TrainConfig::attention),
+      field("pion_precision", "cuda: Pion's GEMMs, fp32 | mixed (TF32 tensor cores, fp32 weights)", &TrainConfig::pion_precision),
+      field("muon_precision", "cuda: Muon's Newton-Schulz, bf16 | fp32", &TrainConfig::muon_precision),
   };
   return table;
 }
@@ -191,6 +196,11 @@ void TrainConfig::validate() const {
   check(weight_decay >= 0 && grad_clip >= 0 && init_std > 0 && pion_c > 0,
         "config: weight_decay and grad_clip must be >= 0, init_std and pion_c > 0");
   check(!out_dir.empty(), "config key 'out_dir' must not be empty");
+  check(one_of(device, {"cpu", "cuda"}), "config key 'device' must be cpu or cuda, got '" + device + "'");
+  check(one_of(matmul_precision, {"bf16", "tf32", "fp32"}), "config key 'matmul_precision' must be bf16, tf32 or fp32, got '" + matmul_precision + "'");
+  check(one_of(attention, {"auto", "flash", "materialized"}), "config key 'attention' must be auto, flash or materialized, got '" + attention + "'");
+  check(one_of(pion_precision, {"fp32", "mixed"}), "config key 'pion_precision' must be fp32 or mixed, got '" + pion_precision + "'");
+  check(one_of(muon_precision, {"bf16", "fp32"}), "config key 'muon_precision' must be bf16 or fp32, got '" + muon_precision + "'");
 }
 
 }  // namespace pion

@@ -107,13 +107,14 @@ class FinetuneSource : public BatchSource {
 template <class Loader>
 Evaluator make_evaluator(std::shared_ptr<Loader> loader, const TrainConfig& c, int batches) {
   const int T = c.seq_len;
-  return [loader, batches, T](Llama<float>& model) {
+  return [loader, batches, T](const BatchLoss& batch_loss) {
     // Each rank evaluates its rows of every eval batch; the sums are reduced over ranks.
     double sums[2] = {0.0, 0.0};  // loss * count, count
     for (int k = 0; k < batches; ++k) {
       Batch b = loader->eval_batch(k);
-      const double loss = model.forward(b.inputs, b.targets, static_cast<int>(b.rows), T);
-      const double n = static_cast<double>(model.target_count());
+      std::int64_t counted = 0;
+      const double loss = batch_loss(b.inputs, b.targets, static_cast<int>(b.rows), T, counted);
+      const double n = static_cast<double>(counted);
       sums[0] += loss * n;
       sums[1] += n;
     }

@@ -23,6 +23,7 @@
 #include "pion/model/init.h"
 #include "pion/optim/schedule.h"
 #include "pion/train/build_optimizer.h"
+#include "pion/train/checkpoint.h"
 #include "pion/train/metrics.h"
 
 namespace pion {
@@ -34,23 +35,6 @@ std::atomic<bool> g_interrupted{false};
 extern "C" void on_sigint(int) {
   if (g_interrupted.exchange(true)) std::_Exit(130);  // a second Ctrl-C: leave now
 }
-
-// Installs the SIGINT handler for the lifetime of a training run.
-class SigintGuard {
- public:
-  SigintGuard() {
-    g_interrupted = false;
-    previous_ = std::signal(SIGINT, on_sigint);
-  }
-  ~SigintGuard() { std::signal(SIGINT, previous_); }
-  SigintGuard(const SigintGuard&) = delete;
-  SigintGuard& operator=(const SigintGuard&) = delete;
-
- private:
-  void (*previous_)(int) = SIG_DFL;
-};
-
-constexpr const char* kCheckpointFormat = "pion-train-checkpoint-v1";
 
 // CPU seconds used by this process so far (all threads).
 double process_cpu_seconds() {
@@ -75,39 +59,7 @@ void scale(Tensor& t, float factor) {
   for (std::int64_t i = 0; i < n; ++i) p[i] *= factor;
 }
 
-nlohmann::json rng_json(const Rng& rng) {
-  auto s = rng.state();
-  return nlohmann::json::array({s[0], s[1], s[2], s[3]});
-}
-void restore_rng(Rng& rng, const nlohmann::json& j) {
-  rng.set_state({j.at(0).get<std::uint64_t>(), j.at(1).get<std::uint64_t>(),
-                 j.at(2).get<std::uint64_t>(), j.at(3).get<std::uint64_t>()});
-}
-
-nlohmann::json spectra_json(const std::vector<Param>& params) {
-  nlohmann::json out = nlohmann::json::array();
-  for (const auto& s : hidden_spectra(params))
-    out.push_back({{"name", s.name}, {"rows", s.rows}, {"cols", s.cols}, {"sigma", s.sigma}});
-  return out;
-}
-
-void write_json_file(const std::string& path, const nlohmann::json& j) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp);
-    out << j.dump(2) << "\n";
-    check(static_cast<bool>(out), "cannot write '" + tmp + "' (disk full?)");
-  }
-  std::filesystem::rename(tmp, path);
-}
-
-struct Progress {
-  int step = 0;
-  double best_val_loss = std::numeric_limits<double>::infinity();
-  double last_val_loss = std::numeric_limits<double>::quiet_NaN();
-  double tokens_seen = 0.0;
-  double wall_seconds = 0.0;  // training time before this process (resumed runs)
-};
+using Progress = TrainProgress;
 
 // Every rank calls this (it gathers the sharded optimizer state); only rank 0 writes, with
 // the atomic writer, so a rank dying mid-save leaves the previous checkpoint intact.
@@ -129,20 +81,8 @@ void save_checkpoint(const std::string& path, const TrainConfig& config, Llama<f
   model.save_weights(file, "model.");
   for (auto& [name, t] : state.tensors) file.tensors[name] = t;
   for (auto& [key, value] : state.metadata) file.metadata[key] = value;
-  nlohmann::json meta = {{"format", kCheckpointFormat},
-                         {"step", progress.step},
-                         {"best_val_loss", std::isfinite(progress.best_val_loss)
-                                               ? nlohmann::json(progress.best_val_loss)
-                                               : nlohmann::json(nullptr)},
-                         {"tokens_seen", progress.tokens_seen},
-                         {"wall_seconds", progress.wall_seconds},
-                         {"data_state", source.state()},
-                         {"dropout_rng", rng_json(model.dropout_rng())}};
-  file.metadata["pion.train"] = meta.dump();
-  file.metadata["pion.config"] = config.to_json().dump();
-  file.metadata["pion.model_config"] = model.config().to_json().dump();
-  file.metadata["pion.extra"] = extra.dump();
-  save_safetensors(path, file);
+  write_train_checkpoint(path, config, model.config(), std::move(file), progress, source.state(),
+                         model.dropout_rng(), extra);
 }
 
 // Contiguous [offset, offset + count) ranges of the gradient buffer, one per layer, that
@@ -174,6 +114,24 @@ std::vector<Bucket> layer_buckets(const Llama<float>& model) {
 
 bool interrupt_requested() {
   return g_interrupted.load();
+}
+
+SigintGuard::SigintGuard() {
+  g_interrupted = false;
+  previous_ = std::signal(SIGINT, on_sigint);
+}
+
+SigintGuard::~SigintGuard() {
+  std::signal(SIGINT, previous_);
+}
+
+BatchLoss cpu_batch_loss(Llama<float>& model) {
+  return [&model](std::span<const std::int32_t> inputs, std::span<const std::int32_t> targets,
+                  int rows, int seq, std::int64_t& counted) {
+    const double loss = model.forward(inputs, targets, rows, seq);
+    counted = model.target_count();
+    return loss;
+  };
 }
 
 std::string checkpoint_path(const std::string& out_dir) {
@@ -247,28 +205,14 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   Progress progress;
 
   if (in.resume) {
-    check(std::filesystem::exists(ckpt), "--resume: no checkpoint at '" + ckpt +
-                                             "'; start without --resume or point out_dir at a run");
-    TensorFile file = load_safetensors(ckpt);
-    auto meta_it = file.metadata.find("pion.train");
-    check(meta_it != file.metadata.end(), "'" + ckpt + "' is not a pion training checkpoint");
-    const auto meta = nlohmann::json::parse(meta_it->second);
-    check(meta.value("format", "") == kCheckpointFormat,
-          "'" + ckpt + "' has an unknown checkpoint format");
-    const auto saved_model = nlohmann::json::parse(file.metadata.at("pion.model_config"));
-    check(
-        saved_model == model.config().to_json(),
-        "--resume: the checkpoint's model shape differs from the config's: " + saved_model.dump());
-    model.load_weights(file, "model.");
+    ResumePoint point = read_train_checkpoint(ckpt, model.config());
+    model.load_weights(point.file, "model.");
     // The file holds every parameter's state whatever N it was saved with; keep ours.
-    optimizers.load_state(world > 1 ? dist::shard_optimizer_state(file, layout, owned) : file);
-    source.restore(meta.at("data_state"));
-    restore_rng(model.dropout_rng(), meta.at("dropout_rng"));
-    progress.step = meta.at("step").get<int>();
-    if (!meta.at("best_val_loss").is_null())
-      progress.best_val_loss = meta.at("best_val_loss").get<double>();
-    progress.tokens_seen = meta.at("tokens_seen").get<double>();
-    progress.wall_seconds = meta.at("wall_seconds").get<double>();
+    optimizers.load_state(world > 1 ? dist::shard_optimizer_state(point.file, layout, owned)
+                                    : point.file);
+    source.restore(point.data_state);
+    restore_rng(model.dropout_rng(), point.dropout_rng);
+    progress = point.progress;
     std::cout << "resumed from " << ckpt << " at step " << progress.step << "\n";
   } else if (!in.init_from.empty()) {
     TensorFile file = load_safetensors(in.init_from);
@@ -285,7 +229,8 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
 
   if (root) {
     write_json_file(cfg.out_dir + "/config.json", cfg.to_json());
-    if (!in.resume) write_json_file(cfg.out_dir + "/spectrum_init.json", spectra_json(params));
+    if (!in.resume && !in.benchmark_only)
+      write_json_file(cfg.out_dir + "/spectrum_init.json", spectra_json(params));
   }
   std::optional<JsonlWriter> metrics;
   if (root) metrics.emplace(cfg.out_dir + "/metrics.jsonl", in.resume);
@@ -348,7 +293,7 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   auto evaluate = [&](nlohmann::json& record) {
     if (!in.evaluate) return;
     model.set_training(false);
-    const double val = in.evaluate(model);
+    const double val = in.evaluate(cpu_batch_loss(model));
     model.set_training(true);
     progress.last_val_loss = val;
     progress.best_val_loss = std::min(progress.best_val_loss, val);
@@ -453,7 +398,8 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   model.set_layer_grads_ready_hook({});
   summary.interrupted = should_stop() && progress.step < cfg.max_iters;
   progress.wall_seconds += std::chrono::duration<double>(Clock::now() - run_start).count();
-  save_checkpoint(ckpt, cfg, model, optimizers, layout, source, progress, in.extra_metadata);
+  if (!in.benchmark_only)
+    save_checkpoint(ckpt, cfg, model, optimizers, layout, source, progress, in.extra_metadata);
   if (summary.interrupted)
     std::cout << "interrupted: checkpoint saved to " << ckpt << "; continue with --resume\n";
 
@@ -466,7 +412,8 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   summary.optimizer_step_cpu_ms =
       comm.allgather(steps_this_run > 0 ? 1e3 * optim_cpu_seconds / steps_this_run : 0.0);
   summary.sync_ms = comm.allgather(sync_ms);
-  const double drift = comm.allreduce_max(max_spectrum_drift(optimizers));
+  const double drift =
+      in.benchmark_only ? 0.0 : comm.allreduce_max(max_spectrum_drift(optimizers));
   for (int r = 0; r < world; ++r)
     std::cout << "rank " << r << ": optimizer state "
               << summary.optimizer_state_bytes[static_cast<std::size_t>(r)] / (1 << 20)
@@ -478,7 +425,8 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
                       : "")
               << "\n";
 
-  if (root) write_json_file(cfg.out_dir + "/spectrum_final.json", spectra_json(params));
+  if (root && !in.benchmark_only)
+    write_json_file(cfg.out_dir + "/spectrum_final.json", spectra_json(params));
   summary.best_val_loss = progress.best_val_loss;
   summary.final_val_loss = progress.last_val_loss;
   summary.final_train_loss = last_loss;

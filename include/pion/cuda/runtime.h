@@ -61,6 +61,9 @@ class Context {
   void begin_capture();
   void end_capture();
   void launch_graph();
+  // Ends a capture that failed part-way (a call inside it threw), discarding what was
+  // recorded, so the stream can be used eagerly again. Never throws.
+  void abort_capture() noexcept;
 
   struct Impl;  // CUDA types live in cuda/context.cuh
   Impl& impl() { return *impl_; }

@@ -33,6 +33,8 @@ class OptimizerSet {
   void zero_grad();
   void set_lr_factor(double factor);
   std::int64_t skipped_steps() const { return skipped_steps_; }
+  // Restores the set-level count (a GPU run keeps its own and copies it here to save).
+  void set_skipped_steps(std::int64_t skipped) { skipped_steps_ = skipped; }
   std::size_t state_bytes() const;
   std::vector<std::unique_ptr<Optimizer>>& optimizers() { return optimizers_; }
   const std::vector<std::unique_ptr<Optimizer>>& optimizers() const { return optimizers_; }

@@ -59,6 +59,12 @@ class Optimizer {
 
   // State of one parameter, or nullptr before its first step.
   const StateMap* state(const std::string& param_name) const;
+  // Replaces the state of one parameter and the step counters, e.g. with a copy of what a GPU
+  // optimizer holds, so this optimizer's state dict (save_state) describes that run. The
+  // state is validated (check_state: every tensor present, right shapes) before anything
+  // changes; an unknown parameter name throws pion::Error.
+  void set_state(const std::string& param_name, StateMap state);
+  void set_counters(std::int64_t steps, std::int64_t skipped_steps);
   // Bytes of optimizer state (all StateMaps).
   std::size_t state_bytes() const;
 

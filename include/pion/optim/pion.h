@@ -37,6 +37,10 @@ const char* retraction_name(PionRetraction r);
 // Parses "taylor2", "cayley" or "exp"; throws pion::Error naming the choices otherwise.
 PionRetraction parse_retraction(const std::string& name);
 
+// max_i |sigma_i(w) - sigma0_i| / max_i sigma0_i, with w's singular values from an fp64 SVD:
+// how far a matrix's spectrum has moved from sigma0 (the drift Pion reports).
+double relative_spectrum_drift(const Tensor& w, const Tensor& sigma0);
+
 class Pion : public Optimizer {
  public:
   struct Options {

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -39,8 +40,15 @@ class BatchSource {
   virtual void restore(const nlohmann::json& state) = 0;
 };
 
+// The mean loss of one batch [rows, seq] on some model (CPU or GPU); sets `counted` to the
+// number of targets the mean is over.
+using BatchLoss = std::function<double(std::span<const std::int32_t> inputs,
+                                       std::span<const std::int32_t> targets, int rows, int seq,
+                                       std::int64_t& counted)>;
+// The CPU model's BatchLoss (forward only; the model must outlive it).
+BatchLoss cpu_batch_loss(Llama<float>& model);
 // Validation: the mean loss over a fixed set of batches (the same every eval).
-using Evaluator = std::function<double(Llama<float>&)>;
+using Evaluator = std::function<double(const BatchLoss&)>;
 
 struct TrainSummary {
   double best_val_loss = 0.0;
@@ -75,6 +83,9 @@ struct TrainInputs {
   // Data parallelism: seconds a rank may wait in one collective before it ends the job
   // (another rank died or hangs). <= 0: wait forever.
   double collective_timeout = 600.0;
+  // `pion bench train`: no checkpoint and no spectra or drift (they cost SVDs and disk, not
+  // training time); metrics.jsonl and summary.json are still written.
+  bool benchmark_only = false;
 };
 
 TrainSummary run_training(TrainInputs inputs, Llama<float>& model);
@@ -84,5 +95,16 @@ std::string checkpoint_path(const std::string& out_dir);
 
 // Set by the SIGINT handler that run_training installs; a second Ctrl-C exits at once.
 bool interrupt_requested();
+// Installs that handler for its lifetime (and clears the flag).
+class SigintGuard {
+ public:
+  SigintGuard();
+  ~SigintGuard();
+  SigintGuard(const SigintGuard&) = delete;
+  SigintGuard& operator=(const SigintGuard&) = delete;
+
+ private:
+  void (*previous_)(int) = nullptr;
+};
 
 }  // namespace pion

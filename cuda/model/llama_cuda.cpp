@@ -1,0 +1,361 @@
+// The decoder on the GPU (include/pion/cuda/llama.h): the same sequence of layer calls as
+// src/model/llama.cpp, on device buffers, with pion/cuda/layers.h in place of the CPU layers.
+#include "pion/cuda/llama.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "pion/core/error.h"
+#include "pion/cuda/flash_attention.h"
+#include "pion/cuda/vector_ops.h"
+#include "pion/model/layers.h"
+
+namespace pion::cuda {
+
+using layers::i64;
+using layers::MatmulPrecision;
+
+layers::MatmulPrecision parse_matmul_precision(const std::string& name) {
+  if (name == "bf16") return MatmulPrecision::Bf16;
+  if (name == "tf32") return MatmulPrecision::Tf32;
+  if (name == "fp32") return MatmulPrecision::Fp32;
+  throw Error("matmul precision must be bf16, tf32 or fp32, got '" + name + "'");
+}
+
+CudaAttention parse_attention(const std::string& name, int seq_len) {
+  if (name == "flash") return CudaAttention::Flash;
+  if (name == "materialized") return CudaAttention::Materialized;
+  if (name == "auto") return seq_len > 256 ? CudaAttention::Flash : CudaAttention::Materialized;
+  throw Error("attention must be auto, flash or materialized, got '" + name + "'");
+}
+
+namespace {
+
+struct LayerParams {
+  float *attn_norm, *wqkv, *wo, *mlp_norm, *w_gate_up, *w_down;
+};
+struct Weights {
+  float* tok_embedding = nullptr;
+  std::vector<LayerParams> layers;
+  float* final_norm = nullptr;
+  float* lm_head = nullptr;
+};
+
+// Pointers into a flat buffer in llama_param_layout order (as Llama::weights_in).
+Weights weights_in(float* base, const std::vector<ParamEntry>& layout, int n_layer) {
+  std::size_t k = 0;
+  auto next = [&]() { return base + layout[k++].offset; };
+  Weights w;
+  w.tok_embedding = next();
+  for (int i = 0; i < n_layer; ++i) {
+    LayerParams l{};
+    l.attn_norm = next();
+    l.wqkv = next();
+    k += 2;  // wk, wv follow wq: one [3d, d] matrix
+    l.wo = next();
+    l.mlp_norm = next();
+    l.w_gate_up = next();
+    k += 1;  // w_up follows w_gate: one [2f, d] matrix
+    l.w_down = next();
+    w.layers.push_back(l);
+  }
+  w.final_norm = next();
+  w.lm_head = next();
+  return w;
+}
+
+// Activations of one layer kept for backward (as Llama<T>::LayerActs).
+struct LayerActs {
+  float *x_in, *h1, *rstd1, *qkv, *attn_keep, *att, *x_mid, *h2, *rstd2, *gu, *act;
+  // attn_keep: probs [B, H, T, T] (materialised) or the logsumexp [B, H, T] (flash).
+};
+
+}  // namespace
+
+struct CudaLlama::Impl {
+  DeviceBuffer params, grads;
+  layers::DeviceRopeTable rope;
+  Weights w, g;
+
+  // Per-(batch, seq) buffers, allocated on the first call with that shape.
+  int batch = 0, seq = 0;
+  DeviceBuffer acts, grad_acts;
+  DeviceInt32Buffer tokens, targets;
+  std::unique_ptr<layers::Bf16Workspace> bf16;
+  std::unique_ptr<layers::CrossEntropyResult> loss;
+  std::vector<LayerActs> layer_acts;
+  float *x_final = nullptr, *h_final = nullptr, *rstd_final = nullptr, *logits = nullptr,
+        *lse = nullptr, *proj = nullptr;
+  // Gradient scratch, one layer at a time.
+  float *dres = nullptr, *dh = nullptr, *dqkv = nullptr, *datt = nullptr, *dgu = nullptr,
+        *dact = nullptr, *dlogits = nullptr, *attn_scratch = nullptr;
+  bool have_loss = false;
+  DeviceScalars norm{1};
+
+  Impl(std::int64_t num_params, const pion::layers::RopeTable<float>& table, i64 seq_len, i64 half)
+      : params(static_cast<std::size_t>(num_params)),
+        grads(static_cast<std::size_t>(num_params)),
+        rope(table.cos, table.sin, seq_len, half) {}
+};
+
+CudaLlama::CudaLlama(Context& ctx, const ModelConfig& config, const CudaLlamaOptions& options)
+    : ctx_(ctx), config_(config), options_(options), layout_(llama_param_layout(config)) {
+  check(config.dropout == 0.0,
+        "--device cuda does not implement dropout yet: set dropout 0 (or train on the CPU)");
+  num_params_ = layout_.back().offset + layout_.back().numel();
+  const auto table = pion::layers::make_rope_table<float>(config.seq_len, config.head_dim(),
+                                                    config.rope_theta);
+  impl_ = std::make_unique<Impl>(num_params_, table, config.seq_len, config.head_dim() / 2);
+  impl_->params.zero();
+  impl_->grads.zero();
+  impl_->w = weights_in(impl_->params.data(), layout_, config.n_layer);
+  impl_->g = weights_in(impl_->grads.data(), layout_, config.n_layer);
+}
+
+CudaLlama::~CudaLlama() = default;
+
+float* CudaLlama::params() {
+  return impl_->params.data();
+}
+float* CudaLlama::grads() {
+  return impl_->grads.data();
+}
+
+void CudaLlama::upload_params(std::span<const float> host) {
+  check(static_cast<std::int64_t>(host.size()) == num_params_,
+        "CudaLlama::upload_params: got " + std::to_string(host.size()) + " values for " +
+            std::to_string(num_params_) + " parameters");
+  impl_->params.upload(host.data(), host.size());
+}
+
+void CudaLlama::download_params(std::span<float> host) const {
+  check(static_cast<std::int64_t>(host.size()) == num_params_,
+        "CudaLlama::download_params: room for " + std::to_string(host.size()) + " values, " +
+            std::to_string(num_params_) + " needed");
+  impl_->params.download(host.data(), host.size());
+}
+
+void CudaLlama::download_grads(std::span<float> host) const {
+  check(static_cast<std::int64_t>(host.size()) == num_params_,
+        "CudaLlama::download_grads: room for " + std::to_string(host.size()) + " values, " +
+            std::to_string(num_params_) + " needed");
+  impl_->grads.download(host.data(), host.size());
+}
+
+namespace {
+
+void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOptions& o,
+                    int batch, int seq) {
+  if (batch == m.batch && seq == m.seq) return;
+  const i64 n = static_cast<i64>(batch) * seq, d = c.d_model, f = c.ffn_size();
+  const i64 v = c.vocab_size, h = c.n_head, L = c.n_layer;
+  const bool flash = o.attention == CudaAttention::Flash;
+  const i64 keep = flash ? static_cast<i64>(layers::flash_attention_lse_elements(batch, seq, h))
+                         : static_cast<i64>(batch) * h * seq * seq;
+  const i64 attn_scratch =
+      flash ? static_cast<i64>(layers::flash_attention_scratch_elements(batch, seq, h))
+            : static_cast<i64>(batch) * h * seq * seq;
+  const i64 per_layer = n * d /*x_in*/ + n * d /*h1*/ + n /*rstd1*/ + 3 * n * d /*qkv*/ + keep +
+                        n * d /*att*/ + n * d /*x_mid*/ + n * d /*h2*/ + n /*rstd2*/ +
+                        2 * n * f /*gu*/ + n * f /*act*/;
+  const i64 tail = n * d /*x_final*/ + n * d /*h_final*/ + n /*rstd*/ + n * v /*logits*/ +
+                   n /*lse*/ + n * d /*proj*/;
+  // Release the old shape's buffers before allocating the new ones.
+  m.acts = DeviceBuffer();
+  m.grad_acts = DeviceBuffer();
+  m.acts = DeviceBuffer(static_cast<std::size_t>(L * per_layer + tail));
+  float* p = m.acts.data();
+  auto take = [&p](i64 count) {
+    float* r = p;
+    p += count;
+    return r;
+  };
+  m.layer_acts.assign(static_cast<std::size_t>(L), LayerActs{});
+  for (auto& a : m.layer_acts) {
+    a.x_in = take(n * d);
+    a.h1 = take(n * d);
+    a.rstd1 = take(n);
+    a.qkv = take(3 * n * d);
+    a.attn_keep = take(keep);
+    a.att = take(n * d);
+    a.x_mid = take(n * d);
+    a.h2 = take(n * d);
+    a.rstd2 = take(n);
+    a.gu = take(2 * n * f);
+    a.act = take(n * f);
+  }
+  m.x_final = take(n * d);
+  m.h_final = take(n * d);
+  m.rstd_final = take(n);
+  m.logits = take(n * v);
+  m.lse = take(n);
+  m.proj = take(n * d);
+
+  m.grad_acts = DeviceBuffer(
+      static_cast<std::size_t>(n * d /*dres*/ + n * d /*dh*/ + 3 * n * d /*dqkv*/ +
+                               n * d /*datt*/ + 2 * n * f /*dgu*/ + n * f /*dact*/ +
+                               n * v /*dlogits*/ + attn_scratch));
+  p = m.grad_acts.data();
+  m.dres = take(n * d);
+  m.dh = take(n * d);
+  m.dqkv = take(3 * n * d);
+  m.datt = take(n * d);
+  m.dgu = take(2 * n * f);
+  m.dact = take(n * f);
+  m.dlogits = take(n * v);
+  m.attn_scratch = take(attn_scratch);
+
+  m.tokens = DeviceInt32Buffer(static_cast<std::size_t>(n));
+  m.targets = DeviceInt32Buffer(static_cast<std::size_t>(n));
+  m.loss = std::make_unique<layers::CrossEntropyResult>(n);
+  m.bf16.reset();
+  if (o.matmul == MatmulPrecision::Bf16) {
+    std::size_t need = 0;
+    for (auto [din, dout] : {std::pair<i64, i64>{d, 3 * d}, {d, d}, {d, 2 * f}, {f, d}, {d, v}})
+      need = std::max(need, layers::linear_bf16_workspace_elements(n, din, dout));
+    m.bf16 = std::make_unique<layers::Bf16Workspace>(need);
+  }
+  m.batch = batch;
+  m.seq = seq;
+}
+
+}  // namespace
+
+void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
+                                 std::span<const std::int32_t> targets, int batch, int seq,
+                                 double loss_scale) {
+  check(batch > 0 && seq > 0, "CudaLlama::forward_backward: batch and seq must be positive");
+  check(seq <= config_.seq_len, "CudaLlama::forward_backward: sequence length " +
+                                    std::to_string(seq) + " exceeds the model's seq_len " +
+                                    std::to_string(config_.seq_len));
+  const i64 n = static_cast<i64>(batch) * seq;
+  check(static_cast<i64>(tokens.size()) == n && static_cast<i64>(targets.size()) == n,
+        "CudaLlama::forward_backward: got " + std::to_string(tokens.size()) + " tokens and " +
+            std::to_string(targets.size()) + " targets for batch " + std::to_string(batch) +
+            " x seq " + std::to_string(seq));
+  const i64 v = config_.vocab_size;
+  // The kernels cannot throw: check the ids here, with the CPU model's messages.
+  for (std::size_t i = 0; i < tokens.size(); ++i) {
+    check(tokens[i] >= 0 && tokens[i] < v, "CudaLlama: token " + std::to_string(tokens[i]) +
+                                               " at position " + std::to_string(i) +
+                                               " is outside [0, " + std::to_string(v) + ")");
+    check(targets[i] < v, "CudaLlama: target " + std::to_string(targets[i]) + " at position " +
+                              std::to_string(i) + " is >= vocab_size " + std::to_string(v));
+  }
+  Impl& m = *impl_;
+  ensure_buffers(m, config_, options_, batch, seq);
+  m.tokens.upload(tokens.data(), tokens.size());
+  m.targets.upload(targets.data(), targets.size());
+
+  const i64 d = config_.d_model, f = config_.ffn_size(), h = config_.n_head;
+  const i64 hd = config_.head_dim();
+  const double eps = config_.norm_eps;
+  const MatmulPrecision mp = options_.matmul;
+  layers::Bf16Workspace* ws = m.bf16.get();
+  // The materialised attention multiplies on fp32 or TF32 (its GEMMs take fp32 operands).
+  const MatmulPrecision attn_mp = mp == MatmulPrecision::Fp32 ? MatmulPrecision::Fp32
+                                                              : MatmulPrecision::Tf32;
+  const bool flash = options_.attention == CudaAttention::Flash;
+  Context& ctx = ctx_;
+
+  layers::embedding_forward(ctx, m.layer_acts[0].x_in, m.tokens.data(), m.w.tok_embedding, n, d);
+  for (std::size_t l = 0; l < m.layer_acts.size(); ++l) {
+    LayerActs& a = m.layer_acts[l];
+    const LayerParams& w = m.w.layers[l];
+    float* x_out = l + 1 < m.layer_acts.size() ? m.layer_acts[l + 1].x_in : m.x_final;
+    layers::rmsnorm_forward(ctx, a.h1, a.rstd1, a.x_in, w.attn_norm, n, d, eps);
+    layers::linear_forward(ctx, a.qkv, a.h1, w.wqkv, n, d, 3 * d, mp, ws);
+    layers::rope_forward(ctx, a.qkv, m.rope, batch, seq, h, hd, 3 * d);
+    layers::rope_forward(ctx, a.qkv + d, m.rope, batch, seq, h, hd, 3 * d);
+    if (flash)
+      layers::flash_attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd);
+    else
+      layers::attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, attn_mp);
+    layers::linear_forward(ctx, m.proj, a.att, w.wo, n, d, d, mp, ws);
+    layers::residual_forward(ctx, a.x_mid, a.x_in, m.proj, n * d);
+    layers::rmsnorm_forward(ctx, a.h2, a.rstd2, a.x_mid, w.mlp_norm, n, d, eps);
+    layers::linear_forward(ctx, a.gu, a.h2, w.w_gate_up, n, d, 2 * f, mp, ws);
+    layers::swiglu_forward(ctx, a.act, a.gu, n, f);
+    layers::linear_forward(ctx, m.proj, a.act, w.w_down, n, f, d, mp, ws);
+    layers::residual_forward(ctx, x_out, a.x_mid, m.proj, n * d);
+  }
+  layers::rmsnorm_forward(ctx, m.h_final, m.rstd_final, m.x_final, m.w.final_norm, n, d, eps);
+  layers::linear_forward(ctx, m.logits, m.h_final, m.w.lm_head, n, d, v, mp, ws);
+  m.have_loss = true;
+  if (loss_scale == 0.0) {
+    layers::cross_entropy(ctx, *m.loss, m.lse, nullptr, m.logits, m.targets.data(), n, v, 1.0);
+    return;
+  }
+  fill_zero(ctx, m.dlogits, n * v);
+  layers::cross_entropy(ctx, *m.loss, m.lse, m.dlogits, m.logits, m.targets.data(), n, v,
+                        loss_scale);
+
+  // Backward, last layer first (src/model/llama.cpp's order).
+  fill_zero(ctx, m.dh, n * d);
+  layers::linear_backward(ctx, m.dh, m.g.lm_head, m.dlogits, m.h_final, m.w.lm_head, n, d, v, mp,
+                          ws);
+  fill_zero(ctx, m.dres, n * d);
+  layers::rmsnorm_backward(ctx, m.dres, m.g.final_norm, m.dh, m.x_final, m.w.final_norm,
+                           m.rstd_final, n, d);
+  for (std::size_t li = m.layer_acts.size(); li-- > 0;) {
+    const LayerActs& a = m.layer_acts[li];
+    const LayerParams& w = m.w.layers[li];
+    const LayerParams& g = m.g.layers[li];
+    // MLP block: dres holds dL/d(x_out).
+    fill_zero(ctx, m.dact, n * f);
+    layers::linear_backward(ctx, m.dact, g.w_down, m.dres, a.act, w.w_down, n, f, d, mp, ws);
+    fill_zero(ctx, m.dgu, 2 * n * f);
+    layers::swiglu_backward(ctx, m.dgu, m.dact, a.gu, n, f);
+    fill_zero(ctx, m.dh, n * d);
+    layers::linear_backward(ctx, m.dh, g.w_gate_up, m.dgu, a.h2, w.w_gate_up, n, d, 2 * f, mp, ws);
+    layers::rmsnorm_backward(ctx, m.dres, g.mlp_norm, m.dh, a.x_mid, w.mlp_norm, a.rstd2, n, d);
+    // Attention block: dres now holds dL/d(x_mid).
+    fill_zero(ctx, m.datt, n * d);
+    layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws);
+    fill_zero(ctx, m.dqkv, 3 * n * d);
+    if (flash)
+      layers::flash_attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.att, a.attn_keep,
+                                       a.qkv, batch, seq, h, hd);
+    else
+      layers::attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.attn_keep, a.qkv, batch,
+                                 seq, h, hd, attn_mp);
+    layers::rope_backward(ctx, m.dqkv, m.rope, batch, seq, h, hd, 3 * d);
+    layers::rope_backward(ctx, m.dqkv + d, m.rope, batch, seq, h, hd, 3 * d);
+    fill_zero(ctx, m.dh, n * d);
+    layers::linear_backward(ctx, m.dh, g.wqkv, m.dqkv, a.h1, w.wqkv, n, d, 3 * d, mp, ws);
+    layers::rmsnorm_backward(ctx, m.dres, g.attn_norm, m.dh, a.x_in, w.attn_norm, a.rstd1, n, d);
+  }
+  layers::embedding_backward(ctx, m.g.tok_embedding, m.dres, m.tokens.data(), n, d);
+}
+
+CudaLlama::Loss CudaLlama::read_loss() {
+  check(impl_->have_loss, "CudaLlama::read_loss: call forward_backward first");
+  const auto host = impl_->loss->read(ctx_);
+  check(host.bad_targets == 0, "CudaLlama: " + std::to_string(host.bad_targets) +
+                                   " targets were >= vocab_size (checked on upload; a bug)");
+  return {host.loss, host.count};
+}
+
+void CudaLlama::zero_grad() {
+  fill_zero(ctx_, impl_->grads.data(), num_params_);
+}
+
+double CudaLlama::grad_norm() {
+  sum_squares(ctx_, impl_->norm, 0, impl_->grads.data(), num_params_);
+  return std::sqrt(impl_->norm.read(ctx_)[0]);
+}
+
+void CudaLlama::scale_grads(float factor) {
+  scale_inplace(ctx_, impl_->grads.data(), num_params_, factor);
+}
+
+std::size_t CudaLlama::device_bytes() const {
+  const Impl& m = *impl_;
+  std::size_t bytes = (m.params.size() + m.grads.size() + m.acts.size() + m.grad_acts.size()) *
+                      sizeof(float);
+  if (m.bf16) bytes += m.bf16->size() * 2;
+  return bytes;
+}
+
+}  // namespace pion::cuda

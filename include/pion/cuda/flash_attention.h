@@ -1,0 +1,50 @@
+#pragma once
+// Fused causal multi-head self-attention on the GPU ("flash attention": online softmax, tiles
+// of queries and keys in shared memory), the long-context alternative to attention_forward /
+// attention_backward of pion/cuda/layers.h. Same layout and semantics, but the seq x seq
+// scores are never materialised: forward keeps only the per-row logsumexp (lse), and backward
+// recomputes the probabilities tile by tile from it. Memory is O(batch n_head seq) instead of
+// O(batch n_head seq^2).
+//
+// fp32 throughout (inputs, outputs and arithmetic on CUDA cores; no tensor cores).
+// Conventions of layers.h: kernels are queued on the Context's stream with no allocation, no
+// host synchronisation and no device-to-host copy (graph-capturable); argument checks throw
+// pion::Error on the host before anything is queued; backward ADDS into dqkv (callers zero
+// it first). Deterministic: every sum has a fixed order and there are no float atomics (dK
+// and dV are computed per key tile looping over query tiles, dQ per query tile looping over
+// key tiles), so the same inputs give the same bits on every run.
+//
+// Supported head_dim: 1..128 (kernels are compiled for 32, 64 and 128 columns; a smaller
+// head_dim runs the next size up with the unused columns masked).
+//
+// Plain C++17 with no CUDA types; the kernels live in cuda/model/flash_attention.cu.
+#include <cstddef>
+#include <cstdint>
+
+#include "pion/cuda/runtime.h"
+
+namespace pion::cuda::layers {
+
+using i64 = std::int64_t;
+
+// Elements of flash_attention_forward's lse buffer: batch * n_head * seq.
+std::size_t flash_attention_lse_elements(i64 batch, i64 seq, i64 n_head);
+// Elements of flash_attention_backward's scratch buffer: batch * n_head * seq (the row dots
+// D_i = sum_c dout[i, c] out[i, c] per head).
+std::size_t flash_attention_scratch_elements(i64 batch, i64 seq, i64 n_head);
+
+// qkv [batch, seq, 3 d] rows [q | k | v] (d = n_head * head_dim, RoPE already applied; head h
+// in columns [h head_dim, (h+1) head_dim) of each part); out [batch, seq, d] (heads
+// concatenated) = softmax(q k^T / sqrt(head_dim), key j <= query i) v; lse [batch, n_head,
+// seq] = per-row logsumexp of those scaled, masked scores (kept for backward).
+void flash_attention_forward(Context& ctx, float* out, float* lse, const float* qkv, i64 batch,
+                             i64 seq, i64 n_head, i64 head_dim);
+
+// dqkv [batch, seq, 3 d] += the gradient of the loss with respect to qkv, given dout (its
+// gradient with respect to out) and the forward's out and lse. scratch holds
+// flash_attention_scratch_elements floats (overwritten).
+void flash_attention_backward(Context& ctx, float* dqkv, float* scratch, const float* dout,
+                              const float* out, const float* lse, const float* qkv, i64 batch,
+                              i64 seq, i64 n_head, i64 head_dim);
+
+}  // namespace pion::cuda::layers

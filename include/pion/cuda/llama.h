@@ -1,0 +1,101 @@
+#pragma once
+// The LLaMA-style decoder on the GPU: pion/model/llama.h's model (same parameter layout,
+// names, shapes and maths) built from the device layers of pion/cuda/layers.h, with fp32
+// master weights and gradients in ONE device buffer each (so the optimizers, the gradient
+// norm and a checkpoint see one flat array, as on the CPU).
+//
+//   tokens -> embedding -> n_layer x [x += attn(rmsnorm(x)); x += mlp(rmsnorm(x))]
+//          -> rmsnorm -> lm_head -> fused softmax cross-entropy (+ its gradient)
+//
+// GEMMs run in the precision asked for (bf16 tensor cores with fp32 accumulation by
+// default; tf32; or fp32 for parity with the CPU). Attention is either the materialised
+// version (scores [B, H, T, T] kept for backward) or the fused flash version (online
+// softmax; only a logsumexp per row is kept), picked by CudaAttention.
+//
+// Dropout is not implemented on the GPU: a config with dropout > 0 is rejected.
+//
+// Host C++ without CUDA types; built into pion_gpu (cuda/model/llama_cuda.cpp) only when the
+// CUDA back end is. Every call queues work on the Context's stream; the calls that return
+// host values (read_loss, grad_norm) and the copies synchronise.
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "pion/cuda/layers.h"
+#include "pion/model/config.h"
+#include "pion/model/llama.h"
+
+namespace pion::cuda {
+
+enum class CudaAttention { Materialized, Flash };
+
+struct CudaLlamaOptions {
+  layers::MatmulPrecision matmul = layers::MatmulPrecision::Bf16;
+  CudaAttention attention = CudaAttention::Flash;
+};
+
+// "bf16" | "tf32" | "fp32" and "auto" | "flash" | "materialized" (auto: flash when
+// seq_len > 256, where the T x T scores start to dominate activation memory).
+layers::MatmulPrecision parse_matmul_precision(const std::string& name);
+CudaAttention parse_attention(const std::string& name, int seq_len);
+
+class CudaLlama {
+ public:
+  // Validates the config (dropout must be 0); parameters start at zero on the device.
+  CudaLlama(Context& ctx, const ModelConfig& config, const CudaLlamaOptions& options);
+  ~CudaLlama();
+  CudaLlama(const CudaLlama&) = delete;
+  CudaLlama& operator=(const CudaLlama&) = delete;
+
+  const ModelConfig& config() const { return config_; }
+  const CudaLlamaOptions& options() const { return options_; }
+  const std::vector<ParamEntry>& layout() const { return layout_; }
+  std::int64_t num_params() const { return num_params_; }
+
+  // The device buffers (num_params() floats each, layout() order).
+  float* params();
+  float* grads();
+  // Synchronous copies of the whole buffers (host spans of num_params() floats), e.g. from
+  // and to a Llama<float>'s params() for initialisation, checkpoints and evaluation.
+  void upload_params(std::span<const float> host);
+  void download_params(std::span<float> host) const;
+  void download_grads(std::span<float> host) const;
+
+  // Runs the model on tokens [batch, seq] (uploaded; values checked on the host: tokens in
+  // [0, vocab), targets < vocab, negative targets ignored) and the fused cross-entropy. With
+  // loss_scale != 0 it then runs backward and ADDS d(loss_scale * mean loss)/dparams into
+  // grads(); with loss_scale == 0 it is forward only (evaluation). The loss stays on the
+  // device until read_loss().
+  void forward_backward(std::span<const std::int32_t> tokens,
+                        std::span<const std::int32_t> targets, int batch, int seq,
+                        double loss_scale);
+  struct Loss {
+    double loss = 0.0;     // mean over counted targets
+    std::int64_t count = 0;  // targets counted
+  };
+  // The last forward_backward's loss (synchronises the stream).
+  Loss read_loss();
+
+  void zero_grad();
+  // sqrt(sum of squared gradients) over the whole buffer, in double (synchronises). Non-finite
+  // when any gradient is NaN or Inf.
+  double grad_norm();
+  // grads() *= factor (gradient clipping).
+  void scale_grads(float factor);
+
+  // Bytes of device memory this model holds (parameters, gradients, activations, scratch).
+  std::size_t device_bytes() const;
+
+  struct Impl;
+
+ private:
+  Context& ctx_;
+  ModelConfig config_;
+  CudaLlamaOptions options_;
+  std::vector<ParamEntry> layout_;
+  std::int64_t num_params_ = 0;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace pion::cuda

@@ -1,0 +1,31 @@
+#pragma once
+// `pion train --device cuda`: pion::run_training (pion/train/trainer.h) on the GPU. The same
+// inputs, loop, schedule, clipping, NaN/Inf skip, metrics, progress lines, evaluation and
+// outputs; the model is a CudaLlama, the optimizers are the CUDA ones (pion/cuda/optim.h)
+// routed exactly as build_optimizers routes the CPU ones (one CUDA optimizer per param
+// group), and checkpoints have the CPU trainer's format and names, so a run can move
+// between devices with --resume (--device cpu|cuda).
+//
+// `host_model` is the CPU mirror: it holds the initial weights on entry (initialised by the
+// caller as for a CPU run, so both devices start from the same bits), receives the weights
+// whenever a checkpoint is written, and the final ones on return.
+//
+// What differs from the CPU run:
+// - the model's GEMMs run in config.matmul_precision (bf16 by default) and attention is
+//   fused (flash) for seq_len > 256; --matmul_precision fp32 --attention materialized is the
+//   CPU's arithmetic up to summation order.
+// - Pion runs the taylor2 retraction only (config.pion_precision fp32 | mixed), without
+//   re-anchoring; Muon's Newton-Schulz runs in config.muon_precision (bf16 by default).
+// - dropout > 0 and data parallelism (mpirun) are rejected with an error.
+// - spectrum drift at evals needs an fp64 SVD of every Pion matrix on the host; it is computed
+//   at evals only while the Pion matrices hold under 20M parameters, and always at the end.
+// - the optimizer step of every group is captured into one CUDA graph after the first
+//   (eager) step and replayed; if capture fails the trainer says so and steps eagerly.
+#include "pion/model/llama.h"
+#include "pion/train/trainer.h"
+
+namespace pion::cuda {
+
+TrainSummary run_training_cuda(TrainInputs inputs, Llama<float>& host_model);
+
+}  // namespace pion::cuda

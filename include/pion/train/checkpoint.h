@@ -1,0 +1,60 @@
+#pragma once
+// Training checkpoints and the run directory's JSON files, shared by the CPU trainer
+// (trainer.h) and the CUDA trainer (pion/cuda/trainer.h), so a checkpoint written on one
+// device resumes on the other.
+//
+// A checkpoint is one safetensors file (written atomically) holding
+//   model.<param name>                 the weights, F32 (llama.h's names and shapes)
+//   optim.<i>.<param name>.<key>       optimizer i's state (OptimizerSet::save_state)
+// and JSON metadata: pion.train (format, step, best val loss, tokens seen, wall seconds,
+// the data source's state, the dropout RNG), pion.config (the TrainConfig), pion.model_config,
+// pion.extra (tokenizer path, mode, ...), plus the optimizers' own optim.* entries.
+#include <cstdint>
+#include <limits>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "pion/core/random.h"
+#include "pion/core/safetensors.h"
+#include "pion/model/config.h"
+#include "pion/optim/optimizer.h"
+#include "pion/train/config.h"
+
+namespace pion {
+
+// Where a run stands; saved in every checkpoint.
+struct TrainProgress {
+  int step = 0;
+  double best_val_loss = std::numeric_limits<double>::infinity();
+  double last_val_loss = std::numeric_limits<double>::quiet_NaN();
+  double tokens_seen = 0.0;
+  double wall_seconds = 0.0;  // training time before this process (resumed runs)
+};
+
+// `tensors` holds the weights and optimizer state under the names above (the caller fills it:
+// the CPU trainer from its model and OptimizerSet, the CUDA trainer from device copies).
+void write_train_checkpoint(const std::string& path, const TrainConfig& config,
+                            const ModelConfig& model_config, TensorFile tensors,
+                            const TrainProgress& progress, const nlohmann::json& data_state,
+                            const Rng& dropout_rng, const nlohmann::json& extra);
+
+struct ResumePoint {
+  TensorFile file;  // model.* and optim.* tensors with their metadata
+  TrainProgress progress;
+  nlohmann::json data_state;
+  nlohmann::json dropout_rng;  // restore with restore_rng
+};
+// Reads and validates a checkpoint for --resume: it must exist, be a pion training checkpoint
+// of the known format, and have been saved for the same model shape (errors say what to do).
+ResumePoint read_train_checkpoint(const std::string& path, const ModelConfig& model_config);
+
+nlohmann::json rng_json(const Rng& rng);
+void restore_rng(Rng& rng, const nlohmann::json& state);
+
+// The singular values of every hidden matrix, as spectrum_init.json / spectrum_final.json.
+nlohmann::json spectra_json(const std::vector<Param>& params);
+// Writes pretty JSON through a temp file + rename; a failed write (disk full) throws.
+void write_json_file(const std::string& path, const nlohmann::json& j);
+
+}  // namespace pion

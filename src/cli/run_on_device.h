@@ -1,0 +1,14 @@
+#pragma once
+// Runs a training loop on the device the config names: the CPU trainer (pion/train/trainer.h)
+// for device "cpu", the CUDA trainer (pion/cuda/trainer.h) for "cuda" when this binary has
+// the CUDA back end (a clear error otherwise).
+#include "pion/model/llama.h"
+#include "pion/train/trainer.h"
+
+namespace pion::cli {
+
+TrainSummary run_training_on_device(TrainInputs inputs, Llama<float>& model);
+// Throws the same errors up front (before any data is prepared) when the device cannot run.
+void require_device(const TrainConfig& config);
+
+}  // namespace pion::cli

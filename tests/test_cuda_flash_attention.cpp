@@ -1,0 +1,393 @@
+// The fused causal attention (include/pion/cuda/flash_attention.h) against the CPU float
+// attention (pion::layers::attention_forward / attention_backward) and the GPU's materialised
+// attention (pion::cuda::layers::attention_forward / attention_backward), on random inputs:
+// - out to ~1e-5 of the reference's largest magnitude, lse against a host fp64 logsumexp;
+// - dqkv added into a random (non-zero) starting gradient, so "backward adds" is checked too,
+//   both as the total and as the added part alone;
+// - outputs, lse and scratch are NaN-filled before each run, so an element left unwritten
+//   shows up as a non-finite value;
+// - shapes cover seq not a multiple of the tile sizes (32 and 16), seq = 1, head_dim 16 / 32 /
+//   64 / 128 and in-between sizes (masked columns), batch > 1 and n_head > 1;
+// - a second run gives identical bits (no atomics), a graph replay too, future tokens never
+//   change earlier outputs, and bad arguments throw pion::Error before any launch.
+// Every test prints its max relative errors and skips with a clear message when this build
+// has no CUDA back end or the machine has no CUDA device (scripts/gpu-check.sh runs them).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "pion/core/error.h"
+#include "pion/core/random.h"
+#include "pion/model/layers.h"
+#ifdef PION_HAVE_CUDA
+#include "pion/cuda/flash_attention.h"
+#include "pion/cuda/layers.h"
+#endif
+
+#ifndef PION_HAVE_CUDA
+
+TEST(CudaFlashAttention, NeedsCudaBuild) {
+  GTEST_SKIP() << "CUDA back end not compiled (PION_CUDA=OFF or no nvcc); configure with "
+                  "-DPION_CUDA=ON and run scripts/gpu-check.sh on a GPU machine";
+}
+
+#else
+
+namespace {
+
+using i64 = std::int64_t;
+namespace cl = pion::cuda::layers;
+namespace hl = pion::layers;
+using pion::cuda::Context;
+using pion::cuda::DeviceBuffer;
+
+#define PION_REQUIRE_CUDA_DEVICE()                                                            \
+  if (pion::cuda::device_count() == 0)                                                        \
+  GTEST_SKIP() << "no CUDA device: cudaGetDeviceCount reports none (this build has the CUDA " \
+                  "back end; run scripts/gpu-check.sh on a machine with an NVIDIA GPU)"
+
+std::vector<float> randn(i64 count, std::uint64_t seed, double std = 1.0) {
+  pion::Rng rng(seed);
+  std::vector<float> v(static_cast<std::size_t>(count));
+  for (float& x : v) x = static_cast<float>(std * rng.normal());
+  return v;
+}
+
+// A device copy of a host vector, or count NaNs (poison: an unwritten element stays NaN).
+struct Dev {
+  DeviceBuffer buf;
+  explicit Dev(const std::vector<float>& host) : buf(host.size()) {
+    buf.upload(host.data(), host.size());
+  }
+  static Dev poisoned(i64 count) {
+    return Dev(std::vector<float>(static_cast<std::size_t>(count),
+                                  std::numeric_limits<float>::quiet_NaN()));
+  }
+  float* get() { return buf.data(); }
+  // Waits for the whole device (DeviceBuffer::download synchronises) and copies back.
+  std::vector<float> host() const {
+    std::vector<float> h(buf.size());
+    buf.download(h.data(), h.size());
+    return h;
+  }
+};
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// max |got - ref| / max |ref|, printed; fails above tol, on a size mismatch, on a non-finite
+// value (an unwritten, NaN-poisoned element), or when the reference is all zeros.
+double expect_close(const std::string& what, const std::vector<float>& got,
+                    const std::vector<float>& ref, double tol, const char* ref_name = "cpu") {
+  EXPECT_EQ(got.size(), ref.size()) << what;
+  if (got.size() != ref.size()) return INFINITY;
+  double max_diff = 0.0, max_ref = 0.0;
+  std::size_t non_finite = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    if (!std::isfinite(got[i])) ++non_finite;
+    max_diff = std::max(max_diff, std::abs(static_cast<double>(got[i]) - ref[i]));
+    max_ref = std::max(max_ref, std::abs(static_cast<double>(ref[i])));
+  }
+  const double rel = max_ref > 0.0 ? max_diff / max_ref : INFINITY;
+  std::printf("  %-44s vs %s: max|diff| / max|ref| = %.3e (bound %.0e)\n", what.c_str(), ref_name,
+              rel, tol);
+  EXPECT_EQ(non_finite, 0u) << what << ": NaN or Inf (unwritten elements?)";
+  EXPECT_GT(max_ref, 0.0) << what << ": the reference is all zeros";
+  EXPECT_LE(rel, tol) << what;
+  return rel;
+}
+
+// The part a backward added: after - before, in double (for the "added gradient" check).
+std::vector<float> added(const std::vector<float>& after, const std::vector<float>& before) {
+  std::vector<float> d(after.size());
+  for (std::size_t i = 0; i < after.size(); ++i)
+    d[i] = static_cast<float>(static_cast<double>(after[i]) - before[i]);
+  return d;
+}
+
+constexpr double kFp32 = 1e-5;
+// Gradients: chained fp32 sums in a different order than the reference's.
+constexpr double kFp32Chain = 3e-5;
+
+struct Shape {
+  i64 batch, seq, n_head, head_dim;
+  i64 d() const { return n_head * head_dim; }
+  i64 qkv_elements() const { return batch * seq * 3 * d(); }
+  i64 out_elements() const { return batch * seq * d(); }
+  i64 rows() const { return batch * n_head * seq; }
+  std::string label() const {
+    return "B" + std::to_string(batch) + " T" + std::to_string(seq) + " H" +
+           std::to_string(n_head) + " hd" + std::to_string(head_dim);
+  }
+};
+
+// lse [batch, n_head, seq] of the scaled causal scores, in fp64 on the host.
+std::vector<float> host_lse(const std::vector<float>& qkv, const Shape& s) {
+  const i64 d = s.d(), stride = 3 * d;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(s.head_dim));
+  std::vector<float> lse(static_cast<std::size_t>(s.rows()));
+  std::vector<double> scores(static_cast<std::size_t>(s.seq));
+  for (i64 b = 0; b < s.batch; ++b)
+    for (i64 h = 0; h < s.n_head; ++h)
+      for (i64 i = 0; i < s.seq; ++i) {
+        const float* q = qkv.data() + (b * s.seq + i) * stride + h * s.head_dim;
+        double mx = -INFINITY;
+        for (i64 j = 0; j <= i; ++j) {
+          const float* k = qkv.data() + (b * s.seq + j) * stride + d + h * s.head_dim;
+          double dot = 0.0;
+          for (i64 c = 0; c < s.head_dim; ++c) dot += static_cast<double>(q[c]) * k[c];
+          scores[static_cast<std::size_t>(j)] = scale * dot;
+          mx = std::max(mx, scale * dot);
+        }
+        double sum = 0.0;
+        for (i64 j = 0; j <= i; ++j) sum += std::exp(scores[static_cast<std::size_t>(j)] - mx);
+        lse[static_cast<std::size_t>((b * s.n_head + h) * s.seq + i)] =
+            static_cast<float>(mx + std::log(sum));
+      }
+  return lse;
+}
+
+// One flash forward + backward on fresh, NaN-poisoned out / lse / scratch, with dqkv starting
+// at dqkv0; results copied back.
+struct FlashRun {
+  std::vector<float> out, lse, dqkv;
+};
+FlashRun run_flash(Context& ctx, const Shape& s, Dev& qkv, Dev& dout,
+                   const std::vector<float>& dqkv0) {
+  Dev out = Dev::poisoned(s.out_elements());
+  Dev lse =
+      Dev::poisoned(static_cast<i64>(cl::flash_attention_lse_elements(s.batch, s.seq, s.n_head)));
+  Dev scratch = Dev::poisoned(
+      static_cast<i64>(cl::flash_attention_scratch_elements(s.batch, s.seq, s.n_head)));
+  Dev dqkv(dqkv0);
+  cl::flash_attention_forward(ctx, out.get(), lse.get(), qkv.get(), s.batch, s.seq, s.n_head,
+                              s.head_dim);
+  cl::flash_attention_backward(ctx, dqkv.get(), scratch.get(), dout.get(), out.get(), lse.get(),
+                               qkv.get(), s.batch, s.seq, s.n_head, s.head_dim);
+  return {out.host(), lse.host(), dqkv.host()};
+}
+
+// Flash attention against the CPU float layers for one shape; qkv entries ~ N(0, std^2).
+void check_against_cpu(const Shape& s, std::uint64_t seed, double std = 1.0) {
+  SCOPED_TRACE(s.label());
+  std::printf(" %s\n", s.label().c_str());
+  const auto qkv = randn(s.qkv_elements(), seed, std);
+  const auto dout = randn(s.out_elements(), seed + 1);
+  const auto dqkv0 = randn(s.qkv_elements(), seed + 2);
+
+  const std::size_t nprobs = static_cast<std::size_t>(s.rows() * s.seq);
+  std::vector<float> out(static_cast<std::size_t>(s.out_elements())), probs(nprobs),
+      scratch(nprobs), dqkv = dqkv0;
+  hl::attention_forward(out.data(), probs.data(), qkv.data(), s.batch, s.seq, s.n_head, s.head_dim);
+  hl::attention_backward(dqkv.data(), scratch.data(), dout.data(), probs.data(), qkv.data(),
+                         s.batch, s.seq, s.n_head, s.head_dim);
+  const auto lse = host_lse(qkv, s);
+
+  Context ctx;
+  Dev d_qkv(qkv), d_dout(dout);
+  const FlashRun first = run_flash(ctx, s, d_qkv, d_dout, dqkv0);
+  expect_close("flash out", first.out, out, kFp32);
+  expect_close("flash lse", first.lse, lse, kFp32, "host fp64");
+  expect_close("flash dqkv (start + gradient)", first.dqkv, dqkv, kFp32Chain);
+  expect_close("flash dqkv (added gradient)", added(first.dqkv, dqkv0), added(dqkv, dqkv0),
+               kFp32Chain);
+
+  // No atomics, fixed orders: the same inputs give the same bits.
+  const FlashRun second = run_flash(ctx, s, d_qkv, d_dout, dqkv0);
+  EXPECT_TRUE(same_bits(second.out, first.out)) << "out differs between two runs";
+  EXPECT_TRUE(same_bits(second.lse, first.lse)) << "lse differs between two runs";
+  EXPECT_TRUE(same_bits(second.dqkv, first.dqkv)) << "dqkv differs between two runs";
+}
+
+TEST(CudaFlashAttention, RaggedSeqHead64MatchesCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  // 77 and 33: neither a multiple of 32 (forward and backward tiles at head_dim 64).
+  check_against_cpu({2, 77, 3, 64}, 100);
+  check_against_cpu({1, 33, 2, 64}, 110);
+}
+
+TEST(CudaFlashAttention, SingleTokenMatchesCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  check_against_cpu({3, 1, 2, 32}, 200);
+  check_against_cpu({1, 1, 1, 128}, 210);
+}
+
+TEST(CudaFlashAttention, Head16And32MatchCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  check_against_cpu({2, 50, 2, 16}, 300);  // runs the 32-column kernels, half masked
+  check_against_cpu({2, 64, 2, 32}, 310);  // exactly two tiles
+}
+
+TEST(CudaFlashAttention, Head128MatchesCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  // head_dim 128: backward tiles of 16; 100 and 47 are multiples of neither 16 nor 32.
+  check_against_cpu({1, 100, 2, 128}, 400);
+  check_against_cpu({2, 47, 1, 128}, 410);
+}
+
+TEST(CudaFlashAttention, OtherHeadDimsMatchCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  // Between the compiled sizes: the unused columns are masked.
+  check_against_cpu({2, 41, 3, 48}, 500);
+  check_against_cpu({1, 70, 2, 80}, 510);
+  check_against_cpu({1, 25, 2, 100}, 520);
+  check_against_cpu({2, 19, 2, 7}, 530);
+}
+
+TEST(CudaFlashAttention, ManyTilesPeakySoftmaxMatchesCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  // Ten key tiles per row at the end and larger scores (std 1.5: score std ~2.25), so the
+  // running max moves often and the rescaling of the online softmax is exercised.
+  check_against_cpu({1, 300, 2, 64}, 600, 1.5);
+}
+
+TEST(CudaFlashAttention, MatchesCudaAttention) {
+  PION_REQUIRE_CUDA_DEVICE();
+  const Shape s{2, 90, 4, 64};
+  std::printf(" %s\n", s.label().c_str());
+  const auto qkv = randn(s.qkv_elements(), 700);
+  const auto dout = randn(s.out_elements(), 701);
+  const auto dqkv0 = randn(s.qkv_elements(), 702);
+
+  Context ctx;
+  Dev d_qkv(qkv), d_dout(dout);
+  const i64 nprobs = s.rows() * s.seq;
+  Dev ref_out = Dev::poisoned(s.out_elements()), probs = Dev::poisoned(nprobs),
+      ref_scratch = Dev::poisoned(nprobs), ref_dqkv(dqkv0);
+  cl::attention_forward(ctx, ref_out.get(), probs.get(), d_qkv.get(), s.batch, s.seq, s.n_head,
+                        s.head_dim);
+  cl::attention_backward(ctx, ref_dqkv.get(), ref_scratch.get(), d_dout.get(), probs.get(),
+                         d_qkv.get(), s.batch, s.seq, s.n_head, s.head_dim);
+  const auto want_out = ref_out.host(), want_dqkv = ref_dqkv.host();
+
+  const FlashRun got = run_flash(ctx, s, d_qkv, d_dout, dqkv0);
+  expect_close("flash out", got.out, want_out, kFp32, "cuda attention");
+  expect_close("flash dqkv (start + gradient)", got.dqkv, want_dqkv, kFp32Chain, "cuda attention");
+  expect_close("flash dqkv (added gradient)", added(got.dqkv, dqkv0), added(want_dqkv, dqkv0),
+               kFp32Chain, "cuda attention");
+}
+
+TEST(CudaFlashAttention, FutureTokensDoNotChangeEarlierOutputs) {
+  PION_REQUIRE_CUDA_DEVICE();
+  const Shape s{2, 77, 2, 64};
+  const i64 cut = 45;  // inside the second 32-row tile: the diagonal tile's mask is tested
+  auto qkv = randn(s.qkv_elements(), 800);
+  Context ctx;
+  Dev out_a = Dev::poisoned(s.out_elements()), lse_a = Dev::poisoned(s.rows());
+  Dev out_b = Dev::poisoned(s.out_elements()), lse_b = Dev::poisoned(s.rows());
+  Dev qkv_a(qkv);
+  cl::flash_attention_forward(ctx, out_a.get(), lse_a.get(), qkv_a.get(), s.batch, s.seq, s.n_head,
+                              s.head_dim);
+  // New q, k, v for positions >= cut of batch 0.
+  const auto noise = randn(s.qkv_elements(), 801, 3.0);
+  const i64 stride = 3 * s.d();
+  for (i64 t = cut; t < s.seq; ++t)
+    for (i64 c = 0; c < stride; ++c)
+      qkv[static_cast<std::size_t>(t * stride + c)] =
+          noise[static_cast<std::size_t>(t * stride + c)];
+  Dev qkv_b(qkv);
+  cl::flash_attention_forward(ctx, out_b.get(), lse_b.get(), qkv_b.get(), s.batch, s.seq, s.n_head,
+                              s.head_dim);
+  const auto oa = out_a.host(), ob = out_b.host(), la = lse_a.host(), lb = lse_b.host();
+  // Masked keys enter as exp(-inf) = 0 times v: rows before the cut keep their exact bits.
+  const std::size_t row = static_cast<std::size_t>(s.d());
+  EXPECT_EQ(std::memcmp(oa.data(), ob.data(), static_cast<std::size_t>(cut) * row * sizeof(float)),
+            0)
+      << "out rows before position " << cut << " changed";
+  // Batch 1 is untouched entirely.
+  const std::size_t b1 = static_cast<std::size_t>(s.seq) * row;
+  EXPECT_TRUE(std::equal(oa.begin() + static_cast<std::ptrdiff_t>(b1), oa.end(),
+                         ob.begin() + static_cast<std::ptrdiff_t>(b1)))
+      << "batch 1 changed";
+  for (i64 h = 0; h < s.n_head; ++h)
+    for (i64 i = 0; i < cut; ++i) {
+      const std::size_t k = static_cast<std::size_t>(h * s.seq + i);
+      ASSERT_EQ(la[k], lb[k]) << "lse of head " << h << " row " << i << " changed";
+    }
+  // And the later rows did change (the perturbation was real).
+  EXPECT_NE(std::memcmp(oa.data() + cut * s.d(), ob.data() + cut * s.d(), row * sizeof(float)), 0);
+  std::printf("  rows before the cut bit-identical after changing tokens %lld..%lld\n",
+              static_cast<long long>(cut), static_cast<long long>(s.seq - 1));
+}
+
+TEST(CudaFlashAttention, GraphReplayMatchesEagerBits) {
+  PION_REQUIRE_CUDA_DEVICE();
+  const Shape s{2, 70, 3, 64};
+  const auto qkv = randn(s.qkv_elements(), 900);
+  const auto dout = randn(s.out_elements(), 901);
+  const auto dqkv0 = randn(s.qkv_elements(), 902);
+  Context ctx;
+  Dev d_qkv(qkv), d_dout(dout);
+  // Eager first (this also loads the kernels before the capture).
+  const FlashRun eager = run_flash(ctx, s, d_qkv, d_dout, dqkv0);
+
+  // Every buffer is created (uploads synchronise) before the capture starts.
+  Dev out = Dev::poisoned(s.out_elements()), lse = Dev::poisoned(s.rows()),
+      scratch = Dev::poisoned(s.rows()), dqkv(dqkv0);
+  ctx.begin_capture();
+  cl::flash_attention_forward(ctx, out.get(), lse.get(), d_qkv.get(), s.batch, s.seq, s.n_head,
+                              s.head_dim);
+  cl::flash_attention_backward(ctx, dqkv.get(), scratch.get(), d_dout.get(), out.get(), lse.get(),
+                               d_qkv.get(), s.batch, s.seq, s.n_head, s.head_dim);
+  ctx.end_capture();
+  ctx.synchronize();
+  EXPECT_TRUE(same_bits(dqkv.host(), dqkv0)) << "the capture ran the backward";
+  ctx.launch_graph();
+  ctx.synchronize();
+  EXPECT_TRUE(same_bits(out.host(), eager.out)) << "graph replay out differs from eager";
+  EXPECT_TRUE(same_bits(lse.host(), eager.lse)) << "graph replay lse differs from eager";
+  EXPECT_TRUE(same_bits(dqkv.host(), eager.dqkv)) << "graph replay dqkv differs from eager";
+  expect_close("graph replay dqkv", dqkv.host(), eager.dqkv, 0.0, "eager");
+}
+
+TEST(CudaFlashAttention, RejectsBadArguments) {
+  PION_REQUIRE_CUDA_DEVICE();
+  EXPECT_EQ(cl::flash_attention_lse_elements(2, 5, 3), 30u);
+  EXPECT_EQ(cl::flash_attention_scratch_elements(2, 5, 3), 30u);
+  EXPECT_THROW(cl::flash_attention_lse_elements(-1, 5, 3), pion::Error);
+
+  Context ctx;
+  const Shape s{1, 4, 2, 128};
+  Dev qkv(randn(s.qkv_elements(), 1000)),
+      out = Dev::poisoned(s.out_elements()), lse = Dev::poisoned(s.rows()),
+      scratch = Dev::poisoned(s.rows()), dqkv(randn(s.qkv_elements(), 1001));
+  auto forward = [&](i64 batch, i64 seq, i64 n_head, i64 head_dim, float* o) {
+    cl::flash_attention_forward(ctx, o, lse.get(), qkv.get(), batch, seq, n_head, head_dim);
+  };
+  auto backward = [&](i64 head_dim, float* sc) {
+    cl::flash_attention_backward(ctx, dqkv.get(), sc, out.get(), out.get(), lse.get(), qkv.get(), 1,
+                                 4, 1, head_dim);
+  };
+  EXPECT_THROW(forward(1, 4, 1, 129, out.get()), pion::Error);  // head_dim > 128
+  EXPECT_THROW(forward(1, 4, 1, 0, out.get()), pion::Error);
+  EXPECT_THROW(forward(1, 0, 1, 64, out.get()), pion::Error);
+  EXPECT_THROW(forward(0, 4, 1, 64, out.get()), pion::Error);
+  EXPECT_THROW(forward(1, 4, -2, 64, out.get()), pion::Error);
+  EXPECT_THROW(forward(1, i64{1} << 21, 1, 64, out.get()), pion::Error);  // too many tiles
+  EXPECT_THROW(forward(1, 4, 1, 64, nullptr), pion::Error);
+  EXPECT_THROW(backward(200, scratch.get()), pion::Error);
+  EXPECT_THROW(backward(64, nullptr), pion::Error);
+  try {
+    forward(1, 4, 1, 160, out.get());
+    ADD_FAILURE() << "head_dim 160 was accepted";
+  } catch (const pion::Error& e) {
+    std::printf("  head_dim 160: %s\n", e.what());
+    EXPECT_NE(std::string(e.what()).find("head_dim"), std::string::npos) << e.what();
+  }
+  // Nothing was queued: the poisoned output is still all NaN and dqkv unchanged.
+  const auto o = out.host();
+  EXPECT_TRUE(std::all_of(o.begin(), o.end(), [](float x) { return std::isnan(x); }));
+  EXPECT_TRUE(same_bits(dqkv.host(), randn(s.qkv_elements(), 1001)));
+}
+
+}  // namespace
+
+#endif  // PION_HAVE_CUDA
