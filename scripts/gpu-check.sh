@@ -11,7 +11,8 @@
 # .git/info/exclude); on the GPU machine they are unpacked under /tmp/pion-deps and CMake,
 # pkg-config and the loader are pointed there (scripts/gpu-env.sh). Where the libraries are
 # installed, no .gpu-deps/ is needed. Build directory: build-gpu (Release, PION_CUDA=ON, no
-# benchmarks). The optimizer benchmark on the GPU is scripts/gpu-bench.sh.
+# benchmarks). The optimizer benchmark on the GPU is scripts/gpu-bench.sh; training speed
+# and the CPU-vs-GPU baby runs are scripts/gpu-train.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +33,8 @@ pion_gpu_use_deps
 echo "== build"
 start=$(date +%s)
 pion_gpu_configure
-cmake --build build-gpu -j"$(nproc)" --target pion test_cuda_optim test_cuda_layers
+cmake --build build-gpu -j"$(nproc)" --target pion test_cuda_optim test_cuda_layers \
+  test_cuda_flash_attention test_cuda_llama test_cuda_train
 echo "build took $(($(date +%s) - start)) s"
 
 echo "== tests"
@@ -40,6 +42,6 @@ echo "== tests"
 status=0
 (cd build-gpu && ctest -R Cuda --output-on-failure -V) >build-gpu/ctest-cuda.log 2>&1 || status=$?
 if [[ $status -ne 0 ]]; then cat build-gpu/ctest-cuda.log; fi
-grep -E "vs cpu|drift after|SKIPPED|Skipped|Failed|tests passed" build-gpu/ctest-cuda.log || true
+grep -E "vs cpu|drift after|worst|SKIPPED|Skipped|Failed|tests passed" build-gpu/ctest-cuda.log || true
 nvidia-smi --query-gpu=name,utilization.gpu,memory.used,temperature.gpu --format=csv
 exit "$status"

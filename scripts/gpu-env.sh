@@ -29,6 +29,11 @@ pion_gpu_fetch_deps() {
   grep -qxF "/$pion_gpu_deps_dir/" .git/info/exclude 2>/dev/null ||
     echo "/$pion_gpu_deps_dir/" >>.git/info/exclude
   (cd "$pion_gpu_deps_dir" && apt-get download "${pion_gpu_packages[@]}")
+  # The benchmark text for gpu-train.sh's baby runs (../shared is not carried to the device;
+  # .gpu-deps/ is ignored by git, so this copy never enters the repository).
+  if [[ -f ../shared/data/tinyshakespeare.txt ]]; then
+    cp ../shared/data/tinyshakespeare.txt "$pion_gpu_deps_dir/"
+  fi
   ls -l "$pion_gpu_deps_dir"
 }
 
