@@ -25,6 +25,13 @@ std::string device_description() {
          std::to_string(prop.minor) + ", " + std::to_string(prop.totalGlobalMem >> 30) + " GiB";
 }
 
+std::size_t device_memory_bytes() {
+  require_device();
+  cudaDeviceProp prop{};
+  PION_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  return prop.totalGlobalMem;
+}
+
 DeviceBuffer::DeviceBuffer(std::size_t count) : count_(count) {
   if (count == 0) return;
   void* p = nullptr;

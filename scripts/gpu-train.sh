@@ -67,6 +67,10 @@ if [[ -z "$only" || "$only" == "speed" ]]; then
   echo "== speed: pion bench train (GPT-2-small-shaped LLaMA)"
   "$pion_bin" bench train --device cuda --preset gpt2-small --steps "$steps" --warmup 5 \
     --attention "$attention" --json "$out_dir/pion-train.json" | tail -n 8 || status=1
+  echo "== speed: AdamW with the fused (flash) attention instead"
+  "$pion_bin" bench train --device cuda --preset gpt2-small --steps "$steps" --warmup 5 \
+    --optimizers adamw --attention flash --json "$out_dir/pion-train-flash.json" | tail -n 4 ||
+    status=1
   torch_python=""
   for p in "$python" python3 /usr/bin/python3; do
     [[ -n "$p" ]] || continue

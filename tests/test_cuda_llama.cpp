@@ -60,9 +60,8 @@ Batch random_batch(int rows, int seq, int vocab, std::uint64_t seed) {
   for (int i = 0; i < rows * seq; ++i) {
     b.tokens.push_back(static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(vocab))));
     // Some ignored targets, as finetuning batches have.
-    b.targets.push_back(i % 7 == 3 ? -1
-                                   : static_cast<std::int32_t>(
-                                         rng.below(static_cast<std::uint64_t>(vocab))));
+    b.targets.push_back(
+        i % 7 == 3 ? -1 : static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(vocab))));
   }
   return b;
 }

@@ -57,9 +57,9 @@ bool has_gpu() {
 #endif
 }
 
-#define PION_REQUIRE_GPU_RUN()                                                                \
-  if (!has_gpu())                                                                             \
-  GTEST_SKIP() << "no CUDA device (or no CUDA back end in this build): run "                  \
+#define PION_REQUIRE_GPU_RUN()                                               \
+  if (!has_gpu())                                                            \
+  GTEST_SKIP() << "no CUDA device (or no CUDA back end in this build): run " \
                   "scripts/gpu-check.sh on a machine with an NVIDIA GPU"
 
 }  // namespace
@@ -122,8 +122,7 @@ TEST_P(CudaTrainParity, FollowsCpuRunAndCheckpointsMoveBetweenDevices) {
   EXPECT_EQ(train_losses(dir + "/cpu-to-gpu").size(), 30u);
 }
 
-INSTANTIATE_TEST_SUITE_P(Optimizers, CudaTrainParity,
-                         ::testing::Values("adamw", "muon", "pion"));
+INSTANTIATE_TEST_SUITE_P(Optimizers, CudaTrainParity, ::testing::Values("adamw", "muon", "pion"));
 
 TEST(CudaTrain, ResumeOnGpuIsExact) {
   PION_REQUIRE_GPU_RUN();
@@ -131,8 +130,8 @@ TEST(CudaTrain, ResumeOnGpuIsExact) {
   const std::string data = corpus(dir);
   auto straight = test::run_pion("train " + flags(data, dir + "/a", "pion", "cuda"));
   ASSERT_EQ(straight.exit_code, 0) << straight.output;
-  auto first = test::run_pion("train " + flags(data, dir + "/b", "pion", "cuda") +
-                              " --stop_after 8");
+  auto first =
+      test::run_pion("train " + flags(data, dir + "/b", "pion", "cuda") + " --stop_after 8");
   ASSERT_EQ(first.exit_code, 0) << first.output;
   auto second = test::run_pion("train " + flags(data, dir + "/b", "pion", "cuda") + " --resume");
   ASSERT_EQ(second.exit_code, 0) << second.output;

@@ -1,13 +1,12 @@
 // The decoder on the GPU (include/pion/cuda/llama.h): the same sequence of layer calls as
 // src/model/llama.cpp, on device buffers, with pion/cuda/layers.h in place of the CPU layers.
-#include "pion/cuda/llama.h"
-
 #include <algorithm>
 #include <cmath>
 #include <string>
 
 #include "pion/core/error.h"
 #include "pion/cuda/flash_attention.h"
+#include "pion/cuda/llama.h"
 #include "pion/cuda/vector_ops.h"
 #include "pion/model/layers.h"
 
@@ -23,11 +22,15 @@ layers::MatmulPrecision parse_matmul_precision(const std::string& name) {
   throw Error("matmul precision must be bf16, tf32 or fp32, got '" + name + "'");
 }
 
-CudaAttention parse_attention(const std::string& name, int seq_len) {
+CudaAttention choose_attention(const std::string& name, const ModelConfig& config, int batch) {
   if (name == "flash") return CudaAttention::Flash;
   if (name == "materialized") return CudaAttention::Materialized;
-  if (name == "auto") return seq_len > 256 ? CudaAttention::Flash : CudaAttention::Materialized;
-  throw Error("attention must be auto, flash or materialized, got '" + name + "'");
+  check(name == "auto", "attention must be auto, flash or materialized, got '" + name + "'");
+  const double probs_bytes = 4.0 * config.n_layer * batch * config.n_head *
+                             static_cast<double>(config.seq_len) * config.seq_len;
+  return probs_bytes <= 0.25 * static_cast<double>(device_memory_bytes())
+             ? CudaAttention::Materialized
+             : CudaAttention::Flash;
 }
 
 namespace {
@@ -104,8 +107,8 @@ CudaLlama::CudaLlama(Context& ctx, const ModelConfig& config, const CudaLlamaOpt
   check(config.dropout == 0.0,
         "--device cuda does not implement dropout yet: set dropout 0 (or train on the CPU)");
   num_params_ = layout_.back().offset + layout_.back().numel();
-  const auto table = pion::layers::make_rope_table<float>(config.seq_len, config.head_dim(),
-                                                    config.rope_theta);
+  const auto table =
+      pion::layers::make_rope_table<float>(config.seq_len, config.head_dim(), config.rope_theta);
   impl_ = std::make_unique<Impl>(num_params_, table, config.seq_len, config.head_dim() / 2);
   impl_->params.zero();
   impl_->grads.zero();
@@ -145,8 +148,8 @@ void CudaLlama::download_grads(std::span<float> host) const {
 
 namespace {
 
-void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOptions& o,
-                    int batch, int seq) {
+void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOptions& o, int batch,
+                    int seq) {
   if (batch == m.batch && seq == m.seq) return;
   const i64 n = static_cast<i64>(batch) * seq, d = c.d_model, f = c.ffn_size();
   const i64 v = c.vocab_size, h = c.n_head, L = c.n_layer;
@@ -192,10 +195,9 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.lse = take(n);
   m.proj = take(n * d);
 
-  m.grad_acts = DeviceBuffer(
-      static_cast<std::size_t>(n * d /*dres*/ + n * d /*dh*/ + 3 * n * d /*dqkv*/ +
-                               n * d /*datt*/ + 2 * n * f /*dgu*/ + n * f /*dact*/ +
-                               n * v /*dlogits*/ + attn_scratch));
+  m.grad_acts = DeviceBuffer(static_cast<std::size_t>(
+      n * d /*dres*/ + n * d /*dh*/ + 3 * n * d /*dqkv*/ + n * d /*datt*/ + 2 * n * f /*dgu*/ +
+      n * f /*dact*/ + n * v /*dlogits*/ + attn_scratch));
   p = m.grad_acts.data();
   m.dres = take(n * d);
   m.dh = take(n * d);
@@ -254,8 +256,8 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
   const MatmulPrecision mp = options_.matmul;
   layers::Bf16Workspace* ws = m.bf16.get();
   // The materialised attention multiplies on fp32 or TF32 (its GEMMs take fp32 operands).
-  const MatmulPrecision attn_mp = mp == MatmulPrecision::Fp32 ? MatmulPrecision::Fp32
-                                                              : MatmulPrecision::Tf32;
+  const MatmulPrecision attn_mp =
+      mp == MatmulPrecision::Fp32 ? MatmulPrecision::Fp32 : MatmulPrecision::Tf32;
   const bool flash = options_.attention == CudaAttention::Flash;
   Context& ctx = ctx_;
 
@@ -352,8 +354,8 @@ void CudaLlama::scale_grads(float factor) {
 
 std::size_t CudaLlama::device_bytes() const {
   const Impl& m = *impl_;
-  std::size_t bytes = (m.params.size() + m.grads.size() + m.acts.size() + m.grad_acts.size()) *
-                      sizeof(float);
+  std::size_t bytes =
+      (m.params.size() + m.grads.size() + m.acts.size() + m.grad_acts.size()) * sizeof(float);
   if (m.bf16) bytes += m.bf16->size() * 2;
   return bytes;
 }

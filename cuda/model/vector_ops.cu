@@ -73,8 +73,8 @@ std::vector<double> DeviceScalars::read(Context& ctx) const {
 void fill_zero(Context& ctx, float* x, std::int64_t count) {
   layers::detail::require(count >= 0, "fill_zero", "count must be >= 0");
   if (count == 0) return;
-  PION_CUDA_CHECK(cudaMemsetAsync(x, 0, static_cast<std::size_t>(count) * sizeof(float),
-                                  stream_of(ctx)));
+  PION_CUDA_CHECK(
+      cudaMemsetAsync(x, 0, static_cast<std::size_t>(count) * sizeof(float), stream_of(ctx)));
 }
 
 void sum_squares(Context& ctx, DeviceScalars& out, std::size_t slot, const float* x,

@@ -1,19 +1,20 @@
 // The GPU training loop (include/pion/cuda/trainer.h): src/train/trainer.cpp's loop for one
 // process, with the model, gradients and optimizer state on the device and the CPU model and
 // OptimizerSet used as the mirror that checkpoints are written from and read into.
-#include "pion/cuda/trainer.h"
-
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <iostream>
 #include <limits>
+#include <map>
 #include <optional>
 
 #include "pion/core/error.h"
 #include "pion/core/linalg.h"
 #include "pion/cuda/llama.h"
 #include "pion/cuda/optim.h"
+#include "pion/cuda/trainer.h"
 #include "pion/dist/communicator.h"
 #include "pion/optim/pion.h"
 #include "pion/optim/schedule.h"
@@ -96,7 +97,7 @@ class DeviceRun {
       : ctx_(ctx), cfg_(cfg), host_(host), mirror_(mirror) {
     CudaLlamaOptions mo;
     mo.matmul = parse_matmul_precision(cfg.matmul_precision);
-    mo.attention = parse_attention(cfg.attention, cfg.seq_len);
+    mo.attention = choose_attention(cfg.attention, host.config(), cfg.batch_size);
     model_ = std::make_unique<CudaLlama>(ctx, host.config(), mo);
   }
 
@@ -124,8 +125,8 @@ class DeviceRun {
         d.group = g;
         d.kind = opts[i]->kind();
         d.params = group.params;
-        d.device = make_device_optimizer(ctx_, d.kind, opts[i]->group_options(g), std::move(dp),
-                                         cfg_);
+        d.device =
+            make_device_optimizer(ctx_, d.kind, opts[i]->group_options(g), std::move(dp), cfg_);
         groups_.push_back(std::move(d));
       }
     }
@@ -149,8 +150,8 @@ class DeviceRun {
 
   // Mirror -> device: weights, then every optimizer's state and counters.
   void upload_from_mirror() {
-    model_->upload_params({host_.params().data<float>(),
-                           static_cast<std::size_t>(host_.params().numel())});
+    model_->upload_params(
+        {host_.params().data<float>(), static_cast<std::size_t>(host_.params().numel())});
     for (auto& d : groups_) {
       const Optimizer& cpu = *mirror_.optimizers()[d.optimizer];
       for (const auto& p : d.params) {
@@ -224,9 +225,12 @@ class DeviceRun {
     for (const auto& d : groups_) {
       for (const auto& p : d.params) {
         const Shape s = p.value.shape();
-        if (d.kind == "pion") bytes += 2 * (s[0] * s[0] + s[1] * s[1]) * sizeof(float);
-        else if (d.kind == "muon") bytes += p.value.numel() * sizeof(float);
-        else bytes += 2 * p.value.numel() * sizeof(float);
+        if (d.kind == "pion")
+          bytes += 2 * (s[0] * s[0] + s[1] * s[1]) * sizeof(float);
+        else if (d.kind == "muon")
+          bytes += p.value.numel() * sizeof(float);
+        else
+          bytes += 2 * p.value.numel() * sizeof(float);
       }
     }
     return bytes;
@@ -249,8 +253,7 @@ class StepLauncher {
   StepLauncher(Context& ctx, std::vector<DeviceGroup>& groups) : ctx_(ctx), groups_(groups) {}
 
   void step(double factor) {
-    for (auto& d : groups_)
-      d.device->set_lr(mirror_lr(d) * factor);
+    for (auto& d : groups_) d.device->set_lr(mirror_lr(d) * factor);
     if (eager_steps_ == 0 || !use_graph_) {
       for (auto& d : groups_) d.device->queue_step();
       ++eager_steps_;
@@ -303,12 +306,6 @@ TrainSummary run_training_cuda(TrainInputs in, Llama<float>& host_model) {
   std::filesystem::create_directories(cfg.out_dir);
 
   Context ctx;
-  std::cout << "device: " << device_description() << " | matmul " << cfg.matmul_precision
-            << " | attention "
-            << (parse_attention(cfg.attention, cfg.seq_len) == CudaAttention::Flash
-                    ? "flash"
-                    : "materialized")
-            << "\n";
   std::vector<Param> params = host_model.named_params();
   OptimizerSet mirror = build_optimizers(cfg, params);
   auto schedule = make_schedule(cfg.schedule, cfg.warmup_iters, cfg.max_iters, cfg.min_lr_ratio);
@@ -334,6 +331,10 @@ TrainSummary run_training_cuda(TrainInputs in, Llama<float>& host_model) {
   if (!in.benchmark_only) run.capture_sigma0();
   run.upload_from_mirror();
   CudaLlama& model = run.model();
+  std::cout << "device: " << device_description() << " | matmul " << cfg.matmul_precision
+            << " | attention "
+            << (model.options().attention == CudaAttention::Flash ? "flash" : "materialized")
+            << " | " << model.num_params() << " parameters on the device\n";
   std::vector<double> base_lrs;
   for (const auto& d : run.groups())
     base_lrs.push_back(mirror.optimizers()[d.optimizer]->groups()[d.group].base_lr);

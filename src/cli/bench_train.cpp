@@ -163,9 +163,8 @@ void run_bench_train(const BenchTrainArgs& a) {
 #endif
   const std::string dir =
       (std::filesystem::temp_directory_path() /
-       ("pion-bench-train-" + std::to_string(std::chrono::steady_clock::now()
-                                                 .time_since_epoch()
-                                                 .count())))
+       ("pion-bench-train-" +
+        std::to_string(std::chrono::steady_clock::now().time_since_epoch().count())))
           .string();
   std::vector<Result> results;
   for (const auto& o : optimizers) results.push_back(bench_one(a, p, o, dir));
@@ -182,10 +181,10 @@ void run_bench_train(const BenchTrainArgs& a) {
   t << " | " << today() << "\n\n"
     << "| optimizer | tokens/s | median step (ms) | optimizer step (ms) | vs adamw | final loss |\n"
     << "|---|---:|---:|---:|---:|---:|\n";
-  nlohmann::json j = {{"device", a.device},      {"hardware", hardware},
-                      {"preset", a.preset},      {"matmul_precision", a.matmul_precision},
+  nlohmann::json j = {{"device", a.device},       {"hardware", hardware},
+                      {"preset", a.preset},       {"matmul_precision", a.matmul_precision},
                       {"attention", a.attention}, {"pion_precision", a.pion_precision},
-                      {"date", today()},         {"results", nlohmann::json::array()}};
+                      {"date", today()},          {"results", nlohmann::json::array()}};
   for (const auto& r : results) {
     t << "| " << r.optimizer << " | " << std::fixed << std::setprecision(0) << r.tokens_per_sec
       << " | " << std::setprecision(1) << r.median_step_ms << " | " << r.optimizer_ms << " | ";

@@ -11,10 +11,10 @@ struct BenchTrainArgs {
   std::string device = "cuda";
   std::string preset = "gpt2-small";  // gpt2-small | baby
   std::string optimizers = "adamw,muon,pion";
-  int steps = 30;   // timed steps
-  int warmup = 5;   // untimed steps first (kernel loading, graph capture, allocator)
-  int batch = 0;    // 0 = the preset's
-  int layers = 0;   // 0 = the preset's
+  int steps = 30;  // timed steps
+  int warmup = 5;  // untimed steps first (kernel loading, graph capture, allocator)
+  int batch = 0;   // 0 = the preset's
+  int layers = 0;  // 0 = the preset's
   std::string attention = "auto";
   std::string matmul_precision = "bf16";
   std::string pion_precision = "fp32";

@@ -73,8 +73,9 @@ ResumePoint read_train_checkpoint(const std::string& path, const ModelConfig& mo
     check(meta.value("format", "") == kCheckpointFormat,
           "'" + path + "' has an unknown checkpoint format");
     const auto saved_model = nlohmann::json::parse(out.file.metadata.at("pion.model_config"));
-    check(saved_model == model_config.to_json(),
-          "--resume: the checkpoint's model shape differs from the config's: " + saved_model.dump());
+    check(
+        saved_model == model_config.to_json(),
+        "--resume: the checkpoint's model shape differs from the config's: " + saved_model.dump());
     out.data_state = meta.at("data_state");
     out.dropout_rng = meta.at("dropout_rng");
     out.progress.step = meta.at("step").get<int>();

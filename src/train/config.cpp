@@ -79,7 +79,7 @@ const std::vector<Field>& fields() {
       field("out_dir", "output directory (metrics, summary, checkpoint)", &TrainConfig::out_dir),
       field("device", "cpu | cuda (the GPU back end: model, optimizers and loss on device 0)", &TrainConfig::device),
       field("matmul_precision", "cuda: the model's GEMMs, bf16 | tf32 | fp32 (fp32 accumulation, fp32 master weights)", &TrainConfig::matmul_precision),
-      field("attention", "cuda: auto | flash | materialized (auto: flash once seq_len > 256)", &TrainConfig::attention),
+      field("attention", "cuda: auto | flash | materialized (auto: materialised while all layers' T x T scores fit a quarter of GPU memory)", &TrainConfig::attention),
       field("pion_precision", "cuda: Pion's GEMMs, fp32 | mixed (TF32 tensor cores, fp32 weights)", &TrainConfig::pion_precision),
       field("muon_precision", "cuda: Muon's Newton-Schulz, bf16 | fp32", &TrainConfig::muon_precision),
   };

@@ -35,10 +35,14 @@ struct CudaLlamaOptions {
   CudaAttention attention = CudaAttention::Flash;
 };
 
-// "bf16" | "tf32" | "fp32" and "auto" | "flash" | "materialized" (auto: flash when
-// seq_len > 256, where the T x T scores start to dominate activation memory).
+// "bf16" | "tf32" | "fp32".
 layers::MatmulPrecision parse_matmul_precision(const std::string& name);
-CudaAttention parse_attention(const std::string& name, int seq_len);
+// "flash" | "materialized" | "auto". auto keeps the scores (materialised: TF32 cuBLAS GEMMs
+// and memory-bound softmax passes, faster than our fp32 flash kernel at GPT-2 lengths) while
+// every layer's [batch, heads, seq, seq] probabilities together take at most a quarter of the
+// GPU's memory, and switches to flash beyond (long contexts, where T x T per head would not
+// fit).
+CudaAttention choose_attention(const std::string& name, const ModelConfig& config, int batch);
 
 class CudaLlama {
  public:
@@ -67,11 +71,10 @@ class CudaLlama {
   // loss_scale != 0 it then runs backward and ADDS d(loss_scale * mean loss)/dparams into
   // grads(); with loss_scale == 0 it is forward only (evaluation). The loss stays on the
   // device until read_loss().
-  void forward_backward(std::span<const std::int32_t> tokens,
-                        std::span<const std::int32_t> targets, int batch, int seq,
-                        double loss_scale);
+  void forward_backward(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets,
+                        int batch, int seq, double loss_scale);
   struct Loss {
-    double loss = 0.0;     // mean over counted targets
+    double loss = 0.0;       // mean over counted targets
     std::int64_t count = 0;  // targets counted
   };
   // The last forward_backward's loss (synchronises the stream).

@@ -14,6 +14,8 @@ namespace pion::cuda {
 int device_count();
 // "NVIDIA H100 80GB HBM3, sm_90, 79 GiB" for device 0 (throws pion::Error when there is none).
 std::string device_description();
+// Total memory of device 0 in bytes (throws pion::Error when there is none).
+std::size_t device_memory_bytes();
 
 // Owns n floats of device memory (cudaMalloc / cudaFree). Movable, not copyable.
 class DeviceBuffer {

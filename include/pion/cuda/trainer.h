@@ -12,7 +12,8 @@
 //
 // What differs from the CPU run:
 // - the model's GEMMs run in config.matmul_precision (bf16 by default) and attention is
-//   fused (flash) for seq_len > 256; --matmul_precision fp32 --attention materialized is the
+//   materialised or fused (flash) as choose_attention (llama.h) picks for config.attention;
+//   --matmul_precision fp32 --attention materialized is the
 //   CPU's arithmetic up to summation order.
 // - Pion runs the taylor2 retraction only (config.pion_precision fp32 | mixed), without
 //   re-anchoring; Muon's Newton-Schulz runs in config.muon_precision (bf16 by default).
