@@ -34,10 +34,18 @@ echo "== build"
 start=$(date +%s)
 pion_gpu_configure
 cmake --build build-gpu -j"$(nproc)" --target pion test_cuda_optim test_cuda_layers \
-  test_cuda_flash_attention test_cuda_llama test_cuda_train
+  test_cuda_flash_attention test_cuda_llama test_cuda_train test_cuda_optim_trace
 echo "build took $(($(date +%s) - start)) s"
 
 echo "== tests"
+# The fp64 references (trace_check.py) need numpy: use the first Python that has it.
+for py in "${PION_PYTHON:-}" python3 /usr/bin/python3; do
+  if [[ -n "$py" ]] && env LD_LIBRARY_PATH="$pion_gpu_orig_ld_library_path" "$py" -c 'import numpy' \
+    2>/dev/null; then
+    export PION_PYTHON="$py"
+    break
+  fi
+done
 # -V keeps each test's printed measurements (parity errors, spectrum drift) in the log.
 status=0
 (cd build-gpu && ctest -R Cuda --output-on-failure -V) >build-gpu/ctest-cuda.log 2>&1 || status=$?

@@ -1,5 +1,6 @@
 #include "helpers.h"
 
+#include <cstdlib>
 #include <array>
 #include <atomic>
 #include <cstdio>
@@ -56,6 +57,11 @@ bool python_has(const std::string& modules) {
 }
 
 std::string source_dir() { return PION_SOURCE_DIR; }
-std::string python() { return PION_PYTHON; }
+// $PION_PYTHON overrides the build's choice (e.g. a GPU machine whose numpy and torch live in
+// another Python than Debian's).
+std::string python() {
+  const char* env = std::getenv("PION_PYTHON");
+  return env != nullptr && *env != '\0' ? std::string(env) : std::string(PION_PYTHON);
+}
 
 }  // namespace pion::test

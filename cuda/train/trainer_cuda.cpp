@@ -14,6 +14,7 @@
 #include "pion/core/linalg.h"
 #include "pion/cuda/llama.h"
 #include "pion/cuda/optim.h"
+#include "pion/cuda/optim_like.h"
 #include "pion/cuda/trainer.h"
 #include "pion/dist/communicator.h"
 #include "pion/optim/pion.h"
@@ -38,58 +39,6 @@ struct DeviceGroup {
   std::vector<Param> params;  // the mirror's params (host views: names and shapes)
   std::unique_ptr<CudaOptimizer> device;
 };
-
-double number(const nlohmann::json& options, const char* key) {
-  return options.at(key).get<double>();
-}
-
-std::unique_ptr<CudaOptimizer> make_device_optimizer(Context& ctx, const std::string& kind,
-                                                     const nlohmann::json& options,
-                                                     std::vector<DeviceParam> params,
-                                                     const TrainConfig& cfg) {
-  if (kind == "pion") {
-    check(options.at("retraction").get<std::string>() == "taylor2",
-          "--device cuda runs Pion's taylor2 retraction only (pion_retraction '" +
-              options.at("retraction").get<std::string>() +
-              "' is CPU-only for now): drop --pion_retraction or train on the CPU");
-    check(options.at("reanchor_every").get<std::int64_t>() == 0,
-          "--device cuda does not re-anchor Pion yet: set pion_reanchor_every 0 or train on "
-          "the CPU");
-    CudaPionOptions o;
-    o.c = number(options, "c");
-    o.beta1 = number(options, "beta1");
-    o.beta2 = number(options, "beta2");
-    o.eps = number(options, "eps");
-    o.precision = cfg.pion_precision;
-    return make_cuda_pion(ctx, std::move(params), o);
-  }
-  if (kind == "muon") {
-    CudaMuonOptions o;
-    o.momentum = number(options, "momentum");
-    o.nesterov = options.at("nesterov").get<bool>();
-    o.ns_steps = options.at("ns_steps").get<int>();
-    o.weight_decay = number(options, "weight_decay");
-    o.eps = number(options, "eps");
-    o.precision = cfg.muon_precision;
-    return make_cuda_muon(ctx, std::move(params), o);
-  }
-  check(kind == "adamw", "--device cuda: no GPU optimizer for '" + kind + "'");
-  CudaAdamWOptions o;
-  o.beta1 = number(options, "beta1");
-  o.beta2 = number(options, "beta2");
-  o.eps = number(options, "eps");
-  o.weight_decay = number(options, "weight_decay");
-  return make_cuda_adamw(ctx, std::move(params), o);
-}
-
-// The shape a state tensor has on the CPU (Pion's moments are d x d on each side).
-Shape state_shape(const std::string& kind, const std::string& key, const Shape& param) {
-  if (kind == "pion") {
-    if (key == "m_in" || key == "v_in") return {param[1], param[1]};
-    if (key == "m_out" || key == "v_out") return {param[0], param[0]};
-  }
-  return param;
-}
 
 class DeviceRun {
  public:
@@ -125,8 +74,8 @@ class DeviceRun {
         d.group = g;
         d.kind = opts[i]->kind();
         d.params = group.params;
-        d.device =
-            make_device_optimizer(ctx_, d.kind, opts[i]->group_options(g), std::move(dp), cfg_);
+        d.device = make_cuda_optimizer_like(ctx_, *opts[i], g, std::move(dp),
+                                            {cfg_.pion_precision, cfg_.muon_precision});
         groups_.push_back(std::move(d));
       }
     }
@@ -180,7 +129,7 @@ class DeviceRun {
         for (const auto& p : d.params) {
           StateMap state;
           for (auto& [key, values] : d.device->download_state(p.name)) {
-            Tensor t = Tensor::empty(state_shape(d.kind, key, p.value.shape()));
+            Tensor t = Tensor::empty(cpu_state_shape(d.kind, key, p.value.shape()));
             check(static_cast<std::size_t>(t.numel()) == values.size(),
                   "--device cuda: state '" + key + "' of '" + p.name + "' has " +
                       std::to_string(values.size()) + " values, expected " +

@@ -22,6 +22,9 @@
 #include "pion/core/error.h"
 #include "pion/core/safetensors.h"
 #include "pion/optim/factory.h"
+#ifdef PION_HAVE_CUDA
+#include "pion/cuda/optim_like.h"
+#endif
 
 namespace pion::cli {
 
@@ -32,6 +35,8 @@ struct TraceArgs {
   std::string config = "{}";
   std::string input;
   std::string output;
+  std::string device = "cpu";      // cpu | cuda
+  std::string precision = "fp32";  // cuda: Pion fp32 | mixed, Muon bf16 | fp32
 };
 
 // Inline JSON wins: an argument whose first non-blank character is '{' or '[' is parsed as JSON
@@ -164,10 +169,59 @@ Trace parse_trace(const TensorFile& file, const std::string& source) {
   return trace;
 }
 
+// The same replay through the CUDA optimizer configured like `cpu` (its one param group):
+// weights uploaded once, each step's gradients uploaded, weights downloaded at the end.
+// Returns the steps skipped for non-finite gradients (decided on the device).
+std::int64_t replay_on_gpu(const Optimizer& cpu, const Trace& trace, std::vector<Param>& params,
+                           const std::string& precision) {
+#ifdef PION_HAVE_CUDA
+  check(cuda::device_count() > 0,
+        "optim-trace --device cuda: no CUDA device is visible (cudaGetDeviceCount reports "
+        "none); run on a machine with an NVIDIA GPU, or use --device cpu");
+  check(cpu.groups().size() == 1, "optim-trace --device cuda: expected one param group");
+  cuda::CudaPrecisions prec;
+  if (cpu.kind() == "pion") prec.pion = precision;
+  if (cpu.kind() == "muon") prec.muon = precision == "fp32" ? "fp32" : "bf16";
+  check(precision == "fp32" || precision == "mixed" || precision == "bf16",
+        "--precision must be fp32, mixed (pion) or bf16 (muon), got '" + precision + "'");
+  cuda::Context ctx;
+  std::vector<cuda::DeviceBuffer> values, grads;
+  std::vector<cuda::DeviceParam> device_params;
+  for (const Param& p : params) {
+    const auto n = static_cast<std::size_t>(p.value.numel());
+    values.emplace_back(n);
+    grads.emplace_back(n);
+    values.back().upload(p.value.data<float>(), n);
+    device_params.push_back({p.name, values.back().data(), grads.back().data(), p.value.rows(),
+                             p.value.cols()});
+  }
+  auto gpu = cuda::make_cuda_optimizer_like(ctx, cpu, 0, device_params, prec);
+  const double lr = cpu.groups().front().lr;
+  for (std::int64_t t = 0; t < trace.steps; ++t) {
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      const Tensor& g = trace.grads[i][static_cast<std::size_t>(t)];
+      grads[i].upload(g.data<float>(), static_cast<std::size_t>(g.numel()));
+    }
+    gpu->step(lr);
+  }
+  ctx.synchronize();
+  for (std::size_t i = 0; i < params.size(); ++i)
+    values[i].download(params[i].value.data<float>(), values[i].size());
+  return gpu->skipped_steps();
+#else
+  (void)cpu, (void)trace, (void)params, (void)precision;
+  throw Error(
+      "optim-trace --device cuda: this pion was built without the CUDA back end (PION_CUDA=OFF "
+      "or no nvcc); rebuild with -DPION_CUDA=ON, or use --device cpu");
+#endif
+}
+
 void run_optim_trace(const TraceArgs& args) {
   // Cheap checks first, so a typo in the command fails before a large file is read.
   const nlohmann::json config = parse_config_arg(args.config);
   optimizer_config_keys(args.optimizer);  // throws for an unknown optimizer
+  check(args.device == "cpu" || args.device == "cuda",
+        "--device must be cpu or cuda, got '" + args.device + "'");
   Trace trace = parse_trace(load_safetensors(args.input), args.input);
 
   std::vector<Param> params;
@@ -177,11 +231,17 @@ void run_optim_trace(const TraceArgs& args) {
   }
   std::unique_ptr<Optimizer> optimizer = make_optimizer(args.optimizer, config, params);
 
-  for (std::int64_t t = 0; t < trace.steps; ++t) {
-    for (std::size_t i = 0; i < params.size(); ++i) {
-      params[i].grad.copy_from(trace.grads[i][static_cast<std::size_t>(t)]);
+  std::int64_t skipped = 0;
+  if (args.device == "cuda") {
+    skipped = replay_on_gpu(*optimizer, trace, params, args.precision);
+  } else {
+    for (std::int64_t t = 0; t < trace.steps; ++t) {
+      for (std::size_t i = 0; i < params.size(); ++i) {
+        params[i].grad.copy_from(trace.grads[i][static_cast<std::size_t>(t)]);
+      }
+      optimizer->step();  // a non-finite gradient skips the step; counted below
     }
-    optimizer->step();  // a non-finite gradient skips the step; counted below
+    skipped = optimizer->skipped_steps();
   }
 
   TensorFile out;
@@ -189,11 +249,13 @@ void run_optim_trace(const TraceArgs& args) {
   out.metadata = {{"optimizer", args.optimizer},
                   {"config", config.dump()},
                   {"steps", std::to_string(trace.steps)},
-                  {"skipped_steps", std::to_string(optimizer->skipped_steps())}};
+                  {"device", args.device},
+                  {"skipped_steps", std::to_string(skipped)}};
   save_safetensors(args.output, out);
   std::cout << "optim-trace: " << args.optimizer << " applied " << trace.steps << " steps to "
-            << params.size() << " matrices (" << optimizer->skipped_steps()
-            << " skipped for non-finite gradients); wrote " << args.output << "\n";
+            << params.size() << " matrices (" << skipped
+            << " skipped for non-finite gradients) on the " << args.device << "; wrote "
+            << args.output << "\n";
 }
 
 }  // namespace
@@ -215,6 +277,11 @@ void add_optim_trace_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--input", args->input, "safetensors trace to read")->required();
   cmd->add_option("--output", args->output, "safetensors file to write (atomically)")->required();
+  cmd->add_option("--device", args->device, "cpu | cuda (the GPU optimizer, same options)")
+      ->capture_default_str();
+  cmd->add_option("--precision", args->precision,
+                  "cuda: pion fp32 | mixed, muon bf16 | fp32 (adamw: fp32 always)")
+      ->capture_default_str();
   cmd->callback([args] { run_optim_trace(*args); });
 }
 

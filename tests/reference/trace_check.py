@@ -13,6 +13,7 @@ given. For pion it checks every retraction (taylor2, cayley, exp) unless --retra
 
     trace_check.py --optimizer pion|adamw|muon --pion BUILD/pion [--seed N] [--steps 20]
                    [--retraction R] [--config JSON] [--threshold X] [--keep DIR]
+                   [--pion-args '--device cuda --precision fp32']
 
 Prints one line per matrix and a line "METRIC <optimizer>[/<retraction>] <max rel_err>
 <threshold> PASS|FAIL" per configuration. Exit code 0 when every configuration is within its
@@ -107,7 +108,7 @@ def relative_errors(w0, got, ref):
 
 
 def check(optimizer, pion_binary, seed=None, steps=20, retractions=None, extra_config=None,
-          threshold=None, keep_dir=None, out=sys.stdout):
+          threshold=None, keep_dir=None, pion_args=None, out=sys.stdout):
     """Runs the parity check; returns a list of (label, max rel_err, threshold, passed)."""
     spec = OPTIMIZERS[optimizer]
     if seed is None:
@@ -139,7 +140,8 @@ def check(optimizer, pion_binary, seed=None, steps=20, retractions=None, extra_c
             ref_path = os.path.join(work, f"{tag}.ref.safetensors")
             cfg = json.dumps(config)
             run_tool([pion_binary, "optim-trace", "--optimizer", optimizer, "--config", cfg,
-                      "--input", trace_path, "--output", got_path], "pion optim-trace")
+                      "--input", trace_path, "--output", got_path] + list(pion_args or []),
+                     "pion optim-trace")
             run_tool([sys.executable, os.path.join(HERE, spec["ref"]), trace_path, ref_path,
                       "--config", cfg], spec["ref"])
             got, _ = st_io.load(got_path)
@@ -175,6 +177,8 @@ def main():
     ap.add_argument("--threshold", type=float, default=None,
                     help="override the optimizer's threshold")
     ap.add_argument("--keep", default=None, help="keep the trace and outputs in this directory")
+    ap.add_argument("--pion-args", default="",
+                    help="extra optim-trace arguments, e.g. '--device cuda --precision mixed'")
     args = ap.parse_args()
     if not args.pion:
         ap.error("no pion binary: pass --pion or set PION_BINARY")
@@ -185,7 +189,7 @@ def main():
     extra = json.loads(args.config) if args.config else None
     try:
         results = check(args.optimizer, args.pion, args.seed, args.steps, args.retraction, extra,
-                        args.threshold, args.keep)
+                        args.threshold, args.keep, args.pion_args.split())
     except (RuntimeError, OSError, ValueError) as e:
         print(f"trace_check: error: {e}", file=sys.stderr)
         return 2
