@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Builds the CUDA emulator build (tools/cuda-emu, into build-emu/) and runs the emulator's
+# self-test and the project's CUDA test programs on the CPU, printing each test's result.
+#
+#   tools/cuda-emu/run.sh            self-test + the four in-process CUDA test programs
+#   tools/cuda-emu/run.sh --all      ... + test_cuda_train and test_bench_cli (drive the
+#                                    emulated `pion` binary; a few minutes more)
+#   tools/cuda-emu/run.sh --asan     the same programs built with AddressSanitizer on the
+#                                    emulated back end (kernels' out-of-bounds accesses)
+#   tools/cuda-emu/run.sh --orders   run each program under forward, reverse and random thread
+#                                    and block order (a missing barrier changes results)
+# Environment: EMU_ORDER=forward|reverse|random, EMU_SEED, EMU_POISON=0|1 (NaN bytes in fresh
+# cudaMalloc memory, default 1), EMU_STRICT=1 (abort at the first emulator warning),
+# EMU_TRACE=1 (print every launch), JOBS (default 2).
+# A development aid for sessions without a GPU, not a substitute for scripts/gpu-check.sh.
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+BUILD=$ROOT/build-emu
+JOBS=${JOBS:-2}
+ALL=0 ASAN=0 ORDERS=0
+for a in "$@"; do
+  case $a in
+    --all) ALL=1 ;;
+    --asan) ASAN=1 ;;
+    --orders) ORDERS=1 ;;
+    *) echo "usage: $0 [--all] [--asan] [--orders]" >&2; exit 2 ;;
+  esac
+done
+
+TESTS=(test_cuda_layers test_cuda_optim test_cuda_flash_attention test_cuda_llama)
+[ $ALL = 1 ] && TESTS+=(test_cuda_train test_bench_cli)
+SUFFIX=""
+[ $ASAN = 1 ] && SUFFIX=_asan
+TARGETS=(emu_selftest)
+for t in "${TESTS[@]}"; do TARGETS+=("$t$SUFFIX"); done
+[ $ALL = 1 ] && TARGETS+=(pion)
+
+mkdir -p "$BUILD"
+cmake -S "$ROOT/tools/cuda-emu" -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo >"$BUILD/configure.log" 2>&1 ||
+  { cat "$BUILD/configure.log"; exit 1; }
+if ! cmake --build "$BUILD" -j"$JOBS" --target "${TARGETS[@]}" >"$BUILD/build.log" 2>&1; then
+  grep -E "error|Error" "$BUILD/build.log" | head -40
+  echo "cuda-emu: build failed (full log: $BUILD/build.log)"
+  exit 1
+fi
+
+status=0
+echo "== emu_selftest"
+"$BUILD/emu_selftest" 2>/dev/null | sed 's/^/   /' || status=1
+
+orders=("${EMU_ORDER:-forward}")
+[ $ORDERS = 1 ] && orders=(forward reverse random)
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0}
+for order in "${orders[@]}"; do
+  for t in "${TESTS[@]}"; do
+    exe="$BUILD/$t$SUFFIX"
+    log="$BUILD/$t$SUFFIX.$order.log"
+    echo "== $t$SUFFIX (EMU_ORDER=$order)"
+    start=$(date +%s)
+    (cd "$BUILD" && EMU_ORDER=$order "$exe") >"$log" 2>&1
+    rc=$?
+    grep -E '^\[ +(OK|FAILED|SKIPPED) +\] [A-Za-z]' "$log" | sort -u -k4,4 | sed 's/^/   /'
+    grep -E '^\[cuda-emu\] (WARNING|FATAL)|ERROR: AddressSanitizer' "$log" | sort -u | sed 's/^/   /'
+    echo "   exit $rc, $(( $(date +%s) - start )) s (log: $log)"
+    [ $rc = 0 ] || status=1
+  done
+done
+exit $status

@@ -1,0 +1,271 @@
+// Self-test of the CUDA emulator: written as CUDA (launch syntax and all), preprocessed by
+// preprocess.py like cuda/, so it checks the emulator itself: shuffles, barriers, shared
+// memory, race and divergence detection, launch errors, capture + replay, cuBLAS semantics,
+// bf16 rounding. Prints one line per check; exit status 0 when all pass.
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "emu_internal.h"
+
+namespace {
+
+int g_failures = 0;
+void expect(bool ok, const char* what) {
+  std::printf("%s %s\n", ok ? "[ ok ]" : "[FAIL]", what);
+  if (!ok) ++g_failures;
+}
+
+__global__ void shuffles(int* out) {
+  const int lane = threadIdx.x & 31;
+  int v = lane;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  int d = lane;
+  for (int o = 16; o > 0; o >>= 1) d += __shfl_down_sync(0xffffffffu, d, o);
+  const int b = __shfl_sync(0xffffffffu, lane * 10, 7);
+  const double x = __shfl_xor_sync(0xffffffffu, static_cast<double>(lane) + 0.5, 1);
+  out[threadIdx.x * 4 + 0] = v;
+  out[threadIdx.x * 4 + 1] = d;
+  out[threadIdx.x * 4 + 2] = b;
+  out[threadIdx.x * 4 + 3] = static_cast<int>(x * 2);
+}
+
+__device__ float block_sum(float v) {
+  __shared__ float partial[32];
+  const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  v = lane < (blockDim.x >> 5) ? partial[lane] : 0.0f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  return v;
+}
+
+__global__ void sums(float* out) {
+  const float s = block_sum(static_cast<float>(threadIdx.x));
+  const float t = block_sum(1.0f);
+  const int any = __syncthreads_or(threadIdx.x == 77);
+  const int count = __syncthreads_count(threadIdx.x % 3 == 0);
+  if (threadIdx.x == 0) {
+    out[blockIdx.x * 4 + 0] = s;
+    out[blockIdx.x * 4 + 1] = t;
+    out[blockIdx.x * 4 + 2] = static_cast<float>(any);
+    out[blockIdx.x * 4 + 3] = static_cast<float>(count);
+  }
+}
+
+// A missing barrier: thread t reads its neighbour's slot, maybe before the neighbour wrote it.
+__global__ void racy(int* out) {
+  __shared__ int s[256];
+  s[threadIdx.x] = static_cast<int>(threadIdx.x) + 1000 * static_cast<int>(blockIdx.x);
+  // __syncthreads() missing here
+  out[blockIdx.x * blockDim.x + threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
+
+__global__ void divergent(int* out) {
+  if (threadIdx.x < 32)
+    __syncthreads();
+  else
+    __syncthreads();
+  out[threadIdx.x] = 1;
+}
+
+// Warp 1's low lanes wait at a warp barrier for its high lanes, which wait at the block barrier.
+__global__ void deadlocking(int* out) {
+  if (threadIdx.x >= 32 && threadIdx.x < 48)
+    __syncwarp();
+  else
+    __syncthreads();
+  out[threadIdx.x] = 1;
+}
+
+__global__ void increment(int* x) {
+  *x += 1;
+}
+
+__global__ void write_ptr(float* p) {
+  p[threadIdx.x] = 1.0f;
+}
+
+}  // namespace
+
+int main() {
+  int* d_i = nullptr;
+  float* d_f = nullptr;
+  cudaMalloc(&d_i, 4096 * sizeof(int));
+  cudaMalloc(&d_f, 4096 * sizeof(float));
+  std::vector<int> hi(4096);
+  std::vector<float> hf(4096);
+
+  // 1. shuffles
+  shuffles<<<1, 64>>>(d_i);
+  cudaMemcpy(hi.data(), d_i, 64 * 4 * sizeof(int), cudaMemcpyDeviceToHost);
+  bool ok = true;
+  for (int t = 0; t < 64; ++t) {
+    const int lane = t & 31;
+    int down = 0;  // shfl_down tree: lane 0 gets the sum; lane l gets a partial sum
+    {
+      int vals[32];
+      for (int l = 0; l < 32; ++l) vals[l] = l;
+      for (int o = 16; o > 0; o >>= 1) {
+        int nv[32];
+        for (int l = 0; l < 32; ++l) nv[l] = vals[l] + (l + o < 32 ? vals[l + o] : vals[l]);
+        for (int l = 0; l < 32; ++l) vals[l] = nv[l];
+      }
+      down = vals[lane];
+    }
+    ok = ok && hi[t * 4] == 496 && hi[t * 4 + 1] == down && hi[t * 4 + 2] == 70 &&
+         hi[t * 4 + 3] == 2 * (lane ^ 1) + 1;
+  }
+  expect(ok, "warp shuffles: xor butterfly, down, broadcast, double");
+
+  // 2. block reductions over 1024 threads, 3 blocks
+  sums<<<3, 1024>>>(d_f);
+  cudaMemcpy(hf.data(), d_f, 12 * sizeof(float), cudaMemcpyDeviceToHost);
+  ok = true;
+  for (int b = 0; b < 3; ++b)
+    ok = ok && hf[b * 4] == 523776.0f && hf[b * 4 + 1] == 1024.0f && hf[b * 4 + 2] == 1.0f &&
+         hf[b * 4 + 3] == 342.0f;
+  expect(ok, "1024-thread blocks: shared-memory block sums, __syncthreads_or / _count");
+
+  // 3. a missing barrier shows as different results under forward and reverse order
+  emu::config().order = 0;
+  racy<<<2, 256>>>(d_i);
+  std::vector<int> fwd(512), rev(512);
+  cudaMemcpy(fwd.data(), d_i, 512 * sizeof(int), cudaMemcpyDeviceToHost);
+  emu::config().order = 1;
+  racy<<<2, 256>>>(d_i);
+  cudaMemcpy(rev.data(), d_i, 512 * sizeof(int), cudaMemcpyDeviceToHost);
+  emu::config().order = 0;
+  expect(fwd != rev, "missing __syncthreads: forward and reverse thread order disagree");
+
+  // 4. barrier divergence is reported
+  long w0 = emu::warning_count();
+  divergent<<<1, 64>>>(d_i);
+  expect(emu::warning_count() > w0, "divergent __syncthreads sites: warned");
+
+  // 5. deadlock is reported (in a child process: it aborts)
+  std::fflush(stdout);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    freopen("/dev/null", "w", stderr);
+    deadlocking<<<1, 64>>>(d_i);
+    std::_Exit(0);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  expect(WIFSIGNALED(status) && WTERMSIG(status) == SIGABRT, "deadlock: detected, aborts");
+
+  // 6. bad launch configuration
+  cudaGetLastError();
+  increment<<<1, 2048>>>(d_i);
+  expect(cudaGetLastError() == cudaErrorInvalidConfiguration && cudaGetLastError() == cudaSuccess,
+         "2048 threads per block: cudaErrorInvalidConfiguration, then cleared");
+  increment<<<dim3(1, 70000), 1>>>(d_i);
+  expect(cudaGetLastError() == cudaErrorInvalidConfiguration, "grid.y 70000: invalid");
+
+  // 7. host pointer given to a kernel
+  w0 = emu::warning_count();
+  write_ptr<<<1, 4>>>(hf.data());
+  expect(emu::warning_count() > w0, "host pointer as a kernel argument: warned");
+
+  // 8. capture and replay; a synchronous copy inside a capture invalidates it
+  cudaStream_t s;
+  cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+  cudaMemset(d_i, 0, sizeof(int));
+  cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
+  increment<<<1, 1, 0, s>>>(d_i);
+  increment<<<1, 1, 0, s>>>(d_i);
+  cudaGraph_t g = nullptr;
+  cudaStreamEndCapture(s, &g);
+  int x = -1;
+  cudaMemcpy(&x, d_i, sizeof(int), cudaMemcpyDeviceToHost);
+  expect(x == 0, "capture records, does not run");
+  cudaGraphExec_t ge = nullptr;
+  cudaGraphInstantiate(&ge, g, 0);
+  for (int i = 0; i < 3; ++i) cudaGraphLaunch(ge, s);
+  cudaStreamSynchronize(s);
+  cudaMemcpy(&x, d_i, sizeof(int), cudaMemcpyDeviceToHost);
+  expect(x == 6, "graph replay x3 of 2 kernels");
+  cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
+  const cudaError_t e1 = cudaMemcpy(&x, d_i, sizeof(int), cudaMemcpyDeviceToHost);
+  cudaGraph_t g2 = nullptr;
+  const cudaError_t e2 = cudaStreamEndCapture(s, &g2);
+  expect(e1 == cudaErrorStreamCaptureUnsupported && e2 == cudaErrorStreamCaptureInvalidated &&
+             g2 == nullptr,
+         "cudaMemcpy inside a capture: refused, capture invalidated");
+  cudaGetLastError();
+
+  // 9. cuBLAS column-major GEMM with transposes, ld, alpha/beta, strided batch, bf16 out
+  cublasHandle_t h;
+  cublasCreate(&h);
+  cublasSetStream(h, s);
+  const int m = 5, n = 4, k = 3, lda = 7, ldb = 6, ldc = 8;
+  std::vector<float> A(lda * m), Bm(ldb * n), C(ldc * n);  // A^T stored (k x m), B^T (n x k)
+  for (std::size_t i = 0; i < A.size(); ++i) A[i] = 0.25f * static_cast<float>(i % 11) - 1.0f;
+  for (std::size_t i = 0; i < Bm.size(); ++i) Bm[i] = 0.5f * static_cast<float>(i % 7) - 1.5f;
+  for (std::size_t i = 0; i < C.size(); ++i) C[i] = static_cast<float>(i % 5);
+  float *dA, *dB, *dC;
+  cudaMalloc(&dA, A.size() * 4);
+  cudaMalloc(&dB, Bm.size() * 4);
+  cudaMalloc(&dC, C.size() * 4);
+  cudaMemcpy(dA, A.data(), A.size() * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(dB, Bm.data(), Bm.size() * 4, cudaMemcpyHostToDevice);
+  cudaMemcpy(dC, C.data(), C.size() * 4, cudaMemcpyHostToDevice);
+  const float alpha = 1.5f, beta = -0.5f;
+  // op(A) = A^T: A stored k x m (lda >= k); op(B) = B^T: B stored n x k (ldb >= n)
+  const cublasStatus_t st = cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_T, m, n, k, &alpha, dA, CUDA_R_32F,
+                                         lda, dB, CUDA_R_32F, ldb, &beta, dC, CUDA_R_32F, ldc,
+                                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  std::vector<float> got(C.size());
+  cudaMemcpy(got.data(), dC, C.size() * 4, cudaMemcpyDeviceToHost);
+  double worst = 0;
+  for (int j = 0; j < n; ++j)
+    for (int i = 0; i < m; ++i) {
+      double ref = 0;
+      for (int p = 0; p < k; ++p) ref += double(A[i * lda + p]) * double(Bm[p * ldb + j]);
+      ref = alpha * ref + beta * C[j * ldc + i];
+      worst = std::max(worst, std::abs(ref - got[j * ldc + i]));
+    }
+  bool untouched = true;  // rows m..ldc-1 of each column stay
+  for (int j = 0; j < n; ++j)
+    for (int i = m; i < ldc; ++i) untouched = untouched && got[j * ldc + i] == C[j * ldc + i];
+  expect(st == CUBLAS_STATUS_SUCCESS && worst < 1e-5 && untouched, "cublasGemmEx T,T with ld > rows");
+  const cublasStatus_t bad = cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, m, n, k, &alpha, dA,
+                                          CUDA_R_32F, 2, dB, CUDA_R_32F, ldb, &beta, dC,
+                                          CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  expect(bad == CUBLAS_STATUS_INVALID_VALUE, "lda < m: CUBLAS_STATUS_INVALID_VALUE");
+  // beta = 0 ignores NaN in C
+  std::vector<float> nanC(C.size(), NAN);
+  cudaMemcpy(dC, nanC.data(), C.size() * 4, cudaMemcpyHostToDevice);
+  const float zero = 0.0f;
+  cublasGemmStridedBatchedEx(h, CUBLAS_OP_T, CUBLAS_OP_T, m, n, k, &alpha, dA, CUDA_R_32F, lda, 0,
+                             dB, CUDA_R_32F, ldb, 0, &zero, dC, CUDA_R_32F, ldc, 0, 1,
+                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  cudaMemcpy(got.data(), dC, C.size() * 4, cudaMemcpyDeviceToHost);
+  bool finite = true;
+  for (int j = 0; j < n; ++j)
+    for (int i = 0; i < m; ++i) finite = finite && std::isfinite(got[j * ldc + i]);
+  expect(finite, "beta = 0 does not read C");
+
+  // 10. bf16 rounding to nearest even
+  const float ties[] = {1.00390625f, 1.01171875f, -1.00390625f, 1.00390636f};
+  const float want[] = {1.0f, 1.015625f, -1.0f, 1.0078125f};
+  ok = true;
+  for (int i = 0; i < 4; ++i) ok = ok && __bfloat162float(__float2bfloat16(ties[i])) == want[i];
+  ok = ok && std::isnan(__bfloat162float(__float2bfloat16(NAN)));
+  expect(ok, "bf16: round to nearest even, NaN stays NaN");
+
+  cublasDestroy(h);
+  cudaStreamDestroy(s);
+  std::printf(g_failures == 0 ? "selftest: all passed\n" : "selftest: %d FAILED\n", g_failures);
+  return g_failures == 0 ? 0 : 1;
+}
