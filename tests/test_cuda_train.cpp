@@ -76,6 +76,13 @@ TEST(CudaTrain, ClearErrorWithoutGpu) {
 #endif
   EXPECT_NE(r.output.find("--device cpu"), std::string::npos) << r.output;
   EXPECT_FALSE(fs::exists(dir + "/run/checkpoint.safetensors"));
+  auto cpu_run = test::run_pion("train " + flags(corpus(dir), dir + "/cpu", "adamw", "cpu") +
+                                " --max_iters 2");
+  ASSERT_EQ(cpu_run.exit_code, 0) << cpu_run.output;
+  auto eval =
+      test::run_pion("eval --checkpoint " + dir + "/cpu/checkpoint.safetensors --device cuda");
+  EXPECT_EQ(eval.exit_code, 2) << eval.output;
+  EXPECT_NE(eval.output.find("--device cpu"), std::string::npos) << eval.output;
   auto bad = test::run_pion("train " + flags(corpus(dir), dir + "/run", "adamw", "tpu"));
   EXPECT_EQ(bad.exit_code, 2);
   EXPECT_NE(bad.output.find("'device' must be cpu or cuda"), std::string::npos) << bad.output;
@@ -99,6 +106,20 @@ TEST_P(CudaTrainParity, FollowsCpuRunAndCheckpointsMoveBetweenDevices) {
   std::printf("%s: 20 steps, worst |loss_cpu - loss_gpu| = %.2e (final %.4f vs %.4f)\n",
               opt.c_str(), worst, a.back(), b.back());
   EXPECT_LT(worst, 5e-3) << opt;
+
+  // The validation loss of the CPU checkpoint on both devices.
+  const std::string ckpt = dir + "/cpu/checkpoint.safetensors";
+  auto eval_cpu = test::run_pion("eval --checkpoint " + ckpt + " --batches 4");
+  auto eval_gpu = test::run_pion("eval --checkpoint " + ckpt + " --batches 4 --device cuda");
+  ASSERT_EQ(eval_cpu.exit_code, 0) << eval_cpu.output;
+  ASSERT_EQ(eval_gpu.exit_code, 0) << eval_gpu.output;
+  auto last_json = [](const std::string& out) {
+    const auto at = out.rfind("{\"");
+    return nlohmann::json::parse(out.substr(at));
+  };
+  const double val_cpu = last_json(eval_cpu.output).at("val_loss");
+  const double val_gpu = last_json(eval_gpu.output).at("val_loss");
+  EXPECT_NEAR(val_cpu, val_gpu, 1e-4 * val_cpu) << opt;
 
   // Same names and shapes in both checkpoints.
   TensorFile ca = load_safetensors(dir + "/cpu/checkpoint.safetensors");

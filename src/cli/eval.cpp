@@ -5,6 +5,7 @@
 
 #include "cli/commands.h"
 #include "cli/exact_match_eval.h"
+#include "cli/run_on_device.h"
 #include "pion/core/error.h"
 #include "pion/data/prepare.h"
 #include "pion/train/session.h"
@@ -19,6 +20,7 @@ struct EvalArgs {
   std::string tasks;  // JSONL of prompt/response pairs
   int batches = 50;
   int max_examples = 200;
+  std::string device = "cpu";  // the validation loss's device (greedy answers run on the CPU)
 };
 
 void run_eval(const EvalArgs& args) {
@@ -34,7 +36,10 @@ void run_eval(const EvalArgs& args) {
               ", the checkpoint " + std::to_string(ck.model->config().vocab_size));
     Evaluator evaluate = make_shard_evaluator(data.val_path, ck.config, args.batches);
     ck.model->set_training(false);
-    const double loss = evaluate(cpu_batch_loss(*ck.model));
+    TrainConfig on_device = ck.config;
+    on_device.device = args.device;
+    const double loss = evaluate(batch_loss_on_device(on_device, *ck.model));
+    result["device"] = args.device;
     result["val_loss"] = loss;
     result["perplexity"] = std::exp(loss);
     std::cout << "val loss " << loss << " | perplexity " << std::exp(loss) << " (" << args.batches
@@ -62,6 +67,10 @@ void add_eval_command(CLI::App& app) {
   cmd->add_option("--tasks", args->tasks, "JSONL of {\"prompt\", \"response\"} for exact-match accuracy");
   cmd->add_option("--batches", args->batches, "validation batches");
   cmd->add_option("--max_examples", args->max_examples, "prompt/response examples to answer");
+  cmd->add_option("--device", args->device,
+                  "cpu | cuda: where the validation loss is computed (the checkpoint's "
+                  "matmul_precision and attention apply on cuda)")
+      ->capture_default_str();
   cmd->callback([args] { run_eval(*args); });
 }
 

@@ -2,6 +2,7 @@
 
 #include "pion/core/error.h"
 #ifdef PION_HAVE_CUDA
+#include "pion/cuda/llama.h"
 #include "pion/cuda/runtime.h"
 #include "pion/cuda/trainer.h"
 #endif
@@ -19,6 +20,33 @@ void require_device(const TrainConfig& config) {
       "--device cuda: this pion was built without the CUDA back end (PION_CUDA=OFF, or CMake "
       "found no nvcc); rebuild with -DPION_CUDA=ON on a machine with the CUDA toolkit, or use "
       "--device cpu");
+#endif
+}
+
+BatchLoss batch_loss_on_device(const TrainConfig& config, Llama<float>& model) {
+  require_device(config);
+  if (config.device == "cpu") return cpu_batch_loss(model);
+#ifdef PION_HAVE_CUDA
+  struct Gpu {
+    cuda::Context ctx;
+    std::unique_ptr<cuda::CudaLlama> model;
+  };
+  auto gpu = std::make_shared<Gpu>();
+  cuda::CudaLlamaOptions options;
+  options.matmul = cuda::parse_matmul_precision(config.matmul_precision);
+  options.attention = cuda::choose_attention(config.attention, model.config(), config.batch_size);
+  gpu->model = std::make_unique<cuda::CudaLlama>(gpu->ctx, model.config(), options);
+  gpu->model->upload_params(
+      {model.params().data<float>(), static_cast<std::size_t>(model.params().numel())});
+  return [gpu](std::span<const std::int32_t> inputs, std::span<const std::int32_t> targets,
+               int rows, int seq, std::int64_t& counted) {
+    gpu->model->forward_backward(inputs, targets, rows, seq, 0.0);
+    const auto loss = gpu->model->read_loss();
+    counted = loss.count;
+    return loss.loss;
+  };
+#else
+  return {};  // not reached: require_device threw
 #endif
 }
 
