@@ -1,14 +1,17 @@
 #include "helpers.h"
 
-#include <cstdlib>
 #include <array>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "pion/core/random.h"
+#ifdef PION_HAVE_CUDA
+#include "pion/cuda/runtime.h"
+#endif
 
 namespace pion::test {
 
@@ -54,6 +57,14 @@ bool python_has(const std::string& modules) {
     }
   }
   return run_command(python() + " -c '" + imports + "'").exit_code == 0;
+}
+
+bool cuda_device_present() {
+#ifdef PION_HAVE_CUDA
+  return cuda::device_count() > 0;
+#else
+  return false;
+#endif
 }
 
 std::string source_dir() { return PION_SOURCE_DIR; }

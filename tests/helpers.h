@@ -21,6 +21,8 @@ CommandResult run_pion(const std::string& args);
 // True when /usr/bin/python3 can import every module in the space-separated list.
 bool python_has(const std::string& modules);
 std::string source_dir();
+// True when this build has the CUDA back end and the machine a CUDA device.
+bool cuda_device_present();
 std::string python();
 
 }  // namespace pion::test

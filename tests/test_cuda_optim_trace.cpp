@@ -12,21 +12,12 @@
 
 #include "helpers.h"
 #include "pion/core/safetensors.h"
-#ifdef PION_HAVE_CUDA
-#include "pion/cuda/runtime.h"
-#endif
 
 using namespace pion;
 
 namespace {
 
-bool has_gpu() {
-#ifdef PION_HAVE_CUDA
-  return cuda::device_count() > 0;
-#else
-  return false;
-#endif
-}
+bool has_gpu() { return test::cuda_device_present(); }
 
 // Runs trace_check.py with `extra` arguments and checks its METRIC lines (within threshold,
 // above 0: exactly 0 would mean fp32 was compared with itself).

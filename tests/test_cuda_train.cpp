@@ -13,9 +13,6 @@
 #include "helpers.h"
 #include "pion/core/safetensors.h"
 #include "pion/train/config.h"
-#ifdef PION_HAVE_CUDA
-#include "pion/cuda/runtime.h"
-#endif
 
 using namespace pion;
 namespace fs = std::filesystem;
@@ -49,13 +46,7 @@ std::vector<double> train_losses(const std::string& run_dir) {
   return out;
 }
 
-bool has_gpu() {
-#ifdef PION_HAVE_CUDA
-  return cuda::device_count() > 0;
-#else
-  return false;
-#endif
-}
+bool has_gpu() { return test::cuda_device_present(); }
 
 #define PION_REQUIRE_GPU_RUN()                                               \
   if (!has_gpu())                                                            \

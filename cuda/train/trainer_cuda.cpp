@@ -315,10 +315,9 @@ TrainSummary run_training_cuda(TrainInputs in, Llama<float>& host_model) {
   TrainSummary summary;
   using Clock = std::chrono::steady_clock;
   const auto run_start = Clock::now();
-  double train_seconds = 0.0, optim_seconds = 0.0;
-  int steps_this_run = 0;
-  double window_seconds = 0.0, window_tokens = 0.0,
-         last_loss = std::numeric_limits<double>::quiet_NaN();
+  StepLog step_log(cfg.max_iters, cfg.log_interval, tokens_per_step);
+  double optim_seconds = 0.0;
+  double last_loss = std::numeric_limits<double>::quiet_NaN();
 
   const BatchLoss device_loss = [&model](std::span<const std::int32_t> x,
                                          std::span<const std::int32_t> y, int rows, int seq,
@@ -369,31 +368,14 @@ TrainSummary run_training_cuda(TrainInputs in, Llama<float>& host_model) {
     ctx.synchronize();
     optim_seconds += std::chrono::duration<double>(Clock::now() - t_opt0).count();
     ++progress.step;
-    ++steps_this_run;
     progress.tokens_seen += tokens_per_step;
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
-    train_seconds += dt;
-    window_seconds += dt;
-    window_tokens += tokens_per_step;
     last_loss = loss;
-
     const double lr_now = mirror.optimizers().front()->groups().front().lr;
-    nlohmann::json record = {
-        {"step", progress.step},
-        {"lr", lr_now},
-        {"train_loss", std::isfinite(loss) ? nlohmann::json(loss) : nlohmann::json(nullptr)},
-        {"grad_norm", std::isfinite(norm) ? nlohmann::json(norm) : nlohmann::json(nullptr)},
-        {"tokens_per_sec", tokens_per_step / dt},
-        {"elapsed_seconds",
-         progress.wall_seconds + std::chrono::duration<double>(Clock::now() - run_start).count()},
-        {"skipped", !applied}};
-    if (!applied) std::cout << "step " << progress.step << ": non-finite gradient, step skipped\n";
-    if (progress.step % cfg.log_interval == 0 || progress.step == cfg.max_iters) {
-      const double tps = window_tokens / window_seconds;
-      const double eta = (cfg.max_iters - progress.step) * (train_seconds / steps_this_run);
-      std::cout << progress_line(progress.step, cfg.max_iters, loss, lr_now, tps, eta) << std::endl;
-      window_seconds = window_tokens = 0.0;
-    }
+    nlohmann::json record = step_log.finish_step(
+        progress.step, lr_now, loss, norm, dt,
+        progress.wall_seconds + std::chrono::duration<double>(Clock::now() - run_start).count(),
+        applied);
     const bool last = progress.step == cfg.max_iters;
     if ((cfg.eval_interval > 0 && progress.step % cfg.eval_interval == 0) || last) evaluate(record);
     metrics.write(record);
@@ -410,7 +392,7 @@ TrainSummary run_training_cuda(TrainInputs in, Llama<float>& host_model) {
     std::cout << "interrupted: checkpoint saved to " << ckpt << "; continue with --resume\n";
 
   const double drift = in.benchmark_only ? 0.0 : run.max_drift();
-  const double step_ms = steps_this_run > 0 ? 1e3 * optim_seconds / steps_this_run : 0.0;
+  const double step_ms = step_log.steps() > 0 ? 1e3 * optim_seconds / step_log.steps() : 0.0;
   summary.world_size = 1;
   summary.optimizer_state_bytes = {static_cast<double>(run.state_bytes())};
   summary.optimizer_step_ms = {step_ms};
@@ -425,8 +407,7 @@ TrainSummary run_training_cuda(TrainInputs in, Llama<float>& host_model) {
   summary.final_val_loss = progress.last_val_loss;
   summary.final_train_loss = last_loss;
   summary.iters = progress.step;
-  summary.tokens_per_sec =
-      steps_this_run > 0 ? steps_this_run * tokens_per_step / train_seconds : 0.0;
+  summary.tokens_per_sec = step_log.tokens_per_sec();
   summary.wall_seconds = progress.wall_seconds;
   summary.spectrum_drift_max = drift;
   summary.skipped_steps = skipped;

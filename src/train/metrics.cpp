@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <iostream>
 
 #include "pion/core/error.h"
 
@@ -37,6 +38,36 @@ std::string progress_line(long step, long total, double loss, double lr, double 
   std::snprintf(buf, sizeof buf, "step %ld/%ld | loss %.4f | lr %.2e | %.1fK tok/s | ETA %s", step,
                 total, loss, lr, ktok, format_duration(eta_seconds).c_str());
   return buf;
+}
+
+nlohmann::json StepLog::finish_step(int step, double lr, double loss, double grad_norm,
+                                    double step_seconds, double elapsed_seconds, bool applied) {
+  ++steps_;
+  train_seconds_ += step_seconds;
+  window_seconds_ += step_seconds;
+  window_tokens_ += tokens_per_step_;
+  auto finite_or_null = [](double v) {
+    return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json(nullptr);
+  };
+  nlohmann::json record = {{"step", step},
+                           {"lr", lr},
+                           {"train_loss", finite_or_null(loss)},
+                           {"grad_norm", finite_or_null(grad_norm)},
+                           {"tokens_per_sec", tokens_per_step_ / step_seconds},
+                           {"elapsed_seconds", elapsed_seconds},
+                           {"skipped", !applied}};
+  if (!applied) std::cout << "step " << step << ": non-finite gradient, step skipped\n";
+  if (step % log_interval_ == 0 || step == max_iters_) {
+    const double eta = (max_iters_ - step) * (train_seconds_ / steps_);
+    std::cout << progress_line(step, max_iters_, loss, lr, window_tokens_ / window_seconds_, eta)
+              << std::endl;
+    window_seconds_ = window_tokens_ = 0.0;
+  }
+  return record;
+}
+
+double StepLog::tokens_per_sec() const {
+  return steps_ > 0 ? steps_ * tokens_per_step_ / train_seconds_ : 0.0;
 }
 
 }  // namespace pion

@@ -242,15 +242,13 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   summary.world_size = world;
   using Clock = std::chrono::steady_clock;
   const auto run_start = Clock::now();
-  double train_seconds = 0.0;  // this process's time in training steps (not evals)
+  StepLog step_log(cfg.max_iters, cfg.log_interval, tokens_per_step);
   double optim_seconds = 0.0, sync_seconds = 0.0;
   // CPU time of the optimizer step as well as wall time: on a shared machine, ranks that
   // compete for cores see wall times inflated by time-slicing, while CPU time measures the
   // work each rank does (what sharding divides).
   double optim_cpu_seconds = 0.0;
-  int steps_this_run = 0;
-  double window_seconds = 0.0, window_tokens = 0.0,
-         last_loss = std::numeric_limits<double>::quiet_NaN();
+  double last_loss = std::numeric_limits<double>::quiet_NaN();
 
   // Gradient all-reduce in buckets: each layer's range starts reducing (MPI_Iallreduce) as
   // soon as backward has finished that layer, during the last micro-batch; the rest
@@ -361,31 +359,14 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
     sync += std::chrono::duration<double>(Clock::now() - t_opt1).count();
     sync_seconds += sync;
     ++progress.step;
-    ++steps_this_run;
     progress.tokens_seen += tokens_per_step;
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
-    train_seconds += dt;
-    window_seconds += dt;
-    window_tokens += tokens_per_step;
     last_loss = loss;
-
     const double lr_now = optimizers.optimizers().front()->groups().front().lr;
-    nlohmann::json record = {
-        {"step", progress.step},
-        {"lr", lr_now},
-        {"train_loss", std::isfinite(loss) ? nlohmann::json(loss) : nlohmann::json(nullptr)},
-        {"grad_norm", std::isfinite(norm) ? nlohmann::json(norm) : nlohmann::json(nullptr)},
-        {"tokens_per_sec", tokens_per_step / dt},
-        {"elapsed_seconds",
-         progress.wall_seconds + std::chrono::duration<double>(Clock::now() - run_start).count()},
-        {"skipped", !applied}};
-    if (!applied) std::cout << "step " << progress.step << ": non-finite gradient, step skipped\n";
-    if (progress.step % cfg.log_interval == 0 || progress.step == cfg.max_iters) {
-      const double tps = window_tokens / window_seconds;
-      const double eta = (cfg.max_iters - progress.step) * (train_seconds / steps_this_run);
-      std::cout << progress_line(progress.step, cfg.max_iters, loss, lr_now, tps, eta) << std::endl;
-      window_seconds = window_tokens = 0.0;
-    }
+    nlohmann::json record = step_log.finish_step(
+        progress.step, lr_now, loss, norm, dt,
+        progress.wall_seconds + std::chrono::duration<double>(Clock::now() - run_start).count(),
+        applied);
     const bool last = progress.step == cfg.max_iters;
     if ((cfg.eval_interval > 0 && progress.step % cfg.eval_interval == 0) || last) evaluate(record);
     if (metrics) metrics->write(record);
@@ -405,12 +386,12 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
 
   // Per-rank optimizer figures (the point of sharding: each about 1/N of one process's).
   const double state_bytes = static_cast<double>(optimizers.state_bytes());
-  const double step_ms = steps_this_run > 0 ? 1e3 * optim_seconds / steps_this_run : 0.0;
-  const double sync_ms = steps_this_run > 0 ? 1e3 * sync_seconds / steps_this_run : 0.0;
+  const double step_ms = step_log.steps() > 0 ? 1e3 * optim_seconds / step_log.steps() : 0.0;
+  const double sync_ms = step_log.steps() > 0 ? 1e3 * sync_seconds / step_log.steps() : 0.0;
   summary.optimizer_state_bytes = comm.allgather(state_bytes);
   summary.optimizer_step_ms = comm.allgather(step_ms);
   summary.optimizer_step_cpu_ms =
-      comm.allgather(steps_this_run > 0 ? 1e3 * optim_cpu_seconds / steps_this_run : 0.0);
+      comm.allgather(step_log.steps() > 0 ? 1e3 * optim_cpu_seconds / step_log.steps() : 0.0);
   summary.sync_ms = comm.allgather(sync_ms);
   const double drift =
       in.benchmark_only ? 0.0 : comm.allreduce_max(max_spectrum_drift(optimizers));
@@ -431,8 +412,7 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   summary.final_val_loss = progress.last_val_loss;
   summary.final_train_loss = last_loss;
   summary.iters = progress.step;
-  summary.tokens_per_sec =
-      steps_this_run > 0 ? steps_this_run * tokens_per_step / train_seconds : 0.0;
+  summary.tokens_per_sec = step_log.tokens_per_sec();
   summary.wall_seconds = progress.wall_seconds;
   summary.spectrum_drift_max = drift;
   summary.skipped_steps = optimizers.skipped_steps();

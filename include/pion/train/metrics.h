@@ -28,4 +28,28 @@ std::string format_duration(double seconds);
 std::string progress_line(long step, long total, double loss, double lr, double tokens_per_sec,
                           double eta_seconds);
 
+// The per-step bookkeeping both trainers (CPU and CUDA) share: each finished step's
+// metrics.jsonl record, a line when a step was skipped, and every log_interval steps (and at
+// the last) the progress line, with tokens/s over the steps since the previous line and the
+// ETA from this process's mean step time.
+class StepLog {
+ public:
+  StepLog(int max_iters, int log_interval, double tokens_per_step)
+      : max_iters_(max_iters), log_interval_(log_interval), tokens_per_step_(tokens_per_step) {}
+  // Step `step` (1-based) took step_seconds; elapsed_seconds is the run's time so far
+  // (resumed runs included). Returns the record; callers may add keys (val_loss) to it.
+  nlohmann::json finish_step(int step, double lr, double loss, double grad_norm,
+                             double step_seconds, double elapsed_seconds, bool applied);
+  int steps() const { return steps_; }                    // steps this process ran
+  double train_seconds() const { return train_seconds_; }  // their time (not evals)
+  // Tokens per second over this process's steps (0 before any).
+  double tokens_per_sec() const;
+
+ private:
+  int max_iters_, log_interval_;
+  double tokens_per_step_;
+  int steps_ = 0;
+  double train_seconds_ = 0.0, window_seconds_ = 0.0, window_tokens_ = 0.0;
+};
+
 }  // namespace pion
