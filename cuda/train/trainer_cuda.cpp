@@ -37,6 +37,7 @@ struct DeviceGroup {
   std::size_t group = 0;
   std::string kind;
   std::vector<Param> params;  // the mirror's params (host views: names and shapes)
+  double base_lr = 0.0;       // the group's peak lr (the schedule multiplies it)
   std::unique_ptr<CudaOptimizer> device;
 };
 
@@ -74,6 +75,7 @@ class DeviceRun {
         d.group = g;
         d.kind = opts[i]->kind();
         d.params = group.params;
+        d.base_lr = group.base_lr;
         d.device = make_cuda_optimizer_like(ctx_, *opts[i], g, std::move(dp),
                                             {cfg_.pion_precision, cfg_.muon_precision});
         groups_.push_back(std::move(d));
@@ -202,7 +204,7 @@ class StepLauncher {
   StepLauncher(Context& ctx, std::vector<DeviceGroup>& groups) : ctx_(ctx), groups_(groups) {}
 
   void step(double factor) {
-    for (auto& d : groups_) d.device->set_lr(mirror_lr(d) * factor);
+    for (auto& d : groups_) d.device->set_lr(d.base_lr * factor);
     if (eager_steps_ == 0 || !use_graph_) {
       for (auto& d : groups_) d.device->queue_step();
       ++eager_steps_;
@@ -225,15 +227,10 @@ class StepLauncher {
     }
     ctx_.launch_graph();
   }
-  void set_base_lrs(std::vector<double> base) { base_lr_ = std::move(base); }
 
  private:
-  double mirror_lr(const DeviceGroup& d) const {
-    return base_lr_.at(static_cast<std::size_t>(&d - groups_.data()));
-  }
   Context& ctx_;
   std::vector<DeviceGroup>& groups_;
-  std::vector<double> base_lr_;
   int eager_steps_ = 0;
   bool captured_ = false;
   bool use_graph_ = true;
@@ -284,11 +281,7 @@ TrainSummary run_training_cuda(TrainInputs in, Llama<float>& host_model) {
             << " | attention "
             << (model.options().attention == CudaAttention::Flash ? "flash" : "materialized")
             << " | " << model.num_params() << " parameters on the device\n";
-  std::vector<double> base_lrs;
-  for (const auto& d : run.groups())
-    base_lrs.push_back(mirror.optimizers()[d.optimizer]->groups()[d.group].base_lr);
   StepLauncher launcher(ctx, run.groups());
-  launcher.set_base_lrs(base_lrs);
   std::int64_t skipped = mirror.skipped_steps();
   const bool drift_at_evals = !in.benchmark_only && run.pion_params() <= kDriftAtEvalMaxParams;
 

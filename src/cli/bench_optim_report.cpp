@@ -5,7 +5,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -15,6 +14,7 @@
 #include "cli/bench_optim.h"
 #include "pion/core/device.h"
 #include "pion/core/error.h"
+#include "pion/train/checkpoint.h"
 
 namespace pion::cli::bench_optim {
 
@@ -253,11 +253,7 @@ nlohmann::json report_json(const Report& r) {
 void write_json(const std::string& path, const nlohmann::json& j) {
   const std::filesystem::path p(path);
   if (p.has_parent_path()) std::filesystem::create_directories(p.parent_path());
-  std::ofstream out(path);
-  check(out.good(), "bench optim: cannot write --json '" + path + "'");
-  out << j.dump(2) << "\n";
-  out.close();
-  check(out.good(), "bench optim: writing --json '" + path + "' failed");
+  write_json_file(path, j);  // the project's atomic writer (temp file + rename)
 }
 
 }  // namespace pion::cli::bench_optim

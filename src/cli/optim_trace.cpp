@@ -179,11 +179,11 @@ std::int64_t replay_on_gpu(const Optimizer& cpu, const Trace& trace, std::vector
         "optim-trace --device cuda: no CUDA device is visible (cudaGetDeviceCount reports "
         "none); run on a machine with an NVIDIA GPU, or use --device cpu");
   check(cpu.groups().size() == 1, "optim-trace --device cuda: expected one param group");
+  check(precision == "fp32" || precision == "mixed" || precision == "bf16",
+        "--precision must be fp32, mixed (pion) or bf16 (muon), got '" + precision + "'");
   cuda::CudaPrecisions prec;
   if (cpu.kind() == "pion") prec.pion = precision;
   if (cpu.kind() == "muon") prec.muon = precision == "fp32" ? "fp32" : "bf16";
-  check(precision == "fp32" || precision == "mixed" || precision == "bf16",
-        "--precision must be fp32, mixed (pion) or bf16 (muon), got '" + precision + "'");
   cuda::Context ctx;
   std::vector<cuda::DeviceBuffer> values, grads;
   std::vector<cuda::DeviceParam> device_params;
@@ -192,8 +192,8 @@ std::int64_t replay_on_gpu(const Optimizer& cpu, const Trace& trace, std::vector
     values.emplace_back(n);
     grads.emplace_back(n);
     values.back().upload(p.value.data<float>(), n);
-    device_params.push_back({p.name, values.back().data(), grads.back().data(), p.value.rows(),
-                             p.value.cols()});
+    device_params.push_back(
+        {p.name, values.back().data(), grads.back().data(), p.value.rows(), p.value.cols()});
   }
   auto gpu = cuda::make_cuda_optimizer_like(ctx, cpu, 0, device_params, prec);
   const double lr = cpu.groups().front().lr;
