@@ -7,6 +7,18 @@
 
 namespace pion {
 
+// Upper bounds on a model's shape, far above anything pion trains on a CPU and low enough that
+// sizes computed from them never overflow 64-bit arithmetic. A config file, a flag or a
+// checkpoint's metadata asking for more is refused by name (ModelConfig::validate and
+// TrainConfig::validate); what a batch of a valid shape needs is checked against the machine by
+// check_batch_memory (pion/model/memory.h).
+inline constexpr int kMaxLayers = 1024;
+inline constexpr int kMaxHeads = 1024;
+inline constexpr int kMaxDModel = 65536;
+inline constexpr int kMaxFfnHidden = 262144;  // 4 x kMaxDModel
+inline constexpr int kMaxSeqLen = 1 << 20;
+inline constexpr int kMaxVocab = 65536;  // token ids are stored as uint16
+
 struct ModelConfig {
   int vocab_size = 0;
   int n_layer = 0;
