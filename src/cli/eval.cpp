@@ -8,6 +8,7 @@
 #include "cli/run_on_device.h"
 #include "cli/validators.h"
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 #include "pion/data/prepare.h"
 #include "pion/model/memory.h"
 #include "pion/train/session.h"
@@ -30,7 +31,8 @@ void run_eval(const EvalArgs& args) {
   nlohmann::json result = {{"checkpoint", args.checkpoint}};
   std::string dataset = args.data;
   if (dataset.empty() && args.tasks.empty() && ck.extra.contains("dataset"))
-    dataset = ck.extra["dataset"].get<std::string>();
+    dataset = input::to_string(ck.extra["dataset"], 4096,
+                               "checkpoint '" + args.checkpoint + "' metadata key 'dataset'");
   if (!dataset.empty()) {
     DatasetSummary data = load_dataset_summary(dataset);
     check(data.vocab_size == ck.model->config().vocab_size,

@@ -111,10 +111,9 @@ void add_train_command(CLI::App& app) {
   auto resume = std::make_shared<bool>(false);
   cmd->add_flag("--resume", *resume, "continue bit-exactly from <out_dir>/checkpoint.safetensors");
   auto stop_after = std::make_shared<int>(0);
-  cmd->add_option(
-         "--stop_after", *stop_after,
-         "stop with a checkpoint after this many steps (the schedule still spans max_iters; "
-         "continue with --resume; 0 = run to max_iters)")
+  cmd->add_option("--stop_after", *stop_after,
+                  "stop with a checkpoint after this many steps (the schedule still spans "
+                  "max_iters; continue with --resume; 0 = run to max_iters)")
       ->check(FiniteRange(0, 1 << 30));
   auto collective_timeout = std::make_shared<double>(600.0);
   cmd->add_option("--collective_timeout", *collective_timeout,
