@@ -94,9 +94,9 @@ Trace parse_trace(const TensorFile& file, const std::string& source) {
       }
       if (!t) i.reset();
     }
-    // Quoted as JSON so that a name with control characters cannot break the one-line message.
-    check(i.has_value(),
-          where + " holds an unexpected tensor " + nlohmann::json(name).dump() + layout);
+    // Quoted as JSON and cut short (input::describe), so a name with control characters or
+    // thousands of bytes cannot break the one-line message.
+    check(i.has_value(), where + " holds an unexpected tensor " + input::describe(name) + layout);
     check(tensor.dtype() == DType::F32, where + ": '" + name + "' has dtype " +
                                             dtype_name(tensor.dtype()) +
                                             "; optim-trace reads F32 tensors only");
