@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <exception>
 #include <iostream>
+#include <new>
 #include <streambuf>
 #include <string>
 
@@ -84,6 +85,11 @@ int main(int argc, char** argv) {
     return code == 0 ? 0 : 2;
   } catch (const pion::Error& e) {
     return fail(e.what());
+  } catch (const std::bad_alloc&) {
+    // Inputs are checked against the memory they imply before allocating (memory.h); this is
+    // what is left: the machine itself ran out.
+    return fail("out of memory: this run needs more memory than the process may use; lower "
+                "batch_size, seq_len or the model size, or raise `ulimit -v`");
   } catch (const std::exception& e) {
     return fail(e.what());
   }

@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 
 namespace pion::dist {
 
@@ -108,10 +109,10 @@ TensorFile merge_optimizer_states(const std::vector<TensorFile>& shards,
             "merge_optimizer_states: tensor '" + name + "' comes from two ranks");
   out.metadata = shards.front().metadata;
   for (std::size_t i = 0; i < layout.names.size(); ++i) {
-    auto meta = nlohmann::json::parse(shards.front().metadata.at(meta_key(i)));
+    auto meta = input::parse_json(shards.front().metadata.at(meta_key(i)), "optimizer state " + meta_key(i));
     std::set<std::string> stateful;
     for (const auto& s : shards) {
-      const auto m = nlohmann::json::parse(s.metadata.at(meta_key(i)));
+      const auto m = input::parse_json(s.metadata.at(meta_key(i)), "optimizer state " + meta_key(i));
       check(m.at("steps") == meta.at("steps"),
             "merge_optimizer_states: ranks disagree on the step count of optimizer " +
                 std::to_string(i));
@@ -135,7 +136,7 @@ TensorFile shard_optimizer_state(const TensorFile& file, const OptimizerLayout& 
     check(it != file.metadata.end(), "optimizer state: metadata '" + meta_key(i) + "' is missing");
     nlohmann::json meta;
     try {
-      meta = nlohmann::json::parse(it->second);
+      meta = input::parse_json(it->second, "optimizer state " + meta_key(i));
       auto& groups = meta.at("groups");
       check(groups.size() == layout.names[i].size(),
             "optimizer state: number of param groups differs from this optimizer's");

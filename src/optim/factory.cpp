@@ -7,6 +7,7 @@
 #include <map>
 
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 #include "pion/optim/adamw.h"
 #include "pion/optim/muon.h"
 #include "pion/optim/pion.h"
@@ -47,12 +48,12 @@ class ConfigReader {
       : kind_(kind), keys_(optimizer_config_keys(kind)), config_(config) {
     if (!config_.is_object()) {
       throw Error(kind_ + " config must be a JSON object such as {\"lr\": 0.01}, got " +
-                  config_.dump() + valid_keys());
+                  input::describe(config_) + valid_keys());
     }
     for (const auto& [key, value] : config_.items()) {
       bool known = false;
       for (const std::string& k : keys_) known = known || k == key;
-      if (!known) throw Error(kind_ + " config: unknown key " + json(key).dump() + valid_keys());
+      if (!known) throw Error(kind_ + " config: unknown key " + input::describe(key) + valid_keys());
     }
   }
 
@@ -110,7 +111,7 @@ class ConfigReader {
     return it == config_.end() ? nullptr : &*it;
   }
   [[noreturn]] void fail(const std::string& key, const std::string& rule, const json& v) const {
-    throw Error(kind_ + " config: key '" + key + "' " + rule + ", got " + v.dump() + valid_keys());
+    throw Error(kind_ + " config: key '" + key + "' " + rule + ", got " + input::describe(v) + valid_keys());
   }
   std::string valid_keys() const {
     return " (valid keys for " + kind_ + ": " + join(keys_, ", ") + ")";
