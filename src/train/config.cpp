@@ -1,5 +1,6 @@
 #include "pion/train/config.h"
 
+#include <cmath>
 #include <fstream>
 #include <functional>
 #include <sstream>
@@ -74,6 +75,7 @@ const std::vector<Field>& fields() {
       field("eval_iters", "validation batches per eval", &TrainConfig::eval_iters),
       field("log_interval", "steps between progress lines", &TrainConfig::log_interval),
       field("checkpoint_interval", "steps between checkpoints (0 = at the end only)", &TrainConfig::checkpoint_interval),
+      field("checkpoint_minutes", "also checkpoint after this many minutes of wall time since the last save (0 = off)", &TrainConfig::checkpoint_minutes),
       field("seed", "random seed", &TrainConfig::seed),
       field("threads", "OpenMP/BLAS threads (0 = all cores)", &TrainConfig::threads),
       field("out_dir", "output directory (metrics, summary, checkpoint)", &TrainConfig::out_dir),
@@ -182,6 +184,12 @@ void TrainConfig::validate() const {
   check(warmup_iters >= 0 && eval_interval >= 0 && checkpoint_interval >= 0 && threads >= 0 &&
             pion_reanchor_every >= 0,
         "config: warmup_iters, eval_interval, checkpoint_interval, threads and pion_reanchor_every must be >= 0");
+  if (!(std::isfinite(checkpoint_minutes) && checkpoint_minutes >= 0)) {
+    std::ostringstream got;
+    got << checkpoint_minutes;
+    throw Error("config key 'checkpoint_minutes' must be a finite number >= 0 (0 = off), got " +
+                got.str());
+  }
   check(one_of(tokenizer, {"char", "byte", "bpe"}), "config key 'tokenizer' must be char, byte or bpe, got '" + tokenizer + "'");
   check(one_of(schedule, {"cosine", "wsd", "constant"}), "config key 'schedule' must be cosine, wsd or constant, got '" + schedule + "'");
   check(one_of(optimizer, {"adamw", "muon", "pion"}), "config key 'optimizer' must be adamw, muon or pion, got '" + optimizer + "'");
