@@ -251,6 +251,28 @@ TEST(Train, SigtermSavesACheckpointThatResumesBitExactly) {
   for (std::size_t i = 0; i < steps.size(); ++i) EXPECT_EQ(steps[i], static_cast<int>(i) + 1);
 }
 
+// A second stop signal quits at once (no checkpoint, no summary), with 128 + its number. The
+// process is stopped while both signals are sent, so both are delivered when it continues
+// (two different signals: the same one twice could merge into one pending signal); which
+// handler runs first is the kernel's choice, so the status is 130 or 143.
+TEST(Train, SecondStopSignalQuitsAtOnce) {
+  const std::string dir = test::temp_dir("twosignals");
+  const std::string corpus = make_corpus(dir);
+  const std::string out = dir + "/run";
+  const std::string cmd = std::string(PION_BINARY) + " train " + tiny_flags(corpus, out, "adamw") +
+                          " --max_iters 1000000 --eval_interval 0 --log_interval 1000";
+  auto r = test::run_command(
+      background(cmd, dir + "/log.txt", "[ -s " + out + "/metrics.jsonl ]",
+                 "kill -STOP $pid; kill -TERM $pid; kill -INT $pid; kill -CONT $pid"));
+  const std::string log = test::run_command("cat " + dir + "/log.txt").output;
+  EXPECT_TRUE(r.output.find("rc=143") != std::string::npos ||
+              r.output.find("rc=130") != std::string::npos)
+      << r.output << log;
+  EXPECT_NE(log.find(" received: finishing this step"), std::string::npos) << log;
+  EXPECT_FALSE(fs::exists(out + "/summary.json"));
+  EXPECT_FALSE(fs::exists(out + "/checkpoint.safetensors"));
+}
+
 // kill -9 after a periodic checkpoint (checkpoint_minutes): the checkpoint is intact and
 // resumes; records written after it (and a line cut short) are dropped from metrics.jsonl, so
 // the resumed run's file has every step once, in order.
