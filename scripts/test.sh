@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test suite, as CI runs it: a Release build with every test, then an ASan+UBSan build of
-# the same tests. Tests that need the GPU skip with a message when none is present.
+# The test suite, as CI runs it: a Release build with every test, the CUDA tests on the CPU
+# emulator (tools/cuda-emu), then an ASan+UBSan build of the same tests. Tests that need the
+# GPU skip with a message when none is present; the emulator runs the in-process ones anyway.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
@@ -9,6 +10,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$jobs}
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release
 cmake --build build -j"$jobs"
 (cd build && ctest --output-on-failure -j"$jobs")
+
+# The CUDA back end's tests on the CPU (tools/cuda-emu/README.md): self-test + the four
+# in-process Cuda* programs (indexing, cuBLAS arguments, barriers, capture rules; not GPU
+# rounding or speed). Its own build in build-emu/; a failed test or build fails this script.
+JOBS=$jobs bash tools/cuda-emu/run.sh
 
 # Sanitizers: CUDA off (nvcc objects are not instrumented), benchmarks off.
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPION_SANITIZE=ON -DPION_CUDA=OFF \

@@ -68,6 +68,47 @@ bool cuda_device_present() {
 }
 
 std::string source_dir() { return PION_SOURCE_DIR; }
+
+std::string shared_data_path(const std::string& name) {
+  return source_dir() + "/../shared/data/" + name;
+}
+
+std::string fallback_corpus(std::size_t bytes) {
+  static const char* const kSentences[] = {
+      "The quick brown fox jumps over the lazy dog.",
+      "THE FIVE BOXING WIZARDS JUMP QUICKLY!",
+      "Pack my box with five dozen liquor jugs?",
+      "Sphinx of black quartz, judge my vow; 'tis all I ask.",
+      "ROMEO: Then, the night is young (and so are we) -- come away.",
+      "JULIET: \"What's in a name?\" That which we call a rose...",
+      "Jackdaws love my big sphinx of quartz: 100% true, said Val & Max.",
+      "The cost was $3.50 + tax = $4.20 [approx.] at 9:45 on 2024-06-01.",
+      "Email <someone@example.com> or see {the notes} at /usr/share/doc | ~/readme.",
+      "A back\\slash, a caret ^, a backtick `, an underscore _ and a hash #.",
+      "They said: 'The end is near'; we said: \"The end is far\".",
+      "Zebras quietly vex the jumping fog; Kings wax bold.",
+  };
+  constexpr std::size_t kCount = sizeof(kSentences) / sizeof(kSentences[0]);
+  std::string text;
+  // Every printable ASCII character at least once, whatever the sentences hold.
+  for (char c = ' '; c <= '~'; ++c) text += c;
+  text += "\n";
+  std::uint64_t state = 0x2545f4914f6cdd1dULL;
+  auto next = [&] {  // xorshift64: a fixed, dependency-free sequence
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return state;
+  };
+  for (int i = 0; text.size() < bytes / 2; ++i) {
+    text += kSentences[next() % kCount];
+    text += (i % 4 == 3) ? "\n\n" : " ";
+  }
+  for (int i = 0; text.size() < bytes; ++i)
+    text += std::to_string(i * 7 % 1000) + "+" + std::to_string(i % 97) + "=" +
+            std::to_string(i * 7 % 1000 + i % 97) + "\n";
+  return text;
+}
 // $PION_PYTHON overrides the build's choice (e.g. a GPU machine whose numpy and torch live in
 // another Python than Debian's).
 std::string python() {

@@ -21,6 +21,12 @@ CommandResult run_pion(const std::string& args);
 // True when /usr/bin/python3 can import every module in the space-separated list.
 bool python_has(const std::string& modules);
 std::string source_dir();
+// <checkout>/../shared/data/<name>: where tests look for data that is not in the repository
+// (the only place; a test that needs it skips when it is missing).
+std::string shared_data_path(const std::string& name);
+// Training text for the end-to-end tests when ../shared is missing: English prose that uses
+// every printable ASCII character, then arithmetic lines ("123+45=168"), about `bytes` long.
+std::string fallback_corpus(std::size_t bytes);
 // True when this build has the CUDA back end and the machine a CUDA device.
 bool cuda_device_present();
 std::string python();

@@ -2,7 +2,8 @@
 // without the CUDA back end or without a GPU (one line, exit 2, nothing half-written). On a
 // GPU (scripts/gpu-check.sh): the GPU run follows the CPU run of the same config (fp32
 // GEMMs, materialised attention) step by step in loss; a GPU checkpoint resumes on the CPU
-// and a CPU checkpoint on the GPU (same names and format), and resuming on the GPU is exact.
+// and a CPU checkpoint on the GPU (same names and format), and resuming on the GPU is exact;
+// SIGTERM and periodic (checkpoint_minutes) checkpoints work in the GPU loop as on the CPU.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -154,4 +155,35 @@ TEST(CudaTrain, ResumeOnGpuIsExact) {
     EXPECT_EQ(0, std::memcmp(t.raw(), b.tensors.at(name).raw(), t.nbytes()))
         << name << " differs after a GPU resume";
   }
+}
+
+// The GPU loop handles SIGTERM like the CPU one, saves periodic checkpoints by wall time (here
+// after every step: the final save then finds the step saved already), and --resume keeps
+// metrics.jsonl free of duplicate steps.
+TEST(CudaTrain, SigtermAndPeriodicCheckpointsOnGpu) {
+  PION_REQUIRE_GPU_RUN();
+  const std::string dir = test::temp_dir("cuda-sigterm");
+  const std::string data = corpus(dir);
+  const std::string out = dir + "/run";
+  const std::string run_flags =
+      flags(data, out, "adamw", "cuda") + " --max_iters 100000 --checkpoint_minutes 0.0001";
+  auto r = test::run_command("(" + std::string(PION_BINARY) + " train " + run_flags + " > " + dir +
+                             "/log.txt 2>&1 & pid=$!; for i in $(seq 1200); do [ $(cat " + out +
+                             "/metrics.jsonl 2>/dev/null | wc -l) -ge 3 ] && break; sleep 0.1; "
+                             "done; kill -TERM $pid; wait $pid; echo rc=$?)");
+  const std::string log = test::run_command("cat " + dir + "/log.txt").output;
+  ASSERT_NE(r.output.find("rc=0"), std::string::npos) << r.output << log;
+  EXPECT_NE(log.find("interrupted by SIGTERM"), std::string::npos) << log;
+  const int stopped = read_json_file(out + "/summary.json")["iters"].get<int>();
+  TensorFile ckpt = load_safetensors(out + "/checkpoint.safetensors");
+  EXPECT_EQ(nlohmann::json::parse(ckpt.metadata.at("pion.train"))["step"].get<int>(), stopped);
+  auto resumed = test::run_pion("train " + run_flags + " --resume --stop_after " +
+                                std::to_string(stopped + 2));
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  std::ifstream in(out + "/metrics.jsonl");
+  std::string line;
+  int expected = 1;
+  while (std::getline(in, line))
+    EXPECT_EQ(nlohmann::json::parse(line).at("step").get<int>(), expected++) << line;
+  EXPECT_EQ(expected, stopped + 3);
 }

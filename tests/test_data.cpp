@@ -27,19 +27,18 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// tinyshakespeare lives beside the repository (never copied into it).
+// tinyshakespeare lives beside the checkout (never copied into it); a clone without
+// ../shared skips the tests that need it.
 std::string shakespeare_path() {
-  for (const std::string& p : {test::source_dir() + "/../shared/data/tinyshakespeare.txt",
-                               std::string("/work/shared/data/tinyshakespeare.txt")})
-    if (fs::exists(p)) return p;
-  return "";
+  const std::string p = test::shared_data_path("tinyshakespeare.txt");
+  return fs::exists(p) ? p : "";
 }
 
-#define REQUIRE_SHAKESPEARE(var)                                           \
-  const std::string var = shakespeare_path();                              \
-  if (var.empty())                                                         \
-    GTEST_SKIP() << "tinyshakespeare.txt not found beside the repository " \
-                    "(expected ../shared/data/tinyshakespeare.txt)";
+#define REQUIRE_SHAKESPEARE(var)                                                   \
+  const std::string var = shakespeare_path();                                      \
+  if (var.empty())                                                                 \
+    GTEST_SKIP() << "tinyshakespeare.txt not found beside the checkout (expected " \
+                 << test::shared_data_path("tinyshakespeare.txt") << ")";
 
 // The first `bytes` bytes of tinyshakespeare (ASCII, so any cut is valid UTF-8).
 std::string shakespeare_prefix(const std::string& path, std::size_t bytes) {

@@ -341,12 +341,13 @@ FailureRun run_and_signal(const std::string& signal, const std::string& extra) {
   return out;
 }
 
-// The checkpoint left behind loads and training continues from it on one process.
-void expect_checkpoint_usable(const std::string& dir) {
+// The checkpoint left behind (at step >= min_step) loads and training continues from it on
+// one process.
+void expect_checkpoint_usable(const std::string& dir, int min_step = 10) {
   const std::string ckpt = dir + "/o/checkpoint.safetensors";
   const TensorFile file = load_safetensors(ckpt);
   const int step = nlohmann::json::parse(file.metadata.at("pion.train")).at("step").get<int>();
-  EXPECT_GE(step, 10);
+  EXPECT_GE(step, min_step);
   auto resumed = test::run_pion("train --out_dir " + dir + "/o --resume --max_iters " +
                                 std::to_string(step + 2));
   EXPECT_EQ(resumed.exit_code, 0) << resumed.output;
@@ -378,4 +379,21 @@ TEST(DistFailure, HungRankTripsTheCollectiveTimeout) {
       << r.output;
   EXPECT_NE(r.output.find("checkpoint.safetensors is intact"), std::string::npos) << r.output;
   expect_checkpoint_usable(r.dir);
+}
+
+// SIGTERM to one rank (a scheduler's signal may reach ranks at different times) stops every
+// rank at the same step with a fresh checkpoint: the signal is all-reduced, so rank 0 names
+// it. Checkpoints by wall time after every step (checkpoint_minutes 0.0001) are agreed by all
+// ranks too (a rank alone in the gather would hang the job until the 60 s guard).
+TEST(DistFailure, SigtermToOneRankStopsEveryRankWithACheckpoint) {
+  SKIP_WITHOUT_MPI();
+  FailureRun r = run_and_signal("TERM", "--checkpoint_minutes 0.0001");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_LT(r.seconds, 30.0) << r.output;
+  EXPECT_NE(r.output.find("interrupted by SIGTERM"), std::string::npos) << r.output;
+  const auto summary = read_json(r.dir + "/o/summary.json");
+  EXPECT_TRUE(summary.at("interrupted").get<bool>()) << summary.dump();
+  const TensorFile file = load_safetensors(r.dir + "/o/checkpoint.safetensors");
+  EXPECT_EQ(nlohmann::json::parse(file.metadata.at("pion.train")).at("step"), summary.at("iters"));
+  expect_checkpoint_usable(r.dir, 1);  // the first checkpoint came after step 1
 }

@@ -1,15 +1,21 @@
 // End-to-end tests of `pion train / finetune / eval / sample` through the binary: bit-exact
-// resume for each optimizer, Ctrl-C, and clear errors for bad input.
+// resume for each optimizer, Ctrl-C, SIGTERM, kill -9 after a periodic checkpoint, and clear
+// errors for bad input.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <sstream>
+#include <vector>
 
 #include "helpers.h"
 #include "pion/core/error.h"
 #include "pion/core/safetensors.h"
 #include "pion/train/config.h"
+#include "pion/train/metrics.h"
 
 using namespace pion;
 namespace fs = std::filesystem;
@@ -17,14 +23,17 @@ namespace fs = std::filesystem;
 namespace {
 
 // A small UTF-8 corpus: the start of tinyshakespeare when ../shared is beside the checkout,
-// otherwise generated text with digits (the finetuning test needs '0'-'9', '+', '=').
+// otherwise generated English text with every printable ASCII character; then arithmetic
+// lines either way (the finetuning test needs '0'-'9', '+', '='; sampling prompts "The").
 std::string make_corpus(const std::string& dir) {
   std::string text;
-  std::ifstream in(test::source_dir() + "/../shared/data/tinyshakespeare.txt");
+  std::ifstream in(test::shared_data_path("tinyshakespeare.txt"));
   if (in) {
     text.resize(60000);
     in.read(text.data(), static_cast<std::streamsize>(text.size()));
     text.resize(static_cast<std::size_t>(in.gcount()));
+  } else {
+    text = test::fallback_corpus(60000);
   }
   for (int i = 0; i < 3000; ++i)
     text += std::to_string(i * 7 % 1000) + "+" + std::to_string(i % 97) + "=\n";
@@ -49,6 +58,43 @@ bool single_error_line(const std::string& output) {
          output.find('\n', at) == output.size() - 1;
 }
 
+// Both checkpoints hold the same tensors, bit for bit.
+void expect_same_tensors(const std::string& path_a, const std::string& path_b) {
+  TensorFile a = load_safetensors(path_a);
+  TensorFile b = load_safetensors(path_b);
+  ASSERT_EQ(a.tensors.size(), b.tensors.size());
+  for (const auto& [name, t] : a.tensors) {
+    ASSERT_TRUE(b.tensors.count(name)) << name;
+    const Tensor& u = b.tensors.at(name);
+    ASSERT_EQ(t.nbytes(), u.nbytes()) << name;
+    EXPECT_EQ(0, std::memcmp(t.raw(), u.raw(), t.nbytes())) << name << " differs after resume";
+  }
+}
+
+// The step a checkpoint holds.
+int checkpoint_step(const std::string& path) {
+  TensorFile f = load_safetensors(path);
+  return nlohmann::json::parse(f.metadata.at("pion.train")).at("step").get<int>();
+}
+
+// The "step" of every line of a metrics.jsonl (every line must be a JSON object).
+std::vector<int> metrics_steps(const std::string& path) {
+  std::ifstream in(path);
+  std::vector<int> steps;
+  std::string line;
+  while (std::getline(in, line)) steps.push_back(nlohmann::json::parse(line).at("step").get<int>());
+  return steps;
+}
+
+// A shell line that starts `command` in the background (output to `log`), waits (up to 60 s)
+// until the shell test `ready` holds, runs `then` (which may use $pid) and prints "rc=N", the
+// command's exit status as the shell reports it (128 + N for a death by signal N).
+std::string background(const std::string& command, const std::string& log, const std::string& ready,
+                       const std::string& then) {
+  return "(" + command + " > " + log + " 2>&1 & pid=$!; for i in $(seq 600); do " + ready +
+         " && break; sleep 0.1; done; " + then + "; wait $pid; echo rc=$?)";
+}
+
 }  // namespace
 
 class ResumeTest : public ::testing::TestWithParam<std::string> {};
@@ -67,15 +113,7 @@ TEST_P(ResumeTest, ResumeIsBitExact) {
   ASSERT_EQ(second.exit_code, 0) << second.output;
   EXPECT_NE(second.output.find("resumed from"), std::string::npos);
 
-  TensorFile a = load_safetensors(dir + "/a/checkpoint.safetensors");
-  TensorFile b = load_safetensors(dir + "/b/checkpoint.safetensors");
-  ASSERT_EQ(a.tensors.size(), b.tensors.size());
-  for (const auto& [name, t] : a.tensors) {
-    ASSERT_TRUE(b.tensors.count(name)) << name;
-    const Tensor& u = b.tensors.at(name);
-    ASSERT_EQ(t.nbytes(), u.nbytes()) << name;
-    EXPECT_EQ(0, std::memcmp(t.raw(), u.raw(), t.nbytes())) << name << " differs after resume";
-  }
+  expect_same_tensors(dir + "/a/checkpoint.safetensors", dir + "/b/checkpoint.safetensors");
   auto sa = read_json_file(dir + "/a/summary.json");
   auto sb = read_json_file(dir + "/b/summary.json");
   EXPECT_EQ(sa["final_val_loss"], sb["final_val_loss"]);
@@ -172,6 +210,143 @@ TEST(Train, CtrlCSavesACheckpointThatResumes) {
   EXPECT_EQ(read_json_file(out + "/summary.json")["iters"].get<int>(), steps + 2);
 }
 
+// SIGTERM (what a cluster scheduler sends before it kills a job) is handled like Ctrl-C: the
+// step finishes, a checkpoint is saved, the run exits 0 saying which signal arrived, and the
+// resumed run ends with the weights of a run never interrupted, bit for bit. The run is long
+// (max_iters 100000) so the signal lands mid-run; both runs then end at the same step through
+// --stop_after, which keeps the schedule of max_iters 100000.
+TEST(Train, SigtermSavesACheckpointThatResumesBitExactly) {
+  const std::string dir = test::temp_dir("sigterm");
+  const std::string corpus = make_corpus(dir);
+  const std::string flags = " --max_iters 100000 --eval_interval 0 --log_interval 1000";
+  const std::string out = dir + "/b";
+  const std::string cmd =
+      std::string(PION_BINARY) + " train " + tiny_flags(corpus, out, "muon") + flags;
+  // Wait for a few steps' records, then SIGTERM.
+  auto r = test::run_command(background(
+      cmd, dir + "/log.txt", "[ $(cat " + out + "/metrics.jsonl 2>/dev/null | wc -l) -ge 3 ]",
+      "kill -TERM $pid"));
+  const std::string log = test::run_command("cat " + dir + "/log.txt").output;
+  ASSERT_NE(r.output.find("rc=0"), std::string::npos) << r.output << log;
+  EXPECT_NE(log.find("SIGTERM received"), std::string::npos) << log;
+  EXPECT_NE(log.find("interrupted by SIGTERM: checkpoint saved to"), std::string::npos) << log;
+  auto summary = read_json_file(out + "/summary.json");
+  ASSERT_TRUE(summary["interrupted"].get<bool>()) << log;
+  const int stopped = summary["iters"].get<int>();
+  ASSERT_GE(stopped, 3);
+  ASSERT_LT(stopped, 100000);
+  EXPECT_EQ(checkpoint_step(out + "/checkpoint.safetensors"), stopped);
+
+  const std::string end = " --stop_after " + std::to_string(stopped + 4);
+  auto resumed =
+      test::run_pion("train " + tiny_flags(corpus, out, "muon") + flags + " --resume" + end);
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  auto straight = test::run_pion("train " + tiny_flags(corpus, dir + "/a", "muon") + flags + end);
+  ASSERT_EQ(straight.exit_code, 0) << straight.output;
+  EXPECT_EQ(checkpoint_step(out + "/checkpoint.safetensors"), stopped + 4);
+  expect_same_tensors(dir + "/a/checkpoint.safetensors", out + "/checkpoint.safetensors");
+  // One record per step, none twice.
+  std::vector<int> steps = metrics_steps(out + "/metrics.jsonl");
+  ASSERT_EQ(steps.size(), static_cast<std::size_t>(stopped + 4));
+  for (std::size_t i = 0; i < steps.size(); ++i) EXPECT_EQ(steps[i], static_cast<int>(i) + 1);
+}
+
+// A second stop signal quits at once (no checkpoint, no summary), with 128 + its number. The
+// process is stopped while both signals are sent, so both are delivered when it continues
+// (two different signals: the same one twice could merge into one pending signal); which
+// handler runs first is the kernel's choice, so the status is 130 or 143.
+TEST(Train, SecondStopSignalQuitsAtOnce) {
+  const std::string dir = test::temp_dir("twosignals");
+  const std::string corpus = make_corpus(dir);
+  const std::string out = dir + "/run";
+  const std::string cmd = std::string(PION_BINARY) + " train " + tiny_flags(corpus, out, "adamw") +
+                          " --max_iters 1000000 --eval_interval 0 --log_interval 1000";
+  auto r = test::run_command(
+      background(cmd, dir + "/log.txt", "[ -s " + out + "/metrics.jsonl ]",
+                 "kill -STOP $pid; kill -TERM $pid; kill -INT $pid; kill -CONT $pid"));
+  const std::string log = test::run_command("cat " + dir + "/log.txt").output;
+  EXPECT_TRUE(r.output.find("rc=143") != std::string::npos ||
+              r.output.find("rc=130") != std::string::npos)
+      << r.output << log;
+  EXPECT_NE(log.find(" received: finishing this step"), std::string::npos) << log;
+  EXPECT_FALSE(fs::exists(out + "/summary.json"));
+  EXPECT_FALSE(fs::exists(out + "/checkpoint.safetensors"));
+}
+
+// kill -9 after a periodic checkpoint (checkpoint_minutes): the checkpoint is intact and
+// resumes; records written after it (and a line cut short) are dropped from metrics.jsonl, so
+// the resumed run's file has every step once, in order.
+TEST(Train, KilledRunResumesFromPeriodicCheckpointWithCleanMetrics) {
+  const std::string dir = test::temp_dir("sigkill");
+  const std::string corpus = make_corpus(dir);
+  const std::string out = dir + "/run";
+  // A checkpoint every 0.3 s of wall time (steps take about a millisecond).
+  const std::string cmd = std::string(PION_BINARY) + " train " + tiny_flags(corpus, out, "adamw") +
+                          " --max_iters 1000000 --eval_interval 0 --log_interval 1000"
+                          " --checkpoint_minutes 0.005";
+  auto r = test::run_command(background(cmd, dir + "/log.txt",
+                                        "[ -s " + out + "/checkpoint.safetensors ]",
+                                        "sleep 0.2; kill -KILL $pid"));
+  const std::string log = test::run_command("cat " + dir + "/log.txt").output;
+  ASSERT_NE(r.output.find("rc=137"), std::string::npos) << r.output << log;
+  ASSERT_TRUE(fs::exists(out + "/checkpoint.safetensors")) << log;
+  EXPECT_FALSE(fs::exists(out + "/summary.json"));  // killed: never got that far
+  const int saved = checkpoint_step(out + "/checkpoint.safetensors");
+  ASSERT_GT(saved, 0);
+  const std::size_t written = metrics_steps(out + "/metrics.jsonl").size();
+  EXPECT_GE(written, static_cast<std::size_t>(saved));
+  // As if the kill had landed mid-write too.
+  std::ofstream(out + "/metrics.jsonl", std::ios::app) << R"({"step": )";
+
+  const int end = static_cast<int>(written) + 5;
+  auto resumed =
+      test::run_pion("train --out_dir " + out + " --resume --max_iters " + std::to_string(end));
+  ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("at step " + std::to_string(saved)), std::string::npos)
+      << resumed.output;
+  EXPECT_NE(resumed.output.find("dropped"), std::string::npos) << resumed.output;
+  std::vector<int> steps = metrics_steps(out + "/metrics.jsonl");
+  ASSERT_EQ(steps.size(), static_cast<std::size_t>(end));
+  for (std::size_t i = 0; i < steps.size(); ++i)
+    ASSERT_EQ(steps[i], static_cast<int>(i) + 1) << "metrics.jsonl: record " << i;
+  EXPECT_EQ(read_json_file(out + "/summary.json")["iters"].get<int>(), end);
+  EXPECT_FALSE(fs::exists(out + "/metrics.jsonl.tmp"));
+}
+
+TEST(Metrics, ResumeKeepsRecordsThroughTheCheckpointStep) {
+  const std::string dir = test::temp_dir("jsonl");
+  const std::string path = dir + "/metrics.jsonl";
+  std::ofstream(path) << "{\"step\":1,\"x\":1}\n{\"step\":2}\n{\"step\":3}\nnot json\n"
+                         "{\"step\":4}\n{\"step\":5}\n{\"step\":3";
+  {
+    JsonlWriter w = JsonlWriter::resume(path, 3);
+    w.write({{"step", 4}});
+  }
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  EXPECT_EQ(text.str(), "{\"step\":1,\"x\":1}\n{\"step\":2}\n{\"step\":3}\n{\"step\":4}\n");
+  EXPECT_FALSE(fs::exists(path + ".tmp"));
+  // No file yet (a run whose first checkpoint came before any record): created.
+  JsonlWriter::resume(dir + "/new.jsonl", 0).write({{"step", 1}});
+  EXPECT_EQ(metrics_steps(dir + "/new.jsonl"), std::vector<int>{1});
+  // A fresh run truncates.
+  JsonlWriter::create(path).write({{"step", 1}});
+  EXPECT_EQ(metrics_steps(path), std::vector<int>{1});
+}
+
+TEST(Config, CheckpointMinutesMustBeFiniteAndNonNegative) {
+  TrainConfig c;
+  EXPECT_EQ(c.checkpoint_minutes, 10.0);
+  c.checkpoint_minutes = 0.0;
+  EXPECT_NO_THROW(c.validate());
+  for (double bad :
+       {-1.0, std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
+    c.checkpoint_minutes = bad;
+    EXPECT_THROW(c.validate(), pion::Error) << bad;
+  }
+}
+
 TEST(Train, BadInputGivesOneClearLine) {
   const std::string dir = test::temp_dir("bad");
   std::ofstream(dir + "/empty.txt").close();
@@ -192,6 +367,9 @@ TEST(Train, BadInputGivesOneClearLine) {
       {"train --n_layer abc" + out, "n_layer"},
       {"train --optimizer sgd" + out, "optimizer"},
       {"train --d_model 30 --n_head 4" + out, "d_model"},
+      {"train --checkpoint_minutes -1" + out, "checkpoint_minutes"},
+      {"train --checkpoint_minutes nan" + out, "checkpoint_minutes"},
+      {"train --checkpoint_minutes inf" + out, "checkpoint_minutes"},
       {"train --resume --out_dir " + dir + "/nothing_here", "no checkpoint"},
       {"sample --checkpoint " + dir + "/bad.safetensors", "bad.safetensors"},
       {"eval --checkpoint " + dir + "/missing.safetensors --tasks x.jsonl", "missing.safetensors"},

@@ -300,8 +300,10 @@ TrainSummary run_training_cuda(TrainInputs in, Llama<float>& host_model) {
   write_json_file(cfg.out_dir + "/config.json", cfg.to_json());
   if (!in.resume && !in.benchmark_only)
     write_json_file(cfg.out_dir + "/spectrum_init.json", spectra_json(params));
-  JsonlWriter metrics(cfg.out_dir + "/metrics.jsonl", in.resume);
-  SigintGuard sigint;
+  const std::string metrics_path = cfg.out_dir + "/metrics.jsonl";
+  JsonlWriter metrics = in.resume ? JsonlWriter::resume(metrics_path, progress.step)
+                                  : JsonlWriter::create(metrics_path);
+  StopSignalGuard stop_signals;
   const int B = cfg.batch_size, T = cfg.seq_len;
   const double tokens_per_step = static_cast<double>(B) * T * cfg.grad_accum;
   std::vector<std::int32_t> inputs, targets;
@@ -335,6 +337,21 @@ TrainSummary run_training_cuda(TrainInputs in, Llama<float>& host_model) {
   };
   auto should_stop = [&] {
     return interrupt_requested() || (in.stop_after > 0 && progress.step >= in.stop_after);
+  };
+  // One process (no mpirun with --device cuda), so the periodic decisions are local.
+  auto last_save = Clock::now();
+  int saved_step = -1;  // the step the checkpoint on disk holds (from this process)
+  auto minutes_due = [&] {
+    return cfg.checkpoint_minutes > 0 &&
+           std::chrono::duration<double>(Clock::now() - last_save).count() / 60.0 >=
+               cfg.checkpoint_minutes;
+  };
+  auto save_now = [&] {
+    TrainProgress snapshot = progress;
+    snapshot.wall_seconds += std::chrono::duration<double>(Clock::now() - run_start).count();
+    save(snapshot);
+    saved_step = progress.step;
+    last_save = Clock::now();
   };
 
   while (progress.step < cfg.max_iters && !should_stop()) {
@@ -372,17 +389,22 @@ TrainSummary run_training_cuda(TrainInputs in, Llama<float>& host_model) {
     const bool last = progress.step == cfg.max_iters;
     if ((cfg.eval_interval > 0 && progress.step % cfg.eval_interval == 0) || last) evaluate(record);
     metrics.write(record);
-    if (cfg.checkpoint_interval > 0 && progress.step % cfg.checkpoint_interval == 0 && !last) {
-      TrainProgress snapshot = progress;
-      snapshot.wall_seconds += std::chrono::duration<double>(Clock::now() - run_start).count();
-      save(snapshot);
-    }
+    // Periodic checkpoints (not at the last step: the final save below writes that one).
+    const bool by_steps =
+        cfg.checkpoint_interval > 0 && progress.step % cfg.checkpoint_interval == 0;
+    if ((by_steps || minutes_due()) && !last && !in.benchmark_only) save_now();
   }
   summary.interrupted = should_stop() && progress.step < cfg.max_iters;
   progress.wall_seconds += std::chrono::duration<double>(Clock::now() - run_start).count();
-  if (!in.benchmark_only) save(progress);  // also leaves the final weights in host_model
-  if (summary.interrupted)
-    std::cout << "interrupted: checkpoint saved to " << ckpt << "; continue with --resume\n";
+  // The final checkpoint (which also leaves the final weights in host_model), unless a
+  // periodic one already holds this step (a stop right after it; it left them there too).
+  if (!in.benchmark_only && saved_step != progress.step) save(progress);
+  if (summary.interrupted) {
+    const int sig = stop_signal();
+    std::cout << "interrupted" << (sig != 0 ? " by " + signal_name(sig) : std::string())
+              << ": checkpoint saved to " << ckpt << " at step " << progress.step
+              << "; continue with --resume\n";
+  }
 
   const double drift = in.benchmark_only ? 0.0 : run.max_drift();
   const double step_ms = step_log.steps() > 0 ? 1e3 * optim_seconds / step_log.steps() : 0.0;

@@ -1,5 +1,6 @@
 #include "pion/train/config.h"
 
+#include <cmath>
 #include <functional>
 
 #include "pion/core/error.h"
@@ -126,6 +127,9 @@ const std::vector<Field>& fields() {
                 kMaxSteps),
       int_field("checkpoint_interval", "steps between checkpoints (0 = at the end only)",
                 &TrainConfig::checkpoint_interval, 0, kMaxSteps),
+      real_field("checkpoint_minutes",
+                 "also checkpoint after this many minutes of wall time since the last save (0 = off)",
+                 &TrainConfig::checkpoint_minutes, 0, 1e6),
       u64_field("seed", "random seed", &TrainConfig::seed),
       int_field("threads", "OpenMP/BLAS threads (0 = all cores)", &TrainConfig::threads, 0,
                 kMaxThreads),

@@ -2,7 +2,10 @@
 
 #include <cerrno>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
 
 #include "pion/core/error.h"
@@ -12,6 +15,52 @@ namespace pion {
 JsonlWriter::JsonlWriter(const std::string& path, bool append)
     : file_(std::fopen(path.c_str(), append ? "a" : "w")), path_(path) {
   check(file_ != nullptr, "cannot open metrics file '" + path + "': " + std::strerror(errno));
+}
+
+JsonlWriter JsonlWriter::create(const std::string& path) {
+  return JsonlWriter(path, false);
+}
+
+JsonlWriter JsonlWriter::resume(const std::string& path, int step) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return JsonlWriter(path, false);
+  const std::string tmp = path + ".tmp";
+  std::int64_t kept = 0, dropped = 0;
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    check(static_cast<bool>(out), "cannot create '" + tmp + "': " + std::strerror(errno));
+    std::string line;
+    while (std::getline(in, line)) {
+      // getline at end of file without a newline: the last line is partial (killed mid-write).
+      const bool complete = !in.eof();
+      bool keep = false;
+      if (complete) {
+        const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+        keep = j.is_object() && j.contains("step") && j["step"].is_number_integer() &&
+               j["step"].get<std::int64_t>() <= step;
+      }
+      if (keep) {
+        out << line << '\n';
+        ++kept;
+      } else {
+        ++dropped;
+      }
+    }
+    check(!in.bad(), "cannot read metrics file '" + path + "'");
+    out.flush();
+    check(static_cast<bool>(out), "cannot write '" + tmp + "' (disk full?)");
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) {
+    std::filesystem::remove(tmp, ec);
+    throw Error("cannot rename '" + tmp + "' to '" + path + "'");
+  }
+  if (dropped > 0)
+    std::cout << path << ": kept the " << kept << " records up to step " << step << ", dropped "
+              << dropped
+              << " written after the checkpoint (or cut short); the resumed run rewrites them\n";
+  return JsonlWriter(path, true);
 }
 
 void JsonlWriter::write(const nlohmann::json& record) {

@@ -2,6 +2,7 @@
 
 #include <cblas.h>
 #include <omp.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -31,10 +32,28 @@ namespace pion {
 
 namespace {
 
-std::atomic<bool> g_interrupted{false};
+// The first stop signal's number (0: none yet). Lock-free, so the handler may touch it.
+std::atomic<int> g_stop_signal{0};
+static_assert(std::atomic<int>::is_always_lock_free);
 
-extern "C" void on_sigint(int) {
-  if (g_interrupted.exchange(true)) std::_Exit(130);  // a second Ctrl-C: leave now
+template <std::size_t N>
+void write_stderr(const char (&text)[N]) {
+  if (::write(STDERR_FILENO, text, N - 1) < 0) {
+  }  // nothing to do from a signal handler
+}
+
+// Only async-signal-safe calls here: an atomic, write(2), _Exit.
+extern "C" void on_stop_signal(int sig) {
+  int none = 0;
+  if (!g_stop_signal.compare_exchange_strong(none, sig)) std::_Exit(128 + sig);  // a second one
+  if (sig == SIGTERM)
+    write_stderr(
+        "\npion: SIGTERM received: finishing this step, then saving a checkpoint "
+        "(a second signal quits at once)\n");
+  else
+    write_stderr(
+        "\npion: SIGINT received: finishing this step, then saving a checkpoint "
+        "(a second Ctrl-C quits at once)\n");
 }
 
 // CPU seconds used by this process so far (all threads).
@@ -113,17 +132,29 @@ std::vector<Bucket> layer_buckets(const Llama<float>& model) {
 
 }  // namespace
 
+int stop_signal() {
+  return g_stop_signal.load();
+}
+
 bool interrupt_requested() {
-  return g_interrupted.load();
+  return stop_signal() != 0;
 }
 
-SigintGuard::SigintGuard() {
-  g_interrupted = false;
-  previous_ = std::signal(SIGINT, on_sigint);
+std::string signal_name(int signal) {
+  if (signal == SIGINT) return "SIGINT";
+  if (signal == SIGTERM) return "SIGTERM";
+  return "signal " + std::to_string(signal);
 }
 
-SigintGuard::~SigintGuard() {
-  std::signal(SIGINT, previous_);
+StopSignalGuard::StopSignalGuard() {
+  g_stop_signal = 0;
+  previous_int_ = std::signal(SIGINT, on_stop_signal);
+  previous_term_ = std::signal(SIGTERM, on_stop_signal);
+}
+
+StopSignalGuard::~StopSignalGuard() {
+  std::signal(SIGINT, previous_int_);
+  std::signal(SIGTERM, previous_term_);
 }
 
 BatchLoss cpu_batch_loss(Llama<float>& model) {
@@ -237,8 +268,12 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
       write_json_file(cfg.out_dir + "/spectrum_init.json", spectra_json(params));
   }
   std::optional<JsonlWriter> metrics;
-  if (root) metrics.emplace(cfg.out_dir + "/metrics.jsonl", in.resume);
-  SigintGuard sigint;
+  if (root) {
+    const std::string path = cfg.out_dir + "/metrics.jsonl";
+    metrics.emplace(in.resume ? JsonlWriter::resume(path, progress.step)
+                              : JsonlWriter::create(path));
+  }
+  StopSignalGuard stop_signals;
   const int B = cfg.batch_size, T = cfg.seq_len, local_B = B / world;
   const double tokens_per_step = static_cast<double>(B) * T * cfg.grad_accum;
   std::vector<std::int32_t> inputs, targets;
@@ -306,11 +341,31 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   };
 
   model.set_training(true);
-  // Every rank must take the same decision (a Ctrl-C may reach the ranks at different times).
+  // Every rank must take the same decisions (a signal may reach the ranks at different times,
+  // and their clocks differ): the stop flag and "a checkpoint is due" are all-reduced.
+  int stopped_by = 0;  // the stop signal, once every rank knows of it
   auto should_stop = [&] {
-    const bool local = interrupt_requested();
-    const bool any = comm.distributed() ? comm.allreduce_max(local ? 1.0 : 0.0) > 0 : local;
-    return any || (in.stop_after > 0 && progress.step >= in.stop_after);
+    const int local = stop_signal();
+    const int any = comm.distributed()
+                        ? static_cast<int>(comm.allreduce_max(static_cast<double>(local)))
+                        : local;
+    if (any != 0) stopped_by = any;
+    return any != 0 || (in.stop_after > 0 && progress.step >= in.stop_after);
+  };
+  auto last_save = Clock::now();
+  int saved_step = -1;  // the step the checkpoint on disk holds (from this process)
+  auto minutes_due = [&] {
+    if (cfg.checkpoint_minutes <= 0) return false;
+    const double minutes = std::chrono::duration<double>(Clock::now() - last_save).count() / 60.0;
+    const bool local = minutes >= cfg.checkpoint_minutes;
+    return comm.distributed() ? comm.allreduce_max(local ? 1.0 : 0.0) > 0 : local;
+  };
+  auto save_now = [&] {
+    Progress snapshot = progress;
+    snapshot.wall_seconds += std::chrono::duration<double>(Clock::now() - run_start).count();
+    save_checkpoint(ckpt, cfg, model, optimizers, layout, source, snapshot, in.extra_metadata);
+    saved_step = progress.step;
+    last_save = Clock::now();
   };
   while (progress.step < cfg.max_iters && !should_stop()) {
     const auto t0 = Clock::now();
@@ -374,19 +429,24 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
     const bool last = progress.step == cfg.max_iters;
     if ((cfg.eval_interval > 0 && progress.step % cfg.eval_interval == 0) || last) evaluate(record);
     if (metrics) metrics->write(record);
-    if (cfg.checkpoint_interval > 0 && progress.step % cfg.checkpoint_interval == 0 && !last) {
-      Progress snapshot = progress;
-      snapshot.wall_seconds += std::chrono::duration<double>(Clock::now() - run_start).count();
-      save_checkpoint(ckpt, cfg, model, optimizers, layout, source, snapshot, in.extra_metadata);
-    }
+    // Periodic checkpoints (not at the last step: the final save below writes that one).
+    // minutes_due() is a collective under mpirun, so every rank calls it at every step.
+    const bool by_steps =
+        cfg.checkpoint_interval > 0 && progress.step % cfg.checkpoint_interval == 0;
+    const bool by_time = minutes_due();
+    if ((by_steps || by_time) && !last && !in.benchmark_only) save_now();
   }
   model.set_layer_grads_ready_hook({});
   summary.interrupted = should_stop() && progress.step < cfg.max_iters;
   progress.wall_seconds += std::chrono::duration<double>(Clock::now() - run_start).count();
-  if (!in.benchmark_only)
+  // The final checkpoint, unless a periodic one already holds this step (a stop right after).
+  if (!in.benchmark_only && saved_step != progress.step)
     save_checkpoint(ckpt, cfg, model, optimizers, layout, source, progress, in.extra_metadata);
   if (summary.interrupted)
-    std::cout << "interrupted: checkpoint saved to " << ckpt << "; continue with --resume\n";
+    std::cout << "interrupted"
+              << (stopped_by != 0 ? " by " + signal_name(stopped_by) : std::string())
+              << ": checkpoint saved to " << ckpt << " at step " << progress.step
+              << "; continue with --resume\n";
 
   // Per-rank optimizer figures (the point of sharding: each about 1/N of one process's).
   const double state_bytes = static_cast<double>(optimizers.state_bytes());

@@ -13,6 +13,10 @@
 # cudaMalloc memory, default 1), EMU_STRICT=1 (abort at the first emulator warning),
 # EMU_TRACE=1 (print every launch), JOBS (default 2).
 # A development aid for sessions without a GPU, not a substitute for scripts/gpu-check.sh.
+# Exit status (scripts/test.sh relies on it): 0 when everything built, the self-test passed
+# and every test program exited 0 with at least one test passed and no emulator warning
+# (a warning is something that would be wrong or undefined on a GPU); 1 otherwise, with a
+# last line naming what failed.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BUILD=$ROOT/build-emu
@@ -45,8 +49,9 @@ if ! cmake --build "$BUILD" -j"$JOBS" --target "${TARGETS[@]}" >"$BUILD/build.lo
 fi
 
 status=0
+failed=()
 echo "== emu_selftest"
-"$BUILD/emu_selftest" 2>/dev/null | sed 's/^/   /' || status=1
+"$BUILD/emu_selftest" 2>/dev/null | sed 's/^/   /' || { status=1; failed+=(emu_selftest); }
 
 orders=("${EMU_ORDER:-forward}")
 [ $ORDERS = 1 ] && orders=(forward reverse random)
@@ -62,7 +67,19 @@ for order in "${orders[@]}"; do
     grep -E '^\[ +(OK|FAILED|SKIPPED) +\] [A-Za-z]' "$log" | sort -u -k4,4 | sed 's/^/   /'
     grep -E '^\[cuda-emu\] (WARNING|FATAL)|ERROR: AddressSanitizer' "$log" | sort -u | sed 's/^/   /'
     echo "   exit $rc, $(( $(date +%s) - start )) s (log: $log)"
-    [ $rc = 0 ] || status=1
+    passed=$(grep -cE '^\[ +OK +\] [A-Za-z]' "$log")
+    warnings=$(grep -cE '^\[cuda-emu\] WARNING' "$log")
+    if [ $rc != 0 ] || [ "$passed" = 0 ] || [ "$warnings" != 0 ]; then
+      [ "$passed" = 0 ] && echo "   no test passed (all skipped, or none ran)"
+      [ "$warnings" != 0 ] && echo "   $warnings emulator warning(s): see above"
+      status=1
+      failed+=("$t$SUFFIX ($order)")
+    fi
   done
 done
+if [ $status = 0 ]; then
+  echo "cuda-emu: all passed"
+else
+  echo "cuda-emu: FAILED: ${failed[*]}"
+fi
 exit $status

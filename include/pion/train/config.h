@@ -47,7 +47,10 @@ struct TrainConfig {
   int eval_interval = 250;
   int eval_iters = 20;
   int log_interval = 10;
-  int checkpoint_interval = 0;  // 0 = only at the end (and on Ctrl-C)
+  int checkpoint_interval = 0;  // 0 = only at the end (and on Ctrl-C / SIGTERM)
+  // Also save whenever this many minutes of wall time passed since the last save (or the
+  // start), so a killed run loses at most that much; 0 = off.
+  double checkpoint_minutes = 10.0;
   std::uint64_t seed = 1337;
   int threads = 0;  // 0 = all cores
   std::string out_dir = "runs/default";

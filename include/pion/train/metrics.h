@@ -10,11 +10,18 @@ namespace pion {
 
 class JsonlWriter {
  public:
-  // Appends when `append` (a resumed run continues its file), truncates otherwise.
-  JsonlWriter(const std::string& path, bool append);
+  // A new run: creates or truncates the file.
+  static JsonlWriter create(const std::string& path);
+  // A run resumed from a checkpoint at `step`: records written after that checkpoint (a run
+  // killed after it) are about to be written again, so the file is first rewritten atomically
+  // (temp file + rename) with only the records whose "step" is <= `step` (a partial last line,
+  // a line that is not a JSON object with an integer "step", and every later record dropped;
+  // a line says how many), then appended to. A missing file is created.
+  static JsonlWriter resume(const std::string& path, int step);
   void write(const nlohmann::json& record);
 
  private:
+  JsonlWriter(const std::string& path, bool append);
   struct Closer {
     void operator()(std::FILE* f) const { std::fclose(f); }
   };

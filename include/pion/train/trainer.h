@@ -8,7 +8,9 @@
 //     log a progress line and a metrics.jsonl record; evaluate; checkpoint
 // Checkpoints (out_dir/checkpoint.safetensors) hold the weights, the optimizer state, the
 // data source's and dropout's RNG state, the step and the config, so --resume continues
-// bit-exactly. SIGINT (Ctrl-C) finishes the current step, saves a checkpoint and returns.
+// bit-exactly. Checkpoints are also saved every checkpoint_interval steps and every
+// checkpoint_minutes of wall time. SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves
+// a checkpoint and returns (StopSignalGuard below).
 //
 // Under `mpirun -np N` (pion/dist): batch_size is the GLOBAL batch; each rank runs forward and
 // backward on its batch_size / N rows, gradients are summed over ranks in per-layer buckets
@@ -93,18 +95,29 @@ TrainSummary run_training(TrainInputs inputs, Llama<float>& model);
 // The checkpoint file of a run directory.
 std::string checkpoint_path(const std::string& out_dir);
 
-// Set by the SIGINT handler that run_training installs; a second Ctrl-C exits at once.
+// Stop signals: SIGINT (Ctrl-C) and SIGTERM (what cluster schedulers send before they kill a
+// job) are handled alike. The first one sets a flag that the training loop checks between
+// steps (it finishes the step, saves a checkpoint, writes summary.json and returns); a second
+// one of either kind exits at once with status 128 + its number (130, 143).
+//
+// The signal that arrived first (SIGINT or SIGTERM), or 0 while none has.
+int stop_signal();
+// stop_signal() != 0.
 bool interrupt_requested();
-// Installs that handler for its lifetime (and clears the flag).
-class SigintGuard {
+// "SIGINT", "SIGTERM", else "signal N".
+std::string signal_name(int signal);
+// Installs the handler for SIGINT and SIGTERM for its lifetime (and clears the flag); restores
+// the previous handlers when destroyed.
+class StopSignalGuard {
  public:
-  SigintGuard();
-  ~SigintGuard();
-  SigintGuard(const SigintGuard&) = delete;
-  SigintGuard& operator=(const SigintGuard&) = delete;
+  StopSignalGuard();
+  ~StopSignalGuard();
+  StopSignalGuard(const StopSignalGuard&) = delete;
+  StopSignalGuard& operator=(const StopSignalGuard&) = delete;
 
  private:
-  void (*previous_)(int) = nullptr;
+  void (*previous_int_)(int) = nullptr;
+  void (*previous_term_)(int) = nullptr;
 };
 
 }  // namespace pion
