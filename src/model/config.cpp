@@ -1,9 +1,11 @@
 #include "pion/model/config.h"
 
 #include <cmath>
+#include <limits>
 #include <set>
 
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 
 namespace pion {
 
@@ -26,6 +28,17 @@ void ModelConfig::validate() const {
   need(init_std > 0.0 && std::isfinite(init_std), "init_std must be positive and finite");
   need(rope_theta > 0.0, "rope_theta must be positive");
   need(norm_eps > 0.0, "norm_eps must be positive");
+  // Upper bounds far above any model pion trains, so sizes (ffn_size(), num_params()) cannot
+  // overflow and a garbage checkpoint config is refused before anything is allocated.
+  const auto at_most = [&](int v, int hi, const char* key) {
+    need(v <= hi, std::string(key) + " must be at most " + std::to_string(hi) + " (got " +
+                      std::to_string(v) + ")");
+  };
+  at_most(vocab_size, kMaxVocab, "vocab_size");
+  at_most(n_layer, kMaxLayers, "n_layer");
+  at_most(d_model, kMaxWidth, "d_model");
+  at_most(ffn_hidden, kMaxFfn, "ffn_hidden");
+  at_most(seq_len, kMaxSeqLen, "seq_len");
 }
 
 int ModelConfig::ffn_size() const {
@@ -57,22 +70,35 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& object) {
   for (const auto& [key, value] : object.items()) {
     check(keys.count(key) == 1, "model config: unknown key \"" + key + "\"");
   }
+  // Typed, range-checked reads (pion/core/input.h): 1e30 or 1.7 for an int is an error.
+  const auto get_int = [&](const char* key, bool required, int fallback) {
+    const std::string where = std::string("model config key '") + key + "'";
+    if (!object.contains(key)) {
+      check(!required, "model config lacks the key '" + std::string(key) + "'");
+      return fallback;
+    }
+    return input::to_int32(object[key], std::numeric_limits<int>::min(),
+                           std::numeric_limits<int>::max(), where);
+  };
+  const auto get_double = [&](const char* key, double fallback) {
+    if (!object.contains(key)) return fallback;
+    return input::to_double(object[key], -std::numeric_limits<double>::max(),
+                            std::numeric_limits<double>::max(),
+                            std::string("model config key '") + key + "'");
+  };
   ModelConfig c;
-  try {
-    c.vocab_size = object.at("vocab_size").get<int>();
-    c.n_layer = object.at("n_layer").get<int>();
-    c.n_head = object.at("n_head").get<int>();
-    c.d_model = object.at("d_model").get<int>();
-    c.seq_len = object.at("seq_len").get<int>();
-    c.ffn_hidden = object.value("ffn_hidden", 0);
-    c.dropout = object.value("dropout", 0.0);
-    c.init = object.value("init", std::string("normal"));
-    c.init_std = object.value("init_std", 0.02);
-    c.rope_theta = object.value("rope_theta", 10000.0);
-    c.norm_eps = object.value("norm_eps", 1e-5);
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(std::string("model config: missing or mistyped key (") + e.what() + ")");
-  }
+  c.vocab_size = get_int("vocab_size", true, 0);
+  c.n_layer = get_int("n_layer", true, 0);
+  c.n_head = get_int("n_head", true, 0);
+  c.d_model = get_int("d_model", true, 0);
+  c.seq_len = get_int("seq_len", true, 0);
+  c.ffn_hidden = get_int("ffn_hidden", false, 0);
+  c.dropout = get_double("dropout", 0.0);
+  if (object.contains("init"))
+    c.init = input::to_string(object["init"], 64, "model config key 'init'");
+  c.init_std = get_double("init_std", 0.02);
+  c.rope_theta = get_double("rope_theta", 10000.0);
+  c.norm_eps = get_double("norm_eps", 1e-5);
   c.validate();
   return c;
 }

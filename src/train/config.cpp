@@ -1,10 +1,13 @@
 #include "pion/train/config.h"
 
+#include <cmath>
 #include <fstream>
+#include <limits>
 #include <functional>
 #include <sstream>
 
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 
 namespace pion {
 
@@ -16,24 +19,30 @@ struct Field {
   std::function<nlohmann::json(const TrainConfig&)> get;
 };
 
+// The longest string value (paths, names) a config key may hold.
+constexpr std::size_t kMaxConfigString = 4096;
+
 template <class T>
 Field field(const char* name, const char* help, T TrainConfig::*member) {
   return Field{
       {name, help},
       [member, name](TrainConfig& c, const nlohmann::json& v) {
-        const std::string key = name;
+        // Typed, range-checked reads (pion/core/input.h): a value that does not fit the field
+        // (4294967297 or 1.7 for an int, 1e999 for a double) is an error, never converted.
+        const std::string where = std::string("config key '") + name + "'";
         if constexpr (std::is_same_v<T, std::string>) {
-          check(v.is_string(), "config key '" + key + "' must be a string, got " + v.dump());
-          c.*member = v.get<std::string>();
+          c.*member = input::to_string(v, kMaxConfigString, where);
         } else if constexpr (std::is_floating_point_v<T>) {
-          check(v.is_number(), "config key '" + key + "' must be a number, got " + v.dump());
+          check(v.is_number(), where + " must be a number, got " + input::describe(v));
+          check(std::isfinite(v.get<double>()),
+                where + " must be a finite number, got " + input::describe(v));
           c.*member = v.get<T>();
+        } else if constexpr (std::is_unsigned_v<T>) {
+          c.*member = static_cast<T>(
+              input::to_int(v, 0, std::numeric_limits<std::int64_t>::max(), where));
         } else {
-          check(v.is_number_integer() || (v.is_number() && v.get<double>() == static_cast<double>(v.get<std::int64_t>())),
-                "config key '" + key + "' must be an integer, got " + v.dump());
-          if constexpr (std::is_unsigned_v<T>)
-            check(v.get<std::int64_t>() >= 0, "config key '" + key + "' must be >= 0");
-          c.*member = static_cast<T>(v.get<std::int64_t>());
+          c.*member = static_cast<T>(input::to_int(v, std::numeric_limits<T>::min(),
+                                                   std::numeric_limits<T>::max(), where));
         }
       },
       [member](const TrainConfig& c) { return nlohmann::json(c.*member); }};

@@ -8,6 +8,13 @@
 namespace pion {
 
 struct ModelConfig {
+  // Upper bounds validate() enforces (so every size computed from a config fits in int64).
+  static constexpr int kMaxVocab = 1 << 24;
+  static constexpr int kMaxLayers = 1 << 12;
+  static constexpr int kMaxWidth = 1 << 16;  // d_model
+  static constexpr int kMaxFfn = 1 << 20;
+  static constexpr int kMaxSeqLen = 1 << 24;
+
   int vocab_size = 0;
   int n_layer = 0;
   int n_head = 0;
