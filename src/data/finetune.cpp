@@ -187,29 +187,13 @@ std::string FinetuneLoader::state() const {
 }
 
 void FinetuneLoader::set_state(const std::string& state) {
-  std::array<std::uint64_t, 4> words{};
-  std::int64_t batches = 0;
-  std::size_t examples = 0;
-  try {
-    const auto j = nlohmann::json::parse(state);
-    const auto& rng = j.at("rng");
-    check(rng.is_array() && rng.size() == 4,
-          "finetune loader state is malformed: \"rng\" must hold 4 numbers");
-    for (std::size_t i = 0; i < 4; ++i) words[i] = rng.at(i).get<std::uint64_t>();
-    batches = j.at("batches").get<std::int64_t>();
-    examples = j.at("examples").get<std::size_t>();
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(std::string("finetune loader state is malformed (") + e.what() + "): '" + state +
-                "'");
-  }
-  check(words != std::array<std::uint64_t, 4>{},
-        "finetune loader state: an all-zero rng state is invalid");
-  check(examples == dataset_.size(),
-        "finetune loader state was saved over " + std::to_string(examples) +
+  const LoaderPosition p = parse_loader_position(state, "examples", "finetune loader");
+  check(static_cast<std::size_t>(p.count) == dataset_.size(),
+        "finetune loader state was saved over " + std::to_string(p.count) +
             " examples but this dataset has " + std::to_string(dataset_.size()) +
             "; resume with the same data");
-  rng_.set_state(words);
-  batches_drawn_ = batches;
+  rng_.set_state(p.rng);
+  batches_drawn_ = p.batches;
 }
 
 bool exact_match(std::string_view completion, std::string_view reference,

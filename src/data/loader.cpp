@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 #include "pion/data/shard.h"
 
 namespace pion {
@@ -89,28 +90,30 @@ std::string DataLoader::state() const {
   return j.dump();
 }
 
+LoaderPosition parse_loader_position(const std::string& state, const char* count_key,
+                                     const std::string& what) {
+  const nlohmann::json j = input::parse_json(state, what + " state", 4096, 2);
+  const std::string where = what + " state";
+  LoaderPosition p;
+  const auto& rng = input::member(j, "rng", where);
+  check(rng.is_array() && rng.size() == 4,
+        where + " is malformed: \"rng\" must hold 4 numbers, got " + input::describe(rng));
+  for (std::size_t i = 0; i < 4; ++i) p.rng[i] = input::to_uint64(rng[i], where + " rng");
+  check(p.rng != std::array<std::uint64_t, 4>{}, where + ": an all-zero rng state is invalid");
+  constexpr std::int64_t kMax = std::int64_t{1} << 53;
+  p.batches = input::to_int(input::member(j, "batches", where), 0, kMax, where + " batches");
+  p.count = input::to_int(input::member(j, count_key, where), 0, kMax,
+                          where + " " + count_key);
+  return p;
+}
+
 void DataLoader::set_state(const std::string& state) {
-  std::array<std::uint64_t, 4> words{};
-  std::int64_t batches = 0;
-  std::int64_t tokens = 0;
-  try {
-    const auto j = nlohmann::json::parse(state);
-    const auto& rng = j.at("rng");
-    check(rng.is_array() && rng.size() == 4,
-          "data loader state is malformed: \"rng\" must hold 4 numbers");
-    for (std::size_t i = 0; i < 4; ++i) words[i] = rng.at(i).get<std::uint64_t>();
-    batches = j.at("batches").get<std::int64_t>();
-    tokens = j.at("tokens").get<std::int64_t>();
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(std::string("data loader state is malformed (") + e.what() + "): '" + state + "'");
-  }
-  check(words != std::array<std::uint64_t, 4>{},
-        "data loader state: an all-zero rng state is invalid");
-  check(tokens == num_tokens(), "data loader state was saved over " + std::to_string(tokens) +
-                                    " tokens but this shard has " + std::to_string(num_tokens()) +
-                                    "; resume with the same dataset");
-  rng_.set_state(words);
-  batches_drawn_ = batches;
+  const LoaderPosition p = parse_loader_position(state, "tokens", "data loader");
+  check(p.count == num_tokens(), "data loader state was saved over " + std::to_string(p.count) +
+                                     " tokens but this shard has " + std::to_string(num_tokens()) +
+                                     "; resume with the same dataset");
+  rng_.set_state(p.rng);
+  batches_drawn_ = p.batches;
 }
 
 }  // namespace pion

@@ -89,27 +89,9 @@ OwnershipPlan plan_ownership(const OptimizerSet& full, int world_size) {
 }
 
 std::string pack(const TensorFile& file) {
-  nlohmann::json header = nlohmann::json::object();
-  std::size_t offset = 0;
-  for (const auto& [name, t] : file.tensors) {
+  for (const auto& [name, t] : file.tensors)
     check(t.dtype() == DType::F32, "pack: tensor '" + name + "' is not F32");
-    header[name] = {
-        {"dtype", "F32"}, {"shape", t.shape()}, {"data_offsets", {offset, offset + t.nbytes()}}};
-    offset += t.nbytes();
-  }
-  header["__metadata__"] = file.metadata;
-  const std::string h = header.dump();
-  std::string out(8 + h.size() + offset, '\0');
-  std::uint64_t n = h.size();
-  for (int i = 0; i < 8; ++i)
-    out[static_cast<std::size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xff);
-  std::memcpy(out.data() + 8, h.data(), h.size());
-  std::size_t at = 8 + h.size();
-  for (const auto& [name, t] : file.tensors) {
-    if (t.nbytes() > 0) std::memcpy(out.data() + at, t.raw(), t.nbytes());
-    at += t.nbytes();
-  }
-  return out;
+  return serialize_safetensors(file);
 }
 
 TensorFile unpack(const std::string& bytes) {

@@ -1,6 +1,7 @@
 #include "pion/model/llama.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "pion/core/error.h"
@@ -37,6 +38,46 @@ std::vector<ParamEntry> llama_param_layout(const ModelConfig& config) {
   add("final_norm.weight", {d});
   add("lm_head.weight", {v, d});
   return out;
+}
+
+namespace {
+template <class T>
+std::int64_t first_non_finite(const Tensor& t) {
+  const T* p = t.data<T>();
+  for (std::int64_t i = 0; i < t.numel(); ++i)
+    if (!std::isfinite(p[i])) return i;
+  return -1;
+}
+}  // namespace
+
+void check_model_weights(const TensorFile& in, const std::string& prefix,
+                         const ModelConfig& config, const std::string& source) {
+  const std::vector<ParamEntry> layout = llama_param_layout(config);
+  std::size_t expected = 0;
+  for (const auto& e : layout) {
+    const std::string name = prefix + e.name;
+    auto it = in.tensors.find(name);
+    check(it != in.tensors.end(), source + ": missing tensor \"" + name +
+                                      "\" (is this a checkpoint of the same model?)");
+    const Tensor& t = it->second;
+    check(t.shape() == e.shape, source + ": \"" + name + "\" has shape " +
+                                    shape_string(t.shape()) + ", the model expects " +
+                                    shape_string(e.shape));
+    check(t.dtype() == DType::F32 || t.dtype() == DType::F64,
+          source + ": \"" + name + "\" must be F32 or F64, not " + dtype_name(t.dtype()));
+    const std::int64_t bad =
+        t.dtype() == DType::F32 ? first_non_finite<float>(t) : first_non_finite<double>(t);
+    check(bad < 0, source + ": \"" + name + "\" holds a non-finite value (element " +
+                       std::to_string(bad) + "); the weights are damaged or the run diverged");
+    ++expected;
+  }
+  std::size_t under_prefix = 0;
+  for (const auto& [name, t] : in.tensors)
+    if (name.rfind(prefix, 0) == 0) ++under_prefix;
+  check(under_prefix == expected,
+        source + ": holds " + std::to_string(under_prefix) + " tensors named \"" + prefix +
+            "*\", the model has " + std::to_string(expected) +
+            " (a checkpoint of another model shape?)");
 }
 
 template <class T>
@@ -337,17 +378,8 @@ void Llama<T>::save_weights(TensorFile& out, const std::string& prefix) const {
 
 template <class T>
 void Llama<T>::load_weights(const TensorFile& in, const std::string& prefix) {
-  for (const auto& e : layout_) {
-    auto it = in.tensors.find(prefix + e.name);
-    check(it != in.tensors.end(), "Llama::load_weights: missing tensor \"" + prefix + e.name +
-                                      "\" (is this a checkpoint of the same model?)");
-    check(it->second.shape() == e.shape, "Llama::load_weights: \"" + prefix + e.name +
-                                             "\" has shape " + shape_string(it->second.shape()) +
-                                             ", the model expects " + shape_string(e.shape));
-    check(it->second.dtype() == DType::F32 || it->second.dtype() == DType::F64,
-          "Llama::load_weights: \"" + prefix + e.name + "\" must be F32 or F64, not " +
-              dtype_name(it->second.dtype()));
-  }
+  // Everything is checked before the first value is copied: a bad file changes nothing.
+  check_model_weights(in, prefix, config_, "Llama::load_weights");
   for (const auto& e : layout_) {
     Tensor dst = params_.view(e.offset, e.shape);
     dst.copy_from(in.tensors.at(prefix + e.name).to(dtype_of<T>()));

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 #include "pion/core/linalg.h"
 #include "pion/optim/state_util.h"
 
@@ -79,8 +80,9 @@ void newton_schulz_inplace(NsBuffers buf, std::int64_t rows, std::int64_t cols, 
 void check_options(const Muon::Options& o) {
   check(o.momentum >= 0 && o.momentum < 1, "muon: momentum must lie in [0, 1)");
   check(o.ns_steps >= 1 && o.ns_steps <= 100, "muon: ns_steps must lie in [1, 100] (5 is usual)");
-  check(o.weight_decay >= 0, "muon: weight_decay must be >= 0");
-  check(o.eps > 0, "muon: eps must be > 0 (it keeps a zero update finite)");
+  check(std::isfinite(o.weight_decay) && o.weight_decay >= 0,
+        "muon: weight_decay must be finite and >= 0");
+  check(std::isfinite(o.eps) && o.eps > 0, "muon: eps must be finite and > 0 (it keeps a zero update finite)");
 }
 
 }  // namespace
@@ -123,7 +125,7 @@ void Muon::set_group_options(std::size_t g, const nlohmann::json& j) {
   try {
     o.momentum = j.at("momentum").get<double>();
     o.nesterov = j.at("nesterov").get<bool>();
-    o.ns_steps = j.at("ns_steps").get<int>();
+    o.ns_steps = input::to_int32(j.at("ns_steps"), 1, 100, "muon group option ns_steps");
     o.weight_decay = j.at("weight_decay").get<double>();
     o.eps = j.at("eps").get<double>();
   } catch (const nlohmann::json::exception& e) {

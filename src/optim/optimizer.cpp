@@ -5,6 +5,7 @@
 #include <set>
 
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 
 namespace pion {
 
@@ -130,10 +131,12 @@ void Optimizer::load_state(const TensorFile& in, const std::string& prefix) {
   std::vector<std::string> stateful;
   std::int64_t steps = 0, skipped_steps = 0;
   try {
-    const nlohmann::json meta = nlohmann::json::parse(it->second);
-    check(meta.value("kind", "") == kind(), "optimizer state was saved by '" +
-                                                meta.value("kind", "?") + "', not '" + kind() +
-                                                "'");
+    const nlohmann::json meta = input::parse_json(it->second, "optimizer state metadata '" + prefix + "meta'");
+    check(meta.is_object(), "optimizer state: metadata '" + prefix + "meta' must be a JSON object");
+    const std::string saved_kind =
+        input::to_string(input::member(meta, "kind", prefix + "meta"), 32, prefix + "meta kind");
+    check(saved_kind == kind(), "optimizer state was saved by " + input::describe(saved_kind) +
+                                    ", not '" + kind() + "'");
     check(meta.contains("groups") && meta.at("groups").size() == groups_.size(),
           "optimizer state: number of param groups differs from this optimizer's");
     for (std::size_t g = 0; g < groups_.size(); ++g) {
@@ -142,17 +145,20 @@ void Optimizer::load_state(const TensorFile& in, const std::string& prefix) {
       check(names.size() == groups_[g].params.size(),
             "optimizer state: group " + std::to_string(g) + " has a different number of parameters");
       for (std::size_t i = 0; i < names.size(); ++i)
-        check(names[i].get<std::string>() == groups_[g].params[i].name,
+        check(names[i].is_string() && names[i].get<std::string>() == groups_[g].params[i].name,
               "optimizer state: group " + std::to_string(g) + " parameter " + std::to_string(i) +
-                  " is '" + names[i].get<std::string>() + "', expected '" +
+                  " is " + input::describe(names[i]) + ", expected '" +
                   groups_[g].params[i].name + "'");
-      GroupMeta gm{jg.at("options"), jg.at("lr").get<double>(), jg.at("base_lr").get<double>()};
-      check(std::isfinite(gm.lr) && gm.lr >= 0 && std::isfinite(gm.base_lr) && gm.base_lr >= 0,
-            "optimizer state: group " + std::to_string(g) + " has a bad learning rate");
+      const std::string gw = prefix + "meta group " + std::to_string(g);
+      GroupMeta gm{jg.at("options"), input::to_double(jg.at("lr"), 0.0, 1e6, gw + " lr"),
+                   input::to_double(jg.at("base_lr"), 0.0, 1e6, gw + " base_lr")};
       group_meta.push_back(std::move(gm));
     }
-    steps = meta.value("steps", std::int64_t{0});
-    skipped_steps = meta.value("skipped_steps", std::int64_t{0});
+    // A step count outside [0, 2^53] would turn the bias corrections negative or NaN.
+    constexpr std::int64_t kMaxSteps = std::int64_t{1} << 53;
+    if (meta.contains("steps")) steps = input::to_int(meta["steps"], 0, kMaxSteps, prefix + "meta steps");
+    if (meta.contains("skipped_steps"))
+      skipped_steps = input::to_int(meta["skipped_steps"], 0, kMaxSteps, prefix + "meta skipped_steps");
     if (meta.contains("stateful")) stateful = meta.at("stateful").get<std::vector<std::string>>();
   } catch (const nlohmann::json::exception& e) {
     throw Error("optimizer state: metadata '" + prefix + "meta' is malformed (" + e.what() + ")");

@@ -5,6 +5,7 @@
 
 #include "optim/pion_math.h"
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 #include "pion/core/linalg.h"
 #include "pion/optim/state_util.h"
 
@@ -90,7 +91,8 @@ void Pion::set_group_options(std::size_t g, const nlohmann::json& j) {
     o.beta2 = j.at("beta2").get<double>();
     o.eps = j.at("eps").get<double>();
     o.retraction = parse_retraction(j.at("retraction").get<std::string>());
-    o.reanchor_every = j.at("reanchor_every").get<std::int64_t>();
+    o.reanchor_every = input::to_int(j.at("reanchor_every"), 0, std::int64_t{1} << 40,
+                                     "pion group option reanchor_every");
   } catch (const nlohmann::json::exception& e) {
     throw Error(std::string("pion: group options need c, beta1, beta2, eps, retraction and "
                             "reanchor_every (") +
@@ -103,10 +105,10 @@ void Pion::set_group_options(std::size_t g, const nlohmann::json& j) {
 void Pion::check_state(const Param& p, const StateMap& state) const {
   const std::int64_t m = p.value.rows(), n = p.value.cols();
   require_state(p, state, "m_in", {n, n});
-  require_state(p, state, "v_in", {n, n});
+  require_state(p, state, "v_in", {n, n}, StateSign::NonNegative);
   require_state(p, state, "m_out", {m, m});
-  require_state(p, state, "v_out", {m, m});
-  require_state(p, state, "sigma0", {std::min(m, n)});
+  require_state(p, state, "v_out", {m, m}, StateSign::NonNegative);
+  require_state(p, state, "sigma0", {std::min(m, n)}, StateSign::NonNegative);
 }
 
 Pion::Scratch& Pion::scratch_for(std::int64_t d_out, std::int64_t d_in) {

@@ -8,19 +8,37 @@
 #include <span>
 
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 #include "pion/core/safetensors.h"
 #include "pion/data/corpus.h"
 #include "pion/dist/communicator.h"
+#include "pion/train/checkpoint.h"
 
 namespace pion {
 
 namespace fs = std::filesystem;
 
+namespace {
+
+// A prepared dataset is checked whole when a run starts, not when a later eval first needs a
+// piece of it: its tokenizer must load and agree with meta.json's vocabulary.
+DatasetSummary checked(DatasetSummary s) {
+  const auto tokenizer = load_tokenizer(s.tokenizer_path);
+  check(tokenizer->vocab_size() == s.vocab_size,
+        "dataset '" + s.dir + "': tokenizer '" + s.tokenizer_path + "' has " +
+            std::to_string(tokenizer->vocab_size()) + " tokens but meta.json says " +
+            std::to_string(s.vocab_size) + "; prepare the dataset again with `pion prepare`");
+  return s;
+}
+
+}  // namespace
+
 DatasetSummary resolve_dataset(const TrainConfig& config) {
-  if (config.data != "fortunes" && is_prepared_dataset(config.data)) return load_dataset_summary(config.data);
+  if (config.data != "fortunes" && is_prepared_dataset(config.data))
+    return checked(load_dataset_summary(config.data));
   const std::string dir = (fs::path(config.out_dir) / "data").string();
   if (is_prepared_dataset(dir)) {
-    DatasetSummary s = load_dataset_summary(dir);
+    DatasetSummary s = checked(load_dataset_summary(dir));
     check(s.tokenizer_kind == config.tokenizer,
           "'" + dir + "' was prepared with the " + s.tokenizer_kind + " tokenizer, not " +
               config.tokenizer + "; use another out_dir or delete that directory");
@@ -145,19 +163,22 @@ Evaluator make_finetune_evaluator(FinetuneDataset dataset, const TrainConfig& co
 
 LoadedCheckpoint load_checkpoint(const std::string& path) {
   TensorFile file = load_safetensors(path);
-  auto cfg_it = file.metadata.find("pion.config");
-  auto model_it = file.metadata.find("pion.model_config");
-  check(cfg_it != file.metadata.end() && model_it != file.metadata.end(),
-        "'" + path + "' is not a pion training checkpoint (no pion.config metadata)");
+  check_pion_checkpoint(file, path);
   LoadedCheckpoint out;
-  apply_config_json(out.config, nlohmann::json::parse(cfg_it->second));
-  auto extra_it = file.metadata.find("pion.extra");
-  out.extra = extra_it == file.metadata.end() ? nlohmann::json::object()
-                                               : nlohmann::json::parse(extra_it->second);
-  out.model = std::make_unique<Llama<float>>(ModelConfig::from_json(nlohmann::json::parse(model_it->second)));
+  apply_config_json(out.config, checkpoint_metadata(file, "pion.config", path));
+  out.config.validate();
+  out.extra = file.metadata.count("pion.extra") ? checkpoint_metadata(file, "pion.extra", path)
+                                                : nlohmann::json::object();
+  check(out.extra.is_object(), "checkpoint '" + path + "': metadata 'pion.extra' must be an object");
+  // The model's shape comes from metadata: compare it with the tensors before allocating.
+  const ModelConfig model_config =
+      ModelConfig::from_json(checkpoint_metadata(file, "pion.model_config", path));
+  check_model_weights(file, "model.", model_config, "checkpoint '" + path + "'");
+  out.model = std::make_unique<Llama<float>>(model_config);
   out.model->load_weights(file, "model.");
   check(out.extra.contains("tokenizer"), "'" + path + "' does not name its tokenizer");
-  std::string tok = out.extra["tokenizer"].get<std::string>();
+  std::string tok = input::to_string(out.extra["tokenizer"], 4096,
+                                     "checkpoint '" + path + "' pion.extra key 'tokenizer'");
   if (!fs::exists(tok)) {
     // The run directory may have moved: look beside the checkpoint.
     const fs::path beside = fs::path(path).parent_path() / "tokenizer.json";

@@ -14,6 +14,7 @@
 //
 // state() / set_state() save and restore the random stream as a small JSON string, so a
 // resumed run draws exactly the batches an uninterrupted one would.
+#include <array>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -24,6 +25,17 @@
 namespace pion {
 
 // A B x T batch of token ids, row-major. targets[i] < 0 means "no loss here" (finetuning).
+// A loader's saved position (its state() string, parsed and range-checked): the random
+// stream, the batches drawn so far and the size of the data it was saved over (`count_key`:
+// "tokens" for a shard, "examples" for a finetuning set). `what` names the loader in errors.
+struct LoaderPosition {
+  std::array<std::uint64_t, 4> rng{};
+  std::int64_t batches = 0;
+  std::int64_t count = 0;
+};
+LoaderPosition parse_loader_position(const std::string& state, const char* count_key,
+                                     const std::string& what);
+
 struct Batch {
   std::int64_t rows = 0;     // B (this rank's rows)
   std::int64_t seq_len = 0;  // T

@@ -7,14 +7,16 @@
 
 namespace pion {
 
-struct ModelConfig {
-  // Upper bounds validate() enforces (so every size computed from a config fits in int64).
-  static constexpr int kMaxVocab = 1 << 24;
-  static constexpr int kMaxLayers = 1 << 12;
-  static constexpr int kMaxWidth = 1 << 16;  // d_model
-  static constexpr int kMaxFfn = 1 << 20;
-  static constexpr int kMaxSeqLen = 1 << 24;
+// Limits validate() enforces, so a config or a checkpoint's metadata can never ask for a
+// model whose very layout is absurd (e.g. n_layer 2e9) before its tensors are compared.
+inline constexpr int kMaxVocab = 1 << 21;
+inline constexpr int kMaxLayers = 1024;
+inline constexpr int kMaxHeads = 1024;
+inline constexpr int kMaxWidth = 1 << 17;
+inline constexpr int kMaxSeqLen = 1 << 20;
+inline constexpr std::int64_t kMaxParams = std::int64_t{1} << 36;
 
+struct ModelConfig {
   int vocab_size = 0;
   int n_layer = 0;
   int n_head = 0;

@@ -49,6 +49,13 @@ struct ParamEntry {
 };
 // The layout above for a validated config (the same for every element type and device).
 std::vector<ParamEntry> llama_param_layout(const ModelConfig& config);
+// Checks that `in` holds, under `prefix`, exactly the weights of a model of `config`: every
+// parameter present with its shape, F32 or F64, every value finite, and no other tensor under
+// the prefix. It allocates nothing sized by the config, so a checkpoint whose metadata claims
+// a huge model is refused by comparing it with its (small) tensors first. `source` names the
+// file in errors.
+void check_model_weights(const TensorFile& in, const std::string& prefix,
+                         const ModelConfig& config, const std::string& source);
 
 template <class T>
 class Llama {

@@ -9,6 +9,7 @@
 // and JSON metadata: pion.train (format, step, best val loss, tokens seen, wall seconds,
 // the data source's state, the dropout RNG), pion.config (the TrainConfig), pion.model_config,
 // pion.extra (tokenizer path, mode, ...), plus the optimizers' own optim.* entries.
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -46,10 +47,23 @@ struct ResumePoint {
   nlohmann::json dropout_rng;  // restore with restore_rng
 };
 // Reads and validates a checkpoint for --resume: it must exist, be a pion training checkpoint
-// of the known format, and have been saved for the same model shape (errors say what to do).
+// of a known format with intact checksums, have been saved for the same model shape, and hold
+// finite weights of that shape and progress values in range (errors say what to do). Nothing
+// is applied here; the optimizer state and the data position are validated by their owners
+// before they change anything (Optimizer::load_state, the loaders' set_state).
 ResumePoint read_train_checkpoint(const std::string& path, const ModelConfig& model_config);
 
+// Checks that `file` (read from `path`) is a pion training checkpoint of a known format, with
+// its checksums where the format has them; returns its pion.train metadata. Errors name the
+// file and say what to do.
+nlohmann::json check_pion_checkpoint(const TensorFile& file, const std::string& path);
+// The JSON value of one metadata key, parsed with the input layer's limits (input.h).
+nlohmann::json checkpoint_metadata(const TensorFile& file, const std::string& key,
+                                   const std::string& path);
+
 nlohmann::json rng_json(const Rng& rng);
+// A saved generator state: 4 unsigned 64-bit words, not all zero.
+std::array<std::uint64_t, 4> rng_state_from_json(const nlohmann::json& j, const std::string& where);
 void restore_rng(Rng& rng, const nlohmann::json& state);
 
 // The singular values of every hidden matrix, as spectrum_init.json / spectrum_final.json.
