@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "cli/validators.h"
 #include "pion/core/error.h"
 #include "pion/core/linalg.h"
 #include "pion/core/random.h"
@@ -213,20 +214,20 @@ void add_bench_optim_command(CLI::App& bench) {
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
   cmd->add_option("--layers", args->layers, "transformer layers (7 matrices each)")
-      ->check(CLI::Range(1, 96))
+      ->check(FiniteRange(1, 96))
       ->capture_default_str();
   auto* steps = cmd->add_option("--steps", args->steps, "timed steps (default 20; 5 on cpu)")
-                    ->check(CLI::Range(1, 100000));
+                    ->check(FiniteRange(1, 100000));
   auto* warmup =
       cmd->add_option("--warmup", args->warmup, "untimed warm-up steps (default 3; 1 on cpu)")
-          ->check(CLI::Range(0, 100000));
+          ->check(FiniteRange(0, 100000));
   cmd->add_option("--drift_steps", args->drift_steps,
                   "cuda: steps of Pion fp32 and mixed before the spectrum drift is measured (0: "
                   "skip)")
-      ->check(CLI::Range(0, 1000000))
+      ->check(FiniteRange(0, 1000000))
       ->capture_default_str();
   cmd->add_option("--drift_lr", args->drift_lr, "cuda: learning rate of the drift runs")
-      ->check(CLI::PositiveNumber)
+      ->check(FiniteRange(0, 100, true))
       ->capture_default_str();
   cmd->add_option("--json", args->json, "also write the results to this JSON file");
   cmd->callback([args, steps, warmup] {

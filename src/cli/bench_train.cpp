@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "cli/run_on_device.h"
+#include "cli/validators.h"
 #include "pion/core/error.h"
 #include "pion/core/random.h"
 #include "pion/train/checkpoint.h"
@@ -208,10 +209,16 @@ void add_bench_train_command(CLI::App& bench) {
   cmd->add_option("--preset", args->preset, "gpt2-small | baby")->capture_default_str();
   cmd->add_option("--optimizers", args->optimizers, "comma-separated: adamw,muon,pion")
       ->capture_default_str();
-  cmd->add_option("--steps", args->steps, "timed steps per optimizer")->capture_default_str();
-  cmd->add_option("--warmup", args->warmup, "untimed steps first")->capture_default_str();
-  cmd->add_option("--batch", args->batch, "sequences per step (0 = the preset's)");
-  cmd->add_option("--layers", args->layers, "transformer blocks (0 = the preset's)");
+  cmd->add_option("--steps", args->steps, "timed steps per optimizer")
+      ->check(FiniteRange(1, 100000))
+      ->capture_default_str();
+  cmd->add_option("--warmup", args->warmup, "untimed steps first")
+      ->check(FiniteRange(0, 100000))
+      ->capture_default_str();
+  cmd->add_option("--batch", args->batch, "sequences per step (0 = the preset's)")
+      ->check(FiniteRange(0, 1 << 16));
+  cmd->add_option("--layers", args->layers, "transformer blocks (0 = the preset's)")
+      ->check(FiniteRange(0, 1024));
   cmd->add_option("--attention", args->attention, "cuda: auto | flash | materialized")
       ->capture_default_str();
   cmd->add_option("--matmul_precision", args->matmul_precision, "cuda: bf16 | tf32 | fp32")

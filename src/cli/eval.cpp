@@ -6,8 +6,11 @@
 #include "cli/commands.h"
 #include "cli/exact_match_eval.h"
 #include "cli/run_on_device.h"
+#include "cli/validators.h"
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 #include "pion/data/prepare.h"
+#include "pion/model/memory.h"
 #include "pion/train/session.h"
 
 namespace pion::cli {
@@ -28,12 +31,18 @@ void run_eval(const EvalArgs& args) {
   nlohmann::json result = {{"checkpoint", args.checkpoint}};
   std::string dataset = args.data;
   if (dataset.empty() && args.tasks.empty() && ck.extra.contains("dataset"))
-    dataset = ck.extra["dataset"].get<std::string>();
+    dataset = input::to_string(ck.extra["dataset"], 4096,
+                               "checkpoint '" + args.checkpoint + "' metadata key 'dataset'");
   if (!dataset.empty()) {
     DatasetSummary data = load_dataset_summary(dataset);
     check(data.vocab_size == ck.model->config().vocab_size,
           "eval: dataset '" + dataset + "' has vocabulary " + std::to_string(data.vocab_size) +
               ", the checkpoint " + std::to_string(ck.model->config().vocab_size));
+    // batch_size x seq_len come from the checkpoint's metadata: checked before the evaluation
+    // batches or the activations are allocated.
+    if (args.device == "cpu")
+      check_batch_memory(ck.model->config(), ck.config.batch_size, ck.config.seq_len, false,
+                         "pion eval (checkpoint '" + args.checkpoint + "')");
     Evaluator evaluate = make_shard_evaluator(data.val_path, ck.config, args.batches);
     ck.model->set_training(false);
     TrainConfig on_device = ck.config;
@@ -65,8 +74,12 @@ void add_eval_command(CLI::App& app) {
   cmd->add_option("--checkpoint", args->checkpoint, "checkpoint.safetensors from pion train/finetune")->required();
   cmd->add_option("--data", args->data, "prepared dataset dir (default: the checkpoint's own)");
   cmd->add_option("--tasks", args->tasks, "JSONL of {\"prompt\", \"response\"} for exact-match accuracy");
-  cmd->add_option("--batches", args->batches, "validation batches");
-  cmd->add_option("--max_examples", args->max_examples, "prompt/response examples to answer");
+  cmd->add_option("--batches", args->batches, "validation batches")
+      ->check(FiniteRange(1, 1000000))
+      ->capture_default_str();
+  cmd->add_option("--max_examples", args->max_examples, "prompt/response examples to answer")
+      ->check(FiniteRange(1, 10000000))
+      ->capture_default_str();
   cmd->add_option("--device", args->device,
                   "cpu | cuda: where the validation loss is computed (the checkpoint's "
                   "matmul_precision and attention apply on cuda)")

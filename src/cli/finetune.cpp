@@ -7,9 +7,11 @@
 
 #include "cli/commands.h"
 #include "cli/config_flags.h"
-#include "cli/run_on_device.h"
 #include "cli/exact_match_eval.h"
+#include "cli/run_on_device.h"
+#include "cli/validators.h"
 #include "pion/core/error.h"
+#include "pion/model/memory.h"
 #include "pion/train/session.h"
 
 namespace pion::cli {
@@ -42,6 +44,11 @@ void run_finetune(const ConfigFlags& flags, const FinetuneArgs& args) {
   config.data = args.tasks;
   config.validate();
   require_device(config);
+  // batch_size x seq_len come from the checkpoint's metadata and the flags: checked before the
+  // data loaders or the activations are allocated.
+  if (config.device == "cpu")
+    check_batch_memory(base.model->config(), config.batch_size, config.seq_len, true,
+                       "pion finetune");
 
   std::vector<FinetuneExample> examples = load_finetune_jsonl(args.tasks);
   check(examples.size() >= 2, "finetune: need at least 2 examples in '" + args.tasks + "'");
@@ -90,7 +97,10 @@ void add_finetune_command(CLI::App& app) {
   auto args = std::make_shared<FinetuneArgs>();
   cmd->add_option("--from", args->from, "checkpoint to start from (from pion train)")->required();
   cmd->add_option("--tasks", args->tasks, "JSONL of {\"prompt\", \"response\"} (see pion make-task)")->required();
-  cmd->add_option("--eval_examples", args->eval_examples, "held-out examples for the exact-match accuracy");
+  cmd->add_option("--eval_examples", args->eval_examples,
+                  "held-out examples for the exact-match accuracy")
+      ->check(FiniteRange(1, 10000000))
+      ->capture_default_str();
   cmd->add_flag("--resume", args->resume, "continue from <out_dir>/checkpoint.safetensors");
   auto flags = add_config_flags(*cmd);
   cmd->callback([flags, args] { run_finetune(*flags, *args); });

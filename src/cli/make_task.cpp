@@ -2,6 +2,7 @@
 #include <iostream>
 
 #include "cli/commands.h"
+#include "cli/validators.h"
 #include "pion/data/arithmetic.h"
 
 namespace pion::cli {
@@ -22,10 +23,16 @@ void add_make_task_command(CLI::App& app) {
   auto args = std::make_shared<TaskArgs>();
   cmd->add_option("task", args->task, "task kind")->check(CLI::IsMember({"arithmetic"}));
   cmd->add_option("--out", args->out, "output JSONL file")->required();
-  cmd->add_option("--n", args->n, "number of examples");
+  cmd->add_option("--n", args->n, "number of examples")
+      ->check(FiniteRange(1, 10000000))
+      ->capture_default_str();
   cmd->add_option("--seed", args->seed, "random seed");
-  cmd->add_option("--min_digits", args->min_digits, "fewest digits per operand");
-  cmd->add_option("--max_digits", args->max_digits, "most digits per operand");
+  cmd->add_option("--min_digits", args->min_digits, "fewest digits per operand")
+      ->check(FiniteRange(1, 1000))
+      ->capture_default_str();
+  cmd->add_option("--max_digits", args->max_digits, "most digits per operand")
+      ->check(FiniteRange(1, 1000))
+      ->capture_default_str();
   cmd->callback([args] {
     generate_arithmetic(args->out, args->n, args->seed, args->min_digits, args->max_digits);
     std::cout << "wrote " << args->n << " addition examples to " << args->out << "\n";

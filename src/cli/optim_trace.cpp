@@ -20,6 +20,7 @@
 
 #include "cli/commands.h"
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 #include "pion/core/safetensors.h"
 #include "pion/optim/factory.h"
 #ifdef PION_HAVE_CUDA
@@ -45,24 +46,10 @@ struct TraceArgs {
 nlohmann::json parse_config_arg(const std::string& arg) {
   const auto first = arg.find_first_not_of(" \t\r\n");
   const bool inline_json = first != std::string::npos && (arg[first] == '{' || arg[first] == '[');
-  std::string text = arg;
-  std::string source = "--config text";
-  if (!inline_json) {
-    std::ifstream in(arg, std::ios::binary);
-    check(in.good() && !std::filesystem::is_directory(arg),
-          "--config '" + arg + "' is neither inline JSON (starting with '{') nor a readable file");
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    text = ss.str();
-    source = "--config file '" + arg + "'";
-  }
-  try {
-    return nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    std::string what = e.what();
-    std::replace(what.begin(), what.end(), '\n', ' ');
-    throw Error(source + " is not valid JSON: " + what);
-  }
+  if (inline_json) return input::parse_json(arg, "--config text");
+  // A regular file of at most input::kMaxJsonBytes (a device or directory is refused by name),
+  // parsed with the depth and duplicate-key limits.
+  return input::read_json_file(arg, "--config file");
 }
 
 // A non-negative decimal index without sign or leading zeros ("0", "17"; not "01", "+1").
@@ -107,9 +94,9 @@ Trace parse_trace(const TensorFile& file, const std::string& source) {
       }
       if (!t) i.reset();
     }
-    // Quoted as JSON so that a name with control characters cannot break the one-line message.
-    check(i.has_value(),
-          where + " holds an unexpected tensor " + nlohmann::json(name).dump() + layout);
+    // Quoted as JSON and cut short (input::describe), so a name with control characters or
+    // thousands of bytes cannot break the one-line message.
+    check(i.has_value(), where + " holds an unexpected tensor " + input::describe(name) + layout);
     check(tensor.dtype() == DType::F32, where + ": '" + name + "' has dtype " +
                                             dtype_name(tensor.dtype()) +
                                             "; optim-trace reads F32 tensors only");

@@ -3,6 +3,7 @@
 #include <iostream>
 
 #include "cli/commands.h"
+#include "cli/validators.h"
 #include "pion/data/corpus.h"
 #include "pion/data/prepare.h"
 
@@ -23,8 +24,12 @@ void add_prepare_command(CLI::App& app) {
   auto args = std::make_shared<PrepareArgs>();
   cmd->add_option("--input", args->input, "UTF-8 text file, or 'fortunes' for the built-in corpus");
   cmd->add_option("--tokenizer", args->tokenizer, "char | byte | bpe")->check(CLI::IsMember({"char", "byte", "bpe"}));
-  cmd->add_option("--vocab_size", args->vocab_size, "bpe vocabulary size");
-  cmd->add_option("--val_fraction", args->val_fraction, "last fraction of the text for validation");
+  cmd->add_option("--vocab_size", args->vocab_size, "bpe vocabulary size")
+      ->check(FiniteRange(8, 65536))
+      ->capture_default_str();
+  cmd->add_option("--val_fraction", args->val_fraction, "last fraction of the text for validation")
+      ->check(FiniteRange(0, 1, true, true))
+      ->capture_default_str();
   cmd->add_option("--out", args->out, "output directory")->required();
   cmd->callback([args] {
     DatasetSummary s = args->input == "fortunes"

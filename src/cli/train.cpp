@@ -5,10 +5,13 @@
 #include "cli/commands.h"
 #include "cli/config_flags.h"
 #include "cli/run_on_device.h"
+#include "cli/validators.h"
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 #include "pion/core/random.h"
 #include "pion/dist/communicator.h"
 #include "pion/model/init.h"
+#include "pion/model/memory.h"
 #include "pion/train/session.h"
 
 namespace pion::cli {
@@ -42,6 +45,11 @@ void run_train(const ConfigFlags& flags, bool resume, int stop_after, double col
   }
   config.validate();
   require_device(config);
+  // A text file given as data must be a regular file: a device such as /dev/zero or a FIFO is
+  // refused by name here, before anything is prepared or read.
+  if (config.data != "fortunes" && std::filesystem::exists(config.data) &&
+      !std::filesystem::is_directory(config.data))
+    input::regular_file_size(config.data, "data");
   // Checked before the dataset is prepared, so a mistyped out_dir fails at once.
   const std::string checkpoint = config.out_dir + "/checkpoint.safetensors";
   check(!resume || std::filesystem::exists(checkpoint),
@@ -66,7 +74,13 @@ void run_train(const ConfigFlags& flags, bool resume, int stop_after, double col
             << data.vocab_size << " | " << data.train_tokens << " train / " << data.val_tokens
             << " val tokens\n";
 
-  Llama<float> model(model_config_for(config, data.vocab_size));
+  // What one batch needs, checked before the model, the data loaders or the activations are
+  // allocated (each rank runs batch_size / ranks rows).
+  const ModelConfig model_config = model_config_for(config, data.vocab_size);
+  if (config.device == "cpu")
+    check_batch_memory(model_config, config.batch_size / comm.size(), config.seq_len, true,
+                       "pion train");
+  Llama<float> model(model_config);
   Rng init_rng(config.seed);
   model.init_weights(init_rng);
   model.dropout_rng() = Rng(config.seed ^ 0xd50f07ULL);
@@ -97,14 +111,15 @@ void add_train_command(CLI::App& app) {
   auto resume = std::make_shared<bool>(false);
   cmd->add_flag("--resume", *resume, "continue bit-exactly from <out_dir>/checkpoint.safetensors");
   auto stop_after = std::make_shared<int>(0);
-  cmd->add_option(
-      "--stop_after", *stop_after,
-      "stop with a checkpoint after this many steps (the schedule still spans max_iters; "
-      "continue with --resume)");
+  cmd->add_option("--stop_after", *stop_after,
+                  "stop with a checkpoint after this many steps (the schedule still spans "
+                  "max_iters; continue with --resume; 0 = run to max_iters)")
+      ->check(FiniteRange(0, 1 << 30));
   auto collective_timeout = std::make_shared<double>(600.0);
   cmd->add_option("--collective_timeout", *collective_timeout,
                   "under mpirun: seconds a rank waits in one collective before it ends the job "
                   "(another rank died or hangs); 0 waits forever")
+      ->check(FiniteRange(0, 1e7))
       ->capture_default_str();
   cmd->callback([flags, resume, stop_after, collective_timeout] {
     run_train(*flags, *resume, *stop_after, *collective_timeout);

@@ -132,6 +132,13 @@ std::string describe(const nlohmann::json& value) {
     }
     case nlohmann::json::value_t::discarded:
       return "nothing";
+    case nlohmann::json::value_t::number_float: {
+      // JSON has no NaN or Inf (dump() would print "null"); values from flags can be either.
+      const double d = value.get<double>();
+      if (std::isnan(d)) return "nan";
+      if (std::isinf(d)) return d > 0 ? "inf" : "-inf";
+      return value.dump();
+    }
     default:
       return value.dump();  // a scalar: short
   }

@@ -8,10 +8,9 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 
 namespace pion {
 
@@ -74,21 +73,17 @@ void validate_utf8(std::string_view text, const std::string& source) {
   }
 }
 
-std::string read_file_bytes(const std::string& path) {
+std::string read_file_bytes(const std::string& path, std::uint64_t max_bytes,
+                            const std::string& what) {
   std::error_code ec;
-  if (!std::filesystem::exists(path, ec)) throw Error("file '" + path + "' does not exist");
-  if (std::filesystem::is_directory(path, ec))
-    throw Error("'" + path + "' is a directory, expected a file");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error("cannot open '" + path + "': " + std::strerror(errno));
-  std::ostringstream buffer;
-  buffer << in.rdbuf();
-  if (in.bad()) throw Error("cannot read '" + path + "'");
-  return std::move(buffer).str();
+  if (!std::filesystem::exists(path, ec)) throw Error(what + " '" + path + "' does not exist");
+  // A regular file of at most max_bytes: a device (/dev/zero), a FIFO or a directory is refused
+  // by name before anything is read.
+  return input::read_file(path, max_bytes, what);
 }
 
 std::string read_text_file(const std::string& path) {
-  std::string text = read_file_bytes(path);
+  std::string text = read_file_bytes(path, kMaxTextBytes, "text file");
   if (text.empty())
     throw Error("text file '" + path + "' is empty; give a file with some text in it");
   validate_utf8(text, "text file '" + path + "'");

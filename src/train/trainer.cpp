@@ -21,6 +21,7 @@
 #include "pion/dist/communicator.h"
 #include "pion/dist/shard.h"
 #include "pion/model/init.h"
+#include "pion/model/memory.h"
 #include "pion/optim/schedule.h"
 #include "pion/train/build_optimizer.h"
 #include "pion/train/checkpoint.h"
@@ -162,6 +163,9 @@ TrainSummary run_training(TrainInputs in, Llama<float>& model) {
   const TrainConfig& cfg = in.config;
   cfg.validate();
   check(in.train_source != nullptr, "run_training: no training data source");
+  // Refuses a batch whose activations cannot fit before the first forward() allocates them.
+  check_batch_memory(model.config(), cfg.batch_size / dist::world().size(), cfg.seq_len, true,
+                     "pion train");
   BatchSource& source = *in.train_source;
   dist::Communicator& comm = dist::world();
   const int world = comm.size(), rank = comm.rank();

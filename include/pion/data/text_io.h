@@ -14,10 +14,18 @@ namespace pion {
 // points above U+10FFFF are invalid too).
 void validate_utf8(std::string_view text, const std::string& source);
 
-// The whole file as bytes. Errors: missing or unreadable file.
-std::string read_file_bytes(const std::string& path);
+// The most bytes a text corpus, token shard or other data file may have (4 GiB): larger files
+// are refused by name before anything is read.
+inline constexpr std::uint64_t kMaxTextBytes = std::uint64_t{4} << 30;
 
-// The whole file, checked to be non-empty and valid UTF-8 (clear errors otherwise).
+// The whole file as bytes. It must be a regular file (not a directory, device such as
+// /dev/zero, or pipe) of at most `max_bytes`; `what` names it in errors ("text file",
+// "token shard"). Errors: missing, unreadable, not a regular file, too large.
+std::string read_file_bytes(const std::string& path, std::uint64_t max_bytes = kMaxTextBytes,
+                            const std::string& what = "file");
+
+// The whole file (at most kMaxTextBytes), checked to be non-empty and valid UTF-8 (clear errors
+// otherwise).
 std::string read_text_file(const std::string& path);
 
 // Writes `bytes` to `path` atomically (a temporary file beside it, then rename), so a reader

@@ -7,13 +7,17 @@
 
 namespace pion {
 
-// Limits validate() enforces, so a config or a checkpoint's metadata can never ask for a
-// model whose very layout is absurd (e.g. n_layer 2e9) before its tensors are compared.
-inline constexpr int kMaxVocab = 1 << 21;
+// Upper bounds on a model's shape, far above anything pion trains on a CPU and low enough that
+// sizes computed from them never overflow 64-bit arithmetic. A config file, a flag or a
+// checkpoint's metadata asking for more is refused by name (ModelConfig::validate and
+// TrainConfig::validate); what a batch of a valid shape needs is checked against the machine by
+// check_batch_memory (pion/model/memory.h).
 inline constexpr int kMaxLayers = 1024;
 inline constexpr int kMaxHeads = 1024;
-inline constexpr int kMaxWidth = 1 << 17;
+inline constexpr int kMaxDModel = 65536;
+inline constexpr int kMaxFfnHidden = 262144;  // 4 x kMaxDModel
 inline constexpr int kMaxSeqLen = 1 << 20;
+inline constexpr int kMaxVocab = 65536;  // token ids are stored as uint16
 inline constexpr std::int64_t kMaxParams = std::int64_t{1} << 36;
 
 struct ModelConfig {
