@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -13,6 +14,7 @@
 #include "helpers.h"
 #include "pion/core/error.h"
 #include "pion/core/input.h"
+#include "pion/core/safetensors.h"
 #include "pion/data/finetune.h"
 #include "pion/data/prepare.h"
 #include "pion/data/tokenizer.h"
@@ -158,6 +160,33 @@ TEST(InputDataDir, GarbageMetaJsonIsRefusedNamingFileAndKey) {
     all.push_back("meta.json");
     expect_error([&] { load_dataset_summary(dir); }, all);
   }
+}
+
+// ---------------------------------------------------------------- describe (fuzz finding)
+
+TEST(InputDescribe, NeverThrowsOnACutCharacterOrBytesThatAreNotUtf8) {
+  // fuzz_safetensors found it: a metadata key longer than 40 bytes with a 3-byte character
+  // across byte 40; describe() cut inside the character and dump() threw json::type_error
+  // out of parse_safetensors (not a pion::Error).
+  const std::string key = std::string(39, 'c') + "\u0b0c" + std::string(20, 'd');
+  std::string text;
+  ASSERT_NO_THROW(text = input::describe(key));
+  EXPECT_EQ(text, "\"" + std::string(39, 'c') + "\"... (62 bytes)");
+  EXPECT_EQ(input::describe(std::string("a\xff\xfe")), "\"a\xef\xbf\xbd\xef\xbf\xbd\"");
+  const std::string long_bad = std::string(50, '\xe0');
+  EXPECT_NO_THROW(input::describe(long_bad));
+
+  std::ifstream in(std::string(PION_SOURCE_DIR) +
+                       "/fuzz/corpus/safetensors/regress-describe-utf8-cut",
+                   std::ios::binary);
+  ASSERT_TRUE(static_cast<bool>(in));
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  expect_error([&] { parse_safetensors(bytes, "crash.safetensors"); },
+               {"crash.safetensors", "metadata", "(96 bytes)"});
+  // fuzz_config found the same through an unknown config key.
+  TrainConfig config;
+  expect_error([&] { apply_config_json(config, nlohmann::json{{key, 0}}); },
+               {"unknown config key", "(62 bytes)"});
 }
 
 // ---------------------------------------------------------------- configs (fuzz findings)
