@@ -21,3 +21,7 @@ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPION_SANITIZE=ON -D
   -DPION_BUILD_BENCH=OFF
 cmake --build build-asan -j"$jobs"
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1 PION_SANITIZED=1 ctest --output-on-failure -j"$jobs")
+
+# Fuzzing: the libFuzzer targets (fuzz/, clang + ASan + UBSan) for 30 s each on their seed
+# corpus; any crash, leak, timeout or out-of-memory fails the suite (scripts/fuzz.sh).
+scripts/fuzz.sh "${PION_FUZZ_SECONDS:-30}"

@@ -227,7 +227,7 @@ TEST(BpeTokenizer, TrainRoundTripDeterminismAndSaveLoad) {
 
 TEST(Tokenizer, LoadErrors) {
   const std::string dir = test::temp_dir("data_tokload");
-  expect_error([&] { load_tokenizer(dir + "/nope.json"); }, {"nope.json", "does not exist"});
+  expect_error([&] { load_tokenizer(dir + "/nope.json"); }, {"nope.json", "No such file"});
   write_bytes(dir + "/bad.json", "{not json");
   expect_error([&] { load_tokenizer(dir + "/bad.json"); }, {"bad.json", "not valid JSON"});
   write_bytes(dir + "/other.json", R"({"kind": "char"})");
@@ -553,7 +553,7 @@ TEST(Finetune, JsonlLoadErrorsNameTheLine) {
       EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
     }
   }
-  expect_error([&] { load_finetune_jsonl(dir + "/none.jsonl"); }, {"does not exist"});
+  expect_error([&] { load_finetune_jsonl(dir + "/none.jsonl"); }, {"none.jsonl", "No such file"});
 }
 
 TEST(Finetune, TargetsAreMaskedOnPromptAndPadding) {

@@ -125,10 +125,17 @@ std::string describe(const nlohmann::json& value) {
     case nlohmann::json::value_t::array:
       return "an array of " + std::to_string(value.size()) + " values";
     case nlohmann::json::value_t::string: {
+      // Never throws: a string cut at 40 bytes backs up to a UTF-8 character boundary (the
+      // fuzzer found a cut inside a character making dump() throw json::type_error), and
+      // bytes that are not UTF-8 at all (strings from outside JSON) print as U+FFFD.
       const auto& s = value.get_ref<const std::string&>();
-      if (s.size() <= 40) return nlohmann::json(s).dump();
-      return nlohmann::json(s.substr(0, 40)).dump() + "... (" + std::to_string(s.size()) +
-             " characters)";
+      const auto quoted = [](const std::string& text) {
+        return nlohmann::json(text).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+      };
+      if (s.size() <= 40) return quoted(s);
+      std::size_t cut = 40;
+      while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) --cut;
+      return quoted(s.substr(0, cut)) + "... (" + std::to_string(s.size()) + " bytes)";
     }
     case nlohmann::json::value_t::discarded:
       return "nothing";

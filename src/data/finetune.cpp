@@ -4,43 +4,59 @@
 #include <nlohmann/json.hpp>
 
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 #include "pion/data/text_io.h"
 
 namespace pion {
 
-std::vector<FinetuneExample> load_finetune_jsonl(const std::string& path) {
-  const std::string bytes = read_file_bytes(path);
+std::vector<FinetuneExample> parse_finetune_jsonl(std::string_view text,
+                                                  const std::string& source) {
+  const std::string example = R"({"prompt": "12+34=", "response": "46"})";
+  check(text.size() <= kMaxFinetuneFileBytes,
+        "finetuning file '" + source + "' is " + std::to_string(text.size()) +
+            " bytes, more than the " + std::to_string(kMaxFinetuneFileBytes) + " allowed");
   std::vector<FinetuneExample> examples;
   std::size_t pos = 0;
-  for (std::size_t line_number = 1; pos < bytes.size(); ++line_number) {
-    const std::size_t end = std::min(bytes.find('\n', pos), bytes.size());
-    const std::string_view line = std::string_view(bytes).substr(pos, end - pos);
+  for (std::size_t line_number = 1; pos < text.size(); ++line_number) {
+    const std::size_t end = std::min(text.find('\n', pos), text.size());
+    const std::string_view line = text.substr(pos, end - pos);
     pos = end + 1;
     if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
-    const std::string where = "line " + std::to_string(line_number) + " of '" + path + "'";
+    const std::string where = "line " + std::to_string(line_number) + " of '" + source + "'";
+    check(line.size() <= kMaxFinetuneLineBytes,
+          where + " is " + std::to_string(line.size()) + " bytes long, more than the " +
+              std::to_string(kMaxFinetuneLineBytes) + " a finetuning example may be");
     nlohmann::json j;
     try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::parse_error& e) {
-      throw Error(where + " is not valid JSON (" + e.what() +
-                  "); each line must be one object like " +
-                  R"({"prompt": "12+34=", "response": "46"})");
+      // One flat object per line: a few levels of nesting are plenty (other keys are ignored).
+      j = input::parse_json(line, where, kMaxFinetuneLineBytes, kMaxFinetuneDepth);
+    } catch (const Error& e) {
+      throw Error(std::string(e.what()) + "; each line must be one object like " + example);
     }
-    check(j.is_object(),
-          where + " is not a JSON object; expected " + R"({"prompt": ..., "response": ...})");
+    check(j.is_object(), where + " is not a JSON object (it is " + input::describe(j) +
+                             "); expected " + R"({"prompt": ..., "response": ...})");
+    std::string fields[2];
+    int k = 0;
     for (const char* key : {"prompt", "response"}) {
-      check(j.contains(key), where + " has no \"" + key + "\" key");
-      check(j[key].is_string(), where + ": \"" + key + "\" must be a string, got " + j[key].dump());
+      const auto it = j.find(key);
+      check(it != j.end(), where + " has no \"" + key + "\" key");
+      check(it->is_string(),
+            where + ": \"" + key + "\" must be a string, got " + input::describe(*it));
+      fields[k++] = it->get<std::string>();
     }
-    FinetuneExample ex{j["prompt"].get<std::string>(), j["response"].get<std::string>()};
+    FinetuneExample ex{std::move(fields[0]), std::move(fields[1])};
     check(!ex.prompt.empty(),
           where + " has an empty \"prompt\"; the first response token needs a context");
     examples.push_back(std::move(ex));
   }
-  check(!examples.empty(), "finetuning file '" + path +
-                               "' holds no examples; expected JSONL lines like " +
-                               R"({"prompt": "12+34=", "response": "46"})");
+  check(!examples.empty(), "finetuning file '" + source +
+                               "' holds no examples; expected JSONL lines like " + example);
   return examples;
+}
+
+std::vector<FinetuneExample> load_finetune_jsonl(const std::string& path) {
+  return parse_finetune_jsonl(input::read_file(path, kMaxFinetuneFileBytes, "finetuning file"),
+                              path);
 }
 
 void write_finetune_jsonl(const std::string& path, std::span<const FinetuneExample> examples) {

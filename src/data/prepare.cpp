@@ -2,8 +2,10 @@
 
 #include <cmath>
 #include <filesystem>
+#include <limits>
 
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 #include "pion/data/shard.h"
 #include "pion/data/text_io.h"
 #include "pion/data/tokenizer.h"
@@ -11,6 +13,9 @@
 namespace pion {
 
 namespace fs = std::filesystem;
+
+// meta.json is a dozen keys; anything much larger is not one.
+constexpr std::uint64_t kMaxMetaBytes = 1 << 20;
 
 nlohmann::json DatasetSummary::to_json() const {
   return {{"format", "pion-dataset"},
@@ -101,33 +106,45 @@ DatasetSummary load_dataset_summary(const std::string& dir) {
   check(
       is_prepared_dataset(dir),
       "'" + dir + "' is not a prepared dataset (no meta.json); prepare it from a text file first");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(read_file_bytes(meta_path));
-  } catch (const nlohmann::json::exception& e) {
-    throw Error("dataset metadata '" + meta_path + "' is not valid JSON (" + e.what() +
-                "); prepare the dataset again");
-  }
-  check(j.is_object() && j.value("format", "") == "pion-dataset" && j.value("version", 0) == 1,
+  // Limited read and parse, typed reads with ranges (pion/core/input.h): a garbage meta.json
+  // is refused naming the file and the key.
+  const nlohmann::json j = input::read_json_file(meta_path, "dataset metadata", kMaxMetaBytes);
+  const std::string where = "dataset metadata '" + meta_path + "'";
+  const auto format = j.is_object() ? j.find("format") : j.end();
+  const auto version = j.is_object() ? j.find("version") : j.end();
+  check(j.is_object() && format != j.end() && *format == "pion-dataset" && version != j.end() &&
+            *version == 1,
         "'" + meta_path + "' is not pion dataset metadata (version 1); prepare the dataset again");
+  const auto key = [&](const char* k) { return where + " key '" + k + "'"; };
+  const auto str = [&](const char* k) {
+    return input::to_string(input::member(j, k, where), 4096, key(k));
+  };
+  const auto count = [&](const char* k) {
+    return input::to_int(input::member(j, k, where), 0, std::numeric_limits<std::int64_t>::max(),
+                         key(k));
+  };
+  const auto file = [&](const char* k) {
+    const std::string name = str(k);
+    check(!name.empty() && name.find('/') == std::string::npos && name != "." && name != "..",
+          key(k) + " must name a file inside the dataset directory, got " +
+              input::describe(j[k]));
+    return (fs::path(dir) / name).string();
+  };
   DatasetSummary s;
-  try {
-    s.dir = dir;
-    s.train_path = (fs::path(dir) / j.at("train").get<std::string>()).string();
-    s.val_path = (fs::path(dir) / j.at("val").get<std::string>()).string();
-    s.tokenizer_path = (fs::path(dir) / j.at("tokenizer").get<std::string>()).string();
-    s.source = j.at("source").get<std::string>();
-    s.tokenizer_kind = j.at("tokenizer_kind").get<std::string>();
-    s.vocab_size = j.at("vocab_size").get<int>();
-    s.val_fraction = j.at("val_fraction").get<double>();
-    s.train_chars = j.at("train_chars").get<std::int64_t>();
-    s.val_chars = j.at("val_chars").get<std::int64_t>();
-    s.train_tokens = j.at("train_tokens").get<std::int64_t>();
-    s.val_tokens = j.at("val_tokens").get<std::int64_t>();
-  } catch (const nlohmann::json::exception& e) {
-    throw Error("dataset metadata '" + meta_path + "' is missing a key or has a wrong type (" +
-                e.what() + "); prepare the dataset again");
-  }
+  s.dir = dir;
+  s.train_path = file("train");
+  s.val_path = file("val");
+  s.tokenizer_path = file("tokenizer");
+  s.source = str("source");
+  s.tokenizer_kind = str("tokenizer_kind");
+  // Token shards are uint16: at most 65536 distinct ids.
+  s.vocab_size = input::to_int32(input::member(j, "vocab_size", where), 1, 65536, key("vocab_size"));
+  s.val_fraction = input::to_double(input::member(j, "val_fraction", where), 0.0, 1.0,
+                                    key("val_fraction"), true, true);
+  s.train_chars = count("train_chars");
+  s.val_chars = count("val_chars");
+  s.train_tokens = count("train_tokens");
+  s.val_tokens = count("val_tokens");
   for (const auto& p : {s.train_path, s.val_path, s.tokenizer_path})
     check(fs::is_regular_file(p),
           "dataset '" + dir + "' is incomplete: '" + p + "' is missing; prepare it again");

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "pion/core/error.h"
+#include "pion/core/input.h"
 #include "pion/data/text_io.h"
 
 namespace pion {
@@ -46,47 +47,59 @@ std::unique_ptr<Tokenizer> train_tokenizer(const std::string& kind, std::string_
 
 std::unique_ptr<Tokenizer> tokenizer_from_json(std::string_view json_text,
                                                const std::string& source) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(json_text);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw Error(source + " is not valid JSON (" + e.what() +
-                "); expected a tokenizer file written by pion");
-  }
-  check(j.is_object() && j.value("format", "") == "pion-tokenizer",
+  // Limited parse and typed reads (pion/core/input.h): every refusal names the file and key.
+  const nlohmann::json j = input::parse_json(json_text, source);
+  check(j.is_object(), source + " is not a pion tokenizer file (it holds " + input::describe(j) +
+                           ", not an object)");
+  const auto format = j.find("format");
+  check(format != j.end() && format->is_string() && *format == "pion-tokenizer",
         source + " is not a pion tokenizer file (no \"format\": \"pion-tokenizer\")");
-  check(j.value("version", 0) == 1, source + " has an unsupported tokenizer file version " +
-                                        j.value("version", nlohmann::json(nullptr)).dump() +
-                                        " (this pion reads version 1)");
-  const std::string kind = j.value("kind", "");
-  if (kind == "byte") return make_byte_tokenizer();
-  if (kind == "char") {
-    check(j.contains("vocab") && j["vocab"].is_array(),
-          source + ": a char tokenizer needs a \"vocab\" array");
-    std::vector<char32_t> vocab;
-    for (std::size_t i = 0; i < j["vocab"].size(); ++i) {
-      const auto& entry = j["vocab"][i];
-      const std::string s = entry.is_string() ? entry.get<std::string>() : std::string();
-      const auto points = utf8_code_points(s);
-      check(points.size() == 1, source + ": char vocab entry " + std::to_string(i) +
-                                    " must be a string of exactly one character, got " +
-                                    entry.dump());
-      vocab.push_back(points[0]);
+  const auto version = j.find("version");
+  check(version != j.end() && version->is_number_integer() && *version == 1,
+        source + " has an unsupported tokenizer file version " +
+            (version == j.end() ? std::string("(none)") : input::describe(*version)) +
+            " (this pion reads version 1)");
+  const std::string kind = input::to_string(input::member(j, "kind", source), 16,
+                                            source + " key 'kind'");
+  try {
+    if (kind == "byte") return make_byte_tokenizer();
+    if (kind == "char") {
+      const auto& jvocab = input::member(j, "vocab", source);
+      check(jvocab.is_array() && !jvocab.empty() && jvocab.size() <= 65536,
+            source + " key 'vocab' must be an array of 1 to 65536 one-character strings, got " +
+                input::describe(jvocab));
+      std::vector<char32_t> vocab;
+      vocab.reserve(jvocab.size());
+      for (std::size_t i = 0; i < jvocab.size(); ++i) {
+        const std::string where = source + " key 'vocab', entry " + std::to_string(i);
+        const std::string s = input::to_string(jvocab[i], 4, where);
+        validate_utf8(s, where);
+        const auto points = utf8_code_points(s);
+        check(points.size() == 1, where + " must be a string of exactly one character, got " +
+                                      input::describe(jvocab[i]));
+        vocab.push_back(points[0]);
+      }
+      return make_char_tokenizer(std::move(vocab));
     }
-    return make_char_tokenizer(std::move(vocab));
+    if (kind == "bpe") {
+      const std::string key = "sentencepiece_model_base64";
+      const std::string model = base64_decode(
+          input::to_string(input::member(j, key, source), input::kMaxJsonBytes,
+                           source + " key '" + key + "'"),
+          source + " key '" + key + "'");
+      return make_bpe_tokenizer(model, source);
+    }
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    if (what.find(source) != std::string::npos) throw;
+    throw Error(source + ": " + what);
   }
-  if (kind == "bpe") {
-    check(j.contains("sentencepiece_model_base64") && j["sentencepiece_model_base64"].is_string(),
-          source + ": a bpe tokenizer needs a \"sentencepiece_model_base64\" string");
-    const std::string model =
-        base64_decode(j["sentencepiece_model_base64"].get<std::string>(), source);
-    return make_bpe_tokenizer(model, source);
-  }
-  throw Error(source + ": unknown tokenizer kind '" + kind + "'; expected one of " + join_kinds());
+  throw Error(source + ": unknown tokenizer kind '" + kind + "'" +
+              "; expected one of " + join_kinds());
 }
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path) {
-  const std::string bytes = read_file_bytes(path);
+  const std::string bytes = input::read_file(path, input::kMaxJsonBytes, "tokenizer file");
   check(!bytes.empty(), "tokenizer file '" + path + "' is empty");
   if (ends_with(path, ".model"))
     return make_bpe_tokenizer(bytes, "SentencePiece model '" + path + "'");

@@ -15,6 +15,7 @@
 // and the prompt's end, e.g. "...=", matter most); if the completion alone is longer than T,
 // one prompt token is kept and the completion is cut to its first T tokens (the end marker
 // is lost: count_truncated() reports how many examples are cut at all).
+#include <cstddef>
 #include <cstdint>
 #include <span>
 #include <string>
@@ -35,10 +36,19 @@ struct FinetuneExample {
   bool operator==(const FinetuneExample&) const = default;
 };
 
+// Limits of a finetuning JSONL file: its size, one line's length, one line's JSON nesting.
+inline constexpr std::size_t kMaxFinetuneFileBytes = std::size_t{1} << 30;
+inline constexpr std::size_t kMaxFinetuneLineBytes = std::size_t{1} << 20;
+inline constexpr int kMaxFinetuneDepth = 8;
+
 // One object per line; blank lines are skipped; other keys are ignored. Errors name the file
-// and line: bad JSON, not an object, a missing or non-string "prompt" / "response", an empty
-// prompt, or a file with no examples.
+// and line: bad JSON (or JSON nested deeper than kMaxFinetuneDepth, a key twice in one
+// object), a line longer than kMaxFinetuneLineBytes, not an object, a missing or non-string
+// "prompt" / "response", an empty prompt, or a file with no examples. The file must be a
+// regular file of at most kMaxFinetuneFileBytes (pion::input::read_file).
 std::vector<FinetuneExample> load_finetune_jsonl(const std::string& path);
+// The same over text in memory; `source` names it in errors (the path, for files).
+std::vector<FinetuneExample> parse_finetune_jsonl(std::string_view text, const std::string& source);
 // Writes one {"prompt", "response"} object per line, atomically.
 void write_finetune_jsonl(const std::string& path, std::span<const FinetuneExample> examples);
 // prompt + response + end_marker of every example, concatenated: text to train a tokenizer on.

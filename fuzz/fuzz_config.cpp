@@ -1,0 +1,36 @@
+// libFuzzer target: a training config as the CLI reads it (pion::input::parse_json, then
+// apply_config_json and TrainConfig::validate), and the same JSON as a checkpoint's model
+// config (ModelConfig::from_json). pion::Error is the expected answer to bad input;
+// anything else (another exception, a sanitizer report, a leak, a hang) is a bug.
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+#include "pion/core/error.h"
+#include "pion/core/input.h"
+#include "pion/model/config.h"
+#include "pion/train/config.h"
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  const std::string_view text(reinterpret_cast<const char*>(data), size);
+  nlohmann::json json;
+  try {
+    json = pion::input::parse_json(text, "config file 'fuzz.json'");
+  } catch (const pion::Error&) {
+    return 0;
+  }
+  try {
+    pion::TrainConfig config;
+    pion::apply_config_json(config, json);
+    config.validate();
+    (void)config.to_json();
+  } catch (const pion::Error&) {
+  }
+  try {
+    const pion::ModelConfig model = pion::ModelConfig::from_json(json);
+    (void)model.num_params();
+    (void)model.to_json();
+  } catch (const pion::Error&) {
+  }
+  return 0;
+}
