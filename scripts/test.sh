@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$jobs}
-# Four builds of the same sources (Release, emulator, ASan, fuzz): ccache (Debian) shares what
-# they have in common and what an earlier run on this machine compiled. Paths are rewritten
-# relative to the checkout, so another clone of the repository hits the same cache.
+# Four builds (Release, emulator, ASan, fuzz) take most of the time: ccache (Debian) reuses
+# what an earlier run on this machine compiled. Paths are rewritten relative to the checkout,
+# so another clone of the repository hits the same cache. PION_NO_CCACHE=1 turns it off.
 if command -v ccache > /dev/null && [ -z "${PION_NO_CCACHE:-}" ]; then
   export CMAKE_C_COMPILER_LAUNCHER=ccache CMAKE_CXX_COMPILER_LAUNCHER=ccache
   export CMAKE_CUDA_COMPILER_LAUNCHER=ccache CCACHE_BASEDIR=$(pwd) CCACHE_NOHASHDIR=1
