@@ -17,6 +17,8 @@
 #include "pion/core/linalg.h"
 #include "pion/core/random.h"
 #include "pion/core/safetensors.h"
+#include "pion/optim/factory.h"
+#include "pion/optim/options_json.h"
 #include "pion/optim/pion.h"
 
 using namespace pion;
@@ -615,4 +617,45 @@ TEST(Pion, RejectsWhatItCannotUpdate) {
   EXPECT_THROW(opt.set_group_options(0, j), Error);
   j.erase("c");
   EXPECT_THROW(opt.set_group_options(0, j), Error);
+}
+
+// The one declaration of Pion's options (PionOptions::fields) drives the checkpoint JSON, the
+// optim-trace config keys, the state shapes and the checks; these agree with each other.
+TEST(Pion, OptionsDeclarationDrivesJsonKeysStateAndChecks) {
+  std::vector<std::string> keys = {"lr"};
+  for (const std::string& k : option_names<Pion::Options>()) keys.push_back(k);
+  EXPECT_EQ(keys, optimizer_config_keys("pion"));
+
+  Pion::Options o;
+  o.c = 0.3;
+  o.retraction = PionRetraction::Exp;
+  o.reanchor_every = 7;
+  const nlohmann::json j = options_to_json(o);
+  EXPECT_EQ(j.size(), keys.size() - 1);
+  EXPECT_EQ(j.at("retraction"), "exp");
+  const Pion::Options back = options_from_group_json<Pion::Options>(j, "pion");
+  EXPECT_EQ(back.c, 0.3);
+  EXPECT_EQ(back.retraction, PionRetraction::Exp);
+  EXPECT_EQ(back.reanchor_every, 7);
+
+  o.beta2 = 1.0;
+  try {
+    validate_options(o, "pion");
+    ADD_FAILURE() << "beta2 = 1 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("beta2 must be a finite number in [0, 1)"),
+              std::string::npos)
+        << e.what();
+  }
+  nlohmann::json bad = j;
+  bad["reanchor_every"] = 2.5;
+  EXPECT_THROW(options_from_group_json<Pion::Options>(bad, "pion"), Error);
+
+  Pion opt;
+  const std::vector<StateSlot> slots = opt.state_slots({6, 4});
+  ASSERT_EQ(slots.size(), 5u);
+  EXPECT_EQ(opt.state_shape("m_in", {6, 4}), (Shape{4, 4}));
+  EXPECT_EQ(opt.state_shape("v_out", {6, 4}), (Shape{6, 6}));
+  EXPECT_EQ(opt.state_shape("sigma0", {6, 4}), (Shape{4}));
+  EXPECT_THROW(opt.state_shape("exp_avg", {6, 4}), Error);
 }

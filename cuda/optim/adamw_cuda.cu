@@ -65,9 +65,7 @@ class CudaAdamW final : public detail::CudaOptimizerBase {
  public:
   CudaAdamW(Context& ctx, std::vector<DeviceParam> params, const CudaAdamWOptions& o)
       : CudaOptimizerBase(ctx), options_(o), factors_(1) {
-    check(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1,
-          "adamw (cuda): betas must lie in [0, 1)");
-    check(o.eps >= 0 && o.weight_decay >= 0, "adamw (cuda): eps and weight_decay must be >= 0");
+    validate_options(o, "adamw (cuda)");
     detail::validate_params(params, "adamw (cuda)");
     const auto by_count = detail::group_params<std::int64_t>(
         params, [](const DeviceParam& p) { return p.rows * p.cols; });

@@ -115,11 +115,7 @@ class CudaMuon final : public detail::CudaOptimizerBase {
  public:
   CudaMuon(Context& ctx, std::vector<DeviceParam> params, const CudaMuonOptions& o)
       : CudaOptimizerBase(ctx), options_(o) {
-    check(o.momentum >= 0 && o.momentum < 1, "muon (cuda): momentum must lie in [0, 1)");
-    check(o.ns_steps >= 1 && o.ns_steps <= 100,
-          "muon (cuda): ns_steps must lie in [1, 100] (5 is usual)");
-    check(o.weight_decay >= 0, "muon (cuda): weight_decay must be >= 0");
-    check(o.eps > 0, "muon (cuda): eps must be > 0 (it keeps a zero update finite)");
+    validate_options<MuonOptions>(o, "muon (cuda)");
     bf16_ = detail::parse_precision(o.precision, "bf16", "muon (cuda)");
     detail::validate_params(params, "muon (cuda)");
     for (const auto& [shape, indices] : detail::group_by_shape(params)) {

@@ -159,12 +159,12 @@ class CudaPion final : public detail::CudaOptimizerBase {
  public:
   CudaPion(Context& ctx, std::vector<DeviceParam> params, const CudaPionOptions& o)
       : CudaOptimizerBase(ctx), options_(o) {
-    check(std::isfinite(o.c) && o.c > 0,
-          "pion (cuda): c (the target update RMS) must be finite and > 0");
-    check(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1,
-          "pion (cuda): beta1 and beta2 must lie in [0, 1)");
-    check(std::isfinite(o.eps) && o.eps > 0,
-          "pion (cuda): eps must be finite and > 0 (it guards 0/0 when a gradient is zero)");
+    validate_options<PionOptions>(o, "pion (cuda)");
+    check(o.retraction == PionRetraction::Taylor2,
+          std::string("--device cuda runs Pion's taylor2 retraction only ('") +
+              retraction_name(o.retraction) + "' is CPU-only for now): use taylor2 or the CPU");
+    check(o.reanchor_every == 0,
+          "--device cuda does not re-anchor Pion yet: set reanchor_every 0 or use the CPU");
     gemm_ = detail::parse_precision(o.precision, "mixed", "pion (cuda)") ? GemmKind::Tf32
                                                                          : GemmKind::Fp32;
     detail::validate_params(params, "pion (cuda)");

@@ -131,7 +131,7 @@ class DeviceRun {
         for (const auto& p : d.params) {
           StateMap state;
           for (auto& [key, values] : d.device->download_state(p.name)) {
-            Tensor t = Tensor::empty(cpu_state_shape(d.kind, key, p.value.shape()));
+            Tensor t = Tensor::empty(cpu.state_shape(key, p.value.shape()));
             check(static_cast<std::size_t>(t.numel()) == values.size(),
                   "--device cuda: state '" + key + "' of '" + p.name + "' has " +
                       std::to_string(values.size()) + " values, expected " +

@@ -3,50 +3,28 @@
 #include <cmath>
 
 #include "pion/core/error.h"
-#include "pion/core/input.h"
+#include "pion/optim/options_json.h"
 #include "pion/optim/state_util.h"
 
 namespace pion {
 
-namespace {
-
-void validate(const AdamW::Options& o) {
-  check(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1,
-        "adamw: betas must lie in [0, 1)");
-  // eps > 0 (torch allows 0): with eps 0 a zero second moment divides zero by zero.
-  check(std::isfinite(o.eps) && o.eps > 0, "adamw: eps must be finite and > 0");
-  check(std::isfinite(o.weight_decay) && o.weight_decay >= 0,
-        "adamw: weight_decay must be finite and >= 0");
-}
-
-}  // namespace
-
 std::size_t AdamW::add_param_group(std::vector<Param> params, double lr, const Options& options) {
-  validate(options);
+  validate_options(options, "adamw");
   std::size_t g = add_group(std::move(params), lr);
   options_.push_back(options);
   return g;
 }
 
 nlohmann::json AdamW::group_options(std::size_t g) const {
-  const Options& o = options_.at(g);
-  return {{"beta1", o.beta1}, {"beta2", o.beta2}, {"eps", o.eps}, {"weight_decay", o.weight_decay}};
+  return options_to_json(options_.at(g));
 }
 
 void AdamW::set_group_options(std::size_t g, const nlohmann::json& j) {
-  Options o;
-  const std::string where = "adamw group options";
-  o.beta1 = input::to_double(input::member(j, "beta1", where), 0.0, 1.0, where + " beta1", false, true);
-  o.beta2 = input::to_double(input::member(j, "beta2", where), 0.0, 1.0, where + " beta2", false, true);
-  o.eps = input::to_double(input::member(j, "eps", where), 0.0, 1.0, where + " eps", true);
-  o.weight_decay = input::to_double(input::member(j, "weight_decay", where), 0.0, 1e6, where + " weight_decay");
-  validate(o);
-  options_.at(g) = o;
+  options_.at(g) = options_from_group_json<Options>(j, "adamw");
 }
 
-void AdamW::check_state(const Param& p, const StateMap& state) const {
-  require_state(p, state, "exp_avg", p.value.shape());
-  require_state(p, state, "exp_avg_sq", p.value.shape(), StateSign::NonNegative);
+std::vector<StateSlot> AdamW::state_slots(const Shape& param) const {
+  return {{"exp_avg", param, false}, {"exp_avg_sq", param, true}};
 }
 
 void AdamW::update_group(std::size_t g) {

@@ -5,8 +5,8 @@
 #include <cstring>
 
 #include "pion/core/error.h"
-#include "pion/core/input.h"
 #include "pion/core/linalg.h"
+#include "pion/optim/options_json.h"
 #include "pion/optim/state_util.h"
 
 namespace pion {
@@ -77,14 +77,6 @@ void newton_schulz_inplace(NsBuffers buf, std::int64_t rows, std::int64_t cols, 
   if (steps % 2 == 1) std::memcpy(buf.x_next, buf.x, static_cast<std::size_t>(n) * sizeof(float));
 }
 
-void check_options(const Muon::Options& o) {
-  check(o.momentum >= 0 && o.momentum < 1, "muon: momentum must lie in [0, 1)");
-  check(o.ns_steps >= 1 && o.ns_steps <= 100, "muon: ns_steps must lie in [1, 100] (5 is usual)");
-  check(std::isfinite(o.weight_decay) && o.weight_decay >= 0,
-        "muon: weight_decay must be finite and >= 0");
-  check(std::isfinite(o.eps) && o.eps > 0, "muon: eps must be finite and > 0 (it keeps a zero update finite)");
-}
-
 }  // namespace
 
 Tensor newton_schulz5(const Tensor& g, int steps, double eps) {
@@ -101,7 +93,7 @@ Tensor newton_schulz5(const Tensor& g, int steps, double eps) {
 }
 
 std::size_t Muon::add_param_group(std::vector<Param> params, double lr, const Options& options) {
-  check_options(options);
+  validate_options(options, "muon");
   for (const auto& p : params)
     check(p.value.ndim() == 2, "muon: parameter '" + p.name + "' has shape " +
                                    shape_string(p.value.shape()) +
@@ -112,31 +104,15 @@ std::size_t Muon::add_param_group(std::vector<Param> params, double lr, const Op
 }
 
 nlohmann::json Muon::group_options(std::size_t g) const {
-  const Options& o = options_.at(g);
-  return {{"momentum", o.momentum},
-          {"nesterov", o.nesterov},
-          {"ns_steps", o.ns_steps},
-          {"weight_decay", o.weight_decay},
-          {"eps", o.eps}};
+  return options_to_json(options_.at(g));
 }
 
 void Muon::set_group_options(std::size_t g, const nlohmann::json& j) {
-  Options o;
-  try {
-    o.momentum = j.at("momentum").get<double>();
-    o.nesterov = j.at("nesterov").get<bool>();
-    o.ns_steps = input::to_int32(j.at("ns_steps"), 1, 100, "muon group option ns_steps");
-    o.weight_decay = j.at("weight_decay").get<double>();
-    o.eps = j.at("eps").get<double>();
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(std::string("muon: bad group options in saved state: ") + e.what());
-  }
-  check_options(o);
-  options_.at(g) = o;
+  options_.at(g) = options_from_group_json<Options>(j, "muon");
 }
 
-void Muon::check_state(const Param& p, const StateMap& state) const {
-  require_state(p, state, "momentum_buffer", p.value.shape());
+std::vector<StateSlot> Muon::state_slots(const Shape& param) const {
+  return {{"momentum_buffer", param, false}};
 }
 
 void Muon::update_group(std::size_t g) {

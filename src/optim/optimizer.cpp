@@ -6,6 +6,7 @@
 
 #include "pion/core/error.h"
 #include "pion/core/input.h"
+#include "pion/optim/state_util.h"
 
 namespace pion {
 
@@ -67,6 +68,17 @@ void Optimizer::set_lr_factor(double factor) {
 const StateMap* Optimizer::state(const std::string& param_name) const {
   auto it = state_.find(param_name);
   return it == state_.end() ? nullptr : &it->second;
+}
+
+Shape Optimizer::state_shape(const std::string& key, const Shape& param) const {
+  for (const StateSlot& s : state_slots(param))
+    if (s.key == key) return s.shape;
+  throw Error(kind() + ": no optimizer state named '" + key + "'");
+}
+
+void Optimizer::check_state(const Param& p, const StateMap& state) const {
+  for (const StateSlot& s : state_slots(p.value.shape()))
+    require_state(p, state, s.key, s.shape, s.non_negative ? StateSign::NonNegative : StateSign::Any);
 }
 
 void Optimizer::set_state(const std::string& param_name, StateMap state) {

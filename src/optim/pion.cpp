@@ -5,42 +5,20 @@
 
 #include "optim/pion_math.h"
 #include "pion/core/error.h"
-#include "pion/core/input.h"
 #include "pion/core/linalg.h"
+#include "pion/optim/options_json.h"
 #include "pion/optim/state_util.h"
 
 namespace pion {
 
-const char* retraction_name(PionRetraction r) {
-  switch (r) {
-    case PionRetraction::Taylor2:
-      return "taylor2";
-    case PionRetraction::Cayley:
-      return "cayley";
-    case PionRetraction::Exp:
-      return "exp";
-  }
-  return "?";
-}
-
 PionRetraction parse_retraction(const std::string& name) {
-  if (name == "taylor2") return PionRetraction::Taylor2;
-  if (name == "cayley") return PionRetraction::Cayley;
-  if (name == "exp") return PionRetraction::Exp;
+  for (int i = 0; i < kPionRetractions.count; ++i)
+    if (name == kPionRetractions.names[i]) return static_cast<PionRetraction>(i);
   throw Error("pion: unknown retraction '" + name +
               "'; choose taylor2 (the paper's E2), cayley or exp (both exactly orthogonal)");
 }
 
 namespace {
-
-void validate(const Pion::Options& o) {
-  check(std::isfinite(o.c) && o.c > 0, "pion: c (the target update RMS) must be finite and > 0");
-  check(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1,
-        "pion: beta1 and beta2 must lie in [0, 1)");
-  check(std::isfinite(o.eps) && o.eps > 0,
-        "pion: eps must be finite and > 0 (it guards 0/0 when a gradient is zero)");
-  check(o.reanchor_every >= 0, "pion: reanchor_every must be >= 0 (0 turns re-anchoring off)");
-}
 
 // W <- U diag(sigma0) V^T: the nearest matrix (in Frobenius norm) with the initial spectrum
 // and W's singular vectors.
@@ -58,7 +36,7 @@ void reanchor(Tensor& w, const Tensor& sigma0) {
 }  // namespace
 
 std::size_t Pion::add_param_group(std::vector<Param> params, double lr, const Options& options) {
-  validate(options);
+  validate_options(options, "pion");
   for (const Param& p : params) {
     if (!p.value.defined()) continue;  // add_group reports it
     check(p.value.ndim() == 2,
@@ -74,41 +52,21 @@ std::size_t Pion::add_param_group(std::vector<Param> params, double lr, const Op
 }
 
 nlohmann::json Pion::group_options(std::size_t g) const {
-  const Options& o = options_.at(g);
-  return {{"c", o.c},
-          {"beta1", o.beta1},
-          {"beta2", o.beta2},
-          {"eps", o.eps},
-          {"retraction", retraction_name(o.retraction)},
-          {"reanchor_every", o.reanchor_every}};
+  return options_to_json(options_.at(g));
 }
 
 void Pion::set_group_options(std::size_t g, const nlohmann::json& j) {
-  Options o;
-  try {
-    o.c = j.at("c").get<double>();
-    o.beta1 = j.at("beta1").get<double>();
-    o.beta2 = j.at("beta2").get<double>();
-    o.eps = j.at("eps").get<double>();
-    o.retraction = parse_retraction(j.at("retraction").get<std::string>());
-    o.reanchor_every = input::to_int(j.at("reanchor_every"), 0, std::int64_t{1} << 40,
-                                     "pion group option reanchor_every");
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(std::string("pion: group options need c, beta1, beta2, eps, retraction and "
-                            "reanchor_every (") +
-                e.what() + ")");
-  }
-  validate(o);
-  options_.at(g) = o;
+  options_.at(g) = options_from_group_json<Options>(j, "pion");
 }
 
-void Pion::check_state(const Param& p, const StateMap& state) const {
-  const std::int64_t m = p.value.rows(), n = p.value.cols();
-  require_state(p, state, "m_in", {n, n});
-  require_state(p, state, "v_in", {n, n}, StateSign::NonNegative);
-  require_state(p, state, "m_out", {m, m});
-  require_state(p, state, "v_out", {m, m}, StateSign::NonNegative);
-  require_state(p, state, "sigma0", {std::min(m, n)}, StateSign::NonNegative);
+std::vector<StateSlot> Pion::state_slots(const Shape& param) const {
+  check(param.size() == 2, "pion: state of a " + shape_string(param) + " parameter: 2-D only");
+  const std::int64_t m = param[0], n = param[1];
+  return {{"m_in", {n, n}, false},
+          {"v_in", {n, n}, true},
+          {"m_out", {m, m}, false},
+          {"v_out", {m, m}, true},
+          {"sigma0", {std::min(m, n)}, true}};
 }
 
 Pion::Scratch& Pion::scratch_for(std::int64_t d_out, std::int64_t d_in) {

@@ -1,5 +1,5 @@
 #pragma once
-// The Pion update (docs: /work/shared/docs/PION.md) as small pure functions on raw row-major
+// The Pion update (docs/PION.md) as small pure functions on raw row-major
 // buffers. The CPU optimizer (src/optim/pion.cpp) is a thin loop over these, and a device
 // path should follow the same definitions, so there is one statement of the algorithm:
 //

@@ -11,17 +11,42 @@ namespace pion {
 
 namespace {
 
+// TrainConfig keys -> Options fields: the one place run-config keys meet the optimizers'
+// hyperparameters (fields, defaults and ranges: pion/optim/options.h). A field not set here
+// keeps its default.
+AdamW::Options adamw_options(const TrainConfig& c) {
+  AdamW::Options o;
+  o.beta1 = c.beta1;
+  o.beta2 = c.beta2;
+  o.eps = 1e-8;
+  o.weight_decay = c.weight_decay;  // 2-D parameters only (see make_adamw)
+  return o;
+}
+
+Muon::Options muon_options(const TrainConfig& c) {
+  Muon::Options o;
+  o.momentum = c.muon_momentum;
+  o.weight_decay = c.weight_decay;
+  return o;
+}
+
+Pion::Options pion_options(const TrainConfig& c) {
+  Pion::Options o;
+  o.c = c.pion_c;
+  o.beta1 = c.beta1;
+  o.beta2 = c.beta2;
+  o.retraction = parse_retraction(c.pion_retraction);
+  o.reanchor_every = c.pion_reanchor_every;
+  return o;
+}
+
 // AdamW over `params`: 2-D tensors (embeddings, LM head, or all matrices under adamw) decay,
 // 1-D tensors (RMSNorm weights) do not, as nanoGPT does.
 std::unique_ptr<Optimizer> make_adamw(const TrainConfig& c, const std::vector<Param>& params) {
   std::vector<Param> decay, no_decay;
   for (const auto& p : params) (p.value.ndim() >= 2 ? decay : no_decay).push_back(p);
   auto adamw = std::make_unique<AdamW>();
-  AdamW::Options o;
-  o.beta1 = c.beta1;
-  o.beta2 = c.beta2;
-  o.eps = 1e-8;
-  o.weight_decay = c.weight_decay;
+  AdamW::Options o = adamw_options(c);
   adamw->add_param_group(std::move(decay), c.lr, o);
   o.weight_decay = 0.0;
   adamw->add_param_group(std::move(no_decay), c.lr, o);
@@ -45,20 +70,11 @@ OptimizerSet build_optimizers(const TrainConfig& c, const std::vector<Param>& al
   RoutedParams routed = route_params(params);
   if (c.optimizer == "muon") {
     auto muon = std::make_unique<Muon>();
-    Muon::Options o;
-    o.momentum = c.muon_momentum;
-    o.weight_decay = c.weight_decay;
-    muon->add_param_group(std::move(routed.matrix), c.matrix_lr, o);
+    muon->add_param_group(std::move(routed.matrix), c.matrix_lr, muon_options(c));
     set.add(std::move(muon));
   } else {
     auto pion = std::make_unique<Pion>();
-    Pion::Options o;
-    o.c = c.pion_c;
-    o.beta1 = c.beta1;
-    o.beta2 = c.beta2;
-    o.retraction = parse_retraction(c.pion_retraction);
-    o.reanchor_every = c.pion_reanchor_every;
-    pion->add_param_group(std::move(routed.matrix), c.matrix_lr, o);
+    pion->add_param_group(std::move(routed.matrix), c.matrix_lr, pion_options(c));
     set.add(std::move(pion));
   }
   set.add(make_adamw(c, routed.other));

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""fp64 NumPy reference of the Pion update, written directly from the spec (docs PION.md).
+"""fp64 NumPy reference of the Pion update, written directly from the spec (docs/PION.md).
 
 Deliberately plain: generators as the two products each, the factors E2 / Cayley / exp built
 as matrices and multiplied, exp through an eigendecomposition (not scaling and squaring).

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "pion/cuda/runtime.h"
+#include "pion/optim/options.h"
 
 namespace pion::cuda {
 
@@ -78,11 +79,10 @@ class CudaOptimizer {
   virtual void upload_state(const std::string& param_name, const HostState& state) = 0;
 };
 
-struct CudaPionOptions {
-  double c = 0.2;
-  double beta1 = 0.9;
-  double beta2 = 0.999;
-  double eps = 1e-8;
+// The CPU optimizers' options (pion/optim/options.h: the same fields, defaults and checks)
+// plus what only the GPU has. Pion: only the paper's E2 (retraction taylor2) runs on the GPU
+// so far, without re-anchoring (reanchor_every 0); make_cuda_pion refuses other values.
+struct CudaPionOptions : PionOptions {
   // "fp32": every GEMM in fp32 (the CPU's arithmetic up to summation order).
   // "mixed": the seven GEMMs on TF32 tensor cores (fp32 in and out, 10-bit mantissa
   // inputs), while W and every addition into it stay fp32. Each GEMM result reaches W
@@ -91,23 +91,11 @@ struct CudaPionOptions {
   // relative per step: the update is slightly less exact, the weights are not rounded.
   // The spectrum drift this adds is measured in tests/test_cuda_optim.cpp.
   std::string precision = "fp32";
-  // Only the paper's E2 (taylor2) retraction runs on the GPU so far; the CPU's cayley and
-  // exp retractions and re-anchoring (Pion::Options) are not implemented here.
 };
 
-struct CudaAdamWOptions {
-  double beta1 = 0.9;
-  double beta2 = 0.999;
-  double eps = 1e-8;
-  double weight_decay = 0.01;
-};
+using CudaAdamWOptions = AdamWOptions;
 
-struct CudaMuonOptions {
-  double momentum = 0.95;
-  bool nesterov = true;
-  int ns_steps = 5;
-  double weight_decay = 0.0;
-  double eps = 1e-7;
+struct CudaMuonOptions : MuonOptions {
   // "bf16": Newton-Schulz on bf16 matrices with fp32 accumulation, as the reference
   // implementation runs it on GPUs (X is normalised in fp32 and then rounded to bf16; the
   // bf16 result is added to the fp32 weights). "fp32": the CPU class's arithmetic.

@@ -25,8 +25,4 @@ std::unique_ptr<CudaOptimizer> make_cuda_optimizer_like(Context& ctx, const Opti
                                                         std::vector<DeviceParam> params,
                                                         const CudaPrecisions& precision);
 
-// The shape a CPU optimizer's state tensor `key` has for a parameter of shape `param` (Pion's
-// moments are d_in x d_in and d_out x d_out; everything else has the parameter's shape).
-Shape cpu_state_shape(const std::string& kind, const std::string& key, const Shape& param);
-
 }  // namespace pion::cuda

@@ -3,10 +3,9 @@
 // one group: what `pion optim-trace` and run configs use, so that a typo in a key or a value
 // out of range is caught before any step is taken instead of silently using a default.
 //
-// Keys per kind (every key optional; a missing key takes the optimizer's default, lr included):
-//   adamw: lr, beta1, beta2, eps, weight_decay
-//   muon:  lr, momentum, nesterov, ns_steps, weight_decay, eps
-//   pion:  lr, c, beta1, beta2, eps, retraction, reanchor_every
+// Keys per kind: "lr" and the fields of the kind's Options, with their ranges, as declared in
+// pion/optim/options.h (AdamWOptions, MuonOptions, PionOptions); optimizer_config_keys lists
+// them. Every key is optional: a missing key takes the optimizer's default, lr included.
 // An unknown key, a value of the wrong JSON type or an invalid value throws pion::Error naming
 // the key and listing the valid keys; an unknown kind throws listing adamw|muon|pion.
 #include <memory>

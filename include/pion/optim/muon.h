@@ -11,18 +11,13 @@
 #include <vector>
 
 #include "pion/optim/optimizer.h"
+#include "pion/optim/options.h"
 
 namespace pion {
 
 class Muon : public Optimizer {
  public:
-  struct Options {
-    double momentum = 0.95;
-    bool nesterov = true;
-    int ns_steps = 5;
-    double weight_decay = 0.0;
-    double eps = 1e-7;  // added to ||U||_F before the Newton-Schulz iteration
-  };
+  using Options = MuonOptions;  // its fields: pion/optim/options.h
 
   std::string kind() const override { return "muon"; }
   // Every parameter must be 2-D (throws pion::Error naming the first that is not).
@@ -31,10 +26,10 @@ class Muon : public Optimizer {
 
   nlohmann::json group_options(std::size_t g) const override;
   void set_group_options(std::size_t g, const nlohmann::json& options) override;
+  std::vector<StateSlot> state_slots(const Shape& param) const override;
 
  protected:
   void update_group(std::size_t g) override;
-  void check_state(const Param& p, const StateMap& state) const override;
 
  private:
   std::vector<Options> options_;

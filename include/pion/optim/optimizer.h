@@ -31,6 +31,14 @@ struct ParamGroup {
 // Named state tensors of one parameter, e.g. {"exp_avg": ..., "exp_avg_sq": ...}.
 using StateMap = std::map<std::string, Tensor>;
 
+// One state tensor an optimizer keeps per parameter: its key, its fp32 shape, and whether its
+// values must be >= 0 (second moments, singular values).
+struct StateSlot {
+  std::string key;
+  Shape shape;
+  bool non_negative = false;
+};
+
 class Optimizer {
  public:
   virtual ~Optimizer() = default;
@@ -65,6 +73,12 @@ class Optimizer {
   // changes; an unknown parameter name throws pion::Error.
   void set_state(const std::string& param_name, StateMap state);
   void set_counters(std::int64_t steps, std::int64_t skipped_steps);
+  // The state tensors this optimizer keeps for a parameter of shape `param`: the one place
+  // each optimizer states their shapes (check_state and the GPU trainer use it).
+  virtual std::vector<StateSlot> state_slots(const Shape& param) const = 0;
+  // The shape of state tensor `key` for a parameter of shape `param` (throws pion::Error for
+  // a key this optimizer does not keep).
+  Shape state_shape(const std::string& key, const Shape& param) const;
   // Bytes of optimizer state (all StateMaps).
   std::size_t state_bytes() const;
 
@@ -82,9 +96,10 @@ class Optimizer {
  protected:
   // One update of group g. steps() has already been incremented (it is 1 on the first step).
   virtual void update_group(std::size_t g) = 0;
-  // Called by load_state for every parameter that has state, before anything is replaced:
-  // throw pion::Error when a tensor is missing or has the wrong shape.
-  virtual void check_state(const Param& p, const StateMap& state) const = 0;
+  // Called by load_state and set_state for every parameter that has state, before anything
+  // is replaced: throws pion::Error when a tensor of state_slots is missing, has the wrong
+  // shape or holds a non-finite (or, where non_negative, a negative) value.
+  void check_state(const Param& p, const StateMap& state) const;
   // The state of p, created empty on first use.
   StateMap& state_for(const Param& p) { return state_[p.name]; }
   // Checks a new group's params (defined, fp32, value/grad shapes equal, unique names) and adds it.

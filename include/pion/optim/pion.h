@@ -2,7 +2,7 @@
 // Pion (Shi et al., "Pion: A Spectrum-Preserving Optimizer via Orthogonal Equivalence
 // Transformation", arXiv:2605.12492): every weight matrix is multiplied on both sides by
 // orthogonal matrices, W <- R W P, so it keeps the singular values it started with and
-// training only turns its singular vectors. The update (see docs PION.md and
+// training only turns its singular vectors. The update (see docs/PION.md and
 // src/optim/pion_math.h for the formulas):
 //   G_in = W^T g - g^T W, G_out = g W^T - W g^T (skew); Adam-style moments m, v of each;
 //   A = -m / (sqrt(v) + eps); alpha = c sqrt(d_out d_in) / (||A_out W + W A_in||_F + eps);
@@ -24,16 +24,11 @@
 #include <vector>
 
 #include "pion/optim/optimizer.h"
+#include "pion/optim/options.h"
 
 namespace pion {
 
-enum class PionRetraction {
-  Taylor2,  // E2(sA) = I + sA + (sA)^2/2, the paper's choice: the spectrum drifts upwards
-            // by O((s||A||)^4) per step (E2^T E2 = I + (sA)^4/4) plus fp32 rounding
-  Cayley,   // (I - sA/2)^-1 (I + sA/2): exactly orthogonal for skew A
-  Exp,      // exp(sA) by scaling and squaring: exactly orthogonal for skew A
-};
-const char* retraction_name(PionRetraction r);
+// PionRetraction (taylor2, cayley, exp) and Pion's Options: pion/optim/options.h.
 // Parses "taylor2", "cayley" or "exp"; throws pion::Error naming the choices otherwise.
 PionRetraction parse_retraction(const std::string& name);
 
@@ -43,17 +38,7 @@ double relative_spectrum_drift(const Tensor& w, const Tensor& sigma0);
 
 class Pion : public Optimizer {
  public:
-  struct Options {
-    double c = 0.2;  // target RMS of the first-order update per unit lr
-    double beta1 = 0.9;
-    double beta2 = 0.999;
-    double eps = 1e-8;  // > 0: guards 0/0 in A and alpha when a gradient is zero
-    PionRetraction retraction = PionRetraction::Taylor2;
-    // After every N-th optimizer step (steps() % N == 0; 0 = never) project W back onto its
-    // initial spectrum with an fp32 SVD, W <- U diag(sigma0) V^T, removing whatever drift
-    // the retraction and rounding left (about 1e-6 relative remains).
-    std::int64_t reanchor_every = 0;
-  };
+  using Options = PionOptions;  // its fields: pion/optim/options.h
 
   std::string kind() const override { return "pion"; }
   std::size_t add_param_group(std::vector<Param> params, double lr, const Options& options);
@@ -61,6 +46,7 @@ class Pion : public Optimizer {
 
   nlohmann::json group_options(std::size_t g) const override;
   void set_group_options(std::size_t g, const nlohmann::json& options) override;
+  std::vector<StateSlot> state_slots(const Shape& param) const override;
 
   // max_i |sigma_i(W) - sigma0_i| / max_i sigma0_i for one parameter, computed now with an
   // fp64 SVD. 0 before the parameter's first step (W is still its own reference). Throws
@@ -71,7 +57,6 @@ class Pion : public Optimizer {
 
  protected:
   void update_group(std::size_t g) override;
-  void check_state(const Param& p, const StateMap& state) const override;
 
  private:
   // Per-shape work buffers (not optimizer state: never saved, rebuilt on demand).
