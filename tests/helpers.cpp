@@ -43,6 +43,13 @@ CommandResult run_command(const std::string& command) {
   return r;
 }
 
+bool single_error_line(const std::string& output) {
+  const auto at = output.find("pion: error:");
+  return at != std::string::npos && (at == 0 || output[at - 1] == '\n') &&
+         output.find("pion: error:", at + 12) == std::string::npos &&
+         output.find('\n', at) == output.size() - 1;
+}
+
 CommandResult run_pion(const std::string& args) { return run_command(std::string(PION_BINARY) + " " + args); }
 
 bool python_has(const std::string& modules) {

@@ -16,6 +16,9 @@ struct CommandResult {
 };
 // Runs a shell command and captures its output and exit code.
 CommandResult run_command(const std::string& command);
+// True when `output` ends with exactly one "pion: error: ..." line, the CLI's one-line error
+// (progress lines may precede it).
+bool single_error_line(const std::string& output);
 // Runs the built `pion` binary with the given argument string.
 CommandResult run_pion(const std::string& args);
 // True when /usr/bin/python3 can import every module in the space-separated list.

@@ -44,14 +44,6 @@ json entry(std::uint64_t begin, std::uint64_t end, std::int64_t n) {
   return {{"dtype", "F32"}, {"shape", {n}}, {"data_offsets", {begin, end}}};
 }
 
-// The error is one line, the last one, and the only one (progress lines may precede it).
-bool single_error_line(const std::string& output) {
-  const auto at = output.find("pion: error:");
-  return at != std::string::npos && (at == 0 || output[at - 1] == '\n') &&
-         output.find("pion: error:", at + 12) == std::string::npos &&
-         output.find('\n', at) == output.size() - 1;
-}
-
 // One tiny trained run shared by the CLI tests (a character model of a few KB).
 struct TinyRun {
   std::string dir, flags, ckpt;
@@ -104,7 +96,7 @@ void expect_refused(const std::string& tag, const std::function<void(TensorFile&
   for (const std::string& args : commands) {
     auto r = run_limited(args);
     EXPECT_EQ(r.exit_code, 2) << tag << ": " << args << "\n" << r.output;
-    EXPECT_TRUE(single_error_line(r.output)) << tag << "\n" << r.output;
+    EXPECT_TRUE(test::single_error_line(r.output)) << tag << "\n" << r.output;
     EXPECT_NE(r.output.find(expect), std::string::npos) << tag << ": wanted '" << expect << "'\n" << r.output;
     EXPECT_EQ(read_bytes(ckpt), before) << tag << ": the refused checkpoint was modified";
   }
@@ -246,7 +238,7 @@ TEST(CheckpointGuard, DamagedFilesAreRefusedByNameAndLeftAsTheyWere) {
     write_bytes(path, c.bytes);
     auto r = run_limited("eval --checkpoint " + path + " --data " + run.dir + "/run/data");
     EXPECT_EQ(r.exit_code, 2) << c.what << "\n" << r.output;
-    EXPECT_TRUE(single_error_line(r.output)) << c.what << "\n" << r.output;
+    EXPECT_TRUE(test::single_error_line(r.output)) << c.what << "\n" << r.output;
     EXPECT_NE(r.output.find(c.message), std::string::npos) << c.what << "\n" << r.output;
     EXPECT_EQ(read_bytes(path), c.bytes) << c.what;
   }

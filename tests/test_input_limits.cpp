@@ -38,18 +38,10 @@ void expect_error(Fn&& fn, std::initializer_list<std::string> fragments) {
   }
 }
 
-// The output is exactly one line, "pion: error: ..." (CLI errors come before any progress).
-bool one_error_line(const std::string& output) {
-  const auto at = output.find("pion: error:");
-  return at != std::string::npos && (at == 0 || output[at - 1] == '\n') &&
-         output.find("pion: error:", at + 12) == std::string::npos &&
-         output.find('\n', at) == output.size() - 1;
-}
-
 void expect_cli_error(const std::string& args, std::initializer_list<std::string> needles) {
   const auto r = test::run_pion(args);
   EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.output;
-  EXPECT_TRUE(one_error_line(r.output)) << args << "\n" << r.output;
+  EXPECT_TRUE(test::single_error_line(r.output)) << args << "\n" << r.output;
   for (const auto& n : needles)
     EXPECT_NE(r.output.find(n), std::string::npos)
         << "'" << n << "' not in output of " << args << ":\n"
@@ -371,7 +363,7 @@ TEST(CliLimits, MemoryGuardUnderUlimit) {
         test::run_command(limited + "train --data " + dir + "/corpus.txt --out_dir " + dir +
                           "/out --batch_size 65536 --seq_len 256 --max_iters 1" + " --threads 1'");
     EXPECT_EQ(r.exit_code, 2) << r.output;
-    EXPECT_TRUE(one_error_line(r.output)) << r.output;
+    EXPECT_TRUE(test::single_error_line(r.output)) << r.output;
     for (const char* needle :
          {"batch_size 65536 x seq_len 256", "GiB for activations", "lower batch_size or seq_len"})
       EXPECT_NE(r.output.find(needle), std::string::npos) << needle << "\n" << r.output;
@@ -399,7 +391,7 @@ TEST(CliLimits, MemoryGuardUnderUlimit) {
   save_safetensors(tampered, file);
   const auto r = test::run_command(limited + "eval --checkpoint " + tampered + "'");
   EXPECT_EQ(r.exit_code, 2) << r.output;
-  EXPECT_TRUE(one_error_line(r.output)) << r.output;
+  EXPECT_TRUE(test::single_error_line(r.output)) << r.output;
   for (const char* needle : {"pion eval", "tampered.safetensors", "batch_size 65536 x seq_len 4096",
                              "lower batch_size or seq_len"})
     EXPECT_NE(r.output.find(needle), std::string::npos) << needle << "\n" << r.output;
@@ -413,7 +405,7 @@ TEST(CliLimits, MemoryGuardUnderUlimit) {
       test::run_command(limited + "finetune --from " + ckpt + " --tasks " + dir +
                         "/pairs.jsonl --batch_size 65536 --out_dir " + dir + "/ft --threads 1'");
   EXPECT_EQ(ft.exit_code, 2) << ft.output;
-  EXPECT_TRUE(one_error_line(ft.output)) << ft.output;
+  EXPECT_TRUE(test::single_error_line(ft.output)) << ft.output;
   for (const char* needle :
        {"pion finetune", "batch_size 65536 x seq_len 16", "lower batch_size or seq_len"})
     EXPECT_NE(ft.output.find(needle), std::string::npos) << needle << "\n" << ft.output;

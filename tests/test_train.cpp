@@ -50,14 +50,6 @@ std::string tiny_flags(const std::string& data, const std::string& out,
          " --matrix_lr 0.02 --lr 0.003 --dropout 0.1";
 }
 
-// The error is one line, the last one, and the only one (progress lines may precede it).
-bool single_error_line(const std::string& output) {
-  const auto at = output.find("pion: error:");
-  return at != std::string::npos && (at == 0 || output[at - 1] == '\n') &&
-         output.find("pion: error:", at + 12) == std::string::npos &&
-         output.find('\n', at) == output.size() - 1;
-}
-
 // Both checkpoints hold the same tensors, bit for bit.
 void expect_same_tensors(const std::string& path_a, const std::string& path_b) {
   TensorFile a = load_safetensors(path_a);
@@ -377,7 +369,7 @@ TEST(Train, BadInputGivesOneClearLine) {
   for (const auto& c : cases) {
     auto r = test::run_pion(c.args);
     EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.output;
-    EXPECT_TRUE(single_error_line(r.output)) << c.args << "\n" << r.output;
+    EXPECT_TRUE(test::single_error_line(r.output)) << c.args << "\n" << r.output;
     EXPECT_NE(r.output.find(c.needle), std::string::npos) << c.args << "\n" << r.output;
   }
 }
