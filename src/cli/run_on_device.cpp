@@ -1,10 +1,11 @@
 #include "cli/run_on_device.h"
 
 #include "pion/core/error.h"
+#include "pion/train/cpu_backend.h"
 #ifdef PION_HAVE_CUDA
+#include "pion/cuda/backend.h"
 #include "pion/cuda/llama.h"
 #include "pion/cuda/runtime.h"
-#include "pion/cuda/trainer.h"
 #endif
 
 namespace pion::cli {
@@ -54,7 +55,9 @@ TrainSummary run_training_on_device(TrainInputs inputs, Llama<float>& model) {
   require_device(inputs.config);
   if (inputs.config.device == "cpu") return run_training(std::move(inputs), model);
 #ifdef PION_HAVE_CUDA
-  return cuda::run_training_cuda(std::move(inputs), model);
+  inputs.config.validate();
+  std::unique_ptr<TrainBackend> backend = cuda::make_cuda_backend(inputs.config, model);
+  return run_training(std::move(inputs), *backend);
 #else
   return {};  // not reached: require_device threw
 #endif

@@ -1,7 +1,7 @@
 #pragma once
-// Runs a training loop on the device the config names: the CPU trainer (pion/train/trainer.h)
-// for device "cpu", the CUDA trainer (pion/cuda/trainer.h) for "cuda" when this binary has
-// the CUDA back end (a clear error otherwise).
+// Runs the training loop (pion/train/trainer.h) on the back end the config's device names:
+// the CPU one (pion/train/cpu_backend.h) for "cpu", the CUDA one (pion/cuda/backend.h) for
+// "cuda" when this binary has the CUDA back end (a clear error otherwise).
 #include "pion/model/llama.h"
 #include "pion/train/trainer.h"
 

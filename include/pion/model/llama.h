@@ -100,6 +100,7 @@ class Llama {
   void set_training(bool training) { training_ = training; }
   bool training() const { return training_; }
   Rng& dropout_rng() { return dropout_rng_; }
+  const Rng& dropout_rng() const { return dropout_rng_; }
 
   // Adds every parameter to `out` as "<prefix><name>" (views: no copy).
   void save_weights(TensorFile& out, const std::string& prefix = "") const;

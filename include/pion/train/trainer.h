@@ -1,23 +1,25 @@
 #pragma once
-// The training loop shared by `pion train` (pretraining on a token shard) and `pion finetune`
-// (prompt/response pairs, loss on response tokens only):
+// The one training loop, shared by `pion train` (pretraining on a token shard) and
+// `pion finetune` (prompt/response pairs, loss on response tokens only), on the CPU and on the
+// GPU: run_training drives a back end (pion/train/backend.h) through
 //   for step in [start, max_iters):
 //     lr = base_lr * schedule(step); zero grads
-//     grad_accum x { batch <- source; loss = model.forward; model.backward(1/grad_accum) }
-//     clip the global gradient norm; optimizers.step() (skips and counts NaN/Inf)
+//     grad_accum x { batch <- source; loss += backend.forward_backward(batch, 1/grad_accum) }
+//     clip the global gradient norm; step, or skip and count a step with a NaN/Inf gradient
 //     log a progress line and a metrics.jsonl record; evaluate; checkpoint
+// Pretraining and finetuning differ only in their BatchSource (finetuning's targets are -1
+// on prompt tokens, so the loss counts responses) and their Evaluator.
 // Checkpoints (out_dir/checkpoint.safetensors) hold the weights, the optimizer state, the
 // data source's and dropout's RNG state, the step and the config, so --resume continues
-// bit-exactly. Checkpoints are also saved every checkpoint_interval steps and every
-// checkpoint_minutes of wall time. SIGINT (Ctrl-C) or SIGTERM finishes the current step, saves
-// a checkpoint and returns (StopSignalGuard below).
+// bit-exactly, on either back end. Checkpoints are also saved every checkpoint_interval steps
+// and every checkpoint_minutes of wall time. SIGINT (Ctrl-C) or SIGTERM finishes the current
+// step, saves a checkpoint and returns (StopSignalGuard below).
 //
-// Under `mpirun -np N` (pion/dist): batch_size is the GLOBAL batch; each rank runs forward and
-// backward on its batch_size / N rows, gradients are summed over ranks in per-layer buckets
-// started during backward, every rank clips and checks the same reduced gradient, each rank
-// steps only the parameters it owns (dist/shard.h) and broadcasts them. Rank 0 alone prints,
-// writes metrics, summary and checkpoints; checkpoints are identical whatever N, so a run can
-// resume with another N.
+// Under `mpirun -np N` (pion/dist): batch_size is the GLOBAL batch; the CPU back end
+// (cpu_backend.h) runs each rank's batch_size / N rows and reduces the gradients, every rank
+// clips and checks the same reduced gradient and takes the same stop and checkpoint
+// decisions (they are all-reduced here). Rank 0 alone prints, writes metrics, summary and
+// checkpoints; checkpoints are identical whatever N, so a run can resume with another N.
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -27,6 +29,7 @@
 #include <vector>
 
 #include "pion/model/llama.h"
+#include "pion/train/backend.h"
 #include "pion/train/config.h"
 
 namespace pion {
@@ -41,16 +44,6 @@ class BatchSource {
   virtual nlohmann::json state() const = 0;
   virtual void restore(const nlohmann::json& state) = 0;
 };
-
-// The mean loss of one batch [rows, seq] on some model (CPU or GPU); sets `counted` to the
-// number of targets the mean is over.
-using BatchLoss = std::function<double(std::span<const std::int32_t> inputs,
-                                       std::span<const std::int32_t> targets, int rows, int seq,
-                                       std::int64_t& counted)>;
-// The CPU model's BatchLoss (forward only; the model must outlive it).
-BatchLoss cpu_batch_loss(Llama<float>& model);
-// Validation: the mean loss over a fixed set of batches (the same every eval).
-using Evaluator = std::function<double(const BatchLoss&)>;
 
 struct TrainSummary {
   double best_val_loss = 0.0;
@@ -90,6 +83,10 @@ struct TrainInputs {
   bool benchmark_only = false;
 };
 
+// The loop, on any back end (pion/train/backend.h): the CPU one (cpu_backend.h) or the CUDA
+// one (pion/cuda/backend.h).
+TrainSummary run_training(TrainInputs inputs, TrainBackend& backend);
+// The loop on the CPU back end for `model`.
 TrainSummary run_training(TrainInputs inputs, Llama<float>& model);
 
 // The checkpoint file of a run directory.

@@ -1,7 +1,7 @@
 #pragma once
-// `pion train --device cuda`: pion::run_training (pion/train/trainer.h) on the GPU. The same
-// inputs, loop, schedule, clipping, NaN/Inf skip, metrics, progress lines, evaluation and
-// outputs; the model is a CudaLlama, the optimizers are the CUDA ones (pion/cuda/optim.h)
+// The CUDA back end of the training loop (pion/train/backend.h): `pion train --device cuda`
+// is pion::run_training (pion/train/trainer.h), the same loop as on the CPU, over this back
+// end. The model is a CudaLlama, the optimizers are the CUDA ones (pion/cuda/optim.h)
 // routed exactly as build_optimizers routes the CPU ones (one CUDA optimizer per param
 // group), and checkpoints have the CPU trainer's format and names, so a run can move
 // between devices with --resume (--device cpu|cuda).
@@ -22,11 +22,17 @@
 //   at evals only while the Pion matrices hold under 20M parameters, and always at the end.
 // - the optimizer step of every group is captured into one CUDA graph after the first
 //   (eager) step and replayed; if capture fails the trainer says so and steps eagerly.
+#include <memory>
+
 #include "pion/model/llama.h"
-#include "pion/train/trainer.h"
+#include "pion/train/backend.h"
+#include "pion/train/config.h"
 
 namespace pion::cuda {
 
-TrainSummary run_training_cuda(TrainInputs inputs, Llama<float>& host_model);
+// Refuses mpirun and a machine without a visible CUDA device (errors say what to do).
+// `config` and `host_model` must outlive the back end.
+std::unique_ptr<TrainBackend> make_cuda_backend(const TrainConfig& config,
+                                                Llama<float>& host_model);
 
 }  // namespace pion::cuda

@@ -1,0 +1,378 @@
+// The CUDA back end of the training loop (include/pion/cuda/backend.h): CudaLlama and the
+// CUDA optimizers, with the CPU model and OptimizerSet as the mirror that checkpoints are
+// written from and read into.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <iostream>
+#include <map>
+#include <optional>
+
+#include "pion/core/error.h"
+#include "pion/core/linalg.h"
+#include "pion/cuda/backend.h"
+#include "pion/cuda/llama.h"
+#include "pion/cuda/optim.h"
+#include "pion/cuda/optim_like.h"
+#include "pion/dist/communicator.h"
+#include "pion/optim/pion.h"
+#include "pion/train/build_optimizer.h"
+#include "pion/train/checkpoint.h"
+
+namespace pion::cuda {
+
+namespace {
+
+// One CUDA optimizer for one param group of one CPU optimizer of the mirror set.
+struct DeviceGroup {
+  std::size_t optimizer = 0;  // index in the OptimizerSet
+  std::size_t group = 0;
+  std::string kind;
+  std::vector<Param> params;  // the mirror's params (host views: names and shapes)
+  double base_lr = 0.0;       // the group's peak lr (the schedule multiplies it)
+  std::unique_ptr<CudaOptimizer> device;
+};
+
+class DeviceRun {
+ public:
+  DeviceRun(Context& ctx, const TrainConfig& cfg, Llama<float>& host, OptimizerSet& mirror)
+      : ctx_(ctx), cfg_(cfg), host_(host), mirror_(mirror) {
+    CudaLlamaOptions mo;
+    mo.matmul = parse_matmul_precision(cfg.matmul_precision);
+    mo.attention = choose_attention(cfg.attention, host.config(), cfg.batch_size);
+    model_ = std::make_unique<CudaLlama>(ctx, host.config(), mo);
+  }
+
+  CudaLlama& model() { return *model_; }
+  std::vector<DeviceGroup>& groups() { return groups_; }
+
+  // One CUDA optimizer per non-empty param group, over the device copies of its params.
+  void build_optimizers() {
+    std::map<std::string, const ParamEntry*> entries;
+    for (const auto& e : model_->layout()) entries[e.name] = &e;
+    auto& opts = mirror_.optimizers();
+    for (std::size_t i = 0; i < opts.size(); ++i) {
+      for (std::size_t g = 0; g < opts[i]->groups().size(); ++g) {
+        const ParamGroup& group = opts[i]->groups()[g];
+        if (group.params.empty()) continue;
+        std::vector<DeviceParam> dp;
+        for (const auto& p : group.params) {
+          const ParamEntry& e = *entries.at(p.name);
+          const bool matrix = e.shape.size() == 2;
+          dp.push_back({p.name, model_->params() + e.offset, model_->grads() + e.offset,
+                        matrix ? e.shape[0] : 1, matrix ? e.shape[1] : e.numel()});
+        }
+        DeviceGroup d;
+        d.optimizer = i;
+        d.group = g;
+        d.kind = opts[i]->kind();
+        d.params = group.params;
+        d.base_lr = group.base_lr;
+        d.device = make_cuda_optimizer_like(ctx_, *opts[i], g, std::move(dp),
+                                            {cfg_.pion_precision, cfg_.muon_precision});
+        groups_.push_back(std::move(d));
+      }
+    }
+  }
+
+  // The spectrum each Pion matrix keeps: the mirror's sigma0 after a resume, else the
+  // singular values of the weights now (before the first step, as the CPU Pion takes them).
+  void capture_sigma0() {
+    for (const auto& d : groups_) {
+      if (d.kind != "pion") continue;
+      const Optimizer& cpu = *mirror_.optimizers()[d.optimizer];
+      for (const auto& p : d.params) {
+        const StateMap* st = cpu.state(p.name);
+        if (st != nullptr && st->count("sigma0") > 0)
+          sigma0_[p.name] = st->at("sigma0").clone();
+        else
+          sigma0_[p.name] = singular_values(p.value.to(DType::F64)).to(DType::F32);
+      }
+    }
+  }
+
+  // Mirror -> device: weights, then every optimizer's state and counters.
+  void upload_from_mirror() {
+    model_->upload_params(
+        {host_.params().data<float>(), static_cast<std::size_t>(host_.params().numel())});
+    for (auto& d : groups_) {
+      const Optimizer& cpu = *mirror_.optimizers()[d.optimizer];
+      for (const auto& p : d.params) {
+        const StateMap* st = cpu.state(p.name);
+        if (st == nullptr) continue;
+        HostState hs;
+        for (const auto& [key, t] : *st) {
+          if (key == "sigma0") continue;  // kept on the host (sigma0_)
+          const float* v = t.data<float>();
+          hs[key].assign(v, v + t.numel());
+        }
+        d.device->upload_state(p.name, hs);
+      }
+      d.device->set_steps(cpu.steps(), cpu.skipped_steps());
+    }
+  }
+
+  // Device -> mirror: weights and optimizer state, so the mirror's save_state describes this
+  // run exactly (sigma0 included), then the usual checkpoint.
+  void download_to_mirror(std::int64_t skipped) {
+    download_weights();
+    for (auto& d : groups_) {
+      Optimizer& cpu = *mirror_.optimizers()[d.optimizer];
+      const std::int64_t steps = d.device->steps();
+      if (steps > 0) {
+        for (const auto& p : d.params) {
+          StateMap state;
+          for (auto& [key, values] : d.device->download_state(p.name)) {
+            Tensor t = Tensor::empty(cpu.state_shape(key, p.value.shape()));
+            check(static_cast<std::size_t>(t.numel()) == values.size(),
+                  "--device cuda: state '" + key + "' of '" + p.name + "' has " +
+                      std::to_string(values.size()) + " values, expected " +
+                      std::to_string(t.numel()));
+            std::copy(values.begin(), values.end(), t.data<float>());
+            state[key] = std::move(t);
+          }
+          if (d.kind == "pion") state["sigma0"] = sigma0_.at(p.name).clone();
+          cpu.set_state(p.name, std::move(state));
+        }
+      }
+      cpu.set_counters(steps, skipped);
+    }
+    mirror_.set_skipped_steps(skipped);
+  }
+
+  void download_weights() {
+    model_->download_params(
+        {host_.params().data<float>(), static_cast<std::size_t>(host_.params().numel())});
+  }
+
+  std::int64_t pion_params() const {
+    std::int64_t n = 0;
+    for (const auto& d : groups_)
+      if (d.kind == "pion")
+        for (const auto& p : d.params) n += p.value.numel();
+    return n;
+  }
+
+  // Largest drift over the Pion matrices, from the mirror's weights (download them first).
+  double max_drift() const {
+    double drift = 0.0;
+    for (const auto& d : groups_)
+      if (d.kind == "pion")
+        for (const auto& p : d.params)
+          drift = std::max(drift, relative_spectrum_drift(p.value, sigma0_.at(p.name)));
+    return drift;
+  }
+
+  std::size_t state_bytes() const {
+    std::size_t bytes = 0;
+    for (const auto& d : groups_) {
+      for (const auto& p : d.params) {
+        const Shape s = p.value.shape();
+        if (d.kind == "pion")
+          bytes += 2 * (s[0] * s[0] + s[1] * s[1]) * sizeof(float);
+        else if (d.kind == "muon")
+          bytes += p.value.numel() * sizeof(float);
+        else
+          bytes += 2 * p.value.numel() * sizeof(float);
+      }
+    }
+    return bytes;
+  }
+
+ private:
+  Context& ctx_;
+  const TrainConfig& cfg_;
+  Llama<float>& host_;
+  OptimizerSet& mirror_;
+  std::unique_ptr<CudaLlama> model_;
+  std::vector<DeviceGroup> groups_;
+  std::map<std::string, Tensor> sigma0_;
+};
+
+// The optimizer step of every group: eager on the first call (CUDA loads kernels lazily, and
+// capture must not), then captured once into a graph and replayed.
+class StepLauncher {
+ public:
+  StepLauncher(Context& ctx, std::vector<DeviceGroup>& groups) : ctx_(ctx), groups_(groups) {}
+
+  void step(double factor) {
+    for (auto& d : groups_) d.device->set_lr(d.base_lr * factor);
+    if (eager_steps_ == 0 || !use_graph_) {
+      for (auto& d : groups_) d.device->queue_step();
+      ++eager_steps_;
+      return;
+    }
+    if (!captured_) {
+      try {
+        ctx_.begin_capture();
+        for (auto& d : groups_) d.device->queue_step();
+        ctx_.end_capture();
+        captured_ = true;
+      } catch (const std::exception& e) {
+        ctx_.abort_capture();
+        use_graph_ = false;
+        std::cout << "note: the optimizer step could not be captured into a CUDA graph ("
+                  << e.what() << "); stepping eagerly\n";
+        for (auto& d : groups_) d.device->queue_step();
+        return;
+      }
+    }
+    ctx_.launch_graph();
+  }
+
+ private:
+  Context& ctx_;
+  std::vector<DeviceGroup>& groups_;
+  int eager_steps_ = 0;
+  bool captured_ = false;
+  bool use_graph_ = true;
+};
+
+using Clock = std::chrono::steady_clock;
+
+class CudaBackend final : public TrainBackend {
+ public:
+  CudaBackend(const TrainConfig& cfg, Llama<float>& host_model)
+      : cfg_(cfg), host_(host_model), params_(host_model.named_params()) {
+    check(!dist::world().distributed(),
+          "--device cuda trains in one process: data parallelism across GPUs (NCCL) is not "
+          "built yet; run without mpirun, or with --device cpu under mpirun");
+    check(device_count() > 0,
+          "--device cuda: no CUDA device is visible (cudaGetDeviceCount reports none); run on a "
+          "machine with an NVIDIA GPU, or drop --device cuda to train on the CPU");
+    mirror_ = build_optimizers(cfg_, params_);
+  }
+
+  const ModelConfig& model_config() const override { return host_.config(); }
+  int local_rows(int global_rows) const override { return global_rows; }
+
+  void load_weights(const TensorFile& file) override { host_.load_weights(file, "model."); }
+
+  void load_checkpoint(const ResumePoint& point) override {
+    host_.load_weights(point.file, "model.");
+    mirror_.load_state(point.file);
+    restore_rng(host_.dropout_rng(), point.dropout_rng);
+  }
+
+  void begin(bool benchmark_only) override {
+    run_ = std::make_unique<DeviceRun>(ctx_, cfg_, host_, mirror_);
+    run_->build_optimizers();
+    if (!benchmark_only) run_->capture_sigma0();
+    run_->upload_from_mirror();
+    launcher_ = std::make_unique<StepLauncher>(ctx_, run_->groups());
+    skipped_ = mirror_.skipped_steps();
+    drift_at_evals_ = !benchmark_only && run_->pion_params() <= kDriftAtEvalMaxParams;
+    CudaLlama& model = run_->model();
+    std::cout << "device: " << device_description() << " | matmul " << cfg_.matmul_precision
+              << " | attention "
+              << (model.options().attention == CudaAttention::Flash ? "flash" : "materialized")
+              << " | " << model.num_params() << " parameters on the device\n";
+  }
+
+  void set_lr_factor(double factor) override {
+    factor_ = factor;
+    mirror_.set_lr_factor(factor);  // the mirror's groups report the lr (and save it)
+  }
+  double lr() const override { return mirror_.optimizers().front()->groups().front().lr; }
+  void zero_grad() override { run_->model().zero_grad(); }
+
+  double forward_backward(const MicroBatch& batch, double weight, bool /*last*/) override {
+    CudaLlama& model = run_->model();
+    model.forward_backward(batch.inputs, batch.targets, batch.rows, batch.seq, weight);
+    return model.read_loss().loss;
+  }
+
+  void finish_grads() override {}  // one process: nothing to reduce
+  // Synchronises: the backward pass is done when it returns.
+  double grad_norm() override { return run_->model().grad_norm(); }
+  void scale_grads(float factor) override { run_->model().scale_grads(factor); }
+
+  bool step() override {
+    const auto t0 = Clock::now();
+    launcher_->step(factor_);
+    ctx_.synchronize();
+    optimizer_seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
+    return true;
+  }
+
+  void skip_step() override { ++skipped_; }  // weights and optimizer state untouched
+  std::int64_t skipped_steps() const override { return skipped_; }
+
+  double evaluate(const Evaluator& evaluator) override {
+    CudaLlama& model = run_->model();
+    const BatchLoss device_loss = [&model](std::span<const std::int32_t> x,
+                                           std::span<const std::int32_t> y, int rows, int seq,
+                                           std::int64_t& counted) {
+      model.forward_backward(x, y, rows, seq, 0.0);
+      const auto l = model.read_loss();
+      counted = l.count;
+      return l.loss;
+    };
+    return evaluator(device_loss);
+  }
+
+  std::optional<double> spectrum_drift(bool at_eval) override {
+    if (at_eval && !drift_at_evals_) return std::nullopt;
+    run_->download_weights();
+    return run_->max_drift();
+  }
+
+  nlohmann::json spectra() override {
+    run_->download_weights();
+    return spectra_json(params_);
+  }
+
+  // Also leaves the weights in the host model (the caller's, which holds the final weights
+  // once the loop's last checkpoint is written).
+  std::optional<TensorFile> checkpoint_tensors() override {
+    run_->download_to_mirror(skipped_);
+    TensorFile file;
+    host_.save_weights(file, "model.");
+    TensorFile state;
+    mirror_.save_state(state);
+    for (auto& [name, t] : state.tensors) file.tensors[name] = t;
+    for (auto& [key, value] : state.metadata) file.metadata[key] = value;
+    return file;
+  }
+
+  const Rng& dropout_rng() const override { return host_.dropout_rng(); }
+
+  BackendCosts costs() const override {
+    BackendCosts c;
+    c.optimizer_state_bytes = static_cast<double>(run_->state_bytes());
+    c.optimizer_seconds = optimizer_seconds_;
+    return c;
+  }
+
+  void annotate_summary(nlohmann::json& summary) const override {
+    summary["device"] = device_description();
+    std::cout << "device: model " << run_->model().device_bytes() / double(1 << 30)
+              << " GiB on the device\n";
+  }
+
+ private:
+  // Drift at evals costs an fp64 SVD of every Pion matrix on the host; above this many Pion
+  // parameters it is left to the end of the run.
+  static constexpr std::int64_t kDriftAtEvalMaxParams = 20'000'000;
+
+  Context ctx_;
+  const TrainConfig cfg_;  // a copy: the caller's TrainInputs is moved into the loop
+  Llama<float>& host_;
+  std::vector<Param> params_;
+  OptimizerSet mirror_;
+  std::unique_ptr<DeviceRun> run_;
+  std::unique_ptr<StepLauncher> launcher_;
+  double factor_ = 1.0;
+  std::int64_t skipped_ = 0;
+  bool drift_at_evals_ = false;
+  double optimizer_seconds_ = 0.0;
+};
+
+}  // namespace
+
+std::unique_ptr<TrainBackend> make_cuda_backend(const TrainConfig& config,
+                                                Llama<float>& host_model) {
+  return std::make_unique<CudaBackend>(config, host_model);
+}
+
+}  // namespace pion::cuda
