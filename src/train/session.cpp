@@ -88,10 +88,12 @@ LoaderOptions loader_options(const TrainConfig& c) {
   return o;
 }
 
-class ShardSource : public BatchSource {
+// A loader (DataLoader: pretraining windows; FinetuneLoader: prompt/response pairs) as the
+// trainer's BatchSource; its position is the loader's state string.
+template <class Loader>
+class LoaderSource : public BatchSource {
  public:
-  ShardSource(const std::string& path, const TrainConfig& c)
-      : loader_(DataLoader::from_shard(path, loader_options(c))) {}
+  explicit LoaderSource(Loader loader) : loader_(std::move(loader)) {}
   void next(std::vector<std::int32_t>& inputs, std::vector<std::int32_t>& targets) override {
     Batch b = loader_.next_batch();
     inputs = std::move(b.inputs);
@@ -101,23 +103,7 @@ class ShardSource : public BatchSource {
   void restore(const nlohmann::json& s) override { loader_.set_state(s.get<std::string>()); }
 
  private:
-  DataLoader loader_;
-};
-
-class FinetuneSource : public BatchSource {
- public:
-  FinetuneSource(FinetuneDataset dataset, const TrainConfig& c)
-      : loader_(std::move(dataset), loader_options(c)) {}
-  void next(std::vector<std::int32_t>& inputs, std::vector<std::int32_t>& targets) override {
-    Batch b = loader_.next_batch();
-    inputs = std::move(b.inputs);
-    targets = std::move(b.targets);
-  }
-  nlohmann::json state() const override { return loader_.state(); }
-  void restore(const nlohmann::json& s) override { loader_.set_state(s.get<std::string>()); }
-
- private:
-  FinetuneLoader loader_;
+  Loader loader_;
 };
 
 // Mean of per-batch losses weighted by their target counts (so padding-heavy finetuning
@@ -144,11 +130,13 @@ Evaluator make_evaluator(std::shared_ptr<Loader> loader, const TrainConfig& c, i
 }  // namespace
 
 std::unique_ptr<BatchSource> make_shard_source(const std::string& shard_path, const TrainConfig& config) {
-  return std::make_unique<ShardSource>(shard_path, config);
+  return std::make_unique<LoaderSource<DataLoader>>(
+      DataLoader::from_shard(shard_path, loader_options(config)));
 }
 
 std::unique_ptr<BatchSource> make_finetune_source(FinetuneDataset dataset, const TrainConfig& config) {
-  return std::make_unique<FinetuneSource>(std::move(dataset), config);
+  return std::make_unique<LoaderSource<FinetuneLoader>>(
+      FinetuneLoader(std::move(dataset), loader_options(config)));
 }
 
 Evaluator make_shard_evaluator(const std::string& shard_path, const TrainConfig& config, int batches) {

@@ -1,7 +1,7 @@
 #pragma once
-// Training checkpoints and the run directory's JSON files, shared by the CPU trainer
-// (trainer.h) and the CUDA trainer (pion/cuda/trainer.h), so a checkpoint written on one
-// device resumes on the other.
+// Training checkpoints and the run directory's JSON files, written by the training loop
+// (trainer.h) from whichever back end it drives, so a checkpoint written on one device resumes
+// on the other.
 //
 // A checkpoint is one safetensors file (written atomically) holding
 //   model.<param name>                 the weights, F32 (llama.h's names and shapes)
@@ -34,7 +34,7 @@ struct TrainProgress {
 };
 
 // `tensors` holds the weights and optimizer state under the names above (the caller fills it:
-// the CPU trainer from its model and OptimizerSet, the CUDA trainer from device copies).
+// TrainBackend::checkpoint_tensors: the CPU model and OptimizerSet, or the GPU's mirror).
 void write_train_checkpoint(const std::string& path, const TrainConfig& config,
                             const ModelConfig& model_config, TensorFile tensors,
                             const TrainProgress& progress, const nlohmann::json& data_state,

@@ -54,7 +54,7 @@ struct TrainConfig {
   std::uint64_t seed = 1337;
   int threads = 0;  // 0 = all cores
   std::string out_dir = "runs/default";
-  // device (pion/cuda/trainer.h; the other keys here apply to --device cuda only)
+  // device (pion/cuda/backend.h; the other keys here apply to --device cuda only)
   std::string device = "cpu";              // cpu | cuda
   std::string matmul_precision = "bf16";   // the model's GEMMs: bf16 | tf32 | fp32
   std::string attention = "auto";          // auto | flash | materialized
