@@ -1,7 +1,8 @@
 // End-to-end tests of `pion sweep` through the binary: a 2x2 grid runs and its tables match the
 // runs' summary.json files; a rerun skips finished runs and resumes unfinished ones; per-
 // optimizer grids make the right runs; bad grids are one-line errors with exit status 2; a
-// failing run is reported without stopping the others.
+// failing run is reported without stopping the others; SIGTERM stops every run with a
+// checkpoint and a rerun resumes them.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -251,4 +252,42 @@ TEST(Sweep, AFailedRunIsReportedAndTheOthersGoOn) {
   EXPECT_EQ(results.at("settings")[0].at("n"), 1);
   EXPECT_EQ(results.at("settings")[0].at("n_failed"), 1);
   EXPECT_NE(read_text(out + "/results.md").find("1 failed"), std::string::npos);
+}
+
+// SIGTERM to the sweep reaches each running `pion train` once: both checkpoint and stop, the
+// sweep exits 143, and a rerun resumes them.
+TEST(Sweep, SigtermStopsTheRunsWithACheckpointAndARerunResumes) {
+  const std::string dir = test::temp_dir("sweep_sigterm");
+  const std::string out = dir + "/sw";
+  // Runs far longer than the test waits, so the signal always lands mid-run.
+  const std::string cmd = std::string(PION_BINARY) + " sweep --out " + out + " " +
+                          tiny(write_corpus(dir)) +
+                          " --max_iters 1000000 --eval_interval 100000 --log_interval 1"
+                          " --grid seed=1,2 --jobs 2";
+  const std::string both_running =
+      "[ -s " + out + "/runs/seed-1/metrics.jsonl ] && [ -s " + out + "/runs/seed-2/metrics.jsonl ]";
+  auto r = test::run_command("(" + cmd + " > " + dir + "/log1 2>&1 & pid=$!; for i in $(seq 600); do " +
+                             both_running + " && break; sleep 0.1; done; kill -TERM $pid; wait $pid;"
+                             " echo rc=$?)");
+  const std::string log1 = read_text(dir + "/log1");
+  EXPECT_NE(r.output.find("rc=143"), std::string::npos) << r.output << log1;
+  EXPECT_NE(log1.find("forwarded to 2 running run(s)"), std::string::npos) << log1;
+  for (const char* run : {"seed-1", "seed-2"}) {
+    const std::string run_dir = out + "/runs/" + run;
+    ASSERT_TRUE(fs::exists(run_dir + "/summary.json")) << run << "\n" << log1;
+    EXPECT_TRUE(read_json(run_dir + "/summary.json").at("interrupted").get<bool>()) << run;
+    EXPECT_TRUE(fs::exists(run_dir + "/checkpoint.safetensors")) << run;
+  }
+  EXPECT_NE(read_text(out + "/results.md").find("1 unfinished"), std::string::npos);
+
+  // The rerun resumes both from their checkpoints (stopped again once they have).
+  const std::string resumed = "grep -q 'resumed from' " + out + "/runs/seed-1/log.txt && grep -q "
+                              "'resumed from' " + out + "/runs/seed-2/log.txt";
+  r = test::run_command("(" + cmd + " > " + dir + "/log2 2>&1 & pid=$!; for i in $(seq 600); do " +
+                        resumed + " && break; sleep 0.1; done; kill -TERM $pid; wait $pid;"
+                        " echo rc=$?)");
+  const std::string log2 = read_text(dir + "/log2");
+  EXPECT_NE(log2.find("seed=1 (resuming)"), std::string::npos) << log2;
+  EXPECT_NE(log2.find("seed=2 (resuming)"), std::string::npos) << log2;
+  EXPECT_NE(read_text(out + "/runs/seed-2/log.txt").find("resumed from"), std::string::npos);
 }

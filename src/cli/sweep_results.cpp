@@ -141,7 +141,9 @@ RunRecord read_run_record(const std::string& run_dir, int max_iters) {
   } catch (const std::exception&) {
     finished = false;  // a damaged file: the run counts as unfinished and is run again
   }
-  r.status = finished ? "finished" : r.exit_code != 0 ? "failed" : "unfinished";
+  // 130 / 143: stopped by a second Ctrl-C / SIGTERM, not a failure; a rerun resumes it.
+  const bool failed = r.exit_code != 0 && r.exit_code != 130 && r.exit_code != 143;
+  r.status = finished ? "finished" : failed ? "failed" : "unfinished";
   return r;
 }
 
