@@ -278,7 +278,8 @@ TEST(Sweep, SigtermStopsTheRunsWithACheckpointAndARerunResumes) {
     EXPECT_TRUE(read_json(run_dir + "/summary.json").at("interrupted").get<bool>()) << run;
     EXPECT_TRUE(fs::exists(run_dir + "/checkpoint.safetensors")) << run;
   }
-  EXPECT_NE(read_text(out + "/results.md").find("1 unfinished"), std::string::npos);
+  EXPECT_NE(read_text(out + "/results.md").find("2 unfinished"), std::string::npos)
+      << "one setting (seed is not one), both runs unfinished";
 
   // The rerun resumes both from their checkpoints (stopped again once they have).
   const std::string resumed = "grep -q 'resumed from' " + out + "/runs/seed-1/log.txt && grep -q "
