@@ -3,12 +3,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
-#include <map>
 #include <set>
 
 #include "cli/config_flags.h"
 #include "pion/core/error.h"
-#include "pion/core/input.h"
 
 namespace pion::cli {
 
