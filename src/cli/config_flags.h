@@ -20,5 +20,8 @@ struct ConfigFlags {
 std::shared_ptr<ConfigFlags> add_config_flags(CLI::App& cmd);
 // Applies the file, then the flags, on top of `config`.
 void apply_config_flags(const ConfigFlags& flags, TrainConfig& config);
+// Sets one key from command-line text as a `--key text` flag does (pion::Error naming the key
+// when the key is unknown or the value fails its check).
+void set_config_from_text(TrainConfig& config, const std::string& key, const std::string& text);
 
 }  // namespace pion::cli

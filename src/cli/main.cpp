@@ -78,8 +78,13 @@ int main(int argc, char** argv) {
   pion::cli::add_make_task_command(app);
   pion::cli::add_optim_trace_command(app);
   pion::cli::add_bench_command(app);
+  pion::cli::add_sweep_command(app);
   try {
     app.parse(argc, argv);
+  } catch (const CLI::RuntimeError& e) {
+    // A command that finished but reports an outcome through its exit status (pion sweep: a
+    // run failed, or it was stopped by a signal); its message is already printed.
+    return e.get_exit_code();
   } catch (const CLI::ParseError& e) {
     const int code = app.exit(e);
     return code == 0 ? 0 : 2;
