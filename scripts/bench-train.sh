@@ -5,6 +5,11 @@
 # Prints a Markdown table with hardware, date, versions and the command.
 #
 #   scripts/bench-train.sh [--steps N] [--reps N] [--threads N] [--build-dir DIR]
+#                          [--baseline PION_BINARY]
+#
+# --baseline compares two pion builds instead (before/after a change): the baseline binary
+# takes PyTorch's place in the interleaving, for every optimizer, and the table gives this
+# build's tokens/s over the baseline's.
 #
 # Defaults: 150 steps per measurement, 2 repetitions (the best of each side is reported, the
 # least disturbed by other load), threads = nproc, build dir build-bench. Data:
@@ -18,13 +23,15 @@ steps=150
 reps=2
 threads=$(nproc)
 build_dir=build-bench
+baseline=
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --steps) steps="$2"; shift 2 ;;
     --reps) reps="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
     --build-dir) build_dir="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --baseline) baseline="$2"; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "bench-train.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -48,18 +55,26 @@ load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 start_time=$(date +%s)
 declare -A best
 rows=()
+train_tokens_per_sec() {  # binary, optimizer, pion flags...
+  local binary=$1 optimizer=$2; shift 2
+  rm -rf "$work/run"
+  "$binary" train --data "$work/data" --optimizer "$optimizer" --max_iters "$steps" --warmup_iters 10 \
+    --eval_interval 0 --log_interval 1000000 --threads "$threads" "$@" --out_dir "$work/run" >/dev/null
+  "$python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["tokens_per_sec"])' "$work/run/summary.json"
+}
+keep_best() {  # key, value
+  local v=$2
+  [[ -z "${best[$1]:-}" ]] || v=$("$python" -c "print(max($v, ${best[$1]}))")
+  best[$1]=$v
+}
 measure() {  # name, optimizer, json config (model + batch), pion flags...
   local name=$1 optimizer=$2 cfg=$3; shift 3
   local key="$name/$optimizer"
   for ((r = 0; r < reps; r++)); do
-    rm -rf "$work/run"
-    "$pion" train --data "$work/data" --optimizer "$optimizer" --max_iters "$steps" --warmup_iters 10 \
-      --eval_interval 0 --log_interval 1000000 --threads "$threads" "$@" --out_dir "$work/run" >/dev/null
-    local p
-    p=$("$python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["tokens_per_sec"])' "$work/run/summary.json")
-    [[ -z "${best[$key/pion]:-}" ]] || p=$("$python" -c "print(max($p, ${best[$key/pion]}))")
-    best[$key/pion]=$p
-    if [[ "$optimizer" == adamw ]]; then
+    keep_best "$key/pion" "$(train_tokens_per_sec "$pion" "$optimizer" "$@")"
+    if [[ -n "$baseline" ]]; then
+      keep_best "$key/baseline" "$(train_tokens_per_sec "$baseline" "$optimizer" "$@")"
+    elif [[ "$optimizer" == adamw ]]; then
       local t
       t=$("$python" bench/torch_train.py --data "$work/data" --config "$cfg" --steps "$steps" --threads "$threads" |
         "$python" -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_sec"])')
@@ -78,6 +93,23 @@ for opt in adamw muon pion; do
   measure mid "$opt" "$mid_cfg" "${mid_flags[@]}"
 done
 
+if [[ -n "$baseline" ]]; then
+  echo "## Training throughput: this pion build vs a baseline build (one run, interleaved)"
+  echo
+  echo "| config | optimizer | baseline tok/s | this build tok/s | this / baseline |"
+  echo "|---|---|---:|---:|---:|"
+  for name in baby mid; do
+    for opt in adamw muon pion; do
+      echo "| $name | $opt | ${best[$name/$opt/baseline]} | ${best[$name/$opt/pion]} |" \
+        "$("$python" -c "print(f'{${best[$name/$opt/pion]} / ${best[$name/$opt/baseline]}:.3f}')") |"
+    done
+  done
+  echo
+  echo "Best of $reps runs of $steps steps each, $threads threads, $(date -u +%Y-%m-%dT%H:%M:%SZ);" \
+    "baseline: $baseline; this build: git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)." \
+    "Load average before $load_before, after $(cut -d' ' -f1-3 /proc/loadavg)."
+  exit 0
+fi
 fmt() { "$python" -c "print(f'{float(\"$1\"):,.0f}')"; }
 ratio() { "$python" -c "print(f'{float(\"$1\") / float(\"$2\"):.2f}')"; }
 echo "## Training throughput: pion train vs PyTorch CPU (one run, interleaved)"
