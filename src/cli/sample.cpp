@@ -1,5 +1,7 @@
-// `pion sample`: generate text from a checkpoint (temperature, top-k).
+// `pion sample`: generate text from a checkpoint (temperature, top-k, top-p), one sample or
+// several decoded together.
 #include <iostream>
+#include <vector>
 
 #include "cli/commands.h"
 #include "cli/validators.h"
@@ -12,6 +14,7 @@ struct SampleArgs {
   std::string checkpoint;
   std::string prompt = "\n";
   std::uint64_t seed = 1;
+  int samples = 1;
   SampleOptions options;
 };
 }  // namespace
@@ -27,12 +30,22 @@ void add_sample_command(CLI::App& app) {
       ->check(FiniteRange(0, 100));
   cmd->add_option("--top_k", args->options.top_k, "sample among the k most likely tokens (0 = all)")
       ->check(FiniteRange(0, 65536));
+  cmd->add_option("--top_p", args->options.top_p,
+                  "then among the most likely tokens holding this probability mass (1 = all)")
+      ->check(FiniteRange(0, 1, /*lo_open=*/true));
+  cmd->add_option("--samples", args->samples,
+                  "continuations of the prompt, decoded together (printed one after another, "
+                  "separated by a line ---)")
+      ->check(FiniteRange(1, 4096));
   cmd->add_option("--stop", args->options.stop, "stop once the output contains this text");
   cmd->add_option("--seed", args->seed, "random seed");
   cmd->callback([args] {
     LoadedCheckpoint ck = load_checkpoint(args->checkpoint);
     Rng rng(args->seed);
-    std::cout << args->prompt << generate(*ck.model, *ck.tokenizer, args->prompt, args->options, rng) << "\n";
+    const std::vector<std::string> prompts(static_cast<std::size_t>(args->samples), args->prompt);
+    const auto texts = generate(*ck.model, *ck.tokenizer, prompts, args->options, rng);
+    for (std::size_t i = 0; i < texts.size(); ++i)
+      std::cout << (i > 0 ? "---\n" : "") << args->prompt << texts[i] << "\n";
   });
 }
 

@@ -179,53 +179,34 @@ LoadedCheckpoint load_checkpoint(const std::string& path) {
   return out;
 }
 
+std::vector<std::string> generate(Llama<float>& model, const Tokenizer& tokenizer,
+                                  std::span<const std::string> prompts,
+                                  const SampleOptions& options, Rng& rng) {
+  std::vector<std::vector<std::int32_t>> ids;
+  ids.reserve(prompts.size());
+  for (const auto& p : prompts) {
+    ids.push_back(tokenizer.encode(p));
+    check(!ids.back().empty(), "sample: the prompt must not be empty");
+  }
+  GenerateOptions g;
+  g.max_new_tokens = options.max_new_tokens;
+  g.sampling = {options.temperature, options.top_k, options.top_p};
+  g.max_batch = options.batch;
+  if (!options.stop.empty()) {
+    g.stop = [&](std::size_t, std::span<const std::int32_t> new_tokens) {
+      return tokenizer.decode(new_tokens).find(options.stop) != std::string::npos;
+    };
+  }
+  const auto results = generate_tokens(model, ids, g, std::span<Rng>(&rng, 1));
+  std::vector<std::string> texts;
+  texts.reserve(results.size());
+  for (const auto& r : results) texts.push_back(tokenizer.decode(r.tokens));
+  return texts;
+}
+
 std::string generate(Llama<float>& model, const Tokenizer& tokenizer, const std::string& prompt,
                      const SampleOptions& options, Rng& rng) {
-  const int V = model.config().vocab_size;
-  const int max_ctx = model.config().seq_len;
-  std::vector<std::int32_t> ids = tokenizer.encode(prompt);
-  check(!ids.empty(), "sample: the prompt must not be empty");
-  const std::size_t prompt_len = ids.size();
-  model.set_training(false);
-  std::vector<std::int32_t> context;
-  std::vector<float> probs(static_cast<std::size_t>(V));
-  std::vector<int> order(static_cast<std::size_t>(V));
-  std::string text;
-  for (int step = 0; step < options.max_new_tokens; ++step) {
-    const std::size_t start = ids.size() > static_cast<std::size_t>(max_ctx) ? ids.size() - max_ctx : 0;
-    context.assign(ids.begin() + static_cast<long>(start), ids.end());
-    const int T = static_cast<int>(context.size());
-    model.forward(context, {}, 1, T);
-    const float* logits = model.logits() + static_cast<std::size_t>(T - 1) * V;
-    int next = 0;
-    if (options.temperature <= 0.0) {
-      next = static_cast<int>(std::max_element(logits, logits + V) - logits);
-    } else {
-      std::iota(order.begin(), order.end(), 0);
-      int k = options.top_k > 0 && options.top_k < V ? options.top_k : V;
-      std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                        [&](int a, int b) { return logits[a] > logits[b]; });
-      const double top = logits[order[0]];
-      double sum = 0.0;
-      for (int i = 0; i < k; ++i) {
-        probs[static_cast<std::size_t>(i)] = static_cast<float>(std::exp((logits[order[i]] - top) / options.temperature));
-        sum += probs[static_cast<std::size_t>(i)];
-      }
-      double u = rng.uniform() * sum;
-      next = order[static_cast<std::size_t>(k - 1)];
-      for (int i = 0; i < k; ++i) {
-        u -= probs[static_cast<std::size_t>(i)];
-        if (u <= 0) {
-          next = order[static_cast<std::size_t>(i)];
-          break;
-        }
-      }
-    }
-    ids.push_back(next);
-    text = tokenizer.decode(std::span<const std::int32_t>(ids).subspan(prompt_len));
-    if (!options.stop.empty() && text.find(options.stop) != std::string::npos) break;
-  }
-  return text;
+  return generate(model, tokenizer, std::span<const std::string>(&prompt, 1), options, rng)[0];
 }
 
 }  // namespace pion

@@ -3,13 +3,16 @@
 // adapting the data loaders to the trainer's BatchSource, validation evaluators, loading a
 // model back from a checkpoint, and sampling text from a model.
 #include <memory>
+#include <span>
 #include <string>
+#include <vector>
 
 #include "pion/core/random.h"
 #include "pion/data/finetune.h"
 #include "pion/data/loader.h"
 #include "pion/data/prepare.h"
 #include "pion/data/tokenizer.h"
+#include "pion/model/generate.h"
 #include "pion/model/llama.h"
 #include "pion/train/trainer.h"
 
@@ -44,10 +47,19 @@ struct SampleOptions {
   int max_new_tokens = 200;
   double temperature = 1.0;  // 0 = greedy
   int top_k = 0;             // 0 = no top-k filter
+  double top_p = 1.0;        // nucleus: the most likely tokens holding this much mass (1 = all)
   std::string stop;          // stop once the generated text contains this ("" = never)
+  int batch = 0;             // sequences decoded together (0 = up to 64; see generate.h)
 };
-// Continues `prompt` (its last seq_len tokens are the context) and returns the new text.
+// Continues `prompt` and returns the new text (pion/model/generate.h: KV-cached; a context
+// longer than seq_len slides, keeping the last seq_len tokens).
 std::string generate(Llama<float>& model, const Tokenizer& tokenizer, const std::string& prompt,
                      const SampleOptions& options, Rng& rng);
+// Continues every prompt, decoded together as one batch; texts in prompt order. With
+// sampling, the prompts share `rng` (draws interleave step by step); with one prompt this is
+// the single-prompt generate() exactly.
+std::vector<std::string> generate(Llama<float>& model, const Tokenizer& tokenizer,
+                                  std::span<const std::string> prompts,
+                                  const SampleOptions& options, Rng& rng);
 
 }  // namespace pion

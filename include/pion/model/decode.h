@@ -1,0 +1,65 @@
+#pragma once
+// Inference-only incremental forward of Llama<float> over a KvCache: no activations kept for
+// backward, no dropout. Each call appends new tokens to some cache slots and returns the
+// logits after them; prefill (a whole prompt) and a decode step (one token per sequence) are
+// the same call with chunks of different lengths, so one call can mix them.
+//
+//   Decoder dec(model);  KvCache cache(model.config(), slots);
+//   dec.extend(cache, {{0, prompt0}, {1, prompt1}});           // prefill two sequences
+//   dec.extend(cache, {{0, next0}, {1, next1}});               // one token each
+//
+// Every token row goes through the same GEMMs (rows of all chunks stacked), RoPE at its own
+// position (the slot's length before the call + its index in the chunk), and attends to
+// positions 0..its own of its own slot only. Numerically this is the full forward
+// (Llama::forward) up to float rounding of differently shaped GEMMs.
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "pion/model/kv_cache.h"
+#include "pion/model/layers.h"
+#include "pion/model/llama.h"
+
+namespace pion {
+
+// Tokens appended to cache slot `slot` at positions length[slot], length[slot] + 1, ...
+struct DecodeChunk {
+  int slot = 0;
+  std::span<const std::int32_t> tokens;
+};
+
+class Decoder {
+ public:
+  // Reads the model's weights at every call (so training between calls is seen); the model
+  // must outlive the decoder.
+  explicit Decoder(Llama<float>& model);
+
+  // Runs the chunks (non-empty, distinct slots, ids in [0, vocab), each fitting in the
+  // slot's remaining capacity: checked, pion::Error otherwise), stores their keys and values
+  // and advances the slots' lengths. Returns logits [rows, vocab]: one row per chunk (after
+  // its last token), or with all_positions one per token, chunk after chunk. The span is
+  // valid until the next call.
+  std::span<const float> extend(KvCache& cache, std::span<const DecodeChunk> chunks,
+                                bool all_positions = false);
+
+ private:
+  struct LayerOffsets {
+    std::int64_t attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down;
+  };
+  void ensure_scratch(std::int64_t rows, std::int64_t out_rows);
+  void attend(float* att, const float* qkv, const KvCache& cache, int layer) const;
+
+  Llama<float>& model_;
+  ModelConfig config_;
+  layers::RopeTable<float> rope_;
+  std::int64_t tok_embedding_ = 0, final_norm_ = 0, lm_head_ = 0;
+  std::vector<LayerOffsets> layers_;
+
+  // Per-row bookkeeping and activations, grown as needed.
+  std::vector<std::int32_t> tokens_;
+  std::vector<int> row_slot_, row_pos_;
+  std::vector<std::int64_t> out_row_;  // which rows get logits
+  std::vector<float> x_, h_, qkv_, att_, proj_, gu_, act_, rstd_, h_out_, logits_;
+};
+
+}  // namespace pion

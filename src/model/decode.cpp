@@ -1,0 +1,217 @@
+#include "pion/model/decode.h"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "pion/core/error.h"
+
+namespace pion {
+
+using layers::i64;
+
+namespace {
+
+// Same cut-off as the row loops in layers.cpp: below it OpenMP's spinning threads would fight
+// OpenBLAS's for the cores, so small models run these loops serially.
+constexpr i64 kMinParallelWork = i64{1} << 24;
+
+i64 offset_of(const std::vector<ParamEntry>& layout, const std::string& name) {
+  for (const auto& e : layout)
+    if (e.name == name) return e.offset;
+  throw Error("Decoder: the model has no parameter \"" + name + "\"");
+}
+
+// RoPE of layers::rope_forward, but each row at its own position (rows of different
+// sequences and chunks sit at unrelated positions).
+void rope_rows(float* x, const layers::RopeTable<float>& table, const int* pos, i64 rows,
+               i64 n_head, i64 head_dim, i64 row_stride) {
+  const i64 half = table.half;
+  for (i64 r = 0; r < rows; ++r) {
+    const float* cs = table.cos.data() + pos[r] * half;
+    const float* sn = table.sin.data() + pos[r] * half;
+    float* row = x + r * row_stride;
+    for (i64 h = 0; h < n_head; ++h) {
+      float* a = row + h * head_dim;
+      float* b = a + half;
+      for (i64 i = 0; i < half; ++i) {
+        const float xa = a[i], xb = b[i];
+        a[i] = xa * cs[i] - xb * sn[i];
+        b[i] = xb * cs[i] + xa * sn[i];
+      }
+    }
+  }
+}
+
+void add_in_place(float* y, const float* delta, i64 n) {
+  for (i64 i = 0; i < n; ++i) y[i] += delta[i];
+}
+
+}  // namespace
+
+Decoder::Decoder(Llama<float>& model)
+    : model_(model),
+      config_(model.config()),
+      rope_(layers::make_rope_table<float>(config_.seq_len, config_.head_dim(),
+                                           config_.rope_theta)) {
+  const auto& layout = model.layout();
+  tok_embedding_ = offset_of(layout, "tok_embedding.weight");
+  for (int i = 0; i < config_.n_layer; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    // wq|wk|wv and w_gate|w_up are adjacent (llama.h), so each pair is one fused GEMM here too.
+    layers_.push_back({offset_of(layout, p + "attn_norm.weight"), offset_of(layout, p + "attn.wq"),
+                       offset_of(layout, p + "attn.wo"), offset_of(layout, p + "mlp_norm.weight"),
+                       offset_of(layout, p + "mlp.w_gate"), offset_of(layout, p + "mlp.w_down")});
+  }
+  final_norm_ = offset_of(layout, "final_norm.weight");
+  lm_head_ = offset_of(layout, "lm_head.weight");
+}
+
+void Decoder::ensure_scratch(i64 rows, i64 out_rows) {
+  const i64 d = config_.d_model, f = config_.ffn_size(), v = config_.vocab_size;
+  auto grow = [](std::vector<float>& b, i64 n) {
+    if (static_cast<i64>(b.size()) < n) b.resize(static_cast<std::size_t>(n));
+  };
+  grow(x_, rows * d);
+  grow(h_, rows * d);
+  grow(qkv_, rows * 3 * d);
+  grow(att_, rows * d);
+  grow(proj_, rows * d);
+  grow(gu_, rows * 2 * f);
+  grow(act_, rows * f);
+  grow(rstd_, rows);
+  grow(h_out_, out_rows * d);
+  grow(logits_, out_rows * v);
+}
+
+// att[r] = softmax(q_r K^T / sqrt(hd)) V over positions 0..row_pos_[r] of row r's slot, per
+// head; the same arithmetic as layers::attention_forward's row, minus the masked zeros.
+void Decoder::attend(float* att, const float* qkv, const KvCache& cache, int layer) const {
+  const i64 rows = static_cast<i64>(row_slot_.size());
+  const i64 n_head = config_.n_head, hd = config_.head_dim(), d = config_.d_model;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  i64 work = 0;
+  for (int p : row_pos_) work += (p + 1) * n_head * hd;
+#pragma omp parallel if (2 * work >= kMinParallelWork)
+  {
+    std::vector<float> scores(static_cast<std::size_t>(cache.capacity));
+#pragma omp for schedule(static)
+    for (i64 task = 0; task < rows * n_head; ++task) {
+      const i64 r = task / n_head, h = task % n_head;
+      const int slot = row_slot_[static_cast<std::size_t>(r)];
+      const i64 len = row_pos_[static_cast<std::size_t>(r)] + 1;
+      const float* q = qkv + r * 3 * d + h * hd;
+      const float* k = cache.key(layer, slot, static_cast<int>(h));
+      const float* v = cache.value(layer, slot, static_cast<int>(h));
+      float mx = -INFINITY;
+      for (i64 j = 0; j < len; ++j) {
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (i64 i = 0; i < hd; ++i) dot += q[i] * k[j * hd + i];
+        scores[static_cast<std::size_t>(j)] = dot * scale;
+        mx = std::max(mx, dot * scale);
+      }
+      float sum = 0.0f;
+      for (i64 j = 0; j < len; ++j) {
+        float& s = scores[static_cast<std::size_t>(j)];
+        s = layers::fast_exp(s - mx);
+        sum += s;
+      }
+      const float inv = 1.0f / sum;
+      float* out = att + r * d + h * hd;
+      std::fill(out, out + hd, 0.0f);
+      for (i64 j = 0; j < len; ++j) {
+        const float p = scores[static_cast<std::size_t>(j)] * inv;
+#pragma omp simd
+        for (i64 i = 0; i < hd; ++i) out[i] += p * v[j * hd + i];
+      }
+    }
+  }
+}
+
+std::span<const float> Decoder::extend(KvCache& cache, std::span<const DecodeChunk> chunks,
+                                       bool all_positions) {
+  check(cache.n_layer == config_.n_layer && cache.n_head == config_.n_head &&
+            cache.head_dim == config_.head_dim() && cache.capacity <= config_.seq_len,
+        "Decoder::extend: the cache was built for another model shape");
+  check(!chunks.empty(), "Decoder::extend: no chunks");
+  const i64 d = config_.d_model, f = config_.ffn_size(), v = config_.vocab_size;
+  const i64 n_head = config_.n_head, hd = config_.head_dim();
+  const double eps = config_.norm_eps;
+
+  tokens_.clear();
+  row_slot_.clear();
+  row_pos_.clear();
+  out_row_.clear();
+  std::vector<bool> seen(static_cast<std::size_t>(cache.slots), false);
+  for (const DecodeChunk& c : chunks) {
+    check(c.slot >= 0 && c.slot < cache.slots,
+          "Decoder::extend: slot " + std::to_string(c.slot) + " outside [0, " +
+              std::to_string(cache.slots) + ")");
+    check(!seen[static_cast<std::size_t>(c.slot)],
+          "Decoder::extend: slot " + std::to_string(c.slot) + " appears in two chunks");
+    seen[static_cast<std::size_t>(c.slot)] = true;
+    const int start = cache.length[static_cast<std::size_t>(c.slot)];
+    check(!c.tokens.empty() && static_cast<i64>(start) + static_cast<i64>(c.tokens.size()) <=
+                                   cache.capacity,
+          "Decoder::extend: slot " + std::to_string(c.slot) + " holds " + std::to_string(start) +
+              " positions; " + std::to_string(c.tokens.size()) +
+              " more do not fit its capacity " + std::to_string(cache.capacity) +
+              " (and a chunk must not be empty)");
+    for (std::size_t i = 0; i < c.tokens.size(); ++i) {
+      check(c.tokens[i] >= 0 && c.tokens[i] < v,
+            "Decoder::extend: token " + std::to_string(c.tokens[i]) + " is outside [0, " +
+                std::to_string(v) + ")");
+      tokens_.push_back(c.tokens[i]);
+      row_slot_.push_back(c.slot);
+      row_pos_.push_back(start + static_cast<int>(i));
+      if (all_positions || i + 1 == c.tokens.size())
+        out_row_.push_back(static_cast<i64>(tokens_.size()) - 1);
+    }
+  }
+  const i64 n = static_cast<i64>(tokens_.size());
+  const i64 m = static_cast<i64>(out_row_.size());
+  ensure_scratch(n, m);
+  const float* w = model_.params().data<float>();
+  float *x = x_.data(), *h = h_.data(), *qkv = qkv_.data(), *att = att_.data();
+  float *proj = proj_.data(), *gu = gu_.data(), *act = act_.data(), *rstd = rstd_.data();
+
+  layers::embedding_forward(x, tokens_.data(), w + tok_embedding_, n, d);
+  for (int l = 0; l < config_.n_layer; ++l) {
+    const LayerOffsets& o = layers_[static_cast<std::size_t>(l)];
+    layers::rmsnorm_forward(h, rstd, x, w + o.attn_norm, n, d, eps);
+    layers::linear_forward(qkv, h, w + o.wqkv, n, d, 3 * d);
+    rope_rows(qkv, rope_, row_pos_.data(), n, n_head, hd, 3 * d);
+    rope_rows(qkv + d, rope_, row_pos_.data(), n, n_head, hd, 3 * d);
+    // Store every row's k and v first, so a prefill row sees the earlier rows of its chunk.
+    for (i64 r = 0; r < n; ++r) {
+      const int slot = row_slot_[static_cast<std::size_t>(r)];
+      const i64 pos = row_pos_[static_cast<std::size_t>(r)];
+      for (i64 hh = 0; hh < n_head; ++hh) {
+        const float* k = qkv + r * 3 * d + d + hh * hd;
+        std::copy_n(k, hd, cache.key(l, slot, static_cast<int>(hh)) + pos * hd);
+        std::copy_n(k + d, hd, cache.value(l, slot, static_cast<int>(hh)) + pos * hd);
+      }
+    }
+    attend(att, qkv, cache, l);
+    layers::linear_forward(proj, att, w + o.wo, n, d, d);
+    add_in_place(x, proj, n * d);
+    layers::rmsnorm_forward(h, rstd, x, w + o.mlp_norm, n, d, eps);
+    layers::linear_forward(gu, h, w + o.w_gate_up, n, d, 2 * f);
+    layers::swiglu_forward(act, gu, n, f);
+    layers::linear_forward(proj, act, w + o.w_down, n, f, d);
+    add_in_place(x, proj, n * d);
+  }
+  for (const DecodeChunk& c : chunks)
+    cache.length[static_cast<std::size_t>(c.slot)] += static_cast<int>(c.tokens.size());
+
+  // Only the rows whose logits are wanted go through the final norm and the LM head (for a
+  // prefill that is one row in T: the LM head is the largest GEMM of a small model).
+  for (i64 i = 0; i < m; ++i)
+    std::copy_n(x + out_row_[static_cast<std::size_t>(i)] * d, d, h + i * d);
+  layers::rmsnorm_forward(h_out_.data(), rstd, h, w + final_norm_, m, d, eps);
+  layers::linear_forward(logits_.data(), h_out_.data(), w + lm_head_, m, d, v);
+  return {logits_.data(), static_cast<std::size_t>(m * v)};
+}
+
+}  // namespace pion
