@@ -72,9 +72,33 @@ TEST(BenchCli, OptimOnCudaWithoutGpuIsAClearError) {
   EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << "not one line:\n" << r.output;
 }
 
+// A small `pion bench generate`: the table has the three paths of both prompt sets, every
+// cached path reproduces the uncached tokens, and the JSON holds positive times.
+TEST(BenchCli, GenerateComparesCachedWithUncachedInOneRun) {
+  const std::string dir = pion::test::temp_dir("bench_generate");
+  const std::string json_path = dir + "/generate.json";
+  const auto r = run_pion(
+      "bench generate --sequences 4 --tokens 6 --n_layer 1 --d_model 32 --seq_len 8 "
+      "--max_prompt 5 --json " + json_path);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("| prompts | path | seconds | tokens/s | vs uncached | same tokens |"),
+            std::string::npos)
+      << r.output;
+  EXPECT_EQ(r.output.find("| NO |"), std::string::npos) << r.output;
+  std::ifstream in(json_path);
+  ASSERT_TRUE(in.good()) << r.output;
+  const nlohmann::json j = nlohmann::json::parse(in);
+  ASSERT_EQ(j.at("results").size(), 6u);
+  for (const auto& row : j.at("results")) {
+    EXPECT_GT(row.at("seconds").get<double>(), 0.0);
+    EXPECT_TRUE(row.at("same_tokens").get<bool>()) << row.dump();
+  }
+}
+
 TEST(BenchCli, BadArgumentsAreRejected) {
   for (const char* args : {"bench", "bench optim --device tpu", "bench optim --layers 0",
-                           "bench optim --steps 0", "bench nothing"}) {
+                           "bench optim --steps 0", "bench nothing",
+                           "bench generate --sequences 0"}) {
     const auto r = run_pion(args);
     EXPECT_EQ(r.exit_code, 2) << args << ":\n" << r.output;
     EXPECT_NE(r.output.find("pion: error:"), std::string::npos) << args << ":\n" << r.output;

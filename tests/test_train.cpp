@@ -177,6 +177,22 @@ TEST(Train, FinetuneEvalAndSampleWork) {
                                "--tokens 20 --temperature 0.8 --top_k 5");
   ASSERT_EQ(sample.exit_code, 0) << sample.output;
   EXPECT_GT(sample.output.size(), 20u);
+  // Several samples decoded together: each printed after the prompt, separated by "---"
+  // lines, and the same seed prints the same text again.
+  const std::string batch_args = "sample --checkpoint " + dir +
+                                 "/pre/checkpoint.safetensors --prompt The --tokens 12 "
+                                 "--temperature 0.9 --top_p 0.9 --samples 3 --seed 4";
+  auto batch = test::run_pion(batch_args);
+  ASSERT_EQ(batch.exit_code, 0) << batch.output;
+  std::size_t separators = 0;
+  for (std::size_t at = batch.output.find("\n---\nThe"); at != std::string::npos;
+       at = batch.output.find("\n---\nThe", at + 1))
+    ++separators;
+  EXPECT_EQ(separators, 2u) << batch.output;
+  EXPECT_EQ(batch.output.rfind("The", 0), 0u) << batch.output;
+  EXPECT_EQ(test::run_pion(batch_args).output, batch.output);
+  EXPECT_NE(test::run_pion("sample --checkpoint " + dir +
+                           "/pre/checkpoint.safetensors --top_p 0").exit_code, 0);
 }
 
 TEST(Train, CtrlCSavesACheckpointThatResumes) {
