@@ -392,6 +392,31 @@ void cross_entropy_backward(T* dlogits, const T* logits, const T* lse, const std
   }
 }
 
+template <class T>
+double weighted_cross_entropy(const T* logits, const T* lse, const std::int32_t* targets,
+                              const double* weights, i64 n, i64 v) {
+  double total = 0.0;
+  for (i64 i = 0; i < n; ++i)
+    if (targets[i] >= 0)
+      total += weights[i] * static_cast<double>(lse[i] - logits[i * v + targets[i]]);
+  return total;
+}
+
+template <class T>
+void weighted_cross_entropy_backward(T* dlogits, const T* logits, const T* lse,
+                                     const std::int32_t* targets, const double* weights, i64 n,
+                                     i64 v, double dloss) {
+#pragma omp parallel for schedule(static) if (worth_parallel(4 * n * v))
+  for (i64 i = 0; i < n; ++i) {
+    if (targets[i] < 0 || weights[i] == 0.0) continue;
+    const T g = static_cast<T>(dloss * weights[i]);
+    const T* row = logits + i * v;
+    T* drow = dlogits + i * v;
+    for (i64 j = 0; j < v; ++j) drow[j] += g * exp_t(row[j] - lse[i]);
+    drow[targets[i]] -= g;
+  }
+}
+
 // ---- explicit instantiations -------------------------------------------------------------------
 
 #define PION_LAYERS_INSTANTIATE(T)                                                               \
@@ -412,7 +437,11 @@ void cross_entropy_backward(T* dlogits, const T* logits, const T* lse, const std
   template void dropout_backward<T>(T*, const T*, const std::uint8_t*, i64, double);             \
   template double cross_entropy_forward<T>(T*, const T*, const std::int32_t*, i64, i64, i64*);   \
   template void cross_entropy_backward<T>(T*, const T*, const T*, const std::int32_t*, i64, i64, \
-                                          double);
+                                          double);                                               \
+  template double weighted_cross_entropy<T>(const T*, const T*, const std::int32_t*,             \
+                                            const double*, i64, i64);                            \
+  template void weighted_cross_entropy_backward<T>(T*, const T*, const T*, const std::int32_t*,  \
+                                                   const double*, i64, i64, double);
 
 PION_LAYERS_INSTANTIATE(float)
 PION_LAYERS_INSTANTIATE(double)

@@ -192,7 +192,8 @@ void zero(T* p, i64 n) {
 
 template <class T>
 double Llama<T>::forward(std::span<const std::int32_t> tokens,
-                         std::span<const std::int32_t> targets, int batch, int seq) {
+                         std::span<const std::int32_t> targets, int batch, int seq,
+                         std::span<const double> target_weights) {
   check(batch > 0 && seq > 0, "Llama::forward: batch and seq must be positive (got " +
                                   std::to_string(batch) + ", " + std::to_string(seq) + ")");
   check(seq <= config_.seq_len, "Llama::forward: sequence length " + std::to_string(seq) +
@@ -205,6 +206,11 @@ double Llama<T>::forward(std::span<const std::int32_t> tokens,
   check(targets.empty() || static_cast<i64>(targets.size()) == n,
         "Llama::forward: got " + std::to_string(targets.size()) + " targets for " +
             std::to_string(n) + " tokens (pass none to compute logits only)");
+  check(target_weights.empty() || static_cast<i64>(target_weights.size()) == n,
+        "Llama::forward: got " + std::to_string(target_weights.size()) + " target weights for " +
+            std::to_string(n) + " tokens");
+  check(target_weights.empty() || !targets.empty(),
+        "Llama::forward: target weights need targets");
   const i64 v = config_.vocab_size;
   for (std::size_t i = 0; i < tokens.size(); ++i) {
     check(tokens[i] >= 0 && tokens[i] < v, "Llama::forward: token " + std::to_string(tokens[i]) +
@@ -219,6 +225,7 @@ double Llama<T>::forward(std::span<const std::int32_t> tokens,
   ensure_buffers(batch, seq);
   tokens_.assign(tokens.begin(), tokens.end());
   targets_.assign(targets.begin(), targets.end());
+  target_weights_.assign(target_weights.begin(), target_weights.end());
 
   const i64 d = config_.d_model, f = config_.ffn_size(), h = config_.n_head;
   const i64 hd = config_.head_dim();
@@ -260,7 +267,48 @@ double Llama<T>::forward(std::span<const std::int32_t> tokens,
   have_loss_ = !targets_.empty();
   target_count_ = 0;
   if (!have_loss_) return 0.0;
-  return layers::cross_entropy_forward(lse_, logits_, targets_.data(), n, v, &target_count_);
+  const double mean =
+      layers::cross_entropy_forward(lse_, logits_, targets_.data(), n, v, &target_count_);
+  if (target_weights_.empty()) return mean;
+  return layers::weighted_cross_entropy(logits_, lse_, targets_.data(), target_weights_.data(), n,
+                                        v);
+}
+
+template <class T>
+void Llama<T>::target_log_probs(std::span<double> log_probs, std::span<double> entropies) const {
+  check(have_loss_, "Llama::target_log_probs: call forward() with targets first");
+  const i64 n = static_cast<i64>(batch_) * seq_, v = config_.vocab_size;
+  check(static_cast<i64>(log_probs.size()) == n &&
+            (entropies.empty() || static_cast<i64>(entropies.size()) == n),
+        "Llama::target_log_probs: expected " + std::to_string(n) + " outputs");
+  for (i64 i = 0; i < n; ++i) {
+    const i64 t = targets_[static_cast<std::size_t>(i)];
+    const T* row = logits_ + i * v;
+    log_probs[static_cast<std::size_t>(i)] =
+        t >= 0 ? static_cast<double>(row[t]) - static_cast<double>(lse_[i]) : 0.0;
+    if (entropies.empty()) continue;
+    double h = 0.0;
+    if (t >= 0) {
+      // H = -sum_j p_j log p_j with log p_j = logit_j - lse.
+      for (i64 j = 0; j < v; ++j) {
+        const double lp = static_cast<double>(row[j]) - static_cast<double>(lse_[i]);
+        h -= std::exp(lp) * lp;
+      }
+    }
+    entropies[static_cast<std::size_t>(i)] = h;
+  }
+}
+
+template <class T>
+double Llama<T>::set_target_weights(std::span<const double> target_weights) {
+  check(have_loss_, "Llama::set_target_weights: call forward() with targets first");
+  const i64 n = static_cast<i64>(batch_) * seq_;
+  check(static_cast<i64>(target_weights.size()) == n,
+        "Llama::set_target_weights: got " + std::to_string(target_weights.size()) +
+            " weights for " + std::to_string(n) + " tokens");
+  target_weights_.assign(target_weights.begin(), target_weights.end());
+  return layers::weighted_cross_entropy(logits_, lse_, targets_.data(), target_weights_.data(), n,
+                                        config_.vocab_size);
 }
 
 template <class T>
@@ -283,7 +331,11 @@ void Llama<T>::backward(double loss_scale) {
   T* attn_scratch = dlogits + n * v;
 
   zero(dlogits, n * v);
-  layers::cross_entropy_backward(dlogits, logits_, lse_, targets_.data(), n, v, loss_scale);
+  if (target_weights_.empty())
+    layers::cross_entropy_backward(dlogits, logits_, lse_, targets_.data(), n, v, loss_scale);
+  else
+    layers::weighted_cross_entropy_backward(dlogits, logits_, lse_, targets_.data(),
+                                            target_weights_.data(), n, v, loss_scale);
   zero(dh, n * d);
   layers::linear_backward(dh, g_.lm_head, dlogits, h_final_, w_.lm_head, n, d, v);
   zero(dres, n * d);

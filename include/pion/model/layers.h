@@ -107,5 +107,16 @@ double cross_entropy_forward(T* lse, const T* logits, const std::int32_t* target
 template <class T>
 void cross_entropy_backward(T* dlogits, const T* logits, const T* lse, const std::int32_t* targets,
                             i64 n, i64 v, double dloss);
+// Per-row weights instead of the mean (RL objectives, pion/train/grpo.h): the loss is
+// sum over rows with target >= 0 of weights[i] * (lse - logits[target]), and
+// dlogits += dloss * weights[i] * (softmax - onehot(target)) on those rows. Weights are double
+// so a Llama<double> gradient check keeps them exact.
+template <class T>
+double weighted_cross_entropy(const T* logits, const T* lse, const std::int32_t* targets,
+                              const double* weights, i64 n, i64 v);
+template <class T>
+void weighted_cross_entropy_backward(T* dlogits, const T* logits, const T* lse,
+                                     const std::int32_t* targets, const double* weights, i64 n,
+                                     i64 v, double dloss);
 
 }  // namespace pion::layers

@@ -70,8 +70,18 @@ class Llama {
   // cross-entropy over targets >= 0 (negative targets are ignored; 0 when none is counted).
   // With empty targets only the logits are computed (returns 0; backward() is then an error).
   // Activation buffers are allocated once per (B, T) and reused.
+  // With target_weights ([B*T], one per position): the loss is instead
+  // sum_i target_weights[i] * (-log p(target_i)) over targets >= 0 (no mean), what an RL
+  // objective's gradient is (pion/train/grpo.h); backward() then differentiates that sum.
   double forward(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets,
-                 int batch, int seq);
+                 int batch, int seq, std::span<const double> target_weights = {});
+  // After a forward() with targets: log p(target) of each position (0 where target < 0) and,
+  // when `entropies` is not empty, the entropy of the softmax there (0 where target < 0),
+  // both in double. RL computes its per-target weights from these before backward().
+  void target_log_probs(std::span<double> log_probs, std::span<double> entropies = {}) const;
+  // After a forward() with targets: switches its loss to the weighted sum above with these
+  // weights (replacing any given to forward) and returns that loss; backward() uses them.
+  double set_target_weights(std::span<const double> target_weights);
   // Adds d(loss_scale * loss)/dparams of the last forward() into grads().
   void backward(double loss_scale = 1.0);
   // Called by backward() right after layer l's gradients are final (layers run last to first),
@@ -167,6 +177,7 @@ class Llama {
   T* scratch_proj_ = nullptr;  // [N, d] output projection before dropout / residual add
 
   std::vector<std::int32_t> tokens_, targets_;
+  std::vector<double> target_weights_;  // empty: the mean cross-entropy
   bool have_loss_ = false;
   bool dropout_used_ = false;
   std::int64_t target_count_ = 0;
