@@ -15,6 +15,7 @@ void add_prepare_command(CLI::App& app);
 void add_make_task_command(CLI::App& app);
 // `pion sweep`: src/cli/sweep.cpp (+ sweep_grid, sweep_runner, sweep_results).
 void add_sweep_command(CLI::App& app);
+void add_rl_command(CLI::App& app);
 // `pion bench optim` (and later `pion bench train`): src/cli/bench.cpp.
 void add_bench_command(CLI::App& app);
 

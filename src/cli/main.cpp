@@ -72,6 +72,7 @@ int main(int argc, char** argv) {
   });
   pion::cli::add_train_command(app);
   pion::cli::add_finetune_command(app);
+  pion::cli::add_rl_command(app);
   pion::cli::add_eval_command(app);
   pion::cli::add_sample_command(app);
   pion::cli::add_prepare_command(app);

@@ -4,6 +4,7 @@
 #include "cli/commands.h"
 #include "cli/validators.h"
 #include "pion/data/arithmetic.h"
+#include "pion/data/finetune.h"
 
 namespace pion::cli {
 
@@ -15,6 +16,8 @@ struct TaskArgs {
   std::uint64_t seed = 1;
   int min_digits = 1;
   int max_digits = 3;
+  std::string ops = "+";
+  std::string answer_key = "response";
 };
 }  // namespace
 
@@ -33,9 +36,18 @@ void add_make_task_command(CLI::App& app) {
   cmd->add_option("--max_digits", args->max_digits, "most digits per operand")
       ->check(FiniteRange(1, 1000))
       ->capture_default_str();
+  cmd->add_option("--ops", args->ops, "operators to draw from, e.g. + or +-* (harder tasks)")
+      ->capture_default_str();
+  cmd->add_option("--answer_key", args->answer_key,
+                  "the answer's key: response (pion finetune) or answer (pion rl)")
+      ->check(CLI::IsMember({"response", "answer"}))
+      ->capture_default_str();
   cmd->callback([args] {
-    generate_arithmetic(args->out, args->n, args->seed, args->min_digits, args->max_digits);
-    std::cout << "wrote " << args->n << " addition examples to " << args->out << "\n";
+    const auto examples = arithmetic_examples(
+        args->n, args->seed, ArithmeticOptions{args->min_digits, args->max_digits, args->ops});
+    write_finetune_jsonl(args->out, examples, args->answer_key);
+    std::cout << "wrote " << args->n << (args->ops == "+" ? " addition" : " arithmetic")
+              << " examples to " << args->out << "\n";
   });
 }
 

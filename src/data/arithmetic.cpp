@@ -40,6 +40,74 @@ std::string add_decimal(std::string_view a, std::string_view b) {
   return out;
 }
 
+namespace {
+// Strips leading zeros ("007" -> "7", "000" -> "0").
+std::string strip_zeros(std::string s) {
+  const std::size_t first = s.find_first_not_of('0');
+  return first == std::string::npos ? "0" : s.substr(first);
+}
+
+// a < b as numbers (digit strings without leading zeros).
+bool less_decimal(std::string_view a, std::string_view b) {
+  return a.size() != b.size() ? a.size() < b.size() : a < b;
+}
+}  // namespace
+
+std::string sub_decimal(std::string_view a, std::string_view b) {
+  check(all_digits(a) && all_digits(b), "sub_decimal: operands must be digit strings");
+  const std::string x = strip_zeros(std::string(a)), y = strip_zeros(std::string(b));
+  check(!less_decimal(x, y), "sub_decimal: " + x + " < " + y);
+  std::string out;
+  int borrow = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    int d = (x[x.size() - 1 - i] - '0') - borrow - (i < y.size() ? y[y.size() - 1 - i] - '0' : 0);
+    borrow = d < 0 ? 1 : 0;
+    out.push_back(static_cast<char>('0' + d + 10 * borrow));
+  }
+  std::reverse(out.begin(), out.end());
+  return strip_zeros(out);
+}
+
+std::string mul_decimal(std::string_view a, std::string_view b) {
+  check(all_digits(a) && all_digits(b), "mul_decimal: operands must be digit strings");
+  std::vector<int> acc(a.size() + b.size(), 0);
+  for (std::size_t i = 0; i < a.size(); ++i)
+    for (std::size_t j = 0; j < b.size(); ++j)
+      acc[i + j + 1] += (a[i] - '0') * (b[j] - '0');
+  for (std::size_t k = acc.size(); k-- > 1;) {
+    acc[k - 1] += acc[k] / 10;
+    acc[k] %= 10;
+  }
+  std::string out;
+  for (int d : acc) out.push_back(static_cast<char>('0' + d));
+  return strip_zeros(out);
+}
+
+std::vector<FinetuneExample> arithmetic_examples(std::int64_t n, std::uint64_t seed,
+                                                 const ArithmeticOptions& options) {
+  check(!options.ops.empty() && options.ops.find_first_not_of("+-*") == std::string::npos,
+        "arithmetic: operators must be a non-empty set of + - *, got '" + options.ops + "'");
+  if (options.ops == "+")
+    return arithmetic_examples(n, seed, options.min_digits, options.max_digits);
+  check(n >= 1, "arithmetic: the number of examples must be >= 1, got " + std::to_string(n));
+  check(options.min_digits >= 1 && options.min_digits <= options.max_digits &&
+            options.max_digits <= 1000,
+        "arithmetic: need 1 <= min_digits <= max_digits <= 1000");
+  Rng rng(seed);
+  const auto span = static_cast<std::uint64_t>(options.max_digits - options.min_digits + 1);
+  std::vector<FinetuneExample> out;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const char op = options.ops[rng.below(options.ops.size())];
+    std::string a = random_number(rng, options.min_digits + static_cast<int>(rng.below(span)));
+    std::string b = random_number(rng, options.min_digits + static_cast<int>(rng.below(span)));
+    if (op == '-' && less_decimal(a, b)) std::swap(a, b);
+    const std::string answer =
+        op == '+' ? add_decimal(a, b) : op == '-' ? sub_decimal(a, b) : mul_decimal(a, b);
+    out.push_back({a + op + b + "=", answer});
+  }
+  return out;
+}
+
 std::vector<FinetuneExample> arithmetic_examples(std::int64_t n, std::uint64_t seed, int min_digits,
                                                  int max_digits) {
   check(n >= 1, "arithmetic: the number of examples must be >= 1, got " + std::to_string(n));
@@ -66,17 +134,24 @@ void generate_arithmetic(const std::string& path, std::int64_t n, std::uint64_t 
 }
 
 std::string arithmetic_answer(std::string_view prompt) {
-  const std::size_t plus = prompt.find('+');
+  const std::size_t plus = prompt.find_first_of("+-*");
   const bool well_formed = plus != std::string_view::npos && !prompt.empty() &&
                            prompt.back() == '=' && all_digits(prompt.substr(0, plus)) &&
                            all_digits(prompt.substr(plus + 1, prompt.size() - plus - 2));
   if (!well_formed) {
     // Built with append: GCC 12 warns falsely (-Wrestrict) on "'" + std::string(...) here.
     std::string message = "'";
-    message.append(prompt).append("' is not an addition prompt of the form \"12+345=\"");
+    message.append(prompt).append("' is not an arithmetic prompt of the form \"12+345=\"");
     throw Error(message);
   }
-  return add_decimal(prompt.substr(0, plus), prompt.substr(plus + 1, prompt.size() - plus - 2));
+  const std::string_view a = prompt.substr(0, plus);
+  const std::string_view b = prompt.substr(plus + 1, prompt.size() - plus - 2);
+  if (prompt[plus] == '-') {
+    if (less_decimal(strip_zeros(std::string(a)), strip_zeros(std::string(b))))
+      throw Error("'" + std::string(prompt) + "' has a negative answer");
+    return sub_decimal(a, b);
+  }
+  return prompt[plus] == '*' ? mul_decimal(a, b) : add_decimal(a, b);
 }
 
 double arithmetic_reward(std::string_view prompt, std::string_view completion,

@@ -10,7 +10,8 @@
 namespace pion {
 
 std::vector<FinetuneExample> parse_finetune_jsonl(std::string_view text,
-                                                  const std::string& source) {
+                                                  const std::string& source,
+                                                  std::string_view answer_key) {
   const std::string example = R"({"prompt": "12+34=", "response": "46"})";
   check(text.size() <= kMaxFinetuneFileBytes,
         "finetuning file '" + source + "' is " + std::to_string(text.size()) +
@@ -37,7 +38,7 @@ std::vector<FinetuneExample> parse_finetune_jsonl(std::string_view text,
                              "); expected " + R"({"prompt": ..., "response": ...})");
     std::string fields[2];
     int k = 0;
-    for (const char* key : {"prompt", "response"}) {
+    for (const std::string& key : {std::string("prompt"), std::string(answer_key)}) {
       const auto it = j.find(key);
       check(it != j.end(), where + " has no \"" + key + "\" key");
       check(it->is_string(),
@@ -54,15 +55,17 @@ std::vector<FinetuneExample> parse_finetune_jsonl(std::string_view text,
   return examples;
 }
 
-std::vector<FinetuneExample> load_finetune_jsonl(const std::string& path) {
+std::vector<FinetuneExample> load_finetune_jsonl(const std::string& path,
+                                                 std::string_view answer_key) {
   return parse_finetune_jsonl(input::read_file(path, kMaxFinetuneFileBytes, "finetuning file"),
-                              path);
+                              path, answer_key);
 }
 
-void write_finetune_jsonl(const std::string& path, std::span<const FinetuneExample> examples) {
+void write_finetune_jsonl(const std::string& path, std::span<const FinetuneExample> examples,
+                          std::string_view answer_key) {
   std::string out;
   for (const auto& ex : examples) {
-    out += nlohmann::json{{"prompt", ex.prompt}, {"response", ex.response}}.dump();
+    out += nlohmann::json{{"prompt", ex.prompt}, {std::string(answer_key), ex.response}}.dump();
     out += '\n';
   }
   write_file_atomic(path, out);
@@ -200,6 +203,28 @@ bool exact_match(std::string_view completion, std::string_view reference,
                  std::string_view end_marker) {
   const std::size_t end = completion.find(end_marker);
   return end != std::string_view::npos && completion.substr(0, end) == reference;
+}
+
+std::string normalize_whitespace(std::string_view text) {
+  std::string out;
+  bool space = false;
+  for (char c : text) {
+    if (c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v') {
+      space = !out.empty();
+      continue;
+    }
+    if (space) out.push_back(' ');
+    space = false;
+    out.push_back(c);
+  }
+  return out;
+}
+
+bool answer_matches(std::string_view completion, std::string_view answer,
+                    std::string_view end_marker) {
+  const std::size_t end = completion.find(end_marker);
+  return end != std::string_view::npos &&
+         normalize_whitespace(completion.substr(0, end)) == normalize_whitespace(answer);
 }
 
 double exact_match_rate(std::span<const std::string> completions,

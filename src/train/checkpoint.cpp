@@ -123,7 +123,11 @@ ResumePoint read_train_checkpoint(const std::string& path, const ModelConfig& mo
   out.progress.tokens_seen = input::to_double(at("tokens_seen"), 0.0, 1e30, key + "'tokens_seen'");
   out.progress.wall_seconds = input::to_double(at("wall_seconds"), 0.0, 1e15, key + "'wall_seconds'");
   out.data_state = at("data_state");
-  check(out.data_state.is_string() && out.data_state.get_ref<const std::string&>().size() <= 4096,
+  // Loaders need a few hundred bytes; `pion rl` with ppo_epochs > 1 also keeps the sampled
+  // batch it is still optimising (tokens, log-probs), so that resume is bit-exact.
+  constexpr std::size_t kMaxDataState = std::size_t{16} << 20;
+  check(out.data_state.is_string() &&
+            out.data_state.get_ref<const std::string&>().size() <= kMaxDataState,
         key + "'data_state' must be a string of the data loader's state, got " +
             input::describe(out.data_state));
   out.dropout_rng = at("dropout_rng");

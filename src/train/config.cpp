@@ -54,6 +54,16 @@ Field real_field(const char* name, const char* help, double TrainConfig::*member
                [member](const TrainConfig& c) { return nlohmann::json(c.*member); }};
 }
 
+Field bool_field(const char* name, const char* help, bool TrainConfig::*member) {
+  return Field{{name, with_range(help, "true | false")},
+               [member, name](TrainConfig& c, const nlohmann::json& v) {
+                 check(v.is_boolean(), where(name) + " must be true or false, got " +
+                                           input::describe(v));
+                 c.*member = v.get<bool>();
+               },
+               [member](const TrainConfig& c) { return nlohmann::json(c.*member); }};
+}
+
 // Paths may be long; the names of choices are short.
 constexpr std::size_t kMaxPath = 4096;
 constexpr std::size_t kMaxChoice = 64;
@@ -135,6 +145,25 @@ const std::vector<Field>& fields() {
                 kMaxThreads),
       string_field("out_dir", "output directory (metrics, summary, checkpoint)",
                    &TrainConfig::out_dir, kMaxPath),
+      int_field("rl_prompts_per_step", "rl: prompts sampled per step (P)",
+                &TrainConfig::rl_prompts_per_step, 1, kMaxBatch),
+      int_field("rl_group_size", "rl: completions sampled per prompt (G)",
+                &TrainConfig::rl_group_size, 2, 1024),
+      int_field("rl_max_new_tokens", "rl: most tokens per completion",
+                &TrainConfig::rl_max_new_tokens, 1, kMaxSeqLen),
+      real_field("rl_temperature", "rl: sampling temperature", &TrainConfig::rl_temperature, 0,
+                 100, true),
+      real_field("rl_top_p", "rl: nucleus sampling mass", &TrainConfig::rl_top_p, 0, 1, true),
+      bool_field("rl_std_normalize",
+                 "rl: divide advantages by the group's reward std (false: Dr. GRPO)",
+                 &TrainConfig::rl_std_normalize),
+      real_field("clip_eps", "rl: PPO ratio clip epsilon", &TrainConfig::clip_eps, 0, 10, true),
+      int_field("ppo_epochs", "rl: optimizer steps per sampled batch (ratio clipped after the first)",
+                &TrainConfig::ppo_epochs, 1, 1000),
+      real_field("kl_coef", "rl: weight of the k3 KL estimate to the initial policy (0 = off)",
+                 &TrainConfig::kl_coef, 0, 1e6),
+      real_field("adv_eps", "rl: added to the group's reward std", &TrainConfig::adv_eps, 0, 1,
+                 true),
       string_field("device",
                    "cpu | cuda (the GPU back end: model, optimizers and loss on device 0)",
                    &TrainConfig::device),

@@ -133,6 +133,7 @@ class CpuBackend final : public TrainBackend {
   void zero_grad() override { model_.zero_grad(); }
 
   double forward_backward(const MicroBatch& batch, double weight, bool last) override {
+    if (batch.objective) return objective_forward_backward(batch, weight, last);
     const double local_loss = model_.forward(batch.inputs, batch.targets, batch.rows, batch.seq);
     // The loss is the mean over the GLOBAL micro-batch: weight this rank's mean by its share
     // of the counted targets (exactly 1/N when every target counts, as in pretraining), so
@@ -150,6 +151,26 @@ class CpuBackend final : public TrainBackend {
         overlap ? std::function<void(int)>([this](int layer) { start_layer_bucket(layer); })
                 : std::function<void(int)>());
     model_.backward(share * weight);
+    return loss;
+  }
+
+  // RL: forward, the objective's weights from the per-target log-probs, backward of the
+  // weighted loss. The objective is normalised over the global batch already (no share).
+  double objective_forward_backward(const MicroBatch& batch, double weight, bool last) {
+    model_.forward(batch.inputs, batch.targets, batch.rows, batch.seq);
+    const auto n = static_cast<std::size_t>(batch.rows) * static_cast<std::size_t>(batch.seq);
+    log_probs_.resize(n);
+    entropies_.resize(n);
+    target_weights_.resize(n);
+    model_.target_log_probs(log_probs_, entropies_);
+    const double local = batch.objective(log_probs_, entropies_, target_weights_);
+    model_.set_target_weights(target_weights_);
+    const double loss = comm_.allreduce_sum(local);
+    const bool overlap = !buckets_.empty() && last;
+    model_.set_layer_grads_ready_hook(
+        overlap ? std::function<void(int)>([this](int layer) { start_layer_bucket(layer); })
+                : std::function<void(int)>());
+    model_.backward(weight);
     return loss;
   }
 
@@ -290,6 +311,7 @@ class CpuBackend final : public TrainBackend {
   std::vector<OwnedRange> weight_ranges_;
   std::vector<Bucket> buckets_;
   BackendCosts costs_;
+  std::vector<double> log_probs_, entropies_, target_weights_;  // RL objective scratch
 };
 
 }  // namespace

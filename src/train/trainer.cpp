@@ -112,6 +112,7 @@ TrainSummary run_training(TrainInputs in, TrainBackend& backend) {
       record["spectrum_drift"] = *drift;
     std::cout << "step " << progress.step << " | val loss " << val << " | best "
               << progress.best_val_loss << "\n";
+    if (in.extra_eval) in.extra_eval(record);
   };
 
   // Every rank must take the same decisions (a signal may reach the ranks at different times,
@@ -151,9 +152,12 @@ TrainSummary run_training(TrainInputs in, TrainBackend& backend) {
     double loss = 0.0;
     for (int micro = 0; micro < cfg.grad_accum; ++micro) {
       source.next(inputs, targets);
-      loss += backend.forward_backward({inputs, targets, local_B, T}, 1.0 / cfg.grad_accum,
-                                       micro + 1 == cfg.grad_accum) /
-              cfg.grad_accum;
+      MicroBatch batch{inputs, targets, local_B, T, source.objective()};
+      const bool last_micro = micro + 1 == cfg.grad_accum;
+      if (batch.objective)  // RL: already the micro-batch's share of the step's loss
+        loss += backend.forward_backward(batch, 1.0, last_micro);
+      else
+        loss += backend.forward_backward(batch, 1.0 / cfg.grad_accum, last_micro) / cfg.grad_accum;
     }
     backend.finish_grads();
     // The gradient is the same everywhere now, so the norm, the clip and the NaN/Inf skip
@@ -172,6 +176,7 @@ TrainSummary run_training(TrainInputs in, TrainBackend& backend) {
     last_loss = loss;
     nlohmann::json record = step_log.finish_step(progress.step, backend.lr(), loss, norm, dt,
                                                  progress.wall_seconds + elapsed(), applied);
+    source.annotate_step(record);
     const bool last = progress.step == cfg.max_iters;
     if ((cfg.eval_interval > 0 && progress.step % cfg.eval_interval == 0) || last) evaluate(record);
     if (metrics) metrics->write(record);

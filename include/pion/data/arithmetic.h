@@ -20,9 +20,26 @@ std::vector<FinetuneExample> arithmetic_examples(std::int64_t n, std::uint64_t s
 void generate_arithmetic(const std::string& path, std::int64_t n, std::uint64_t seed,
                          int min_digits, int max_digits);
 
+// Harder tasks (headroom for RL): operators drawn uniformly from `ops` (a non-empty set of
+// '+', '-', '*'). Subtraction orders its operands so the answer is never negative ("52-17=");
+// multiplication answers are up to twice as long. With ops "+" the examples are exactly the
+// ones above (no operator is drawn).
+struct ArithmeticOptions {
+  int min_digits = 1;
+  int max_digits = 3;
+  std::string ops = "+";
+};
+std::vector<FinetuneExample> arithmetic_examples(std::int64_t n, std::uint64_t seed,
+                                                 const ArithmeticOptions& options);
+
+// Difference a - b (a >= b) and product of non-negative decimal digit strings.
+std::string sub_decimal(std::string_view a, std::string_view b);
+std::string mul_decimal(std::string_view a, std::string_view b);
+
 // Sum of two non-negative decimal numbers given as digit strings (any length).
 std::string add_decimal(std::string_view a, std::string_view b);
-// Parses a prompt "a+b=" and returns the correct response; errors on any other form.
+// Parses a prompt "a+b=", "a-b=" or "a*b=" and returns the correct response; errors on any
+// other form.
 std::string arithmetic_answer(std::string_view prompt);
 // 1.0 when `completion` is the exact answer followed by the end marker, else 0.0.
 double arithmetic_reward(std::string_view prompt, std::string_view completion,

@@ -46,11 +46,16 @@ inline constexpr int kMaxFinetuneDepth = 8;
 // object), a line longer than kMaxFinetuneLineBytes, not an object, a missing or non-string
 // "prompt" / "response", an empty prompt, or a file with no examples. The file must be a
 // regular file of at most kMaxFinetuneFileBytes (pion::input::read_file).
-std::vector<FinetuneExample> load_finetune_jsonl(const std::string& path);
+// `pion rl` task files name the second field "answer" (answer_key) instead of "response".
+std::vector<FinetuneExample> load_finetune_jsonl(const std::string& path,
+                                                 std::string_view answer_key = "response");
 // The same over text in memory; `source` names it in errors (the path, for files).
-std::vector<FinetuneExample> parse_finetune_jsonl(std::string_view text, const std::string& source);
+std::vector<FinetuneExample> parse_finetune_jsonl(std::string_view text, const std::string& source,
+                                                  std::string_view answer_key = "response");
 // Writes one {"prompt", "response"} object per line, atomically.
-void write_finetune_jsonl(const std::string& path, std::span<const FinetuneExample> examples);
+// (answer_key "answer": a `pion rl` task file).
+void write_finetune_jsonl(const std::string& path, std::span<const FinetuneExample> examples,
+                          std::string_view answer_key = "response");
 // prompt + response + end_marker of every example, concatenated: text to train a tokenizer on.
 std::string finetune_text(std::span<const FinetuneExample> examples,
                           std::string_view end_marker = kDefaultEndMarker);
@@ -108,6 +113,12 @@ class FinetuneLoader {
 // that never ends, i.e. has no end marker, is wrong too: the model must learn to stop).
 bool exact_match(std::string_view completion, std::string_view reference,
                  std::string_view end_marker = kDefaultEndMarker);
+// Runs of whitespace become one space; leading and trailing whitespace is dropped.
+std::string normalize_whitespace(std::string_view text);
+// The RL verifier: the completion holds the end marker and the text before its first
+// occurrence equals `answer` after normalize_whitespace on both (" 357 " matches "357").
+bool answer_matches(std::string_view completion, std::string_view answer,
+                    std::string_view end_marker = kDefaultEndMarker);
 // Fraction of exact matches of completions[i] against examples[i].response.
 double exact_match_rate(std::span<const std::string> completions,
                         std::span<const FinetuneExample> examples,

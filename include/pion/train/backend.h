@@ -15,9 +15,9 @@
 //   norm = grad_norm(); maybe scale_grads(clip / norm)
 //   finite norm ? step() : skip_step()
 //
-// Where the next capabilities plug in: an RL step (GRPO) is another batch source whose
-// batches carry per-target loss weights (advantages) into forward_backward, plus a
-// generation call on the back end; data parallelism on GPUs (NCCL) is CudaBackend's
+// RL (GRPO, `pion rl`) is another batch source whose micro-batches carry a per-target
+// objective (MicroBatch::objective) into forward_backward; it generates with the CPU model
+// (the CUDA back end does not take objectives yet). Data parallelism on GPUs (NCCL) is CudaBackend's
 // finish_grads and step, as MPI is CpuBackend's.
 #include <cstdint>
 #include <functional>
@@ -43,6 +43,16 @@ using BatchLoss = std::function<double(std::span<const std::int32_t> inputs,
 // Validation: the mean loss over a fixed set of batches (the same every eval).
 using Evaluator = std::function<double(const BatchLoss&)>;
 
+// An RL objective of the current policy's per-target log-probs (pion/train/grpo.h): given
+// log p(target) and the softmax's entropy at each position [rows * seq] (0 where target < 0),
+// fills weights[i] = -d objective / d log p(target_i) and returns the objective's value. The
+// back end then backpropagates sum_i weights[i] * (-log p(target_i)), whose gradient is the
+// objective's. The weights need the forward's log-probs (the PPO ratio, the KL term), which
+// is why they are a function rather than numbers in the batch.
+using TargetObjective = std::function<double(std::span<const double> log_probs,
+                                             std::span<const double> entropies,
+                                             std::span<double> weights)>;
+
 // One micro-batch of this process: inputs and targets [rows, seq]; targets < 0 are ignored
 // by the loss (prompt tokens in finetuning, padding).
 struct MicroBatch {
@@ -50,6 +60,11 @@ struct MicroBatch {
   std::span<const std::int32_t> targets;
   int rows = 0;
   int seq = 0;
+  // Empty: the mean cross-entropy. Set (RL): the objective above, already normalised as the
+  // micro-batch's share of the step's loss, so forward_backward applies `weight` to it
+  // unchanged and returns its value summed over ranks. The CUDA back end does not
+  // apply objectives yet: `pion rl` refuses --device cuda before training.
+  TargetObjective objective;
 };
 
 // What a back end measured over a run, for the summary (this process's figures).

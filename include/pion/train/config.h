@@ -54,6 +54,17 @@ struct TrainConfig {
   std::uint64_t seed = 1337;
   int threads = 0;  // 0 = all cores
   std::string out_dir = "runs/default";
+  // `pion rl` (GRPO, pion/train/grpo.h, pion/train/rl_source.h)
+  int rl_prompts_per_step = 8;  // P prompts sampled per step
+  int rl_group_size = 8;        // G completions per prompt (>= 2)
+  int rl_max_new_tokens = 16;
+  double rl_temperature = 1.0;
+  double rl_top_p = 1.0;
+  bool rl_std_normalize = true;  // false: advantages r - mean (Dr. GRPO)
+  double clip_eps = 0.2;
+  int ppo_epochs = 1;  // optimizer steps per sampled batch
+  double kl_coef = 0.0;
+  double adv_eps = 1e-4;
   // device (pion/cuda/backend.h; the other keys here apply to --device cuda only)
   std::string device = "cpu";              // cpu | cuda
   std::string matmul_precision = "bf16";   // the model's GEMMs: bf16 | tf32 | fp32

@@ -43,6 +43,11 @@ class BatchSource {
   virtual void next(std::vector<std::int32_t>& inputs, std::vector<std::int32_t>& targets) = 0;
   virtual nlohmann::json state() const = 0;
   virtual void restore(const nlohmann::json& state) = 0;
+  // RL: the objective of the micro-batch next() just filled (backend.h); empty (the default)
+  // is the mean cross-entropy of pretraining and finetuning.
+  virtual TargetObjective objective() { return {}; }
+  // Adds this step's own figures (RL: rewards, KL, entropy) to its metrics.jsonl record.
+  virtual void annotate_step(nlohmann::json& /*record*/) {}
 };
 
 struct TrainSummary {
@@ -71,6 +76,9 @@ struct TrainInputs {
   nlohmann::json extra_metadata;  // stored in the checkpoint (tokenizer path, mode, ...)
   std::unique_ptr<BatchSource> train_source;
   Evaluator evaluate;     // may be empty (no validation)
+  // Called at each eval after the validation loss, with the step's record to add to (RL: the
+  // held-out exact match). May be empty.
+  std::function<void(nlohmann::json& record)> extra_eval;
   bool resume = false;    // continue from out_dir/checkpoint.safetensors
   std::string init_from;  // finetuning: start from these weights (fresh optimizer)
   int stop_after = 0;     // > 0: stop (with a checkpoint) once the step count reaches

@@ -1,0 +1,85 @@
+#pragma once
+// The GRPO batch source of `pion rl`: the one training loop (trainer.h) runs RL through it.
+//
+// Every ppo_epochs steps it samples a batch: P = rl_prompts_per_step task prompts drawn
+// uniformly (with replacement) with its sampling RNG, G = rl_group_size completions each from
+// the CURRENT policy (generate.h: batched, KV-cached; temperature rl_temperature, nucleus
+// rl_top_p; a completion ends at the end marker or after rl_max_new_tokens), scored by the
+// verifier (answer_matches: exact match after normalising whitespace, 1 or 0), with
+// group-relative advantages (grpo.h). It keeps each completion token's log-prob under the
+// sampling policy (logp_old, of the unmodified logits) and under the frozen initial policy
+// (ref_logp, one forward of the reference model), and the batch's completion-token count N.
+// The P * G rows (prompt + completion, laid out as finetuning rows: targets on completion
+// tokens only) are handed out as grad_accum micro-batches of batch_size rows, for ppo_epochs
+// consecutive steps; each micro-batch carries the GRPO objective (grpo_token_objective,
+// normalised by N), so every step's loss is the mean over all of the batch's completion tokens.
+//
+// State (in the checkpoint): the sampling RNG, the PPO epoch, and, between epochs of one
+// batch, the batch itself, so a resumed run is bit-exact. Metrics per step: reward_mean,
+// no_signal_frac (groups whose rewards are all equal), completion_len_mean, entropy (the
+// current policy's mean entropy at the completion positions, temperature 1), kl (mean k3 to
+// the initial policy), clip_frac, ppo_epoch.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "pion/core/random.h"
+#include "pion/data/finetune.h"
+#include "pion/data/tokenizer.h"
+#include "pion/model/llama.h"
+#include "pion/train/config.h"
+#include "pion/train/grpo.h"
+#include "pion/train/trainer.h"
+
+namespace pion {
+
+class RlSource final : public BatchSource {
+ public:
+  // `policy` is the model being trained (it must outlive the source); `reference` a frozen
+  // copy of its initial weights. Task prompts must fit: encoded prompt + rl_max_new_tokens
+  // <= seq_len + 1 (checked here, naming the task).
+  RlSource(Llama<float>& policy, std::unique_ptr<Llama<float>> reference,
+           const Tokenizer& tokenizer, std::vector<FinetuneExample> tasks,
+           const TrainConfig& config, std::string end_marker = std::string(kDefaultEndMarker));
+
+  void next(std::vector<std::int32_t>& inputs, std::vector<std::int32_t>& targets) override;
+  nlohmann::json state() const override;
+  void restore(const nlohmann::json& state) override;
+  TargetObjective objective() override;
+  void annotate_step(nlohmann::json& record) override;
+
+ private:
+  struct Row {
+    std::vector<std::int32_t> tokens;  // prompt + completion
+    int prompt_len = 0;
+    std::vector<double> logp_old, ref_logp;  // one per completion token
+    double reward = 0.0;
+  };
+  void sample();
+  void fill(std::size_t row, std::span<std::int32_t> inputs, std::span<std::int32_t> targets) const;
+
+  Llama<float>& policy_;
+  std::unique_ptr<Llama<float>> reference_;
+  const Tokenizer& tokenizer_;
+  std::vector<FinetuneExample> tasks_;
+  std::vector<std::vector<std::int32_t>> task_tokens_;
+  TrainConfig config_;
+  GrpoOptions options_;
+  std::string end_marker_;
+  Rng rng_;
+
+  // The batch being optimised.
+  std::vector<Row> rows_;
+  std::vector<double> advantages_;
+  double completion_tokens_ = 0.0;
+  int epoch_ = 0, micro_ = 0;
+  std::size_t current_first_row_ = 0;  // the micro-batch next() filled last
+  std::vector<std::int32_t> last_targets_;
+  // This step's token statistics (reset at its first micro-batch).
+  GrpoTokenStats stats_;
+  double entropy_sum_ = 0.0;
+  int step_epoch_ = 0;
+};
+
+}  // namespace pion

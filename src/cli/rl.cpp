@@ -1,0 +1,160 @@
+// `pion rl`: GRPO from a checkpoint on verifiable tasks ({"prompt", "answer"} JSONL, or
+// generated arithmetic), in the one training loop through RlSource (pion/train/rl_source.h);
+// ends with the held-out exact match of greedy answers.
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "cli/commands.h"
+#include "cli/config_flags.h"
+#include "cli/exact_match_eval.h"
+#include "cli/run_on_device.h"
+#include "cli/validators.h"
+#include "pion/core/error.h"
+#include "pion/data/arithmetic.h"
+#include "pion/dist/communicator.h"
+#include "pion/model/memory.h"
+#include "pion/train/rl_source.h"
+#include "pion/train/session.h"
+
+namespace pion::cli {
+
+namespace {
+
+struct RlArgs {
+  std::string from;
+  std::string tasks;
+  std::string task;  // "arithmetic": generate the tasks
+  std::int64_t task_n = 5000;
+  ArithmeticOptions arithmetic;
+  bool resume = false;
+  int eval_examples = 200;
+};
+
+std::vector<FinetuneExample> load_tasks(const RlArgs& args, const TrainConfig& config) {
+  check(args.tasks.empty() != args.task.empty(),
+        "rl: give exactly one of --tasks FILE.jsonl and --task arithmetic");
+  if (!args.tasks.empty()) return load_finetune_jsonl(args.tasks, "answer");
+  return arithmetic_examples(args.task_n, config.seed ^ 0x7a5cULL, args.arithmetic);
+}
+
+void run_rl(const ConfigFlags& flags, const RlArgs& args) {
+  check(!dist::world().distributed(),
+        "rl: mpirun is not supported yet (each rank would sample its own prompts); run one "
+        "process");
+  LoadedCheckpoint base = load_checkpoint(args.from);
+  TrainConfig config = base.config;
+  config.out_dir = "runs/rl";
+  config.max_iters = 200;
+  config.warmup_iters = 0;
+  config.schedule = "constant";
+  config.eval_interval = 50;
+  config.checkpoint_interval = 0;
+  config.dropout = 0.0;
+  config.grad_accum = 1;
+  apply_config_flags(flags, config);
+  for (const char* key : {"n_layer", "n_head", "d_model", "ffn_hidden", "seq_len", "tokenizer"})
+    check(config.to_json()[key] == base.config.to_json()[key],
+          std::string("rl: '") + key + "' comes from the checkpoint and cannot change");
+  check(config.device == "cpu",
+        "rl: --device cuda is not supported yet (generation and the GRPO objective run on the "
+        "CPU back end); use --device cpu");
+  const int rows = config.rl_prompts_per_step * config.rl_group_size;
+  check(rows % config.grad_accum == 0,
+        "rl: rl_prompts_per_step x rl_group_size = " + std::to_string(rows) +
+            " completions must split evenly into grad_accum " +
+            std::to_string(config.grad_accum) + " micro-batches");
+  config.batch_size = rows / config.grad_accum;  // rows per micro-batch, derived
+  config.data = args.tasks.empty() ? "arithmetic" : args.tasks;
+  config.validate();
+  check_batch_memory(base.model->config(), config.batch_size, config.seq_len, true, "pion rl");
+
+  std::vector<FinetuneExample> tasks = load_tasks(args, config);
+  check(tasks.size() >= 2, "rl: need at least 2 tasks (some are held out for evaluation)");
+  const auto n_val = std::max<std::size_t>(
+      1, static_cast<std::size_t>(static_cast<double>(tasks.size()) * config.val_fraction));
+  std::vector<FinetuneExample> train(tasks.begin(), tasks.end() - static_cast<long>(n_val));
+  std::vector<FinetuneExample> val(tasks.end() - static_cast<long>(n_val), tasks.end());
+  std::cout << "rl: " << train.size() << " train / " << val.size() << " held-out tasks; "
+            << config.rl_prompts_per_step << " prompts x " << config.rl_group_size
+            << " completions per step\n";
+
+  std::filesystem::create_directories(config.out_dir);
+  const std::string tokenizer_copy = config.out_dir + "/tokenizer.json";
+  base.tokenizer->save(tokenizer_copy);
+  Llama<float>& model = *base.model;
+  // The reference policy: a frozen copy of the starting weights.
+  auto reference = std::make_unique<Llama<float>>(model.config());
+  {
+    TensorFile weights;
+    model.save_weights(weights);
+    reference->load_weights(weights);
+  }
+  // The source checks every prompt fits the context before anything trains.
+  auto source = std::make_unique<RlSource>(model, std::move(reference), *base.tokenizer, train,
+                                           config);
+
+  TrainInputs in;
+  in.config = config;
+  in.resume = args.resume;
+  in.extra_metadata = {{"mode", "rl"}, {"tokenizer", tokenizer_copy}, {"from", args.from},
+                       {"tasks", config.data}};
+  in.train_source = std::move(source);
+  FinetuneDataset val_set(val, *base.tokenizer);
+  const std::size_t k =
+      std::min<std::size_t>(val.size(), static_cast<std::size_t>(args.eval_examples));
+  in.evaluate = make_finetune_evaluator(val_set, config, 1);
+  std::ostringstream quiet;
+  in.extra_eval = [&](nlohmann::json& record) {
+    const double acc = exact_match_accuracy(model, *base.tokenizer, std::span(val).first(k), quiet);
+    model.set_training(true);
+    record["exact_match"] = acc;
+    std::cout << "step " << record.value("step", 0) << " | held-out exact match "
+              << acc * 100.0 << "% on " << k << "\n";
+  };
+  TrainSummary s = run_training(std::move(in), model);
+
+  const double acc = exact_match_accuracy(model, *base.tokenizer, std::span(val).first(k), std::cout);
+  nlohmann::json summary = s.to_json();
+  summary["exact_match"] = acc;
+  summary["exact_match_examples"] = k;
+  {
+    std::ofstream out(config.out_dir + "/summary.json");
+    out << summary.dump(2) << "\n";
+  }
+  std::cout << "done: held-out exact match " << acc * 100.0 << "% on " << k << " tasks -> "
+            << config.out_dir << "/summary.json\n";
+}
+
+}  // namespace
+
+void add_rl_command(CLI::App& app) {
+  auto* cmd = app.add_subcommand("rl", "GRPO on verifiable tasks from a checkpoint");
+  auto args = std::make_shared<RlArgs>();
+  cmd->add_option("--from", args->from, "checkpoint to start from (pion train / finetune)")
+      ->required();
+  cmd->add_option("--tasks", args->tasks,
+                  "JSONL of {\"prompt\", \"answer\"} (pion make-task --answer_key answer)");
+  cmd->add_option("--task", args->task, "generate the tasks instead: arithmetic")
+      ->check(CLI::IsMember({"arithmetic"}));
+  cmd->add_option("--task_n", args->task_n, "--task: number of tasks")
+      ->check(FiniteRange(2, 10000000))
+      ->capture_default_str();
+  cmd->add_option("--min_digits", args->arithmetic.min_digits, "--task arithmetic: fewest digits")
+      ->check(FiniteRange(1, 1000))
+      ->capture_default_str();
+  cmd->add_option("--max_digits", args->arithmetic.max_digits, "--task arithmetic: most digits")
+      ->check(FiniteRange(1, 1000))
+      ->capture_default_str();
+  cmd->add_option("--ops", args->arithmetic.ops, "--task arithmetic: operators, e.g. +-*")
+      ->capture_default_str();
+  cmd->add_option("--eval_examples", args->eval_examples, "held-out tasks for the exact match")
+      ->check(FiniteRange(1, 10000000))
+      ->capture_default_str();
+  cmd->add_flag("--resume", args->resume, "continue from <out_dir>/checkpoint.safetensors");
+  auto flags = add_config_flags(*cmd);
+  cmd->callback([flags, args] { run_rl(*flags, *args); });
+}
+
+}  // namespace pion::cli

@@ -1,0 +1,264 @@
+// The GRPO batch source (pion/train/rl_source.h).
+#include "pion/train/rl_source.h"
+
+#include <algorithm>
+#include <iostream>
+
+#include "pion/core/error.h"
+#include "pion/core/input.h"
+#include "pion/model/generate.h"
+#include "pion/train/checkpoint.h"
+
+namespace pion {
+
+namespace {
+constexpr std::size_t kMaxStateBytes = std::size_t{16} << 20;  // checkpoint.cpp's bound
+}  // namespace
+
+RlSource::RlSource(Llama<float>& policy, std::unique_ptr<Llama<float>> reference,
+                   const Tokenizer& tokenizer, std::vector<FinetuneExample> tasks,
+                   const TrainConfig& config, std::string end_marker)
+    : policy_(policy),
+      reference_(std::move(reference)),
+      tokenizer_(tokenizer),
+      tasks_(std::move(tasks)),
+      config_(config),
+      options_{config.clip_eps, config.kl_coef, config.adv_eps, config.rl_std_normalize},
+      end_marker_(std::move(end_marker)),
+      rng_(config.seed ^ 0x6a09e667f3bcc909ULL) {
+  check(reference_ != nullptr, "rl: no reference model");
+  check(!tasks_.empty(), "rl: no task prompts");
+  const int rows = config.rl_prompts_per_step * config.rl_group_size;
+  check(static_cast<long>(config.batch_size) * config.grad_accum == rows,
+        "rl: batch_size x grad_accum must equal rl_prompts_per_step x rl_group_size (" +
+            std::to_string(rows) + " sampled completions per step)");
+  const int seq = config.seq_len;
+  for (std::size_t i = 0; i < tasks_.size(); ++i) {
+    task_tokens_.push_back(tokenizer.encode(tasks_[i].prompt));
+    const auto len = static_cast<long>(task_tokens_.back().size());
+    check(len >= 1, "rl: task " + std::to_string(i + 1) + " has an empty prompt");
+    check(len + config.rl_max_new_tokens <= seq + 1,
+          "rl: task " + std::to_string(i + 1) + "'s prompt " + input::describe(tasks_[i].prompt) +
+              " is " + std::to_string(len) + " tokens; with rl_max_new_tokens " +
+              std::to_string(config.rl_max_new_tokens) + " it needs a context of " +
+              std::to_string(len + config.rl_max_new_tokens - 1) +
+              " tokens but the model's seq_len is " + std::to_string(seq) +
+              " (shorten the prompt or lower rl_max_new_tokens)");
+  }
+  reference_->set_training(false);
+}
+
+void RlSource::sample() {
+  const int P = config_.rl_prompts_per_step, G = config_.rl_group_size;
+  std::vector<std::vector<std::int32_t>> prompts;
+  std::vector<std::size_t> task_of;
+  for (int p = 0; p < P; ++p) {
+    const auto task = static_cast<std::size_t>(rng_.below(tasks_.size()));
+    for (int g = 0; g < G; ++g) {
+      prompts.push_back(task_tokens_[task]);
+      task_of.push_back(task);
+    }
+  }
+  GenerateOptions opts;
+  opts.max_new_tokens = config_.rl_max_new_tokens;
+  opts.sampling.temperature = config_.rl_temperature;
+  opts.sampling.top_p = config_.rl_top_p;
+  opts.stop = [&](std::size_t, std::span<const std::int32_t> new_tokens) {
+    return tokenizer_.decode(new_tokens).find(end_marker_) != std::string::npos;
+  };
+  const std::vector<Generation> gens =
+      generate_tokens(policy_, prompts, opts, std::span<Rng>(&rng_, 1));
+  policy_.set_training(true);  // generation switched it to eval mode
+
+  rows_.assign(prompts.size(), Row{});
+  std::vector<double> rewards(prompts.size());
+  completion_tokens_ = 0.0;
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    Row& r = rows_[i];
+    r.tokens = prompts[i];
+    r.prompt_len = static_cast<int>(prompts[i].size());
+    r.tokens.insert(r.tokens.end(), gens[i].tokens.begin(), gens[i].tokens.end());
+    r.logp_old.assign(gens[i].log_probs.begin(), gens[i].log_probs.end());
+    r.reward = answer_matches(tokenizer_.decode(gens[i].tokens), tasks_[task_of[i]].response,
+                              end_marker_)
+                   ? 1.0
+                   : 0.0;
+    rewards[i] = r.reward;
+    completion_tokens_ += static_cast<double>(gens[i].tokens.size());
+  }
+  advantages_ = group_advantages(rewards, G, options_);
+
+  // The frozen initial policy's log-probs of the same tokens (for kl_coef and the KL metric).
+  const int B = config_.batch_size, T = config_.seq_len;
+  std::vector<std::int32_t> inputs(static_cast<std::size_t>(B) * T), targets(inputs.size());
+  std::vector<double> logp(inputs.size());
+  for (std::size_t first = 0; first < rows_.size(); first += static_cast<std::size_t>(B)) {
+    for (int b = 0; b < B; ++b)
+      fill(first + static_cast<std::size_t>(b),
+           std::span(inputs).subspan(static_cast<std::size_t>(b) * T, static_cast<std::size_t>(T)),
+           std::span(targets).subspan(static_cast<std::size_t>(b) * T, static_cast<std::size_t>(T)));
+    reference_->forward(inputs, targets, B, T);
+    reference_->target_log_probs(logp);
+    for (int b = 0; b < B; ++b) {
+      Row& r = rows_[first + static_cast<std::size_t>(b)];
+      r.ref_logp.resize(r.logp_old.size());
+      for (std::size_t k = 0; k < r.ref_logp.size(); ++k)
+        r.ref_logp[k] = logp[static_cast<std::size_t>(b) * T + r.prompt_len - 1 + k];
+    }
+  }
+}
+
+void RlSource::fill(std::size_t row, std::span<std::int32_t> inputs,
+                    std::span<std::int32_t> targets) const {
+  const Row& r = rows_.at(row);
+  const std::size_t len = r.tokens.size();
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    inputs[i] = i < len ? r.tokens[i] : 0;
+    const bool completion = i + 1 < len && i + 1 >= static_cast<std::size_t>(r.prompt_len);
+    targets[i] = completion ? r.tokens[i + 1] : -1;
+  }
+}
+
+void RlSource::next(std::vector<std::int32_t>& inputs, std::vector<std::int32_t>& targets) {
+  if (epoch_ == 0 && micro_ == 0) sample();
+  if (micro_ == 0) {
+    stats_ = {};
+    entropy_sum_ = 0.0;
+    step_epoch_ = epoch_;
+  }
+  const auto B = static_cast<std::size_t>(config_.batch_size);
+  const auto T = static_cast<std::size_t>(config_.seq_len);
+  inputs.assign(B * T, 0);
+  targets.assign(B * T, -1);
+  current_first_row_ = static_cast<std::size_t>(micro_) * B;
+  for (std::size_t b = 0; b < B; ++b)
+    fill(current_first_row_ + b, std::span(inputs).subspan(b * T, T),
+         std::span(targets).subspan(b * T, T));
+  last_targets_ = targets;
+  if (++micro_ == config_.grad_accum) {
+    micro_ = 0;
+    if (++epoch_ == config_.ppo_epochs) epoch_ = 0;
+  }
+}
+
+TargetObjective RlSource::objective() {
+  return [this, first = current_first_row_](std::span<const double> logp,
+                                            std::span<const double> entropies,
+                                            std::span<double> weights) {
+    const std::size_t T = static_cast<std::size_t>(config_.seq_len), n = last_targets_.size();
+    std::vector<double> old(n, 0.0), ref(n, 0.0), adv(n, 0.0);
+    for (std::size_t b = 0; b * T < n; ++b) {
+      const Row& r = rows_[first + b];
+      for (std::size_t k = 0; k < r.logp_old.size(); ++k) {
+        const std::size_t i = b * T + static_cast<std::size_t>(r.prompt_len) - 1 + k;
+        old[i] = r.logp_old[k];
+        ref[i] = r.ref_logp[k];
+        adv[i] = advantages_[first + b];
+      }
+    }
+    const double loss = grpo_token_objective(last_targets_, logp, old, ref, adv,
+                                             completion_tokens_, options_, weights, &stats_);
+    for (std::size_t i = 0; i < n; ++i)
+      if (last_targets_[i] >= 0) entropy_sum_ += entropies[i];
+    return loss;
+  };
+}
+
+void RlSource::annotate_step(nlohmann::json& record) {
+  const auto G = static_cast<std::size_t>(config_.rl_group_size);
+  double reward = 0.0;
+  int no_signal = 0;
+  for (std::size_t g = 0; g < rows_.size(); g += G) {
+    bool equal = true;
+    for (std::size_t i = g; i < g + G; ++i) {
+      reward += rows_[i].reward;
+      equal = equal && rows_[i].reward == rows_[g].reward;
+    }
+    no_signal += equal ? 1 : 0;
+  }
+  const double rows = static_cast<double>(rows_.size());
+  const double tokens = std::max(stats_.tokens, 1.0);
+  record["reward_mean"] = reward / rows;
+  record["no_signal_frac"] = no_signal / (rows / static_cast<double>(G));
+  record["completion_len_mean"] = completion_tokens_ / rows;
+  record["entropy"] = entropy_sum_ / tokens;
+  record["kl"] = stats_.kl / tokens;
+  record["clip_frac"] = stats_.clipped / tokens;
+  record["ppo_epoch"] = step_epoch_;
+  const int step = record.value("step", 0);
+  if (step % config_.log_interval == 0 || step == config_.max_iters)
+    std::cout << "rl step " << step << " | reward " << record["reward_mean"].get<double>()
+              << " | no signal " << record["no_signal_frac"].get<double>() << " | len "
+              << record["completion_len_mean"].get<double>() << " | entropy "
+              << record["entropy"].get<double>() << " | kl " << record["kl"].get<double>()
+              << "\n";
+}
+
+nlohmann::json RlSource::state() const {
+  nlohmann::json s = {{"rng", rng_json(rng_)}, {"epoch", epoch_}};
+  if (epoch_ != 0) {  // between PPO epochs: the batch is still being optimised
+    nlohmann::json rows = nlohmann::json::array();
+    for (const Row& r : rows_)
+      rows.push_back({{"tokens", r.tokens},
+                      {"prompt_len", r.prompt_len},
+                      {"logp_old", r.logp_old},
+                      {"ref_logp", r.ref_logp},
+                      {"reward", r.reward}});
+    s["rows"] = std::move(rows);
+  }
+  return s.dump();  // the checkpoint stores data states as strings
+}
+
+void RlSource::restore(const nlohmann::json& state) {
+  const std::string where = "the checkpoint's rl data_state";
+  check(state.is_string(), where + " must be a string");
+  const nlohmann::json s = input::parse_json(state.get<std::string>(), where, kMaxStateBytes, 6);
+  check(s.is_object(), where + " must be a JSON object");
+  Rng rng;
+  rng.set_state(rng_state_from_json(input::member(s, "rng", where), where + " 'rng'"));
+  const int epoch = input::to_int32(input::member(s, "epoch", where), 0, config_.ppo_epochs - 1,
+                                    where + " 'epoch'");
+  std::vector<Row> rows;
+  if (epoch != 0) {
+    const nlohmann::json& jr = input::member(s, "rows", where);
+    const auto expected =
+        static_cast<std::size_t>(config_.rl_prompts_per_step) * config_.rl_group_size;
+    check(jr.is_array() && jr.size() == expected,
+          where + " 'rows' must hold " + std::to_string(expected) + " rows");
+    const int vocab = policy_.config().vocab_size, T = config_.seq_len;
+    for (const auto& x : jr) {
+      Row r;
+      const nlohmann::json& toks = input::member(x, "tokens", where);
+      check(toks.is_array() && toks.size() >= 2 && toks.size() <= static_cast<std::size_t>(T) + 1,
+            where + ": a row's tokens must be 2..seq_len+1 ids");
+      for (const auto& t : toks) r.tokens.push_back(input::to_int32(t, 0, vocab - 1, where + " token"));
+      r.prompt_len = input::to_int32(input::member(x, "prompt_len", where), 1,
+                                     static_cast<int>(r.tokens.size()) - 1, where + " prompt_len");
+      const std::size_t comp = r.tokens.size() - static_cast<std::size_t>(r.prompt_len);
+      for (const char* key : {"logp_old", "ref_logp"}) {
+        const nlohmann::json& v = input::member(x, key, where);
+        check(v.is_array() && v.size() == comp, where + ": '" + key + "' must have one entry per completion token");
+        auto& dst = std::string(key) == "logp_old" ? r.logp_old : r.ref_logp;
+        for (const auto& y : v) dst.push_back(input::to_double(y, -1e30, 0.0, where + " " + key));
+      }
+      r.reward = input::to_double(input::member(x, "reward", where), -1e30, 1e30, where + " reward");
+      rows.push_back(std::move(r));
+    }
+  }
+  // Validated: apply.
+  rng_ = rng;
+  epoch_ = epoch;
+  micro_ = 0;
+  if (epoch != 0) {
+    rows_ = std::move(rows);
+    std::vector<double> rewards;
+    completion_tokens_ = 0.0;
+    for (const Row& r : rows_) {
+      rewards.push_back(r.reward);
+      completion_tokens_ += static_cast<double>(r.logp_old.size());
+    }
+    advantages_ = group_advantages(rewards, config_.rl_group_size, options_);
+  }
+}
+
+}  // namespace pion
