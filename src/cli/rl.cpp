@@ -29,6 +29,7 @@ struct RlArgs {
   std::int64_t task_n = 5000;
   ArithmeticOptions arithmetic;
   bool resume = false;
+  int stop_after = 0;
   int eval_examples = 200;
 };
 
@@ -72,6 +73,7 @@ void run_rl(const ConfigFlags& flags, const RlArgs& args) {
 
   std::vector<FinetuneExample> tasks = load_tasks(args, config);
   check(tasks.size() >= 2, "rl: need at least 2 tasks (some are held out for evaluation)");
+  check_rl_prompts(tasks, *base.tokenizer, config);
   const auto n_val = std::max<std::size_t>(
       1, static_cast<std::size_t>(static_cast<double>(tasks.size()) * config.val_fraction));
   std::vector<FinetuneExample> train(tasks.begin(), tasks.end() - static_cast<long>(n_val));
@@ -98,6 +100,7 @@ void run_rl(const ConfigFlags& flags, const RlArgs& args) {
   TrainInputs in;
   in.config = config;
   in.resume = args.resume;
+  in.stop_after = args.stop_after;
   in.extra_metadata = {{"mode", "rl"}, {"tokenizer", tokenizer_copy}, {"from", args.from},
                        {"tasks", config.data}};
   in.train_source = std::move(source);
@@ -152,7 +155,12 @@ void add_rl_command(CLI::App& app) {
   cmd->add_option("--eval_examples", args->eval_examples, "held-out tasks for the exact match")
       ->check(FiniteRange(1, 10000000))
       ->capture_default_str();
-  cmd->add_flag("--resume", args->resume, "continue from <out_dir>/checkpoint.safetensors");
+  cmd->add_flag("--resume", args->resume,
+                "continue bit-exactly from <out_dir>/checkpoint.safetensors (sampling RNG and "
+                "a batch between PPO epochs included)");
+  cmd->add_option("--stop_after", args->stop_after,
+                  "stop with a checkpoint after this many steps (continue with --resume)")
+      ->check(FiniteRange(0, 1 << 30));
   auto flags = add_config_flags(*cmd);
   cmd->callback([flags, args] { run_rl(*flags, *args); });
 }

@@ -15,6 +15,22 @@ namespace {
 constexpr std::size_t kMaxStateBytes = std::size_t{16} << 20;  // checkpoint.cpp's bound
 }  // namespace
 
+void check_rl_prompts(std::span<const FinetuneExample> tasks, const Tokenizer& tokenizer,
+                      const TrainConfig& config) {
+  const int seq = config.seq_len;
+  for (std::size_t i = 0; i < tasks.size(); ++i) {
+    const auto len = static_cast<long>(tokenizer.encode(tasks[i].prompt).size());
+    check(len >= 1, "rl: task " + std::to_string(i + 1) + " has an empty prompt");
+    check(len + config.rl_max_new_tokens <= seq + 1,
+          "rl: task " + std::to_string(i + 1) + "'s prompt " + input::describe(tasks[i].prompt) +
+              " is " + std::to_string(len) + " tokens; with rl_max_new_tokens " +
+              std::to_string(config.rl_max_new_tokens) + " it needs a context of " +
+              std::to_string(len + config.rl_max_new_tokens - 1) +
+              " tokens but the model's seq_len is " + std::to_string(seq) +
+              " (shorten the prompt or lower rl_max_new_tokens)");
+  }
+}
+
 RlSource::RlSource(Llama<float>& policy, std::unique_ptr<Llama<float>> reference,
                    const Tokenizer& tokenizer, std::vector<FinetuneExample> tasks,
                    const TrainConfig& config, std::string end_marker)
@@ -32,19 +48,8 @@ RlSource::RlSource(Llama<float>& policy, std::unique_ptr<Llama<float>> reference
   check(static_cast<long>(config.batch_size) * config.grad_accum == rows,
         "rl: batch_size x grad_accum must equal rl_prompts_per_step x rl_group_size (" +
             std::to_string(rows) + " sampled completions per step)");
-  const int seq = config.seq_len;
-  for (std::size_t i = 0; i < tasks_.size(); ++i) {
-    task_tokens_.push_back(tokenizer.encode(tasks_[i].prompt));
-    const auto len = static_cast<long>(task_tokens_.back().size());
-    check(len >= 1, "rl: task " + std::to_string(i + 1) + " has an empty prompt");
-    check(len + config.rl_max_new_tokens <= seq + 1,
-          "rl: task " + std::to_string(i + 1) + "'s prompt " + input::describe(tasks_[i].prompt) +
-              " is " + std::to_string(len) + " tokens; with rl_max_new_tokens " +
-              std::to_string(config.rl_max_new_tokens) + " it needs a context of " +
-              std::to_string(len + config.rl_max_new_tokens - 1) +
-              " tokens but the model's seq_len is " + std::to_string(seq) +
-              " (shorten the prompt or lower rl_max_new_tokens)");
-  }
+  check_rl_prompts(tasks_, tokenizer, config);
+  for (const auto& t : tasks_) task_tokens_.push_back(tokenizer.encode(t.prompt));
   reference_->set_training(false);
 }
 

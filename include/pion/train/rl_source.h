@@ -34,6 +34,12 @@
 
 namespace pion {
 
+// Every task's encoded prompt + rl_max_new_tokens must fit seq_len + 1 tokens (a completion
+// is never generated past the context, so its log-probs are the training forward's); the
+// error names the task.
+void check_rl_prompts(std::span<const FinetuneExample> tasks, const Tokenizer& tokenizer,
+                      const TrainConfig& config);
+
 class RlSource final : public BatchSource {
  public:
   // `policy` is the model being trained (it must outlive the source); `reference` a frozen

@@ -1,0 +1,183 @@
+// `pion rl` through the binary: metrics fields, bit-exact resume (stopped between the PPO
+// epochs of one sampled batch), every optimizer, one-line errors for bad input; and the
+// harder arithmetic tasks of `pion make-task`.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "helpers.h"
+#include "pion/core/error.h"
+#include "pion/core/safetensors.h"
+#include "pion/data/arithmetic.h"
+#include "pion/data/finetune.h"
+#include "pion/train/config.h"
+
+using namespace pion;
+
+namespace {
+
+// A tiny base checkpoint (char tokenizer over the built-in corpus) and an RL task file, once.
+struct Fixture {
+  std::string dir, ckpt, tasks;
+};
+const Fixture& fixture() {
+  static const Fixture f = [] {
+    Fixture x;
+    x.dir = test::temp_dir("rl_cli");
+    auto r = test::run_pion("train --data fortunes --n_layer 1 --n_head 2 --d_model 32 "
+                            "--seq_len 24 --batch_size 4 --max_iters 3 --eval_interval 0 "
+                            "--threads 1 --out_dir " + x.dir + "/base");
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    x.ckpt = x.dir + "/base/checkpoint.safetensors";
+    x.tasks = x.dir + "/tasks.jsonl";
+    r = test::run_pion("make-task arithmetic --n 60 --max_digits 2 --answer_key answer --out " +
+                       x.tasks);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return x;
+  }();
+  return f;
+}
+
+std::string rl_flags(const std::string& out) {
+  const Fixture& f = fixture();
+  return "rl --from " + f.ckpt + " --tasks " + f.tasks + " --out_dir " + out +
+         " --max_iters 6 --rl_prompts_per_step 3 --rl_group_size 4 --rl_max_new_tokens 5"
+         " --ppo_epochs 2 --kl_coef 0.05 --lr 0.01 --eval_interval 3 --log_interval 1"
+         " --threads 1 --eval_examples 4";
+}
+
+std::vector<nlohmann::json> read_metrics(const std::string& path) {
+  std::ifstream in(path);
+  std::vector<nlohmann::json> out;
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    j.erase("elapsed_seconds");  // wall time differs between runs
+    j.erase("tokens_per_sec");
+    out.push_back(j);
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST(RlCli, WritesRlMetricsEveryStep) {
+  const std::string out = fixture().dir + "/metrics_run";
+  auto r = test::run_pion(rl_flags(out));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto m = read_metrics(out + "/metrics.jsonl");
+  ASSERT_EQ(m.size(), 6u);
+  for (const auto& rec : m) {
+    for (const char* key : {"reward_mean", "no_signal_frac", "completion_len_mean", "entropy",
+                            "kl", "clip_frac", "ppo_epoch"})
+      ASSERT_TRUE(rec.contains(key)) << key << " missing in " << rec.dump();
+    EXPECT_GE(rec["reward_mean"].get<double>(), 0.0);
+    EXPECT_LE(rec["reward_mean"].get<double>(), 1.0);
+    EXPECT_GE(rec["completion_len_mean"].get<double>(), 1.0);
+    EXPECT_LE(rec["completion_len_mean"].get<double>(), 5.0);
+    EXPECT_GT(rec["entropy"].get<double>(), 0.0);
+    EXPECT_GE(rec["kl"].get<double>(), 0.0);
+  }
+  // The first step's policy is the reference: KL exactly 0; the second step reuses the batch.
+  EXPECT_EQ(m[0]["kl"].get<double>(), 0.0);
+  EXPECT_EQ(m[0]["ppo_epoch"], 0);
+  EXPECT_EQ(m[1]["ppo_epoch"], 1);
+  EXPECT_EQ(m[0]["reward_mean"], m[1]["reward_mean"]);
+  EXPECT_GT(m[1]["kl"].get<double>(), 0.0);  // the policy moved after one step
+  EXPECT_TRUE(m[2].contains("exact_match"));
+  EXPECT_TRUE(m[5].contains("exact_match"));
+  EXPECT_NE(r.output.find("held-out exact match"), std::string::npos);
+}
+
+// 6 steps straight = 3 steps, stop (between the two PPO epochs of the second batch: the
+// batch is in the checkpoint), resume to 6: same weights, optimizer state and metrics.
+TEST(RlCli, ResumeIsBitExact) {
+  const std::string dir = fixture().dir;
+  auto a = test::run_pion(rl_flags(dir + "/ra"));
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  auto b1 = test::run_pion(rl_flags(dir + "/rb") + " --stop_after 3");
+  ASSERT_EQ(b1.exit_code, 0) << b1.output;
+  auto b2 = test::run_pion(rl_flags(dir + "/rb") + " --resume");
+  ASSERT_EQ(b2.exit_code, 0) << b2.output;
+  EXPECT_NE(b2.output.find("resumed from"), std::string::npos);
+  TensorFile ta = load_safetensors(dir + "/ra/checkpoint.safetensors");
+  TensorFile tb = load_safetensors(dir + "/rb/checkpoint.safetensors");
+  ASSERT_EQ(ta.tensors.size(), tb.tensors.size());
+  for (const auto& [name, t] : ta.tensors) {
+    const Tensor& u = tb.tensors.at(name);
+    ASSERT_EQ(t.nbytes(), u.nbytes());
+    EXPECT_EQ(0, std::memcmp(t.raw(), u.raw(), t.nbytes())) << name << " differs after resume";
+  }
+  EXPECT_EQ(read_metrics(dir + "/ra/metrics.jsonl"), read_metrics(dir + "/rb/metrics.jsonl"));
+}
+
+TEST(RlCli, EveryOptimizerRuns) {
+  for (const std::string opt : {"muon", "pion"}) {
+    const std::string out = fixture().dir + "/opt_" + opt;
+    auto r = test::run_pion(rl_flags(out) + " --optimizer " + opt + " --max_iters 2");
+    ASSERT_EQ(r.exit_code, 0) << opt << ": " << r.output;
+    EXPECT_EQ(read_metrics(out + "/metrics.jsonl").size(), 2u) << opt;
+  }
+}
+
+TEST(RlCli, BadInputIsOneLineErrorExit2) {
+  const Fixture& f = fixture();
+  const std::string dir = f.dir;
+  std::ofstream(dir + "/no_answer.jsonl") << R"({"prompt": "1+2=", "response": "3"})" << "\n";
+  std::ofstream(dir + "/long.jsonl") << R"({"prompt": "1+2=", "answer": "3"})" << "\n"
+                                     << R"({"prompt": ")" << std::string(30, '1')
+                                     << R"(+2=", "answer": "3"})" << "\n";
+  struct Case {
+    std::string args, needle;
+  };
+  const std::string base = "rl --from " + f.ckpt + " --out_dir " + dir + "/bad --max_iters 1 ";
+  const std::vector<Case> cases = {
+      {base + "--tasks " + dir + "/no_answer.jsonl", "\"answer\""},
+      {base + "--tasks " + f.tasks + " --rl_group_size 1", "rl_group_size"},
+      {base + "--tasks " + dir + "/long.jsonl", "seq_len"},
+      {base + "--tasks " + f.tasks + " --device cuda", "cuda"},
+      {base + "--tasks " + f.tasks + " --task arithmetic", "exactly one"},
+      {base + "--tasks " + f.tasks + " --rl_prompts_per_step 3 --rl_group_size 3 --grad_accum 2",
+       "grad_accum"},
+  };
+  for (const auto& c : cases) {
+    auto r = test::run_pion(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.output;
+    EXPECT_TRUE(test::single_error_line(r.output)) << r.output;
+    EXPECT_NE(r.output.find(c.needle), std::string::npos) << c.needle << " not in " << r.output;
+  }
+}
+
+TEST(RlTasks, HarderArithmeticAndVerifier) {
+  // Defaults are today's addition examples exactly.
+  EXPECT_EQ(arithmetic_examples(50, 3, ArithmeticOptions{}), arithmetic_examples(50, 3, 1, 3));
+  const auto ex = arithmetic_examples(300, 4, ArithmeticOptions{2, 3, "+-*"});
+  int ops[3] = {0, 0, 0};
+  for (const auto& e : ex) {
+    EXPECT_EQ(arithmetic_answer(e.prompt), e.response) << e.prompt;
+    const auto at = e.prompt.find_first_of("+-*");
+    ops[std::string("+-*").find(e.prompt[at])]++;
+  }
+  for (int n : ops) EXPECT_GT(n, 50);
+  EXPECT_EQ(arithmetic_answer("52-17="), "35");
+  EXPECT_EQ(arithmetic_answer("100-1="), "99");
+  EXPECT_EQ(arithmetic_answer("12*34="), "408");
+  EXPECT_EQ(arithmetic_answer("0*999="), "0");
+  EXPECT_EQ(mul_decimal("99", "99"), "9801");
+  EXPECT_THROW(arithmetic_answer("3-5="), Error);
+  EXPECT_THROW(arithmetic_examples(5, 1, ArithmeticOptions{1, 2, "/"}), Error);
+  // The verifier: whitespace normalised, the end marker required.
+  EXPECT_TRUE(answer_matches(" 35 \n", "35"));
+  EXPECT_TRUE(answer_matches("a  b\n", "a b"));
+  EXPECT_FALSE(answer_matches("35", "35"));
+  EXPECT_FALSE(answer_matches("36\n", "35"));
+  // Every rl key is in the typed table (--help lists it, checkpoints record it).
+  TrainConfig c;
+  EXPECT_THROW(set_config_value(c, "rl_group_size", 1), Error);
+  EXPECT_THROW(set_config_value(c, "rl_std_normalize", 1), Error);
+  set_config_value(c, "rl_std_normalize", false);
+  EXPECT_FALSE(c.to_json()["rl_std_normalize"].get<bool>());
+}
