@@ -157,17 +157,17 @@ TEST(RlTasks, HarderArithmeticAndVerifier) {
   const auto ex = arithmetic_examples(300, 4, ArithmeticOptions{2, 3, "+-*"});
   int ops[3] = {0, 0, 0};
   for (const auto& e : ex) {
-    EXPECT_EQ(arithmetic_answer(e.prompt), e.response) << e.prompt;
+    EXPECT_EQ(arithmetic_expression_answer(e.prompt), e.response) << e.prompt;
     const auto at = e.prompt.find_first_of("+-*");
     ops[std::string("+-*").find(e.prompt[at])]++;
   }
   for (int n : ops) EXPECT_GT(n, 50);
-  EXPECT_EQ(arithmetic_answer("52-17="), "35");
-  EXPECT_EQ(arithmetic_answer("100-1="), "99");
-  EXPECT_EQ(arithmetic_answer("12*34="), "408");
-  EXPECT_EQ(arithmetic_answer("0*999="), "0");
+  EXPECT_EQ(arithmetic_expression_answer("52-17="), "35");
+  EXPECT_EQ(arithmetic_expression_answer("100-1="), "99");
+  EXPECT_EQ(arithmetic_expression_answer("12*34="), "408");
+  EXPECT_EQ(arithmetic_expression_answer("0*999="), "0");
   EXPECT_EQ(mul_decimal("99", "99"), "9801");
-  EXPECT_THROW(arithmetic_answer("3-5="), Error);
+  EXPECT_THROW(arithmetic_expression_answer("3-5="), Error);
   EXPECT_THROW(arithmetic_examples(5, 1, ArithmeticOptions{1, 2, "/"}), Error);
   // The verifier: whitespace normalised, the end marker required.
   EXPECT_TRUE(answer_matches(" 35 \n", "35"));

@@ -134,24 +134,40 @@ void generate_arithmetic(const std::string& path, std::int64_t n, std::uint64_t 
 }
 
 std::string arithmetic_answer(std::string_view prompt) {
-  const std::size_t plus = prompt.find_first_of("+-*");
+  const std::size_t plus = prompt.find('+');
   const bool well_formed = plus != std::string_view::npos && !prompt.empty() &&
                            prompt.back() == '=' && all_digits(prompt.substr(0, plus)) &&
                            all_digits(prompt.substr(plus + 1, prompt.size() - plus - 2));
   if (!well_formed) {
     // Built with append: GCC 12 warns falsely (-Wrestrict) on "'" + std::string(...) here.
     std::string message = "'";
-    message.append(prompt).append("' is not an arithmetic prompt of the form \"12+345=\"");
+    message.append(prompt).append("' is not an addition prompt of the form \"12+345=\"");
     throw Error(message);
   }
-  const std::string_view a = prompt.substr(0, plus);
-  const std::string_view b = prompt.substr(plus + 1, prompt.size() - plus - 2);
-  if (prompt[plus] == '-') {
-    if (less_decimal(strip_zeros(std::string(a)), strip_zeros(std::string(b))))
-      throw Error("'" + std::string(prompt) + "' has a negative answer");
+  return add_decimal(prompt.substr(0, plus), prompt.substr(plus + 1, prompt.size() - plus - 2));
+}
+
+std::string arithmetic_expression_answer(std::string_view prompt) {
+  const std::size_t at = prompt.find_first_of("+-*");
+  const bool well_formed = at != std::string_view::npos && !prompt.empty() &&
+                           prompt.back() == '=' && all_digits(prompt.substr(0, at)) &&
+                           all_digits(prompt.substr(at + 1, prompt.size() - at - 2));
+  if (!well_formed) {
+    std::string message = "'";
+    message.append(prompt).append("' is not an arithmetic prompt like \"12+345=\", \"52-17=\" or \"12*34=\"");
+    throw Error(message);
+  }
+  const std::string_view a = prompt.substr(0, at);
+  const std::string_view b = prompt.substr(at + 1, prompt.size() - at - 2);
+  if (prompt[at] == '-') {
+    if (less_decimal(strip_zeros(std::string(a)), strip_zeros(std::string(b)))) {
+      std::string message = "'";
+      message.append(prompt).append("' has a negative answer");
+      throw Error(message);
+    }
     return sub_decimal(a, b);
   }
-  return prompt[plus] == '*' ? mul_decimal(a, b) : add_decimal(a, b);
+  return prompt[at] == '*' ? mul_decimal(a, b) : add_decimal(a, b);
 }
 
 double arithmetic_reward(std::string_view prompt, std::string_view completion,

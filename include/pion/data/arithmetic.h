@@ -38,9 +38,10 @@ std::string mul_decimal(std::string_view a, std::string_view b);
 
 // Sum of two non-negative decimal numbers given as digit strings (any length).
 std::string add_decimal(std::string_view a, std::string_view b);
-// Parses a prompt "a+b=", "a-b=" or "a*b=" and returns the correct response; errors on any
-// other form.
+// Parses a prompt "a+b=" and returns the correct response; errors on any other form.
 std::string arithmetic_answer(std::string_view prompt);
+// The same for "a+b=", "a-b=" (a >= b) and "a*b=" (the harder tasks).
+std::string arithmetic_expression_answer(std::string_view prompt);
 // 1.0 when `completion` is the exact answer followed by the end marker, else 0.0.
 double arithmetic_reward(std::string_view prompt, std::string_view completion,
                          std::string_view end_marker = kDefaultEndMarker);
