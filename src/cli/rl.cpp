@@ -116,12 +116,21 @@ void run_rl(const ConfigFlags& flags, const RlArgs& args) {
     std::cout << "step " << record.value("step", 0) << " | held-out exact match "
               << acc * 100.0 << "% on " << k << "\n";
   };
+  // The starting point, so a run shows what RL changed (a resumed run measures its checkpoint
+  // later, after loading; here the weights are the --from ones).
+  double before = -1.0;
+  if (!args.resume) {
+    before = exact_match_accuracy(model, *base.tokenizer, std::span(val).first(k), quiet);
+    model.set_training(true);
+    std::cout << "before rl: held-out exact match " << before * 100.0 << "% on " << k << "\n";
+  }
   TrainSummary s = run_training(std::move(in), model);
 
   const double acc = exact_match_accuracy(model, *base.tokenizer, std::span(val).first(k), std::cout);
   nlohmann::json summary = s.to_json();
   summary["exact_match"] = acc;
   summary["exact_match_examples"] = k;
+  if (before >= 0) summary["exact_match_before"] = before;
   {
     std::ofstream out(config.out_dir + "/summary.json");
     out << summary.dump(2) << "\n";
