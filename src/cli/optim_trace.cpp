@@ -23,6 +23,7 @@
 #include "pion/core/input.h"
 #include "pion/core/safetensors.h"
 #include "pion/optim/factory.h"
+#include "pion/optim/pion.h"
 #ifdef PION_HAVE_CUDA
 #include "pion/cuda/optim_like.h"
 #endif
@@ -169,7 +170,11 @@ std::int64_t replay_on_gpu(const Optimizer& cpu, const Trace& trace, std::vector
   check(precision == "fp32" || precision == "mixed" || precision == "bf16",
         "--precision must be fp32, mixed (pion) or bf16 (muon), got '" + precision + "'");
   cuda::CudaPrecisions prec;
-  if (cpu.kind() == "pion") prec.pion = precision;
+  if (cpu.kind() == "pion") {
+    require_pion_variant_on_cuda(dynamic_cast<const Pion&>(cpu).options(0),
+                                 "optim-trace --device cuda");
+    prec.pion = precision;
+  }
   if (cpu.kind() == "muon") prec.muon = precision == "fp32" ? "fp32" : "bf16";
   cuda::Context ctx;
   std::vector<cuda::DeviceBuffer> values, grads;
