@@ -303,6 +303,19 @@ TEST(PionVariants, LoadTakesTheSavedVariantAndItsState) {
   EXPECT_THROW(fresh.load_state(broken), Error);
   EXPECT_EQ(fresh.options(0).update_side, PionUpdateSide::Both);
   EXPECT_EQ(fresh.options(0).normalizer, PionNormalizer::Adam);
+  // Group options written before the variants existed (no momentum, update_side, normalizer,
+  // ns_steps) are the defaults; a saved combination that is not defined is refused.
+  nlohmann::json old_keys = options_to_json(Pion::Options{});
+  for (const char* key : {"momentum", "update_side", "normalizer", "ns_steps"}) old_keys.erase(key);
+  old_keys["c"] = 0.3;
+  fresh.set_group_options(0, old_keys);
+  EXPECT_EQ(fresh.options(0).c, 0.3);
+  EXPECT_EQ(fresh.options(0).momentum, PionMomentum::Lie);
+  EXPECT_EQ(fresh.options(0).ns_steps, 5);
+  nlohmann::json undefined = options_to_json(Pion::Options{});
+  undefined["momentum"] = "ambient";
+  undefined["normalizer"] = "msign";
+  EXPECT_THROW(fresh.set_group_options(0, undefined), Error);
 }
 
 TEST(PionVariants, MsignWithAmbientMomentumIsAOneLineError) {

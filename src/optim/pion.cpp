@@ -57,7 +57,17 @@ nlohmann::json Pion::group_options(std::size_t g) const {
 }
 
 void Pion::set_group_options(std::size_t g, const nlohmann::json& j) {
-  options_.at(g) = options_from_group_json<Options>(j, "pion");
+  // Checkpoints written before the variants existed lack their keys; those runs were the
+  // defaults (every other key must still be present).
+  nlohmann::json filled = j;
+  if (filled.is_object()) {
+    const nlohmann::json defaults = options_to_json(Options{});
+    for (const char* key : {"momentum", "update_side", "normalizer", "ns_steps"})
+      if (!filled.contains(key)) filled[key] = defaults.at(key);
+  }
+  Options o = options_from_group_json<Options>(filled, "pion");
+  validate_options(o, "pion");
+  options_.at(g) = o;
 }
 
 std::vector<StateSlot> Pion::state_slots_for(const Shape& param, const Options& o) {
