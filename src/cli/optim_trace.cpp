@@ -170,11 +170,7 @@ std::int64_t replay_on_gpu(const Optimizer& cpu, const Trace& trace, std::vector
   check(precision == "fp32" || precision == "mixed" || precision == "bf16",
         "--precision must be fp32, mixed (pion) or bf16 (muon), got '" + precision + "'");
   cuda::CudaPrecisions prec;
-  if (cpu.kind() == "pion") {
-    require_pion_variant_on_cuda(dynamic_cast<const Pion&>(cpu).options(0),
-                                 "optim-trace --device cuda");
-    prec.pion = precision;
-  }
+  if (cpu.kind() == "pion") prec.pion = precision;
   if (cpu.kind() == "muon") prec.muon = precision == "fp32" ? "fp32" : "bf16";
   cuda::Context ctx;
   std::vector<cuda::DeviceBuffer> values, grads;
@@ -224,6 +220,10 @@ void run_optim_trace(const TraceArgs& args) {
   std::unique_ptr<Optimizer> optimizer = make_optimizer(args.optimizer, config, params);
 
   std::int64_t skipped = 0;
+  // Before any device question, so a variant the GPU lacks is the error on every machine.
+  if (args.device == "cuda")
+    if (const auto* pion = dynamic_cast<const Pion*>(optimizer.get()))
+      require_pion_variant_on_cuda(pion->options(0), "optim-trace --device cuda");
   if (args.device == "cuda") {
     skipped = replay_on_gpu(*optimizer, trace, params, args.precision);
   } else {
