@@ -43,7 +43,8 @@ import time
 
 import torch
 
-# The layer (d_out, d_in) and hyperparameters: keep in step with bench/bench_optim.cpp.
+# The layer (d_out, d_in) and hyperparameters: keep in step with pion bench optim's workload
+# (src/cli/bench_optim_workload.h), which bench/bench_optim.cpp times at one layer.
 SHAPES = [(768, 768)] * 4 + [(2048, 768)] * 2 + [(768, 2048)]
 MATRIX_LR = 0.02
 ADAM_LR = 1e-3

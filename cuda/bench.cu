@@ -1,12 +1,13 @@
 // Benchmark timing on the GPU (include/pion/cuda/bench.h): CUDA-event timers, timed graph
-// replays, and cuBLAS GEMM rates measured through the same row-major batched wrapper the
-// optimizers call (cuda/optim/batched.cu), so a roofline compares like with like.
+// replays, and cuBLAS GEMM rates measured through the same row-major GEMM the optimizers
+// call (cuda/gemm.cuh), so a roofline compares like with like.
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <string>
 #include <vector>
 
+#include "bf16.cuh"
 #include "context.cuh"
 #include "optim/batched.cuh"
 #include "pion/cuda/bench.h"
@@ -103,7 +104,6 @@ namespace {
 
 using detail::DeviceArray;
 using detail::DevicePointers;
-using detail::GemmKind;
 
 constexpr int kFillThreads = 256;
 
@@ -114,17 +114,6 @@ __device__ inline float hashed_uniform(std::uint64_t seed, std::uint64_t i) {
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   z ^= z >> 31;
   return static_cast<float>(static_cast<double>(z >> 40) * (2.0 / 16777216.0) - 1.0);
-}
-
-template <class T>
-__device__ inline T from_float(float x);
-template <>
-__device__ inline float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
 }
 
 template <class T>
@@ -143,17 +132,17 @@ void fill_uniform(cudaStream_t stream, DeviceArray<T>& x, std::uint64_t seed) {
   PION_CUDA_CHECK_LAUNCH("bench fill_uniform");
 }
 
-GemmKind parse_gemm_precision(const std::string& precision) {
-  if (precision == "fp32") return GemmKind::Fp32;
-  if (precision == "tf32") return GemmKind::Tf32;
-  if (precision == "bf16") return GemmKind::Bf16;
+MatmulPrecision parse_gemm_precision(const std::string& precision) {
+  if (precision == "fp32") return MatmulPrecision::Fp32;
+  if (precision == "tf32") return MatmulPrecision::Tf32;
+  if (precision == "bf16") return MatmulPrecision::Bf16;
   throw Error("cuda: unknown GEMM precision '" + precision + "' (choose fp32, tf32 or bf16)");
 }
 
 // One operand set of a timed GEMM: batch slices of A, B and C in one buffer each.
 template <class T>
-std::vector<double> time_gemm_typed(Context& ctx, const GemmShape& s, GemmKind kind, int warmup,
-                                    int reps) {
+std::vector<double> time_gemm_typed(Context& ctx, const GemmShape& s, MatmulPrecision precision,
+                                    int warmup, int reps) {
   cudaStream_t stream = ctx.impl().stream;
   cublasHandle_t blas = ctx.impl().blas;
   const auto batch = static_cast<std::size_t>(s.batch);
@@ -170,22 +159,15 @@ std::vector<double> time_gemm_typed(Context& ctx, const GemmShape& s, GemmKind k
   // Row strides of the operands as stored: op(A) is m x k, op(B) is k x n.
   const std::int64_t lda = s.trans_a ? s.m : s.k;
   const std::int64_t ldb = s.trans_b ? s.k : s.n;
+  // bf16: C is bf16 too, as in Muon's bf16 Newton-Schulz.
+  const GemmTypes types = gemm_types(precision, true);
   const auto call = [&] {
-    if (batch == 1) {
-      // cublasGemmEx with the same column-major swap as detail::gemm_rm.
-      const cudaDataType type = kind == GemmKind::Bf16 ? CUDA_R_16BF : CUDA_R_32F;
-      const cublasComputeType_t compute =
-          kind == GemmKind::Tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-      const float alpha = 1.0f, beta = 0.0f;
-      PION_CUBLAS_CHECK(cublasGemmEx(
-          blas, s.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, s.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
-          static_cast<int>(s.n), static_cast<int>(s.m), static_cast<int>(s.k), &alpha, b.data(),
-          type, static_cast<int>(ldb), a.data(), type, static_cast<int>(lda), &beta, c.data(), type,
-          static_cast<int>(s.n), compute, CUBLAS_GEMM_DEFAULT));
-    } else {
-      detail::gemm_rm(blas, kind, s.trans_a, s.trans_b, s.m, s.n, s.k, 1.0f, pa, lda, pb, ldb, 0.0f,
-                      pc, s.n, batch);
-    }
+    if (batch == 1)
+      gemm_rm(blas, types, s.trans_a, s.trans_b, s.m, s.n, s.k, 1.0f, a.data(), lda, b.data(), ldb,
+              0.0f, c.data(), s.n);
+    else
+      detail::gemm_group(blas, types, s.trans_a, s.trans_b, s.m, s.n, s.k, 1.0f, pa, lda, pb, ldb,
+                         0.0f, pc, s.n, batch);
   };
   for (int i = 0; i < warmup; ++i) call();
   EventTimer timer(ctx, static_cast<std::size_t>(reps));
@@ -203,14 +185,15 @@ std::vector<double> time_gemm_typed(Context& ctx, const GemmShape& s, GemmKind k
 
 std::vector<double> time_gemm(Context& ctx, const GemmShape& shape, const std::string& precision,
                               int warmup, int reps) {
-  const GemmKind kind = parse_gemm_precision(precision);
+  const MatmulPrecision p = parse_gemm_precision(precision);
   constexpr std::int64_t kMaxDim = 1 << 30;
   check(shape.m > 0 && shape.n > 0 && shape.k > 0 && shape.batch > 0 && shape.m <= kMaxDim &&
             shape.n <= kMaxDim && shape.k <= kMaxDim && shape.batch <= 65535,
         "cuda: time_gemm needs 0 < m, n, k < 2^30 and 0 < batch <= 65535");
   check(warmup >= 0 && reps >= 1, "cuda: time_gemm needs warmup >= 0 and reps >= 1");
-  if (kind == GemmKind::Bf16) return time_gemm_typed<__nv_bfloat16>(ctx, shape, kind, warmup, reps);
-  return time_gemm_typed<float>(ctx, shape, kind, warmup, reps);
+  if (p == MatmulPrecision::Bf16)
+    return time_gemm_typed<__nv_bfloat16>(ctx, shape, p, warmup, reps);
+  return time_gemm_typed<float>(ctx, shape, p, warmup, reps);
 }
 
 }  // namespace pion::cuda

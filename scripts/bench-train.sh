@@ -5,7 +5,7 @@
 # Prints a Markdown table with hardware, date, versions and the command.
 #
 #   scripts/bench-train.sh [--steps N] [--reps N] [--threads N] [--build-dir DIR]
-#                          [--baseline PION_BINARY]
+#                          [--baseline PION_BINARY] [--configs baby,mid]
 #
 # --baseline compares two pion builds instead (before/after a change): the baseline binary
 # takes PyTorch's place in the interleaving, for every optimizer, and the table gives this
@@ -24,6 +24,7 @@ reps=2
 threads=$(nproc)
 build_dir=build-bench
 baseline=
+configs=baby,mid
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --steps) steps="$2"; shift 2 ;;
@@ -31,6 +32,7 @@ while [[ $# -gt 0 ]]; do
     --threads) threads="$2"; shift 2 ;;
     --build-dir) build_dir="$2"; shift 2 ;;
     --baseline) baseline="$2"; shift 2 ;;
+    --configs) configs="$2"; shift 2 ;;
     -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "bench-train.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -88,9 +90,16 @@ baby_flags=(--n_layer 4 --n_head 4 --d_model 128 --seq_len 64 --batch_size 12)
 baby_cfg='{"n_layer": 4, "n_head": 4, "d_model": 128, "seq_len": 64, "batch_size": 12, "lr": 0.001}'
 mid_flags=(--n_layer 6 --n_head 6 --d_model 384 --seq_len 256 --batch_size 8)
 mid_cfg='{"n_layer": 6, "n_head": 6, "d_model": 384, "seq_len": 256, "batch_size": 8, "lr": 0.001}'
+IFS=, read -r -a config_names <<< "$configs"
+for name in "${config_names[@]}"; do
+  [[ "$name" == baby || "$name" == mid ]] ||
+    { echo "bench-train.sh: --configs takes baby and/or mid, got '$name'" >&2; exit 2; }
+done
 for opt in adamw muon pion; do
-  measure baby "$opt" "$baby_cfg" "${baby_flags[@]}"
-  measure mid "$opt" "$mid_cfg" "${mid_flags[@]}"
+  for name in "${config_names[@]}"; do
+    flags_var="${name}_flags[@]" cfg_var="${name}_cfg"
+    measure "$name" "$opt" "${!cfg_var}" "${!flags_var}"
+  done
 done
 
 if [[ -n "$baseline" ]]; then
@@ -98,7 +107,7 @@ if [[ -n "$baseline" ]]; then
   echo
   echo "| config | optimizer | baseline tok/s | this build tok/s | this / baseline |"
   echo "|---|---|---:|---:|---:|"
-  for name in baby mid; do
+  for name in "${config_names[@]}"; do
     for opt in adamw muon pion; do
       echo "| $name | $opt | ${best[$name/$opt/baseline]} | ${best[$name/$opt/pion]} |" \
         "$("$python" -c "print(f'{${best[$name/$opt/pion]} / ${best[$name/$opt/baseline]}:.3f}')") |"
@@ -116,7 +125,7 @@ echo "## Training throughput: pion train vs PyTorch CPU (one run, interleaved)"
 echo
 echo "| config | PyTorch AdamW tok/s | pion AdamW tok/s | pion / PyTorch | pion Muon tok/s | pion Pion tok/s | Pion / AdamW (pion) |"
 echo "|---|---:|---:|---:|---:|---:|---:|"
-for name in baby mid; do
+for name in "${config_names[@]}"; do
   echo "| $name | $(fmt "${best[$name/adamw/torch]}") | $(fmt "${best[$name/adamw/pion]}") |" \
        "$(ratio "${best[$name/adamw/pion]}" "${best[$name/adamw/torch]}") | $(fmt "${best[$name/muon/pion]}") |" \
        "$(fmt "${best[$name/pion/pion]}") | $(ratio "${best[$name/pion/pion]}" "${best[$name/adamw/pion]}") |"

@@ -24,8 +24,10 @@ namespace {
 
 struct Shape {
   int n_layer, n_head, d_model, seq_len, vocab;
+  bool norm_free = false;  // ModelConfig::norm "none"
 };
-const Shape kShapes[] = {{1, 1, 16, 12, 11}, {2, 2, 32, 16, 23}, {3, 4, 32, 20, 37}};
+const Shape kShapes[] = {
+    {1, 1, 16, 12, 11}, {2, 2, 32, 16, 23}, {3, 4, 32, 20, 37}, {2, 2, 32, 16, 23, true}};
 
 // Weights large enough that logits are spread out (init_std 0.02 gives near-ties that float
 // rounding of differently shaped GEMMs could flip; these are checked with margins to spare).
@@ -37,6 +39,7 @@ Llama<float> random_model(const Shape& s, std::uint64_t seed) {
   c.d_model = s.d_model;
   c.seq_len = s.seq_len;
   c.init_std = 0.3;
+  if (s.norm_free) c.norm = "none";
   Llama<float> model(c);
   Rng rng(seed);
   model.init_weights(rng);

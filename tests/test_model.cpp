@@ -356,7 +356,7 @@ TEST(Llama, SaveAndLoadWeightsAcrossDtypes) {
 namespace {
 // Runs the PyTorch reference on the model's weights and compares loss, logits and every grad.
 template <class T>
-void check_torch_parity(double loss_tol, double grad_tol) {
+void check_torch_parity(double loss_tol, double grad_tol, const std::string& norm = "rmsnorm") {
   if (!test::python_has("torch numpy")) {
     GTEST_SKIP() << "PyTorch parity skipped: " << test::python() << " cannot import torch/numpy";
   }
@@ -367,6 +367,7 @@ void check_torch_parity(double loss_tol, double grad_tol) {
   c.d_model = 16;
   c.seq_len = 7;
   c.init_std = 0.2;
+  c.norm = norm;
   Llama<T> model(c);
   Rng rng(50);
   model.init_weights(rng);
@@ -405,8 +406,8 @@ void check_torch_parity(double loss_tol, double grad_tol) {
     EXPECT_LT(e, grad_tol) << p.name;
     worst = std::max(worst, e);
   }
-  std::printf("[parity %s] loss %.2e, logits %.2e, worst gradient %.2e (relative)\n",
-              dtype_name(dtype_of<T>()), loss_err, logit_err, worst);
+  std::printf("[parity %s, norm %s] loss %.2e, logits %.2e, worst gradient %.2e (relative)\n",
+              dtype_name(dtype_of<T>()), norm.c_str(), loss_err, logit_err, worst);
 }
 }  // namespace
 
@@ -415,4 +416,60 @@ TEST(Llama, MatchesPyTorchFp64) {
 }
 TEST(Llama, MatchesPyTorchFp32) {
   check_torch_parity<float>(1e-5, 1e-4);
+}
+TEST(Llama, NormFreeModelMatchesPyTorchFp64) {
+  check_torch_parity<double>(1e-10, 1e-9, "none");
+}
+
+// norm "none" (the normalisation-free model Pion trains): no RMSNorm anywhere, no norm weights,
+// and a gradient that still matches finite differences.
+TEST(Llama, NormFreeModelHasNoNormsAndItsGradientMatchesFiniteDifferences) {
+  ModelConfig c = tiny_config();
+  c.norm = "none";
+  // Larger weights than tiny_config's: without norms some early-layer gradients are small
+  // beside the loss's fp64 roundoff / h, which then dominates the finite-difference error
+  // (worst relative error 6e-7 at init_std 0.3, 1.5e-9 at 0.5).
+  c.init_std = 0.5;
+  Llama<double> model(c);
+  EXPECT_EQ(model.params().numel(), c.num_params());
+  ModelConfig with_norms = tiny_config();
+  // RMSNorm weights of d: two per layer and the final one.
+  EXPECT_EQ(with_norms.num_params() - c.num_params(),
+            static_cast<std::int64_t>(2 * c.n_layer + 1) * c.d_model);
+  for (const auto& e : model.layout())
+    EXPECT_EQ(e.name.find("norm"), std::string::npos) << e.name;
+  EXPECT_EQ(model.named_params().size(), 2u + 7u * static_cast<std::size_t>(c.n_layer));
+  Rng rng(7);
+  model.init_weights(rng);
+  const int b = 2, t = 5;
+  auto tokens = random_ids(b * t, c.vocab_size, 8);
+  auto targets = random_ids(b * t, c.vocab_size, 9);
+  targets[3] = -1;
+  const double worst = model_grad_error(model, tokens, targets, b, t, [] {});
+  std::printf("[grad] norm-free model fp64, worst relative error over all parameters: %.2e\n",
+              worst);
+
+  // Not the same function as the model with norms on the same shared weights.
+  Llama<double> normed(with_norms);
+  Rng rng2(7);
+  normed.init_weights(rng2);
+  for (auto& p : model.named_params()) normed.param(p.name).copy_from(p.value);
+  EXPECT_GT(std::abs(normed.forward(tokens, targets, b, t) - model.forward(tokens, targets, b, t)),
+            1e-6);
+
+  // The norm is part of the config a checkpoint records, and a bad value is refused.
+  EXPECT_EQ(ModelConfig::from_json(c.to_json()).norm, "none");
+  nlohmann::json old_checkpoint = with_norms.to_json();
+  old_checkpoint.erase("norm");  // written before the option existed
+  EXPECT_EQ(ModelConfig::from_json(old_checkpoint).norm, "rmsnorm");
+  nlohmann::json bad = c.to_json();
+  bad["norm"] = "layernorm";
+  EXPECT_THROW(ModelConfig::from_json(bad), Error);
+  // Weights saved without norms do not load into a model with them, and the reverse.
+  TensorFile f;
+  model.save_weights(f);
+  EXPECT_THROW(normed.load_weights(f), Error);
+  TensorFile g;
+  normed.save_weights(g);
+  EXPECT_THROW(check_model_weights(g, "", c, "test"), Error);
 }

@@ -30,14 +30,16 @@ using test::CommandResult;
 // Runs trace_check.py for one optimizer, prints its report, and checks every "METRIC" line:
 // within the script's threshold, and above 0 (exactly 0 would mean fp32 was compared with
 // itself, a vacuous pass).
-void check_parity(const std::string& optimizer, const std::string& modules, int expected_metrics) {
+void check_parity(const std::string& optimizer, const std::string& modules, int expected_metrics,
+                  const std::string& extra_args = "") {
   if (!test::python_has(modules)) {
     GTEST_SKIP() << test::python() << " lacks one of: " << modules << "; install them to run the "
                  << optimizer << " parity check";
   }
   const std::string script = test::source_dir() + "/tests/reference/trace_check.py";
   const CommandResult r = test::run_command(test::python() + " " + script + " --optimizer " +
-                                            optimizer + " --pion " + PION_BINARY);
+                                            optimizer + " --pion " + PION_BINARY + " " +
+                                            extra_args);
   std::cout << r.output;
   ASSERT_EQ(r.exit_code, 0) << "trace_check.py failed (exit " << r.exit_code << "):\n" << r.output;
   const std::regex metric_line(R"(METRIC (\S+) (\S+) (\S+) (PASS|FAIL))");
@@ -63,6 +65,14 @@ TEST(OptimTraceParity, MuonMatchesFp64Reference) {
 // taylor2, cayley and exp, each against the fp64 reference.
 TEST(OptimTraceParity, PionMatchesFp64ReferenceForEveryRetraction) {
   check_parity("pion", "numpy", 3);
+}
+// Every Pion variant (issue 11): momentum lie / ambient / transported x update_side both /
+// left / right / alternate with the adam normalizer (12), and msign with each side (4), each
+// with taylor2, cayley and exp: 48 configurations on 64x48, 48x96 and 33x33, 20 steps, against
+// the fp64 reference written from the definitions (tests/reference/pion_ref.py). Thresholds:
+// 1e-5 (adam), 1e-4 (msign).
+TEST(OptimTraceParity, PionVariantsMatchFp64Reference) {
+  check_parity("pion", "numpy", 48, "--variants");
 }
 
 // ---- the command on good and bad input ------------------------------------------------
@@ -215,6 +225,18 @@ TEST_F(OptimTraceCli, RejectsWrongTypesAndInvalidValues) {
   expect_rejected(trace("pion", R"({"c": -1})", path), "'c'");
   expect_rejected(trace("pion", R"({"retraction": "qr"})", path), "'retraction'");
   expect_rejected(trace("pion", R"({"reanchor_every": 2.5})", path), "'reanchor_every'");
+  expect_rejected(trace("pion", R"({"momentum": "euclid"})", path), "'momentum'");
+  expect_rejected(trace("pion", R"({"update_side": "top"})", path), "'update_side'");
+  expect_rejected(trace("pion", R"({"normalizer": "rms"})", path), "'normalizer'");
+  expect_rejected(trace("pion", R"({"ns_steps": 0})", path), "'ns_steps'");
+  // A combination that is not defined: msign orthogonalises the Lie-algebra buffers only.
+  expect_rejected(trace("pion", R"({"normalizer": "msign", "momentum": "ambient"})", path),
+                  "normalizer \"msign\" needs momentum \"lie\"");
+  // The GPU Pion runs the default variant only: any other is refused, not run as the default.
+  expect_rejected(test::run_pion("optim-trace --optimizer pion --config '{\"update_side\": "
+                                 "\"alternate\"}' --input '" + path + "' --output '" + out_ +
+                                 "' --device cuda"),
+                  "CPU only");
   expect_rejected(trace("adamw", R"({"beta2": 1.0})", path), "'beta2'");
   expect_rejected(trace("muon", R"({"nesterov": "yes"})", path), "'nesterov'");
   expect_rejected(trace("muon", R"({"ns_steps": 0})", path), "'ns_steps'");
@@ -309,7 +331,8 @@ TEST(OptimizerFactory, MissingKeysTakeTheOptimizersDefaults) {
 TEST(OptimizerFactory, AppliesEveryKey) {
   const nlohmann::json config = {{"lr", 0.123},        {"c", 0.7},    {"beta1", 0.5},
                                  {"beta2", 0.75},      {"eps", 1e-6}, {"retraction", "exp"},
-                                 {"reanchor_every", 9}};
+                                 {"reanchor_every", 9}, {"momentum", "transported"},
+                                 {"update_side", "alternate"}, {"ns_steps", 7}};
   auto opt = make_optimizer("pion", config, one_matrix());
   EXPECT_EQ(opt->groups()[0].lr, 0.123);
   const auto& pion = dynamic_cast<const Pion&>(*opt);
@@ -319,6 +342,14 @@ TEST(OptimizerFactory, AppliesEveryKey) {
   EXPECT_EQ(pion.options(0).eps, 1e-6);
   EXPECT_EQ(pion.options(0).retraction, PionRetraction::Exp);
   EXPECT_EQ(pion.options(0).reanchor_every, 9);
+  EXPECT_EQ(pion.options(0).momentum, PionMomentum::Transported);
+  EXPECT_EQ(pion.options(0).update_side, PionUpdateSide::Alternate);
+  EXPECT_EQ(pion.options(0).normalizer, PionNormalizer::Adam);
+  EXPECT_EQ(pion.options(0).ns_steps, 7);
+  const auto msign = make_optimizer("pion", {{"normalizer", "msign"}, {"update_side", "right"}},
+                                    one_matrix());
+  EXPECT_EQ(dynamic_cast<const Pion&>(*msign).options(0).normalizer, PionNormalizer::Msign);
+  EXPECT_EQ(dynamic_cast<const Pion&>(*msign).options(0).update_side, PionUpdateSide::Right);
 
   auto muon = make_optimizer(
       "muon", {{"momentum", 0.8}, {"nesterov", false}, {"ns_steps", 3}, {"weight_decay", 0.2}},

@@ -73,8 +73,8 @@ void attention_forward(Context& ctx, float* out, float* probs, const float* qkv,
     const float* k = q + d;
     float* p = probs + b * n_head * ss;  // head h: + h * seq * seq
     // S [seq, seq] = scale Q [seq, hd] K^T.
-    gemm_rm(ctx, precision, false, false, true, seq, seq, head_dim, scale, q, stride, head_dim, k,
-            stride, head_dim, 0.0f, p, seq, ss, n_head);
+    gemm_rm_strided(blas_of(ctx), gemm_types(precision), false, true, seq, seq, head_dim, scale, q,
+                    stride, head_dim, k, stride, head_dim, 0.0f, p, seq, ss, n_head);
   }
   const i64 rows = batch * n_head * seq;
   causal_softmax_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream_of(ctx)>>>(probs, seq);
@@ -83,8 +83,8 @@ void attention_forward(Context& ctx, float* out, float* probs, const float* qkv,
     const float* v = qkv + b * seq * stride + 2 * d;
     const float* p = probs + b * n_head * ss;
     // O [seq, hd] (columns h hd.. of out's [seq, d] rows) = P [seq, seq] V [seq, hd].
-    gemm_rm(ctx, precision, false, false, false, seq, head_dim, seq, 1.0f, p, seq, ss, v, stride,
-            head_dim, 0.0f, out + b * seq * d, d, head_dim, n_head);
+    gemm_rm_strided(blas_of(ctx), gemm_types(precision), false, false, seq, head_dim, seq, 1.0f, p,
+                    seq, ss, v, stride, head_dim, 0.0f, out + b * seq * d, d, head_dim, n_head);
   }
 }
 
@@ -104,11 +104,11 @@ void attention_backward(Context& ctx, float* dqkv, float* scratch, const float* 
     const float* p = probs + b * n_head * ss;
     float* ds = scratch + b * n_head * ss;
     // dP [seq, seq] = dO [seq, hd] V^T.
-    gemm_rm(ctx, precision, false, false, true, seq, seq, head_dim, 1.0f, go, d, head_dim, v,
-            stride, head_dim, 0.0f, ds, seq, ss, n_head);
+    gemm_rm_strided(blas_of(ctx), gemm_types(precision), false, true, seq, seq, head_dim, 1.0f, go,
+                    d, head_dim, v, stride, head_dim, 0.0f, ds, seq, ss, n_head);
     // dV [seq, hd] += P^T [seq, seq] dO [seq, hd].
-    gemm_rm(ctx, precision, false, true, false, seq, head_dim, seq, 1.0f, p, seq, ss, go, d,
-            head_dim, 1.0f, dv, stride, head_dim, n_head);
+    gemm_rm_strided(blas_of(ctx), gemm_types(precision), true, false, seq, head_dim, seq, 1.0f, p,
+                    seq, ss, go, d, head_dim, 1.0f, dv, stride, head_dim, n_head);
   }
   const i64 rows = batch * n_head * seq;
   causal_softmax_backward_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream_of(ctx)>>>(
@@ -122,11 +122,11 @@ void attention_backward(Context& ctx, float* dqkv, float* scratch, const float* 
     float* dk = dq + d;
     const float* ds = scratch + b * n_head * ss;
     // dQ [seq, hd] += scale dS [seq, seq] K [seq, hd].
-    gemm_rm(ctx, precision, false, false, false, seq, head_dim, seq, scale, ds, seq, ss, k, stride,
-            head_dim, 1.0f, dq, stride, head_dim, n_head);
+    gemm_rm_strided(blas_of(ctx), gemm_types(precision), false, false, seq, head_dim, seq, scale,
+                    ds, seq, ss, k, stride, head_dim, 1.0f, dq, stride, head_dim, n_head);
     // dK [seq, hd] += scale dS^T [seq, seq] Q [seq, hd].
-    gemm_rm(ctx, precision, false, true, false, seq, head_dim, seq, scale, ds, seq, ss, q, stride,
-            head_dim, 1.0f, dk, stride, head_dim, n_head);
+    gemm_rm_strided(blas_of(ctx), gemm_types(precision), true, false, seq, head_dim, seq, scale, ds,
+                    seq, ss, q, stride, head_dim, 1.0f, dk, stride, head_dim, n_head);
   }
 }
 

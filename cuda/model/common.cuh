@@ -1,11 +1,12 @@
 #pragma once
-// Shared by the layer kernels (include/pion/cuda/layers.h): argument checks, launch sizes,
-// deterministic block reductions and the row-major strided-batched GEMM over cuBLAS.
+// Shared by the layer kernels (include/pion/cuda/layers.h): argument checks, launch sizes and
+// deterministic block reductions. Their GEMMs go through cuda/gemm.cuh (gemm_rm_strided).
 #include <cstdint>
 #include <limits>
 #include <string>
 
 #include "../context.cuh"
+#include "../gemm.cuh"
 #include "pion/cuda/layers.h"
 
 namespace pion::cuda::layers::detail {
@@ -14,6 +15,9 @@ constexpr int kThreads = 256;  // elementwise kernels and one-block-per-row redu
 
 inline cudaStream_t stream_of(Context& ctx) {
   return ctx.impl().stream;
+}
+inline cublasHandle_t blas_of(Context& ctx) {
+  return ctx.impl().blas;
 }
 
 // Grid for count elements, one per thread, grid-stride loops covering the rest.
@@ -70,18 +74,5 @@ __device__ inline float block_max(float v) {
   __syncthreads();
   return v;
 }
-
-// ---- GEMM ---------------------------------------------------------------------------------
-// Row-major C (m x n) = alpha op(A) op(B) + beta C for `batch` matrices stride_* elements
-// apart; lda, ldb, ldc are row strides. As in cuda/optim/batched.cuh: cuBLAS is column-major
-// and a row-major buffer read column-major is the transposed matrix, so this asks for
-// C^T = op(B)^T op(A)^T with the operands (and m, n) swapped and each flag kept.
-// bf16_inputs: a and b point to __nv_bfloat16 (C stays fp32). precision picks the compute
-// type: Tf32 -> CUBLAS_COMPUTE_32F_FAST_TF32, otherwise CUBLAS_COMPUTE_32F (plain fp32
-// under the Context's CUBLAS_DEFAULT_MATH; bf16 inputs use the tensor cores either way).
-void gemm_rm(Context& ctx, MatmulPrecision precision, bool bf16_inputs, bool trans_a, bool trans_b,
-             i64 m, i64 n, i64 k, float alpha, const void* a, i64 lda, long long stride_a,
-             const void* b, i64 ldb, long long stride_b, float beta, float* c, i64 ldc,
-             long long stride_c, i64 batch);
 
 }  // namespace pion::cuda::layers::detail

@@ -1,32 +1,10 @@
-// Linear layers through cuBLAS (fp32, TF32 or bf16 inputs with fp32 accumulation), the
-// row-major GEMM wrapper the attention also uses, and the bf16 workspace.
+// Linear layers through cuBLAS (fp32, TF32 or bf16 inputs with fp32 accumulation; the
+// row-major GEMM of cuda/gemm.cuh) and the bf16 workspace.
 #include <cuda_bf16.h>
 
 #include "common.cuh"
 
 namespace pion::cuda::layers {
-
-namespace detail {
-
-void gemm_rm(Context& ctx, MatmulPrecision precision, bool bf16_inputs, bool trans_a, bool trans_b,
-             i64 m, i64 n, i64 k, float alpha, const void* a, i64 lda, long long stride_a,
-             const void* b, i64 ldb, long long stride_b, float beta, float* c, i64 ldc,
-             long long stride_c, i64 batch) {
-  const std::string who = "gemm";
-  const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const cudaDataType in_type = bf16_inputs ? CUDA_R_16BF : CUDA_R_32F;
-  const cublasComputeType_t compute =
-      precision == MatmulPrecision::Tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-  // C^T (n x m, ld ldc) = op(B)^T (n x k, buffer b, ld ldb) op(A)^T (k x m, buffer a, ld lda).
-  PION_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
-      ctx.impl().blas, op_b, op_a, as_int(n, who, "n"), as_int(m, who, "m"), as_int(k, who, "k"),
-      &alpha, b, in_type, as_int(ldb, who, "ldb"), stride_b, a, in_type, as_int(lda, who, "lda"),
-      stride_a, &beta, c, CUDA_R_32F, as_int(ldc, who, "ldc"), stride_c,
-      as_int(batch, who, "batch"), compute, CUBLAS_GEMM_DEFAULT));
-}
-
-}  // namespace detail
 
 using namespace detail;
 
@@ -89,12 +67,12 @@ void linear_forward(Context& ctx, float* out, const float* in, const float* weig
   if (precision == MatmulPrecision::Bf16) {
     const __nv_bfloat16* in16 = to_bf16(ctx, *workspace, 0, in, n * d_in);
     const __nv_bfloat16* w16 = to_bf16(ctx, *workspace, padded(n * d_in), weight, d_out * d_in);
-    gemm_rm(ctx, precision, true, false, true, n, d_out, d_in, 1.0f, in16, d_in, 0, w16, d_in, 0,
-            0.0f, out, d_out, 0, 1);
+    gemm_rm_strided(blas_of(ctx), gemm_types(precision), false, true, n, d_out, d_in, 1.0f, in16,
+                    d_in, 0, w16, d_in, 0, 0.0f, out, d_out, 0, 1);
     return;
   }
-  gemm_rm(ctx, precision, false, false, true, n, d_out, d_in, 1.0f, in, d_in, 0, weight, d_in, 0,
-          0.0f, out, d_out, 0, 1);
+  gemm_rm_strided(blas_of(ctx), gemm_types(precision), false, true, n, d_out, d_in, 1.0f, in, d_in,
+                  0, weight, d_in, 0, 0.0f, out, d_out, 0, 1);
 }
 
 void linear_backward(Context& ctx, float* din, float* dweight, const float* dout, const float* in,
@@ -113,11 +91,11 @@ void linear_backward(Context& ctx, float* din, float* dweight, const float* dout
   }
   // din [n, d_in] += dout [n, d_out] W [d_out, d_in].
   if (din != nullptr)
-    gemm_rm(ctx, precision, bf16, false, false, n, d_in, d_out, 1.0f, dout_op, d_out, 0, w_op, d_in,
-            0, 1.0f, din, d_in, 0, 1);
+    gemm_rm_strided(blas_of(ctx), gemm_types(precision), false, false, n, d_in, d_out, 1.0f,
+                    dout_op, d_out, 0, w_op, d_in, 0, 1.0f, din, d_in, 0, 1);
   // dW [d_out, d_in] += dout^T [d_out, n] in [n, d_in].
-  gemm_rm(ctx, precision, bf16, true, false, d_out, d_in, n, 1.0f, dout_op, d_out, 0, in_op, d_in,
-          0, 1.0f, dweight, d_in, 0, 1);
+  gemm_rm_strided(blas_of(ctx), gemm_types(precision), true, false, d_out, d_in, n, 1.0f, dout_op,
+                  d_out, 0, in_op, d_in, 0, 1.0f, dweight, d_in, 0, 1);
 }
 
 }  // namespace pion::cuda::layers

@@ -3,7 +3,6 @@
 // elements (whatever their shape) share one launch; the bias corrections are formed on the
 // device from the device-side step counter, so a captured step replays correctly.
 #include <cmath>
-#include <map>
 #include <tuple>
 
 #include "batched.cuh"
@@ -66,7 +65,7 @@ class CudaAdamW final : public detail::CudaOptimizerBase {
   CudaAdamW(Context& ctx, std::vector<DeviceParam> params, const CudaAdamWOptions& o)
       : CudaOptimizerBase(ctx), options_(o), factors_(1) {
     validate_options(o, "adamw (cuda)");
-    detail::validate_params(params, "adamw (cuda)");
+    set_params(params);
     const auto by_count = detail::group_params<std::int64_t>(
         params, [](const DeviceParam& p) { return p.rows * p.cols; });
     for (const auto& [count, indices] : by_count) {
@@ -79,7 +78,7 @@ class CudaAdamW final : public detail::CudaOptimizerBase {
       g.exp_avg = detail::zeroed(g.batch * g.stride);
       g.exp_avg_sq = detail::zeroed(g.batch * g.stride);
       for (std::size_t b = 0; b < g.batch; ++b)
-        where_[params[indices[b]].name] = {groups_.size() - 1, b};
+        place(params[indices[b]].name, groups_.size() - 1, b);
       std::tie(g.w_ptrs, g.g_ptrs) = detail::value_and_grad_pointers(params, indices);
       g.m_ptrs = detail::slice_pointers(g.exp_avg.data(), g.batch, g.stride);
       g.v_ptrs = detail::slice_pointers(g.exp_avg_sq.data(), g.batch, g.stride);
@@ -88,11 +87,32 @@ class CudaAdamW final : public detail::CudaOptimizerBase {
 
   std::string kind() const override { return "adamw"; }
 
-  void queue_step() override {
-    begin_step();
-    for (const Group& g : groups_)
-      flag_non_finite(g.g_ptrs, static_cast<std::int64_t>(g.count), g.batch);
-    count_step();
+  HostState download_state(const std::string& name) const override {
+    const auto [gi, b] = locate(name);
+    const Group& g = groups_[gi];
+    HostState out;
+    out["exp_avg"] = detail::download_slice(ctx_, g.exp_avg.data() + b * g.stride, g.count);
+    out["exp_avg_sq"] = detail::download_slice(ctx_, g.exp_avg_sq.data() + b * g.stride, g.count);
+    return out;
+  }
+
+  void upload_state(const std::string& name, const HostState& state) override {
+    const auto [gi, b] = locate(name);
+    Group& g = groups_[gi];
+    const std::string who = this->who() + ": " + name;
+    detail::upload_slice(ctx_, g.exp_avg.data() + b * g.stride, state, "exp_avg", g.count, who);
+    detail::upload_slice(ctx_, g.exp_avg_sq.data() + b * g.stride, state, "exp_avg_sq", g.count,
+                         who);
+  }
+
+ private:
+  struct Group {
+    std::size_t count = 0, batch = 0, stride = 0;
+    DeviceArray<float> exp_avg, exp_avg_sq;
+    DevicePointers w_ptrs, g_ptrs, m_ptrs, v_ptrs;
+  };
+
+  void queue_update() override {
     const CudaAdamWOptions& o = options_;
     cudaStream_t st = stream();
     step_factors<<<1, 1, 0, st>>>(scalars(), o.beta1, o.beta2, o.weight_decay, factors_.data());
@@ -108,41 +128,9 @@ class CudaAdamW final : public detail::CudaOptimizerBase {
     }
   }
 
-  HostState download_state(const std::string& name) const override {
-    const auto [gi, b] = locate(name);
-    const Group& g = groups_[gi];
-    HostState out;
-    out["exp_avg"] = detail::download_slice(ctx_, g.exp_avg.data() + b * g.stride, g.count);
-    out["exp_avg_sq"] = detail::download_slice(ctx_, g.exp_avg_sq.data() + b * g.stride, g.count);
-    return out;
-  }
-
-  void upload_state(const std::string& name, const HostState& state) override {
-    const auto [gi, b] = locate(name);
-    Group& g = groups_[gi];
-    const std::string who = "adamw (cuda): " + name;
-    detail::upload_slice(ctx_, g.exp_avg.data() + b * g.stride, state, "exp_avg", g.count, who);
-    detail::upload_slice(ctx_, g.exp_avg_sq.data() + b * g.stride, state, "exp_avg_sq", g.count,
-                         who);
-  }
-
- private:
-  struct Group {
-    std::size_t count = 0, batch = 0, stride = 0;
-    DeviceArray<float> exp_avg, exp_avg_sq;
-    DevicePointers w_ptrs, g_ptrs, m_ptrs, v_ptrs;
-  };
-
-  std::pair<std::size_t, std::size_t> locate(const std::string& name) const {
-    auto it = where_.find(name);
-    check(it != where_.end(), "adamw (cuda): no parameter named '" + name + "'");
-    return it->second;
-  }
-
   CudaAdamWOptions options_;
   DeviceArray<StepFactors> factors_;
   std::vector<Group> groups_;
-  std::map<std::string, std::pair<std::size_t, std::size_t>> where_;
 };
 
 }  // namespace

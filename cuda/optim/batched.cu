@@ -1,7 +1,4 @@
-// The kernels and cuBLAS wrapper shared by the GPU optimizers (declared in batched.cuh).
-#include <limits>
-#include <string>
-
+// The kernels shared by the GPU optimizers (declared in batched.cuh).
 #include "batched.cuh"
 
 namespace pion::cuda::detail {
@@ -54,33 +51,7 @@ __global__ void sum_squares_kernel(void* const* x_ptrs, void* const* y_ptrs, std
   if (threadIdx.x == 0) partial[blockIdx.y * gridDim.x + blockIdx.x] = shared[0];
 }
 
-int as_int(std::int64_t v, const char* what) {
-  check(v >= 0 && v <= std::numeric_limits<int>::max(), std::string("cuda gemm: ") + what + " = " +
-                                                            std::to_string(v) +
-                                                            " does not fit cuBLAS's int arguments");
-  return static_cast<int>(v);
-}
-
 }  // namespace
-
-void gemm_rm(cublasHandle_t h, GemmKind kind, bool trans_a, bool trans_b, std::int64_t m,
-             std::int64_t n, std::int64_t k, float alpha, const DevicePointers& a, std::int64_t lda,
-             const DevicePointers& b, std::int64_t ldb, float beta, const DevicePointers& c,
-             std::int64_t ldc, std::size_t batch) {
-  const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const cublasOperation_t op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const cudaDataType type = kind == GemmKind::Bf16 ? CUDA_R_16BF : CUDA_R_32F;
-  // CUBLAS_COMPUTE_32F with the Context's CUBLAS_DEFAULT_MATH is plain fp32 (no TF32);
-  // FAST_TF32 rounds the fp32 inputs to TF32 for the tensor cores and accumulates in fp32.
-  const cublasComputeType_t compute =
-      kind == GemmKind::Tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-  // Column-major call computing C^T (n x m) = op(B)^T (n x k) op(A)^T (k x m).
-  PION_CUBLAS_CHECK(cublasGemmBatchedEx(
-      h, op_b, op_a, as_int(n, "n"), as_int(m, "m"), as_int(k, "k"), &alpha, b.get(), type,
-      as_int(ldb, "ldb"), a.get(), type, as_int(lda, "lda"), &beta, c.get(), type,
-      as_int(ldc, "ldc"), as_int(static_cast<std::int64_t>(batch), "batch"), compute,
-      CUBLAS_GEMM_DEFAULT));
-}
 
 void queue_set_lr(cudaStream_t stream, StepScalars* scalars, double lr) {
   set_lr_kernel<<<1, 1, 0, stream>>>(scalars, lr);

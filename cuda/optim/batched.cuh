@@ -1,6 +1,6 @@
 #pragma once
 // Building blocks shared by the GPU optimizers: RAII device arrays, device arrays of matrix
-// pointers (one per matrix of a shape group), row-major batched GEMMs through cuBLAS, the
+// pointers (one per matrix of a shape group), row-major batched GEMMs (cuda/gemm.cuh), the
 // device-side step scalars (learning rate, counters, the non-finite-gradient flag) and a
 // deterministic per-matrix sum of squares. Batched kernels take the matrix index from
 // blockIdx.y and walk their matrix with a grid-stride loop over blockIdx.x.
@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../check.cuh"
+#include "../gemm.cuh"
 
 namespace pion::cuda::detail {
 
@@ -101,20 +102,16 @@ DevicePointers slice_pointers(T* base, std::size_t batch, std::size_t stride) {
   return DevicePointers(out);
 }
 
-// How a GEMM runs: fp32 (CUDA cores), fp32 data on TF32 tensor cores, or bf16 data on
-// tensor cores; every kind accumulates in fp32.
-enum class GemmKind { Fp32, Tf32, Bf16 };
-
-// Row-major C (m x n) = alpha op(A) op(B) + beta C for every matrix of a batch, lda, ldb, ldc
-// being row strides. cuBLAS is column-major, and a row-major buffer read column-major is the
-// transpose of the matrix, so this asks cuBLAS for C^T = op(B)^T op(A)^T: the operands and
-// m, n swap places, each keeps its own transpose flag (op(X)^T is X read column-major when
-// op is N, and its transpose when op is T), and the row strides become the leading
-// dimensions. beta = 1 accumulates into C in fp32 whatever the kind.
-void gemm_rm(cublasHandle_t h, GemmKind kind, bool trans_a, bool trans_b, std::int64_t m,
-             std::int64_t n, std::int64_t k, float alpha, const DevicePointers& a, std::int64_t lda,
-             const DevicePointers& b, std::int64_t ldb, float beta, const DevicePointers& c,
-             std::int64_t ldc, std::size_t batch);
+// gemm_rm_batched (cuda/gemm.cuh) over the pointer arrays of a shape group: row-major
+// C = alpha op(A) op(B) + beta C for each of its `batch` matrices.
+inline void gemm_group(cublasHandle_t h, const GemmTypes& types, bool trans_a, bool trans_b,
+                       std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
+                       const DevicePointers& a, std::int64_t lda, const DevicePointers& b,
+                       std::int64_t ldb, float beta, const DevicePointers& c, std::int64_t ldc,
+                       std::size_t batch) {
+  gemm_rm_batched(h, types, trans_a, trans_b, m, n, k, alpha, a.get(), lda, b.get(), ldb, beta,
+                  c.get(), ldc, static_cast<std::int64_t>(batch));
+}
 
 // What a step reads and writes on the device besides the matrices.
 struct StepScalars {

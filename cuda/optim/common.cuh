@@ -1,6 +1,7 @@
 #pragma once
 // Host-side helpers shared by the GPU optimizers: parameter and option checks, shape
-// grouping, state copies, and the base class that owns the device-side step scalars.
+// grouping, state copies, and the base class that owns queue_step() and the device-side
+// step scalars.
 #include <cmath>
 #include <limits>
 #include <map>
@@ -85,10 +86,15 @@ inline DeviceArray<float> zeroed(std::size_t count) {
   return a;
 }
 
-// Owns the device-side StepScalars and implements the counter and learning-rate part of
-// the CudaOptimizer interface. A derived queue_step() brackets its work like this:
-//   begin_step(); flag_non_finite(...) for every gradient batch; count_step();
-//   ... kernels that read scalars()->bad_grad and leave W and state alone when it is set.
+// The base of every GPU optimizer, shaped like the CPU's Optimizer (pion/optim/optimizer.h):
+// it owns the device-side StepScalars (learning rate, counters, the non-finite-gradient
+// flag), the parameters' gradients for the finite check, the map from parameter names to
+// where their state lives, and queue_step() itself:
+//   bad_grad <- 0; bad_grad <- 1 when any gradient holds a NaN or Inf; steps += 1 (or
+//   skipped += 1 when bad_grad); then the optimizer's queue_update()
+// as Optimizer::step() checks the gradients, counts the step and calls update_group().
+// A derived class calls set_params() where it checks its parameters and place() for each
+// parameter's state slot, and implements queue_update().
 class CudaOptimizerBase : public CudaOptimizer {
  public:
   explicit CudaOptimizerBase(Context& ctx) : ctx_(ctx), scalars_(1) {
@@ -96,10 +102,18 @@ class CudaOptimizerBase : public CudaOptimizer {
     PION_CUDA_CHECK(cudaMemcpy(scalars_.data(), &zero, sizeof(zero), cudaMemcpyHostToDevice));
   }
 
+  void queue_step() final {
+    check(!gradients_.empty(), who() + ": internal error: set_params was not called");
+    queue_begin_step(stream(), scalars());
+    for (const GradientBatch& g : gradients_)
+      queue_flag_non_finite(stream(), g.ptrs, g.count, g.batch, scalars());
+    queue_count_step(stream(), scalars());
+    queue_update();
+  }
+
   void set_lr(double lr) override {
     if (!(std::isfinite(lr) && lr >= 0.0))
-      throw Error(kind() + " (cuda): learning rate must be finite and >= 0, got " +
-                  std::to_string(lr));
+      throw Error(who() + ": learning rate must be finite and >= 0, got " + std::to_string(lr));
     queue_set_lr(stream(), scalars(), lr);
   }
 
@@ -107,7 +121,7 @@ class CudaOptimizerBase : public CudaOptimizer {
   std::int64_t skipped_steps() const override { return read_scalars().skipped; }
 
   void set_steps(std::int64_t steps, std::int64_t skipped) override {
-    check(steps >= 0 && skipped >= 0, kind() + " (cuda): step counters must be >= 0");
+    check(steps >= 0 && skipped >= 0, who() + ": step counters must be >= 0");
     StepScalars s = read_scalars();
     s.steps = steps;
     s.skipped = skipped;
@@ -115,19 +129,49 @@ class CudaOptimizerBase : public CudaOptimizer {
   }
 
  protected:
+  // One update of every parameter, queued after the finite check and the counters. Its
+  // kernels read scalars()->bad_grad and leave W and state alone when it is set;
+  // scalars()->steps already counts this step (1 on the first), as steps() does in the
+  // CPU's update_group.
+  virtual void queue_update() = 0;
+
+  // "adamw (cuda)": how error messages name the optimizer.
+  std::string who() const { return kind() + " (cuda)"; }
+
+  // Checks the parameters (validate_params) and keeps their gradients, one pointer array
+  // per shape, for the finite check of every step.
+  void set_params(const std::vector<DeviceParam>& params) {
+    validate_params(params, who());
+    for (const auto& [shape, indices] : group_by_shape(params)) {
+      std::vector<float*> grads;
+      for (std::size_t i : indices) grads.push_back(const_cast<float*>(params[i].grad));  // read
+      gradients_.push_back({DevicePointers(grads), shape.first * shape.second, indices.size()});
+    }
+  }
+
+  // Parameter `name`'s state is slot `slot` of the derived class's group `group`.
+  void place(const std::string& name, std::size_t group, std::size_t slot) {
+    where_[name] = {group, slot};
+  }
+  std::pair<std::size_t, std::size_t> locate(const std::string& name) const {
+    auto it = where_.find(name);
+    check(it != where_.end(), who() + ": no parameter named '" + name + "'");
+    return it->second;
+  }
+
   cudaStream_t stream() const { return ctx_.impl().stream; }
   cublasHandle_t blas() const { return ctx_.impl().blas; }
   StepScalars* scalars() const { return scalars_.data(); }
 
-  void begin_step() { queue_begin_step(stream(), scalars()); }
-  void flag_non_finite(const DevicePointers& x, std::int64_t count, std::size_t batch) {
-    queue_flag_non_finite(stream(), x, count, batch, scalars());
-  }
-  void count_step() { queue_count_step(stream(), scalars()); }
-
   Context& ctx_;
 
  private:
+  struct GradientBatch {
+    DevicePointers ptrs;
+    std::int64_t count = 0;  // elements per matrix
+    std::size_t batch = 0;
+  };
+
   StepScalars read_scalars() const {
     PION_CUDA_CHECK(cudaStreamSynchronize(stream()));
     StepScalars s{};
@@ -136,6 +180,8 @@ class CudaOptimizerBase : public CudaOptimizer {
   }
 
   DeviceArray<StepScalars> scalars_;
+  std::vector<GradientBatch> gradients_;
+  std::map<std::string, std::pair<std::size_t, std::size_t>> where_;  // name -> (group, slot)
 };
 
 // "fp32" -> false; what_else -> true; anything else throws naming both choices.

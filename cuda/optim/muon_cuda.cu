@@ -9,10 +9,10 @@
 #include <cuda_bf16.h>
 
 #include <cmath>
-#include <map>
 #include <tuple>
 #include <utility>
 
+#include "../bf16.cuh"
 #include "batched.cuh"
 #include "common.cuh"
 
@@ -21,7 +21,6 @@ namespace {
 
 using detail::DeviceArray;
 using detail::DevicePointers;
-using detail::GemmKind;
 using detail::kBlocksPerMatrix;
 using detail::kThreads;
 using detail::StepScalars;
@@ -67,23 +66,6 @@ __global__ void inverse_norms(const double* partial, unsigned batch, double eps,
   inv[b] = static_cast<float>(1.0 / (detail::norm_from_partials(partial, b) + eps));
 }
 
-__device__ inline float to_float(float x) {
-  return x;
-}
-__device__ inline float to_float(bf16 x) {
-  return __bfloat162float(x);
-}
-template <class T>
-__device__ inline T from_float(float x);
-template <>
-__device__ inline float from_float<float>(float x) {
-  return x;
-}
-template <>
-__device__ inline bf16 from_float<bf16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
 // out_b[i] = x_b[i] * inv[b], rounded to T (float: in place is allowed).
 template <class T>
 __global__ void normalise(float* const* x_ptrs, T* const* out_ptrs, std::int64_t count,
@@ -117,7 +99,9 @@ class CudaMuon final : public detail::CudaOptimizerBase {
       : CudaOptimizerBase(ctx), options_(o) {
     validate_options<MuonOptions>(o, "muon (cuda)");
     bf16_ = detail::parse_precision(o.precision, "bf16", "muon (cuda)");
-    detail::validate_params(params, "muon (cuda)");
+    // bf16: the Newton-Schulz iterates, Gram matrices and polynomials are bf16 (C too).
+    types_ = gemm_types(bf16_ ? MatmulPrecision::Bf16 : MatmulPrecision::Fp32, true);
+    set_params(params);
     for (const auto& [shape, indices] : detail::group_by_shape(params)) {
       groups_.emplace_back();
       Group& g = groups_.back();
@@ -133,7 +117,7 @@ class CudaMuon final : public detail::CudaOptimizerBase {
       g.x = DeviceArray<float>(B * g.n_stride);
       g.partial = DeviceArray<double>(B * kBlocksPerMatrix);
       g.inv = DeviceArray<float>(B);
-      for (std::size_t b = 0; b < B; ++b) where_[params[indices[b]].name] = {groups_.size() - 1, b};
+      for (std::size_t b = 0; b < B; ++b) place(params[indices[b]].name, groups_.size() - 1, b);
       std::tie(g.w_ptrs, g.g_ptrs) = detail::value_and_grad_pointers(params, indices);
       g.buf_ptrs = detail::slice_pointers(g.buf.data(), B, g.n_stride);
       g.x_ptrs = detail::slice_pointers(g.x.data(), B, g.n_stride);
@@ -161,14 +145,6 @@ class CudaMuon final : public detail::CudaOptimizerBase {
 
   std::string kind() const override { return "muon"; }
 
-  void queue_step() override {
-    begin_step();
-    for (const Group& g : groups_)
-      flag_non_finite(g.g_ptrs, static_cast<std::int64_t>(g.rows * g.cols), g.batch);
-    count_step();
-    for (Group& g : groups_) step_group(g);
-  }
-
   HostState download_state(const std::string& name) const override {
     const auto [gi, b] = locate(name);
     const Group& g = groups_[gi];
@@ -182,7 +158,7 @@ class CudaMuon final : public detail::CudaOptimizerBase {
     const auto [gi, b] = locate(name);
     Group& g = groups_[gi];
     detail::upload_slice(ctx_, g.buf.data() + b * g.n_stride, state, "momentum_buffer",
-                         g.rows * g.cols, "muon (cuda): " + name);
+                         g.rows * g.cols, who() + ": " + name);
   }
 
  private:
@@ -199,10 +175,8 @@ class CudaMuon final : public detail::CudaOptimizerBase {
     DevicePointers ns_x[2];  // the two Newton-Schulz iterates (fp32 or bf16)
   };
 
-  std::pair<std::size_t, std::size_t> locate(const std::string& name) const {
-    auto it = where_.find(name);
-    check(it != where_.end(), "muon (cuda): no parameter named '" + name + "'");
-    return it->second;
+  void queue_update() override {
+    for (Group& g : groups_) step_group(g);
   }
 
   // Device address of slice 0 of the iterate buffer i (the batch's slices are contiguous).
@@ -220,12 +194,12 @@ class CudaMuon final : public detail::CudaOptimizerBase {
   void step_group(Group& g) {
     cudaStream_t st = stream();
     cublasHandle_t h = blas();
+    const GemmTypes& types = types_;
     const CudaMuonOptions& o = options_;
     const auto rows = static_cast<std::int64_t>(g.rows), cols = static_cast<std::int64_t>(g.cols);
     const std::int64_t n = rows * cols, r = std::min(rows, cols);
     const std::size_t B = g.batch;
     const dim3 grid = detail::batch_grid(B);
-    const GemmKind kind = bf16_ ? GemmKind::Bf16 : GemmKind::Fp32;
     const std::size_t elem = bf16_ ? sizeof(bf16) : sizeof(float);
 
     // X = nesterov(momentum(g)); X <- X / (||X||_F + eps) (into bf16 in that mode).
@@ -257,27 +231,27 @@ class CudaMuon final : public detail::CudaOptimizerBase {
       // A (r x r): tall: X^T X = (cols x rows)(rows x cols), k = rows;
       //            wide: X X^T = (rows x cols)(cols x rows), k = cols. X's row stride: cols.
       if (tall)
-        detail::gemm_rm(h, kind, true, false, r, r, rows, 1.0f, x, cols, x, cols, 0.0f, g.gram_ptrs,
-                        r, B);
+        detail::gemm_group(h, types, true, false, r, r, rows, 1.0f, x, cols, x, cols, 0.0f,
+                           g.gram_ptrs, r, B);
       else
-        detail::gemm_rm(h, kind, false, true, r, r, cols, 1.0f, x, cols, x, cols, 0.0f, g.gram_ptrs,
-                        r, B);
+        detail::gemm_group(h, types, false, true, r, r, cols, 1.0f, x, cols, x, cols, 0.0f,
+                           g.gram_ptrs, r, B);
       // B = b A + c A A: poly <- A, then poly <- c A A + b poly ((r x r)(r x r), k = r).
       PION_CUDA_CHECK(cudaMemcpyAsync(poly_base(g), gram_base(g), B * g.rr_stride * elem,
                                       cudaMemcpyDeviceToDevice, st));
-      detail::gemm_rm(h, kind, false, false, r, r, r, kNsC, g.gram_ptrs, r, g.gram_ptrs, r, kNsB,
-                      g.poly_ptrs, r, B);
+      detail::gemm_group(h, types, false, false, r, r, r, kNsC, g.gram_ptrs, r, g.gram_ptrs, r,
+                         kNsB, g.poly_ptrs, r, B);
       // X' = a X + B X (wide: (r x r)(rows x cols), r = rows, k = rows) or
       //      a X + X B^T (tall: (rows x cols)(cols x cols), r = cols, k = cols):
       // x_next <- X, then x_next <- product + a x_next.
       PION_CUDA_CHECK(cudaMemcpyAsync(ns_base(g, 1 - cur), ns_base(g, cur), B * g.n_stride * elem,
                                       cudaMemcpyDeviceToDevice, st));
       if (tall)
-        detail::gemm_rm(h, kind, false, true, rows, cols, cols, 1.0f, x, cols, g.poly_ptrs, r, kNsA,
-                        x_next, cols, B);
+        detail::gemm_group(h, types, false, true, rows, cols, cols, 1.0f, x, cols, g.poly_ptrs, r,
+                           kNsA, x_next, cols, B);
       else
-        detail::gemm_rm(h, kind, false, false, rows, cols, rows, 1.0f, g.poly_ptrs, r, x, cols,
-                        kNsA, x_next, cols, B);
+        detail::gemm_group(h, types, false, false, rows, cols, rows, 1.0f, g.poly_ptrs, r, x, cols,
+                           kNsA, x_next, cols, B);
       cur = 1 - cur;
     }
 
@@ -295,8 +269,8 @@ class CudaMuon final : public detail::CudaOptimizerBase {
 
   CudaMuonOptions options_;
   bool bf16_ = true;
+  GemmTypes types_{};
   std::vector<Group> groups_;
-  std::map<std::string, std::pair<std::size_t, std::size_t>> where_;
 };
 
 }  // namespace

@@ -13,7 +13,6 @@
 // or Q <- s Q) instead of into the GEMM scalars: (s^2/2) A P on the CPU is 0.5 (sA)(sP) here.
 // Same formula; the results differ at fp32 rounding level.
 #include <cmath>
-#include <map>
 #include <tuple>
 
 #include "batched.cuh"
@@ -24,7 +23,6 @@ namespace {
 
 using detail::DeviceArray;
 using detail::DevicePointers;
-using detail::GemmKind;
 using detail::kBlocksPerMatrix;
 using detail::kThreads;
 using detail::StepScalars;
@@ -165,9 +163,10 @@ class CudaPion final : public detail::CudaOptimizerBase {
               retraction_name(o.retraction) + "' is CPU-only for now): use taylor2 or the CPU");
     check(o.reanchor_every == 0,
           "--device cuda does not re-anchor Pion yet: set reanchor_every 0 or use the CPU");
-    gemm_ = detail::parse_precision(o.precision, "mixed", "pion (cuda)") ? GemmKind::Tf32
-                                                                         : GemmKind::Fp32;
-    detail::validate_params(params, "pion (cuda)");
+    types_ = gemm_types(detail::parse_precision(o.precision, "mixed", "pion (cuda)")
+                            ? MatmulPrecision::Tf32
+                            : MatmulPrecision::Fp32);
+    set_params(params);
     for (const auto& [shape, indices] : detail::group_by_shape(params)) {
       groups_.emplace_back();
       Group& g = groups_.back();
@@ -191,7 +190,7 @@ class CudaPion final : public detail::CudaOptimizerBase {
       g.q = DeviceArray<float>(B * g.mn);
       g.partial = DeviceArray<double>(B * kBlocksPerMatrix);
       g.s = DeviceArray<float>(B);
-      for (std::size_t b = 0; b < B; ++b) where_[params[indices[b]].name] = {groups_.size() - 1, b};
+      for (std::size_t b = 0; b < B; ++b) place(params[indices[b]].name, groups_.size() - 1, b);
       std::tie(g.w_ptrs, g.g_ptrs) = detail::value_and_grad_pointers(params, indices);
       g.m_in_ptrs = detail::slice_pointers(g.m_in.data(), B, g.nn);
       g.v_in_ptrs = detail::slice_pointers(g.v_in.data(), B, g.nn);
@@ -205,14 +204,6 @@ class CudaPion final : public detail::CudaOptimizerBase {
   }
 
   std::string kind() const override { return "pion"; }
-
-  void queue_step() override {
-    begin_step();
-    for (const Group& g : groups_)
-      flag_non_finite(g.g_ptrs, static_cast<std::int64_t>(g.m * g.n), g.batch);
-    count_step();
-    for (Group& g : groups_) step_group(g);
-  }
 
   HostState download_state(const std::string& name) const override {
     const auto [gi, b] = locate(name);
@@ -230,7 +221,7 @@ class CudaPion final : public detail::CudaOptimizerBase {
     const auto [gi, b] = locate(name);
     Group& g = groups_[gi];
     const std::size_t nn = g.n * g.n, mm = g.m * g.m;
-    const std::string who = "pion (cuda): " + name;
+    const std::string who = this->who() + ": " + name;
     detail::upload_slice(ctx_, g.m_in.data() + b * g.nn, state, "m_in", nn, who);
     detail::upload_slice(ctx_, g.v_in.data() + b * g.nn, state, "v_in", nn, who);
     detail::upload_slice(ctx_, g.m_out.data() + b * g.mm, state, "m_out", mm, who);
@@ -249,27 +240,33 @@ class CudaPion final : public detail::CudaOptimizerBase {
         a_out_ptrs, p_ptrs, q_ptrs;
   };
 
-  std::pair<std::size_t, std::size_t> locate(const std::string& name) const {
-    auto it = where_.find(name);
-    check(it != where_.end(), "pion (cuda): no parameter named '" + name + "'");
-    return it->second;
+  // Per shape group: the scaled directions (common to every retraction), then the
+  // retraction that moves W along them. taylor2 is the only one on the GPU so far; another
+  // retraction is a second retract_* beside retract_taylor2, chosen here.
+  void queue_update() override {
+    for (Group& g : groups_) {
+      queue_directions(g);
+      retract_taylor2(g);
+    }
   }
 
-  void step_group(Group& g) {
+  // Generators, moments and directions, then s = lr * alpha: leaves A_in <- s A_in,
+  // A_out <- s A_out in g.a_in / g.a_out, P = A_out W and Q = W A_in (unscaled) in g.p / g.q
+  // and s per matrix in g.s.
+  void queue_directions(Group& g) {
     cudaStream_t st = stream();
     cublasHandle_t h = blas();
-    const GemmKind kind = gemm_;
+    const GemmTypes& types = types_;
     const auto m = static_cast<std::int64_t>(g.m), n = static_cast<std::int64_t>(g.n);
     const std::size_t B = g.batch;
-    const dim3 grid = detail::batch_grid(B);
     const CudaPionOptions& o = options_;
     const DevicePointers &W = g.w_ptrs, &G = g.g_ptrs, &Ain = g.a_in_ptrs, &Aout = g.a_out_ptrs,
                          &P = g.p_ptrs, &Q = g.q_ptrs;
 
     // Generators through one GEMM each (pion.cpp): X_in = W^T g is (n x m)(m x n) = n x n,
     // k = m; X_out = g W^T is (m x n)(n x m) = m x m, k = n. Row strides: W, g: n.
-    detail::gemm_rm(h, kind, true, false, n, n, m, 1.0f, W, n, G, n, 0.0f, Ain, n, B);
-    detail::gemm_rm(h, kind, false, true, m, m, n, 1.0f, G, n, W, n, 0.0f, Aout, m, B);
+    detail::gemm_group(h, types, true, false, n, n, m, 1.0f, W, n, G, n, 0.0f, Ain, n, B);
+    detail::gemm_group(h, types, false, true, m, m, n, 1.0f, G, n, W, n, 0.0f, Aout, m, B);
     // Skew parts, moments and directions, in place: Ain <- A_in, Aout <- A_out.
     const MomentCoefficients k{static_cast<float>(o.beta1), static_cast<float>(1.0 - o.beta1),
                                static_cast<float>(o.beta2), static_cast<float>(1.0 - o.beta2),
@@ -288,8 +285,8 @@ class CudaPion final : public detail::CudaOptimizerBase {
 
     // P = A_out W: (m x m)(m x n), k = m, row strides m, n -> n.
     // Q = W A_in:  (m x n)(n x n), k = n, row strides n, n -> n.
-    detail::gemm_rm(h, kind, false, false, m, n, m, 1.0f, Aout, m, W, n, 0.0f, P, n, B);
-    detail::gemm_rm(h, kind, false, false, m, n, n, 1.0f, W, n, Ain, n, 0.0f, Q, n, B);
+    detail::gemm_group(h, types, false, false, m, n, m, 1.0f, Aout, m, W, n, 0.0f, P, n, B);
+    detail::gemm_group(h, types, false, false, m, n, n, 1.0f, W, n, Ain, n, 0.0f, Q, n, B);
     // s = lr * alpha from ||P + Q||_F, on the device.
     detail::queue_sum_squares(st, P, &Q, m * n, B, g.partial.data());
     const double c_sqrt_mn = o.c * std::sqrt(static_cast<double>(m) * static_cast<double>(n));
@@ -300,9 +297,20 @@ class CudaPion final : public detail::CudaOptimizerBase {
     scale_directions<<<dim3(2 * kBlocksPerMatrix, static_cast<unsigned>(B)), kThreads, 0, st>>>(
         Ain.as<float>(), n * n, Aout.as<float>(), m * m, g.s.data());
     PION_CUDA_CHECK_LAUNCH("pion scale directions");
+  }
 
-    // From here A means sA. Every product below is m x n with row stride n; A_out has row
-    // stride m and k = m, A_in row stride n and k = n.
+  // W <- E2(sA_out) W E2(sA_in), E2(X) = I + X + X^2/2, from what queue_directions left.
+  void retract_taylor2(Group& g) {
+    cudaStream_t st = stream();
+    cublasHandle_t h = blas();
+    const GemmTypes& types = types_;
+    const auto m = static_cast<std::int64_t>(g.m), n = static_cast<std::int64_t>(g.n);
+    const std::size_t B = g.batch;
+    const dim3 grid = detail::batch_grid(B);
+    const DevicePointers &W = g.w_ptrs, &Ain = g.a_in_ptrs, &Aout = g.a_out_ptrs, &P = g.p_ptrs,
+                         &Q = g.q_ptrs;
+    // A means sA here. Every product below is m x n with row stride n; A_out has row stride
+    // m and k = m, A_in row stride n and k = n.
     const std::int64_t count = m * n;
     if (m >= n) {
       // Left first (pion_math::taylor2_left_first, apply_taylor2):
@@ -310,31 +318,30 @@ class CudaPion final : public detail::CudaOptimizerBase {
       scale_then_add<<<grid, kThreads, 0, st>>>(W.as<float>(), P.as<float>(), Q.as<float>(), count,
                                                 g.s.data());
       PION_CUDA_CHECK_LAUNCH("pion left: W + sP");
-      detail::gemm_rm(h, kind, false, false, m, n, m, 0.5f, Aout, m, P, n, 1.0f, Q, n, B);
+      detail::gemm_group(h, types, false, false, m, n, m, 0.5f, Aout, m, P, n, 1.0f, Q, n, B);
       //   P <- R' = LW (sA_in) = sR;  W <- LW + sR + (1/2) (sR)(sA_in)
-      detail::gemm_rm(h, kind, false, false, m, n, n, 1.0f, Q, n, Ain, n, 0.0f, P, n, B);
+      detail::gemm_group(h, types, false, false, m, n, n, 1.0f, Q, n, Ain, n, 0.0f, P, n, B);
       add<<<grid, kThreads, 0, st>>>(Q.as<float>(), P.as<float>(), W.as<float>(), count);
       PION_CUDA_CHECK_LAUNCH("pion left: LW + sR");
-      detail::gemm_rm(h, kind, false, false, m, n, n, 0.5f, P, n, Ain, n, 1.0f, W, n, B);
+      detail::gemm_group(h, types, false, false, m, n, n, 0.5f, P, n, Ain, n, 1.0f, W, n, B);
     } else {
       // Right first, the mirror image:
       //   Q <- sQ;  P <- WR = W + sQ + (1/2)(sQ)(sA_in)
       scale_then_add<<<grid, kThreads, 0, st>>>(W.as<float>(), Q.as<float>(), P.as<float>(), count,
                                                 g.s.data());
       PION_CUDA_CHECK_LAUNCH("pion right: W + sQ");
-      detail::gemm_rm(h, kind, false, false, m, n, n, 0.5f, Q, n, Ain, n, 1.0f, P, n, B);
+      detail::gemm_group(h, types, false, false, m, n, n, 0.5f, Q, n, Ain, n, 1.0f, P, n, B);
       //   Q <- L' = (sA_out) WR = sL;  W <- WR + sL + (1/2)(sA_out)(sL)
-      detail::gemm_rm(h, kind, false, false, m, n, m, 1.0f, Aout, m, P, n, 0.0f, Q, n, B);
+      detail::gemm_group(h, types, false, false, m, n, m, 1.0f, Aout, m, P, n, 0.0f, Q, n, B);
       add<<<grid, kThreads, 0, st>>>(P.as<float>(), Q.as<float>(), W.as<float>(), count);
       PION_CUDA_CHECK_LAUNCH("pion right: WR + sL");
-      detail::gemm_rm(h, kind, false, false, m, n, m, 0.5f, Aout, m, Q, n, 1.0f, W, n, B);
+      detail::gemm_group(h, types, false, false, m, n, m, 0.5f, Aout, m, Q, n, 1.0f, W, n, B);
     }
   }
 
   CudaPionOptions options_;
-  GemmKind gemm_ = GemmKind::Fp32;
+  GemmTypes types_{};
   std::vector<Group> groups_;
-  std::map<std::string, std::pair<std::size_t, std::size_t>> where_;  // name -> (group, slot)
 };
 
 }  // namespace

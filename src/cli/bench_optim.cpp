@@ -21,10 +21,7 @@
 #include "pion/core/linalg.h"
 #include "pion/core/random.h"
 #include "pion/core/tensor.h"
-#include "pion/optim/adamw.h"
-#include "pion/optim/muon.h"
 #include "pion/optim/optimizer.h"
-#include "pion/optim/pion.h"
 #ifdef PION_HAVE_CUDA
 #include "pion/cuda/runtime.h"
 #endif
@@ -96,41 +93,19 @@ void run_cpu(const OptimBenchArgs& a, Report& r) {
   const double muon_flops = total_flops(muon_step_gemms(h.specs));
   struct Cpu {
     const char* name;
+    const char* kind;  // make_cpu_optimizer's
     const char* label;
     std::string gemm;
-    double lr;
     double flops;
   };
-  const Cpu runs[] = {{"pion_fp32", "Pion taylor2 fp32", "fp32", kMatrixLr, pion_flops},
-                      {"muon_fp32", "Muon NS5 fp32", "fp32", kMatrixLr, muon_flops},
-                      {"adamw", "AdamW", "", kAdamLr, 0.0}};
+  const Cpu runs[] = {{"pion_fp32", "pion", "Pion taylor2 fp32", "fp32", pion_flops},
+                      {"muon_fp32", "muon", "Muon NS5 fp32", "fp32", muon_flops},
+                      {"adamw", "adamw", "AdamW", "", 0.0}};
   for (const Cpu& c : runs) {
-    std::vector<Param> params;
-    for (std::size_t i = 0; i < h.specs.size(); ++i)
-      params.push_back({h.specs[i].name, h.weights[i].clone(), h.grads[i]});
-    std::unique_ptr<Optimizer> opt;
     const std::string name = c.name;
-    if (name == "pion_fp32") {
-      auto p = std::make_unique<Pion>();
-      p->add_param_group(params, c.lr, Pion::Options{});
-      opt = std::move(p);
-    } else if (name == "muon_fp32") {
-      auto m = std::make_unique<Muon>();
-      m->add_param_group(params, c.lr, Muon::Options{});
-      opt = std::move(m);
-    } else {
-      auto w = std::make_unique<AdamW>();
-      w->add_param_group(params, c.lr, AdamW::Options{});
-      opt = std::move(w);
-    }
+    std::unique_ptr<Optimizer> opt = make_cpu_optimizer(c.kind, copy_params(h));
     for (int i = 0; i < a.warmup; ++i) opt->step();
-    Result x;
-    x.name = c.name;
-    x.label = c.label;
-    x.gemm = c.gemm;
-    x.lr = c.lr;
-    x.gemm_flops = c.flops;
-    if (c.flops == 0) x.bytes = 28.0 * static_cast<double>(parameter_count(h.specs));
+    Result x = make_result(c.name, c.label, c.gemm, learning_rate(c.kind), c.flops, h.specs);
     const auto all = Clock::now();
     for (int i = 0; i < a.steps; ++i) {
       const auto t0 = Clock::now();
@@ -202,8 +177,11 @@ void add_bench_optim_command(CLI::App& bench) {
       "one optimizer step over the hidden matrices of a GPT-2-small-shaped LLaMA, beside the "
       "GEMM roofline (Pion fp32/mixed, Muon, AdamW)");
   cmd->footer(
-      "Matrices: per layer four 768x768, two 2048x768, one 768x2048 (d_out x d_in), fp32, "
-      "weights N(0, 0.02^2), gradients N(0, 1e-3^2). cuda: the CUDA optimizers (Pion fp32 and "
+      "Matrices: per layer " +
+      bench_optim::layer_shapes_text(bench_optim::gpt2_small_matrices(1), 1) +
+      " (d_out x d_in), fp32, weights " + bench_optim::normal_text(bench_optim::kWeightStd) +
+      ", gradients " + bench_optim::normal_text(bench_optim::kGradStd) +
+      ". cuda: the CUDA optimizers (Pion fp32 and "
       "mixed, Muon bf16 and fp32, AdamW), one step captured into a CUDA graph and its replays "
       "timed with CUDA events, cuBLAS GEMM rooflines (fp32 without TF32, TF32, bf16) and "
       "Pion's spectrum drift after --drift_steps steps. cpu: pion's CPU classes (Pion, Muon, "

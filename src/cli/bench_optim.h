@@ -5,7 +5,9 @@
 //
 // The pieces, one file each:
 //   bench_optim.cpp           the subcommand, run_optim_bench, the CPU run
-//   bench_optim_workload.cpp  the matrices, their GEMM lists and flop counts
+//   bench_optim_workload.cpp  the matrices, their GEMM lists and flop counts, the CPU
+//                             optimizers (bench_optim_workload.h; bench/bench_optim.cpp
+//                             times the same workload under Google Benchmark)
 //   bench_optim_cuda.cpp      the GPU run (compiled under PION_HAVE_CUDA only)
 //   bench_optim_report.cpp    the Markdown table on stdout, the JSON of --json
 //
@@ -21,7 +23,7 @@
 #include <utility>
 #include <vector>
 
-#include "pion/core/tensor.h"
+#include "cli/bench_optim_workload.h"
 
 namespace pion::cli {
 
@@ -29,16 +31,6 @@ namespace pion::cli {
 void add_bench_optim_command(CLI::App& bench);
 
 namespace bench_optim {
-
-// ---- shared by the CPU and GPU runs ------------------------------------------------------
-
-// The learning rates of a realistic run (the trainer's defaults: matrix_lr 0.02 for Muon and
-// Pion, lr 1e-3 for AdamW). They change the numbers a step computes, not its work.
-constexpr double kMatrixLr = 0.02;
-constexpr double kAdamLr = 1e-3;
-constexpr double kWeightStd = 0.02;  // GPT-2's init scale
-constexpr double kGradStd = 1e-3;
-constexpr int kMuonNsSteps = 5;  // Muon::Options and CudaMuonOptions default
 
 struct OptimBenchArgs {
   std::string device = "cpu";
@@ -49,54 +41,6 @@ struct OptimBenchArgs {
   double drift_lr = 0.002;
   std::string json;
 };
-
-struct MatrixSpec {
-  std::string name;
-  std::int64_t rows = 0, cols = 0;  // d_out x d_in
-};
-
-// The hidden matrices of `layers` GPT-2-small-shaped LLaMA blocks (d_model 768, SwiGLU
-// hidden 2048), named as the model names them: per layer four 768 x 768, two 2048 x 768
-// and one 768 x 2048.
-std::vector<MatrixSpec> gpt2_small_matrices(int layers);
-
-// Matrices of each shape, in shape order (how the GPU optimizers batch them).
-std::map<std::pair<std::int64_t, std::int64_t>, std::int64_t> shape_counts(
-    const std::vector<MatrixSpec>& specs);
-
-// Weights N(0, 0.02^2) and gradients N(0, 1e-3^2), one RNG stream per matrix (so the
-// values do not depend on the thread count).
-struct HostMatrices {
-  std::vector<MatrixSpec> specs;
-  std::vector<Tensor> weights, grads;
-};
-
-HostMatrices make_host_matrices(int layers);
-
-std::int64_t parameter_count(const std::vector<MatrixSpec>& specs);
-
-// One GEMM of an optimizer step, as the GPU optimizers issue it: C (m x n) = op(A) op(B)
-// with inner size k, `batch` products in one call.
-struct Gemm {
-  std::int64_t m, n, k, batch;
-  bool trans_a = false, trans_b = false;
-  double flops() const {
-    return 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) *
-           static_cast<double>(batch);
-  }
-  auto key() const { return std::make_tuple(m, n, k, batch, trans_a, trans_b); }
-};
-
-// The GEMMs of one Pion taylor2 step and of one Muon Newton-Schulz step over `specs`, per
-// shape group (bench_optim_workload.cpp says which products they are).
-std::vector<Gemm> pion_step_gemms(const std::vector<MatrixSpec>& specs);
-std::vector<Gemm> muon_step_gemms(const std::vector<MatrixSpec>& specs);
-
-double total_flops(const std::vector<Gemm>& gemms);
-
-// The closed forms of the two counts, checked against the GEMM lists (a mismatch is a bug
-// here, not a measurement).
-void check_flop_counts(const std::vector<MatrixSpec>& specs);
 
 struct Stats {
   double median = 0.0, min = 0.0, max = 0.0;
@@ -124,6 +68,12 @@ struct Result {
   double drift_wall_s = 0.0;
   std::string drift_error;
 };
+
+// A Result holding what the workload says about a run: name, label, GEMM precision, learning
+// rate and GEMM flops per step; a run without GEMMs (AdamW) gets its memory traffic per step
+// over specs instead. The run adds its measurements.
+Result make_result(const std::string& name, const std::string& label, const std::string& gemm,
+                   double lr, double gemm_flops, const std::vector<MatrixSpec>& specs);
 
 struct GemmRate {
   std::string owner;  // the optimizer whose step issues it: pion, muon

@@ -272,14 +272,8 @@ void run_cuda(const OptimBenchArgs& a, Report& r) {
                                  {"adamw", "AdamW", "", kAdamLr, 0.0, 0.0, adamw}};
 
   for (const Gpu& g : runs) {
-    Result x;
-    x.name = g.name;
-    x.label = g.label;
-    x.gemm = g.gemm;
-    x.lr = g.lr;
-    x.gemm_flops = g.flops;
+    Result x = make_result(g.name, g.label, g.gemm, g.lr, g.flops, h.specs);
     x.gemms_alone_ms = g.alone_ms;
-    if (g.flops == 0) x.bytes = 28.0 * static_cast<double>(parameter_count(h.specs));
     try {
       d.reset_weights(h);
       std::unique_ptr<cuda::CudaOptimizer> opt = g.make(ctx, d.params(h));

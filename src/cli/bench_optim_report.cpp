@@ -9,6 +9,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cli/bench_optim.h"
@@ -24,6 +25,18 @@ Stats stats_of(std::vector<double> v) {
   const std::size_t n = v.size();
   const double median = n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
   return {median, v.front(), v.back()};
+}
+
+Result make_result(const std::string& name, const std::string& label, const std::string& gemm,
+                   double lr, double gemm_flops, const std::vector<MatrixSpec>& specs) {
+  Result x;
+  x.name = name;
+  x.label = label;
+  x.gemm = gemm;
+  x.lr = lr;
+  x.gemm_flops = gemm_flops;
+  if (gemm_flops == 0) x.bytes = kAdamWBytesPerParam * static_cast<double>(parameter_count(specs));
+  return x;
 }
 
 std::string fmt(const char* format, double v) {
@@ -49,6 +62,23 @@ std::string pct(double roofline_ms, double measured_ms) {
   return fmt("%.0f%%", 100.0 * roofline_ms / measured_ms);
 }
 
+// "lr 0.02 (Pion taylor2 fp32, Muon NS5 fp32), 0.001 (AdamW)": the rows by learning rate.
+std::string learning_rates_text(const std::vector<Result>& results) {
+  std::vector<std::pair<double, std::string>> by_lr;
+  for (const Result& x : results) {
+    auto it =
+        std::find_if(by_lr.begin(), by_lr.end(), [&](const auto& e) { return e.first == x.lr; });
+    if (it == by_lr.end())
+      by_lr.push_back({x.lr, x.label});
+    else
+      it->second += ", " + x.label;
+  }
+  std::string out = "lr";
+  for (const auto& [lr, labels] : by_lr)
+    out += (out == "lr" ? " " : ", ") + fmt("%g", lr) + " (" + labels + ")";
+  return out;
+}
+
 }  // namespace
 
 void print_report(const Report& r) {
@@ -57,12 +87,12 @@ void print_report(const Report& r) {
   std::cout << "| | |\n|---|---|\n";
   std::cout << "| " << (r.device == "cuda" ? "GPU" : "CPU") << " | " << r.hardware << " |\n";
   std::cout << "| date | " << r.date << " |\n";
-  std::cout << "| matrices | " << r.layers << (r.layers == 1 ? " layer" : " layers")
-            << " x (4 x 768x768, 2 x 2048x768, 1 x "
-            << "768x2048) = " << r.specs.size() << " matrices, " << fmt("%.1f", params / 1e6)
-            << "M parameters, fp32 |\n";
-  std::cout << "| inputs | weights N(0, 0.02^2), gradients N(0, 1e-3^2) (fixed, never zero); "
-               "lr 0.02 (Pion, Muon), 1e-3 (AdamW) |\n";
+  std::cout << "| matrices | " << r.layers << (r.layers == 1 ? " layer" : " layers") << " x ("
+            << layer_shapes_text(r.specs, r.layers) << ") = " << r.specs.size() << " matrices, "
+            << fmt("%.1f", params / 1e6) << "M parameters, fp32 |\n";
+  std::cout << "| inputs | weights " << normal_text(kWeightStd) << ", gradients "
+            << normal_text(kGradStd) << " (fixed, never zero); " << learning_rates_text(r.results)
+            << " |\n";
   std::cout << "| timing | " << r.timing << " |\n\n";
 
   const auto rate_of = [&](const std::string& precision) {
@@ -121,9 +151,11 @@ void print_report(const Report& r) {
                     : " (pion::gemm, OpenBLAS sgemm).")
             << " % of roofline = (GEMM flops / roofline rate) / measured step time; own "
                "precision = the optimizer's GEMM precision. GEMM flops: Pion sum of 8 m n^2 + 6 "
-               "m^2 n (m = larger side, n = smaller), Muon 5 x (4 r^2 c + 2 r^3) (r <= c); "
-               "AdamW has no GEMMs (memory-bound; its column shows GB/s at 28 bytes per "
-               "parameter).";
+               "m^2 n (m = larger side, n = smaller), Muon "
+            << kMuonNsSteps
+            << " x (4 r^2 c + 2 r^3) (r <= c); AdamW has no GEMMs (memory-bound; its column "
+               "shows GB/s at "
+            << kAdamWBytesPerParam << " bytes per parameter).";
   if (r.device == "cuda")
     std::cout << " \"% of its GEMMs alone\" = the step's own batched cuBLAS calls (same "
                  "shapes, batches, transposes and precision), each timed alone, summed, over "
@@ -179,8 +211,8 @@ nlohmann::json report_json(const Report& r) {
   for (const auto& [shape, count] : shape_counts(r.specs))
     shapes.push_back({{"rows", shape.first}, {"cols", shape.second}, {"count", count}});
   j["shapes"] = shapes;
-  j["weights"] = "N(0, 0.02^2)";
-  j["gradients"] = "N(0, 1e-3^2), fixed";
+  j["weights"] = normal_text(kWeightStd);
+  j["gradients"] = normal_text(kGradStd) + ", fixed";
   j["steps"] = r.steps;
   j["warmup"] = r.warmup;
   j["timing"] = r.timing;

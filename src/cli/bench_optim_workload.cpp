@@ -1,18 +1,24 @@
-// `pion bench optim` (src/cli/bench_optim.h): what a step computes. The matrices of the
-// model, their initial values, and the GEMMs the Pion and Muon steps issue, with the flop
-// counts the tables' rates and roofline percentages are taken from.
+// The optimizer-step workload (src/cli/bench_optim_workload.h): what a step computes. The
+// matrices of the model, their initial values, the GEMMs the Pion and Muon steps issue with
+// the flop counts the tables' rates and roofline percentages are taken from, and the CPU
+// optimizers.
+#include "cli/bench_optim_workload.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <map>
 #include <string>
 #include <utility>
 #include <vector>
 
-#include "cli/bench_optim.h"
 #include "pion/core/error.h"
 #include "pion/core/random.h"
 #include "pion/core/tensor.h"
+#include "pion/optim/adamw.h"
+#include "pion/optim/muon.h"
+#include "pion/optim/pion.h"
 
 namespace pion::cli::bench_optim {
 
@@ -122,6 +128,64 @@ void check_flop_counts(const std::vector<MatrixSpec>& specs) {
   check(close(total_flops(pion_step_gemms(specs)), pion) &&
             close(total_flops(muon_step_gemms(specs)), muon),
         "bench optim: internal error: GEMM lists disagree with the flop formulas");
+}
+
+std::string layer_shapes_text(const std::vector<MatrixSpec>& specs, int layers) {
+  std::vector<std::pair<std::pair<std::int64_t, std::int64_t>, std::int64_t>> seen;
+  for (const MatrixSpec& s : specs) {
+    const auto shape = std::make_pair(s.rows, s.cols);
+    auto it =
+        std::find_if(seen.begin(), seen.end(), [&](const auto& e) { return e.first == shape; });
+    if (it == seen.end())
+      seen.push_back({shape, 1});
+    else
+      ++it->second;
+  }
+  std::string out;
+  for (const auto& [shape, count] : seen) {
+    if (!out.empty()) out += ", ";
+    out += std::to_string(count / std::max(layers, 1)) + " x " + std::to_string(shape.first) + "x" +
+           std::to_string(shape.second);
+  }
+  return out;
+}
+
+std::string normal_text(double std) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "N(0, %g^2)", std);
+  return buf;
+}
+
+double learning_rate(const std::string& kind) {
+  return kind == "adamw" ? kAdamLr : kMatrixLr;
+}
+
+std::unique_ptr<Optimizer> make_cpu_optimizer(const std::string& kind, std::vector<Param> params,
+                                              PionRetraction retraction) {
+  const double lr = learning_rate(kind);
+  if (kind == "pion") {
+    Pion::Options o;
+    o.retraction = retraction;
+    auto p = std::make_unique<Pion>();
+    p->add_param_group(std::move(params), lr, o);
+    return p;
+  }
+  if (kind == "muon") {
+    auto m = std::make_unique<Muon>();
+    m->add_param_group(std::move(params), lr, Muon::Options{});
+    return m;
+  }
+  check(kind == "adamw", "bench optim: internal error: unknown optimizer '" + kind + "'");
+  auto w = std::make_unique<AdamW>();
+  w->add_param_group(std::move(params), lr, AdamW::Options{});
+  return w;
+}
+
+std::vector<Param> copy_params(const HostMatrices& h) {
+  std::vector<Param> params;
+  for (std::size_t i = 0; i < h.specs.size(); ++i)
+    params.push_back({h.specs[i].name, h.weights[i].clone(), h.grads[i]});
+  return params;
 }
 
 }  // namespace pion::cli::bench_optim

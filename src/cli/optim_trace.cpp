@@ -23,6 +23,7 @@
 #include "pion/core/input.h"
 #include "pion/core/safetensors.h"
 #include "pion/optim/factory.h"
+#include "pion/optim/pion.h"
 #ifdef PION_HAVE_CUDA
 #include "pion/cuda/optim_like.h"
 #endif
@@ -219,6 +220,10 @@ void run_optim_trace(const TraceArgs& args) {
   std::unique_ptr<Optimizer> optimizer = make_optimizer(args.optimizer, config, params);
 
   std::int64_t skipped = 0;
+  // Before any device question, so a variant the GPU lacks is the error on every machine.
+  if (args.device == "cuda")
+    if (const auto* pion = dynamic_cast<const Pion*>(optimizer.get()))
+      require_pion_variant_on_cuda(pion->options(0), "optim-trace --device cuda");
   if (args.device == "cuda") {
     skipped = replay_on_gpu(*optimizer, trace, params, args.precision);
   } else {

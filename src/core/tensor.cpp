@@ -44,22 +44,24 @@ std::string shape_string(const Shape& shape) {
   return s + "]";
 }
 
-Storage::Storage(std::size_t bytes, Device device) : bytes_(bytes), device_(device) {
-  check(device == Device::CPU, "Storage: only CPU storage is allocated here");
+namespace {
+
+std::shared_ptr<std::byte> allocate_storage(std::size_t bytes) {
   // aligned_alloc needs a size that is a multiple of the alignment; 64 bytes suits AVX-512.
   std::size_t rounded = ((std::max<std::size_t>(bytes, 1) + 63) / 64) * 64;
-  data_ = static_cast<std::byte*>(std::aligned_alloc(64, rounded));
-  if (!data_) throw std::bad_alloc();
+  auto* data = static_cast<std::byte*>(std::aligned_alloc(64, rounded));
+  if (!data) throw std::bad_alloc();
+  return std::shared_ptr<std::byte>(data, [](std::byte* p) { std::free(p); });
 }
 
-Storage::~Storage() { std::free(data_); }
+}  // namespace
 
 Tensor Tensor::empty(const Shape& shape, DType dtype) {
   for (auto d : shape) check(d >= 0, "Tensor: negative dimension in shape " + shape_string(shape));
   Tensor t;
   t.shape_ = shape;
   t.dtype_ = dtype;
-  t.storage_ = std::make_shared<Storage>(t.nbytes(), Device::CPU);
+  t.storage_ = allocate_storage(t.nbytes());
   return t;
 }
 
@@ -77,11 +79,11 @@ void Tensor::check_dtype(DType expected) const {
 
 std::byte* Tensor::raw() {
   check(storage_ != nullptr, "Tensor: access to an undefined tensor");
-  return storage_->data() + offset_ * static_cast<std::int64_t>(dtype_size(dtype_));
+  return storage_.get() + offset_ * static_cast<std::int64_t>(dtype_size(dtype_));
 }
 const std::byte* Tensor::raw() const {
   check(storage_ != nullptr, "Tensor: access to an undefined tensor");
-  return storage_->data() + offset_ * static_cast<std::int64_t>(dtype_size(dtype_));
+  return storage_.get() + offset_ * static_cast<std::int64_t>(dtype_size(dtype_));
 }
 
 Tensor Tensor::view(std::int64_t offset, const Shape& shape) const {

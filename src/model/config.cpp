@@ -32,6 +32,8 @@ void ModelConfig::validate() const {
   need(init_std > 0.0 && std::isfinite(init_std), "init_std must be positive and finite");
   need(rope_theta > 0.0 && std::isfinite(rope_theta), "rope_theta must be positive and finite");
   need(norm_eps > 0.0 && std::isfinite(norm_eps), "norm_eps must be positive and finite");
+  need(norm == "rmsnorm" || norm == "none",
+       "norm must be \"rmsnorm\" or \"none\" (got " + input::describe(norm) + ")");
   need(num_params() <= kMaxParams,
        "the model would have " + std::to_string(num_params()) + " parameters, more than pion's " +
            std::to_string(kMaxParams) + "; lower n_layer, d_model or vocab_size");
@@ -45,8 +47,9 @@ int ModelConfig::ffn_size() const {
 
 std::int64_t ModelConfig::num_params() const {
   const std::int64_t v = vocab_size, d = d_model, f = ffn_size();
-  const std::int64_t per_layer = 2 * d + 4 * d * d + 3 * f * d;
-  return 2 * v * d + d + n_layer * per_layer;
+  const std::int64_t norm_weights = has_norm() ? d : 0;  // per RMSNorm
+  const std::int64_t per_layer = 2 * norm_weights + 4 * d * d + 3 * f * d;
+  return 2 * v * d + norm_weights + n_layer * per_layer;
 }
 
 nlohmann::json ModelConfig::to_json() const {
@@ -55,14 +58,15 @@ nlohmann::json ModelConfig::to_json() const {
           {"ffn_hidden", ffn_size()}, {"seq_len", seq_len},
           {"dropout", dropout},       {"init", init},
           {"init_std", init_std},     {"rope_theta", rope_theta},
-          {"norm_eps", norm_eps}};
+          {"norm_eps", norm_eps},     {"norm", norm}};
 }
 
 ModelConfig ModelConfig::from_json(const nlohmann::json& object) {
   check(object.is_object(), "model config: expected a JSON object");
   static const std::set<std::string> keys = {"vocab_size", "n_layer",    "n_head",  "d_model",
                                              "ffn_hidden", "seq_len",    "dropout", "init",
-                                             "init_std",   "rope_theta", "norm_eps"};
+                                             "init_std",   "rope_theta", "norm_eps",
+                                             "norm"};
   for (const auto& [key, value] : object.items()) {
     check(keys.count(key) == 1, "model config: unknown key " + input::describe(key));
   }
@@ -91,6 +95,8 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& object) {
   c.init_std = real_key("init_std", 0.02, 0.0, 1e6, true, false);
   c.rope_theta = real_key("rope_theta", 10000.0, 0.0, 1e12, true, false);
   c.norm_eps = real_key("norm_eps", 1e-5, 0.0, 1.0, true, false);
+  // Absent in checkpoints written before the option existed: those models have RMSNorm.
+  if (object.contains("norm")) c.norm = input::to_string(object.at("norm"), 64, where + "'norm'");
   c.validate();
   return c;
 }

@@ -49,6 +49,22 @@ void add_in_place(float* y, const float* delta, i64 n) {
 
 }  // namespace
 
+// A norm weight's offset, or -1 in a model without norms (norm none: the rows pass as they are).
+i64 Decoder::norm_offset(const std::vector<ParamEntry>& layout, const std::string& name) const {
+  return config_.has_norm() ? offset_of(layout, name) : -1;
+}
+
+void Decoder::norm_rows(float* out, float* rstd, const float* in, i64 weight_offset, i64 rows,
+                        double eps) const {
+  const i64 d = config_.d_model;
+  if (weight_offset < 0) {
+    std::copy_n(in, rows * d, out);
+    return;
+  }
+  layers::rmsnorm_forward(out, rstd, in, model_.params().data<float>() + weight_offset, rows, d,
+                          eps);
+}
+
 Decoder::Decoder(Llama<float>& model)
     : model_(model),
       config_(model.config()),
@@ -59,11 +75,12 @@ Decoder::Decoder(Llama<float>& model)
   for (int i = 0; i < config_.n_layer; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
     // wq|wk|wv and w_gate|w_up are adjacent (llama.h), so each pair is one fused GEMM here too.
-    layers_.push_back({offset_of(layout, p + "attn_norm.weight"), offset_of(layout, p + "attn.wq"),
-                       offset_of(layout, p + "attn.wo"), offset_of(layout, p + "mlp_norm.weight"),
+    layers_.push_back({norm_offset(layout, p + "attn_norm.weight"),
+                       offset_of(layout, p + "attn.wq"), offset_of(layout, p + "attn.wo"),
+                       norm_offset(layout, p + "mlp_norm.weight"),
                        offset_of(layout, p + "mlp.w_gate"), offset_of(layout, p + "mlp.w_down")});
   }
-  final_norm_ = offset_of(layout, "final_norm.weight");
+  final_norm_ = norm_offset(layout, "final_norm.weight");
   lm_head_ = offset_of(layout, "lm_head.weight");
 }
 
@@ -179,7 +196,7 @@ std::span<const float> Decoder::extend(KvCache& cache, std::span<const DecodeChu
   layers::embedding_forward(x, tokens_.data(), w + tok_embedding_, n, d);
   for (int l = 0; l < config_.n_layer; ++l) {
     const LayerOffsets& o = layers_[static_cast<std::size_t>(l)];
-    layers::rmsnorm_forward(h, rstd, x, w + o.attn_norm, n, d, eps);
+    norm_rows(h, rstd, x, o.attn_norm, n, eps);
     layers::linear_forward(qkv, h, w + o.wqkv, n, d, 3 * d);
     rope_rows(qkv, rope_, row_pos_.data(), n, n_head, hd, 3 * d);
     rope_rows(qkv + d, rope_, row_pos_.data(), n, n_head, hd, 3 * d);
@@ -196,7 +213,7 @@ std::span<const float> Decoder::extend(KvCache& cache, std::span<const DecodeChu
     attend(att, qkv, cache, l);
     layers::linear_forward(proj, att, w + o.wo, n, d, d);
     add_in_place(x, proj, n * d);
-    layers::rmsnorm_forward(h, rstd, x, w + o.mlp_norm, n, d, eps);
+    norm_rows(h, rstd, x, o.mlp_norm, n, eps);
     layers::linear_forward(gu, h, w + o.w_gate_up, n, d, 2 * f);
     layers::swiglu_forward(act, gu, n, f);
     layers::linear_forward(proj, act, w + o.w_down, n, f, d);
@@ -209,7 +226,7 @@ std::span<const float> Decoder::extend(KvCache& cache, std::span<const DecodeChu
   // prefill that is one row in T: the LM head is the largest GEMM of a small model).
   for (i64 i = 0; i < m; ++i)
     std::copy_n(x + out_row_[static_cast<std::size_t>(i)] * d, d, h + i * d);
-  layers::rmsnorm_forward(h_out_.data(), rstd, h, w + final_norm_, m, d, eps);
+  norm_rows(h_out_.data(), rstd, h, final_norm_, m, eps);
   layers::linear_forward(logits_.data(), h_out_.data(), w + lm_head_, m, d, v);
   return {logits_.data(), static_cast<std::size_t>(m * v)};
 }

@@ -23,19 +23,19 @@ std::vector<ParamEntry> llama_param_layout(const ModelConfig& config) {
   add("tok_embedding.weight", {v, d});
   for (int i = 0; i < config.n_layer; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
-    add(p + "attn_norm.weight", {d});
+    if (config.has_norm()) add(p + "attn_norm.weight", {d});
     // wq, wk, wv must stay adjacent in this order: forward uses them as one [3d, d] matrix.
     add(p + "attn.wq", {d, d});
     add(p + "attn.wk", {d, d});
     add(p + "attn.wv", {d, d});
     add(p + "attn.wo", {d, d});
-    add(p + "mlp_norm.weight", {d});
+    if (config.has_norm()) add(p + "mlp_norm.weight", {d});
     // w_gate, w_up adjacent: one [2f, d] matrix.
     add(p + "mlp.w_gate", {f, d});
     add(p + "mlp.w_up", {f, d});
     add(p + "mlp.w_down", {d, f});
   }
-  add("final_norm.weight", {d});
+  if (config.has_norm()) add("final_norm.weight", {d});
   add("lm_head.weight", {v, d});
   return out;
 }
@@ -97,21 +97,24 @@ typename Llama<T>::Weights Llama<T>::weights_in(Tensor& buffer) {
   T* base = buffer.data<T>();
   std::size_t k = 0;
   auto next = [&]() { return base + layout_[k++].offset; };
+  // norm "none" has no norm weights: their pointers stay null and are never read.
+  const bool norms = config_.has_norm();
+  auto next_norm = [&]() { return norms ? next() : nullptr; };
   Weights w;
   w.tok_embedding = next();
   for (int i = 0; i < config_.n_layer; ++i) {
     LayerParams l;
-    l.attn_norm = next();
+    l.attn_norm = next_norm();
     l.wqkv = next();
     k += 2;  // wk, wv follow wq
     l.wo = next();
-    l.mlp_norm = next();
+    l.mlp_norm = next_norm();
     l.w_gate_up = next();
     k += 1;  // w_up follows w_gate
     l.w_down = next();
     w.layers.push_back(l);
   }
-  w.final_norm = next();
+  w.final_norm = next_norm();
   w.lm_head = next();
   return w;
 }
@@ -188,6 +191,27 @@ template <class T>
 void zero(T* p, i64 n) {
   std::memset(p, 0, static_cast<std::size_t>(n) * sizeof(T));
 }
+// out = RMSNorm(x) with norms, else out = x (norm "none"). The copy keeps one activation
+// layout for both models; it is one pass over [N, d] beside GEMMs over the same rows.
+template <class T>
+void norm_forward(bool norms, T* out, T* rstd, const T* x, const T* weight, i64 n, i64 d,
+                  double eps) {
+  if (norms) {
+    layers::rmsnorm_forward(out, rstd, x, weight, n, d, eps);
+  } else {
+    std::memcpy(out, x, static_cast<std::size_t>(n * d) * sizeof(T));
+  }
+}
+// dx += dL/dx of the norm given dout (the identity without norms).
+template <class T>
+void norm_backward(bool norms, T* dx, T* dweight, const T* dout, const T* x, const T* weight,
+                   const T* rstd, i64 n, i64 d) {
+  if (norms) {
+    layers::rmsnorm_backward(dx, dweight, dout, x, weight, rstd, n, d);
+  } else {
+    for (i64 i = 0; i < n * d; ++i) dx[i] += dout[i];
+  }
+}
 }  // namespace
 
 template <class T>
@@ -231,6 +255,7 @@ double Llama<T>::forward(std::span<const std::int32_t> tokens,
   const i64 hd = config_.head_dim();
   const double eps = config_.norm_eps, p = config_.dropout;
   const bool drop = dropout_active();
+  const bool norms = config_.has_norm();
 
   layers::embedding_forward(layer_acts_[0].x_in, tokens_.data(), w_.tok_embedding, n, d);
   for (std::size_t l = 0; l < layer_acts_.size(); ++l) {
@@ -238,7 +263,7 @@ double Llama<T>::forward(std::span<const std::int32_t> tokens,
     const LayerParams& w = w_.layers[l];
     T* x_out = l + 1 < layer_acts_.size() ? layer_acts_[l + 1].x_in : x_final_;
     // attention block
-    layers::rmsnorm_forward(a.h1, a.rstd1, a.x_in, w.attn_norm, n, d, eps);
+    norm_forward(norms, a.h1, a.rstd1, a.x_in, w.attn_norm, n, d, eps);
     layers::linear_forward(a.qkv, a.h1, w.wqkv, n, d, 3 * d);
     layers::rope_forward(a.qkv, rope_, batch, seq, h, hd, 3 * d);
     layers::rope_forward(a.qkv + d, rope_, batch, seq, h, hd, 3 * d);
@@ -250,7 +275,7 @@ double Llama<T>::forward(std::span<const std::int32_t> tokens,
     }
     add_into(a.x_mid, a.x_in, scratch_proj_, n * d);
     // MLP block
-    layers::rmsnorm_forward(a.h2, a.rstd2, a.x_mid, w.mlp_norm, n, d, eps);
+    norm_forward(norms, a.h2, a.rstd2, a.x_mid, w.mlp_norm, n, d, eps);
     layers::linear_forward(a.gu, a.h2, w.w_gate_up, n, d, 2 * f);
     layers::swiglu_forward(a.act, a.gu, n, f);
     layers::linear_forward(scratch_proj_, a.act, w.w_down, n, f, d);
@@ -260,7 +285,7 @@ double Llama<T>::forward(std::span<const std::int32_t> tokens,
     }
     add_into(x_out, a.x_mid, scratch_proj_, n * d);
   }
-  layers::rmsnorm_forward(h_final_, rstd_final_, x_final_, w_.final_norm, n, d, eps);
+  norm_forward(norms, h_final_, rstd_final_, x_final_, w_.final_norm, n, d, eps);
   layers::linear_forward(logits_, h_final_, w_.lm_head, n, d, v);
 
   dropout_used_ = drop;
@@ -318,6 +343,7 @@ void Llama<T>::backward(double loss_scale) {
   const i64 v = config_.vocab_size, h = config_.n_head, hd = config_.head_dim();
   const double p = config_.dropout;
   const bool drop = dropout_used_;  // what the forward did, even if set_training changed since
+  const bool norms = config_.has_norm();
 
   T* q = grad_acts_.data();
   T* dres = q;
@@ -339,7 +365,7 @@ void Llama<T>::backward(double loss_scale) {
   zero(dh, n * d);
   layers::linear_backward(dh, g_.lm_head, dlogits, h_final_, w_.lm_head, n, d, v);
   zero(dres, n * d);
-  layers::rmsnorm_backward(dres, g_.final_norm, dh, x_final_, w_.final_norm, rstd_final_, n, d);
+  norm_backward(norms, dres, g_.final_norm, dh, x_final_, w_.final_norm, rstd_final_, n, d);
 
   for (std::size_t li = layer_acts_.size(); li-- > 0;) {
     const LayerActs& a = layer_acts_[li];
@@ -358,7 +384,7 @@ void Llama<T>::backward(double loss_scale) {
     layers::swiglu_backward(dgu, dact, a.gu, n, f);
     zero(dh, n * d);
     layers::linear_backward(dh, g.w_gate_up, dgu, a.h2, w.w_gate_up, n, d, 2 * f);
-    layers::rmsnorm_backward(dres, g.mlp_norm, dh, a.x_mid, w.mlp_norm, a.rstd2, n, d);
+    norm_backward(norms, dres, g.mlp_norm, dh, a.x_mid, w.mlp_norm, a.rstd2, n, d);
     // Attention block: dres now holds dL/d(x_mid).
     const T* da = dres;
     if (drop) {
@@ -374,7 +400,7 @@ void Llama<T>::backward(double loss_scale) {
     layers::rope_backward(dqkv + d, rope_, batch_, seq_, h, hd, 3 * d);
     zero(dh, n * d);
     layers::linear_backward(dh, g.wqkv, dqkv, a.h1, w.wqkv, n, d, 3 * d);
-    layers::rmsnorm_backward(dres, g.attn_norm, dh, a.x_in, w.attn_norm, a.rstd1, n, d);
+    norm_backward(norms, dres, g.attn_norm, dh, a.x_in, w.attn_norm, a.rstd1, n, d);
     if (layer_grads_ready_) layer_grads_ready_(static_cast<int>(li));
   }
   layers::embedding_backward(g_.tok_embedding, dres, tokens_.data(), n, d);

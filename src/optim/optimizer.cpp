@@ -77,7 +77,7 @@ Shape Optimizer::state_shape(const std::string& key, const Shape& param) const {
 }
 
 void Optimizer::check_state(const Param& p, const StateMap& state) const {
-  for (const StateSlot& s : state_slots(p.value.shape()))
+  for (const StateSlot& s : param_state_slots(p))
     require_state(p, state, s.key, s.shape, s.non_negative ? StateSign::NonNegative : StateSign::Any);
 }
 
@@ -195,16 +195,25 @@ void Optimizer::load_state(const TensorFile& in, const std::string& prefix) {
   for (const auto& name : stateful)
     check(new_state.count(name) == 1,
           "optimizer state: the tensors of parameter '" + name + "' are missing from the file");
-  for (const auto& [name, s] : new_state) check_state(*by_name.at(name), s);
-  // Hyperparameters go through the subclass, which may still reject them: restore the old
-  // ones if it does, so a failed load changes nothing.
+  // Hyperparameters go through the subclass, which may still reject them; they come before
+  // the state check because they can decide which tensors a parameter keeps (Pion's
+  // variants). Restore the old ones if either fails, so a failed load changes nothing.
   std::vector<nlohmann::json> old_options;
   for (std::size_t g = 0; g < groups_.size(); ++g) old_options.push_back(group_options(g));
+  const auto restore_options = [&] {
+    for (std::size_t g = 0; g < groups_.size(); ++g) set_group_options(g, old_options[g]);
+  };
   try {
     for (std::size_t g = 0; g < groups_.size(); ++g) set_group_options(g, group_meta[g].options);
   } catch (const std::exception& e) {
-    for (std::size_t g = 0; g < groups_.size(); ++g) set_group_options(g, old_options[g]);
+    restore_options();
     throw Error("optimizer state: bad hyperparameters in '" + prefix + "meta' (" + e.what() + ")");
+  }
+  try {
+    for (const auto& [name, s] : new_state) check_state(*by_name.at(name), s);
+  } catch (...) {
+    restore_options();
+    throw;
   }
   for (std::size_t g = 0; g < groups_.size(); ++g) {
     groups_[g].lr = group_meta[g].lr;

@@ -29,6 +29,18 @@ void skew_from_product(const T* x, std::int64_t d, T* g) {
 }
 
 template <class T>
+void skew_in_place(T* x, std::int64_t d) {
+  for (std::int64_t i = 0; i < d; ++i) {
+    x[i * d + i] = T(0);
+    for (std::int64_t j = i + 1; j < d; ++j) {
+      const T upper = x[i * d + j], lower = x[j * d + i];
+      x[i * d + j] = upper - lower;
+      x[j * d + i] = lower - upper;
+    }
+  }
+}
+
+template <class T>
 void input_generator(const T* w, const T* grad, std::int64_t d_out, std::int64_t d_in, T* g_in) {
   std::vector<T> x(static_cast<std::size_t>(d_in * d_in));
   gemm<T>(Trans::T, Trans::N, d_in, d_in, d_out, T(1), w, d_in, grad, d_in, T(0), x.data(), d_in);
@@ -177,6 +189,35 @@ void update_moments_and_direction(T* x, T* m, T* v, std::int64_t d, const Moment
 }
 
 template <class T>
+void update_skew_buffer(const T* x, T* buf, std::int64_t d, double beta) {
+  const T b = T(beta), c = T(1.0 - beta);
+  for (std::int64_t i = 0; i < d; ++i)
+    for (std::int64_t j = 0; j < d; ++j)
+      buf[i * d + j] = b * buf[i * d + j] + c * (x[i * d + j] - x[j * d + i]);
+}
+
+template <class T>
+void negated_skew_part(const T* n, std::int64_t d, T* a) {
+  for (std::int64_t i = 0; i < d; ++i)
+    for (std::int64_t j = 0; j < d; ++j) a[i * d + j] = (n[j * d + i] - n[i * d + j]) / T(2);
+}
+
+template <class T>
+void update_ambient_moments(const T* g, T* m, T* v, T* e, std::int64_t count,
+                            const MomentCoefficients& k) {
+  const MomentRow<T> row{T(k.beta1), T(1.0 - k.beta1), T(k.beta2), T(1.0 - k.beta2), T(k.eps)};
+  row(g, m, v, e, count);
+}
+
+template <class T>
+double frobenius_norm(const T* p, std::int64_t count) {
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (std::int64_t i = 0; i < count; ++i) sum += static_cast<double>(p[i]) * p[i];
+  return std::sqrt(sum);
+}
+
+template <class T>
 double norm_of_sum(const T* p, const T* q, std::int64_t count) {
   double sum = 0.0;
   // simd reduction: partial sums per lane (no threads), deterministic for a given build.
@@ -228,6 +269,22 @@ void apply_taylor2(T* w, std::int64_t d_out, std::int64_t d_in, const T* a_out, 
     add_scaled(p, q, s, w, count);
     gemm<T>(Trans::N, Trans::N, m, n, m, half_s2, a_out, m, q, n, T(1), w, n);
   }
+}
+
+template <class T>
+void apply_taylor2_left(T* w, std::int64_t d_out, std::int64_t d_in, const T* a_out, const T* p,
+                        T s) {
+  const std::int64_t m = d_out, n = d_in;
+  add_scaled(w, p, s, w, m * n);
+  gemm<T>(Trans::N, Trans::N, m, n, m, s * s / T(2), a_out, m, p, n, T(1), w, n);
+}
+
+template <class T>
+void apply_taylor2_right(T* w, std::int64_t d_out, std::int64_t d_in, const T* a_in, const T* q,
+                         T s) {
+  const std::int64_t m = d_out, n = d_in;
+  add_scaled(w, q, s, w, m * n);
+  gemm<T>(Trans::N, Trans::N, m, n, n, s * s / T(2), q, n, a_in, n, T(1), w, n);
 }
 
 namespace {
@@ -337,6 +394,20 @@ void apply_factors(T* w, std::int64_t d_out, std::int64_t d_in, const T* f_out, 
   gemm<T>(Trans::N, Trans::N, m, n, n, T(1), tmp, n, f_in, n, T(0), w, n);
 }
 
+template <class T>
+void apply_left_factor(T* w, std::int64_t d_out, std::int64_t d_in, const T* f_out, T* tmp) {
+  const std::int64_t m = d_out, n = d_in;
+  gemm<T>(Trans::N, Trans::N, m, n, m, T(1), f_out, m, w, n, T(0), tmp, n);
+  std::memcpy(w, tmp, sizeof(T) * static_cast<std::size_t>(m * n));
+}
+
+template <class T>
+void apply_right_factor(T* w, std::int64_t d_out, std::int64_t d_in, const T* f_in, T* tmp) {
+  const std::int64_t m = d_out, n = d_in;
+  gemm<T>(Trans::N, Trans::N, m, n, n, T(1), w, n, f_in, n, T(0), tmp, n);
+  std::memcpy(w, tmp, sizeof(T) * static_cast<std::size_t>(m * n));
+}
+
 #define PION_MATH_INSTANTIATE(T)                                                                  \
   template void skew_from_product<T>(const T*, std::int64_t, T*);                                 \
   template void input_generator<T>(const T*, const T*, std::int64_t, std::int64_t, T*);           \
@@ -347,7 +418,17 @@ void apply_factors(T* w, std::int64_t d_out, std::int64_t d_in, const T* f_out, 
   template void apply_taylor2<T>(T*, std::int64_t, std::int64_t, const T*, const T*, T*, T*, T,   \
                                  bool);                                                           \
   template void retraction_factor<T>(Retraction, const T*, std::int64_t, T, T*, std::vector<T>&); \
-  template void apply_factors<T>(T*, std::int64_t, std::int64_t, const T*, const T*, T*);
+  template void apply_factors<T>(T*, std::int64_t, std::int64_t, const T*, const T*, T*);        \
+  template void skew_in_place<T>(T*, std::int64_t);                                               \
+  template void update_skew_buffer<T>(const T*, T*, std::int64_t, double);                        \
+  template void negated_skew_part<T>(const T*, std::int64_t, T*);                                 \
+  template void update_ambient_moments<T>(const T*, T*, T*, T*, std::int64_t,                     \
+                                          const MomentCoefficients&);                             \
+  template double frobenius_norm<T>(const T*, std::int64_t);                                      \
+  template void apply_taylor2_left<T>(T*, std::int64_t, std::int64_t, const T*, const T*, T);     \
+  template void apply_taylor2_right<T>(T*, std::int64_t, std::int64_t, const T*, const T*, T);    \
+  template void apply_left_factor<T>(T*, std::int64_t, std::int64_t, const T*, T*);               \
+  template void apply_right_factor<T>(T*, std::int64_t, std::int64_t, const T*, T*);
 
 PION_MATH_INSTANTIATE(float)
 PION_MATH_INSTANTIATE(double)

@@ -32,6 +32,9 @@ struct MomentCoefficients {
 // IEEE subtraction is antisymmetric.
 template <class T>
 void skew_from_product(const T* x, std::int64_t d, T* g);
+// The same in place: X <- X - X^T.
+template <class T>
+void skew_in_place(T* x, std::int64_t d);
 // G_in = W^T g - g^T W (d_in x d_in) and G_out = g W^T - W g^T (d_out x d_out) for W and
 // g of shape d_out x d_in, one GEMM each.
 template <class T>
@@ -48,10 +51,31 @@ void output_generator(const T* w, const T* grad, std::int64_t d_out, std::int64_
 template <class T>
 void update_moments_and_direction(T* x, T* m, T* v, std::int64_t d, const MomentCoefficients& k);
 
+// The msign normalizer's buffer, in place: buf <- b buf + (1 - b) G with G = X - X^T for the
+// d x d product X on entry (x is not modified). A skew buf stays exactly skew: the two
+// mirrored elements see negated operands, and IEEE rounding is symmetric.
+template <class T>
+void update_skew_buffer(const T* x, T* buf, std::int64_t d, double beta);
+// A = -(N - N^T) / 2 for the d x d Newton-Schulz result N of a skew buffer: N is skew up to
+// rounding (an odd polynomial of a skew matrix), and taking its skew part keeps the direction
+// an exact generator, so the Cayley and exp factors stay orthogonal to roundoff.
+template <class T>
+void negated_skew_part(const T* n, std::int64_t d, T* a);
+
+// Ambient moments, elementwise over `count` values: m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2,
+// and e = -m / (sqrt(v) + eps) = -D. The directions are then A_out = E W^T - W E^T and
+// A_in = W^T E - E^T W, i.e. skew_from_product of g W^T and W^T g with g replaced by E.
+template <class T>
+void update_ambient_moments(const T* g, T* m, T* v, T* e, std::int64_t count,
+                            const MomentCoefficients& k);
+
 // ||P + Q||_F accumulated in double (P = A_out W, Q = W A_in: the first-order change per
 // unit step).
 template <class T>
 double norm_of_sum(const T* p, const T* q, std::int64_t count);
+// ||P||_F accumulated in double (the first-order change of a one-sided step).
+template <class T>
+double frobenius_norm(const T* p, std::int64_t count);
 // alpha = c sqrt(d_out d_in) / (first_order_norm + eps).
 double step_scale(double c, std::int64_t d_out, std::int64_t d_in, double first_order_norm,
                   double eps);
@@ -71,6 +95,16 @@ template <class T>
 void apply_taylor2(T* w, std::int64_t d_out, std::int64_t d_in, const T* a_out, const T* a_in, T* p,
                    T* q, T s, bool left_first);
 
+// One-sided E2 steps without forming the factor, given p = A_out W (left) or q = W A_in
+// (right), which are left unchanged:
+//   left:  W <- W + s P + (s^2/2) A_out P         right: W <- W + s Q + (s^2/2) Q A_in
+template <class T>
+void apply_taylor2_left(T* w, std::int64_t d_out, std::int64_t d_in, const T* a_out, const T* p,
+                        T s);
+template <class T>
+void apply_taylor2_right(T* w, std::int64_t d_out, std::int64_t d_in, const T* a_in, const T* q,
+                         T s);
+
 // The d x d factor R(sA) of a retraction for a skew d x d A, written to out. `work` is
 // scratch that is resized as needed (keep it between calls to avoid reallocating).
 template <class T>
@@ -80,5 +114,10 @@ void retraction_factor(Retraction r, const T* a, std::int64_t d, T s, T* out, st
 template <class T>
 void apply_factors(T* w, std::int64_t d_out, std::int64_t d_in, const T* f_out, const T* f_in,
                    T* tmp);
+// One-sided: W <- F_out W, or W <- W F_in; tmp holds d_out x d_in values.
+template <class T>
+void apply_left_factor(T* w, std::int64_t d_out, std::int64_t d_in, const T* f_out, T* tmp);
+template <class T>
+void apply_right_factor(T* w, std::int64_t d_out, std::int64_t d_in, const T* f_in, T* tmp);
 
 }  // namespace pion::pion_math

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <functional>
 
+#include "pion/core/error.h"
 #include "pion/optim/adamw.h"
 #include "pion/optim/muon.h"
 #include "pion/optim/pion.h"
@@ -10,6 +11,15 @@
 namespace pion {
 
 namespace {
+
+// The enum value a string config key names (TrainConfig::validate has checked it already).
+template <class Enum>
+Enum parse_choice(const Choices& c, const std::string& value, const char* key) {
+  for (int i = 0; i < c.count; ++i)
+    if (value == c.names[i]) return static_cast<Enum>(i);
+  throw Error(std::string("config key '") + key + "' must be " + allowed_text(c) + ", got '" +
+              value + "'");
+}
 
 // TrainConfig keys -> Options fields: the one place run-config keys meet the optimizers'
 // hyperparameters (fields, defaults and ranges: pion/optim/options.h). A field not set here
@@ -30,6 +40,9 @@ Muon::Options muon_options(const TrainConfig& c) {
   return o;
 }
 
+}  // namespace
+
+// Public (build_optimizer.h): require_device checks a run's Pion variant against the GPU's.
 Pion::Options pion_options(const TrainConfig& c) {
   Pion::Options o;
   o.c = c.pion_c;
@@ -37,8 +50,16 @@ Pion::Options pion_options(const TrainConfig& c) {
   o.beta2 = c.beta2;
   o.retraction = parse_retraction(c.pion_retraction);
   o.reanchor_every = c.pion_reanchor_every;
+  o.momentum = parse_choice<PionMomentum>(kPionMomenta, c.pion_momentum, "pion_momentum");
+  o.update_side = parse_choice<PionUpdateSide>(kPionUpdateSides, c.pion_update_side,
+                                               "pion_update_side");
+  o.normalizer = parse_choice<PionNormalizer>(kPionNormalizers, c.pion_normalizer,
+                                              "pion_normalizer");
+  o.ns_steps = c.pion_ns_steps;
   return o;
 }
+
+namespace {
 
 // AdamW over `params`: 2-D tensors (embeddings, LM head, or all matrices under adamw) decay,
 // 1-D tensors (RMSNorm weights) do not, as nanoGPT does.

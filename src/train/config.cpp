@@ -6,6 +6,7 @@
 #include "pion/core/error.h"
 #include "pion/core/input.h"
 #include "pion/model/config.h"
+#include "pion/optim/options.h"
 
 namespace pion {
 
@@ -101,6 +102,10 @@ const std::vector<Field>& fields() {
       real_field("dropout", "dropout rate (0 = off)", &TrainConfig::dropout, 0, 1, false, true),
       string_field("init", "normal | spectral", &TrainConfig::init),
       real_field("init_std", "std of the normal init", &TrainConfig::init_std, 0, 100, true),
+      string_field("norm",
+                   "rmsnorm | none (none: no RMSNorm anywhere, the final one included; CPU only "
+                   "so far)",
+                   &TrainConfig::norm),
       int_field("batch_size", "sequences per micro-batch (the global batch under mpirun)",
                 &TrainConfig::batch_size, 1, kMaxBatch),
       int_field("grad_accum", "micro-batches per optimizer step", &TrainConfig::grad_accum, 1,
@@ -129,6 +134,20 @@ const std::vector<Field>& fields() {
       int_field("pion_reanchor_every",
                 "re-project onto the initial spectrum every N steps (0 = off)",
                 &TrainConfig::pion_reanchor_every, 0, kMaxSteps),
+      string_field("pion_momentum",
+                   "lie | ambient | transported (moments of the generators, of the gradient, or "
+                   "of the gradient carried along by the rotations)",
+                   &TrainConfig::pion_momentum),
+      string_field("pion_update_side",
+                   "both | left | right | alternate (rotate both sides, the output side, the "
+                   "input side, or left and right on alternate steps)",
+                   &TrainConfig::pion_update_side),
+      string_field("pion_normalizer",
+                   "adam | msign (m / sqrt(v), or Newton-Schulz of the momentum; msign needs "
+                   "pion_momentum lie)",
+                   &TrainConfig::pion_normalizer),
+      int_field("pion_ns_steps", "Newton-Schulz iterations of pion_normalizer msign",
+                &TrainConfig::pion_ns_steps, 1, 100),
       int_field("eval_interval", "steps between validation evals", &TrainConfig::eval_interval, 0,
                 kMaxSteps),
       int_field("eval_iters", "validation batches per eval", &TrainConfig::eval_iters, 1,
@@ -200,6 +219,14 @@ bool one_of(const std::string& v, std::initializer_list<const char*> options) {
   for (const char* o : options)
     if (v == o) return true;
   return false;
+}
+
+// A string config key naming one of an Options enum's values (pion/optim/options.h).
+void check_choice(const char* key, const std::string& v, const Choices& c) {
+  for (int i = 0; i < c.count; ++i)
+    if (v == c.names[i]) return;
+  throw Error(std::string("config key '") + key + "' must be " + allowed_text(c) + ", got " +
+              input::describe(v));
 }
 
 }  // namespace
@@ -274,6 +301,14 @@ void TrainConfig::validate() const {
   check(one_of(pion_retraction, {"taylor2", "cayley", "exp"}),
         "config key 'pion_retraction' must be taylor2, cayley or exp, got " +
             input::describe(pion_retraction));
+  check_choice("pion_momentum", pion_momentum, kPionMomenta);
+  check_choice("pion_update_side", pion_update_side, kPionUpdateSides);
+  check_choice("pion_normalizer", pion_normalizer, kPionNormalizers);
+  check(pion_normalizer != "msign" || pion_momentum == "lie",
+        "config: pion_normalizer msign needs pion_momentum lie (it orthogonalises the "
+        "generators' momentum buffers), got pion_momentum " + input::describe(pion_momentum));
+  check(one_of(norm, {"rmsnorm", "none"}),
+        "config key 'norm' must be rmsnorm or none, got " + input::describe(norm));
   check(!out_dir.empty(), "config key 'out_dir' must not be empty");
   check(one_of(device, {"cpu", "cuda"}),
         "config key 'device' must be cpu or cuda, got " + input::describe(device));

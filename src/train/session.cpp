@@ -71,6 +71,7 @@ ModelConfig model_config_for(const TrainConfig& c, int vocab_size) {
   m.dropout = c.dropout;
   m.init = c.init;
   m.init_std = c.init_std;
+  m.norm = c.norm;
   m.validate();
   return m;
 }

@@ -78,13 +78,20 @@ class Mlp(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
+def make_norm(cfg):
+    """RMSNorm, or no normalisation at all for config norm "none" (no weight either)."""
+    if cfg.get("norm", "rmsnorm") == "none":
+        return nn.Identity()
+    return RMSNorm(cfg["d_model"], cfg.get("norm_eps", 1e-5))
+
+
 class Block(nn.Module):
     def __init__(self, cfg, f):
         super().__init__()
-        d, eps = cfg["d_model"], cfg.get("norm_eps", 1e-5)
-        self.attn_norm = RMSNorm(d, eps)
+        d = cfg["d_model"]
+        self.attn_norm = make_norm(cfg)
         self.attn = Attention(d, cfg["n_head"])
-        self.mlp_norm = RMSNorm(d, eps)
+        self.mlp_norm = make_norm(cfg)
         self.mlp = Mlp(d, f)
 
     def forward(self, x, cos, sin):
@@ -105,7 +112,7 @@ class Llama(nn.Module):
         self.cfg = cfg
         self.tok_embedding = nn.Embedding(v, d)
         self.layers = nn.ModuleList(Block(cfg, ffn_size(cfg)) for _ in range(cfg["n_layer"]))
-        self.final_norm = RMSNorm(d, cfg.get("norm_eps", 1e-5))
+        self.final_norm = make_norm(cfg)
         self.lm_head = nn.Linear(d, v, bias=False)
 
     def rope(self, t, dtype):

@@ -1,6 +1,8 @@
 #pragma once
 // Which back ends this build has. CUDA code lives in cuda/ and is compiled only when CMake
-// found nvcc (PION_CUDA=AUTO|ON); CPU code never depends on it.
+// found nvcc (PION_CUDA=AUTO|ON); CPU code never depends on it. Defined in
+// src/device/device.cpp, the library pion_device (not pion_core: it calls into pion_cuda),
+// which programs link beside pion_core.
 #include <string>
 
 namespace pion {

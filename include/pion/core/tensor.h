@@ -1,5 +1,5 @@
 #pragma once
-// A small dense tensor: shared storage + element offset + shape + dtype + device.
+// A small dense tensor in host memory: shared storage + element offset + shape + dtype.
 // Row-major and always contiguous. Views share storage and never own it alone, so a
 // parameter can be a view into one big parameter buffer (llm.c style) while optimizer
 // state tensors own their memory. No autograd: layers write their backward by hand.
@@ -13,7 +13,6 @@
 namespace pion {
 
 enum class DType { F32, F64, I32, U16 };
-enum class Device { CPU, CUDA };
 
 std::size_t dtype_size(DType dtype);
 const char* dtype_name(DType dtype);  // safetensors spelling: "F32", "F64", "I32", "U16"
@@ -33,23 +32,6 @@ using Shape = std::vector<std::int64_t>;
 std::int64_t shape_numel(const Shape& shape);
 std::string shape_string(const Shape& shape);  // "[64, 48]"
 
-// Owned, 64-byte aligned bytes. Only ever held through shared_ptr by tensors.
-class Storage {
- public:
-  Storage(std::size_t bytes, Device device);
-  ~Storage();
-  Storage(const Storage&) = delete;
-  Storage& operator=(const Storage&) = delete;
-  std::byte* data() { return data_; }
-  std::size_t bytes() const { return bytes_; }
-  Device device() const { return device_; }
-
- private:
-  std::byte* data_ = nullptr;
-  std::size_t bytes_ = 0;
-  Device device_ = Device::CPU;
-};
-
 class Tensor {
  public:
   Tensor() = default;
@@ -66,7 +48,6 @@ class Tensor {
   std::int64_t numel() const { return shape_numel(shape_); }
   std::size_t nbytes() const { return static_cast<std::size_t>(numel()) * dtype_size(dtype_); }
   DType dtype() const { return dtype_; }
-  Device device() const { return storage_ ? storage_->device() : Device::CPU; }
   // Rows and columns of a 2-D tensor (the only rank optimizers' matrix math uses).
   std::int64_t rows() const { return dim(0); }
   std::int64_t cols() const { return dim(1); }
@@ -96,7 +77,9 @@ class Tensor {
 
  private:
   void check_dtype(DType expected) const;
-  std::shared_ptr<Storage> storage_;
+  // 64-byte aligned host bytes, freed with the last tensor that views them (device memory
+  // is the CUDA back end's own: pion/cuda/runtime.h).
+  std::shared_ptr<std::byte> storage_;
   std::int64_t offset_ = 0;  // in elements
   Shape shape_;
   DType dtype_ = DType::F32;

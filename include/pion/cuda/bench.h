@@ -47,7 +47,7 @@ void discard_capture(Context& ctx) noexcept;
 // replay (and has waited for all of them).
 std::vector<double> time_graph_replays(Context& ctx, int warmup, int reps);
 
-// How a benchmark GEMM runs, as the optimizers' GEMMs do (cuda/optim/batched.cu):
+// How a benchmark GEMM runs, as the optimizers' GEMMs do (cuda/gemm.cuh):
 //   "fp32": fp32 data, CUBLAS_COMPUTE_32F (plain fp32 on CUDA cores, no TF32),
 //   "tf32": fp32 data, CUBLAS_COMPUTE_32F_FAST_TF32 (TF32 tensor cores, fp32 accumulate),
 //   "bf16": bf16 data in and out, CUBLAS_COMPUTE_32F (bf16 tensor cores, fp32 accumulate).

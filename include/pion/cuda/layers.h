@@ -20,6 +20,7 @@
 #include <memory>
 #include <vector>
 
+#include "pion/cuda/precision.h"
 #include "pion/cuda/runtime.h"
 
 namespace pion::cuda {
@@ -53,13 +54,14 @@ namespace pion::cuda::layers {
 
 using i64 = std::int64_t;
 
-// How a GEMM runs. Every kind accumulates in fp32 and reads / writes fp32 buffers:
+// How a layer's GEMMs run (pion/cuda/precision.h). Every precision accumulates in fp32 and
+// the layers read / write fp32 buffers:
 // Fp32: plain fp32 on CUDA cores (parity with the CPU, ~1e-6 relative);
 // Tf32: fp32 data rounded to TF32 on the tensor cores (~1e-3 relative);
 // Bf16: inputs (activations and the fp32 master weights) are rounded to bf16 into a
 //       caller-owned Bf16Workspace, multiplied on the tensor cores with fp32 accumulation
-//       (cublasGemmEx, CUBLAS_COMPUTE_32F); outputs and gradients stay fp32 (~1e-2 relative).
-enum class MatmulPrecision { Fp32, Tf32, Bf16 };
+//       (CUBLAS_COMPUTE_32F); outputs and gradients stay fp32 (~1e-2 relative).
+using cuda::MatmulPrecision;
 
 // Device scratch for the bf16 copies of a linear layer's operands. Allocated once at its
 // full size (set-up time: cudaMalloc), so calls that use it can be graph-captured.

@@ -1,6 +1,7 @@
 #pragma once
 // The shape of a LLaMA-style decoder: token embedding -> n_layer pre-norm blocks
-// [x += attn(rmsnorm(x)); x += mlp(rmsnorm(x))] -> final RMSNorm -> untied LM head.
+// [x += attn(rmsnorm(x)); x += mlp(rmsnorm(x))] -> final RMSNorm -> untied LM head (norm
+// "none": the same without any RMSNorm).
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -32,10 +33,15 @@ struct ModelConfig {
   double init_std = 0.02;       // std of the normal init, and of embeddings under spectral
   double rope_theta = 10000.0;
   double norm_eps = 1e-5;
+  // rmsnorm | none. none removes every RMSNorm (before attention, before the MLP and the final
+  // one) together with its weight: the normalisation-free model the Pion paper trains, since
+  // Pion keeps every matrix's spectral norm fixed.
+  std::string norm = "rmsnorm";
 
   // Throws pion::Error naming the field for any invalid value (e.g. d_model % n_head != 0).
   void validate() const;
   int head_dim() const { return d_model / n_head; }
+  bool has_norm() const { return norm == "rmsnorm"; }
   // The MLP hidden width actually used: ffn_hidden, or the 8/3 d_model rule when it is 0.
   int ffn_size() const;
   // Number of scalar parameters.

@@ -14,6 +14,7 @@
 // (Llama::forward) up to float rounding of differently shaped GEMMs.
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "pion/model/kv_cache.h"
@@ -47,6 +48,11 @@ class Decoder {
     std::int64_t attn_norm, wqkv, wo, mlp_norm, w_gate_up, w_down;
   };
   void ensure_scratch(std::int64_t rows, std::int64_t out_rows);
+  // -1 for a model without norms (ModelConfig::norm "none").
+  std::int64_t norm_offset(const std::vector<ParamEntry>& layout, const std::string& name) const;
+  // RMSNorm of `rows` rows with the weight at `weight_offset`; a copy when it is -1.
+  void norm_rows(float* out, float* rstd, const float* in, std::int64_t weight_offset,
+                 std::int64_t rows, double eps) const;
   void attend(float* att, const float* qkv, const KvCache& cache, int layer) const;
 
   Llama<float>& model_;

@@ -6,6 +6,8 @@
 //
 // attn: q, k, v = x Wq^T, x Wk^T, x Wv^T (no biases), RoPE on q and k, causal softmax per head,
 // output projection Wo. mlp: w_down(silu(w_gate x) * w_up x). RMSNorms have a learnable weight.
+// With config.norm "none" every rmsnorm(.) above (and final_norm) is the identity and the three
+// *_norm.weight parameters do not exist.
 //
 // Parameters live in ONE contiguous buffer and gradients in ONE buffer (params(), grads());
 // every named parameter is a view into them, in this order (linear weights are [d_out, d_in]):

@@ -76,6 +76,11 @@ class Optimizer {
   // The state tensors this optimizer keeps for a parameter of shape `param`: the one place
   // each optimizer states their shapes (check_state and the GPU trainer use it).
   virtual std::vector<StateSlot> state_slots(const Shape& param) const = 0;
+  // The state tensors kept for parameter `p` of this optimizer: state_slots(p's shape), unless
+  // the slots also depend on p's param group (Pion's variants keep different tensors).
+  virtual std::vector<StateSlot> param_state_slots(const Param& p) const {
+    return state_slots(p.value.shape());
+  }
   // The shape of state tensor `key` for a parameter of shape `param` (throws pion::Error for
   // a key this optimizer does not keep).
   Shape state_shape(const std::string& key, const Shape& param) const;
@@ -96,8 +101,9 @@ class Optimizer {
  protected:
   // One update of group g. steps() has already been incremented (it is 1 on the first step).
   virtual void update_group(std::size_t g) = 0;
-  // Called by load_state and set_state for every parameter that has state, before anything
-  // is replaced: throws pion::Error when a tensor of state_slots is missing, has the wrong
+  // Called by load_state (after the saved hyperparameters are in place, since they can decide
+  // which tensors a parameter keeps) and set_state for every parameter that has state, before
+  // any state is replaced: throws pion::Error when a tensor of state_slots is missing, has the wrong
   // shape or holds a non-finite (or, where non_negative, a negative) value.
   void check_state(const Param& p, const StateMap& state) const;
   // The state of p, created empty on first use.

@@ -14,6 +14,7 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "pion/core/error.h"
 
@@ -61,6 +62,32 @@ inline const char* retraction_name(PionRetraction r) {
   return i >= 0 && i < kPionRetractions.count ? kPionRetractions.names[i] : "?";
 }
 
+// Pion's variants (docs/PION.md, "The family the paper studies"; the exact definitions are
+// our reading of the paper, fixed by issue 11 and restated in pion.h).
+enum class PionMomentum {
+  Lie,          // Adam moments of the skew generators G_in, G_out (the rule above; default)
+  Ambient,      // Adam moments m, v of the d_out x d_in gradient; the direction is projected
+  Transported,  // as ambient, and m is carried along by each step's rotations: m <- L m R
+};
+inline constexpr const char* kPionMomentumNames[] = {"lie", "ambient", "transported"};
+inline constexpr Choices kPionMomenta{kPionMomentumNames, 3};
+
+enum class PionUpdateSide {
+  Both,       // W <- L W R every step (default)
+  Left,       // output side only: W <- L W (A_in = 0)
+  Right,      // input side only: W <- W R (A_out = 0)
+  Alternate,  // left on a matrix's 1st, 3rd, ... applied step, right on the 2nd, 4th, ...
+};
+inline constexpr const char* kPionUpdateSideNames[] = {"both", "left", "right", "alternate"};
+inline constexpr Choices kPionUpdateSides{kPionUpdateSideNames, 4};
+
+enum class PionNormalizer {
+  Adam,   // A = -m / (sqrt(v) + eps) (default)
+  Msign,  // A = -NS(buf), Muon's quintic Newton-Schulz on a first-moment buffer (lie only)
+};
+inline constexpr const char* kPionNormalizerNames[] = {"adam", "msign"};
+inline constexpr Choices kPionNormalizers{kPionNormalizerNames, 2};
+
 // AdamW (torch.optim.AdamW semantics, see adamw.h).
 struct AdamWOptions {
   double beta1 = 0.9;
@@ -107,6 +134,10 @@ struct PionOptions {
   // initial spectrum with an fp32 SVD, W <- U diag(sigma0) V^T, removing whatever drift
   // the retraction and rounding left (about 1e-6 relative remains).
   std::int64_t reanchor_every = 0;
+  PionMomentum momentum = PionMomentum::Lie;
+  PionUpdateSide update_side = PionUpdateSide::Both;
+  PionNormalizer normalizer = PionNormalizer::Adam;
+  int ns_steps = 5;  // Newton-Schulz iterations of the msign normalizer
 
   template <class Visitor>
   static void fields(Visitor&& f) {
@@ -116,8 +147,38 @@ struct PionOptions {
     f("eps", &PionOptions::eps, kPositive);
     f("retraction", &PionOptions::retraction, kPionRetractions);
     f("reanchor_every", &PionOptions::reanchor_every, IntRange{0, std::int64_t{1} << 40});
+    f("momentum", &PionOptions::momentum, kPionMomenta);
+    f("update_side", &PionOptions::update_side, kPionUpdateSides);
+    f("normalizer", &PionOptions::normalizer, kPionNormalizers);
+    f("ns_steps", &PionOptions::ns_steps, IntRange{1, 100});  // 5 is Muon's
+  }
+
+  // Combinations the fields' own ranges cannot rule out (called by validate_options).
+  static void check_combination(const PionOptions& o, const std::string& who) {
+    if (o.normalizer == PionNormalizer::Msign && o.momentum != PionMomentum::Lie)
+      throw Error(who + ": normalizer \"msign\" needs momentum \"lie\" (it orthogonalises the "
+                  "generators' momentum buffers), got momentum \"" +
+                  kPionMomenta.names[static_cast<int>(o.momentum)] + "\"");
   }
 };
+
+// The CUDA Pion (cuda/optim/pion_cuda.cu) implements momentum lie, update_side both and
+// normalizer adam only so far, and does not look at these fields. Every CPU-side road to it
+// (`pion train --device cuda` through require_device in src/cli/run_on_device.cpp, and
+// `pion optim-trace --device cuda`) calls this first, so asking for a variant there is a
+// one-line error instead of a run of the default. Drop a clause when the GPU gains the variant.
+inline void require_pion_variant_on_cuda(const PionOptions& o, const std::string& who) {
+  const auto refuse = [&](const char* key, const char* value, const char* supported) {
+    throw Error(who + ": Pion " + key + " \"" + value + "\" runs on the CPU only so far (the GPU " +
+                "Pion supports " + key + " \"" + supported + "\"): use --device cpu");
+  };
+  if (o.momentum != PionMomentum::Lie)
+    refuse("momentum", kPionMomenta.names[static_cast<int>(o.momentum)], "lie");
+  if (o.update_side != PionUpdateSide::Both)
+    refuse("update_side", kPionUpdateSides.names[static_cast<int>(o.update_side)], "both");
+  if (o.normalizer != PionNormalizer::Adam)
+    refuse("normalizer", kPionNormalizers.names[static_cast<int>(o.normalizer)], "adam");
+}
 
 namespace options_detail {
 
@@ -145,8 +206,22 @@ inline std::string allowed_text(const Choices& c) {
   return out;
 }
 
+namespace options_detail {
+
+// Whether Options declares `static void check_combination(const Options&, const std::string&)`
+// (cross-field rules; inherited by the CUDA options that extend it).
+template <class O, class = void>
+struct has_combination_check : std::false_type {};
+template <class O>
+struct has_combination_check<O, std::void_t<decltype(O::check_combination(
+                                    std::declval<const O&>(), std::declval<const std::string&>()))>>
+    : std::true_type {};
+
+}  // namespace options_detail
+
 // Throws pion::Error "<who>: <key> must be <allowed>, got <value>" for the first field of `o`
-// outside its range (`who` names the optimizer: "pion", "muon (cuda)", ...).
+// outside its range (`who` names the optimizer: "pion", "muon (cuda)", ...), then applies the
+// struct's check_combination, if it has one.
 template <class Options>
 void validate_options(const Options& o, const std::string& who) {
   Options::fields([&](const char* key, auto member, const auto& spec) {
@@ -171,6 +246,8 @@ void validate_options(const Options& o, const std::string& who) {
     }
     if (!ok) throw Error(who + ": " + key + " must be " + allowed_text(spec) + ", got " + got);
   });
+  if constexpr (options_detail::has_combination_check<Options>::value)
+    Options::check_combination(o, who);
 }
 
 }  // namespace pion

@@ -25,6 +25,7 @@ struct TrainConfig {
   double dropout = 0.0;
   std::string init = "normal";  // normal | spectral
   double init_std = 0.02;
+  std::string norm = "rmsnorm";  // rmsnorm | none (no normalisation layer at all)
   // optimisation
   int batch_size = 12;
   int grad_accum = 1;
@@ -43,6 +44,10 @@ struct TrainConfig {
   double pion_c = 0.2;
   std::string pion_retraction = "taylor2";  // taylor2 | cayley | exp
   int pion_reanchor_every = 0;
+  std::string pion_momentum = "lie";       // lie | ambient | transported
+  std::string pion_update_side = "both";   // both | left | right | alternate
+  std::string pion_normalizer = "adam";    // adam | msign (msign: lie momentum only)
+  int pion_ns_steps = 5;                   // Newton-Schulz iterations of msign
   // evaluation, logging, checkpoints
   int eval_interval = 250;
   int eval_iters = 20;

@@ -1,0 +1,36 @@
+// pion/core/device.h. Compiled into pion_device, which links pion_cuda when the build has
+// the CUDA back end (PION_HAVE_CUDA comes with it), so pion_core itself never does.
+#include "pion/core/device.h"
+
+#ifdef PION_HAVE_CUDA
+#include "pion/cuda/runtime.h"  // cuda::device_count, defined in cuda/device.cu
+#endif
+
+namespace pion {
+
+bool cuda_compiled() {
+#ifdef PION_HAVE_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+int cuda_device_count() {
+#ifdef PION_HAVE_CUDA
+  return cuda::device_count();
+#else
+  return 0;
+#endif
+}
+
+std::string backend_summary() {
+  std::string s = "cpu (OpenBLAS + OpenMP)";
+  if (cuda_compiled())
+    s += ", cuda compiled (" + std::to_string(cuda_device_count()) + " device(s) visible)";
+  else
+    s += ", cuda not compiled";
+  return s;
+}
+
+}  // namespace pion

@@ -1,0 +1,138 @@
+// `pion train` with Pion's variants (pion_momentum, pion_update_side, pion_normalizer,
+// pion_ns_steps) and the normalisation-free model (norm none), through the binary: bit-exact
+// resume (the alternating side follows the checkpointed step count), what the checkpoint
+// records, and one-line errors for what is not defined or not on the GPU yet.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "helpers.h"
+#include "pion/core/safetensors.h"
+
+using namespace pion;
+
+namespace {
+
+std::string make_corpus(const std::string& dir) {
+  const std::string path = dir + "/corpus.txt";
+  std::ofstream(path) << test::fallback_corpus(40000);
+  return path;
+}
+
+std::string tiny_flags(const std::string& data, const std::string& out) {
+  return "--data " + data + " --out_dir " + out +
+         " --optimizer pion --n_layer 2 --n_head 2 --d_model 32 --seq_len 16 --batch_size 4"
+         " --max_iters 12 --warmup_iters 3 --eval_interval 6 --eval_iters 2 --log_interval 4"
+         " --threads 1 --matrix_lr 0.02 --lr 0.003 --dropout 0.1";
+}
+
+void expect_same_tensors(const std::string& path_a, const std::string& path_b) {
+  const TensorFile a = load_safetensors(path_a);
+  const TensorFile b = load_safetensors(path_b);
+  ASSERT_EQ(a.tensors.size(), b.tensors.size());
+  for (const auto& [name, t] : a.tensors) {
+    ASSERT_TRUE(b.tensors.count(name)) << name;
+    const Tensor& u = b.tensors.at(name);
+    ASSERT_EQ(t.nbytes(), u.nbytes()) << name;
+    EXPECT_EQ(0, std::memcmp(t.raw(), u.raw(), t.nbytes())) << name << " differs after resume";
+  }
+}
+
+}  // namespace
+
+// A norm-free model trained by transported-momentum Pion on alternating sides with Cayley:
+// 12 steps straight equal 5 steps, a stop and a resume to 12, bit for bit; the checkpoint
+// records norm none (no norm tensors) and the variant in the optimizer's group options.
+TEST(TrainVariants, NormFreeAlternatingTransportedPionResumesBitExactly) {
+  const std::string dir = test::temp_dir("train_variants");
+  const std::string corpus = make_corpus(dir);
+  const std::string variant =
+      " --norm none --pion_momentum transported --pion_update_side alternate"
+      " --pion_retraction cayley";
+  auto straight = test::run_pion("train " + tiny_flags(corpus, dir + "/a") + variant);
+  ASSERT_EQ(straight.exit_code, 0) << straight.output;
+  auto first =
+      test::run_pion("train " + tiny_flags(corpus, dir + "/b") + variant + " --stop_after 5");
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  // The model shape and optimizer come back from the checkpoint's config: no flags repeated.
+  auto second = test::run_pion("train --out_dir " + dir + "/b --resume");
+  ASSERT_EQ(second.exit_code, 0) << second.output;
+  EXPECT_NE(second.output.find("resumed from"), std::string::npos) << second.output;
+  expect_same_tensors(dir + "/a/checkpoint.safetensors", dir + "/b/checkpoint.safetensors");
+
+  const TensorFile ckpt = load_safetensors(dir + "/a/checkpoint.safetensors");
+  const auto model = nlohmann::json::parse(ckpt.metadata.at("pion.model_config"));
+  EXPECT_EQ(model.at("norm"), "none");
+  for (const auto& [name, t] : ckpt.tensors)
+    EXPECT_EQ(name.find("norm.weight"), std::string::npos) << name;
+  const auto config = nlohmann::json::parse(ckpt.metadata.at("pion.config"));
+  EXPECT_EQ(config.at("pion_momentum"), "transported");
+  EXPECT_EQ(config.at("pion_update_side"), "alternate");
+  bool found_pion = false;
+  for (const auto& [key, text] : ckpt.metadata) {
+    if (key.find("meta") == std::string::npos || text.find("\"pion\"") == std::string::npos)
+      continue;
+    const auto meta = nlohmann::json::parse(text);
+    if (meta.value("kind", "") != "pion") continue;
+    found_pion = true;
+    const auto& options = meta.at("groups").at(0).at("options");
+    EXPECT_EQ(options.at("momentum"), "transported");
+    EXPECT_EQ(options.at("update_side"), "alternate");
+    EXPECT_EQ(options.at("normalizer"), "adam");
+  }
+  EXPECT_TRUE(found_pion) << "no Pion optimizer state in the checkpoint";
+
+  // The checkpoint samples as the norm-free model it is.
+  auto sample = test::run_pion("sample --checkpoint " + dir +
+                               "/a/checkpoint.safetensors --prompt The --tokens 8");
+  EXPECT_EQ(sample.exit_code, 0) << sample.output;
+}
+
+TEST(TrainVariants, MsignOnOneSideTrains) {
+  const std::string dir = test::temp_dir("train_msign");
+  const std::string corpus = make_corpus(dir);
+  auto r = test::run_pion("train " + tiny_flags(corpus, dir + "/m") +
+                          " --pion_normalizer msign --pion_update_side right --pion_ns_steps 4"
+                          " --max_iters 6");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto summary = nlohmann::json::parse(std::ifstream(dir + "/m/summary.json"));
+  EXPECT_EQ(summary.at("iters"), 6);
+}
+
+TEST(TrainVariants, UndefinedOrGpuOnlyCombinationsAreOneClearLine) {
+  const std::string dir = test::temp_dir("train_variants_bad");
+  const std::string out = " --out_dir " + dir + "/out";
+  struct Case {
+    std::string args, needle;
+  };
+  const std::vector<Case> cases = {
+      {"train --optimizer pion --pion_normalizer msign --pion_momentum ambient" + out,
+       "pion_normalizer msign needs pion_momentum lie"},
+      {"train --optimizer pion --pion_momentum euclid" + out, "pion_momentum"},
+      {"train --optimizer pion --pion_update_side top" + out, "pion_update_side"},
+      {"train --optimizer pion --pion_normalizer rms" + out, "pion_normalizer"},
+      {"train --optimizer pion --pion_ns_steps 0" + out, "pion_ns_steps"},
+      {"train --norm layernorm" + out, "norm"},
+      // Not on the GPU yet: refused before anything runs, whether or not this build or
+      // machine has CUDA.
+      {"train --device cuda --norm none" + out, "CPU only"},
+      {"train --device cuda --optimizer pion --pion_update_side left" + out, "CPU only"},
+      {"train --device cuda --optimizer pion --pion_momentum ambient" + out, "CPU only"},
+      {"train --device cuda --optimizer pion --pion_normalizer msign" + out, "CPU only"},
+  };
+  for (const auto& c : cases) {
+    auto r = test::run_pion(c.args);
+    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.output;
+    EXPECT_TRUE(test::single_error_line(r.output)) << c.args << "\n" << r.output;
+    EXPECT_NE(r.output.find(c.needle), std::string::npos) << c.args << "\n" << r.output;
+  }
+  // --help lists the new keys.
+  auto help = test::run_pion("train --help");
+  for (const char* key : {"--pion_momentum", "--pion_update_side", "--pion_normalizer",
+                          "--pion_ns_steps", "--norm"})
+    EXPECT_NE(help.output.find(key), std::string::npos) << key;
+}
