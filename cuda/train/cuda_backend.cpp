@@ -277,6 +277,10 @@ class CudaBackend final : public TrainBackend {
   void zero_grad() override { run_->model().zero_grad(); }
 
   double forward_backward(const MicroBatch& batch, double weight, bool /*last*/) override {
+    // pion rl refuses --device cuda up front; this keeps any other caller from silently
+    // training the mean cross-entropy instead of its objective.
+    check(!batch.objective,
+          "--device cuda: RL objectives (pion rl) run on the CPU only for now; use --device cpu");
     CudaLlama& model = run_->model();
     model.forward_backward(batch.inputs, batch.targets, batch.rows, batch.seq, weight);
     return model.read_loss().loss;
