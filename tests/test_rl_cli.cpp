@@ -151,6 +151,30 @@ TEST(RlCli, BadInputIsOneLineErrorExit2) {
   }
 }
 
+// Every RL config key refuses a bad value (out of range, NaN, overflow, wrong type) with exit 2
+// and one line naming the key, before anything runs.
+TEST(RlCli, BadRlConfigValuesNameTheKey) {
+  const std::string out = " --out_dir " + test::temp_dir("rl_bad_keys") + "/out";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"--clip_eps -1", "clip_eps"},
+      {"--kl_coef nan", "kl_coef"},
+      {"--rl_temperature 1e400", "rl_temperature"},
+      {"--ppo_epochs 0", "ppo_epochs"},
+      {"--rl_top_p 2", "rl_top_p"},
+      {"--rl_max_new_tokens 0", "rl_max_new_tokens"},
+      {"--adv_eps abc", "adv_eps"},
+      {"--rl_std_normalize maybe", "rl_std_normalize"},
+      {"--rl_group_size 100000", "rl_group_size"},
+      {"--rl_prompts_per_step 0", "rl_prompts_per_step"},
+  };
+  for (const auto& [flag, key] : cases) {
+    auto r = test::run_pion("train " + flag + out);
+    EXPECT_EQ(r.exit_code, 2) << flag << "\n" << r.output;
+    EXPECT_TRUE(test::single_error_line(r.output)) << r.output;
+    EXPECT_NE(r.output.find("config key '" + key + "'"), std::string::npos) << r.output;
+  }
+}
+
 TEST(RlTasks, HarderArithmeticAndVerifier) {
   // Defaults are today's addition examples exactly.
   EXPECT_EQ(arithmetic_examples(50, 3, ArithmeticOptions{}), arithmetic_examples(50, 3, 1, 3));
