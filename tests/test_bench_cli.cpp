@@ -98,7 +98,8 @@ TEST(BenchCli, GenerateComparesCachedWithUncachedInOneRun) {
 TEST(BenchCli, BadArgumentsAreRejected) {
   for (const char* args : {"bench", "bench optim --device tpu", "bench optim --layers 0",
                            "bench optim --steps 0", "bench nothing",
-                           "bench generate --sequences 0"}) {
+                           "bench generate --sequences 0",
+                           "bench optim --device cuda --pion_variants"}) {
     const auto r = run_pion(args);
     EXPECT_EQ(r.exit_code, 2) << args << ":\n" << r.output;
     EXPECT_NE(r.output.find("pion: error:"), std::string::npos) << args << ":\n" << r.output;

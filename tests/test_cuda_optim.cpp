@@ -223,6 +223,68 @@ TEST(CudaOptim, PionFp32MatchesCpu) {
   EXPECT_LT(state_err, kPionTolerance);
 }
 
+// Pion's variants (issue 11) against the CPU's: 5 steps, so alternate rotates left on steps
+// 1, 3, 5 and right on 2, 4. The GPU keeps exactly the CPU's moment slots (a one-sided lie run
+// none of the idle side's, ambient m and v, msign no v), so checkpoints move between them.
+// msign runs Newton-Schulz, which amplifies rounding as in Muon: Muon's tolerance.
+TEST(CudaOptim, PionVariantsMatchCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  struct Variant {
+    PionMomentum momentum;
+    PionUpdateSide side;
+    PionNormalizer normalizer;
+  };
+  using M = PionMomentum;
+  using S = PionUpdateSide;
+  using N = PionNormalizer;
+  const Variant variants[] = {
+      {M::Lie, S::Left, N::Adam},
+      {M::Lie, S::Right, N::Adam},
+      {M::Lie, S::Alternate, N::Adam},
+      {M::Ambient, S::Both, N::Adam},
+      {M::Ambient, S::Left, N::Adam},
+      {M::Transported, S::Both, N::Adam},
+      {M::Transported, S::Alternate, N::Adam},
+      {M::Transported, S::Right, N::Adam},
+      {M::Lie, S::Both, N::Msign},
+      {M::Lie, S::Alternate, N::Msign},
+  };
+  for (const Variant& v : variants) {
+    const std::string name = std::string(kPionMomenta.names[static_cast<int>(v.momentum)]) + "/" +
+                             kPionUpdateSides.names[static_cast<int>(v.side)] + "/" +
+                             kPionNormalizers.names[static_cast<int>(v.normalizer)];
+    SCOPED_TRACE(name);
+    Mirror mx({{64, 48}, {48, 96}, {40, 24}, {40, 24}}, 21, 0.5);
+    const double lr = 0.02;
+    Pion::Options co;
+    co.momentum = v.momentum;
+    co.update_side = v.side;
+    co.normalizer = v.normalizer;
+    Pion cpu;
+    cpu.add_param_group(mx.host, lr, co);
+    cuda::CudaPionOptions go = pion_options("fp32");
+    go.momentum = v.momentum;
+    go.update_side = v.side;
+    go.normalizer = v.normalizer;
+    cuda::Context ctx;
+    auto gpu = cuda::make_cuda_pion(ctx, mx.device_params(), go);
+    double state_err = 0.0;
+    const double err = run_side_by_side(mx, cpu, *gpu, ctx, lr, 5, 0, &state_err);
+    std::printf("pion fp32 %s vs cpu: weights %.3e, state %.3e\n", name.c_str(), err, state_err);
+    const double tolerance = v.normalizer == N::Msign ? kMuonTolerance : kPionTolerance;
+    EXPECT_LT(err, tolerance);
+    EXPECT_LT(state_err, tolerance);
+    for (const Param& p : mx.host) {
+      std::vector<std::string> want, got;
+      for (const StateSlot& slot : cpu.param_state_slots(p))
+        if (slot.key != "sigma0") want.push_back(slot.key);
+      for (const auto& [key, values] : gpu->download_state(p.name)) got.push_back(key);
+      std::sort(want.begin(), want.end());
+      EXPECT_EQ(got, want) << p.name;
+    }
+  }
+}
+
 TEST(CudaOptim, PionMixedStaysCloseToCpu) {
   PION_REQUIRE_CUDA_DEVICE();
   Mirror mx(kShapes, 12, 0.5);
@@ -468,6 +530,19 @@ TEST(CudaOptim, GraphReplayEqualsEagerSteps) {
   check_graph_replay("pion mixed", [](cuda::Context& ctx, Mirror& mx) {
     return cuda::make_cuda_pion(ctx, mx.device_params(), pion_options("mixed"));
   });
+  // Alternate picks its side on the device from the step count: one captured step serves
+  // both parities.
+  check_graph_replay("pion transported alternate", [](cuda::Context& ctx, Mirror& mx) {
+    cuda::CudaPionOptions o = pion_options("fp32");
+    o.momentum = PionMomentum::Transported;
+    o.update_side = PionUpdateSide::Alternate;
+    return cuda::make_cuda_pion(ctx, mx.device_params(), o);
+  });
+  check_graph_replay("pion msign", [](cuda::Context& ctx, Mirror& mx) {
+    cuda::CudaPionOptions o = pion_options("fp32");
+    o.normalizer = PionNormalizer::Msign;
+    return cuda::make_cuda_pion(ctx, mx.device_params(), o);
+  });
   check_graph_replay("adamw", [](cuda::Context& ctx, Mirror& mx) {
     return cuda::make_cuda_adamw(ctx, mx.device_params(), cuda::CudaAdamWOptions{});
   });
@@ -542,6 +617,10 @@ TEST(CudaOptim, BadOptionsAndParametersThrow) {
   bad.c = -1;
   EXPECT_THROW(cuda::make_cuda_pion(ctx, {good}, bad), Error);
   EXPECT_THROW(cuda::make_cuda_pion(ctx, {good}, pion_options("bf16")), Error);
+  cuda::CudaPionOptions msign_ambient;  // undefined: msign orthogonalises the lie buffers
+  msign_ambient.normalizer = PionNormalizer::Msign;
+  msign_ambient.momentum = PionMomentum::Ambient;
+  EXPECT_THROW(cuda::make_cuda_pion(ctx, {good}, msign_ambient), Error);
   cuda::CudaMuonOptions bad_muon;
   bad_muon.precision = "fp16";
   EXPECT_THROW(cuda::make_cuda_muon(ctx, {good}, bad_muon), Error);

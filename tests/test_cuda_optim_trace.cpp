@@ -76,6 +76,12 @@ TEST(CudaOptimTrace, MuonBf16StaysClose) {
 TEST(CudaOptimTrace, PionFp32MatchesFp64Reference) {
   check_gpu_parity("pion", "--retraction taylor2 --pion-args '--device cuda --precision fp32'");
 }
+// Every Pion variant (issue 11: momentum x update_side with adam, lie x update_side with
+// msign) on the GPU, fp32, against the fp64 reference at the CPU's thresholds.
+TEST(CudaOptimTrace, PionVariantsFp32MatchFp64Reference) {
+  check_gpu_parity("pion",
+                   "--retraction taylor2 --variants --pion-args '--device cuda --precision fp32'");
+}
 TEST(CudaOptimTrace, PionMixedStaysClose) {
   check_gpu_parity("pion",
                    "--retraction taylor2 --threshold 5e-3 "

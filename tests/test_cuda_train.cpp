@@ -80,13 +80,26 @@ TEST(CudaTrain, ClearErrorWithoutGpu) {
   EXPECT_NE(bad.output.find("'device' must be cpu or cuda"), std::string::npos) << bad.output;
 }
 
-class CudaTrainParity : public ::testing::TestWithParam<std::string> {};
+// One run of the parity test: the optimizer and extra train flags. "pion-variant" is issue
+// 11's GPU side end to end: a norm-free model with transported momentum and alternating sides
+// (its state slots m, v must survive the checkpoint moves below).
+struct ParityCase {
+  std::string name, optimizer, extra;
+};
+void PrintTo(const ParityCase& c, std::ostream* os) { *os << c.name; }
+
+class CudaTrainParity : public ::testing::TestWithParam<ParityCase> {};
 
 TEST_P(CudaTrainParity, FollowsCpuRunAndCheckpointsMoveBetweenDevices) {
   PION_REQUIRE_GPU_RUN();
-  const std::string opt = GetParam();
+  const ParityCase& c = GetParam();
+  const std::string opt = c.name;
   const std::string dir = test::temp_dir("cuda-train-" + opt);
   const std::string data = corpus(dir);
+  const auto flags = [&](const std::string& d, const std::string& out, const std::string&,
+                         const std::string& device) {
+    return ::flags(d, out, c.optimizer, device) + c.extra;
+  };
   auto cpu = test::run_pion("train " + flags(data, dir + "/cpu", opt, "cpu"));
   ASSERT_EQ(cpu.exit_code, 0) << cpu.output;
   auto gpu = test::run_pion("train " + flags(data, dir + "/gpu", opt, "cuda"));
@@ -135,7 +148,19 @@ TEST_P(CudaTrainParity, FollowsCpuRunAndCheckpointsMoveBetweenDevices) {
   EXPECT_EQ(train_losses(dir + "/cpu-to-gpu").size(), 30u);
 }
 
-INSTANTIATE_TEST_SUITE_P(Optimizers, CudaTrainParity, ::testing::Values("adamw", "muon", "pion"));
+INSTANTIATE_TEST_SUITE_P(
+    Optimizers, CudaTrainParity,
+    ::testing::Values(ParityCase{"adamw", "adamw", ""}, ParityCase{"muon", "muon", ""},
+                      ParityCase{"pion", "pion", ""},
+                      ParityCase{"pion-variant", "pion",
+                                 " --norm none --pion_momentum transported"
+                                 " --pion_update_side alternate"}),
+    [](const ::testing::TestParamInfo<ParityCase>& info) {
+      std::string n = info.param.name;
+      for (char& ch : n)
+        if (ch == '-') ch = '_';
+      return n;
+    });
 
 TEST(CudaTrain, ResumeOnGpuIsExact) {
   PION_REQUIRE_GPU_RUN();

@@ -232,11 +232,6 @@ TEST_F(OptimTraceCli, RejectsWrongTypesAndInvalidValues) {
   // A combination that is not defined: msign orthogonalises the Lie-algebra buffers only.
   expect_rejected(trace("pion", R"({"normalizer": "msign", "momentum": "ambient"})", path),
                   "normalizer \"msign\" needs momentum \"lie\"");
-  // The GPU Pion runs the default variant only: any other is refused, not run as the default.
-  expect_rejected(test::run_pion("optim-trace --optimizer pion --config '{\"update_side\": "
-                                 "\"alternate\"}' --input '" + path + "' --output '" + out_ +
-                                 "' --device cuda"),
-                  "CPU only");
   expect_rejected(trace("adamw", R"({"beta2": 1.0})", path), "'beta2'");
   expect_rejected(trace("muon", R"({"nesterov": "yes"})", path), "'nesterov'");
   expect_rejected(trace("muon", R"({"ns_steps": 0})", path), "'ns_steps'");

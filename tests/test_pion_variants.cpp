@@ -348,20 +348,3 @@ TEST(PionVariants, MsignWithAmbientMomentumIsAOneLineError) {
   bad.ns_steps = 0;
   EXPECT_THROW(validate_options(bad, "pion"), Error);
 }
-
-TEST(PionVariants, TheGpuRefusesVariantsItDoesNotRun) {
-  // The CUDA Pion runs lie / both / adam only; require_pion_variant_on_cuda is what every
-  // CPU-side path to it calls first.
-  EXPECT_NO_THROW(require_pion_variant_on_cuda(Pion::Options{}, "--device cuda"));
-  for (const Variant& v : all_variants()) {
-    const bool supported = v.momentum == PionMomentum::Lie && v.side == PionUpdateSide::Both &&
-                           v.normalizer == PionNormalizer::Adam;
-    if (supported) continue;
-    try {
-      require_pion_variant_on_cuda(options_for(v), "--device cuda");
-      ADD_FAILURE() << name_of(v) << " accepted for the GPU";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("CPU only"), std::string::npos) << e.what();
-    }
-  }
-}

@@ -117,12 +117,6 @@ TEST(TrainVariants, UndefinedOrGpuOnlyCombinationsAreOneClearLine) {
       {"train --optimizer pion --pion_normalizer rms" + out, "pion_normalizer"},
       {"train --optimizer pion --pion_ns_steps 0" + out, "pion_ns_steps"},
       {"train --norm layernorm" + out, "norm"},
-      // Not on the GPU yet: refused before anything runs, whether or not this build or
-      // machine has CUDA.
-      {"train --device cuda --norm none" + out, "CPU only"},
-      {"train --device cuda --optimizer pion --pion_update_side left" + out, "CPU only"},
-      {"train --device cuda --optimizer pion --pion_momentum ambient" + out, "CPU only"},
-      {"train --device cuda --optimizer pion --pion_normalizer msign" + out, "CPU only"},
   };
   for (const auto& c : cases) {
     auto r = test::run_pion(c.args);

@@ -45,25 +45,26 @@ struct Weights {
   float* lm_head = nullptr;
 };
 
-// Pointers into a flat buffer in llama_param_layout order (as Llama::weights_in).
-Weights weights_in(float* base, const std::vector<ParamEntry>& layout, int n_layer) {
+// Pointers into a flat buffer in llama_param_layout order (as Llama::weights_in). Without
+// RMSNorm (norm "none") the layout has no norm weights: their pointers stay null.
+Weights weights_in(float* base, const std::vector<ParamEntry>& layout, int n_layer, bool norms) {
   std::size_t k = 0;
   auto next = [&]() { return base + layout[k++].offset; };
   Weights w;
   w.tok_embedding = next();
   for (int i = 0; i < n_layer; ++i) {
     LayerParams l{};
-    l.attn_norm = next();
+    l.attn_norm = norms ? next() : nullptr;
     l.wqkv = next();
     k += 2;  // wk, wv follow wq: one [3d, d] matrix
     l.wo = next();
-    l.mlp_norm = next();
+    l.mlp_norm = norms ? next() : nullptr;
     l.w_gate_up = next();
     k += 1;  // w_up follows w_gate: one [2f, d] matrix
     l.w_down = next();
     w.layers.push_back(l);
   }
-  w.final_norm = next();
+  w.final_norm = norms ? next() : nullptr;
   w.lm_head = next();
   return w;
 }
@@ -112,8 +113,8 @@ CudaLlama::CudaLlama(Context& ctx, const ModelConfig& config, const CudaLlamaOpt
   impl_ = std::make_unique<Impl>(num_params_, table, config.seq_len, config.head_dim() / 2);
   impl_->params.zero();
   impl_->grads.zero();
-  impl_->w = weights_in(impl_->params.data(), layout_, config.n_layer);
-  impl_->g = weights_in(impl_->grads.data(), layout_, config.n_layer);
+  impl_->w = weights_in(impl_->params.data(), layout_, config.n_layer, config.has_norm());
+  impl_->g = weights_in(impl_->grads.data(), layout_, config.n_layer, config.has_norm());
 }
 
 CudaLlama::~CudaLlama() = default;
@@ -260,14 +261,26 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
       mp == MatmulPrecision::Fp32 ? MatmulPrecision::Fp32 : MatmulPrecision::Tf32;
   const bool flash = options_.attention == CudaAttention::Flash;
   Context& ctx = ctx_;
+  // norm "none": each RMSNorm is the identity, so its input feeds the next GEMM directly
+  // (h1 = x_in, h2 = x_mid, h_final = x_final) and its backward passes dh through
+  // (dres += dh), as src/model/llama.cpp does.
+  const bool norms = config_.has_norm();
+  const auto normed = [&](float* h, const float* x) -> const float* { return norms ? h : x; };
+  const auto norm_backward = [&](float* dweight, const float* x, const float* weight,
+                                 const float* rstd) {
+    if (norms)
+      layers::rmsnorm_backward(ctx, m.dres, dweight, m.dh, x, weight, rstd, n, d);
+    else
+      layers::accumulate(ctx, m.dres, m.dh, n * d);
+  };
 
   layers::embedding_forward(ctx, m.layer_acts[0].x_in, m.tokens.data(), m.w.tok_embedding, n, d);
   for (std::size_t l = 0; l < m.layer_acts.size(); ++l) {
     LayerActs& a = m.layer_acts[l];
     const LayerParams& w = m.w.layers[l];
     float* x_out = l + 1 < m.layer_acts.size() ? m.layer_acts[l + 1].x_in : m.x_final;
-    layers::rmsnorm_forward(ctx, a.h1, a.rstd1, a.x_in, w.attn_norm, n, d, eps);
-    layers::linear_forward(ctx, a.qkv, a.h1, w.wqkv, n, d, 3 * d, mp, ws);
+    if (norms) layers::rmsnorm_forward(ctx, a.h1, a.rstd1, a.x_in, w.attn_norm, n, d, eps);
+    layers::linear_forward(ctx, a.qkv, normed(a.h1, a.x_in), w.wqkv, n, d, 3 * d, mp, ws);
     layers::rope_forward(ctx, a.qkv, m.rope, batch, seq, h, hd, 3 * d);
     layers::rope_forward(ctx, a.qkv + d, m.rope, batch, seq, h, hd, 3 * d);
     if (flash)
@@ -276,14 +289,15 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
       layers::attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, attn_mp);
     layers::linear_forward(ctx, m.proj, a.att, w.wo, n, d, d, mp, ws);
     layers::residual_forward(ctx, a.x_mid, a.x_in, m.proj, n * d);
-    layers::rmsnorm_forward(ctx, a.h2, a.rstd2, a.x_mid, w.mlp_norm, n, d, eps);
-    layers::linear_forward(ctx, a.gu, a.h2, w.w_gate_up, n, d, 2 * f, mp, ws);
+    if (norms) layers::rmsnorm_forward(ctx, a.h2, a.rstd2, a.x_mid, w.mlp_norm, n, d, eps);
+    layers::linear_forward(ctx, a.gu, normed(a.h2, a.x_mid), w.w_gate_up, n, d, 2 * f, mp, ws);
     layers::swiglu_forward(ctx, a.act, a.gu, n, f);
     layers::linear_forward(ctx, m.proj, a.act, w.w_down, n, f, d, mp, ws);
     layers::residual_forward(ctx, x_out, a.x_mid, m.proj, n * d);
   }
-  layers::rmsnorm_forward(ctx, m.h_final, m.rstd_final, m.x_final, m.w.final_norm, n, d, eps);
-  layers::linear_forward(ctx, m.logits, m.h_final, m.w.lm_head, n, d, v, mp, ws);
+  if (norms)
+    layers::rmsnorm_forward(ctx, m.h_final, m.rstd_final, m.x_final, m.w.final_norm, n, d, eps);
+  layers::linear_forward(ctx, m.logits, normed(m.h_final, m.x_final), m.w.lm_head, n, d, v, mp, ws);
   m.have_loss = true;
   if (loss_scale == 0.0) {
     layers::cross_entropy(ctx, *m.loss, m.lse, nullptr, m.logits, m.targets.data(), n, v, 1.0);
@@ -295,11 +309,10 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
 
   // Backward, last layer first (src/model/llama.cpp's order).
   fill_zero(ctx, m.dh, n * d);
-  layers::linear_backward(ctx, m.dh, m.g.lm_head, m.dlogits, m.h_final, m.w.lm_head, n, d, v, mp,
-                          ws);
+  layers::linear_backward(ctx, m.dh, m.g.lm_head, m.dlogits, normed(m.h_final, m.x_final),
+                          m.w.lm_head, n, d, v, mp, ws);
   fill_zero(ctx, m.dres, n * d);
-  layers::rmsnorm_backward(ctx, m.dres, m.g.final_norm, m.dh, m.x_final, m.w.final_norm,
-                           m.rstd_final, n, d);
+  norm_backward(m.g.final_norm, m.x_final, m.w.final_norm, m.rstd_final);
   for (std::size_t li = m.layer_acts.size(); li-- > 0;) {
     const LayerActs& a = m.layer_acts[li];
     const LayerParams& w = m.w.layers[li];
@@ -310,8 +323,9 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     fill_zero(ctx, m.dgu, 2 * n * f);
     layers::swiglu_backward(ctx, m.dgu, m.dact, a.gu, n, f);
     fill_zero(ctx, m.dh, n * d);
-    layers::linear_backward(ctx, m.dh, g.w_gate_up, m.dgu, a.h2, w.w_gate_up, n, d, 2 * f, mp, ws);
-    layers::rmsnorm_backward(ctx, m.dres, g.mlp_norm, m.dh, a.x_mid, w.mlp_norm, a.rstd2, n, d);
+    layers::linear_backward(ctx, m.dh, g.w_gate_up, m.dgu, normed(a.h2, a.x_mid), w.w_gate_up, n, d,
+                            2 * f, mp, ws);
+    norm_backward(g.mlp_norm, a.x_mid, w.mlp_norm, a.rstd2);
     // Attention block: dres now holds dL/d(x_mid).
     fill_zero(ctx, m.datt, n * d);
     layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws);
@@ -325,8 +339,9 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     layers::rope_backward(ctx, m.dqkv, m.rope, batch, seq, h, hd, 3 * d);
     layers::rope_backward(ctx, m.dqkv + d, m.rope, batch, seq, h, hd, 3 * d);
     fill_zero(ctx, m.dh, n * d);
-    layers::linear_backward(ctx, m.dh, g.wqkv, m.dqkv, a.h1, w.wqkv, n, d, 3 * d, mp, ws);
-    layers::rmsnorm_backward(ctx, m.dres, g.attn_norm, m.dh, a.x_in, w.attn_norm, a.rstd1, n, d);
+    layers::linear_backward(ctx, m.dh, g.wqkv, m.dqkv, normed(a.h1, a.x_in), w.wqkv, n, d, 3 * d,
+                            mp, ws);
+    norm_backward(g.attn_norm, a.x_in, w.attn_norm, a.rstd1);
   }
   layers::embedding_backward(ctx, m.g.tok_embedding, m.dres, m.tokens.data(), n, d);
 }

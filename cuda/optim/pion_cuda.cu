@@ -5,6 +5,13 @@
 // pass covers both sides' generators, skew parts, moments and directions in one kernel per
 // side). alpha and s = lr * alpha stay on the device.
 //
+// The variants (issue 11, pion.cpp; their kernels are in pion_variants.cu): update_side
+// left / right form and rotate one side only (5 GEMMs); alternate forms both and zeroes the
+// idle side's direction on the device (the step count lives there), so it costs a two-sided
+// step. momentum ambient / transported keep Adam moments of the d_out x d_in gradient and
+// take the direction's skew projections (transported also turns m by the step's rotation:
+// 3 - 5 GEMMs more); normalizer msign runs Muon's fp32 Newton-Schulz on each side's buffer.
+//
 // Shapes (m = d_out, n = d_in; every matrix row-major):
 //   W, g, P = A_out W, Q = W A_in: m x n      A_in, m_in, v_in: n x n     A_out, ...: m x m
 //
@@ -13,10 +20,14 @@
 // or Q <- s Q) instead of into the GEMM scalars: (s^2/2) A P on the CPU is 0.5 (sA)(sP) here.
 // Same formula; the results differ at fp32 rounding level.
 #include <cmath>
+#include <map>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "batched.cuh"
 #include "common.cuh"
+#include "pion_variants.cuh"
 
 namespace pion::cuda {
 namespace {
@@ -43,16 +54,20 @@ struct MomentCoefficients {
 // exactly symmetric, and for the same X the values equal the CPU's bit for bit. X^T is read
 // through shared memory so global reads and writes stay coalesced. Blocks with tj < ti exit
 // at once (their tiles belong to the mirrored block); no two blocks touch the same element.
-// When the step's gradients are not finite, A <- 0 and m, v stay as they were.
+// When the step's gradients are not finite, A <- 0 and m, v stay as they were; the same
+// when `parity` is 0 or 1 and this step's applied-step count has the other parity (update_side
+// alternate: the side that does not rotate this step keeps its moments, and A = 0 makes the
+// two-sided retraction below exactly the one-sided one). parity -1: the side always rotates.
 __global__ void moments_and_direction(float* const* x_ptrs, float* const* m_ptrs,
                                       float* const* v_ptrs, int d, MomentCoefficients k,
-                                      const StepScalars* scalars) {
+                                      const StepScalars* scalars, int parity) {
   const int ti = static_cast<int>(blockIdx.y), tj = static_cast<int>(blockIdx.x);
   if (tj < ti) return;  // the whole block leaves together: no barrier is skipped
   float* x = x_ptrs[blockIdx.z];
   float* m = m_ptrs[blockIdx.z];
   float* v = v_ptrs[blockIdx.z];
-  const bool skip = scalars->bad_grad != 0;
+  const bool skip =
+      scalars->bad_grad != 0 || (parity >= 0 && static_cast<int>(scalars->steps & 1) != parity);
   const int i0 = ti * kTile, j0 = tj * kTile;
   const int tx = static_cast<int>(threadIdx.x), ty = static_cast<int>(threadIdx.y);
   // lower[r][c] = X[j0 + r][i0 + c]; the + 1 keeps column reads free of bank conflicts.
@@ -153,6 +168,9 @@ __global__ void add(float* const* x_ptrs, float* const* y_ptrs, float* const* ou
     out[i] = __fadd_rn(x[i], y[i]);
 }
 
+// Muon's eps on buf / (||buf||_F + eps) before the msign normalizer's Newton-Schulz (pion.cpp).
+constexpr double kMsignEps = 1e-7;
+
 class CudaPion final : public detail::CudaOptimizerBase {
  public:
   CudaPion(Context& ctx, std::vector<DeviceParam> params, const CudaPionOptions& o)
@@ -163,6 +181,14 @@ class CudaPion final : public detail::CudaOptimizerBase {
               retraction_name(o.retraction) + "' is CPU-only for now): use taylor2 or the CPU");
     check(o.reanchor_every == 0,
           "--device cuda does not re-anchor Pion yet: set reanchor_every 0 or use the CPU");
+    lie_ = o.momentum == PionMomentum::Lie;
+    msign_ = o.normalizer == PionNormalizer::Msign;
+    transported_ = o.momentum == PionMomentum::Transported;
+    alternate_ = o.update_side == PionUpdateSide::Alternate;
+    // The sides that ever rotate (pion.cpp's state_slots_for): a one-sided run keeps no
+    // moments and forms no products for the other side; alternate keeps both.
+    has_in_ = o.update_side != PionUpdateSide::Left;
+    has_out_ = o.update_side != PionUpdateSide::Right;
     types_ = gemm_types(detail::parse_precision(o.precision, "mixed", "pion (cuda)")
                             ? MatmulPrecision::Tf32
                             : MatmulPrecision::Fp32);
@@ -180,10 +206,15 @@ class CudaPion final : public detail::CudaOptimizerBase {
       g.nn = detail::padded(g.n * g.n);
       g.mm = detail::padded(g.m * g.m);
       g.mn = detail::padded(g.m * g.n);
-      g.m_in = detail::zeroed(B * g.nn);
-      g.v_in = detail::zeroed(B * g.nn);
-      g.m_out = detail::zeroed(B * g.mm);
-      g.v_out = detail::zeroed(B * g.mm);
+      if (lie_) {
+        g.m_in = detail::zeroed(has_in_ ? B * g.nn : 0);
+        g.v_in = detail::zeroed(has_in_ && !msign_ ? B * g.nn : 0);
+        g.m_out = detail::zeroed(has_out_ ? B * g.mm : 0);
+        g.v_out = detail::zeroed(has_out_ && !msign_ ? B * g.mm : 0);
+      } else {
+        g.m_amb = detail::zeroed(B * g.mn);
+        g.v_amb = detail::zeroed(B * g.mn);
+      }
       g.a_in = DeviceArray<float>(B * g.nn);
       g.a_out = DeviceArray<float>(B * g.mm);
       g.p = DeviceArray<float>(B * g.mn);
@@ -192,14 +223,18 @@ class CudaPion final : public detail::CudaOptimizerBase {
       g.s = DeviceArray<float>(B);
       for (std::size_t b = 0; b < B; ++b) place(params[indices[b]].name, groups_.size() - 1, b);
       std::tie(g.w_ptrs, g.g_ptrs) = detail::value_and_grad_pointers(params, indices);
-      g.m_in_ptrs = detail::slice_pointers(g.m_in.data(), B, g.nn);
-      g.v_in_ptrs = detail::slice_pointers(g.v_in.data(), B, g.nn);
-      g.m_out_ptrs = detail::slice_pointers(g.m_out.data(), B, g.mm);
-      g.v_out_ptrs = detail::slice_pointers(g.v_out.data(), B, g.mm);
+      for (const StateRef& r : state_refs(g))
+        g.state_ptrs[r.key] = detail::slice_pointers(r.base, B, r.stride);
       g.a_in_ptrs = detail::slice_pointers(g.a_in.data(), B, g.nn);
       g.a_out_ptrs = detail::slice_pointers(g.a_out.data(), B, g.mm);
       g.p_ptrs = detail::slice_pointers(g.p.data(), B, g.mn);
       g.q_ptrs = detail::slice_pointers(g.q.data(), B, g.mn);
+      if (msign_) {
+        g.inv = DeviceArray<float>(B);
+        if (has_in_) g.ns_in = NsScratch(B, g.nn);
+        if (has_out_) g.ns_out = NsScratch(B, g.mm);
+      }
+      if (transported_) g.ones = DeviceArray<float>(std::vector<float>(B, 1.0f));
     }
   }
 
@@ -207,52 +242,110 @@ class CudaPion final : public detail::CudaOptimizerBase {
 
   HostState download_state(const std::string& name) const override {
     const auto [gi, b] = locate(name);
-    const Group& g = groups_[gi];
-    const std::size_t nn = g.n * g.n, mm = g.m * g.m;
     HostState out;
-    out["m_in"] = detail::download_slice(ctx_, g.m_in.data() + b * g.nn, nn);
-    out["v_in"] = detail::download_slice(ctx_, g.v_in.data() + b * g.nn, nn);
-    out["m_out"] = detail::download_slice(ctx_, g.m_out.data() + b * g.mm, mm);
-    out["v_out"] = detail::download_slice(ctx_, g.v_out.data() + b * g.mm, mm);
+    for (const StateRef& r : state_refs(groups_[gi]))
+      out[r.key] = detail::download_slice(ctx_, r.base + b * r.stride, r.count);
     return out;
   }
 
   void upload_state(const std::string& name, const HostState& state) override {
     const auto [gi, b] = locate(name);
-    Group& g = groups_[gi];
-    const std::size_t nn = g.n * g.n, mm = g.m * g.m;
     const std::string who = this->who() + ": " + name;
-    detail::upload_slice(ctx_, g.m_in.data() + b * g.nn, state, "m_in", nn, who);
-    detail::upload_slice(ctx_, g.v_in.data() + b * g.nn, state, "v_in", nn, who);
-    detail::upload_slice(ctx_, g.m_out.data() + b * g.mm, state, "m_out", mm, who);
-    detail::upload_slice(ctx_, g.v_out.data() + b * g.mm, state, "v_out", mm, who);
+    for (const StateRef& r : state_refs(groups_[gi]))
+      detail::upload_slice(ctx_, r.base + b * r.stride, state, r.key, r.count, who);
   }
 
  private:
-  struct Group {
-    std::size_t m = 0, n = 0, batch = 0;          // d_out, d_in, matrices
-    std::size_t nn = 0, mm = 0, mn = 0;           // slice strides (padded n*n, m*m, m*n)
-    DeviceArray<float> m_in, v_in, m_out, v_out;  // state, one slice per matrix
-    DeviceArray<float> a_in, a_out, p, q;         // scratch: X then A; P = A_out W, Q = W A_in
-    DeviceArray<double> partial;                  // norm partial sums
-    DeviceArray<float> s;                         // s = lr * alpha per matrix
-    DevicePointers w_ptrs, g_ptrs, m_in_ptrs, v_in_ptrs, m_out_ptrs, v_out_ptrs, a_in_ptrs,
-        a_out_ptrs, p_ptrs, q_ptrs;
+  // The msign normalizer's Newton-Schulz scratch for one side (d x d per matrix).
+  struct NsScratch {
+    NsScratch() = default;
+    NsScratch(std::size_t batch, std::size_t stride)
+        : x0(batch * stride), x1(batch * stride), gram(batch * stride), poly(batch * stride) {
+      x[0] = detail::slice_pointers(x0.data(), batch, stride);
+      x[1] = detail::slice_pointers(x1.data(), batch, stride);
+      gram_ptrs = detail::slice_pointers(gram.data(), batch, stride);
+      poly_ptrs = detail::slice_pointers(poly.data(), batch, stride);
+    }
+    DeviceArray<float> x0, x1, gram, poly;
+    DevicePointers x[2], gram_ptrs, poly_ptrs;
   };
 
+  struct Group {
+    std::size_t m = 0, n = 0, batch = 0;               // d_out, d_in, matrices
+    std::size_t nn = 0, mm = 0, mn = 0;                // slice strides (padded n*n, m*m, m*n)
+    DeviceArray<float> m_in, v_in, m_out, v_out;       // lie state (the variant's slots only)
+    DeviceArray<float> m_amb, v_amb;                   // ambient / transported state: m, v
+    DeviceArray<float> a_in, a_out, p, q;              // scratch: X then A; P = A_out W, Q = W A_in
+    DeviceArray<double> partial;                       // norm partial sums
+    DeviceArray<float> s;                              // s = lr * alpha per matrix
+    DeviceArray<float> inv, ones;                      // msign: 1 / norms; transported: s = 1
+    NsScratch ns_in, ns_out;                           // msign
+    std::map<std::string, DevicePointers> state_ptrs;  // by the CPU's slot key
+    DevicePointers w_ptrs, g_ptrs, a_in_ptrs, a_out_ptrs, p_ptrs, q_ptrs;
+  };
+
+  // One state slot of a group under the CPU's key: slice b at base + b * stride, count values.
+  struct StateRef {
+    const char* key;
+    float* base;
+    std::size_t stride, count;
+  };
+
+  // The slots this variant keeps, as Pion::state_slots_for lists them (less sigma0, which
+  // the training loop keeps on the host).
+  std::vector<StateRef> state_refs(const Group& g) const {
+    const std::size_t nn = g.n * g.n, mm = g.m * g.m;
+    std::vector<StateRef> out;
+    if (!lie_) {
+      out.push_back({"m", g.m_amb.data(), g.mn, g.m * g.n});
+      out.push_back({"v", g.v_amb.data(), g.mn, g.m * g.n});
+      return out;
+    }
+    if (has_in_) {
+      out.push_back({"m_in", g.m_in.data(), g.nn, nn});
+      if (!msign_) out.push_back({"v_in", g.v_in.data(), g.nn, nn});
+    }
+    if (has_out_) {
+      out.push_back({"m_out", g.m_out.data(), g.mm, mm});
+      if (!msign_) out.push_back({"v_out", g.v_out.data(), g.mm, mm});
+    }
+    return out;
+  }
+
   // Per shape group: the scaled directions (common to every retraction), then the
-  // retraction that moves W along them. taylor2 is the only one on the GPU so far; another
-  // retraction is a second retract_* beside retract_taylor2, chosen here.
+  // retraction that moves W along them (taylor2 is the only one on the GPU so far; another
+  // retraction is a second retract_* beside retract_taylor2, chosen here). Transported
+  // momentum then turns m with the same rotation.
   void queue_update() override {
     for (Group& g : groups_) {
       queue_directions(g);
-      retract_taylor2(g);
+      retract(g, g.w_ptrs, g.s.data());
+      if (transported_) {
+        // m <- L m R: P = (sA_out) m and Q = m (sA_in) with the already scaled directions,
+        // so the retraction runs with s = 1.
+        const auto m = static_cast<std::int64_t>(g.m), n = static_cast<std::int64_t>(g.n);
+        const DevicePointers& M = g.state_ptrs.at("m");
+        if (has_out_)
+          detail::gemm_group(blas(), types_, false, false, m, n, m, 1.0f, g.a_out_ptrs, m, M, n,
+                             0.0f, g.p_ptrs, n, g.batch);
+        if (has_in_)
+          detail::gemm_group(blas(), types_, false, false, m, n, n, 1.0f, M, n, g.a_in_ptrs, n,
+                             0.0f, g.q_ptrs, n, g.batch);
+        retract(g, M, g.ones.data());
+      }
     }
+  }
+
+  void retract(Group& g, const DevicePointers& x, const float* s) {
+    if (has_in_ && has_out_)
+      retract_taylor2(g, x, s);  // both sides, and alternate (the idle side's A is 0 there)
+    else
+      retract_taylor2_one_side(g, x, s);
   }
 
   // Generators, moments and directions, then s = lr * alpha: leaves A_in <- s A_in,
   // A_out <- s A_out in g.a_in / g.a_out, P = A_out W and Q = W A_in (unscaled) in g.p / g.q
-  // and s per matrix in g.s.
+  // and s per matrix in g.s. A side that never rotates is neither formed nor scaled.
   void queue_directions(Group& g) {
     cudaStream_t st = stream();
     cublasHandle_t h = blas();
@@ -262,53 +355,107 @@ class CudaPion final : public detail::CudaOptimizerBase {
     const CudaPionOptions& o = options_;
     const DevicePointers &W = g.w_ptrs, &G = g.g_ptrs, &Ain = g.a_in_ptrs, &Aout = g.a_out_ptrs,
                          &P = g.p_ptrs, &Q = g.q_ptrs;
+    // Alternate: left (out) on odd applied steps, right (in) on even ones, as pion.cpp; the
+    // side is chosen on the device (the step count lives there), so both are formed.
+    const int in_parity = alternate_ ? 0 : -1, out_parity = alternate_ ? 1 : -1;
 
-    // Generators through one GEMM each (pion.cpp): X_in = W^T g is (n x m)(m x n) = n x n,
-    // k = m; X_out = g W^T is (m x n)(n x m) = m x m, k = n. Row strides: W, g: n.
-    detail::gemm_group(h, types, true, false, n, n, m, 1.0f, W, n, G, n, 0.0f, Ain, n, B);
-    detail::gemm_group(h, types, false, true, m, m, n, 1.0f, G, n, W, n, 0.0f, Aout, m, B);
-    // Skew parts, moments and directions, in place: Ain <- A_in, Aout <- A_out.
-    const MomentCoefficients k{static_cast<float>(o.beta1), static_cast<float>(1.0 - o.beta1),
-                               static_cast<float>(o.beta2), static_cast<float>(1.0 - o.beta2),
-                               static_cast<float>(o.eps)};
-    const dim3 tile_block(kTile, kTileRows);
-    const auto tiles_n = static_cast<unsigned>((g.n + kTile - 1) / kTile);
-    const auto tiles_m = static_cast<unsigned>((g.m + kTile - 1) / kTile);
-    moments_and_direction<<<dim3(tiles_n, tiles_n, static_cast<unsigned>(B)), tile_block, 0, st>>>(
-        Ain.as<float>(), g.m_in_ptrs.as<float>(), g.v_in_ptrs.as<float>(), static_cast<int>(n), k,
-        scalars());
-    PION_CUDA_CHECK_LAUNCH("pion moments (in)");
-    moments_and_direction<<<dim3(tiles_m, tiles_m, static_cast<unsigned>(B)), tile_block, 0, st>>>(
-        Aout.as<float>(), g.m_out_ptrs.as<float>(), g.v_out_ptrs.as<float>(), static_cast<int>(m),
-        k, scalars());
-    PION_CUDA_CHECK_LAUNCH("pion moments (out)");
+    if (!lie_) {
+      // Ambient: m, v advance every step whichever side rotates; E = -D goes into P (free
+      // until P = A_out W below), then A_in = skew(W^T E), A_out = skew(E W^T) (pion.cpp).
+      const detail::AdamCoefficients k{
+          static_cast<float>(o.beta1), static_cast<float>(1.0 - o.beta1),
+          static_cast<float>(o.beta2), static_cast<float>(1.0 - o.beta2),
+          static_cast<float>(o.eps)};
+      detail::queue_ambient_moments(st, G, g.state_ptrs.at("m"), g.state_ptrs.at("v"), P, m * n, B,
+                                    k, scalars());
+      if (has_in_) {
+        detail::gemm_group(h, types, true, false, n, n, m, 1.0f, W, n, P, n, 0.0f, Ain, n, B);
+        detail::queue_skew_in_place(st, Ain, n, B, scalars(), in_parity);
+      }
+      if (has_out_) {
+        detail::gemm_group(h, types, false, true, m, m, n, 1.0f, P, n, W, n, 0.0f, Aout, m, B);
+        detail::queue_skew_in_place(st, Aout, m, B, scalars(), out_parity);
+      }
+    } else {
+      // Generators through one GEMM each (pion.cpp): X_in = W^T g is (n x m)(m x n) = n x n,
+      // k = m; X_out = g W^T is (m x n)(n x m) = m x m, k = n. Row strides: W, g: n.
+      if (has_in_)
+        detail::gemm_group(h, types, true, false, n, n, m, 1.0f, W, n, G, n, 0.0f, Ain, n, B);
+      if (has_out_)
+        detail::gemm_group(h, types, false, true, m, m, n, 1.0f, G, n, W, n, 0.0f, Aout, m, B);
+      if (msign_) {
+        if (has_in_) queue_msign(g, Ain, g.state_ptrs.at("m_in"), g.ns_in, n, in_parity);
+        if (has_out_) queue_msign(g, Aout, g.state_ptrs.at("m_out"), g.ns_out, m, out_parity);
+      } else {
+        // Skew parts, moments and directions, in place: Ain <- A_in, Aout <- A_out.
+        const MomentCoefficients k{static_cast<float>(o.beta1), static_cast<float>(1.0 - o.beta1),
+                                   static_cast<float>(o.beta2), static_cast<float>(1.0 - o.beta2),
+                                   static_cast<float>(o.eps)};
+        const dim3 tile_block(kTile, kTileRows);
+        const auto tiles_n = static_cast<unsigned>((g.n + kTile - 1) / kTile);
+        const auto tiles_m = static_cast<unsigned>((g.m + kTile - 1) / kTile);
+        if (has_in_) {
+          moments_and_direction<<<dim3(tiles_n, tiles_n, static_cast<unsigned>(B)), tile_block, 0,
+                                  st>>>(Ain.as<float>(), g.state_ptrs.at("m_in").as<float>(),
+                                        g.state_ptrs.at("v_in").as<float>(), static_cast<int>(n), k,
+                                        scalars(), in_parity);
+          PION_CUDA_CHECK_LAUNCH("pion moments (in)");
+        }
+        if (has_out_) {
+          moments_and_direction<<<dim3(tiles_m, tiles_m, static_cast<unsigned>(B)), tile_block, 0,
+                                  st>>>(Aout.as<float>(), g.state_ptrs.at("m_out").as<float>(),
+                                        g.state_ptrs.at("v_out").as<float>(), static_cast<int>(m),
+                                        k, scalars(), out_parity);
+          PION_CUDA_CHECK_LAUNCH("pion moments (out)");
+        }
+      }
+    }
 
     // P = A_out W: (m x m)(m x n), k = m, row strides m, n -> n.
     // Q = W A_in:  (m x n)(n x n), k = n, row strides n, n -> n.
-    detail::gemm_group(h, types, false, false, m, n, m, 1.0f, Aout, m, W, n, 0.0f, P, n, B);
-    detail::gemm_group(h, types, false, false, m, n, n, 1.0f, W, n, Ain, n, 0.0f, Q, n, B);
-    // s = lr * alpha from ||P + Q||_F, on the device.
-    detail::queue_sum_squares(st, P, &Q, m * n, B, g.partial.data());
+    if (has_out_)
+      detail::gemm_group(h, types, false, false, m, n, m, 1.0f, Aout, m, W, n, 0.0f, P, n, B);
+    if (has_in_)
+      detail::gemm_group(h, types, false, false, m, n, n, 1.0f, W, n, Ain, n, 0.0f, Q, n, B);
+    // s = lr * alpha from ||P + Q||_F (one-sided: ||P|| or ||Q||), on the device.
+    if (has_in_ && has_out_)
+      detail::queue_sum_squares(st, P, &Q, m * n, B, g.partial.data());
+    else
+      detail::queue_sum_squares(st, has_out_ ? P : Q, nullptr, m * n, B, g.partial.data());
     const double c_sqrt_mn = o.c * std::sqrt(static_cast<double>(m) * static_cast<double>(n));
     step_scales<<<static_cast<unsigned>((B + 127) / 128), 128, 0, st>>>(
         g.partial.data(), static_cast<unsigned>(B), c_sqrt_mn, o.eps, scalars(), g.s.data());
     PION_CUDA_CHECK_LAUNCH("pion step scales");
-    // A <- s A on both sides, so E2(sA) = I + (sA) + (sA)^2/2 needs only constant GEMM scalars.
+    // A <- s A on the rotating sides, so E2(sA) = I + (sA) + (sA)^2/2 needs only constant
+    // GEMM scalars (an idle side's scratch is left alone: count 0).
     scale_directions<<<dim3(2 * kBlocksPerMatrix, static_cast<unsigned>(B)), kThreads, 0, st>>>(
-        Ain.as<float>(), n * n, Aout.as<float>(), m * m, g.s.data());
+        Ain.as<float>(), has_in_ ? n * n : 0, Aout.as<float>(), has_out_ ? m * m : 0, g.s.data());
     PION_CUDA_CHECK_LAUNCH("pion scale directions");
   }
 
-  // W <- E2(sA_out) W E2(sA_in), E2(X) = I + X + X^2/2, from what queue_directions left.
-  void retract_taylor2(Group& g) {
+  // The msign normalizer on one side, X (the d x d product) in a: buf <- b1 buf + (1-b1)(X -
+  // X^T), N = NS(buf), a <- -(N - N^T)/2 (pion.cpp's compute_directions).
+  void queue_msign(Group& g, const DevicePointers& a, const DevicePointers& buf, NsScratch& ns,
+                   std::int64_t d, int parity) {
+    const CudaPionOptions& o = options_;
+    detail::queue_skew_buffer(stream(), a, buf, d, g.batch, static_cast<float>(o.beta1),
+                              static_cast<float>(1.0 - o.beta1), scalars(), parity);
+    const int cur = detail::queue_newton_schulz_square(
+        stream(), blas(), types_, buf, ns.x, ns.gram_ptrs, ns.poly_ptrs, d, g.batch, o.ns_steps,
+        kMsignEps, g.partial.data(), g.inv.data());
+    detail::queue_negated_skew_part(stream(), ns.x[cur], a, d, g.batch, scalars(), parity);
+  }
+
+  // X <- E2(sA_out) X E2(sA_in), E2(Y) = I + Y + Y^2/2, with A already scaled and P = A_out X,
+  // Q = X A_in to be scaled by s here (W: s per matrix; transported m: s = 1).
+  void retract_taylor2(Group& g, const DevicePointers& W, const float* s) {
     cudaStream_t st = stream();
     cublasHandle_t h = blas();
     const GemmTypes& types = types_;
     const auto m = static_cast<std::int64_t>(g.m), n = static_cast<std::int64_t>(g.n);
     const std::size_t B = g.batch;
     const dim3 grid = detail::batch_grid(B);
-    const DevicePointers &W = g.w_ptrs, &Ain = g.a_in_ptrs, &Aout = g.a_out_ptrs, &P = g.p_ptrs,
-                         &Q = g.q_ptrs;
+    const DevicePointers &Ain = g.a_in_ptrs, &Aout = g.a_out_ptrs, &P = g.p_ptrs, &Q = g.q_ptrs;
     // A means sA here. Every product below is m x n with row stride n; A_out has row stride
     // m and k = m, A_in row stride n and k = n.
     const std::int64_t count = m * n;
@@ -316,7 +463,7 @@ class CudaPion final : public detail::CudaOptimizerBase {
       // Left first (pion_math::taylor2_left_first, apply_taylor2):
       //   P <- sP;  Q <- LW = W + sP + (1/2)(sA_out)(sP)
       scale_then_add<<<grid, kThreads, 0, st>>>(W.as<float>(), P.as<float>(), Q.as<float>(), count,
-                                                g.s.data());
+                                                s);
       PION_CUDA_CHECK_LAUNCH("pion left: W + sP");
       detail::gemm_group(h, types, false, false, m, n, m, 0.5f, Aout, m, P, n, 1.0f, Q, n, B);
       //   P <- R' = LW (sA_in) = sR;  W <- LW + sR + (1/2) (sR)(sA_in)
@@ -328,7 +475,7 @@ class CudaPion final : public detail::CudaOptimizerBase {
       // Right first, the mirror image:
       //   Q <- sQ;  P <- WR = W + sQ + (1/2)(sQ)(sA_in)
       scale_then_add<<<grid, kThreads, 0, st>>>(W.as<float>(), Q.as<float>(), P.as<float>(), count,
-                                                g.s.data());
+                                                s);
       PION_CUDA_CHECK_LAUNCH("pion right: W + sQ");
       detail::gemm_group(h, types, false, false, m, n, n, 0.5f, Q, n, Ain, n, 1.0f, P, n, B);
       //   Q <- L' = (sA_out) WR = sL;  W <- WR + sL + (1/2)(sA_out)(sL)
@@ -339,7 +486,29 @@ class CudaPion final : public detail::CudaOptimizerBase {
     }
   }
 
+  // One-sided E2 steps (pion_math::apply_taylor2_left / _right), in place in X:
+  //   left:  P <- sP;  X <- X + sP;  X += (1/2)(sA_out)(sP)
+  //   right: Q <- sQ;  X <- X + sQ;  X += (1/2)(sQ)(sA_in)
+  void retract_taylor2_one_side(Group& g, const DevicePointers& W, const float* s) {
+    cudaStream_t st = stream();
+    cublasHandle_t h = blas();
+    const auto m = static_cast<std::int64_t>(g.m), n = static_cast<std::int64_t>(g.n);
+    const std::size_t B = g.batch;
+    const DevicePointers& X = has_out_ ? g.p_ptrs : g.q_ptrs;
+    scale_then_add<<<detail::batch_grid(B), kThreads, 0, st>>>(W.as<float>(), X.as<float>(),
+                                                               W.as<float>(), m * n, s);
+    PION_CUDA_CHECK_LAUNCH("pion one side: W + sX");
+    if (has_out_)
+      detail::gemm_group(h, types_, false, false, m, n, m, 0.5f, g.a_out_ptrs, m, X, n, 1.0f, W, n,
+                         B);
+    else
+      detail::gemm_group(h, types_, false, false, m, n, n, 0.5f, X, n, g.a_in_ptrs, n, 1.0f, W, n,
+                         B);
+  }
+
   CudaPionOptions options_;
+  bool lie_ = true, msign_ = false, transported_ = false, alternate_ = false;
+  bool has_in_ = true, has_out_ = true;  // whose products (and lie moments) exist
   GemmTypes types_{};
   std::vector<Group> groups_;
 };

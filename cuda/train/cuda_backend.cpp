@@ -168,9 +168,13 @@ class DeviceRun {
     for (const auto& d : groups_) {
       for (const auto& p : d.params) {
         const Shape s = p.value.shape();
-        if (d.kind == "pion")
-          bytes += 2 * (s[0] * s[0] + s[1] * s[1]) * sizeof(float);
-        else if (d.kind == "muon")
+        if (d.kind == "pion") {
+          // The variant's moments (a one-sided run keeps one side's); sigma0 lives on the host.
+          const Optimizer& cpu = *mirror_.optimizers()[d.optimizer];
+          for (const StateSlot& slot : cpu.param_state_slots(p))
+            if (slot.key != "sigma0")
+              bytes += static_cast<std::size_t>(shape_numel(slot.shape)) * sizeof(float);
+        } else if (d.kind == "muon")
           bytes += p.value.numel() * sizeof(float);
         else
           bytes += 2 * p.value.numel() * sizeof(float);

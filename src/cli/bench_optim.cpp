@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "cli/bench_optim_variants.h"
 #include "cli/validators.h"
 #include "pion/core/error.h"
 #include "pion/core/linalg.h"
@@ -60,10 +61,14 @@ std::string cpu_model() {
 
 // ---- CPU: the optimizer classes of pion/optim, wall-clock median ---------------------------
 
+std::string cpu_hardware_text() {
+  return cpu_model() + ", " + std::to_string(std::thread::hardware_concurrency()) +
+         " logical CPUs, " + std::to_string(omp_get_max_threads()) + " OpenMP threads, " +
+         std::to_string(openblas_get_num_threads()) + " OpenBLAS threads";
+}
+
 void run_cpu(const OptimBenchArgs& a, Report& r) {
-  r.hardware = cpu_model() + ", " + std::to_string(std::thread::hardware_concurrency()) +
-               " logical CPUs, " + std::to_string(omp_get_max_threads()) + " OpenMP threads, " +
-               std::to_string(openblas_get_num_threads()) + " OpenBLAS threads";
+  r.hardware = cpu_hardware_text();
   r.timing = "wall-clock median of " + std::to_string(a.steps) + " steps (step_unchecked) after " +
              std::to_string(a.warmup) +
              " warm-up step(s) (the first Pion step takes its sigma0 SVD)";
@@ -140,6 +145,18 @@ void run_optim_bench(OptimBenchArgs a) {
   }
   check_flop_counts(gpt2_small_matrices(1));
   const auto start = Clock::now();
+  if (a.pion_variants) {
+    VariantReport v;
+    v.date = utc_now();
+    run_cpu_variants(a, v);
+    v.wall_s = seconds_since(start);
+    print_variant_report(v);
+    if (!a.json.empty()) {
+      write_json(a.json, variant_report_json(v));
+      std::cout << "wrote " << a.json << "\n";
+    }
+    return;
+  }
   Report r;
   r.device = a.device;
   r.date = utc_now();
@@ -207,12 +224,21 @@ void add_bench_optim_command(CLI::App& bench) {
   cmd->add_option("--drift_lr", args->drift_lr, "cuda: learning rate of the drift runs")
       ->check(FiniteRange(0, 100, true))
       ->capture_default_str();
+  auto* layers = cmd->get_option("--layers");
+  cmd->add_flag("--pion_variants", args->pion_variants,
+                "cpu: time every Pion variant (momentum x update_side x normalizer, taylor2) "
+                "beside AdamW with each one's state bytes, on one layer unless --layers is given");
   cmd->add_option("--json", args->json, "also write the results to this JSON file");
-  cmd->callback([args, steps, warmup] {
+  cmd->callback([args, steps, warmup, layers] {
     bench_optim::OptimBenchArgs a = *args;
+    if (a.pion_variants && a.device != "cpu")
+      throw Error("bench optim --pion_variants: CPU only so far; use --device cpu");
     if (a.device == "cpu") {
       if (steps->count() == 0) a.steps = 5;
       if (warmup->count() == 0) a.warmup = 1;
+      // The question is about the GPT-2-small layer; 16 variants x 12 layers would
+      // take a quarter of an hour on a laptop.
+      if (a.pion_variants && layers->count() == 0) a.layers = 1;
     }
     bench_optim::run_optim_bench(a);
   });

@@ -10,6 +10,7 @@
 //                             times the same workload under Google Benchmark)
 //   bench_optim_cuda.cpp      the GPU run (compiled under PION_HAVE_CUDA only)
 //   bench_optim_report.cpp    the Markdown table on stdout, the JSON of --json
+//   bench_optim_variants.cpp  --pion_variants: every Pion variant and AdamW on the CPU
 //
 // The PyTorch peer of `pion bench optim --device cuda` is bench/torch_optim.py --device cuda;
 // scripts/gpu-bench.sh runs both and prints the ratios (bench/compare_optim.py).
@@ -39,6 +40,7 @@ struct OptimBenchArgs {
   int warmup = 3;  // 1 on the CPU unless given
   int drift_steps = 1000;
   double drift_lr = 0.002;
+  bool pion_variants = false;  // cpu: every Pion variant beside AdamW (bench_optim_variants.h)
   std::string json;
 };
 
@@ -106,6 +108,9 @@ inline double seconds_since(Clock::time_point t0) {
 std::string fmt(const char* format, double v);
 // Milliseconds with 3 significant digits or more.
 std::string fmt_ms(double ms);
+
+// "<model>, N logical CPUs, N OpenMP threads, N OpenBLAS threads".
+std::string cpu_hardware_text();
 
 // ---- the runs: each fills the hardware, timing, rooflines and results of `r` ------------
 

@@ -220,10 +220,6 @@ void run_optim_trace(const TraceArgs& args) {
   std::unique_ptr<Optimizer> optimizer = make_optimizer(args.optimizer, config, params);
 
   std::int64_t skipped = 0;
-  // Before any device question, so a variant the GPU lacks is the error on every machine.
-  if (args.device == "cuda")
-    if (const auto* pion = dynamic_cast<const Pion*>(optimizer.get()))
-      require_pion_variant_on_cuda(pion->options(0), "optim-trace --device cuda");
   if (args.device == "cuda") {
     skipped = replay_on_gpu(*optimizer, trace, params, args.precision);
   } else {

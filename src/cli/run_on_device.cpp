@@ -13,12 +13,6 @@ namespace pion::cli {
 
 void require_device(const TrainConfig& config) {
   if (config.device == "cpu") return;
-  // What the GPU code does not implement yet, refused before anything runs (the checks live
-  // here, outside cuda/, until the GPU code gains these features).
-  if (config.optimizer == "pion") require_pion_variant_on_cuda(pion_options(config), "--device cuda");
-  check(config.norm == "rmsnorm", "--device cuda: norm \"" + config.norm +
-                                      "\" (a model without RMSNorm) runs on the CPU only so far: "
-                                      "use --device cpu");
 #ifdef PION_HAVE_CUDA
   check(cuda::device_count() > 0,
         "--device cuda: no CUDA device is visible (cudaGetDeviceCount reports none); run on a "
@@ -31,20 +25,8 @@ void require_device(const TrainConfig& config) {
 #endif
 }
 
-namespace {
-
-// The model itself may come from a checkpoint whose norm the run's config does not state.
-void require_model_on_device(const TrainConfig& config, const Llama<float>& model) {
-  check(config.device == "cpu" || model.config().has_norm(),
-        "--device cuda: this model has no RMSNorm (norm \"none\"), which runs on the CPU only "
-        "so far: use --device cpu");
-}
-
-}  // namespace
-
 BatchLoss batch_loss_on_device(const TrainConfig& config, Llama<float>& model) {
   require_device(config);
-  require_model_on_device(config, model);
   if (config.device == "cpu") return cpu_batch_loss(model);
 #ifdef PION_HAVE_CUDA
   struct Gpu {
@@ -72,7 +54,6 @@ BatchLoss batch_loss_on_device(const TrainConfig& config, Llama<float>& model) {
 
 TrainSummary run_training_on_device(TrainInputs inputs, Llama<float>& model) {
   require_device(inputs.config);
-  require_model_on_device(inputs.config, model);
   if (inputs.config.device == "cpu") return run_training(std::move(inputs), model);
 #ifdef PION_HAVE_CUDA
   inputs.config.validate();

@@ -103,8 +103,7 @@ const std::vector<Field>& fields() {
       string_field("init", "normal | spectral", &TrainConfig::init),
       real_field("init_std", "std of the normal init", &TrainConfig::init_std, 0, 100, true),
       string_field("norm",
-                   "rmsnorm | none (none: no RMSNorm anywhere, the final one included; CPU only "
-                   "so far)",
+                   "rmsnorm | none (none: no RMSNorm anywhere, the final one included)",
                    &TrainConfig::norm),
       int_field("batch_size", "sequences per micro-batch (the global batch under mpirun)",
                 &TrainConfig::batch_size, 1, kMaxBatch),

@@ -24,8 +24,8 @@
 // formula and one launch per elementwise pass for the whole shape group (a GPT layer stack
 // has three or four shapes, so Pion's step is about 4 x 7 batched GEMMs).
 //
-// State is kept per parameter under the CPU optimizer's names (Pion: m_in, v_in, m_out,
-// v_out; AdamW: exp_avg, exp_avg_sq; Muon: momentum_buffer) and can be copied to and from
+// State is kept per parameter under the CPU optimizer's names and slots (Pion: m_in, v_in,
+// m_out, v_out, fewer for a one-sided or msign run, m and v for ambient momentum; AdamW: exp_avg, exp_avg_sq; Muon: momentum_buffer) and can be copied to and from
 // the host with download_state / upload_state, row-major fp32 like the CPU tensors. Pion's
 // CPU state also holds sigma0 (for re-anchoring and drift reports); the GPU class does not.
 #include <cstdint>
@@ -81,7 +81,8 @@ class CudaOptimizer {
 
 // The CPU optimizers' options (pion/optim/options.h: the same fields, defaults and checks)
 // plus what only the GPU has. Pion: only the paper's E2 (retraction taylor2) runs on the GPU
-// so far, without re-anchoring (reanchor_every 0); make_cuda_pion refuses other values.
+// so far, without re-anchoring (reanchor_every 0); make_cuda_pion refuses other values. Every
+// momentum / update_side / normalizer variant runs (cuda/optim/pion_cuda.cu).
 struct CudaPionOptions : PionOptions {
   // "fp32": every GEMM in fp32 (the CPU's arithmetic up to summation order).
   // "mixed": the seven GEMMs on TF32 tensor cores (fp32 in and out, 10-bit mantissa

@@ -162,24 +162,6 @@ struct PionOptions {
   }
 };
 
-// The CUDA Pion (cuda/optim/pion_cuda.cu) implements momentum lie, update_side both and
-// normalizer adam only so far, and does not look at these fields. Every CPU-side road to it
-// (`pion train --device cuda` through require_device in src/cli/run_on_device.cpp, and
-// `pion optim-trace --device cuda`) calls this first, so asking for a variant there is a
-// one-line error instead of a run of the default. Drop a clause when the GPU gains the variant.
-inline void require_pion_variant_on_cuda(const PionOptions& o, const std::string& who) {
-  const auto refuse = [&](const char* key, const char* value, const char* supported) {
-    throw Error(who + ": Pion " + key + " \"" + value + "\" runs on the CPU only so far (the GPU " +
-                "Pion supports " + key + " \"" + supported + "\"): use --device cpu");
-  };
-  if (o.momentum != PionMomentum::Lie)
-    refuse("momentum", kPionMomenta.names[static_cast<int>(o.momentum)], "lie");
-  if (o.update_side != PionUpdateSide::Both)
-    refuse("update_side", kPionUpdateSides.names[static_cast<int>(o.update_side)], "both");
-  if (o.normalizer != PionNormalizer::Adam)
-    refuse("normalizer", kPionNormalizers.names[static_cast<int>(o.normalizer)], "adam");
-}
-
 namespace options_detail {
 
 inline std::string number_text(double v) {
