@@ -107,6 +107,9 @@ CudaLlama::CudaLlama(Context& ctx, const ModelConfig& config, const CudaLlamaOpt
     : ctx_(ctx), config_(config), options_(options), layout_(llama_param_layout(config)) {
   check(config.dropout == 0.0,
         "--device cuda does not implement dropout yet: set dropout 0 (or train on the CPU)");
+  check(config.kv_heads() == config.n_head && !config.tie_embeddings,
+        "--device cuda does not implement grouped-query attention (n_kv_head < n_head) or "
+        "tie_embeddings yet: train on the CPU");
   num_params_ = layout_.back().offset + layout_.back().numel();
   const auto table =
       pion::layers::make_rope_table<float>(config.seq_len, config.head_dim(), config.rope_theta);

@@ -23,6 +23,9 @@ void ModelConfig::validate() const {
                                   ") must be divisible by n_head (" + std::to_string(n_head) + ")");
   need(head_dim() % 2 == 0, "head_dim = d_model / n_head = " + std::to_string(head_dim()) +
                                 " must be even for RoPE; change d_model or n_head");
+  in_range(n_kv_head, 0, kMaxHeads, "n_kv_head", "; 0 means n_head");
+  need(n_head % kv_heads() == 0, "n_kv_head (" + std::to_string(kv_heads()) +
+                                     ") must divide n_head (" + std::to_string(n_head) + ")");
   in_range(ffn_hidden, 0, kMaxFfnHidden, "ffn_hidden", "; 0 picks 8/3 d_model rounded up to 32");
   in_range(seq_len, 1, kMaxSeqLen, "seq_len");
   need(std::isfinite(dropout) && dropout >= 0.0 && dropout < 1.0,
@@ -48,8 +51,10 @@ int ModelConfig::ffn_size() const {
 std::int64_t ModelConfig::num_params() const {
   const std::int64_t v = vocab_size, d = d_model, f = ffn_size();
   const std::int64_t norm_weights = has_norm() ? d : 0;  // per RMSNorm
-  const std::int64_t per_layer = 2 * norm_weights + 4 * d * d + 3 * f * d;
-  return 2 * v * d + norm_weights + n_layer * per_layer;
+  const std::int64_t kv = kv_dim();
+  const std::int64_t per_layer = 2 * norm_weights + 2 * d * d + 2 * kv * d + 3 * f * d;
+  const std::int64_t embeddings = (tie_embeddings ? 1 : 2) * v * d;
+  return embeddings + norm_weights + n_layer * per_layer;
 }
 
 nlohmann::json ModelConfig::to_json() const {
@@ -58,7 +63,8 @@ nlohmann::json ModelConfig::to_json() const {
           {"ffn_hidden", ffn_size()}, {"seq_len", seq_len},
           {"dropout", dropout},       {"init", init},
           {"init_std", init_std},     {"rope_theta", rope_theta},
-          {"norm_eps", norm_eps},     {"norm", norm}};
+          {"norm_eps", norm_eps},     {"norm", norm},
+          {"n_kv_head", kv_heads()},  {"tie_embeddings", tie_embeddings}};
 }
 
 ModelConfig ModelConfig::from_json(const nlohmann::json& object) {
@@ -66,7 +72,7 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& object) {
   static const std::set<std::string> keys = {"vocab_size", "n_layer",    "n_head",  "d_model",
                                              "ffn_hidden", "seq_len",    "dropout", "init",
                                              "init_std",   "rope_theta", "norm_eps",
-                                             "norm"};
+                                             "norm",       "n_kv_head",  "tie_embeddings"};
   for (const auto& [key, value] : object.items()) {
     check(keys.count(key) == 1, "model config: unknown key " + input::describe(key));
   }
@@ -97,6 +103,13 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& object) {
   c.norm_eps = real_key("norm_eps", 1e-5, 0.0, 1.0, true, false);
   // Absent in checkpoints written before the option existed: those models have RMSNorm.
   if (object.contains("norm")) c.norm = input::to_string(object.at("norm"), 64, where + "'norm'");
+  // Absent in checkpoints written before GQA and tied embeddings existed: MHA, untied.
+  if (object.contains("n_kv_head")) c.n_kv_head = int_key("n_kv_head", 0, kMaxHeads);
+  if (object.contains("tie_embeddings")) {
+    const nlohmann::json& t = object.at("tie_embeddings");
+    check(t.is_boolean(), "model config key 'tie_embeddings' must be true or false");
+    c.tie_embeddings = t.get<bool>();
+  }
   c.validate();
   return c;
 }

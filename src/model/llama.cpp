@@ -14,6 +14,7 @@ using layers::i64;
 std::vector<ParamEntry> llama_param_layout(const ModelConfig& config) {
   config.validate();
   const i64 v = config.vocab_size, d = config.d_model, f = config.ffn_size();
+  const i64 kv = config.kv_dim();
   std::vector<ParamEntry> out;
   i64 offset = 0;
   auto add = [&](const std::string& name, const Shape& shape) {
@@ -24,10 +25,11 @@ std::vector<ParamEntry> llama_param_layout(const ModelConfig& config) {
   for (int i = 0; i < config.n_layer; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
     if (config.has_norm()) add(p + "attn_norm.weight", {d});
-    // wq, wk, wv must stay adjacent in this order: forward uses them as one [3d, d] matrix.
+    // wq, wk, wv must stay adjacent in this order: forward uses them as one [d + 2 kv, d]
+    // matrix (kv = n_kv_head * head_dim; kv = d without grouped-query attention).
     add(p + "attn.wq", {d, d});
-    add(p + "attn.wk", {d, d});
-    add(p + "attn.wv", {d, d});
+    add(p + "attn.wk", {kv, d});
+    add(p + "attn.wv", {kv, d});
     add(p + "attn.wo", {d, d});
     if (config.has_norm()) add(p + "mlp_norm.weight", {d});
     // w_gate, w_up adjacent: one [2f, d] matrix.
@@ -36,7 +38,8 @@ std::vector<ParamEntry> llama_param_layout(const ModelConfig& config) {
     add(p + "mlp.w_down", {d, f});
   }
   if (config.has_norm()) add("final_norm.weight", {d});
-  add("lm_head.weight", {v, d});
+  // Tied embeddings: the LM head is tok_embedding.weight, so there is no lm_head parameter.
+  if (!config.tie_embeddings) add("lm_head.weight", {v, d});
   return out;
 }
 
@@ -85,6 +88,9 @@ Llama<T>::Llama(const ModelConfig& config)
     : config_(config),
       layout_(llama_param_layout(config)),
       rope_(layers::make_rope_table<T>(config.seq_len, config.head_dim(), config.rope_theta)) {
+  check(config.kv_heads() == config.n_head && !config.tie_embeddings,
+        "grouped-query attention (n_kv_head < n_head) and tie_embeddings are not implemented "
+        "in the CPU model yet");
   const i64 total = layout_.back().offset + layout_.back().numel();
   params_ = Tensor::zeros({total}, dtype_of<T>());
   grads_ = Tensor::zeros({total}, dtype_of<T>());

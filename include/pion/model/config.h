@@ -37,10 +37,18 @@ struct ModelConfig {
   // one) together with its weight: the normalisation-free model the Pion paper trains, since
   // Pion keeps every matrix's spectral norm fixed.
   std::string norm = "rmsnorm";
+  // Grouped-query attention: the number of key/value heads, dividing n_head (each K/V head
+  // serves n_head / n_kv_head query heads). 0 means n_head (multi-head attention).
+  int n_kv_head = 0;
+  // The LM head reuses the token embedding matrix (logits = h E^T): one parameter, trained by
+  // AdamW under every optimizer, as in LLaMA-3.2, Gemma and GPT-2.
+  bool tie_embeddings = false;
 
   // Throws pion::Error naming the field for any invalid value (e.g. d_model % n_head != 0).
   void validate() const;
   int head_dim() const { return d_model / n_head; }
+  int kv_heads() const { return n_kv_head > 0 ? n_kv_head : n_head; }
+  int kv_dim() const { return kv_heads() * head_dim(); }  // rows of wk and of wv
   bool has_norm() const { return norm == "rmsnorm"; }
   // The MLP hidden width actually used: ffn_hidden, or the 8/3 d_model rule when it is 0.
   int ffn_size() const;
