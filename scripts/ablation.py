@@ -1,0 +1,310 @@
+#!/usr/bin/python3
+"""The Pion-family ablation of issue 11, as one resumable driver over `pion sweep`.
+
+Stages (each a set of `pion sweep` calls into one directory, OUT/runs/<name>; a rerun skips
+every finished run and resumes interrupted ones, so the ablation can be spread over several
+sittings or machines that share OUT):
+
+  lr      every setting at 4 learning rates, seed 1: AdamW, Muon, Pion with each momentum
+          (lie, ambient, transported) x update side (both, left, right, alternate) with the
+          adam normaliser, and Pion lie + msign on both sides and alternating (16 settings).
+  seeds   seeds 2 and 3 at each setting's best lr from stage lr (its seed-1 run is reused).
+  nonorm  the best three settings of stage seeds again with `--norm none`: 4 lrs at seed 1,
+          then seeds 2, 3 at the best.
+  width   the muP claim: AdamW and default Pion at d_model 64 and 256 over the same 4 lrs
+          (d_model 128 is stage lr's), seed 1.
+  report  OUT/ABLATION.md (tables: mean +- sample std over seeds of best val loss, with the
+          optimizer state bytes and step time of the baby run) and OUT/width_transfer.png.
+
+Selecting the best lr on seed 1 and then adding seeds 2 and 3 is a cheaper design than
+3 seeds at every lr (the reported means include the seed the lr was picked on, a small
+optimistic bias we accept and say).
+
+usage: scripts/ablation.py (Debian's /usr/bin/python3, for python3-matplotlib)
+       scripts/ablation.py [--out DIR] [--pion PATH] [--jobs N] [--iters N]
+                           [--stages lr,seeds,nonorm,width,report] [--dry-run] [-- EXTRA FLAGS]
+EXTRA FLAGS go to every run (e.g. `-- --device cuda`). Defaults: runs/ablation, build/pion,
+2 jobs, 2000 iters (tinyshakespeare, nanoGPT's baby config as in docs/RESULTS.md).
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# docs/RESULTS.md's baby config (tinyshakespeare, char tokenizer).
+BASE = ["--data", os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt")),
+        "--tokenizer", "char", "--n_layer", "4", "--n_head", "4", "--d_model", "128",
+        "--seq_len", "64", "--batch_size", "12", "--warmup_iters", "100", "--schedule", "cosine",
+        "--min_lr_ratio", "0.1", "--grad_clip", "1", "--beta1", "0.9", "--beta2", "0.99",
+        "--weight_decay", "0.1", "--dropout", "0", "--lr", "1e-3", "--eval_interval", "250",
+        "--eval_iters", "200", "--log_interval", "250", "--checkpoint_minutes", "2"]
+
+LRS = {"adamw": ("lr", ["5e-4", "1e-3", "2e-3", "4e-3"]),
+       "muon": ("matrix_lr", ["0.01", "0.02", "0.04", "0.08"]),
+       "pion": ("matrix_lr", ["0.001", "0.002", "0.005", "0.01"])}
+
+
+def settings():
+    """(name, optimizer, [(key, value), ...]) of the 16 settings, keys in a fixed order so run
+    names are the same in every stage."""
+    out = [("AdamW", "adamw", []), ("Muon", "muon", [])]
+    for momentum in ("lie", "ambient", "transported"):
+        for side in ("both", "left", "right", "alternate"):
+            out.append((f"Pion {momentum}/{side}/adam", "pion",
+                        [("init", "spectral"), ("pion_momentum", momentum),
+                         ("pion_update_side", side), ("pion_normalizer", "adam")]))
+    for side in ("both", "alternate"):
+        out.append((f"Pion lie/{side}/msign", "pion",
+                    [("init", "spectral"), ("pion_momentum", "lie"), ("pion_update_side", side),
+                     ("pion_normalizer", "msign")]))
+    return out
+
+
+class Ablation:
+    def __init__(self, args):
+        self.out = os.path.abspath(args.out)
+        self.pion = os.path.abspath(args.pion)
+        self.jobs = args.jobs
+        self.iters = args.iters
+        self.extra = args.extra
+        self.dry = args.dry_run
+        # The width of the base config (stage width adds 64 and 256 beside it).
+        self.d_model = 128
+        if "--d_model" in self.extra:
+            self.d_model = int(self.extra[self.extra.index("--d_model") + 1])
+
+    def sweep(self, optimizer, keys, lrs, seeds):
+        lr_key = LRS[optimizer][0]
+        # A flag in EXTRA replaces the same flag of the base config.
+        given = {f for f in self.extra if f.startswith("--")}
+        base = []
+        for i in range(0, len(BASE), 2):
+            if BASE[i] not in given:
+                base += BASE[i:i + 2]
+        cmd = [self.pion, "sweep", "--out", self.out, "--jobs", str(self.jobs), *base,
+               "--max_iters", str(self.iters), *self.extra, "--grid", f"optimizer={optimizer}"]
+        for k, v in keys:
+            cmd += ["--grid", f"{k}={v}"]
+        cmd += ["--grid", f"{lr_key}={','.join(lrs)}", "--grid",
+                f"seed={','.join(str(s) for s in seeds)}"]
+        if self.dry:
+            cmd.append("--dry-run")
+        print("+", " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            print(f"ablation: a run of this sweep failed (exit {rc}); its log is in "
+                  f"{self.out}/runs/<name>/log.txt. Going on with the others.", flush=True)
+
+    def records(self):
+        """Every finished run in OUT/runs: its config and summary."""
+        out = []
+        runs = os.path.join(self.out, "runs")
+        if not os.path.isdir(runs):
+            return out
+        for name in sorted(os.listdir(runs)):
+            d = os.path.join(runs, name)
+            try:
+                with open(os.path.join(d, "run_config.json")) as f:
+                    config = json.load(f)
+                with open(os.path.join(d, "summary.json")) as f:
+                    summary = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if summary.get("interrupted") or summary.get("iters") != config.get("max_iters"):
+                continue
+            if config.get("max_iters") != self.iters:
+                continue
+            out.append((name, config, summary))
+        return out
+
+    def matching(self, optimizer, keys, norm="rmsnorm", d_model=None):
+        """Finished runs of one setting: {lr: {seed: (summary, config)}}."""
+        lr_key = LRS[optimizer][0]
+        d_model = d_model or self.d_model
+        by_lr = {}
+        for _, config, summary in self.records():
+            if config.get("optimizer") != optimizer or config.get("norm", "rmsnorm") != norm:
+                continue
+            if config.get("d_model") != d_model:
+                continue
+            if any(str(config.get(k)) != v for k, v in keys):
+                continue
+            lr = float(config[lr_key])
+            by_lr.setdefault(lr, {})[config["seed"]] = (summary, config)
+        return by_lr
+
+    def best_lr(self, optimizer, keys, norm="rmsnorm"):
+        """The lr (as the grid writes it) with the lowest seed-1 best val loss, or None."""
+        by_lr = self.matching(optimizer, keys, norm)
+        best = None
+        for text in LRS[optimizer][1]:
+            seeds = by_lr.get(float(text), {})
+            run = seeds.get(1)
+            if run is None:
+                continue
+            loss = run[0].get("best_val_loss")
+            if loss is not None and math.isfinite(loss) and (best is None or loss < best[1]):
+                best = (text, loss)
+        return best[0] if best else None
+
+    def stage_lr(self, norm_keys=(), chosen=None):
+        for name, optimizer, keys in (chosen or settings()):
+            self.sweep(optimizer, keys + list(norm_keys), LRS[optimizer][1], [1])
+
+    def stage_seeds(self, norm_keys=(), chosen=None, norm="rmsnorm"):
+        for name, optimizer, keys in (chosen or settings()):
+            lr = self.best_lr(optimizer, keys + list(norm_keys), norm)
+            if lr is None:
+                print(f"ablation: {name}{' (norm none)' if norm_keys else ''} has no finished "
+                      "seed-1 run yet; run stage lr first", flush=True)
+                continue
+            self.sweep(optimizer, keys + list(norm_keys), [lr], [1, 2, 3])
+
+    def summary_row(self, name, optimizer, keys, norm="rmsnorm"):
+        """(name, best lr, mean, std, n, state MiB, step ms) at the best lr, or None."""
+        lr = self.best_lr(optimizer, keys, norm)
+        if lr is None:
+            return None
+        seeds = self.matching(optimizer, keys, norm).get(float(lr), {})
+        losses = [s.get("best_val_loss") for s, _ in seeds.values()]
+        losses = [x for x in losses if x is not None and math.isfinite(x)]
+        if not losses:
+            return None
+        any_summary = next(iter(seeds.values()))[0]
+        state = any_summary.get("optimizer_state_bytes_per_rank", [0])[0] / 2**20
+        step_ms = statistics.median(
+            s.get("optimizer_step_cpu_ms_per_rank", [float("nan")])[0] for s, _ in seeds.values())
+        std = statistics.stdev(losses) if len(losses) > 1 else float("nan")
+        return (name, lr, statistics.mean(losses), std, len(losses), state, step_ms)
+
+    def ranked(self, norm="rmsnorm"):
+        rows = []
+        for name, optimizer, keys in settings():
+            norm_keys = [("norm", "none")] if norm == "none" else []
+            row = self.summary_row(name, optimizer, keys + norm_keys, norm)
+            if row is not None:
+                rows.append(row)
+        return sorted(rows, key=lambda r: (r[4] < 3, r[2]))
+
+    def best_three(self):
+        full = [r for r in self.ranked() if r[4] >= 3][:3]
+        names = {r[0] for r in full}
+        return [s for s in settings() if s[0] in names]
+
+    def stage_nonorm(self):
+        chosen = self.best_three()
+        if len(chosen) < 3:
+            print("ablation: stage nonorm needs three settings with 3 seeds (stage seeds)",
+                  flush=True)
+            if not chosen:
+                return
+        self.stage_lr([("norm", "none")], chosen)
+        self.stage_seeds([("norm", "none")], chosen, "none")
+
+    def stage_width(self):
+        for d_model in ("64", "256"):
+            for name, optimizer, keys in settings()[:3:2]:  # AdamW and Pion lie/both/adam
+                self.sweep(optimizer, [("d_model", d_model)] + keys, LRS[optimizer][1], [1])
+
+    def table(self, rows):
+        lines = ["| setting | best lr | best val loss (mean ± std) | seeds | optimizer state "
+                 "(MiB) | optimizer step, CPU ms |", "|---|---:|---:|---:|---:|---:|"]
+        for name, lr, mean, std, n, state, step_ms in rows:
+            std_text = f"{std:.4f}" if math.isfinite(std) else "—"
+            lines.append(f"| {name} | {lr} | {mean:.4f} ± {std_text} | {n} | {state:.2f} | "
+                         f"{step_ms:.2f} |")
+        return "\n".join(lines)
+
+    def stage_report(self):
+        parts = [f"# Pion-family ablation ({self.iters} iters, baby config)\n",
+                 "Best lr per setting from 4 values at seed 1, then seeds 1-3 at that lr "
+                 "(mean ± sample std). Written by scripts/ablation.py.\n",
+                 "## With RMSNorm\n", self.table(self.ranked()), "",
+                 "## Without normalisation (`--norm none`)\n", self.table(self.ranked("none")), ""]
+        width = {}
+        for name, optimizer, keys in settings()[:3:2]:
+            for d_model in (64, self.d_model, 256):
+                by_lr = self.matching(optimizer, keys, "rmsnorm", d_model)
+                points = sorted((lr, seeds[1][0]["best_val_loss"]) for lr, seeds in by_lr.items()
+                                if 1 in seeds)
+                if points:
+                    width[(name, d_model)] = points
+        if width:
+            parts += ["## Learning rate against width (seed 1)\n",
+                      "| optimizer | d_model | lr: best val loss |", "|---|---:|---|"]
+            for (name, d_model), points in sorted(width.items()):
+                cells = ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in points)
+                parts.append(f"| {name} | {d_model} | {cells} |")
+            parts.append("")
+            self.plot_width(width)
+        text = "\n".join(parts)
+        with open(os.path.join(self.out, "ABLATION.md"), "w") as f:
+            f.write(text)
+        print(text)
+
+    def plot_width(self, width):
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("ablation: no matplotlib (apt-get install python3-matplotlib); no plot")
+            return
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for ax, name in zip(axes, ("AdamW", "Pion lie/both/adam")):
+            for d_model in sorted({64, self.d_model, 256}):
+                points = width.get((name, d_model))
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], "o-",
+                            label=f"d_model {d_model}")
+            ax.set_xscale("log")
+            ax.set_title(name)
+            ax.set_xlabel("lr" if name == "AdamW" else "matrix_lr")
+            ax.legend()
+        axes[0].set_ylabel("best val loss (seed 1)")
+        fig.tight_layout()
+        path = os.path.join(self.out, "width_transfer.png")
+        fig.savefig(path, dpi=120)
+        print(f"wrote {path}")
+
+
+def main():
+    argv = sys.argv[1:]
+    extra = []
+    if "--" in argv:
+        extra = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "ablation"))
+    p.add_argument("--pion", default=os.path.join(ROOT, "build", "pion"))
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--stages", default="lr,seeds,nonorm,width,report")
+    p.add_argument("--dry-run", action="store_true")
+    args = p.parse_args(argv)
+    args.extra = extra
+    if not os.access(args.pion, os.X_OK):
+        print(f"ablation: no pion binary at {args.pion}; build it (cmake --build build) or "
+              "give --pion", file=sys.stderr)
+        return 2
+    a = Ablation(args)
+    stages = {"lr": a.stage_lr, "seeds": a.stage_seeds, "nonorm": a.stage_nonorm,
+              "width": a.stage_width, "report": a.stage_report}
+    for s in args.stages.split(","):
+        if s not in stages:
+            print(f"ablation: unknown stage '{s}' (lr, seeds, nonorm, width, report)",
+                  file=sys.stderr)
+            return 2
+    for s in args.stages.split(","):
+        print(f"== stage {s}", flush=True)
+        stages[s]()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
