@@ -94,13 +94,12 @@ TEST(RlCli, WritesRlMetricsEveryStep) {
 
 // 6 steps straight = 3 steps, stop (between the two PPO epochs of the second batch: the
 // batch is in the checkpoint), resume to 6: same weights, optimizer state and metrics.
-TEST(RlCli, ResumeIsBitExact) {
-  const std::string dir = fixture().dir;
-  auto a = test::run_pion(rl_flags(dir + "/ra"));
+static void expect_resume_is_bit_exact(const std::string& dir, const std::string& extra) {
+  auto a = test::run_pion(rl_flags(dir + "/ra") + extra);
   ASSERT_EQ(a.exit_code, 0) << a.output;
-  auto b1 = test::run_pion(rl_flags(dir + "/rb") + " --stop_after 3");
+  auto b1 = test::run_pion(rl_flags(dir + "/rb") + extra + " --stop_after 3");
   ASSERT_EQ(b1.exit_code, 0) << b1.output;
-  auto b2 = test::run_pion(rl_flags(dir + "/rb") + " --resume");
+  auto b2 = test::run_pion(rl_flags(dir + "/rb") + extra + " --resume");
   ASSERT_EQ(b2.exit_code, 0) << b2.output;
   EXPECT_NE(b2.output.find("resumed from"), std::string::npos);
   TensorFile ta = load_safetensors(dir + "/ra/checkpoint.safetensors");
@@ -112,6 +111,17 @@ TEST(RlCli, ResumeIsBitExact) {
     EXPECT_EQ(0, std::memcmp(t.raw(), u.raw(), t.nbytes())) << name << " differs after resume";
   }
   EXPECT_EQ(read_metrics(dir + "/ra/metrics.jsonl"), read_metrics(dir + "/rb/metrics.jsonl"));
+}
+
+TEST(RlCli, ResumeIsBitExact) { expect_resume_is_bit_exact(fixture().dir, ""); }
+
+// The base model's context is 24 tokens; RL batches of 12 (prompt <= 6 + 5 new tokens) train
+// the same weights without the padding, and such a run resumes bit-exactly too.
+TEST(RlCli, ShorterSeqLenTrainsAndResumes) {
+  const std::string dir = fixture().dir + "/short";
+  expect_resume_is_bit_exact(dir, " --seq_len 12");
+  std::ifstream in(dir + "/ra/config.json");
+  EXPECT_EQ(nlohmann::json::parse(in).at("seq_len"), 12);
 }
 
 TEST(RlCli, EveryOptimizerRuns) {
@@ -142,6 +152,8 @@ TEST(RlCli, BadInputIsOneLineErrorExit2) {
       {base + "--tasks " + f.tasks + " --task arithmetic", "exactly one"},
       {base + "--tasks " + f.tasks + " --rl_prompts_per_step 3 --rl_group_size 3 --grad_accum 2",
        "grad_accum"},
+      {base + "--tasks " + f.tasks + " --seq_len 25", "context of 24"},
+      {base + "--tasks " + f.tasks + " --d_model 64", "'d_model' comes from the checkpoint"},
   };
   for (const auto& c : cases) {
     auto r = test::run_pion(c.args);

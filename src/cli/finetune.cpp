@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "cli/config_flags.h"
 #include "cli/exact_match_eval.h"
+#include "cli/from_checkpoint.h"
 #include "cli/run_on_device.h"
 #include "cli/validators.h"
 #include "pion/core/error.h"
@@ -30,17 +31,14 @@ void run_finetune(const ConfigFlags& flags, const FinetuneArgs& args) {
   check(!args.tasks.empty(), "finetune: give --tasks TASKS.jsonl ({\"prompt\", \"response\"} per line)");
   LoadedCheckpoint base = load_checkpoint(args.from);
   // Model keys come from the checkpoint; the rest from the defaults below, then file/flags.
-  TrainConfig config = base.config;
-  config.out_dir = "runs/finetune";
-  config.max_iters = 500;
-  config.warmup_iters = 20;
-  config.eval_interval = 100;
-  config.checkpoint_interval = 0;
-  config.dropout = 0.0;
-  apply_config_flags(flags, config);
-  for (const char* key : {"n_layer", "n_head", "d_model", "ffn_hidden", "seq_len", "tokenizer"})
-    check(config.to_json()[key] == base.config.to_json()[key],
-          std::string("finetune: '") + key + "' comes from the checkpoint and cannot change");
+  TrainConfig config = config_from_checkpoint(base, flags, "finetune", [](TrainConfig& c) {
+    c.out_dir = "runs/finetune";
+    c.max_iters = 500;
+    c.warmup_iters = 20;
+    c.eval_interval = 100;
+    c.checkpoint_interval = 0;
+    c.dropout = 0.0;
+  });
   config.data = args.tasks;
   config.validate();
   require_device(config);

@@ -9,6 +9,7 @@
 #include "cli/commands.h"
 #include "cli/config_flags.h"
 #include "cli/exact_match_eval.h"
+#include "cli/from_checkpoint.h"
 #include "cli/run_on_device.h"
 #include "cli/validators.h"
 #include "pion/core/error.h"
@@ -45,19 +46,16 @@ void run_rl(const ConfigFlags& flags, const RlArgs& args) {
         "rl: mpirun is not supported yet (each rank would sample its own prompts); run one "
         "process");
   LoadedCheckpoint base = load_checkpoint(args.from);
-  TrainConfig config = base.config;
-  config.out_dir = "runs/rl";
-  config.max_iters = 200;
-  config.warmup_iters = 0;
-  config.schedule = "constant";
-  config.eval_interval = 50;
-  config.checkpoint_interval = 0;
-  config.dropout = 0.0;
-  config.grad_accum = 1;
-  apply_config_flags(flags, config);
-  for (const char* key : {"n_layer", "n_head", "d_model", "ffn_hidden", "seq_len", "tokenizer"})
-    check(config.to_json()[key] == base.config.to_json()[key],
-          std::string("rl: '") + key + "' comes from the checkpoint and cannot change");
+  TrainConfig config = config_from_checkpoint(base, flags, "rl", [](TrainConfig& c) {
+    c.out_dir = "runs/rl";
+    c.max_iters = 200;
+    c.warmup_iters = 0;
+    c.schedule = "constant";
+    c.eval_interval = 50;
+    c.checkpoint_interval = 0;
+    c.dropout = 0.0;
+    c.grad_accum = 1;
+  });
   check(config.device == "cpu",
         "rl: --device cuda is not supported yet (generation and the GRPO objective run on the "
         "CPU back end); use --device cpu");
