@@ -38,7 +38,8 @@ void run_finetune(const ConfigFlags& flags, const FinetuneArgs& args) {
   config.checkpoint_interval = 0;
   config.dropout = 0.0;
   apply_config_flags(flags, config);
-  for (const char* key : {"n_layer", "n_head", "d_model", "ffn_hidden", "seq_len", "tokenizer"})
+  for (const char* key : {"n_layer", "n_head", "d_model", "ffn_hidden", "seq_len", "tokenizer",
+                          "norm", "norm_eps", "rope_theta", "n_kv_head", "tie_embeddings"})
     check(config.to_json()[key] == base.config.to_json()[key],
           std::string("finetune: '") + key + "' comes from the checkpoint and cannot change");
   config.data = args.tasks;

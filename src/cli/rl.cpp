@@ -55,7 +55,8 @@ void run_rl(const ConfigFlags& flags, const RlArgs& args) {
   config.dropout = 0.0;
   config.grad_accum = 1;
   apply_config_flags(flags, config);
-  for (const char* key : {"n_layer", "n_head", "d_model", "ffn_hidden", "seq_len", "tokenizer"})
+  for (const char* key : {"n_layer", "n_head", "d_model", "ffn_hidden", "seq_len", "tokenizer",
+                          "norm", "norm_eps", "rope_theta", "n_kv_head", "tie_embeddings"})
     check(config.to_json()[key] == base.config.to_json()[key],
           std::string("rl: '") + key + "' comes from the checkpoint and cannot change");
   check(config.device == "cpu",
