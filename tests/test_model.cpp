@@ -19,6 +19,7 @@
 #include "pion/model/llama.h"
 #include "pion/optim/adamw.h"
 #include "pion/train/build_optimizer.h"
+#include "pion/train/session.h"
 
 using namespace pion;
 
@@ -760,4 +761,47 @@ TEST(Llama, TiedEmbeddingIsOneAdamWParameterUnderEveryOptimizer) {
       EXPECT_EQ(in_matrix.size(), 14u);
     }
   }
+}
+
+// The `pion train` keys reach the model (and so the checkpoint's model config); a saved run
+// config from before the keys existed still reads, as MHA with an untied head.
+TEST(Llama, TrainConfigKeysReachTheModelConfig) {
+  TrainConfig tc;
+  apply_config_json(tc, {{"n_head", 4},
+                         {"d_model", 32},
+                         {"n_kv_head", 2},
+                         {"tie_embeddings", true},
+                         {"rope_theta", 500000.0},
+                         {"norm_eps", 1e-6}});
+  tc.validate();
+  const ModelConfig m = model_config_for(tc, 40);
+  EXPECT_EQ(m.kv_heads(), 2);
+  EXPECT_TRUE(m.tie_embeddings);
+  EXPECT_EQ(m.rope_theta, 500000.0);
+  EXPECT_EQ(m.norm_eps, 1e-6);
+  const nlohmann::json saved = ModelConfig::from_json(m.to_json()).to_json();
+  EXPECT_EQ(saved, m.to_json());
+
+  nlohmann::json old = TrainConfig{}.to_json();
+  for (const char* key : {"n_kv_head", "tie_embeddings", "rope_theta", "norm_eps"}) old.erase(key);
+  TrainConfig back;
+  apply_config_json(back, old);
+  EXPECT_NO_THROW(back.validate());
+  const ModelConfig mb = model_config_for(back, 40);
+  EXPECT_EQ(mb.kv_heads(), mb.n_head);
+  EXPECT_FALSE(mb.tie_embeddings);
+  EXPECT_EQ(mb.rope_theta, 10000.0);
+  EXPECT_EQ(mb.norm_eps, 1e-5);
+
+  TrainConfig bad;
+  bad.n_head = 4;
+  bad.n_kv_head = 3;
+  try {
+    bad.validate();
+    ADD_FAILURE() << "n_kv_head 3 of 4 heads accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("n_kv_head"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(set_config_value(bad, "tie_embeddings", "yes"), Error);
+  EXPECT_THROW(set_config_value(bad, "n_kv_head", 2000), Error);
 }

@@ -3,10 +3,10 @@
 // (inference-only) decoding: plain data, one allocation each for K and V.
 //
 //   keys / values: [n_layer, slots, n_kv_head, capacity, head_dim] floats, row-major
+//   length[s]:     how many positions of slot s hold valid entries (positions 0..length-1)
 //
 // With grouped-query attention only the n_kv_head K/V heads are stored (the query heads of a
 // group read the same entries), so the cache is n_head / n_kv_head times smaller than MHA's.
-//   length[s]:     how many positions of slot s hold valid entries (positions 0..length-1)
 //
 // A slot holds one sequence at a time, left-aligned: its first token is at position 0 (the
 // RoPE position the full forward gives it), so sequences of different lengths share the
