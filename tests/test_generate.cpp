@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <map>
 #include <set>
 #include <string>
@@ -110,8 +111,13 @@ TEST(Decoder, IncrementalLogitsEqualFullForwardAtEveryPosition) {
     }
     EXPECT_EQ(cache.length[0], T);
     ASSERT_EQ(got.size(), full.size());
-    for (std::size_t i = 0; i < full.size(); ++i)
+    float worst = 0;
+    for (std::size_t i = 0; i < full.size(); ++i) {
       ASSERT_NEAR(got[i], full[i], 1e-5 * scale) << "position " << i / s.vocab;
+      worst = std::max(worst, std::fabs(got[i] - full[i]));
+    }
+    std::printf("[decode] %s: cached vs full-forward logits, worst %.2e relative to max |logit|\n",
+                describe(s).c_str(), static_cast<double>(worst / scale));
   }
 }
 
