@@ -257,6 +257,30 @@ TEST_P(DistEqualityTest, TwoRanksMatchOneRank) {
 
 INSTANTIATE_TEST_SUITE_P(Optimizers, DistEqualityTest, ::testing::Values("adamw", "muon", "pion"));
 
+// Grouped-query attention with a tied embedding and no norms: the tied embedding's gradient
+// (lookup + head) is reduced after backward as one bucket, and nothing follows the last layer
+// in the buffer (no final norm, no lm_head). 2 ranks still match 1.
+TEST(DistEquality, GqaTiedNormFreeTwoRanksMatchOneRank) {
+  SKIP_WITHOUT_MPI();
+  const std::string dir = test::temp_dir("dist_gqa");
+  const std::string corpus = make_corpus(dir);
+  const std::string model = " --n_head 4 --n_kv_head 1 --tie_embeddings true --norm none"
+                            " --init spectral --matrix_lr 0.005";
+  auto one = test::run_pion("train " + flags(corpus, dir + "/one", "pion", 12) + model);
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  auto two = run_ranks(2, "train " + flags(corpus, dir + "/two", "pion", 12) + model);
+  ASSERT_EQ(two.exit_code, 0) << two.output;
+  const TensorFile a = load_safetensors(dir + "/one/checkpoint.safetensors");
+  const TensorFile b = load_safetensors(dir + "/two/checkpoint.safetensors");
+  EXPECT_EQ(a.tensors.count("model.lm_head.weight"), 0u);
+  const double rel = max_rel_diff(b, a, "model.");
+  std::cout << "GQA tied norm-free pion: 2 ranks vs 1 rank after 12 steps, max relative weight "
+               "difference "
+            << rel << "\n";
+  EXPECT_LT(rel, 1e-5);
+  EXPECT_GT(rel, 0.0) << "suspicious: bit-identical weights (did both runs use one process?)";
+}
+
 // A run stopped on 2 ranks resumes on 1, and one stopped on 1 resumes on 2; both end where an
 // uninterrupted 1-rank run ends.
 TEST(DistResume, ResumeAcrossAChangeOfRankCount) {

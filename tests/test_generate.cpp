@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <map>
 #include <set>
 #include <string>
@@ -25,9 +26,22 @@ namespace {
 struct Shape {
   int n_layer, n_head, d_model, seq_len, vocab;
   bool norm_free = false;  // ModelConfig::norm "none"
+  int n_kv_head = 0;       // grouped-query attention when below n_head
+  bool tied = false;       // ModelConfig::tie_embeddings
 };
-const Shape kShapes[] = {
-    {1, 1, 16, 12, 11}, {2, 2, 32, 16, 23}, {3, 4, 32, 20, 37}, {2, 2, 32, 16, 23, true}};
+const Shape kShapes[] = {{1, 1, 16, 12, 11},
+                         {2, 2, 32, 16, 23},
+                         {3, 4, 32, 20, 37},
+                         {2, 2, 32, 16, 23, true},
+                         {2, 4, 32, 16, 23, false, 2, true},
+                         {3, 4, 32, 20, 37, false, 1, false},
+                         {2, 4, 32, 16, 23, true, 1, true}};
+
+std::string describe(const Shape& s) {
+  return "n_layer " + std::to_string(s.n_layer) + " n_head " + std::to_string(s.n_head) +
+         " n_kv_head " + std::to_string(s.n_kv_head) + " d_model " + std::to_string(s.d_model) +
+         (s.norm_free ? " norm none" : "") + (s.tied ? " tied" : "");
+}
 
 // Weights large enough that logits are spread out (init_std 0.02 gives near-ties that float
 // rounding of differently shaped GEMMs could flip; these are checked with margins to spare).
@@ -40,6 +54,8 @@ Llama<float> random_model(const Shape& s, std::uint64_t seed) {
   c.seq_len = s.seq_len;
   c.init_std = 0.3;
   if (s.norm_free) c.norm = "none";
+  c.n_kv_head = s.n_kv_head;
+  c.tie_embeddings = s.tied;
   Llama<float> model(c);
   Rng rng(seed);
   model.init_weights(rng);
@@ -70,7 +86,7 @@ float max_abs(std::span<const float> a) {
 // Prefill of a prefix, then one token per call: every position's logits match the full forward.
 TEST(Decoder, IncrementalLogitsEqualFullForwardAtEveryPosition) {
   for (const Shape& s : kShapes) {
-    SCOPED_TRACE("n_layer " + std::to_string(s.n_layer) + " n_head " + std::to_string(s.n_head));
+    SCOPED_TRACE(describe(s));
     Llama<float> model = random_model(s, 11);
     Rng rng(3);
     const int T = s.seq_len;
@@ -95,8 +111,13 @@ TEST(Decoder, IncrementalLogitsEqualFullForwardAtEveryPosition) {
     }
     EXPECT_EQ(cache.length[0], T);
     ASSERT_EQ(got.size(), full.size());
-    for (std::size_t i = 0; i < full.size(); ++i)
+    float worst = 0;
+    for (std::size_t i = 0; i < full.size(); ++i) {
       ASSERT_NEAR(got[i], full[i], 1e-5 * scale) << "position " << i / s.vocab;
+      worst = std::max(worst, std::fabs(got[i] - full[i]));
+    }
+    std::printf("[decode] %s: cached vs full-forward logits, worst %.2e relative to max |logit|\n",
+                describe(s).c_str(), static_cast<double>(worst / scale));
   }
 }
 
@@ -128,6 +149,50 @@ TEST(Decoder, MixedChunksInOneCallStayInTheirSlots) {
   EXPECT_EQ(cache.length[0], 4);
   EXPECT_EQ(cache.length[1], 0);
   EXPECT_EQ(cache.length[2], 9);
+}
+
+// GQA's point: the cache holds n_kv_head heads, n_head / n_kv_head times fewer floats than
+// MHA's; a cache built for another head count is refused. Mixed chunks stay in their slots
+// with GQA and a tied head too.
+TEST(Decoder, GqaCacheHoldsOnlyTheKvHeads) {
+  const Shape s = kShapes[5];  // n_head 4, n_kv_head 1
+  Llama<float> model = random_model(s, 9);
+  Shape mha_shape = s;
+  mha_shape.n_kv_head = 0;
+  Llama<float> mha = random_model(mha_shape, 9);
+  KvCache cache(model.config(), 2), mha_cache(mha.config(), 2);
+  EXPECT_EQ(cache.n_kv_head, 1);
+  EXPECT_EQ(mha_cache.n_kv_head, 4);
+  EXPECT_EQ(4 * cache.keys.size(), mha_cache.keys.size());
+  EXPECT_EQ(4 * KvCache::bytes_for(model.config(), 2), KvCache::bytes_for(mha.config(), 2));
+  EXPECT_EQ(KvCache::bytes_for(model.config(), 2),
+            static_cast<std::int64_t>((cache.keys.size() + cache.values.size()) * sizeof(float)));
+  Decoder dec(model);
+  const std::vector<std::int32_t> one{1};
+  const DecodeChunk c{0, one};
+  EXPECT_THROW(dec.extend(mha_cache, std::span(&c, 1)), Error);
+
+  const Shape t = kShapes[4];  // GQA groups of 2, tied
+  Llama<float> tied = random_model(t, 10);
+  Rng rng(8);
+  const auto a = random_tokens(9, t.vocab, rng), b = random_tokens(4, t.vocab, rng);
+  auto full_last = [&](const std::vector<std::int32_t>& x) {
+    tied.forward(x, {}, 1, static_cast<int>(x.size()));
+    const float* l = tied.logits() + (x.size() - 1) * static_cast<std::size_t>(t.vocab);
+    return std::vector<float>(l, l + t.vocab);
+  };
+  Decoder tdec(tied);
+  KvCache tcache(tied.config(), 3);
+  const DecodeChunk first{2, std::span(a).first(8)};
+  tdec.extend(tcache, std::span(&first, 1));
+  const DecodeChunk both[] = {{0, b}, {2, std::span(a).last(1)}};
+  const auto out = tdec.extend(tcache, both);
+  const auto want_b = full_last(b), want_a = full_last(a);
+  for (int i = 0; i < t.vocab; ++i) {
+    EXPECT_NEAR(out[static_cast<std::size_t>(i)], want_b[static_cast<std::size_t>(i)], 1e-4);
+    EXPECT_NEAR(out[static_cast<std::size_t>(t.vocab + i)], want_a[static_cast<std::size_t>(i)],
+                1e-4);
+  }
 }
 
 TEST(Decoder, RefusesChunksThatDoNotFit) {
@@ -167,8 +232,7 @@ void expect_same(const std::vector<Generation>& got, const std::vector<Generatio
 // different steps, batch sizes 1, 3 and all, and fewer slots than prompts (slot refill).
 TEST(Generate, GreedyCachedBatchedEqualsUncached) {
   for (const Shape& s : kShapes) {
-    SCOPED_TRACE("n_layer " + std::to_string(s.n_layer) + " n_head " + std::to_string(s.n_head) +
-                 " d_model " + std::to_string(s.d_model));
+    SCOPED_TRACE(describe(s));
     Llama<float> model = random_model(s, 21 + s.n_layer);
     const auto prompts =
         random_prompts({1, 5, 2, s.seq_len - 3, s.seq_len + 3, 7, 3, s.seq_len / 2}, s.vocab, 9);

@@ -266,6 +266,20 @@ TEST(MemoryGuard, EstimateCountsWhatTheModelAllocates) {
                                 (7 * n * d + 3 * n * f + n * V + probs) + 2 * n;
   EXPECT_EQ(e.activations, static_cast<std::uint64_t>(elements) * 4);
   EXPECT_EQ(estimate_memory(m, B, T, false).optimizer, 0u);
+  // Grouped-query attention: the fused q | k | v rows (and their gradient) are d + 2 kv wide,
+  // the probabilities stay per query head; a tied head has no weights of its own.
+  ModelConfig g = m;
+  g.n_head = 4;
+  g.n_kv_head = 1;
+  g.tie_embeddings = true;
+  const std::int64_t kv = 8, qkv = d + 2 * kv, probs4 = B * 4 * T * T;
+  const MemoryEstimate ge = estimate_memory(g, B, T, true);
+  EXPECT_EQ(ge.weights, static_cast<std::uint64_t>(g.num_params()) * 4);
+  EXPECT_EQ(g.num_params(), m.num_params() - V * d - L * 2 * (d - kv) * d);
+  const std::int64_t g_elements = L * (5 * n * d + n * qkv + 2 * n + probs4 + 3 * n * f) +
+                                  (3 * n * d + 2 * n + n * V) +
+                                  (4 * n * d + n * qkv + 3 * n * f + n * V + probs4) + 2 * n;
+  EXPECT_EQ(ge.activations, static_cast<std::uint64_t>(g_elements) * 4);
   // The largest shapes the bounds allow do not overflow: the estimate saturates.
   ModelConfig huge = m;
   huge.n_layer = kMaxLayers;

@@ -5,6 +5,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <map>
+#include <set>
 #include <vector>
 
 #include "grad_check.h"
@@ -14,6 +17,9 @@
 #include "pion/core/safetensors.h"
 #include "pion/model/init.h"
 #include "pion/model/llama.h"
+#include "pion/optim/adamw.h"
+#include "pion/train/build_optimizer.h"
+#include "pion/train/session.h"
 
 using namespace pion;
 
@@ -355,8 +361,10 @@ TEST(Llama, SaveAndLoadWeightsAcrossDtypes) {
 
 namespace {
 // Runs the PyTorch reference on the model's weights and compares loss, logits and every grad.
+// `shape` changes the config after the defaults below (GQA, tied embeddings, rope_theta, ...).
 template <class T>
-void check_torch_parity(double loss_tol, double grad_tol, const std::string& norm = "rmsnorm") {
+void check_torch_parity(double loss_tol, double grad_tol, const std::string& norm = "rmsnorm",
+                        const std::function<void(ModelConfig&)>& shape = {}) {
   if (!test::python_has("torch numpy")) {
     GTEST_SKIP() << "PyTorch parity skipped: " << test::python() << " cannot import torch/numpy";
   }
@@ -368,6 +376,7 @@ void check_torch_parity(double loss_tol, double grad_tol, const std::string& nor
   c.seq_len = 7;
   c.init_std = 0.2;
   c.norm = norm;
+  if (shape) shape(c);
   Llama<T> model(c);
   Rng rng(50);
   model.init_weights(rng);
@@ -406,8 +415,11 @@ void check_torch_parity(double loss_tol, double grad_tol, const std::string& nor
     EXPECT_LT(e, grad_tol) << p.name;
     worst = std::max(worst, e);
   }
-  std::printf("[parity %s, norm %s] loss %.2e, logits %.2e, worst gradient %.2e (relative)\n",
-              dtype_name(dtype_of<T>()), norm.c_str(), loss_err, logit_err, worst);
+  std::printf(
+      "[parity %s, norm %s, n_head %d, n_kv_head %d, tied %d, rope_theta %g, norm_eps %g] loss "
+      "%.2e, logits %.2e, worst gradient %.2e (relative)\n",
+      dtype_name(dtype_of<T>()), norm.c_str(), c.n_head, c.kv_heads(), c.tie_embeddings ? 1 : 0,
+      c.rope_theta, c.norm_eps, loss_err, logit_err, worst);
 }
 }  // namespace
 
@@ -419,6 +431,31 @@ TEST(Llama, MatchesPyTorchFp32) {
 }
 TEST(Llama, NormFreeModelMatchesPyTorchFp64) {
   check_torch_parity<double>(1e-10, 1e-9, "none");
+}
+// Grouped-query attention (HF's repeat_kv), tied embeddings, and a non-default RoPE base and
+// RMSNorm epsilon (large enough to move the norms' outputs) against the PyTorch reference.
+TEST(Llama, GqaModelMatchesPyTorchFp64) {
+  for (int kv : {2, 1}) {
+    check_torch_parity<double>(1e-10, 1e-9, "rmsnorm", [kv](ModelConfig& c) {
+      c.n_head = 4;
+      c.n_kv_head = kv;
+    });
+  }
+}
+TEST(Llama, TiedModelMatchesPyTorchFp64) {
+  for (const char* norm : {"rmsnorm", "none"})
+    check_torch_parity<double>(1e-10, 1e-9, norm, [](ModelConfig& c) { c.tie_embeddings = true; });
+}
+TEST(Llama, GqaTiedModelWithRopeThetaAndNormEpsMatchesPyTorch) {
+  auto shape = [](ModelConfig& c) {
+    c.n_head = 4;
+    c.n_kv_head = 2;
+    c.tie_embeddings = true;
+    c.rope_theta = 500000.0;
+    c.norm_eps = 0.05;
+  };
+  check_torch_parity<double>(1e-10, 1e-9, "rmsnorm", shape);
+  check_torch_parity<float>(1e-5, 1e-4, "rmsnorm", shape);
 }
 
 // norm "none" (the normalisation-free model Pion trains): no RMSNorm anywhere, no norm weights,
@@ -472,4 +509,299 @@ TEST(Llama, NormFreeModelHasNoNormsAndItsGradientMatchesFiniteDifferences) {
   TensorFile g;
   normed.save_weights(g);
   EXPECT_THROW(check_model_weights(g, "", c, "test"), Error);
+}
+
+// ---- grouped-query attention and tied embeddings ----------------------------------------------
+
+namespace {
+
+// tiny_config widened to 4 heads of 4 (so n_kv_head can be 4, 2 or 1).
+ModelConfig gqa_config(int n_kv_head, bool tied, const std::string& norm = "rmsnorm") {
+  ModelConfig c = tiny_config();
+  c.d_model = 16;
+  c.n_head = 4;
+  c.n_kv_head = n_kv_head;
+  c.tie_embeddings = tied;
+  c.norm = norm;
+  // Without norms, larger weights keep every gradient well above the loss's roundoff / h (see
+  // NormFreeModelHasNoNormsAndItsGradientMatchesFiniteDifferences).
+  c.init_std = norm == "none" ? 0.5 : 0.3;
+  return c;
+}
+
+// The gradient of parameter `name` as a copy, in double.
+std::vector<double> grad_of(Llama<double>& m, const std::string& name) {
+  auto g = m.grad(name).span<double>();
+  return {g.begin(), g.end()};
+}
+
+double max_abs_vec_diff(std::span<const double> a, std::span<const double> b) {
+  double e = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) e = std::max(e, std::abs(a[i] - b[i]));
+  return e;
+}
+
+}  // namespace
+
+TEST(Llama, GqaAndTiedLayoutAndConfig) {
+  ModelConfig c = gqa_config(1, true);
+  Llama<float> model(c);
+  const std::int64_t d = 16, kv = 4, v = c.vocab_size;
+  EXPECT_EQ(c.kv_dim(), kv);
+  EXPECT_EQ(model.params().numel(), c.num_params());
+  EXPECT_EQ(model.param("layers.0.attn.wq").shape(), (Shape{d, d}));
+  EXPECT_EQ(model.param("layers.0.attn.wk").shape(), (Shape{kv, d}));
+  EXPECT_EQ(model.param("layers.1.attn.wv").shape(), (Shape{kv, d}));
+  EXPECT_EQ(model.param("tok_embedding.weight").shape(), (Shape{v, d}));
+  EXPECT_THROW(model.param("lm_head.weight"), Error);  // tied: the embedding is the head
+  EXPECT_EQ(model.named_params().size(), 2u + 9u * static_cast<std::size_t>(c.n_layer));
+  // Untied MHA has 2 (d - kv) d more per wk and wv, and the head.
+  ModelConfig mha = gqa_config(0, false);
+  EXPECT_EQ(mha.num_params() - c.num_params(), c.n_layer * 2 * (d - kv) * d + v * d);
+
+  // Checkpoint metadata: round trip, and a config written before the keys existed is MHA, untied.
+  const ModelConfig back = ModelConfig::from_json(c.to_json());
+  EXPECT_EQ(back.n_kv_head, 1);
+  EXPECT_TRUE(back.tie_embeddings);
+  nlohmann::json old = mha.to_json();
+  old.erase("n_kv_head");
+  old.erase("tie_embeddings");
+  const ModelConfig old_c = ModelConfig::from_json(old);
+  EXPECT_EQ(old_c.kv_heads(), old_c.n_head);
+  EXPECT_FALSE(old_c.tie_embeddings);
+  Llama<float> old_model(old_c);
+  EXPECT_NO_THROW(old_model.param("lm_head.weight"));
+  nlohmann::json bad = c.to_json();
+  bad["n_kv_head"] = 3;  // does not divide 4
+  EXPECT_THROW(ModelConfig::from_json(bad), Error);
+  bad = c.to_json();
+  bad["tie_embeddings"] = 1;
+  EXPECT_THROW(ModelConfig::from_json(bad), Error);
+
+  // Tied weights do not load into an untied model of the same shape, nor the reverse.
+  TensorFile f;
+  model.save_weights(f);
+  ModelConfig untied = c;
+  untied.tie_embeddings = false;
+  Llama<float> u(untied);
+  EXPECT_THROW(u.load_weights(f), Error);
+  TensorFile g;
+  u.save_weights(g);
+  EXPECT_THROW(model.load_weights(g), Error);
+  EXPECT_NO_THROW(model.load_weights(f));
+}
+
+// The fp64 finite-difference check of every parameter of the whole model for GQA groups of
+// 2 and 4 query heads, MHA, tied and untied embeddings, with and without RMSNorm.
+TEST(Llama, GqaAndTiedGradientsMatchFiniteDifferencesFp64) {
+  struct Case {
+    int kv;
+    bool tied;
+    const char* norm;
+  };
+  const Case cases[] = {{2, false, "rmsnorm"}, {1, false, "none"}, {4, true, "rmsnorm"},
+                        {2, true, "rmsnorm"},  {1, true, "none"},  {1, true, "rmsnorm"}};
+  for (const Case& k : cases) {
+    SCOPED_TRACE("n_kv_head " + std::to_string(k.kv) + " tied " + std::to_string(k.tied) +
+                 " norm " + k.norm);
+    ModelConfig c = gqa_config(k.kv, k.tied, k.norm);
+    Llama<double> model(c);
+    Rng rng(60 + static_cast<std::uint64_t>(k.kv));
+    model.init_weights(rng);
+    for (auto& p : model.named_params())
+      if (p.name.find("norm") != std::string::npos)
+        for (double& w : p.value.span<double>()) w = 1.0 + 0.3 * rng.normal();
+    const int b = 2, t = 5;
+    auto tokens = random_ids(b * t, c.vocab_size, 61);
+    auto targets = random_ids(b * t, c.vocab_size, 62);
+    targets[1] = -1;
+    const double worst = model_grad_error(model, tokens, targets, b, t, [] {});
+    std::printf("[grad] n_head 4, n_kv_head %d, tied %d, norm %s: worst relative error %.2e\n",
+                k.kv, k.tied ? 1 : 0, k.norm, worst);
+  }
+}
+
+// Exact structure: GQA is MHA whose K/V heads are repeated per group. A GQA model and an MHA
+// model holding wk/wv rows of head h = the GQA rows of head h / group (every other weight the
+// same) give the same logits, and the MHA wk/wv gradients summed over each group are the GQA
+// gradients (every other gradient equal).
+TEST(Llama, GqaEqualsMhaWithRepeatedKvHeads) {
+  for (int kv : {2, 1}) {
+    for (bool tied : {false, true}) {
+      SCOPED_TRACE("n_kv_head " + std::to_string(kv) + " tied " + std::to_string(tied));
+      const ModelConfig gc = gqa_config(kv, tied);
+      const ModelConfig mc = gqa_config(0, tied);
+      Llama<double> gqa(gc), mha(mc);
+      Rng rng(70);
+      gqa.init_weights(rng);
+      const std::int64_t hd = gc.head_dim(), d = gc.d_model, group = gc.n_head / kv;
+      for (auto& p : mha.named_params()) {
+        Tensor src = gqa.param(p.name);
+        if (src.shape() == p.value.shape()) {
+          p.value.copy_from(src);
+          continue;
+        }
+        // wk / wv: MHA head h's hd rows are GQA head h / group's.
+        for (std::int64_t h = 0; h < gc.n_head; ++h)
+          std::copy_n(src.data<double>() + (h / group) * hd * d, hd * d,
+                      p.value.data<double>() + h * hd * d);
+      }
+      const int b = 2, t = 5;
+      auto tokens = random_ids(b * t, gc.vocab_size, 71);
+      auto targets = random_ids(b * t, gc.vocab_size, 72);
+      gqa.zero_grad();
+      mha.zero_grad();
+      const double lg = gqa.forward(tokens, targets, b, t);
+      const double lm = mha.forward(tokens, targets, b, t);
+      EXPECT_NEAR(lg, lm, 1e-13 * std::abs(lm));
+      double logit_err = 0;
+      for (std::int64_t i = 0; i < b * t * gc.vocab_size; ++i)
+        logit_err = std::max(logit_err, std::abs(gqa.logits()[i] - mha.logits()[i]));
+      EXPECT_LT(logit_err, 1e-12);
+      gqa.backward();
+      mha.backward();
+      double grad_err = 0;
+      for (auto& p : gqa.named_params()) {
+        std::vector<double> want = grad_of(mha, p.name);
+        if (want.size() != static_cast<std::size_t>(p.grad.numel())) {
+          // Sum the MHA gradient over each group's heads.
+          std::vector<double> summed(static_cast<std::size_t>(p.grad.numel()), 0.0);
+          for (std::int64_t h = 0; h < gc.n_head; ++h)
+            for (std::int64_t i = 0; i < hd * d; ++i)
+              summed[static_cast<std::size_t>((h / group) * hd * d + i)] +=
+                  want[static_cast<std::size_t>(h * hd * d + i)];
+          want = summed;
+        }
+        const double e = max_abs_vec_diff(grad_of(gqa, p.name), want);
+        EXPECT_LT(e, 1e-12) << p.name;
+        grad_err = std::max(grad_err, e);
+      }
+      std::printf(
+          "[gqa = repeated mha] n_kv_head %d tied %d: logits %.2e, gradients %.2e (max "
+          "abs)\n",
+          kv, tied ? 1 : 0, logit_err, grad_err);
+    }
+  }
+}
+
+// Exact structure: a tied model is an untied one whose lm_head equals tok_embedding: the same
+// logits, and the tied gradient is the untied embedding gradient plus the untied head's.
+TEST(Llama, TiedEqualsUntiedWithHeadEqualToEmbedding) {
+  for (int kv : {4, 2}) {
+    for (const char* norm : {"rmsnorm", "none"}) {
+      SCOPED_TRACE(std::string("norm ") + norm + " n_kv_head " + std::to_string(kv));
+      const ModelConfig tc = gqa_config(kv, true, norm), uc = gqa_config(kv, false, norm);
+      Llama<double> tied(tc), untied(uc);
+      Rng rng(80);
+      tied.init_weights(rng);
+      for (auto& p : tied.named_params()) untied.param(p.name).copy_from(p.value);
+      untied.param("lm_head.weight").copy_from(tied.param("tok_embedding.weight"));
+      const int b = 3, t = 4;
+      auto tokens = random_ids(b * t, tc.vocab_size, 81);
+      auto targets = random_ids(b * t, tc.vocab_size, 82);
+      tied.zero_grad();
+      untied.zero_grad();
+      const double lt = tied.forward(tokens, targets, b, t);
+      const double lu = untied.forward(tokens, targets, b, t);
+      EXPECT_EQ(lt, lu);  // the same arithmetic on the same numbers
+      for (std::int64_t i = 0; i < b * t * tc.vocab_size; ++i)
+        ASSERT_EQ(tied.logits()[i], untied.logits()[i]);
+      tied.backward();
+      untied.backward();
+      double err = 0;
+      for (auto& p : tied.named_params()) {
+        std::vector<double> want = grad_of(untied, p.name);
+        if (p.name == "tok_embedding.weight") {
+          const std::vector<double> head = grad_of(untied, "lm_head.weight");
+          for (std::size_t i = 0; i < want.size(); ++i) want[i] += head[i];
+        }
+        // Relative: the tied buffer adds the two parts in another order (head, then lookup).
+        double scale = 1e-300;
+        for (double x : want) scale = std::max(scale, std::abs(x));
+        const double e = max_abs_vec_diff(grad_of(tied, p.name), want) / scale;
+        EXPECT_LT(e, 1e-14) << p.name;
+        err = std::max(err, e);
+      }
+      std::printf(
+          "[tied = untied with lm_head = E] norm %s n_kv_head %d: loss diff %.2e, "
+          "gradients %.2e (relative)\n",
+          norm, kv, std::abs(lt - lu), err);
+    }
+  }
+}
+
+// A tied embedding is one AdamW parameter under every optimizer; GQA's [kv, d] wk and wv are
+// hidden matrices like the others (Muon / Pion).
+TEST(Llama, TiedEmbeddingIsOneAdamWParameterUnderEveryOptimizer) {
+  Llama<float> model(gqa_config(2, true));
+  const auto params = model.named_params();
+  for (const char* opt : {"adamw", "muon", "pion"}) {
+    SCOPED_TRACE(opt);
+    TrainConfig tc;
+    tc.optimizer = opt;
+    OptimizerSet set = build_optimizers(tc, params);
+    std::map<std::string, int> seen;  // parameter -> how many groups hold it
+    std::set<std::string> in_adamw, in_matrix;
+    for (const auto& o : set.optimizers()) {
+      const bool adamw = dynamic_cast<const AdamW*>(o.get()) != nullptr;
+      for (const auto& g : o->groups())
+        for (const auto& p : g.params) {
+          ++seen[p.name];
+          (adamw ? in_adamw : in_matrix).insert(p.name);
+        }
+    }
+    EXPECT_EQ(seen.size(), params.size());
+    for (const auto& [name, n] : seen) EXPECT_EQ(n, 1) << name;
+    EXPECT_TRUE(in_adamw.count("tok_embedding.weight"));
+    if (std::string(opt) != "adamw") {
+      for (int l = 0; l < 2; ++l)
+        for (const char* w :
+             {"attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w_gate", "mlp.w_up", "mlp.w_down"})
+          EXPECT_TRUE(in_matrix.count("layers." + std::to_string(l) + "." + w)) << w;
+      EXPECT_EQ(in_matrix.size(), 14u);
+    }
+  }
+}
+
+// The `pion train` keys reach the model (and so the checkpoint's model config); a saved run
+// config from before the keys existed still reads, as MHA with an untied head.
+TEST(Llama, TrainConfigKeysReachTheModelConfig) {
+  TrainConfig tc;
+  apply_config_json(tc, {{"n_head", 4},
+                         {"d_model", 32},
+                         {"n_kv_head", 2},
+                         {"tie_embeddings", true},
+                         {"rope_theta", 500000.0},
+                         {"norm_eps", 1e-6}});
+  tc.validate();
+  const ModelConfig m = model_config_for(tc, 40);
+  EXPECT_EQ(m.kv_heads(), 2);
+  EXPECT_TRUE(m.tie_embeddings);
+  EXPECT_EQ(m.rope_theta, 500000.0);
+  EXPECT_EQ(m.norm_eps, 1e-6);
+  const nlohmann::json saved = ModelConfig::from_json(m.to_json()).to_json();
+  EXPECT_EQ(saved, m.to_json());
+
+  nlohmann::json old = TrainConfig{}.to_json();
+  for (const char* key : {"n_kv_head", "tie_embeddings", "rope_theta", "norm_eps"}) old.erase(key);
+  TrainConfig back;
+  apply_config_json(back, old);
+  EXPECT_NO_THROW(back.validate());
+  const ModelConfig mb = model_config_for(back, 40);
+  EXPECT_EQ(mb.kv_heads(), mb.n_head);
+  EXPECT_FALSE(mb.tie_embeddings);
+  EXPECT_EQ(mb.rope_theta, 10000.0);
+  EXPECT_EQ(mb.norm_eps, 1e-5);
+
+  TrainConfig bad;
+  bad.n_head = 4;
+  bad.n_kv_head = 3;
+  try {
+    bad.validate();
+    ADD_FAILURE() << "n_kv_head 3 of 4 heads accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("n_kv_head"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(set_config_value(bad, "tie_embeddings", "yes"), Error);
+  EXPECT_THROW(set_config_value(bad, "n_kv_head", 2000), Error);
 }

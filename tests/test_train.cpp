@@ -114,6 +114,43 @@ TEST_P(ResumeTest, ResumeIsBitExact) {
 
 INSTANTIATE_TEST_SUITE_P(Optimizers, ResumeTest, ::testing::Values("adamw", "muon", "pion"));
 
+// A grouped-query, tied-embedding model with a non-default RoPE base and RMSNorm epsilon, set
+// from `pion train` keys: the checkpoint records them (and has no lm_head), and training 12
+// steps straight equals 5 + resume to 12 bit for bit.
+TEST_P(ResumeTest, GqaTiedModelResumesBitExactly) {
+  const std::string dir = test::temp_dir("resume_gqa");
+  const std::string corpus = make_corpus(dir);
+  const std::string opt = GetParam();
+  const std::string model =
+      " --n_head 4 --n_kv_head 2 --tie_embeddings true"
+      " --rope_theta 50000 --norm_eps 1e-4 --init spectral";
+  auto straight = test::run_pion("train " + tiny_flags(corpus, dir + "/a", opt) + model);
+  ASSERT_EQ(straight.exit_code, 0) << straight.output;
+  auto first =
+      test::run_pion("train " + tiny_flags(corpus, dir + "/b", opt) + model + " --stop_after 5");
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  auto second =
+      test::run_pion("train " + tiny_flags(corpus, dir + "/b", opt) + model + " --resume");
+  ASSERT_EQ(second.exit_code, 0) << second.output;
+  EXPECT_NE(second.output.find("resumed from"), std::string::npos);
+  expect_same_tensors(dir + "/a/checkpoint.safetensors", dir + "/b/checkpoint.safetensors");
+
+  TensorFile ckpt = load_safetensors(dir + "/a/checkpoint.safetensors");
+  const auto m = nlohmann::json::parse(ckpt.metadata.at("pion.model_config"));
+  EXPECT_EQ(m.at("n_kv_head"), 2);
+  EXPECT_EQ(m.at("tie_embeddings"), true);
+  EXPECT_EQ(m.at("rope_theta"), 50000.0);
+  EXPECT_EQ(m.at("norm_eps"), 1e-4);
+  EXPECT_EQ(ckpt.tensors.count("model.lm_head.weight"), 0u);
+  EXPECT_EQ(ckpt.tensors.at("model.layers.0.attn.wk").shape(), (Shape{16, 32}));
+  EXPECT_EQ(ckpt.tensors.at("model.layers.1.attn.wv").shape(), (Shape{16, 32}));
+  // A resume with another head count is refused by name, not silently reshaped.
+  auto other = test::run_pion("train " + tiny_flags(corpus, dir + "/b", opt) +
+                              " --n_head 4 --n_kv_head 1 --tie_embeddings true --rope_theta 50000"
+                              " --norm_eps 1e-4 --init spectral --max_iters 14 --resume");
+  EXPECT_EQ(other.exit_code, 2) << other.output;
+}
+
 TEST(Train, WritesMetricsSummaryAndReportsPionSpectrum) {
   const std::string dir = test::temp_dir("metrics");
   const std::string corpus = make_corpus(dir);

@@ -117,6 +117,11 @@ TEST(TrainVariants, UndefinedOrGpuOnlyCombinationsAreOneClearLine) {
       {"train --optimizer pion --pion_normalizer rms" + out, "pion_normalizer"},
       {"train --optimizer pion --pion_ns_steps 0" + out, "pion_ns_steps"},
       {"train --norm layernorm" + out, "norm"},
+      {"train --n_head 4 --n_kv_head 3" + out, "config key 'n_kv_head' must divide n_head"},
+      {"train --n_kv_head -1" + out, "n_kv_head"},
+      {"train --tie_embeddings maybe" + out, "config key 'tie_embeddings'"},
+      {"train --rope_theta 0" + out, "config key 'rope_theta'"},
+      {"train --norm_eps 2" + out, "config key 'norm_eps'"},
   };
   for (const auto& c : cases) {
     auto r = test::run_pion(c.args);
@@ -126,7 +131,8 @@ TEST(TrainVariants, UndefinedOrGpuOnlyCombinationsAreOneClearLine) {
   }
   // --help lists the new keys.
   auto help = test::run_pion("train --help");
-  for (const char* key : {"--pion_momentum", "--pion_update_side", "--pion_normalizer",
-                          "--pion_ns_steps", "--norm"})
+  for (const char* key :
+       {"--pion_momentum", "--pion_update_side", "--pion_normalizer", "--pion_ns_steps", "--norm",
+        "--n_kv_head", "--tie_embeddings", "--rope_theta", "--norm_eps"})
     EXPECT_NE(help.output.find(key), std::string::npos) << key;
 }

@@ -11,7 +11,8 @@ TrainConfig config_from_checkpoint(const LoadedCheckpoint& base, const ConfigFla
   mode_defaults(config);
   apply_config_flags(flags, config);
   const nlohmann::json now = config.to_json(), was = base.config.to_json();
-  for (const char* key : {"n_layer", "n_head", "d_model", "ffn_hidden", "tokenizer"})
+  for (const char* key : {"n_layer", "n_head", "d_model", "ffn_hidden", "tokenizer", "norm",
+                          "norm_eps", "rope_theta", "n_kv_head", "tie_embeddings"})
     check(now[key] == was[key],
           mode + ": '" + key + "' comes from the checkpoint and cannot change");
   const int context = base.model->config().seq_len;

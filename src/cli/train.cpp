@@ -85,8 +85,12 @@ void run_train(const ConfigFlags& flags, bool resume, int stop_after, double col
   model.init_weights(init_rng);
   model.dropout_rng() = Rng(config.seed ^ 0xd50f07ULL);
   std::cout << "model: " << config.n_layer << " layers, d_model " << config.d_model << ", "
-            << model.config().num_params() << " parameters | optimizer " << config.optimizer
-            << "\n";
+            << model.config().num_params() << " parameters";
+  if (model_config.kv_heads() < model_config.n_head)
+    std::cout << ", grouped-query attention " << model_config.n_head << " query / "
+              << model_config.kv_heads() << " K/V heads";
+  if (model_config.tie_embeddings) std::cout << ", tied embeddings";
+  std::cout << " | optimizer " << config.optimizer << "\n";
   print_spectrum_summary(model);
 
   TrainInputs in;

@@ -81,7 +81,8 @@ Decoder::Decoder(Llama<float>& model)
                        offset_of(layout, p + "mlp.w_gate"), offset_of(layout, p + "mlp.w_down")});
   }
   final_norm_ = norm_offset(layout, "final_norm.weight");
-  lm_head_ = offset_of(layout, "lm_head.weight");
+  // Tied embeddings: the LM head is the embedding matrix itself.
+  lm_head_ = config_.tie_embeddings ? tok_embedding_ : offset_of(layout, "lm_head.weight");
 }
 
 void Decoder::ensure_scratch(i64 rows, i64 out_rows) {
@@ -91,7 +92,7 @@ void Decoder::ensure_scratch(i64 rows, i64 out_rows) {
   };
   grow(x_, rows * d);
   grow(h_, rows * d);
-  grow(qkv_, rows * 3 * d);
+  grow(qkv_, rows * (d + 2 * i64{config_.kv_dim()}));
   grow(att_, rows * d);
   grow(proj_, rows * d);
   grow(gu_, rows * 2 * f);
@@ -102,10 +103,13 @@ void Decoder::ensure_scratch(i64 rows, i64 out_rows) {
 }
 
 // att[r] = softmax(q_r K^T / sqrt(hd)) V over positions 0..row_pos_[r] of row r's slot, per
-// head; the same arithmetic as layers::attention_forward's row, minus the masked zeros.
+// query head h with K/V head h / group; the same arithmetic as layers::attention_forward's
+// row, minus the masked zeros.
 void Decoder::attend(float* att, const float* qkv, const KvCache& cache, int layer) const {
   const i64 rows = static_cast<i64>(row_slot_.size());
   const i64 n_head = config_.n_head, hd = config_.head_dim(), d = config_.d_model;
+  const i64 stride = d + 2 * i64{config_.kv_dim()};
+  const i64 group = n_head / config_.kv_heads();
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   i64 work = 0;
   for (int p : row_pos_) work += (p + 1) * n_head * hd;
@@ -117,9 +121,9 @@ void Decoder::attend(float* att, const float* qkv, const KvCache& cache, int lay
       const i64 r = task / n_head, h = task % n_head;
       const int slot = row_slot_[static_cast<std::size_t>(r)];
       const i64 len = row_pos_[static_cast<std::size_t>(r)] + 1;
-      const float* q = qkv + r * 3 * d + h * hd;
-      const float* k = cache.key(layer, slot, static_cast<int>(h));
-      const float* v = cache.value(layer, slot, static_cast<int>(h));
+      const float* q = qkv + r * stride + h * hd;
+      const float* k = cache.key(layer, slot, static_cast<int>(h / group));
+      const float* v = cache.value(layer, slot, static_cast<int>(h / group));
       float mx = -INFINITY;
       for (i64 j = 0; j < len; ++j) {
         float dot = 0.0f;
@@ -148,12 +152,13 @@ void Decoder::attend(float* att, const float* qkv, const KvCache& cache, int lay
 
 std::span<const float> Decoder::extend(KvCache& cache, std::span<const DecodeChunk> chunks,
                                        bool all_positions) {
-  check(cache.n_layer == config_.n_layer && cache.n_head == config_.n_head &&
+  check(cache.n_layer == config_.n_layer && cache.n_kv_head == config_.kv_heads() &&
             cache.head_dim == config_.head_dim() && cache.capacity <= config_.seq_len,
         "Decoder::extend: the cache was built for another model shape");
   check(!chunks.empty(), "Decoder::extend: no chunks");
   const i64 d = config_.d_model, f = config_.ffn_size(), v = config_.vocab_size;
   const i64 n_head = config_.n_head, hd = config_.head_dim();
+  const i64 kv_heads = config_.kv_heads(), kv = config_.kv_dim(), qkv_width = d + 2 * kv;
   const double eps = config_.norm_eps;
 
   tokens_.clear();
@@ -197,17 +202,17 @@ std::span<const float> Decoder::extend(KvCache& cache, std::span<const DecodeChu
   for (int l = 0; l < config_.n_layer; ++l) {
     const LayerOffsets& o = layers_[static_cast<std::size_t>(l)];
     norm_rows(h, rstd, x, o.attn_norm, n, eps);
-    layers::linear_forward(qkv, h, w + o.wqkv, n, d, 3 * d);
-    rope_rows(qkv, rope_, row_pos_.data(), n, n_head, hd, 3 * d);
-    rope_rows(qkv + d, rope_, row_pos_.data(), n, n_head, hd, 3 * d);
+    layers::linear_forward(qkv, h, w + o.wqkv, n, d, qkv_width);
+    rope_rows(qkv, rope_, row_pos_.data(), n, n_head, hd, qkv_width);
+    rope_rows(qkv + d, rope_, row_pos_.data(), n, kv_heads, hd, qkv_width);
     // Store every row's k and v first, so a prefill row sees the earlier rows of its chunk.
     for (i64 r = 0; r < n; ++r) {
       const int slot = row_slot_[static_cast<std::size_t>(r)];
       const i64 pos = row_pos_[static_cast<std::size_t>(r)];
-      for (i64 hh = 0; hh < n_head; ++hh) {
-        const float* k = qkv + r * 3 * d + d + hh * hd;
+      for (i64 hh = 0; hh < kv_heads; ++hh) {
+        const float* k = qkv + r * qkv_width + d + hh * hd;
         std::copy_n(k, hd, cache.key(l, slot, static_cast<int>(hh)) + pos * hd);
-        std::copy_n(k + d, hd, cache.value(l, slot, static_cast<int>(hh)) + pos * hd);
+        std::copy_n(k + kv, hd, cache.value(l, slot, static_cast<int>(hh)) + pos * hd);
       }
     }
     attend(att, qkv, cache, l);

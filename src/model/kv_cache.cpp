@@ -7,13 +7,13 @@
 namespace pion {
 
 std::int64_t KvCache::bytes_for(const ModelConfig& config, int slots) {
-  return 2 * static_cast<std::int64_t>(config.n_layer) * slots * config.seq_len *
-         config.d_model * static_cast<std::int64_t>(sizeof(float));
+  return 2 * static_cast<std::int64_t>(config.n_layer) * slots * config.seq_len * config.kv_dim() *
+         static_cast<std::int64_t>(sizeof(float));
 }
 
 KvCache::KvCache(const ModelConfig& config, int slot_count)
     : n_layer(config.n_layer),
-      n_head(config.n_head),
+      n_kv_head(config.kv_heads()),
       head_dim(0),
       slots(slot_count),
       capacity(config.seq_len) {

@@ -211,20 +211,36 @@ void rope_backward(T* dx, const RopeTable<T>& table, i64 batch, i64 seq, i64 n_h
 
 // ---- attention ---------------------------------------------------------------------------------
 
+namespace {
+// The K/V head count and row stride of a fused [q | k | v] buffer; checks the grouping.
+struct QkvShape {
+  i64 d, kv_heads, kv, stride, group;  // group: query heads per K/V head
+};
+QkvShape qkv_shape(i64 n_head, i64 head_dim, i64 n_kv_head) {
+  const i64 kv_heads = n_kv_head > 0 ? n_kv_head : n_head;
+  check(n_head % kv_heads == 0, "attention: n_kv_head " + std::to_string(kv_heads) +
+                                    " does not divide n_head " + std::to_string(n_head));
+  const i64 d = n_head * head_dim, kv = kv_heads * head_dim;
+  return {d, kv_heads, kv, d + 2 * kv, n_head / kv_heads};
+}
+}  // namespace
+
 template <class T>
-void attention_forward(T* out, T* probs, const T* qkv, i64 batch, i64 seq, i64 n_head,
-                       i64 head_dim) {
-  const i64 d = n_head * head_dim;
-  const i64 stride = 3 * d;
+void attention_forward(T* out, T* probs, const T* qkv, i64 batch, i64 seq, i64 n_head, i64 head_dim,
+                       i64 n_kv_head) {
+  const QkvShape s = qkv_shape(n_head, head_dim, n_kv_head);
+  const i64 d = s.d, stride = s.stride;
   const T scale = T(1) / std::sqrt(static_cast<T>(head_dim));
-  // One (batch, head) pair per task: two small GEMMs and a causal softmax in between.
+  // One (batch, head) pair per task: two small GEMMs and a causal softmax in between. Heads of
+  // one group read the same K and V (no copy: repeat_kv is only an index).
 #pragma omp parallel for collapse(2) \
     schedule(static) if (worth_parallel(batch * n_head * seq * seq * head_dim))
   for (i64 b = 0; b < batch; ++b) {
     for (i64 h = 0; h < n_head; ++h) {
-      const T* q = qkv + b * seq * stride + h * head_dim;
-      const T* k = q + d;
-      const T* v = q + 2 * d;
+      const T* row0 = qkv + b * seq * stride;
+      const T* q = row0 + h * head_dim;
+      const T* k = row0 + d + (h / s.group) * head_dim;
+      const T* v = k + s.kv;
       T* p = probs + (b * n_head + h) * seq * seq;
       gemm<T>(Trans::N, Trans::T, seq, seq, head_dim, scale, q, stride, k, stride, T(0), p, seq);
       for (i64 i = 0; i < seq; ++i) {
@@ -249,39 +265,46 @@ void attention_forward(T* out, T* probs, const T* qkv, i64 batch, i64 seq, i64 n
 
 template <class T>
 void attention_backward(T* dqkv, T* scratch, const T* dout, const T* probs, const T* qkv, i64 batch,
-                        i64 seq, i64 n_head, i64 head_dim) {
-  const i64 d = n_head * head_dim;
-  const i64 stride = 3 * d;
+                        i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head) {
+  const QkvShape s = qkv_shape(n_head, head_dim, n_kv_head);
+  const i64 d = s.d, stride = s.stride;
   const T scale = T(1) / std::sqrt(static_cast<T>(head_dim));
+  // One (batch, K/V head) pair per task, its group's query heads in turn: they all add into
+  // the same dK and dV, so splitting a group across threads would race.
 #pragma omp parallel for collapse(2) \
     schedule(static) if (worth_parallel(batch * n_head * seq * seq * head_dim))
   for (i64 b = 0; b < batch; ++b) {
-    for (i64 h = 0; h < n_head; ++h) {
-      const i64 off = b * seq * stride + h * head_dim;
-      const T* q = qkv + off;
-      const T* k = q + d;
-      const T* v = q + 2 * d;
-      T* dq = dqkv + off;
-      T* dk = dq + d;
-      T* dv = dq + 2 * d;
-      const T* go = dout + b * seq * d + h * head_dim;
-      const T* p = probs + (b * n_head + h) * seq * seq;
-      T* ds = scratch + (b * n_head + h) * seq * seq;
-      // out = P V: dP = dout V^T, dV += P^T dout.
-      gemm<T>(Trans::N, Trans::T, seq, seq, head_dim, T(1), go, d, v, stride, T(0), ds, seq);
-      gemm<T>(Trans::T, Trans::N, seq, head_dim, seq, T(1), p, seq, go, d, T(1), dv, stride);
-      // Softmax: dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik); P is 0 above the diagonal, so dS is too.
-      for (i64 i = 0; i < seq; ++i) {
-        T* row = ds + i * seq;
-        const T* pr = p + i * seq;
-        T dot = 0;
-        for (i64 j = 0; j <= i; ++j) dot += pr[j] * row[j];
-        for (i64 j = 0; j <= i; ++j) row[j] = pr[j] * (row[j] - dot);
-        for (i64 j = i + 1; j < seq; ++j) row[j] = T(0);
+    for (i64 g = 0; g < s.kv_heads; ++g) {
+      const i64 off = b * seq * stride;
+      const T* k = qkv + off + d + g * head_dim;
+      const T* v = k + s.kv;
+      T* dk = dqkv + off + d + g * head_dim;
+      T* dv = dk + s.kv;
+      for (i64 h = g * s.group; h < (g + 1) * s.group; ++h) {
+        const T* q = qkv + off + h * head_dim;
+        T* dq = dqkv + off + h * head_dim;
+        const T* go = dout + b * seq * d + h * head_dim;
+        const T* p = probs + (b * n_head + h) * seq * seq;
+        T* ds = scratch + (b * n_head + h) * seq * seq;
+        // out = P V: dP = dout V^T, dV += P^T dout.
+        gemm<T>(Trans::N, Trans::T, seq, seq, head_dim, T(1), go, d, v, stride, T(0), ds, seq);
+        gemm<T>(Trans::T, Trans::N, seq, head_dim, seq, T(1), p, seq, go, d, T(1), dv, stride);
+        // Softmax: dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik); P is 0 above the diagonal, so dS
+        // is too.
+        for (i64 i = 0; i < seq; ++i) {
+          T* row = ds + i * seq;
+          const T* pr = p + i * seq;
+          T dot = 0;
+          for (i64 j = 0; j <= i; ++j) dot += pr[j] * row[j];
+          for (i64 j = 0; j <= i; ++j) row[j] = pr[j] * (row[j] - dot);
+          for (i64 j = i + 1; j < seq; ++j) row[j] = T(0);
+        }
+        // S = scale Q K^T: dQ += scale dS K, dK += scale dS^T Q.
+        gemm<T>(Trans::N, Trans::N, seq, head_dim, seq, scale, ds, seq, k, stride, T(1), dq,
+                stride);
+        gemm<T>(Trans::T, Trans::N, seq, head_dim, seq, scale, ds, seq, q, stride, T(1), dk,
+                stride);
       }
-      // S = scale Q K^T: dQ += scale dS K, dK += scale dS^T Q.
-      gemm<T>(Trans::N, Trans::N, seq, head_dim, seq, scale, ds, seq, k, stride, T(1), dq, stride);
-      gemm<T>(Trans::T, Trans::N, seq, head_dim, seq, scale, ds, seq, q, stride, T(1), dk, stride);
     }
   }
 }
@@ -429,8 +452,9 @@ void weighted_cross_entropy_backward(T* dlogits, const T* logits, const T* lse,
   template RopeTable<T> make_rope_table<T>(i64, i64, double);                                    \
   template void rope_forward<T>(T*, const RopeTable<T>&, i64, i64, i64, i64, i64);               \
   template void rope_backward<T>(T*, const RopeTable<T>&, i64, i64, i64, i64, i64);              \
-  template void attention_forward<T>(T*, T*, const T*, i64, i64, i64, i64);                      \
-  template void attention_backward<T>(T*, T*, const T*, const T*, const T*, i64, i64, i64, i64); \
+  template void attention_forward<T>(T*, T*, const T*, i64, i64, i64, i64, i64);                 \
+  template void attention_backward<T>(T*, T*, const T*, const T*, const T*, i64, i64, i64, i64,  \
+                                      i64);                                                      \
   template void swiglu_forward<T>(T*, const T*, i64, i64);                                       \
   template void swiglu_backward<T>(T*, const T*, const T*, i64, i64);                            \
   template void dropout_forward<T>(T*, const T*, const std::uint8_t*, i64, double);              \

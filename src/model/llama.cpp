@@ -88,9 +88,6 @@ Llama<T>::Llama(const ModelConfig& config)
     : config_(config),
       layout_(llama_param_layout(config)),
       rope_(layers::make_rope_table<T>(config.seq_len, config.head_dim(), config.rope_theta)) {
-  check(config.kv_heads() == config.n_head && !config.tie_embeddings,
-        "grouped-query attention (n_kv_head < n_head) and tie_embeddings are not implemented "
-        "in the CPU model yet");
   const i64 total = layout_.back().offset + layout_.back().numel();
   params_ = Tensor::zeros({total}, dtype_of<T>());
   grads_ = Tensor::zeros({total}, dtype_of<T>());
@@ -121,7 +118,8 @@ typename Llama<T>::Weights Llama<T>::weights_in(Tensor& buffer) {
     w.layers.push_back(l);
   }
   w.final_norm = next_norm();
-  w.lm_head = next();
+  // Tied: the head reads (and its gradient adds into) the embedding's own view.
+  w.lm_head = config_.tie_embeddings ? w.tok_embedding : next();
   return w;
 }
 
@@ -135,8 +133,9 @@ void Llama<T>::ensure_buffers(int batch, int seq) {
   if (batch == batch_ && seq == seq_) return;
   const i64 n = static_cast<i64>(batch) * seq, d = config_.d_model, f = config_.ffn_size();
   const i64 v = config_.vocab_size, h = config_.n_head, L = config_.n_layer;
+  const i64 qkv = d + 2 * static_cast<i64>(config_.kv_dim());  // fused q | k | v row
   const i64 probs = static_cast<i64>(batch) * h * seq * seq;
-  const i64 per_layer = n * d /*x_in*/ + n * d /*h1*/ + n /*rstd1*/ + 3 * n * d /*qkv*/ + probs +
+  const i64 per_layer = n * d /*x_in*/ + n * d /*h1*/ + n /*rstd1*/ + n * qkv /*qkv*/ + probs +
                         n * d /*att*/ + n * d /*x_mid*/ + n * d /*h2*/ + n /*rstd2*/ +
                         2 * n * f /*gu*/ + n * f /*act*/;
   const i64 tail = n * d /*x_final*/ + n * d /*h_final*/ + n /*rstd*/ + n * v /*logits*/ +
@@ -156,7 +155,7 @@ void Llama<T>::ensure_buffers(int batch, int seq) {
     a.x_in = take(n * d);
     a.h1 = take(n * d);
     a.rstd1 = take(n);
-    a.qkv = take(3 * n * d);
+    a.qkv = take(n * qkv);
     a.probs = take(probs);
     a.att = take(n * d);
     a.x_mid = take(n * d);
@@ -178,10 +177,10 @@ void Llama<T>::ensure_buffers(int batch, int seq) {
   lse_ = take(n);
   scratch_proj_ = take(n * d);
 
-  // Gradient scratch for one layer at a time: dres, dh, dproj [N, d], dqkv [N, 3d],
+  // Gradient scratch for one layer at a time: dres, dh, dproj [N, d], dqkv [N, d + 2 kv],
   // datt [N, d], dgu [N, 2f], dact [N, f], dlogits [N, V], attention scratch [B, H, T, T].
   grad_acts_.assign(
-      static_cast<std::size_t>(3 * n * d + 3 * n * d + n * d + 2 * n * f + n * f + n * v + probs),
+      static_cast<std::size_t>(3 * n * d + n * qkv + n * d + 2 * n * f + n * f + n * v + probs),
       T(0));
   batch_ = batch;
   seq_ = seq;
@@ -258,7 +257,7 @@ double Llama<T>::forward(std::span<const std::int32_t> tokens,
   target_weights_.assign(target_weights.begin(), target_weights.end());
 
   const i64 d = config_.d_model, f = config_.ffn_size(), h = config_.n_head;
-  const i64 hd = config_.head_dim();
+  const i64 hd = config_.head_dim(), kvh = config_.kv_heads(), qkv = d + 2 * config_.kv_dim();
   const double eps = config_.norm_eps, p = config_.dropout;
   const bool drop = dropout_active();
   const bool norms = config_.has_norm();
@@ -270,10 +269,10 @@ double Llama<T>::forward(std::span<const std::int32_t> tokens,
     T* x_out = l + 1 < layer_acts_.size() ? layer_acts_[l + 1].x_in : x_final_;
     // attention block
     norm_forward(norms, a.h1, a.rstd1, a.x_in, w.attn_norm, n, d, eps);
-    layers::linear_forward(a.qkv, a.h1, w.wqkv, n, d, 3 * d);
-    layers::rope_forward(a.qkv, rope_, batch, seq, h, hd, 3 * d);
-    layers::rope_forward(a.qkv + d, rope_, batch, seq, h, hd, 3 * d);
-    layers::attention_forward(a.att, a.probs, a.qkv, batch, seq, h, hd);
+    layers::linear_forward(a.qkv, a.h1, w.wqkv, n, d, qkv);
+    layers::rope_forward(a.qkv, rope_, batch, seq, h, hd, qkv);
+    layers::rope_forward(a.qkv + d, rope_, batch, seq, kvh, hd, qkv);
+    layers::attention_forward(a.att, a.probs, a.qkv, batch, seq, h, hd, kvh);
     layers::linear_forward(scratch_proj_, a.att, w.wo, n, d, d);
     if (drop) {
       layers::make_dropout_mask(a.keep_attn, n * d, p, dropout_rng_);
@@ -347,6 +346,7 @@ void Llama<T>::backward(double loss_scale) {
   check(have_loss_, "Llama::backward: call forward() with targets first");
   const i64 n = static_cast<i64>(batch_) * seq_, d = config_.d_model, f = config_.ffn_size();
   const i64 v = config_.vocab_size, h = config_.n_head, hd = config_.head_dim();
+  const i64 kvh = config_.kv_heads(), qkv = d + 2 * config_.kv_dim();
   const double p = config_.dropout;
   const bool drop = dropout_used_;  // what the forward did, even if set_training changed since
   const bool norms = config_.has_norm();
@@ -356,7 +356,7 @@ void Llama<T>::backward(double loss_scale) {
   T* dh = dres + n * d;
   T* dproj = dh + n * d;
   T* dqkv = dproj + n * d;
-  T* datt = dqkv + 3 * n * d;
+  T* datt = dqkv + n * qkv;
   T* dgu = datt + n * d;
   T* dact = dgu + 2 * n * f;
   T* dlogits = dact + n * f;
@@ -369,6 +369,8 @@ void Llama<T>::backward(double loss_scale) {
     layers::weighted_cross_entropy_backward(dlogits, logits_, lse_, targets_.data(),
                                             target_weights_.data(), n, v, loss_scale);
   zero(dh, n * d);
+  // Tied embeddings: g_.lm_head is g_.tok_embedding, so the head's gradient lands there now
+  // and embedding_backward below adds the lookup's.
   layers::linear_backward(dh, g_.lm_head, dlogits, h_final_, w_.lm_head, n, d, v);
   zero(dres, n * d);
   norm_backward(norms, dres, g_.final_norm, dh, x_final_, w_.final_norm, rstd_final_, n, d);
@@ -400,12 +402,12 @@ void Llama<T>::backward(double loss_scale) {
     }
     zero(datt, n * d);
     layers::linear_backward(datt, g.wo, da, a.att, w.wo, n, d, d);
-    zero(dqkv, 3 * n * d);
-    layers::attention_backward(dqkv, attn_scratch, datt, a.probs, a.qkv, batch_, seq_, h, hd);
-    layers::rope_backward(dqkv, rope_, batch_, seq_, h, hd, 3 * d);
-    layers::rope_backward(dqkv + d, rope_, batch_, seq_, h, hd, 3 * d);
+    zero(dqkv, n * qkv);
+    layers::attention_backward(dqkv, attn_scratch, datt, a.probs, a.qkv, batch_, seq_, h, hd, kvh);
+    layers::rope_backward(dqkv, rope_, batch_, seq_, h, hd, qkv);
+    layers::rope_backward(dqkv + d, rope_, batch_, seq_, kvh, hd, qkv);
     zero(dh, n * d);
-    layers::linear_backward(dh, g.wqkv, dqkv, a.h1, w.wqkv, n, d, 3 * d);
+    layers::linear_backward(dh, g.wqkv, dqkv, a.h1, w.wqkv, n, d, qkv);
     norm_backward(norms, dres, g.attn_norm, dh, a.x_in, w.attn_norm, a.rstd1, n, d);
     if (layer_grads_ready_) layer_grads_ready_(static_cast<int>(li));
   }

@@ -59,11 +59,14 @@ MemoryEstimate estimate_memory(const ModelConfig& config, std::int64_t rows, std
   const double n = static_cast<double>(rows) * static_cast<double>(seq);
   const double d = config.d_model, f = config.ffn_size(), v = config.vocab_size;
   const double h = config.n_head, layers = config.n_layer;
+  const double qkv = d + 2.0 * config.kv_dim();  // a fused q | k | v row (3 d without GQA)
   const double probs = static_cast<double>(rows) * h * static_cast<double>(seq) *
                        static_cast<double>(seq);  // B x H x T x T attention probabilities
-  const double per_layer = 8 * n * d + 2 * n + probs + 3 * n * f;
+  // x_in, h1, att, x_mid, h2 [N, d], qkv [N, d + 2 kv], two rstd [N], gu and act [N, 3 f].
+  const double per_layer = 5 * n * d + n * qkv + 2 * n + probs + 3 * n * f;
   const double tail = 3 * n * d + 2 * n + n * v;  // final norm, logits [B, T, V], lse, scratch
-  const double grad_scratch = 7 * n * d + 3 * n * f + n * v + probs;  // one layer at a time
+  // dres, dh, dproj, datt [N, d], dqkv, dgu + dact, dlogits, attention scratch: one layer.
+  const double grad_scratch = 4 * n * d + n * qkv + 3 * n * f + n * v + probs;
   double elements = layers * per_layer + tail + grad_scratch;
   // The token ids and targets of the batch (int32), as the model keeps its own copy.
   elements += 2 * n;

@@ -105,6 +105,14 @@ const std::vector<Field>& fields() {
       string_field("norm",
                    "rmsnorm | none (none: no RMSNorm anywhere, the final one included)",
                    &TrainConfig::norm),
+      real_field("norm_eps", "RMSNorm epsilon", &TrainConfig::norm_eps, 0, 1, true),
+      real_field("rope_theta", "RoPE base (theta)", &TrainConfig::rope_theta, 0, 1e12, true),
+      int_field("n_kv_head",
+                "key/value heads, dividing n_head (0 = n_head; fewer: grouped-query attention)",
+                &TrainConfig::n_kv_head, 0, kMaxHeads),
+      bool_field("tie_embeddings",
+                 "the LM head is the token embedding matrix (one parameter, trained by AdamW)",
+                 &TrainConfig::tie_embeddings),
       int_field("batch_size", "sequences per micro-batch (the global batch under mpirun)",
                 &TrainConfig::batch_size, 1, kMaxBatch),
       int_field("grad_accum", "micro-batches per optimizer step", &TrainConfig::grad_accum, 1,
@@ -289,6 +297,9 @@ void TrainConfig::validate() const {
   check(d_model % n_head == 0 && (d_model / n_head) % 2 == 0,
         "config: d_model must be a multiple of n_head with an even head size (RoPE), got d_model " +
             std::to_string(d_model) + ", n_head " + std::to_string(n_head));
+  check(n_kv_head == 0 || n_head % n_kv_head == 0,
+        "config key 'n_kv_head' must divide n_head (or be 0, meaning n_head), got n_kv_head " +
+            std::to_string(n_kv_head) + ", n_head " + std::to_string(n_head));
   check(one_of(tokenizer, {"char", "byte", "bpe"}),
         "config key 'tokenizer' must be char, byte or bpe, got " + input::describe(tokenizer));
   check(one_of(schedule, {"cosine", "wsd", "constant"}),

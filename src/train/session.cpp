@@ -72,6 +72,10 @@ ModelConfig model_config_for(const TrainConfig& c, int vocab_size) {
   m.init = c.init;
   m.init_std = c.init_std;
   m.norm = c.norm;
+  m.norm_eps = c.norm_eps;
+  m.rope_theta = c.rope_theta;
+  m.n_kv_head = c.n_kv_head;
+  m.tie_embeddings = c.tie_embeddings;
   m.validate();
   return m;
 }

@@ -3,7 +3,10 @@
 
 Written independently of the C++ code from the usual LLaMA / HF definitions: RMSNorm with a
 weight, RoPE with rotate_half (pairs (i, i + head_dim/2)), causal softmax attention without
-biases, SwiGLU MLP, final RMSNorm, untied LM head, mean cross-entropy ignoring targets < 0.
+biases, SwiGLU MLP, final RMSNorm, LM head, mean cross-entropy ignoring targets < 0.
+Grouped-query attention (config "n_kv_head" < "n_head") repeats each K/V head for its group of
+query heads as Hugging Face's repeat_kv does; "tie_embeddings" makes the LM head the embedding
+matrix (logits = h E^T, one parameter whose gradient autograd sums over both uses).
 
 CLI:
   torch_llama.py grads IN.safetensors OUT.safetensors
@@ -44,22 +47,35 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def repeat_kv(x, n_rep):
+    """[b, kv_heads, t, hd] -> [b, kv_heads * n_rep, t, hd], each head n_rep times in a row
+    (transformers.models.llama.modeling_llama.repeat_kv)."""
+    if n_rep == 1:
+        return x
+    b, kvh, t, hd = x.shape
+    return x[:, :, None, :, :].expand(b, kvh, n_rep, t, hd).reshape(b, kvh * n_rep, t, hd)
+
+
 class Attention(nn.Module):
-    def __init__(self, d, n_head):
+    def __init__(self, d, n_head, n_kv_head):
         super().__init__()
         self.n_head = n_head
+        self.n_kv_head = n_kv_head
+        kv = d // n_head * n_kv_head
         self.wq = nn.Linear(d, d, bias=False)
-        self.wk = nn.Linear(d, d, bias=False)
-        self.wv = nn.Linear(d, d, bias=False)
+        self.wk = nn.Linear(d, kv, bias=False)
+        self.wv = nn.Linear(d, kv, bias=False)
         self.wo = nn.Linear(d, d, bias=False)
 
     def forward(self, x, cos, sin):
         b, t, d = x.shape
         hd = d // self.n_head
-        q, k, v = (w(x).view(b, t, self.n_head, hd).transpose(1, 2)
-                   for w in (self.wq, self.wk, self.wv))
+        q = self.wq(x).view(b, t, self.n_head, hd).transpose(1, 2)
+        k, v = (w(x).view(b, t, self.n_kv_head, hd).transpose(1, 2) for w in (self.wk, self.wv))
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        k = repeat_kv(k, self.n_head // self.n_kv_head)
+        v = repeat_kv(v, self.n_head // self.n_kv_head)
         scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
         mask = torch.ones(t, t, dtype=torch.bool).triu(1)
         scores = scores.masked_fill(mask, float("-inf"))
@@ -90,7 +106,7 @@ class Block(nn.Module):
         super().__init__()
         d = cfg["d_model"]
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(d, cfg["n_head"])
+        self.attn = Attention(d, cfg["n_head"], cfg.get("n_kv_head", 0) or cfg["n_head"])
         self.mlp_norm = make_norm(cfg)
         self.mlp = Mlp(d, f)
 
@@ -113,7 +129,9 @@ class Llama(nn.Module):
         self.tok_embedding = nn.Embedding(v, d)
         self.layers = nn.ModuleList(Block(cfg, ffn_size(cfg)) for _ in range(cfg["n_layer"]))
         self.final_norm = make_norm(cfg)
-        self.lm_head = nn.Linear(d, v, bias=False)
+        self.tied = bool(cfg.get("tie_embeddings", False))
+        if not self.tied:
+            self.lm_head = nn.Linear(d, v, bias=False)
 
     def rope(self, t, dtype):
         hd = self.cfg["d_model"] // self.cfg["n_head"]
@@ -128,7 +146,8 @@ class Llama(nn.Module):
         cos, sin = self.rope(tokens.shape[1], x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin)
-        logits = self.lm_head(self.final_norm(x))
+        h = self.final_norm(x)
+        logits = F.linear(h, self.tok_embedding.weight) if self.tied else self.lm_head(h)
         if targets is None:
             return logits, None
         t = targets.reshape(-1).clone()
@@ -157,6 +176,9 @@ def grads(in_path, out_path):
     missing = sorted(set(params) - set(tensors))
     if missing:
         raise SystemExit(f"torch_llama: input lacks parameters {missing}")
+    extra = sorted(set(tensors) - set(params) - {"tokens", "targets"})
+    if extra:  # e.g. an lm_head.weight beside tie_embeddings
+        raise SystemExit(f"torch_llama: input has parameters the model lacks: {extra}")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(torch.from_numpy(tensors[name].astype(np.float64)))

@@ -58,7 +58,8 @@ struct RopeTable {
 template <class T>
 RopeTable<T> make_rope_table(i64 seq_len, i64 head_dim, double theta);
 // x holds B*T token rows, `row_stride` elements apart; each row starts with n_head heads of
-// head_dim values (so q inside a fused [q | k | v] row uses row_stride = 3 d). In place:
+// head_dim values (so q inside a fused [q | k | v] row uses row_stride = d + 2 kv, and k, at
+// x + d, n_kv_head heads with the same stride). In place:
 // forward rotates by +angle; backward applies the transpose (rotation by -angle) to a gradient.
 template <class T>
 void rope_forward(T* x, const RopeTable<T>& table, i64 batch, i64 seq, i64 n_head, i64 head_dim,
@@ -67,18 +68,21 @@ template <class T>
 void rope_backward(T* dx, const RopeTable<T>& table, i64 batch, i64 seq, i64 n_head, i64 head_dim,
                    i64 row_stride);
 
-// ---- causal multi-head self-attention ---------------------------------------------------------
-// qkv [batch, seq, 3 d] rows [q | k | v], d = n_head * head_dim, head h in columns
-// [h head_dim, (h+1) head_dim) of each part. out [batch, seq, d] (heads concatenated).
-// probs [batch, n_head, seq, seq]: the softmax of q k^T / sqrt(head_dim) with key j <= query i,
-// zeros above the diagonal; kept for backward.
+// ---- causal multi-head self-attention, grouped-query when n_kv_head < n_head ---------------
+// qkv [batch, seq, d + 2 kv] rows [q | k | v], d = n_head * head_dim, kv = n_kv_head * head_dim
+// (n_kv_head 0 means n_head: kv = d). Head h of q is columns [h head_dim, (h+1) head_dim) of
+// the q part, K/V head g likewise of the k and v parts; query head h attends with K/V head
+// h / (n_head / n_kv_head), as Hugging Face's repeat_kv. out [batch, seq, d] (heads
+// concatenated). probs [batch, n_head, seq, seq]: the softmax of q k^T / sqrt(head_dim) with
+// key j <= query i, zeros above the diagonal; kept for backward.
 template <class T>
-void attention_forward(T* out, T* probs, const T* qkv, i64 batch, i64 seq, i64 n_head,
-                       i64 head_dim);
-// dqkv += gradient; scratch holds batch * n_head * seq * seq values (overwritten).
+void attention_forward(T* out, T* probs, const T* qkv, i64 batch, i64 seq, i64 n_head, i64 head_dim,
+                       i64 n_kv_head = 0);
+// dqkv += gradient (a K/V head's gradient sums over the query heads of its group); scratch
+// holds batch * n_head * seq * seq values (overwritten).
 template <class T>
 void attention_backward(T* dqkv, T* scratch, const T* dout, const T* probs, const T* qkv, i64 batch,
-                        i64 seq, i64 n_head, i64 head_dim);
+                        i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head = 0);
 
 // ---- SwiGLU: gu [n, 2 f] = [gate | up] (one fused GEMM), out [n, f] = silu(gate) * up ------
 template <class T>

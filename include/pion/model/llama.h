@@ -5,20 +5,24 @@
 //          -> final_norm -> lm_head -> logits -> mean cross-entropy over targets >= 0
 //
 // attn: q, k, v = x Wq^T, x Wk^T, x Wv^T (no biases), RoPE on q and k, causal softmax per head,
-// output projection Wo. mlp: w_down(silu(w_gate x) * w_up x). RMSNorms have a learnable weight.
-// With config.norm "none" every rmsnorm(.) above (and final_norm) is the identity and the three
-// *_norm.weight parameters do not exist.
+// output projection Wo. With grouped-query attention (config.n_kv_head < n_head) k and v have
+// n_kv_head heads and query head h uses K/V head h / (n_head / n_kv_head) (HF's repeat_kv).
+// mlp: w_down(silu(w_gate x) * w_up x). RMSNorms have a learnable weight. With config.norm
+// "none" every rmsnorm(.) above (and final_norm) is the identity and the three *_norm.weight
+// parameters do not exist. With config.tie_embeddings the LM head is tok_embedding.weight
+// (logits = h E^T) and its gradient is the lookup's plus the head's.
 //
 // Parameters live in ONE contiguous buffer and gradients in ONE buffer (params(), grads());
 // every named parameter is a view into them, in this order (linear weights are [d_out, d_in]):
 //   tok_embedding.weight [V, d]
 //   layers.{i}.attn_norm.weight [d]
-//   layers.{i}.attn.wq, .wk, .wv, .wo [d, d]         (wq, wk, wv adjacent: one fused GEMM)
+//   layers.{i}.attn.wq [d, d], .wk [kv, d], .wv [kv, d], .wo [d, d]
+//                              (kv = n_kv_head * head_dim; wq, wk, wv adjacent: one fused GEMM)
 //   layers.{i}.mlp_norm.weight [d]
 //   layers.{i}.mlp.w_gate [f, d], layers.{i}.mlp.w_up [f, d]   (adjacent: one fused GEMM)
 //   layers.{i}.mlp.w_down [d, f]
 //   final_norm.weight [d]
-//   lm_head.weight [V, d]
+//   lm_head.weight [V, d]                              (absent with tie_embeddings)
 //
 // Usage:
 //   Llama<float> model(config); Rng rng(seed); model.init_weights(rng);
@@ -124,7 +128,7 @@ class Llama {
   // Pointers of one layer's parameters (or gradients) inside a flat buffer.
   struct LayerParams {
     T* attn_norm;
-    T* wqkv;  // [3d, d]: wq, wk, wv stacked
+    T* wqkv;  // [d + 2 kv, d]: wq, wk, wv stacked
     T* wo;
     T* mlp_norm;
     T* w_gate_up;  // [2f, d]: w_gate, w_up stacked
@@ -134,15 +138,15 @@ class Llama {
     T* tok_embedding;
     std::vector<LayerParams> layers;
     T* final_norm;
-    T* lm_head;
+    T* lm_head;  // == tok_embedding with tied embeddings
   };
   // Activations of one layer kept for backward.
   struct LayerActs {
     T* x_in;                  // [N, d] residual entering the layer
     T* h1;                    // [N, d] attn_norm(x_in)
     T* rstd1;                 // [N]
-    T* qkv;                   // [N, 3d] after RoPE on q and k
-    T* probs;                 // [B, H, T, T]
+    T* qkv;                   // [N, d + 2 kv] after RoPE on q and k
+    T* probs;                 // [B, H, T, T] (H = n_head, also under GQA)
     T* att;                   // [N, d] attention output before wo
     T* x_mid;                 // [N, d] residual after the attention block
     T* h2;                    // [N, d] mlp_norm(x_mid)

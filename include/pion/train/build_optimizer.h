@@ -3,7 +3,8 @@
 //   adamw: every parameter to AdamW (lr); 2-D parameters decay, 1-D (norm weights) do not,
 //          as in nanoGPT.
 //   muon:  hidden matrices to Muon (matrix_lr, muon_momentum, weight_decay); embeddings,
-//          LM head and norms to AdamW (lr) as above.
+//          LM head and norms to AdamW (lr) as above. A tied embedding (the LM head) is one
+//          AdamW parameter; GQA's [kv, d] wk and wv are hidden matrices like the others.
 //   pion:  hidden matrices to Pion (matrix_lr, pion_c, beta1/beta2, pion_retraction,
 //          pion_reanchor_every, pion_momentum, pion_update_side, pion_normalizer,
 //          pion_ns_steps; no weight decay: Pion keeps the spectrum, so the weight norm

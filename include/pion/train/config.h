@@ -26,6 +26,10 @@ struct TrainConfig {
   std::string init = "normal";  // normal | spectral
   double init_std = 0.02;
   std::string norm = "rmsnorm";  // rmsnorm | none (no normalisation layer at all)
+  double norm_eps = 1e-5;        // RMSNorm's epsilon
+  double rope_theta = 10000.0;   // RoPE base
+  int n_kv_head = 0;             // grouped-query attention: K/V heads (0 = n_head)
+  bool tie_embeddings = false;   // the LM head is the token embedding (one AdamW parameter)
   // optimisation
   int batch_size = 12;
   int grad_accum = 1;
