@@ -31,7 +31,7 @@ for a in "$@"; do
   esac
 done
 
-TESTS=(test_cuda_layers test_cuda_optim test_cuda_flash_attention test_cuda_llama)
+TESTS=(test_cuda_device test_cuda_layers test_cuda_optim test_cuda_flash_attention test_cuda_llama)
 [ $ALL = 1 ] && TESTS+=(test_cuda_train test_bench_cli)
 SUFFIX=""
 [ $ASAN = 1 ] && SUFFIX=_asan
