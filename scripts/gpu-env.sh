@@ -3,7 +3,8 @@
 # configuration both scripts share.
 #
 #   pion_gpu_fetch_deps   download the packages into .gpu-deps/ (on a machine with network,
-#                         before the GPU run; .gpu-deps/ is ignored through .git/info/exclude)
+#                         before the GPU run; .gpu-deps/ is ignored by git: .gitignore, or
+#                         pion_gpu_ignore_deps_dir adds it to the git directory's info/exclude)
 #   pion_gpu_use_deps     on the GPU machine: unpack .gpu-deps/*.deb under /tmp/pion-deps and
 #                         point CMake, pkg-config, the compiler and the loader there (nothing
 #                         to do when there is no .gpu-deps/: the libraries are installed)
@@ -26,8 +27,7 @@ pion_gpu_using_deps=0
 
 pion_gpu_fetch_deps() {
   mkdir -p "$pion_gpu_deps_dir"
-  grep -qxF "/$pion_gpu_deps_dir/" .git/info/exclude 2>/dev/null ||
-    echo "/$pion_gpu_deps_dir/" >>.git/info/exclude
+  pion_gpu_ignore_deps_dir
   (cd "$pion_gpu_deps_dir" && apt-get download "${pion_gpu_packages[@]}")
   # The benchmark text for gpu-train.sh's baby runs (../shared is not carried to the device;
   # .gpu-deps/ is ignored by git, so this copy never enters the repository).
@@ -35,6 +35,50 @@ pion_gpu_fetch_deps() {
     cp ../shared/data/tinyshakespeare.txt "$pion_gpu_deps_dir/"
   fi
   ls -l "$pion_gpu_deps_dir"
+}
+
+# Keeps .gpu-deps/ out of git (the device tool carries it only when asked: carry=[".gpu-deps"]).
+# The repository's .gitignore lists it; in a copy whose .gitignore does not, the pattern goes
+# into the git directory's info/exclude, found through git (in a worktree .git is a file, and
+# info/ may not exist yet). Outside a git checkout there is nothing to do.
+pion_gpu_ignore_deps_dir() {
+  git check-ignore -q "$pion_gpu_deps_dir/" 2>/dev/null && return 0
+  local exclude
+  exclude=$(git rev-parse --git-path info/exclude 2>/dev/null) || return 0
+  mkdir -p "$(dirname "$exclude")"
+  grep -qxF "/$pion_gpu_deps_dir/" "$exclude" 2>/dev/null || echo "/$pion_gpu_deps_dir/" >>"$exclude"
+}
+
+# 0 when `nvidia-smi -L` lists at least one GPU ("GPU 0: NVIDIA H200 (UUID: ...)").
+pion_gpu_listed() {
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU [0-9]'
+}
+
+# Splits the output of `ctest -V` (LOG: every line a test printed starts with "N: ") into one
+# file per test, DIR/<test name>.log ('/' in names becomes '_'), so each can be read whole.
+pion_gpu_split_ctest_log() {
+  local log=$1 dir=$2
+  mkdir -p "$dir"
+  awk -v dir="$dir" '
+    /^ *Start +[0-9]+: / { n = $2; sub(/:$/, "", n); name = $3; gsub(/\//, "_", name)
+                           names[n] = name; next }
+    match($0, /^[0-9]+: /) { n = substr($0, 1, RLENGTH - 2)
+                             f = dir "/" ((n in names) ? names[n] : ("test-" n)) ".log"
+                             print substr($0, RLENGTH + 1) >> f }' "$log"
+}
+
+# Prints the name of every per-test log in DIR (from pion_gpu_split_ctest_log) whose test was
+# skipped for a reason other than "this machine has a GPU" (the tests of the no-GPU error
+# paths, unreachable on a GPU machine). On a machine with a GPU any other skip means a CUDA
+# test did not run (no device found, numpy missing, ...), so gpu-check.sh fails.
+pion_gpu_unexpected_skips() {
+  local dir=$1 f
+  for f in "$dir"/*.log; do
+    [[ -e "$f" ]] || continue
+    if grep -q '^\[  SKIPPED \]' "$f" && ! grep -q 'this machine has a GPU' "$f"; then
+      basename "$f" .log
+    fi
+  done
 }
 
 pion_gpu_use_deps() {

@@ -31,7 +31,7 @@ for a in "$@"; do
   esac
 done
 
-TESTS=(test_cuda_layers test_cuda_optim test_cuda_flash_attention test_cuda_llama)
+TESTS=(test_cuda_device test_cuda_layers test_cuda_optim test_cuda_flash_attention test_cuda_llama)
 [ $ALL = 1 ] && TESTS+=(test_cuda_train test_bench_cli)
 SUFFIX=""
 [ $ASAN = 1 ] && SUFFIX=_asan
@@ -77,6 +77,31 @@ for order in "${orders[@]}"; do
     fi
   done
 done
+# A broken CUDA set-up must fail the GPU tests, not skip them: test_cuda_layers under a faked
+# cudaGetDeviceCount error (the emulator's EMU_FAKE_DEVICE_ERROR). cudaErrorUnknown (999) and
+# a driver too old (cudaErrorInsufficientDriver, 35, with driver 12.4) must fail every test
+# with CUDA's message; cudaErrorNoDevice (100) must skip them all.
+fake_check() {  # fake_check ERROR DRIVER_VERSION WANT(fail|skip) TEXT
+  local log="$BUILD/test_cuda_layers$SUFFIX.fake$1.log" ok=1
+  (cd "$BUILD" && EMU_FAKE_DEVICE_ERROR=$1 EMU_FAKE_DRIVER_VERSION=$2 \
+    "$BUILD/test_cuda_layers$SUFFIX") >"$log" 2>&1
+  local rc=$? passed skipped
+  passed=$(grep -cE '^\[ +OK +\] [A-Za-z]' "$log")
+  skipped=$(grep -cE '^\[ +SKIPPED +\] [A-Za-z]' "$log")
+  if [ "$3" = fail ]; then
+    [ $rc != 0 ] && [ "$passed" = 0 ] && [ "$skipped" = 0 ] && grep -qF "$4" "$log" || ok=0
+  else
+    [ $rc = 0 ] && [ "$passed" = 0 ] && [ "$skipped" != 0 ] || ok=0
+  fi
+  echo "   EMU_FAKE_DEVICE_ERROR=$1: exit $rc, $passed passed, $skipped skipped: $([ $ok = 1 ] &&
+    echo "$3 as it must" || echo "WRONG, expected $3 (log: $log)")"
+  if [ $ok != 1 ]; then status=1; failed+=("fake device error $1"); fi
+}
+echo "== test_cuda_layers$SUFFIX under faked cudaGetDeviceCount errors"
+fake_check 999 13000 fail "cudaGetDeviceCount failed: cudaErrorUnknown"
+fake_check 35 12040 fail "supports CUDA up to 12.4"
+fake_check 100 13000 skip ""
+
 if [ $status = 0 ]; then
   echo "cuda-emu: all passed"
 else

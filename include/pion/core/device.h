@@ -8,7 +8,8 @@
 namespace pion {
 
 bool cuda_compiled();
-// Number of CUDA devices visible at run time (0 when not compiled or no driver/GPU).
+// Number of CUDA devices visible at run time (0 when not compiled or no GPU; throws
+// pion::Error when CUDA fails otherwise, see pion::cuda::device_count).
 int cuda_device_count();
 // A one-line description for logs and `pion --version`.
 std::string backend_summary();

@@ -10,8 +10,30 @@
 
 namespace pion::cuda {
 
-// Number of visible CUDA devices; 0 when the driver or a GPU is missing (never throws).
+// Number of visible CUDA devices. 0 only when there is no GPU: cudaGetDeviceCount says
+// cudaErrorNoDevice, or no NVIDIA driver is installed at all (cudaErrorInsufficientDriver with
+// cudaDriverGetVersion 0, the toolkit-without-driver CI machine) and no /dev/nvidiaN node
+// exists. Every other CUDA error (a driver too old for this runtime, a GPU node without a
+// usable driver, cudaErrorUnknown, ...) throws pion::Error with CUDA's error name and message
+// and what to check: a broken GPU set-up must never read as "no GPU" (tests would skip).
 int device_count();
+
+// What device_count() asks the CUDA runtime, kept as plain data so that the rule above can be
+// tested with made-up errors (classify_device_count) on machines with and without a GPU.
+inline constexpr int kCudaSuccess = 0;
+inline constexpr int kCudaErrorInsufficientDriver = 35;  // checked against CUDA's enum in device.cu
+inline constexpr int kCudaErrorNoDevice = 100;
+struct DeviceQuery {
+  int error = kCudaSuccess;  // cudaGetDeviceCount's cudaError_t
+  int count = 0;             // the count it reported
+  std::string error_name;    // cudaGetErrorName / cudaGetErrorString of error
+  std::string error_string;
+  int driver_version = 0;    // cudaDriverGetVersion (1000 * major + 10 * minor; 0: no driver)
+  int runtime_version = 0;   // cudaRuntimeGetVersion
+  bool device_node = false;  // a /dev/nvidiaN node exists (the kernel driver sees a GPU)
+};
+// The device count for q, or throws pion::Error (the rule of device_count()).
+int classify_device_count(const DeviceQuery& q);
 // "NVIDIA H100 80GB HBM3, sm_90, 79 GiB" for device 0 (throws pion::Error when there is none).
 std::string device_description();
 // Total memory of device 0 in bytes (throws pion::Error when there is none).

@@ -681,9 +681,30 @@ using namespace emu;
 // ---- runtime API --------------------------------------------------------------------------------
 #define EMU_API_LOCK std::lock_guard<std::recursive_mutex> emu_api_lock(g_api_mutex)
 
+// EMU_FAKE_DEVICE_ERROR=<cudaError_t number> makes cudaGetDeviceCount fail with that error
+// (and EMU_FAKE_DRIVER_VERSION sets what cudaDriverGetVersion reports, default 13000), so
+// the path of a broken GPU set-up (pion::cuda::device_count must throw, not say "no GPU")
+// runs end to end; run.sh checks it.
 cudaError_t cudaGetDeviceCount(int* count) {
   if (count == nullptr) return ret(cudaErrorInvalidValue);
+  if (const char* fake = std::getenv("EMU_FAKE_DEVICE_ERROR"); fake != nullptr && *fake != 0) {
+    *count = 0;
+    return ret(static_cast<cudaError_t>(std::atoi(fake)));
+  }
   *count = 1;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDriverGetVersion(int* version) {
+  if (version == nullptr) return ret(cudaErrorInvalidValue);
+  const char* fake = std::getenv("EMU_FAKE_DRIVER_VERSION");
+  *version = fake != nullptr && *fake != 0 ? std::atoi(fake) : 13000;
+  return cudaSuccess;
+}
+
+cudaError_t cudaRuntimeGetVersion(int* version) {
+  if (version == nullptr) return ret(cudaErrorInvalidValue);
+  *version = 13000;
   return cudaSuccess;
 }
 
@@ -741,6 +762,7 @@ const char* cudaGetErrorName(cudaError_t e) {
     EMU_CASE(cudaErrorInvalidConfiguration)
     EMU_CASE(cudaErrorInvalidDevicePointer)
     EMU_CASE(cudaErrorInvalidMemcpyDirection)
+    EMU_CASE(cudaErrorInsufficientDriver)
     EMU_CASE(cudaErrorNoDevice)
     EMU_CASE(cudaErrorInvalidDevice)
     EMU_CASE(cudaErrorInvalidResourceHandle)
@@ -763,6 +785,9 @@ const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
     case cudaSuccess: return "no error";
     case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInsufficientDriver: return "CUDA driver version is insufficient for CUDA runtime version";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorUnknown: return "unknown error";
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorInvalidResourceHandle: return "invalid resource handle";
