@@ -294,11 +294,13 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
 #pragma unroll
   for (int t = 0; t < CPT; ++t) dk[t] = dv[t] = 0.0f;
 
-  // (query head of the group, query tile) pairs in one flat loop, heads outer.
-  const int tiles_per_head = n_tiles - kt;
-  for (int step = 0; step < group * tiles_per_head; ++step) {
-    const int h = kh * group + step / tiles_per_head;
-    const int q0 = (kt + step % tiles_per_head) * T;
+  // (query head of the group, query tile) pairs in one flat loop, heads outer, h and qt
+  // advancing like a two-digit counter. (Nested loops, or h and qt from step by division,
+  // made ptxas spill at 64 registers.)
+  const int steps = group * (n_tiles - kt);
+  int h = kh * group, qt = kt;
+  for (int step = 0; step < steps; ++step) {
+    const int q0 = qt * T;
     const i64 head_off = static_cast<i64>(h) * head_dim;
     const i64 bh = static_cast<i64>(b) * n_head + h;
     __syncthreads();  // the previous query tile is done with q_s, do_s, p_s, ds_s
@@ -330,6 +332,10 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
         dv[t] = fmaf(p, do_s[ii][col], dv[t]);
         dk[t] = fmaf(ds, q_s[ii][col], dk[t]);
       }
+    }
+    if (++qt == n_tiles) {  // this head's last query tile: the group's next head
+      qt = kt;
+      ++h;
     }
   }
 
