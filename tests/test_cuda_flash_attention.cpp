@@ -215,9 +215,9 @@ FlashRun run_flash(Context& ctx, const Shape& s, Dev& qkv, Dev& dout,
       static_cast<i64>(cl::flash_attention_scratch_elements(s.batch, s.seq, s.n_head)));
   Dev dqkv(dqkv0);
   cl::flash_attention_forward(ctx, out.get(), lse.get(), qkv.get(), s.batch, s.seq, s.n_head,
-                              s.kv_heads(), s.head_dim);
+                              s.head_dim, s.n_kv_head);
   cl::flash_attention_backward(ctx, dqkv.get(), scratch.get(), dout.get(), out.get(), lse.get(),
-                               qkv.get(), s.batch, s.seq, s.n_head, s.kv_heads(), s.head_dim);
+                               qkv.get(), s.batch, s.seq, s.n_head, s.head_dim, s.n_kv_head);
   return {out.host(), lse.host(), dqkv.host()};
 }
 
@@ -228,9 +228,9 @@ FlashRun run_materialized(Context& ctx, const Shape& s, Dev& qkv, Dev& dout,
   Dev out = Dev::poisoned(s.out_elements()), probs = Dev::poisoned(nprobs),
       scratch = Dev::poisoned(nprobs), dqkv(dqkv0);
   cl::attention_forward(ctx, out.get(), probs.get(), qkv.get(), s.batch, s.seq, s.n_head,
-                        s.kv_heads(), s.head_dim);
+                        s.head_dim, s.n_kv_head);
   cl::attention_backward(ctx, dqkv.get(), scratch.get(), dout.get(), probs.get(), qkv.get(),
-                         s.batch, s.seq, s.n_head, s.kv_heads(), s.head_dim);
+                         s.batch, s.seq, s.n_head, s.head_dim, s.n_kv_head);
   return {out.host(), {}, dqkv.host()};
 }
 
@@ -361,9 +361,9 @@ TEST(CudaFlashAttention, MatchesCudaAttention) {
   Dev ref_out = Dev::poisoned(s.out_elements()), probs = Dev::poisoned(nprobs),
       ref_scratch = Dev::poisoned(nprobs), ref_dqkv(dqkv0);
   cl::attention_forward(ctx, ref_out.get(), probs.get(), d_qkv.get(), s.batch, s.seq, s.n_head,
-                        s.n_head, s.head_dim);
+                        s.head_dim);
   cl::attention_backward(ctx, ref_dqkv.get(), ref_scratch.get(), d_dout.get(), probs.get(),
-                         d_qkv.get(), s.batch, s.seq, s.n_head, s.n_head, s.head_dim);
+                         d_qkv.get(), s.batch, s.seq, s.n_head, s.head_dim);
   const auto want_out = ref_out.host(), want_dqkv = ref_dqkv.host();
 
   const FlashRun got = run_flash(ctx, s, d_qkv, d_dout, dqkv0);
@@ -383,7 +383,7 @@ TEST(CudaFlashAttention, FutureTokensDoNotChangeEarlierOutputs) {
   Dev out_b = Dev::poisoned(s.out_elements()), lse_b = Dev::poisoned(s.rows());
   Dev qkv_a(qkv);
   cl::flash_attention_forward(ctx, out_a.get(), lse_a.get(), qkv_a.get(), s.batch, s.seq, s.n_head,
-                              s.n_head, s.head_dim);
+                              s.head_dim);
   // New q, k, v for positions >= cut of batch 0.
   const auto noise = randn(s.qkv_elements(), 801, 3.0);
   const i64 stride = 3 * s.d();
@@ -393,7 +393,7 @@ TEST(CudaFlashAttention, FutureTokensDoNotChangeEarlierOutputs) {
           noise[static_cast<std::size_t>(t * stride + c)];
   Dev qkv_b(qkv);
   cl::flash_attention_forward(ctx, out_b.get(), lse_b.get(), qkv_b.get(), s.batch, s.seq, s.n_head,
-                              s.n_head, s.head_dim);
+                              s.head_dim);
   const auto oa = out_a.host(), ob = out_b.host(), la = lse_a.host(), lb = lse_b.host();
   // Masked keys enter as exp(-inf) = 0 times v: rows before the cut keep their exact bits.
   const std::size_t row = static_cast<std::size_t>(s.d());
@@ -432,9 +432,9 @@ TEST(CudaFlashAttention, GraphReplayMatchesEagerBits) {
       scratch = Dev::poisoned(s.rows()), dqkv(dqkv0);
   ctx.begin_capture();
   cl::flash_attention_forward(ctx, out.get(), lse.get(), d_qkv.get(), s.batch, s.seq, s.n_head,
-                              s.n_head, s.head_dim);
+                              s.head_dim);
   cl::flash_attention_backward(ctx, dqkv.get(), scratch.get(), d_dout.get(), out.get(), lse.get(),
-                               d_qkv.get(), s.batch, s.seq, s.n_head, s.n_head, s.head_dim);
+                               d_qkv.get(), s.batch, s.seq, s.n_head, s.head_dim);
   ctx.end_capture();
   ctx.synchronize();
   EXPECT_TRUE(same_bits(dqkv.host(), dqkv0)) << "the capture ran the backward";
@@ -458,12 +458,12 @@ TEST(CudaFlashAttention, RejectsBadArguments) {
       out = Dev::poisoned(s.out_elements()), lse = Dev::poisoned(s.rows()),
       scratch = Dev::poisoned(s.rows()), dqkv(randn(s.qkv_elements(), 1001));
   auto forward = [&](i64 batch, i64 seq, i64 n_head, i64 head_dim, float* o, i64 n_kv_head = 0) {
-    cl::flash_attention_forward(ctx, o, lse.get(), qkv.get(), batch, seq, n_head,
-                                n_kv_head == 0 ? n_head : n_kv_head, head_dim);
+    cl::flash_attention_forward(ctx, o, lse.get(), qkv.get(), batch, seq, n_head, head_dim,
+                                n_kv_head);
   };
-  auto backward = [&](i64 head_dim, float* sc, i64 n_kv_head = 1) {
+  auto backward = [&](i64 head_dim, float* sc, i64 n_kv_head = 0) {
     cl::flash_attention_backward(ctx, dqkv.get(), sc, out.get(), out.get(), lse.get(), qkv.get(), 1,
-                                 4, 1, n_kv_head, head_dim);
+                                 4, 1, head_dim, n_kv_head);
   };
   EXPECT_THROW(forward(1, 4, 1, 129, out.get()), pion::Error);  // head_dim > 128
   EXPECT_THROW(forward(1, 4, 1, 0, out.get()), pion::Error);
@@ -474,10 +474,10 @@ TEST(CudaFlashAttention, RejectsBadArguments) {
   EXPECT_THROW(forward(1, 4, 1, 64, nullptr), pion::Error);
   EXPECT_THROW(backward(200, scratch.get()), pion::Error);
   EXPECT_THROW(backward(64, nullptr), pion::Error);
-  // n_kv_head must be positive and divide n_head.
+  // n_kv_head must be >= 0 (0: n_head) and divide n_head.
   EXPECT_THROW(forward(1, 4, 2, 64, out.get(), 3), pion::Error);
   EXPECT_THROW(forward(1, 4, 2, 64, out.get(), -1), pion::Error);
-  EXPECT_THROW(backward(64, scratch.get(), 0), pion::Error);
+  EXPECT_THROW(backward(64, scratch.get(), -1), pion::Error);
   EXPECT_THROW(backward(64, scratch.get(), 2), pion::Error);
   try {
     forward(1, 4, 1, 160, out.get());

@@ -268,10 +268,9 @@ TEST(CudaLayers, AttentionMatchesCpu) {
                          seq, n_head, head_dim);
 
   Dev d_qkv(qkv), d_dout(dout), d_out(nout), d_probs(nprobs), d_scratch(nprobs), d_dqkv(dqkv0);
-  cl::attention_forward(ctx, d_out.get(), d_probs.get(), d_qkv.get(), batch, seq, n_head, n_head,
-                        head_dim);
+  cl::attention_forward(ctx, d_out.get(), d_probs.get(), d_qkv.get(), batch, seq, n_head, head_dim);
   cl::attention_backward(ctx, d_dqkv.get(), d_scratch.get(), d_dout.get(), d_probs.get(),
-                         d_qkv.get(), batch, seq, n_head, n_head, head_dim);
+                         d_qkv.get(), batch, seq, n_head, head_dim);
   const auto gprobs = d_probs.host();
   expect_close("attention out", d_out.host(), out, kFp32Chain);
   expect_close("attention probs", gprobs, probs, kFp32Chain);
@@ -283,18 +282,18 @@ TEST(CudaLayers, AttentionMatchesCpu) {
 
   // TF32 GEMMs: close at a loose bound (printed).
   Dev t_out(nout), t_probs(nprobs);
-  cl::attention_forward(ctx, t_out.get(), t_probs.get(), d_qkv.get(), batch, seq, n_head, n_head,
-                        head_dim, cl::MatmulPrecision::Tf32);
+  cl::attention_forward(ctx, t_out.get(), t_probs.get(), d_qkv.get(), batch, seq, n_head, head_dim,
+                        0, cl::MatmulPrecision::Tf32);
   expect_close("attention out (tf32)", t_out.host(), out, 1e-2);
   EXPECT_THROW(cl::attention_forward(ctx, t_out.get(), t_probs.get(), d_qkv.get(), batch, seq,
-                                     n_head, n_head, head_dim, cl::MatmulPrecision::Bf16),
+                                     n_head, head_dim, 0, cl::MatmulPrecision::Bf16),
                pion::Error);
-  // n_kv_head must be positive and divide n_head.
+  // n_kv_head must be >= 0 (0: n_head) and divide n_head.
   EXPECT_THROW(cl::attention_forward(ctx, t_out.get(), t_probs.get(), d_qkv.get(), batch, seq,
-                                     n_head, 2, head_dim),
+                                     n_head, head_dim, 2),
                pion::Error);
   EXPECT_THROW(cl::attention_backward(ctx, d_dqkv.get(), d_scratch.get(), d_dout.get(),
-                                      d_probs.get(), d_qkv.get(), batch, seq, n_head, 0, head_dim),
+                                      d_probs.get(), d_qkv.get(), batch, seq, n_head, head_dim, -1),
                pion::Error);
 }
 

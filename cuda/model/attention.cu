@@ -55,12 +55,15 @@ __global__ void causal_softmax_backward_kernel(float* ds, const float* probs, i6
     row[j] = j <= i ? p[j] * (row[j] - dot) : 0.0f;
 }
 
-void check_attention(i64 batch, i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim,
-                     MatmulPrecision precision, const std::string& who) {
+// Returns the K/V head count (n_kv_head, or n_head for 0).
+i64 check_attention(i64 batch, i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head,
+                    MatmulPrecision precision, const std::string& who) {
   require_positive(batch, who, "batch");
   require_positive(seq, who, "seq");
   require_positive(n_head, who, "n_head");
-  require_positive(n_kv_head, who, "n_kv_head");
+  require(n_kv_head >= 0, who,
+          "n_kv_head must be >= 0 (0: n_head), got " + std::to_string(n_kv_head));
+  if (n_kv_head == 0) n_kv_head = n_head;
   require(n_head % n_kv_head == 0, who,
           "n_kv_head (" + std::to_string(n_kv_head) + ") must divide n_head (" +
               std::to_string(n_head) + ")");
@@ -68,13 +71,15 @@ void check_attention(i64 batch, i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim
   require(precision != MatmulPrecision::Bf16, who,
           "Bf16 is not supported for attention (use Fp32 or Tf32)");
   as_int(batch * n_head * seq, who, "batch * n_head * seq (softmax rows)");
+  return n_kv_head;
 }
 
 }  // namespace
 
 void attention_forward(Context& ctx, float* out, float* probs, const float* qkv, i64 batch, i64 seq,
-                       i64 n_head, i64 n_kv_head, i64 head_dim, MatmulPrecision precision) {
-  check_attention(batch, seq, n_head, n_kv_head, head_dim, precision, "attention_forward");
+                       i64 n_head, i64 head_dim, i64 n_kv_head, MatmulPrecision precision) {
+  n_kv_head =
+      check_attention(batch, seq, n_head, head_dim, n_kv_head, precision, "attention_forward");
   const i64 d = n_head * head_dim, kv = n_kv_head * head_dim;
   const i64 stride = d + 2 * kv;  // row stride of qkv: [q | k | v]
   const i64 g = n_head / n_kv_head;
@@ -108,8 +113,9 @@ void attention_forward(Context& ctx, float* out, float* probs, const float* qkv,
 
 void attention_backward(Context& ctx, float* dqkv, float* scratch, const float* dout,
                         const float* probs, const float* qkv, i64 batch, i64 seq, i64 n_head,
-                        i64 n_kv_head, i64 head_dim, MatmulPrecision precision) {
-  check_attention(batch, seq, n_head, n_kv_head, head_dim, precision, "attention_backward");
+                        i64 head_dim, i64 n_kv_head, MatmulPrecision precision) {
+  n_kv_head =
+      check_attention(batch, seq, n_head, head_dim, n_kv_head, precision, "attention_backward");
   const i64 d = n_head * head_dim, kv = n_kv_head * head_dim;
   const i64 stride = d + 2 * kv;
   const i64 g = n_head / n_kv_head;

@@ -446,12 +446,15 @@ int columns_for(i64 head_dim) {
   return head_dim <= 32 ? 32 : head_dim <= 64 ? 64 : 128;
 }
 
-void check_flash(i64 batch, i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim,
-                 const std::string& who) {
+// Returns the K/V head count (n_kv_head, or n_head for 0).
+i64 check_flash(i64 batch, i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head,
+                const std::string& who) {
   require_positive(batch, who, "batch");
   require_positive(seq, who, "seq");
   require_positive(n_head, who, "n_head");
-  require_positive(n_kv_head, who, "n_kv_head");
+  require(n_kv_head >= 0, who,
+          "n_kv_head must be >= 0 (0: n_head), got " + std::to_string(n_kv_head));
+  if (n_kv_head == 0) n_kv_head = n_head;
   require(n_head % n_kv_head == 0, who,
           "n_kv_head (" + std::to_string(n_kv_head) + ") must divide n_head (" +
               std::to_string(n_head) + ")");
@@ -468,6 +471,7 @@ void check_flash(i64 batch, i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim,
   require(tiles_for(seq, FlashTiles<kMaxHeadDim>::kBackward) <= max_tiles, who,
           "seq = " + std::to_string(seq) + " is too long (at most " +
               std::to_string(max_tiles * FlashTiles<kMaxHeadDim>::kBackward) + ")");
+  return n_kv_head;
 }
 
 struct FlashArgs {
@@ -529,9 +533,9 @@ std::size_t flash_attention_scratch_elements(i64 batch, i64 seq, i64 n_head) {
 }
 
 void flash_attention_forward(Context& ctx, float* out, float* lse, const float* qkv, i64 batch,
-                             i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim) {
+                             i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head) {
   const std::string who = "flash_attention_forward";
-  check_flash(batch, seq, n_head, n_kv_head, head_dim, who);
+  n_kv_head = check_flash(batch, seq, n_head, head_dim, n_kv_head, who);
   require(out != nullptr && lse != nullptr && qkv != nullptr, who,
           "out, lse and qkv must not be null");
   const FlashArgs a = flash_args(batch, seq, n_head, n_kv_head, head_dim);
@@ -550,9 +554,9 @@ void flash_attention_forward(Context& ctx, float* out, float* lse, const float* 
 
 void flash_attention_backward(Context& ctx, float* dqkv, float* scratch, const float* dout,
                               const float* out, const float* lse, const float* qkv, i64 batch,
-                              i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim) {
+                              i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head) {
   const std::string who = "flash_attention_backward";
-  check_flash(batch, seq, n_head, n_kv_head, head_dim, who);
+  n_kv_head = check_flash(batch, seq, n_head, head_dim, n_kv_head, who);
   require(dqkv != nullptr && scratch != nullptr && dout != nullptr && out != nullptr &&
               lse != nullptr && qkv != nullptr,
           who, "dqkv, scratch, dout, out, lse and qkv must not be null");

@@ -290,9 +290,9 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     layers::rope_forward(ctx, a.qkv, m.rope, batch, seq, h, hd, qkv);
     layers::rope_forward(ctx, a.qkv + d, m.rope, batch, seq, kvh, hd, qkv);
     if (flash)
-      layers::flash_attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, kvh, hd);
+      layers::flash_attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh);
     else
-      layers::attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, kvh, hd, attn_mp);
+      layers::attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh, attn_mp);
     layers::linear_forward(ctx, m.proj, a.att, w.wo, n, d, d, mp, ws);
     layers::residual_forward(ctx, a.x_mid, a.x_in, m.proj, n * d);
     if (norms) layers::rmsnorm_forward(ctx, a.h2, a.rstd2, a.x_mid, w.mlp_norm, n, d, eps);
@@ -340,10 +340,10 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     fill_zero(ctx, m.dqkv, n * qkv);
     if (flash)
       layers::flash_attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.att, a.attn_keep,
-                                       a.qkv, batch, seq, h, kvh, hd);
+                                       a.qkv, batch, seq, h, hd, kvh);
     else
       layers::attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.attn_keep, a.qkv, batch,
-                                 seq, h, kvh, hd, attn_mp);
+                                 seq, h, hd, kvh, attn_mp);
     layers::rope_backward(ctx, m.dqkv, m.rope, batch, seq, h, hd, qkv);
     layers::rope_backward(ctx, m.dqkv + d, m.rope, batch, seq, kvh, hd, qkv);
     fill_zero(ctx, m.dh, n * d);

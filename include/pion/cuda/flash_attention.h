@@ -38,10 +38,10 @@ std::size_t flash_attention_scratch_elements(i64 batch, i64 seq, i64 n_head);
 // [h head_dim, (h+1) head_dim) of its part); out [batch, seq, d] (heads concatenated) =
 // softmax(q k^T / sqrt(head_dim), key j <= query i) v, where query head h uses K/V head
 // h / (n_head / n_kv_head) (grouped-query attention; n_kv_head must divide n_head, and
-// n_kv_head = n_head is multi-head attention); lse [batch, n_head, seq] = per-row logsumexp
-// of those scaled, masked scores (kept for backward).
+// n_kv_head 0 or n_head is multi-head attention); lse [batch, n_head, seq] = per-row
+// logsumexp of those scaled, masked scores (kept for backward).
 void flash_attention_forward(Context& ctx, float* out, float* lse, const float* qkv, i64 batch,
-                             i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim);
+                             i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head = 0);
 
 // dqkv [batch, seq, d + 2 kv] += the gradient of the loss with respect to qkv, given dout (its
 // gradient with respect to out) and the forward's out and lse; a K/V head's gradient is the
@@ -49,6 +49,6 @@ void flash_attention_forward(Context& ctx, float* out, float* lse, const float* 
 // flash_attention_scratch_elements floats (overwritten).
 void flash_attention_backward(Context& ctx, float* dqkv, float* scratch, const float* dout,
                               const float* out, const float* lse, const float* qkv, i64 batch,
-                              i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim);
+                              i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head = 0);
 
 }  // namespace pion::cuda::layers
