@@ -8,6 +8,10 @@
 //   shows up as a non-finite value;
 // - shapes cover seq not a multiple of the tile sizes (32 and 16), seq = 1, head_dim 16 / 32 /
 //   64 / 128 and in-between sizes (masked columns), batch > 1 and n_head > 1;
+// - grouped-query attention (n_kv_head < n_head, and n_kv_head 1): against the CPU's multi-head
+//   attention on the same q with each K/V head repeated over its group (HF's repeat_kv), the
+//   reference K/V gradient being the sum of the repeated heads' gradients; the GPU's
+//   materialised attention is checked the same way on these shapes;
 // - a second run gives identical bits (no atomics), a graph replay too, future tokens never
 //   change earlier outputs, and bad arguments throw pion::Error before any launch.
 // Every test prints its max relative errors and skips with a clear message when this build
@@ -119,15 +123,57 @@ constexpr double kFp32Chain = 3e-5;
 
 struct Shape {
   i64 batch, seq, n_head, head_dim;
+  i64 n_kv_head = 0;  // 0: n_head (multi-head attention)
+  i64 kv_heads() const { return n_kv_head == 0 ? n_head : n_kv_head; }
+  i64 group() const { return n_head / kv_heads(); }
   i64 d() const { return n_head * head_dim; }
-  i64 qkv_elements() const { return batch * seq * 3 * d(); }
+  i64 kv() const { return kv_heads() * head_dim; }
+  i64 width() const { return d() + 2 * kv(); }  // a qkv row: [q | k | v]
+  i64 qkv_elements() const { return batch * seq * width(); }
   i64 out_elements() const { return batch * seq * d(); }
   i64 rows() const { return batch * n_head * seq; }
+  // The multi-head shape the grouped one is checked against.
+  Shape mha() const { return {batch, seq, n_head, head_dim}; }
   std::string label() const {
     return "B" + std::to_string(batch) + " T" + std::to_string(seq) + " H" +
-           std::to_string(n_head) + " hd" + std::to_string(head_dim);
+           std::to_string(n_head) +
+           (kv_heads() != n_head ? " KV" + std::to_string(kv_heads()) : "") + " hd" +
+           std::to_string(head_dim);
   }
 };
+
+// Grouped qkv [.., d + 2 kv] -> multi-head qkv [.., 3 d]: query head h gets K/V head h / g
+// (HF's repeat_kv). The identity when n_kv_head = n_head.
+std::vector<float> repeat_kv(const std::vector<float>& qkv, const Shape& s) {
+  const i64 d = s.d(), kv = s.kv(), hd = s.head_dim, g = s.group();
+  std::vector<float> out(static_cast<std::size_t>(s.batch * s.seq * 3 * d));
+  for (i64 row = 0; row < s.batch * s.seq; ++row) {
+    const float* src = qkv.data() + row * s.width();
+    float* dst = out.data() + row * 3 * d;
+    std::copy(src, src + d, dst);
+    for (i64 h = 0; h < s.n_head; ++h)
+      for (i64 part = 0; part < 2; ++part)  // k, v
+        std::copy_n(src + d + part * kv + (h / g) * hd, hd, dst + (1 + part) * d + h * hd);
+  }
+  return out;
+}
+
+// The transpose of repeat_kv on a gradient: multi-head dqkv [.., 3 d] -> grouped [.., d + 2 kv],
+// each K/V head's gradient the sum (in double) of its g query heads' K/V gradients.
+std::vector<double> sum_kv_groups(const std::vector<float>& dqkv, const Shape& s) {
+  const i64 d = s.d(), kv = s.kv(), hd = s.head_dim, g = s.group();
+  std::vector<double> out(static_cast<std::size_t>(s.qkv_elements()), 0.0);
+  for (i64 row = 0; row < s.batch * s.seq; ++row) {
+    const float* src = dqkv.data() + row * 3 * d;
+    double* dst = out.data() + row * s.width();
+    for (i64 c = 0; c < d; ++c) dst[c] = src[c];
+    for (i64 h = 0; h < s.n_head; ++h)
+      for (i64 part = 0; part < 2; ++part)
+        for (i64 c = 0; c < hd; ++c)
+          dst[d + part * kv + (h / g) * hd + c] += src[(1 + part) * d + h * hd + c];
+  }
+  return out;
+}
 
 // lse [batch, n_head, seq] of the scaled causal scores, in fp64 on the host.
 std::vector<float> host_lse(const std::vector<float>& qkv, const Shape& s) {
@@ -169,13 +215,28 @@ FlashRun run_flash(Context& ctx, const Shape& s, Dev& qkv, Dev& dout,
       static_cast<i64>(cl::flash_attention_scratch_elements(s.batch, s.seq, s.n_head)));
   Dev dqkv(dqkv0);
   cl::flash_attention_forward(ctx, out.get(), lse.get(), qkv.get(), s.batch, s.seq, s.n_head,
-                              s.head_dim);
+                              s.head_dim, s.n_kv_head);
   cl::flash_attention_backward(ctx, dqkv.get(), scratch.get(), dout.get(), out.get(), lse.get(),
-                               qkv.get(), s.batch, s.seq, s.n_head, s.head_dim);
+                               qkv.get(), s.batch, s.seq, s.n_head, s.head_dim, s.n_kv_head);
   return {out.host(), lse.host(), dqkv.host()};
 }
 
-// Flash attention against the CPU float layers for one shape; qkv entries ~ N(0, std^2).
+// The same with the materialised attention (probs and scratch poisoned too).
+FlashRun run_materialized(Context& ctx, const Shape& s, Dev& qkv, Dev& dout,
+                          const std::vector<float>& dqkv0) {
+  const i64 nprobs = s.rows() * s.seq;
+  Dev out = Dev::poisoned(s.out_elements()), probs = Dev::poisoned(nprobs),
+      scratch = Dev::poisoned(nprobs), dqkv(dqkv0);
+  cl::attention_forward(ctx, out.get(), probs.get(), qkv.get(), s.batch, s.seq, s.n_head,
+                        s.head_dim, s.n_kv_head);
+  cl::attention_backward(ctx, dqkv.get(), scratch.get(), dout.get(), probs.get(), qkv.get(),
+                         s.batch, s.seq, s.n_head, s.head_dim, s.n_kv_head);
+  return {out.host(), {}, dqkv.host()};
+}
+
+// Flash attention against the CPU float layers for one shape; qkv entries ~ N(0, std^2). A
+// grouped shape is checked against the CPU multi-head attention on repeat_kv(qkv), its K/V
+// gradients summed over each group (sum_kv_groups), and so is the GPU's materialised attention.
 void check_against_cpu(const Shape& s, std::uint64_t seed, double std = 1.0) {
   SCOPED_TRACE(s.label());
   std::printf(" %s\n", s.label().c_str());
@@ -183,13 +244,30 @@ void check_against_cpu(const Shape& s, std::uint64_t seed, double std = 1.0) {
   const auto dout = randn(s.out_elements(), seed + 1);
   const auto dqkv0 = randn(s.qkv_elements(), seed + 2);
 
+  const bool grouped = s.kv_heads() != s.n_head;
+  const Shape m = s.mha();
   const std::size_t nprobs = static_cast<std::size_t>(s.rows() * s.seq);
   std::vector<float> out(static_cast<std::size_t>(s.out_elements())), probs(nprobs),
-      scratch(nprobs), dqkv = dqkv0;
-  hl::attention_forward(out.data(), probs.data(), qkv.data(), s.batch, s.seq, s.n_head, s.head_dim);
-  hl::attention_backward(dqkv.data(), scratch.data(), dout.data(), probs.data(), qkv.data(),
-                         s.batch, s.seq, s.n_head, s.head_dim);
-  const auto lse = host_lse(qkv, s);
+      scratch(nprobs), dqkv;
+  if (!grouped) {
+    dqkv = dqkv0;  // the CPU adds into the same starting gradient
+    hl::attention_forward(out.data(), probs.data(), qkv.data(), s.batch, s.seq, s.n_head,
+                          s.head_dim);
+    hl::attention_backward(dqkv.data(), scratch.data(), dout.data(), probs.data(), qkv.data(),
+                           s.batch, s.seq, s.n_head, s.head_dim);
+  } else {
+    const auto wide = repeat_kv(qkv, s);
+    std::vector<float> wide_dqkv(static_cast<std::size_t>(m.qkv_elements()), 0.0f);
+    hl::attention_forward(out.data(), probs.data(), wide.data(), s.batch, s.seq, s.n_head,
+                          s.head_dim);
+    hl::attention_backward(wide_dqkv.data(), scratch.data(), dout.data(), probs.data(), wide.data(),
+                           s.batch, s.seq, s.n_head, s.head_dim);
+    const auto summed = sum_kv_groups(wide_dqkv, s);
+    dqkv.resize(dqkv0.size());
+    for (std::size_t i = 0; i < dqkv.size(); ++i)
+      dqkv[i] = static_cast<float>(dqkv0[i] + summed[i]);
+  }
+  const auto lse = host_lse(grouped ? repeat_kv(qkv, s) : qkv, m);
 
   Context ctx;
   Dev d_qkv(qkv), d_dout(dout);
@@ -205,6 +283,16 @@ void check_against_cpu(const Shape& s, std::uint64_t seed, double std = 1.0) {
   EXPECT_TRUE(same_bits(second.out, first.out)) << "out differs between two runs";
   EXPECT_TRUE(same_bits(second.lse, first.lse)) << "lse differs between two runs";
   EXPECT_TRUE(same_bits(second.dqkv, first.dqkv)) << "dqkv differs between two runs";
+
+  if (grouped) {
+    const FlashRun mat = run_materialized(ctx, s, d_qkv, d_dout, dqkv0);
+    expect_close("materialized out", mat.out, out, kFp32Chain);
+    expect_close("materialized dqkv (start + gradient)", mat.dqkv, dqkv, kFp32Chain);
+    expect_close("materialized dqkv (added gradient)", added(mat.dqkv, dqkv0), added(dqkv, dqkv0),
+                 kFp32Chain);
+    const FlashRun again = run_materialized(ctx, s, d_qkv, d_dout, dqkv0);
+    EXPECT_TRUE(same_bits(again.dqkv, mat.dqkv)) << "materialized dqkv differs between two runs";
+  }
 }
 
 TEST(CudaFlashAttention, RaggedSeqHead64MatchesCpu) {
@@ -247,6 +335,16 @@ TEST(CudaFlashAttention, ManyTilesPeakySoftmaxMatchesCpu) {
   // Ten key tiles per row at the end and larger scores (std 1.5: score std ~2.25), so the
   // running max moves often and the rescaling of the online softmax is exercised.
   check_against_cpu({1, 300, 2, 64}, 600, 1.5);
+}
+
+// Grouped-query attention (issue 14): groups of 2 and 3, multi-query (one K/V head), head
+// sizes with 32- and 16-row backward tiles, ragged sequence lengths.
+TEST(CudaFlashAttention, GroupedQueryMatchesCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  check_against_cpu({2, 45, 4, 32, 2}, 1100);   // g = 2
+  check_against_cpu({1, 70, 6, 64, 2}, 1110);   // g = 3, three backward key tiles
+  check_against_cpu({1, 40, 4, 128, 1}, 1120);  // multi-query, 16-row backward tiles
+  check_against_cpu({2, 19, 3, 7, 1}, 1130);    // masked columns
 }
 
 TEST(CudaFlashAttention, MatchesCudaAttention) {
@@ -359,12 +457,13 @@ TEST(CudaFlashAttention, RejectsBadArguments) {
   Dev qkv(randn(s.qkv_elements(), 1000)),
       out = Dev::poisoned(s.out_elements()), lse = Dev::poisoned(s.rows()),
       scratch = Dev::poisoned(s.rows()), dqkv(randn(s.qkv_elements(), 1001));
-  auto forward = [&](i64 batch, i64 seq, i64 n_head, i64 head_dim, float* o) {
-    cl::flash_attention_forward(ctx, o, lse.get(), qkv.get(), batch, seq, n_head, head_dim);
+  auto forward = [&](i64 batch, i64 seq, i64 n_head, i64 head_dim, float* o, i64 n_kv_head = 0) {
+    cl::flash_attention_forward(ctx, o, lse.get(), qkv.get(), batch, seq, n_head, head_dim,
+                                n_kv_head);
   };
-  auto backward = [&](i64 head_dim, float* sc) {
+  auto backward = [&](i64 head_dim, float* sc, i64 n_kv_head = 0) {
     cl::flash_attention_backward(ctx, dqkv.get(), sc, out.get(), out.get(), lse.get(), qkv.get(), 1,
-                                 4, 1, head_dim);
+                                 4, 1, head_dim, n_kv_head);
   };
   EXPECT_THROW(forward(1, 4, 1, 129, out.get()), pion::Error);  // head_dim > 128
   EXPECT_THROW(forward(1, 4, 1, 0, out.get()), pion::Error);
@@ -375,6 +474,11 @@ TEST(CudaFlashAttention, RejectsBadArguments) {
   EXPECT_THROW(forward(1, 4, 1, 64, nullptr), pion::Error);
   EXPECT_THROW(backward(200, scratch.get()), pion::Error);
   EXPECT_THROW(backward(64, nullptr), pion::Error);
+  // n_kv_head must be >= 0 (0: n_head) and divide n_head.
+  EXPECT_THROW(forward(1, 4, 2, 64, out.get(), 3), pion::Error);
+  EXPECT_THROW(forward(1, 4, 2, 64, out.get(), -1), pion::Error);
+  EXPECT_THROW(backward(64, scratch.get(), -1), pion::Error);
+  EXPECT_THROW(backward(64, scratch.get(), 2), pion::Error);
   try {
     forward(1, 4, 1, 160, out.get());
     ADD_FAILURE() << "head_dim 160 was accepted";

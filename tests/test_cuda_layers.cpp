@@ -283,10 +283,17 @@ TEST(CudaLayers, AttentionMatchesCpu) {
   // TF32 GEMMs: close at a loose bound (printed).
   Dev t_out(nout), t_probs(nprobs);
   cl::attention_forward(ctx, t_out.get(), t_probs.get(), d_qkv.get(), batch, seq, n_head, head_dim,
-                        cl::MatmulPrecision::Tf32);
+                        0, cl::MatmulPrecision::Tf32);
   expect_close("attention out (tf32)", t_out.host(), out, 1e-2);
   EXPECT_THROW(cl::attention_forward(ctx, t_out.get(), t_probs.get(), d_qkv.get(), batch, seq,
-                                     n_head, head_dim, cl::MatmulPrecision::Bf16),
+                                     n_head, head_dim, 0, cl::MatmulPrecision::Bf16),
+               pion::Error);
+  // n_kv_head must be >= 0 (0: n_head) and divide n_head.
+  EXPECT_THROW(cl::attention_forward(ctx, t_out.get(), t_probs.get(), d_qkv.get(), batch, seq,
+                                     n_head, head_dim, 2),
+               pion::Error);
+  EXPECT_THROW(cl::attention_backward(ctx, d_dqkv.get(), d_scratch.get(), d_dout.get(),
+                                      d_probs.get(), d_qkv.get(), batch, seq, n_head, head_dim, -1),
                pion::Error);
 }
 

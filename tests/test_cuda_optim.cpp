@@ -1,7 +1,8 @@
 // The GPU optimizers (include/pion/cuda/optim.h) against the CPU classes on random inputs:
 // weights and state after a few steps (fp32 modes to rounding level, Pion "mixed" and Muon
 // "bf16" to a loose bound, their error printed), resuming from CPU state, the non-finite-
-// gradient skip, CUDA-graph replays against eager steps, and Pion's spectrum drift. Every
+// gradient skip, CUDA-graph replays against eager steps, Pion's spectrum drift, and the GPU
+// trainer's routing of a grouped-query, tied-embedding model's parameters. Every
 // test skips with a clear message when this build has no CUDA back end or the machine has
 // no CUDA device; scripts/gpu-check.sh runs them on a GPU.
 #include <gtest/gtest.h>
@@ -11,6 +12,7 @@
 #include <cstdio>
 #include <functional>
 #include <limits>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -18,11 +20,14 @@
 #include "helpers.h"
 #include "pion/core/error.h"
 #include "pion/core/linalg.h"
+#include "pion/model/llama.h"
 #include "pion/optim/adamw.h"
 #include "pion/optim/muon.h"
 #include "pion/optim/pion.h"
+#include "pion/train/build_optimizer.h"
 #ifdef PION_HAVE_CUDA
 #include "pion/cuda/optim.h"
+#include "pion/cuda/optim_like.h"
 #endif
 
 #ifndef PION_HAVE_CUDA
@@ -601,6 +606,104 @@ TEST(CudaOptim, PionSpectrumDrift) {
     EXPECT_LT(d_gpu, 1e-2);
     // ... and TF32 GEMMs add a drift that stays small (loose bound; the value is printed).
     EXPECT_LT(d_mixed, 5e-2);
+  }
+}
+
+// Issue 14: the GPU trainer routes a grouped-query, tied-embedding model as the CPU does.
+// cuda/train/cuda_backend.cpp makes one CUDA optimizer per param group of the CPU mirror's
+// OptimizerSet (make_cuda_optimizer_like), so here: the layout has no lm_head; under pion and
+// muon the tied tok_embedding is one AdamW parameter and wq, wk, wv (wk / wv [kv_dim, d], not
+// square) belong to the matrix optimizer; every parameter gets exactly one optimizer; and a
+// few steps of those CUDA optimizers follow the CPU set's.
+TEST(CudaOptim, GroupedQueryTiedLayoutRoutesLikeCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  ModelConfig mc;
+  mc.vocab_size = 37;
+  mc.n_layer = 1;
+  mc.n_head = 4;
+  mc.n_kv_head = 2;
+  mc.d_model = 32;
+  mc.seq_len = 8;
+  mc.tie_embeddings = true;
+  const std::vector<ParamEntry> layout = llama_param_layout(mc);
+  for (const auto& e : layout) EXPECT_EQ(e.name.find("lm_head"), std::string::npos) << e.name;
+
+  for (const std::string optimizer : {"pion", "muon"}) {
+    SCOPED_TRACE(optimizer);
+    // The parameters with their true shapes (norm weights 1-D), on the host and the device.
+    std::vector<Param> params;
+    std::vector<Tensor> initial;
+    std::vector<cuda::DeviceBuffer> value, grad;
+    std::map<std::string, std::size_t> index;
+    for (std::size_t i = 0; i < layout.size(); ++i) {
+      Tensor w = random_tensor(layout[i].shape, 700 + i, 0.3);
+      initial.push_back(w.clone());
+      params.push_back({layout[i].name, w, Tensor::zeros(layout[i].shape)});
+      value.emplace_back(static_cast<std::size_t>(w.numel()));
+      value.back().upload(w.data<float>(), static_cast<std::size_t>(w.numel()));
+      grad.emplace_back(static_cast<std::size_t>(w.numel()));
+      index[layout[i].name] = i;
+    }
+    TrainConfig cfg;
+    cfg.optimizer = optimizer;
+    OptimizerSet set = build_optimizers(cfg, params);
+    set.set_lr_factor(1.0);
+
+    cuda::Context ctx;
+    std::vector<std::pair<std::unique_ptr<cuda::CudaOptimizer>, double> > gpu;  // with base lr
+    std::map<std::string, std::string> kind_of;
+    for (const auto& opt : set.optimizers()) {
+      for (std::size_t g = 0; g < opt->groups().size(); ++g) {
+        const ParamGroup& group = opt->groups()[g];
+        if (group.params.empty()) continue;
+        std::vector<cuda::DeviceParam> dp;
+        for (const Param& p : group.params) {
+          EXPECT_EQ(kind_of.count(p.name), 0u) << p.name << " has two optimizers";
+          kind_of[p.name] = opt->kind();
+          const std::size_t i = index.at(p.name);
+          const bool matrix = p.value.ndim() == 2;
+          dp.push_back({p.name, value[i].data(), grad[i].data(), matrix ? p.value.rows() : 1,
+                        matrix ? p.value.cols() : p.value.numel()});
+        }
+        gpu.emplace_back(
+            cuda::make_cuda_optimizer_like(ctx, *opt, g, std::move(dp), {"fp32", "fp32"}),
+            group.base_lr);
+      }
+    }
+    EXPECT_EQ(kind_of.size(), layout.size()) << "a parameter has no optimizer";
+    EXPECT_EQ(kind_of.at("tok_embedding.weight"), "adamw");
+    for (const char* w : {"layers.0.attn.wq", "layers.0.attn.wk", "layers.0.attn.wv"})
+      EXPECT_EQ(kind_of.at(w), optimizer) << w;
+    EXPECT_EQ(params[index.at("layers.0.attn.wk")].value.shape(), (Shape{mc.kv_dim(), mc.d_model}));
+
+    for (int step = 1; step <= 3; ++step) {
+      for (std::size_t i = 0; i < params.size(); ++i) {
+        params[i].grad.copy_from(random_tensor(params[i].value.shape(), 7000 + 100 * step + i));
+        grad[i].upload(params[i].grad.data<float>(),
+                       static_cast<std::size_t>(params[i].grad.numel()));
+      }
+      EXPECT_TRUE(set.step());
+      for (auto& [opt, lr] : gpu) opt->step(lr);
+    }
+    ctx.synchronize();
+    double worst = 0.0;
+    std::string worst_name;
+    for (std::size_t i = 0; i < params.size(); ++i) {
+      const auto n = static_cast<std::size_t>(params[i].value.numel());
+      std::vector<float> dev(n);
+      value[i].download(dev.data(), n);
+      const float* cpu = params[i].value.data<float>();
+      const double moved = frobenius_diff(cpu, initial[i].data<float>(), n);
+      EXPECT_GT(moved, 0.0) << params[i].name << " did not move";
+      const double err = frobenius_diff(dev.data(), cpu, n) / moved;
+      if (err > worst) {
+        worst = err;
+        worst_name = params[i].name;
+      }
+    }
+    std::printf("%s routing, GQA + tied layout: worst weight error %.3e (%s)\n", optimizer.c_str(),
+                worst, worst_name.c_str());
+    EXPECT_LT(worst, optimizer == "pion" ? kPionTolerance : kMuonTolerance) << worst_name;
   }
 }
 

@@ -26,6 +26,12 @@
 //
 // Kernels are compiled for D = 32, 64 and 128 columns; a head_dim below D is zero-padded in
 // shared memory (zeros add nothing to the dot products) and the padding is never written.
+//
+// Grouped-query attention (n_kv_head < n_head, g = n_head / n_kv_head query heads per K/V
+// head): the forward and dQ kernels of query head h simply read K/V head h / g. The dK / dV
+// kernel runs one block per (key tile, batch * K/V head) and loops over the g query heads of
+// the group (then over their query tiles), so a K/V head's gradient is summed over its group
+// in one fixed order by one owner: still no atomics.
 #include <cmath>
 
 #include "common.cuh"
@@ -128,12 +134,12 @@ __device__ inline float group_sum(float v) {
 // ---- forward -------------------------------------------------------------------------------
 
 // grid (batch * n_head, query tiles). out [batch, seq, n_head head_dim], lse [batch * n_head,
-// seq], qkv [batch, seq, 3 n_head head_dim].
+// seq], qkv [batch, seq, (n_head + 2 n_kv_head) head_dim].
 template <int D>
 __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
     flash_forward_kernel(float* __restrict__ out, float* __restrict__ lse,
-                         const float* __restrict__ qkv, int seq, int n_head, int head_dim,
-                         float scale) {
+                         const float* __restrict__ qkv, int seq, int n_head, int n_kv_head,
+                         int head_dim, float scale) {
   constexpr int T = FlashTiles<D>::kForward;
   constexpr int TPR = kFlashThreads / T;  // threads per query row
   constexpr int KPT = T / TPR;            // keys of a tile scored per thread
@@ -151,10 +157,13 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
   const int qt = static_cast<int>(gridDim.y) - 1 - static_cast<int>(blockIdx.y);
   const int q0 = qt * T;
   const i64 d = static_cast<i64>(n_head) * head_dim;
-  const i64 ld = 3 * d;
-  const float* q_g = qkv + static_cast<i64>(b) * seq * ld + static_cast<i64>(h) * head_dim;
-  const float* k_g = q_g + d;
-  const float* v_g = q_g + 2 * d;
+  const i64 kv = static_cast<i64>(n_kv_head) * head_dim;
+  const i64 ld = d + 2 * kv;
+  const float* row0 = qkv + static_cast<i64>(b) * seq * ld;
+  const float* q_g = row0 + static_cast<i64>(h) * head_dim;
+  const i64 kv_off = static_cast<i64>(h / (n_head / n_kv_head)) * head_dim;  // K/V head h / g
+  const float* k_g = row0 + d + kv_off;
+  const float* v_g = row0 + d + kv + kv_off;
   const int r = threadIdx.x / TPR, c = threadIdx.x % TPR;
   const int i = q0 + r;  // this thread's query position (>= seq: padding, computed, not stored)
 
@@ -240,14 +249,15 @@ __global__ void flash_row_dot_kernel(float* __restrict__ delta, const float* __r
   if (lane == 0) delta[row] = s;
 }
 
-// grid (batch * n_head, key tiles). dK and dV of the block's key tile, summed over the query
-// tiles at or after it (earlier queries cannot see these keys), then added into dqkv.
+// grid (batch * n_kv_head, key tiles). dK and dV of the block's key tile of one K/V head,
+// summed over the query heads of its group (in order) and, for each, over the query tiles at
+// or after the key tile (earlier queries cannot see these keys), then added into dqkv.
 template <int D>
 __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
     flash_backward_dkdv_kernel(float* __restrict__ dqkv, const float* __restrict__ dout,
                                const float* __restrict__ lse, const float* __restrict__ delta,
-                               const float* __restrict__ qkv, int seq, int n_head, int head_dim,
-                               float scale) {
+                               const float* __restrict__ qkv, int seq, int n_head, int n_kv_head,
+                               int head_dim, float scale) {
   constexpr int T = FlashTiles<D>::kBackward;
   constexpr int TPR = kFlashThreads / T;  // threads per key row
   constexpr int QPT = T / TPR;            // queries of a tile scored per thread
@@ -264,34 +274,40 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
   __shared__ float lse_s[T];
   __shared__ float delta_s[T];
 
-  const int bh = blockIdx.x;
-  const int b = bh / n_head, h = bh % n_head;
+  const int bkv = blockIdx.x;
+  const int b = bkv / n_kv_head, kh = bkv % n_kv_head;
+  const int group = n_head / n_kv_head;
   const int n_tiles = static_cast<int>(gridDim.y);
   const int kt = static_cast<int>(blockIdx.y);  // the first key tiles loop longest: first
   const int k0 = kt * T;
   const i64 d = static_cast<i64>(n_head) * head_dim;
-  const i64 ld = 3 * d;
-  const i64 head_off = static_cast<i64>(h) * head_dim;
-  const float* q_g = qkv + static_cast<i64>(b) * seq * ld + head_off;
-  const float* do_g = dout + static_cast<i64>(b) * seq * d + head_off;
-  const float* lse_g = lse + static_cast<i64>(bh) * seq;
-  const float* delta_g = delta + static_cast<i64>(bh) * seq;
+  const i64 kv = static_cast<i64>(n_kv_head) * head_dim;
+  const i64 ld = d + 2 * kv;
+  const i64 kv_off = static_cast<i64>(kh) * head_dim;
+  const float* row0 = qkv + static_cast<i64>(b) * seq * ld;
   const int r = threadIdx.x / TPR, c = threadIdx.x % TPR;
   const int j = k0 + r;  // this thread's key position
 
-  load_tile<T, D>(k_s, q_g + d, ld, k0, seq, head_dim);
-  load_tile<T, D>(v_s, q_g + 2 * d, ld, k0, seq, head_dim);
+  load_tile<T, D>(k_s, row0 + d + kv_off, ld, k0, seq, head_dim);
+  load_tile<T, D>(v_s, row0 + d + kv + kv_off, ld, k0, seq, head_dim);
   float dk[CPT], dv[CPT];
 #pragma unroll
   for (int t = 0; t < CPT; ++t) dk[t] = dv[t] = 0.0f;
 
-  for (int qt = kt; qt < n_tiles; ++qt) {
+  // (query head of the group, query tile) pairs in one flat loop, heads outer, h and qt
+  // advancing like a two-digit counter. (Nested loops, or h and qt from step by division,
+  // made ptxas spill at 64 registers.)
+  const int steps = group * (n_tiles - kt);
+  int h = kh * group, qt = kt;
+  for (int step = 0; step < steps; ++step) {
     const int q0 = qt * T;
+    const i64 head_off = static_cast<i64>(h) * head_dim;
+    const i64 bh = static_cast<i64>(b) * n_head + h;
     __syncthreads();  // the previous query tile is done with q_s, do_s, p_s, ds_s
-    load_tile<T, D>(q_s, q_g, ld, q0, seq, head_dim);
-    load_tile<T, D>(do_s, do_g, d, q0, seq, head_dim);
-    load_rows<T>(lse_s, lse_g, q0, seq);
-    load_rows<T>(delta_s, delta_g, q0, seq);
+    load_tile<T, D>(q_s, row0 + head_off, ld, q0, seq, head_dim);
+    load_tile<T, D>(do_s, dout + static_cast<i64>(b) * seq * d + head_off, d, q0, seq, head_dim);
+    load_rows<T>(lse_s, lse + bh * seq, q0, seq);
+    load_rows<T>(delta_s, delta + bh * seq, q0, seq);
     __syncthreads();
 
 #pragma unroll
@@ -317,12 +333,16 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
         dk[t] = fmaf(ds, q_s[ii][col], dk[t]);
       }
     }
+    if (++qt == n_tiles) {  // this head's last query tile: the group's next head
+      qt = kt;
+      ++h;
+    }
   }
 
   if (j < seq) {
-    // One thread per element of this head's rows: a plain read-modify-write, no race.
-    float* dk_g = dqkv + (static_cast<i64>(b) * seq + j) * ld + d + head_off;
-    float* dv_g = dk_g + d;
+    // One thread per element of this K/V head's rows: a plain read-modify-write, no race.
+    float* dk_g = dqkv + (static_cast<i64>(b) * seq + j) * ld + d + kv_off;
+    float* dv_g = dk_g + kv;
 #pragma unroll
     for (int t = 0; t < CPT; ++t) {
       const int col = c + t * TPR;
@@ -340,8 +360,8 @@ template <int D>
 __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
     flash_backward_dq_kernel(float* __restrict__ dqkv, const float* __restrict__ dout,
                              const float* __restrict__ lse, const float* __restrict__ delta,
-                             const float* __restrict__ qkv, int seq, int n_head, int head_dim,
-                             float scale) {
+                             const float* __restrict__ qkv, int seq, int n_head, int n_kv_head,
+                             int head_dim, float scale) {
   constexpr int T = FlashTiles<D>::kBackward;
   constexpr int TPR = kFlashThreads / T;  // threads per query row
   constexpr int KPT = T / TPR;            // keys of a tile scored per thread
@@ -362,9 +382,14 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
   const int qt = static_cast<int>(gridDim.y) - 1 - static_cast<int>(blockIdx.y);  // longest first
   const int q0 = qt * T;
   const i64 d = static_cast<i64>(n_head) * head_dim;
-  const i64 ld = 3 * d;
+  const i64 kv = static_cast<i64>(n_kv_head) * head_dim;
+  const i64 ld = d + 2 * kv;
   const i64 head_off = static_cast<i64>(h) * head_dim;
-  const float* q_g = qkv + static_cast<i64>(b) * seq * ld + head_off;
+  const i64 kv_off = static_cast<i64>(h / (n_head / n_kv_head)) * head_dim;  // K/V head h / g
+  const float* row0 = qkv + static_cast<i64>(b) * seq * ld;
+  const float* q_g = row0 + head_off;
+  const float* k_g = row0 + d + kv_off;
+  const float* v_g = row0 + d + kv + kv_off;
   const float* do_g = dout + static_cast<i64>(b) * seq * d + head_off;
   const int r = threadIdx.x / TPR, c = threadIdx.x % TPR;
   const int i = q0 + r;  // this thread's query position
@@ -380,8 +405,8 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
   for (int kt = 0; kt <= qt; ++kt) {
     const int k0 = kt * T;
     __syncthreads();  // the previous key tile is done with k_s, v_s, ds_s
-    load_tile<T, D>(k_s, q_g + d, ld, k0, seq, head_dim);
-    load_tile<T, D>(v_s, q_g + 2 * d, ld, k0, seq, head_dim);
+    load_tile<T, D>(k_s, k_g, ld, k0, seq, head_dim);
+    load_tile<T, D>(v_s, v_g, ld, k0, seq, head_dim);
     __syncthreads();
 
 #pragma unroll
@@ -421,10 +446,18 @@ int columns_for(i64 head_dim) {
   return head_dim <= 32 ? 32 : head_dim <= 64 ? 64 : 128;
 }
 
-void check_flash(i64 batch, i64 seq, i64 n_head, i64 head_dim, const std::string& who) {
+// Returns the K/V head count (n_kv_head, or n_head for 0).
+i64 check_flash(i64 batch, i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head,
+                const std::string& who) {
   require_positive(batch, who, "batch");
   require_positive(seq, who, "seq");
   require_positive(n_head, who, "n_head");
+  require(n_kv_head >= 0, who,
+          "n_kv_head must be >= 0 (0: n_head), got " + std::to_string(n_kv_head));
+  if (n_kv_head == 0) n_kv_head = n_head;
+  require(n_head % n_kv_head == 0, who,
+          "n_kv_head (" + std::to_string(n_kv_head) + ") must divide n_head (" +
+              std::to_string(n_head) + ")");
   require_positive(head_dim, who, "head_dim");
   require(head_dim <= kMaxHeadDim, who,
           "head_dim = " + std::to_string(head_dim) + " is not supported (at most " +
@@ -438,16 +471,22 @@ void check_flash(i64 batch, i64 seq, i64 n_head, i64 head_dim, const std::string
   require(tiles_for(seq, FlashTiles<kMaxHeadDim>::kBackward) <= max_tiles, who,
           "seq = " + std::to_string(seq) + " is too long (at most " +
               std::to_string(max_tiles * FlashTiles<kMaxHeadDim>::kBackward) + ")");
+  return n_kv_head;
 }
 
 struct FlashArgs {
-  int bh, seq, n_head, head_dim;
+  int bh, bkv, seq, n_head, n_kv_head, head_dim;  // bh = batch * n_head, bkv = batch * n_kv_head
   float scale;
 };
 
-FlashArgs flash_args(i64 batch, i64 seq, i64 n_head, i64 head_dim) {
-  return {static_cast<int>(batch * n_head), static_cast<int>(seq), static_cast<int>(n_head),
-          static_cast<int>(head_dim), 1.0f / std::sqrt(static_cast<float>(head_dim))};
+FlashArgs flash_args(i64 batch, i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim) {
+  return {static_cast<int>(batch * n_head),
+          static_cast<int>(batch * n_kv_head),
+          static_cast<int>(seq),
+          static_cast<int>(n_head),
+          static_cast<int>(n_kv_head),
+          static_cast<int>(head_dim),
+          1.0f / std::sqrt(static_cast<float>(head_dim))};
 }
 
 template <int D>
@@ -455,7 +494,7 @@ void launch_forward(Context& ctx, float* out, float* lse, const float* qkv, cons
   constexpr int T = FlashTiles<D>::kForward;
   const dim3 grid(static_cast<unsigned>(a.bh), static_cast<unsigned>(tiles_for(a.seq, T)));
   flash_forward_kernel<D><<<grid, kFlashThreads, 0, stream_of(ctx)>>>(
-      out, lse, qkv, a.seq, a.n_head, a.head_dim, a.scale);
+      out, lse, qkv, a.seq, a.n_head, a.n_kv_head, a.head_dim, a.scale);
   PION_CUDA_CHECK_LAUNCH("flash_forward_kernel");
 }
 
@@ -463,13 +502,15 @@ template <int D>
 void launch_backward(Context& ctx, float* dqkv, const float* delta, const float* dout,
                      const float* lse, const float* qkv, const FlashArgs& a) {
   constexpr int T = FlashTiles<D>::kBackward;
-  const dim3 grid(static_cast<unsigned>(a.bh), static_cast<unsigned>(tiles_for(a.seq, T)));
+  const unsigned tiles = static_cast<unsigned>(tiles_for(a.seq, T));
+  const dim3 kv_grid(static_cast<unsigned>(a.bkv), tiles);  // one block per K/V head's key tile
+  const dim3 q_grid(static_cast<unsigned>(a.bh), tiles);    // one block per query tile
   // dK / dV and dQ write disjoint parts of dqkv; both only read delta, lse, qkv and dout.
-  flash_backward_dkdv_kernel<D><<<grid, kFlashThreads, 0, stream_of(ctx)>>>(
-      dqkv, dout, lse, delta, qkv, a.seq, a.n_head, a.head_dim, a.scale);
+  flash_backward_dkdv_kernel<D><<<kv_grid, kFlashThreads, 0, stream_of(ctx)>>>(
+      dqkv, dout, lse, delta, qkv, a.seq, a.n_head, a.n_kv_head, a.head_dim, a.scale);
   PION_CUDA_CHECK_LAUNCH("flash_backward_dkdv_kernel");
-  flash_backward_dq_kernel<D><<<grid, kFlashThreads, 0, stream_of(ctx)>>>(
-      dqkv, dout, lse, delta, qkv, a.seq, a.n_head, a.head_dim, a.scale);
+  flash_backward_dq_kernel<D><<<q_grid, kFlashThreads, 0, stream_of(ctx)>>>(
+      dqkv, dout, lse, delta, qkv, a.seq, a.n_head, a.n_kv_head, a.head_dim, a.scale);
   PION_CUDA_CHECK_LAUNCH("flash_backward_dq_kernel");
 }
 
@@ -492,12 +533,12 @@ std::size_t flash_attention_scratch_elements(i64 batch, i64 seq, i64 n_head) {
 }
 
 void flash_attention_forward(Context& ctx, float* out, float* lse, const float* qkv, i64 batch,
-                             i64 seq, i64 n_head, i64 head_dim) {
+                             i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head) {
   const std::string who = "flash_attention_forward";
-  check_flash(batch, seq, n_head, head_dim, who);
+  n_kv_head = check_flash(batch, seq, n_head, head_dim, n_kv_head, who);
   require(out != nullptr && lse != nullptr && qkv != nullptr, who,
           "out, lse and qkv must not be null");
-  const FlashArgs a = flash_args(batch, seq, n_head, head_dim);
+  const FlashArgs a = flash_args(batch, seq, n_head, n_kv_head, head_dim);
   switch (columns_for(head_dim)) {
     case 32:
       launch_forward<32>(ctx, out, lse, qkv, a);
@@ -513,13 +554,13 @@ void flash_attention_forward(Context& ctx, float* out, float* lse, const float* 
 
 void flash_attention_backward(Context& ctx, float* dqkv, float* scratch, const float* dout,
                               const float* out, const float* lse, const float* qkv, i64 batch,
-                              i64 seq, i64 n_head, i64 head_dim) {
+                              i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head) {
   const std::string who = "flash_attention_backward";
-  check_flash(batch, seq, n_head, head_dim, who);
+  n_kv_head = check_flash(batch, seq, n_head, head_dim, n_kv_head, who);
   require(dqkv != nullptr && scratch != nullptr && dout != nullptr && out != nullptr &&
               lse != nullptr && qkv != nullptr,
           who, "dqkv, scratch, dout, out, lse and qkv must not be null");
-  const FlashArgs a = flash_args(batch, seq, n_head, head_dim);
+  const FlashArgs a = flash_args(batch, seq, n_head, n_kv_head, head_dim);
 
   const i64 rows = batch * n_head * seq;
   constexpr int kRowsPerBlock = kFlashThreads / 32;  // one warp per row

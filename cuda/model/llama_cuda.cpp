@@ -46,17 +46,20 @@ struct Weights {
 };
 
 // Pointers into a flat buffer in llama_param_layout order (as Llama::weights_in). Without
-// RMSNorm (norm "none") the layout has no norm weights: their pointers stay null.
-Weights weights_in(float* base, const std::vector<ParamEntry>& layout, int n_layer, bool norms) {
+// RMSNorm (norm "none") the layout has no norm weights: their pointers stay null. With tied
+// embeddings the layout has no lm_head: it points at the token embedding, so in the gradient
+// buffer the LM head's weight gradient and the lookup gradient add into the same rows.
+Weights weights_in(float* base, const std::vector<ParamEntry>& layout, const ModelConfig& config) {
+  const bool norms = config.has_norm();
   std::size_t k = 0;
   auto next = [&]() { return base + layout[k++].offset; };
   Weights w;
   w.tok_embedding = next();
-  for (int i = 0; i < n_layer; ++i) {
+  for (int i = 0; i < config.n_layer; ++i) {
     LayerParams l{};
     l.attn_norm = norms ? next() : nullptr;
     l.wqkv = next();
-    k += 2;  // wk, wv follow wq: one [3d, d] matrix
+    k += 2;  // wk, wv follow wq: one [d + 2 kv_dim, d] matrix
     l.wo = next();
     l.mlp_norm = norms ? next() : nullptr;
     l.w_gate_up = next();
@@ -65,7 +68,7 @@ Weights weights_in(float* base, const std::vector<ParamEntry>& layout, int n_lay
     w.layers.push_back(l);
   }
   w.final_norm = norms ? next() : nullptr;
-  w.lm_head = next();
+  w.lm_head = config.tie_embeddings ? w.tok_embedding : next();
   return w;
 }
 
@@ -107,17 +110,14 @@ CudaLlama::CudaLlama(Context& ctx, const ModelConfig& config, const CudaLlamaOpt
     : ctx_(ctx), config_(config), options_(options), layout_(llama_param_layout(config)) {
   check(config.dropout == 0.0,
         "--device cuda does not implement dropout yet: set dropout 0 (or train on the CPU)");
-  check(config.kv_heads() == config.n_head && !config.tie_embeddings,
-        "--device cuda does not implement grouped-query attention (n_kv_head < n_head) or "
-        "tie_embeddings yet: train on the CPU");
   num_params_ = layout_.back().offset + layout_.back().numel();
   const auto table =
       pion::layers::make_rope_table<float>(config.seq_len, config.head_dim(), config.rope_theta);
   impl_ = std::make_unique<Impl>(num_params_, table, config.seq_len, config.head_dim() / 2);
   impl_->params.zero();
   impl_->grads.zero();
-  impl_->w = weights_in(impl_->params.data(), layout_, config.n_layer, config.has_norm());
-  impl_->g = weights_in(impl_->grads.data(), layout_, config.n_layer, config.has_norm());
+  impl_->w = weights_in(impl_->params.data(), layout_, config);
+  impl_->g = weights_in(impl_->grads.data(), layout_, config);
 }
 
 CudaLlama::~CudaLlama() = default;
@@ -157,13 +157,14 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   if (batch == m.batch && seq == m.seq) return;
   const i64 n = static_cast<i64>(batch) * seq, d = c.d_model, f = c.ffn_size();
   const i64 v = c.vocab_size, h = c.n_head, L = c.n_layer;
+  const i64 qkv = d + 2 * static_cast<i64>(c.kv_dim());  // [q | k | v] row width
   const bool flash = o.attention == CudaAttention::Flash;
   const i64 keep = flash ? static_cast<i64>(layers::flash_attention_lse_elements(batch, seq, h))
                          : static_cast<i64>(batch) * h * seq * seq;
   const i64 attn_scratch =
       flash ? static_cast<i64>(layers::flash_attention_scratch_elements(batch, seq, h))
             : static_cast<i64>(batch) * h * seq * seq;
-  const i64 per_layer = n * d /*x_in*/ + n * d /*h1*/ + n /*rstd1*/ + 3 * n * d /*qkv*/ + keep +
+  const i64 per_layer = n * d /*x_in*/ + n * d /*h1*/ + n /*rstd1*/ + n * qkv /*qkv*/ + keep +
                         n * d /*att*/ + n * d /*x_mid*/ + n * d /*h2*/ + n /*rstd2*/ +
                         2 * n * f /*gu*/ + n * f /*act*/;
   const i64 tail = n * d /*x_final*/ + n * d /*h_final*/ + n /*rstd*/ + n * v /*logits*/ +
@@ -183,7 +184,7 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
     a.x_in = take(n * d);
     a.h1 = take(n * d);
     a.rstd1 = take(n);
-    a.qkv = take(3 * n * d);
+    a.qkv = take(n * qkv);
     a.attn_keep = take(keep);
     a.att = take(n * d);
     a.x_mid = take(n * d);
@@ -200,12 +201,12 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.proj = take(n * d);
 
   m.grad_acts = DeviceBuffer(static_cast<std::size_t>(
-      n * d /*dres*/ + n * d /*dh*/ + 3 * n * d /*dqkv*/ + n * d /*datt*/ + 2 * n * f /*dgu*/ +
+      n * d /*dres*/ + n * d /*dh*/ + n * qkv /*dqkv*/ + n * d /*datt*/ + 2 * n * f /*dgu*/ +
       n * f /*dact*/ + n * v /*dlogits*/ + attn_scratch));
   p = m.grad_acts.data();
   m.dres = take(n * d);
   m.dh = take(n * d);
-  m.dqkv = take(3 * n * d);
+  m.dqkv = take(n * qkv);
   m.datt = take(n * d);
   m.dgu = take(2 * n * f);
   m.dact = take(n * f);
@@ -218,7 +219,7 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.bf16.reset();
   if (o.matmul == MatmulPrecision::Bf16) {
     std::size_t need = 0;
-    for (auto [din, dout] : {std::pair<i64, i64>{d, 3 * d}, {d, d}, {d, 2 * f}, {f, d}, {d, v}})
+    for (auto [din, dout] : {std::pair<i64, i64>{d, qkv}, {d, d}, {d, 2 * f}, {f, d}, {d, v}})
       need = std::max(need, layers::linear_bf16_workspace_elements(n, din, dout));
     m.bf16 = std::make_unique<layers::Bf16Workspace>(need);
   }
@@ -255,7 +256,8 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
   m.targets.upload(targets.data(), targets.size());
 
   const i64 d = config_.d_model, f = config_.ffn_size(), h = config_.n_head;
-  const i64 hd = config_.head_dim();
+  const i64 hd = config_.head_dim(), kvh = config_.kv_heads();
+  const i64 qkv = d + 2 * static_cast<i64>(config_.kv_dim());  // [q | k | v] row width
   const double eps = config_.norm_eps;
   const MatmulPrecision mp = options_.matmul;
   layers::Bf16Workspace* ws = m.bf16.get();
@@ -283,13 +285,14 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     const LayerParams& w = m.w.layers[l];
     float* x_out = l + 1 < m.layer_acts.size() ? m.layer_acts[l + 1].x_in : m.x_final;
     if (norms) layers::rmsnorm_forward(ctx, a.h1, a.rstd1, a.x_in, w.attn_norm, n, d, eps);
-    layers::linear_forward(ctx, a.qkv, normed(a.h1, a.x_in), w.wqkv, n, d, 3 * d, mp, ws);
-    layers::rope_forward(ctx, a.qkv, m.rope, batch, seq, h, hd, 3 * d);
-    layers::rope_forward(ctx, a.qkv + d, m.rope, batch, seq, h, hd, 3 * d);
+    layers::linear_forward(ctx, a.qkv, normed(a.h1, a.x_in), w.wqkv, n, d, qkv, mp, ws);
+    // RoPE rotates the h query heads and the kvh key heads (never the values).
+    layers::rope_forward(ctx, a.qkv, m.rope, batch, seq, h, hd, qkv);
+    layers::rope_forward(ctx, a.qkv + d, m.rope, batch, seq, kvh, hd, qkv);
     if (flash)
-      layers::flash_attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd);
+      layers::flash_attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh);
     else
-      layers::attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, attn_mp);
+      layers::attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh, attn_mp);
     layers::linear_forward(ctx, m.proj, a.att, w.wo, n, d, d, mp, ws);
     layers::residual_forward(ctx, a.x_mid, a.x_in, m.proj, n * d);
     if (norms) layers::rmsnorm_forward(ctx, a.h2, a.rstd2, a.x_mid, w.mlp_norm, n, d, eps);
@@ -310,7 +313,9 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
   layers::cross_entropy(ctx, *m.loss, m.lse, m.dlogits, m.logits, m.targets.data(), n, v,
                         loss_scale);
 
-  // Backward, last layer first (src/model/llama.cpp's order).
+  // Backward, last layer first (src/model/llama.cpp's order). With tied embeddings g.lm_head
+  // is g.tok_embedding: the head's weight gradient lands there first and embedding_backward
+  // adds the lookup gradient at the end, both queued on the one stream (a fixed order).
   fill_zero(ctx, m.dh, n * d);
   layers::linear_backward(ctx, m.dh, m.g.lm_head, m.dlogits, normed(m.h_final, m.x_final),
                           m.w.lm_head, n, d, v, mp, ws);
@@ -332,18 +337,18 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     // Attention block: dres now holds dL/d(x_mid).
     fill_zero(ctx, m.datt, n * d);
     layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws);
-    fill_zero(ctx, m.dqkv, 3 * n * d);
+    fill_zero(ctx, m.dqkv, n * qkv);
     if (flash)
       layers::flash_attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.att, a.attn_keep,
-                                       a.qkv, batch, seq, h, hd);
+                                       a.qkv, batch, seq, h, hd, kvh);
     else
       layers::attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.attn_keep, a.qkv, batch,
-                                 seq, h, hd, attn_mp);
-    layers::rope_backward(ctx, m.dqkv, m.rope, batch, seq, h, hd, 3 * d);
-    layers::rope_backward(ctx, m.dqkv + d, m.rope, batch, seq, h, hd, 3 * d);
+                                 seq, h, hd, kvh, attn_mp);
+    layers::rope_backward(ctx, m.dqkv, m.rope, batch, seq, h, hd, qkv);
+    layers::rope_backward(ctx, m.dqkv + d, m.rope, batch, seq, kvh, hd, qkv);
     fill_zero(ctx, m.dh, n * d);
-    layers::linear_backward(ctx, m.dh, g.wqkv, m.dqkv, normed(a.h1, a.x_in), w.wqkv, n, d, 3 * d,
-                            mp, ws);
+    layers::linear_backward(ctx, m.dh, g.wqkv, m.dqkv, normed(a.h1, a.x_in), w.wqkv, n, d, qkv, mp,
+                            ws);
     norm_backward(g.attn_norm, a.x_in, w.attn_norm, a.rstd1);
   }
   layers::embedding_backward(ctx, m.g.tok_embedding, m.dres, m.tokens.data(), n, d);

@@ -1,10 +1,10 @@
 #pragma once
-// Fused causal multi-head self-attention on the GPU ("flash attention": online softmax, tiles
-// of queries and keys in shared memory), the long-context alternative to attention_forward /
-// attention_backward of pion/cuda/layers.h. Same layout and semantics, but the seq x seq
-// scores are never materialised: forward keeps only the per-row logsumexp (lse), and backward
-// recomputes the probabilities tile by tile from it. Memory is O(batch n_head seq) instead of
-// O(batch n_head seq^2).
+// Fused causal multi-head (or grouped-query) self-attention on the GPU ("flash attention":
+// online softmax, tiles of queries and keys in shared memory), the long-context alternative to
+// attention_forward / attention_backward of pion/cuda/layers.h. Same layout and semantics, but
+// the seq x seq scores are never materialised: forward keeps only the per-row logsumexp (lse),
+// and backward recomputes the probabilities tile by tile from it. Memory is O(batch n_head seq)
+// instead of O(batch n_head seq^2).
 //
 // fp32 throughout (inputs, outputs and arithmetic on CUDA cores; no tensor cores).
 // Conventions of layers.h: kernels are queued on the Context's stream with no allocation, no
@@ -33,18 +33,22 @@ std::size_t flash_attention_lse_elements(i64 batch, i64 seq, i64 n_head);
 // D_i = sum_c dout[i, c] out[i, c] per head).
 std::size_t flash_attention_scratch_elements(i64 batch, i64 seq, i64 n_head);
 
-// qkv [batch, seq, 3 d] rows [q | k | v] (d = n_head * head_dim, RoPE already applied; head h
-// in columns [h head_dim, (h+1) head_dim) of each part); out [batch, seq, d] (heads
-// concatenated) = softmax(q k^T / sqrt(head_dim), key j <= query i) v; lse [batch, n_head,
-// seq] = per-row logsumexp of those scaled, masked scores (kept for backward).
+// qkv [batch, seq, d + 2 kv] rows [q | k | v] (d = n_head * head_dim query columns, kv =
+// n_kv_head * head_dim key and value columns each, RoPE already applied; head h in columns
+// [h head_dim, (h+1) head_dim) of its part); out [batch, seq, d] (heads concatenated) =
+// softmax(q k^T / sqrt(head_dim), key j <= query i) v, where query head h uses K/V head
+// h / (n_head / n_kv_head) (grouped-query attention; n_kv_head must divide n_head, and
+// n_kv_head 0 or n_head is multi-head attention); lse [batch, n_head, seq] = per-row
+// logsumexp of those scaled, masked scores (kept for backward).
 void flash_attention_forward(Context& ctx, float* out, float* lse, const float* qkv, i64 batch,
-                             i64 seq, i64 n_head, i64 head_dim);
+                             i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head = 0);
 
-// dqkv [batch, seq, 3 d] += the gradient of the loss with respect to qkv, given dout (its
-// gradient with respect to out) and the forward's out and lse. scratch holds
+// dqkv [batch, seq, d + 2 kv] += the gradient of the loss with respect to qkv, given dout (its
+// gradient with respect to out) and the forward's out and lse; a K/V head's gradient is the
+// sum over the query heads of its group (one fixed order, no atomics). scratch holds
 // flash_attention_scratch_elements floats (overwritten).
 void flash_attention_backward(Context& ctx, float* dqkv, float* scratch, const float* dout,
                               const float* out, const float* lse, const float* qkv, i64 batch,
-                              i64 seq, i64 n_head, i64 head_dim);
+                              i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head = 0);
 
 }  // namespace pion::cuda::layers

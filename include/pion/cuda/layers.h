@@ -135,19 +135,25 @@ void rope_backward(Context& ctx, float* dx, const DeviceRopeTable& table, i64 ba
                    i64 n_head, i64 head_dim, i64 row_stride);
 
 // ---- causal multi-head self-attention (layout of pion::layers::attention_forward) -----------
-// qkv [batch, seq, 3 d] rows [q | k | v]; out [batch, seq, d]; probs [batch, n_head, seq, seq]
-// (softmax with key j <= query i, zeros above the diagonal; kept for backward).
+// qkv [batch, seq, d + 2 kv] rows [q | k | v] with d = n_head * head_dim query columns and
+// kv = n_kv_head * head_dim key and value columns each; out [batch, seq, d]; probs
+// [batch, n_head, seq, seq] (softmax with key j <= query i, zeros above the diagonal; kept for
+// backward). Grouped-query attention when n_kv_head < n_head (it must divide n_head): query
+// head h uses K/V head h / (n_head / n_kv_head), as HF's repeat_kv; n_kv_head 0 (or n_head) is
+// multi-head attention (qkv rows 3 d wide). Arguments in the CPU layer's order.
 // The straightforward version: per (batch, head) S = scale Q K^T and O = P V as strided-
-// batched cuBLAS GEMMs (one call per batch element over all heads) and a masked softmax
-// kernel between them. It materialises the seq x seq scores, which is fine at small seq;
-// a fused (flash-attention style, online softmax, no probs buffer) kernel is the next step
-// for long contexts. precision: Fp32 or Tf32 (Bf16 is rejected).
+// batched cuBLAS GEMMs and a masked softmax kernel between them. It materialises the
+// seq x seq scores, which is fine at small seq; flash_attention.h is the fused version for
+// long contexts. precision: Fp32 or Tf32 (Bf16 is rejected).
 void attention_forward(Context& ctx, float* out, float* probs, const float* qkv, i64 batch, i64 seq,
-                       i64 n_head, i64 head_dim, MatmulPrecision precision = MatmulPrecision::Fp32);
-// dqkv += gradient; scratch holds batch * n_head * seq * seq floats (overwritten).
+                       i64 n_head, i64 head_dim, i64 n_kv_head = 0,
+                       MatmulPrecision precision = MatmulPrecision::Fp32);
+// dqkv += gradient (a K/V head's gradient sums over the query heads of its group, in a fixed
+// order); scratch holds batch * n_head * seq * seq floats (overwritten).
 void attention_backward(Context& ctx, float* dqkv, float* scratch, const float* dout,
                         const float* probs, const float* qkv, i64 batch, i64 seq, i64 n_head,
-                        i64 head_dim, MatmulPrecision precision = MatmulPrecision::Fp32);
+                        i64 head_dim, i64 n_kv_head = 0,
+                        MatmulPrecision precision = MatmulPrecision::Fp32);
 
 // ---- SwiGLU: gu [n, 2 f] = [gate | up], out [n, f] = silu(gate) * up -------------------------
 void swiglu_forward(Context& ctx, float* out, const float* gu, i64 n, i64 f);

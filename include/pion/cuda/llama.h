@@ -12,6 +12,11 @@
 // version (scores [B, H, T, T] kept for backward) or the fused flash version (online
 // softmax; only a logsumexp per row is kept), picked by CudaAttention.
 //
+// Grouped-query attention (n_kv_head < n_head: wk, wv [kv_dim, d], qkv rows d + 2 kv_dim wide,
+// RoPE over n_head query and n_kv_head key heads) runs in both attention versions. With
+// tie_embeddings the LM head is tok_embedding (the layout has no lm_head): its gradient is the
+// head's weight gradient plus the lookup gradient, added into one buffer in a fixed order.
+//
 // Dropout is not implemented on the GPU: a config with dropout > 0 is rejected.
 //
 // Host C++ without CUDA types; built into pion_gpu (cuda/model/llama_cuda.cpp) only when the
