@@ -82,7 +82,8 @@ TEST(CudaTrain, ClearErrorWithoutGpu) {
 
 // One run of the parity test: the optimizer and extra train flags. "pion-variant" is issue
 // 11's GPU side end to end: a norm-free model with transported momentum and alternating sides
-// (its state slots m, v must survive the checkpoint moves below).
+// (its state slots m, v must survive the checkpoint moves below). "gqa-tied" is issue 14's:
+// one K/V head and the LM head tied to the embedding (one AdamW parameter beside Muon).
 struct ParityCase {
   std::string name, optimizer, extra;
 };
@@ -154,7 +155,8 @@ INSTANTIATE_TEST_SUITE_P(
                       ParityCase{"pion", "pion", ""},
                       ParityCase{"pion-variant", "pion",
                                  " --norm none --pion_momentum transported"
-                                 " --pion_update_side alternate"}),
+                                 " --pion_update_side alternate"},
+                      ParityCase{"gqa-tied", "muon", " --n_kv_head 1 --tie_embeddings true"}),
     [](const ::testing::TestParamInfo<ParityCase>& info) {
       std::string n = info.param.name;
       for (char& ch : n)
