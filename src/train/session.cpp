@@ -165,8 +165,24 @@ LoadedCheckpoint load_checkpoint(const std::string& path) {
   check_model_weights(file, "model.", model_config, "checkpoint '" + path + "'");
   out.model = std::make_unique<Llama<float>>(model_config);
   out.model->load_weights(file, "model.");
-  check(out.extra.contains("tokenizer"), "'" + path + "' does not name its tokenizer");
-  std::string tok = input::to_string(out.extra["tokenizer"], 4096,
+  out.tokenizer = load_checkpoint_tokenizer(file.metadata, out.extra, path);
+  check(out.tokenizer->vocab_size() == out.model->config().vocab_size,
+        "the tokenizer of checkpoint '" + path + "' has " +
+            std::to_string(out.tokenizer->vocab_size()) +
+            " tokens, which does not match the checkpoint's vocabulary size " +
+            std::to_string(out.model->config().vocab_size));
+  return out;
+}
+
+std::unique_ptr<Tokenizer> load_checkpoint_tokenizer(
+    const std::map<std::string, std::string>& metadata, const nlohmann::json& extra,
+    const std::string& path) {
+  if (auto it = metadata.find(kEmbeddedTokenizerKey); it != metadata.end())
+    return tokenizer_from_json(it->second, "checkpoint '" + path + "' metadata '" +
+                                               kEmbeddedTokenizerKey + "'");
+  check(extra.is_object() && extra.contains("tokenizer"),
+        "'" + path + "' does not name its tokenizer");
+  std::string tok = input::to_string(extra["tokenizer"], 4096,
                                      "checkpoint '" + path + "' pion.extra key 'tokenizer'");
   if (!fs::exists(tok)) {
     // The run directory may have moved: look beside the checkpoint.
@@ -174,10 +190,7 @@ LoadedCheckpoint load_checkpoint(const std::string& path) {
     check(fs::exists(beside), "tokenizer '" + tok + "' of checkpoint '" + path + "' is missing");
     tok = beside.string();
   }
-  out.tokenizer = load_tokenizer(tok);
-  check(out.tokenizer->vocab_size() == out.model->config().vocab_size,
-        "tokenizer '" + tok + "' does not match the checkpoint's vocabulary size");
-  return out;
+  return load_tokenizer(tok);
 }
 
 std::vector<std::string> generate(Llama<float>& model, const Tokenizer& tokenizer,
