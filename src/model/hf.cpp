@@ -1,12 +1,12 @@
 #include "pion/model/hf.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <set>
 
 #include "pion/core/error.h"
 #include "pion/core/input.h"
-#include "pion/model/llama.h"
 
 namespace pion::hf {
 
@@ -202,7 +202,7 @@ nlohmann::json config_to_hf(const ModelConfig& m, const std::string& torch_dtype
           {"torch_dtype", torch_dtype}};
 }
 
-std::vector<std::pair<std::string, std::string>> tensor_names(const ModelConfig& model) {
+std::string tensor_name(const std::string& n) {
   static const std::map<std::string, std::string> per_layer = {
       {"attn_norm.weight", "input_layernorm.weight"},
       {"attn.wq", "self_attn.q_proj.weight"},
@@ -213,28 +213,14 @@ std::vector<std::pair<std::string, std::string>> tensor_names(const ModelConfig&
       {"mlp.w_gate", "mlp.gate_proj.weight"},
       {"mlp.w_up", "mlp.up_proj.weight"},
       {"mlp.w_down", "mlp.down_proj.weight"}};
-  std::vector<std::pair<std::string, std::string>> out;
-  for (const ParamEntry& e : llama_param_layout(model)) {
-    const std::string& n = e.name;
-    std::string hf;
-    if (n == "tok_embedding.weight") {
-      hf = "model.embed_tokens.weight";
-    } else if (n == "final_norm.weight") {
-      hf = "model.norm.weight";
-    } else if (n == "lm_head.weight") {
-      hf = "lm_head.weight";
-    } else {
-      // layers.<i>.<rest>
-      const std::size_t dot = n.find('.', 7);
-      check(n.rfind("layers.", 0) == 0 && dot != std::string::npos,
-            "hf::tensor_names: unexpected parameter '" + n + "'");
-      const auto it = per_layer.find(n.substr(dot + 1));
-      check(it != per_layer.end(), "hf::tensor_names: unexpected parameter '" + n + "'");
-      hf = "model." + n.substr(0, dot + 1) + it->second;
-    }
-    out.emplace_back(n, hf);
-  }
-  return out;
+  if (n == "tok_embedding.weight") return "model.embed_tokens.weight";
+  if (n == "final_norm.weight") return "model.norm.weight";
+  if (n == "lm_head.weight") return "lm_head.weight";
+  // layers.<i>.<rest>
+  const std::size_t dot = n.rfind("layers.", 0) == 0 ? n.find('.', 7) : std::string::npos;
+  const auto it = dot == std::string::npos ? per_layer.end() : per_layer.find(n.substr(dot + 1));
+  check(it != per_layer.end(), "hf::tensor_name: unknown parameter " + input::describe(n));
+  return "model." + n.substr(0, dot + 1) + it->second;
 }
 
 }  // namespace pion::hf

@@ -105,6 +105,13 @@ HfWeights open_weights(const fs::path& dir) {
   return out;
 }
 
+// (pion name, HF name) of every parameter, in layout order.
+std::vector<std::pair<std::string, std::string>> hf_names(const std::vector<ParamEntry>& layout) {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (const ParamEntry& e : layout) out.emplace_back(e.name, hf::tensor_name(e.name));
+  return out;
+}
+
 bool same_values(const MappedSafetensors& fa, const SafetensorsEntry& a,
                  const MappedSafetensors& fb, const SafetensorsEntry& b) {
   return a.dtype == b.dtype && a.shape == b.shape && fa.bytes(a) == fb.bytes(b);
@@ -258,8 +265,8 @@ HfImportReport import_hf(const HfImportOptions& options) {
 
   // The weights: every tensor located, with its shape and dtype, before anything is allocated.
   HfWeights weights = open_weights(dir);
-  const auto names = hf::tensor_names(model);
   const auto layout = llama_param_layout(model);
+  const auto names = hf_names(layout);
   std::set<std::string> expected, dtypes;
   for (std::size_t i = 0; i < names.size(); ++i) {
     const std::string& hf_name = names[i].second;
@@ -377,8 +384,8 @@ HfExportReport export_hf(const HfExportOptions& options) {
       hf::config_to_hf(model, torch_dtype, tokenizer->bos_id(), tokenizer->eos_id());
 
   // Every weight present with its shape (the checkpoint's optimizer state is not exported).
-  const auto names = hf::tensor_names(model);
   const auto layout = llama_param_layout(model);
+  const auto names = hf_names(layout);
   std::vector<ExportTensor> tensors;
   std::size_t model_tensors = 0;
   for (const auto& e : ck.index().entries)

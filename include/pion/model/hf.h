@@ -38,8 +38,9 @@ HfConfig config_from_hf(const nlohmann::json& config, const std::string& source,
 nlohmann::json config_to_hf(const ModelConfig& model, const std::string& torch_dtype,
                             int bos_token_id = -1, int eos_token_id = -1);
 
-// (pion parameter name, HF tensor name) for every parameter of `model`, in llama.h's layout
-// order. Tied models have no lm_head (HF files of tied models usually omit lm_head.weight).
-std::vector<std::pair<std::string, std::string>> tensor_names(const ModelConfig& model);
+// The HF tensor name of a pion parameter name (llama.h's layout: "layers.3.attn.wq" ->
+// "model.layers.3.self_attn.q_proj.weight"); an unknown name is an error. Tied models have no
+// lm_head parameter, and HF files of tied models usually omit lm_head.weight too.
+std::string tensor_name(const std::string& pion_name);
 
 }  // namespace pion::hf
