@@ -41,6 +41,8 @@ struct Case {
   int shards;
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
+
 const std::vector<Case>& cases() {
   static const std::vector<Case> all = {
       {"mha_untied_fp32", R"({"vocab":300,"d":32,"layers":2,"heads":4,"ffn":64,"seq":16,"theta":10000.0})", "fp32", 1},

@@ -30,14 +30,14 @@ void add_import_hf_command(CLI::App& app) {
     const ModelConfig& m = r.model;
     std::printf(
         "imported %s (%s weights, %zu file%s): %d layers, d_model %d, %d heads (%d key/value), "
-        "ffn %d, vocab %d, seq_len %d%s, rope_theta %g, %s embeddings; %.1fM parameters "
+        "ffn %d, vocab %d, seq_len %d%s, rope_theta %g, %s embeddings; %lld parameters "
         "(%.2f GiB fp32) -> %s\n",
         options->dir.c_str(), r.dtypes.c_str(), r.files.size(), r.files.size() == 1 ? "" : "s",
         m.n_layer, m.d_model, m.n_head, m.kv_heads(), m.ffn_size(), m.vocab_size, m.seq_len,
         m.seq_len < r.max_position_embeddings
             ? (" (of " + std::to_string(r.max_position_embeddings) + ")").c_str()
             : "",
-        m.rope_theta, m.tie_embeddings ? "tied" : "untied", static_cast<double>(m.num_params()) / 1e6,
+        m.rope_theta, m.tie_embeddings ? "tied" : "untied", static_cast<long long>(m.num_params()),
         static_cast<double>(r.weight_bytes) / (1024.0 * 1024.0 * 1024.0), options->out.c_str());
   });
 }

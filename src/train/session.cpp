@@ -12,6 +12,7 @@
 #include "pion/core/safetensors.h"
 #include "pion/data/corpus.h"
 #include "pion/dist/communicator.h"
+#include "pion/model/mapped_weights.h"
 #include "pion/train/checkpoint.h"
 
 namespace pion {
@@ -151,7 +152,12 @@ Evaluator make_finetune_evaluator(FinetuneDataset dataset, const TrainConfig& co
 }
 
 LoadedCheckpoint load_checkpoint(const std::string& path) {
-  TensorFile file = load_safetensors(path);
+  // Mapped, not read: the weights go from the file straight into the model, so a large
+  // (e.g. imported) model is in memory once.
+  const MappedSafetensors mapped(path);
+  TensorFile file;  // the metadata only
+  file.metadata = mapped.index().metadata;
+  file.checksummed = mapped.index().checksummed;
   check_pion_checkpoint(file, path);
   LoadedCheckpoint out;
   apply_config_json(out.config, checkpoint_metadata(file, "pion.config", path));
@@ -162,9 +168,10 @@ LoadedCheckpoint load_checkpoint(const std::string& path) {
   // The model's shape comes from metadata: compare it with the tensors before allocating.
   const ModelConfig model_config =
       ModelConfig::from_json(checkpoint_metadata(file, "pion.model_config", path));
-  check_model_weights(file, "model.", model_config, "checkpoint '" + path + "'");
+  const std::string source = "checkpoint '" + path + "'";
+  check_model_weights(mapped, "model.", model_config, source);
   out.model = std::make_unique<Llama<float>>(model_config);
-  out.model->load_weights(file, "model.");
+  load_model_weights(*out.model, mapped, "model.", source);
   out.tokenizer = load_checkpoint_tokenizer(file.metadata, out.extra, path);
   check(out.tokenizer->vocab_size() == out.model->config().vocab_size,
         "the tokenizer of checkpoint '" + path + "' has " +
