@@ -281,6 +281,25 @@ TEST(HfImport, TokenizerIsTheModelsSentencePiece) {
   EXPECT_EQ(tok->sentencepiece_model(), bytes);
 }
 
+TEST(HfImport, SeqLenCapsMaxPositionEmbeddings) {
+  if (!have_numpy()) GTEST_SKIP() << test::python() << " cannot import numpy";
+  const std::string root = test::temp_dir("hf_seq");
+  const std::string dir = write_hf(root, cases()[0]);  // max_position_embeddings 16
+  for (const auto& [flag, expect] : std::vector<std::pair<std::string, int>>{
+           {"", 16}, {" --seq_len 8", 8}, {" --seq_len 1000", 16}}) {
+    const std::string ckpt = root + "/c" + std::to_string(expect) + "_" + std::to_string(flag.size()) + ".safetensors";
+    auto r = test::run_pion("import-hf " + dir + " --out " + ckpt + flag);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    const TensorFile f = load_safetensors(ckpt);
+    EXPECT_EQ(checkpoint_model(f, ckpt).seq_len, expect) << flag;
+    EXPECT_EQ(checkpoint_metadata(f, "pion.config", ckpt).at("seq_len"), expect) << flag;
+  }
+  auto bad = test::run_pion("import-hf " + dir + " --out " + root + "/x.safetensors --seq_len 0");
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_TRUE(test::single_error_line(bad.output)) << bad.output;
+  EXPECT_FALSE(fs::exists(root + "/x.safetensors"));
+}
+
 // ---- refusals: one line, exit 2, nothing written ---------------------------------------------
 
 namespace {
@@ -491,6 +510,15 @@ TEST(HfImport, FinetuneEvalSampleAndBitExactResume) {
     auto s = test::run_pion("sample --checkpoint " + c + " --prompt 'the ' --tokens 5 --seed 3");
     EXPECT_EQ(s.exit_code, 0) << s.output;
   }
+  // `pion rl --from` takes the imported checkpoint too.
+  auto rt = test::run_pion("make-task arithmetic --n 20 --max_digits 1 --answer_key answer --out " +
+                           root + "/rl.jsonl");
+  ASSERT_EQ(rt.exit_code, 0) << rt.output;
+  auto rl = test::run_pion("rl --from " + ckpt + " --tasks " + root + "/rl.jsonl --out_dir " + root +
+                           "/rl --max_iters 2 --rl_prompts_per_step 2 --rl_group_size 2 "
+                           "--rl_max_new_tokens 3 --eval_interval 0 --threads 1 --eval_examples 2");
+  EXPECT_EQ(rl.exit_code, 0) << rl.output;
+  EXPECT_TRUE(fs::exists(root + "/rl/checkpoint.safetensors"));
   auto ex = test::run_pion("export-hf " + root + "/fa/checkpoint.safetensors --out " + root + "/hf_out");
   ASSERT_EQ(ex.exit_code, 0) << ex.output;
   EXPECT_TRUE(fs::exists(root + "/hf_out/tokenizer.model"));
