@@ -465,10 +465,12 @@ TEST(HfExport, PionTrainedModelExportsConfigAndWeights) {
 
 // ---- the imported model is an ordinary checkpoint ----------------------------------------------
 
-TEST(HfImport, FinetuneEvalSampleAndBitExactResume) {
+namespace {
+
+void finetune_imported(const Case& c) {
   if (!have_numpy()) GTEST_SKIP() << test::python() << " cannot import numpy";
   const std::string root = test::temp_dir("hf_finetune");
-  const std::string dir = write_hf(root, cases()[0]);
+  const std::string dir = write_hf(root, c);
   const std::string ckpt = root + "/imported.safetensors";
   ASSERT_EQ(test::run_pion("import-hf " + dir + " --out " + ckpt).exit_code, 0);
   {
@@ -501,7 +503,7 @@ TEST(HfImport, FinetuneEvalSampleAndBitExactResume) {
   const Tensor& w0 = f0.tensors.at("model.layers.0.attn.wq");
   const Tensor& w1 = fa.tensors.at("model.layers.0.attn.wq");
   EXPECT_NE(0, std::memcmp(w0.raw(), w1.raw(), w0.nbytes()));
-  EXPECT_EQ(checkpoint_model(fa, "fa").rope_theta, 10000.0);
+  EXPECT_EQ(checkpoint_model(fa, "fa").rope_theta, nlohmann::json::parse(c.spec).at("theta").get<double>());
   // eval and sample take both the imported and the finetuned checkpoint; the finetuned one
   // exports back to HF.
   for (const std::string& c : {ckpt, root + "/fa/checkpoint.safetensors"}) {
@@ -526,6 +528,11 @@ TEST(HfImport, FinetuneEvalSampleAndBitExactResume) {
   ASSERT_EQ(re.exit_code, 0) << re.output;
   expect_same_model_tensors(root + "/fa/checkpoint.safetensors", root + "/re.safetensors");
 }
+
+}  // namespace
+
+TEST(HfImport, FinetuneEvalSampleAndBitExactResume) { finetune_imported(cases()[0]); }
+TEST(HfImport, FinetuneGqaTiedModel) { finetune_imported(cases()[5]); }
 
 // ---- the converters -----------------------------------------------------------------------------
 
