@@ -126,9 +126,14 @@ HfConfig config_from_hf(const nlohmann::json& config, const std::string& source,
       }
     }
   }
-  if (has("rope_scaling"))
-    refuse("rope_scaling " + input::describe(config.at("rope_scaling")) +
+  if (has("rope_scaling")) {
+    const nlohmann::json& r = config.at("rope_scaling");
+    std::string kind = input::describe(r);
+    for (const char* key : {"rope_type", "type"})
+      if (r.is_object() && r.contains(key)) kind = "of type " + input::describe(r.at(key));
+    refuse("rope_scaling " + kind +
            " is not implemented (pion's RoPE is unscaled; only null is accepted)");
+  }
   if (has("tie_word_embeddings"))
     m.tie_embeddings = input::to_bool(config.at("tie_word_embeddings"), where + " field 'tie_word_embeddings'");
   if (has("hidden_act")) {
