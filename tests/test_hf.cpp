@@ -167,6 +167,15 @@ TEST_P(HfParity, LogitsMatchTheHuggingFaceForward) {
   EXPECT_EQ(config.rope_theta, spec.at("theta").get<double>());
   EXPECT_EQ(config.tie_embeddings, spec.value("tied", false));
   EXPECT_EQ(config.kv_heads(), spec.value("kv_heads", spec.at("heads").get<int>()));
+  // pion.config agrees with the model config on every model key it carries.
+  const nlohmann::json train = checkpoint_metadata(file, "pion.config", ckpt);
+  const nlohmann::json model = config.to_json();
+  for (const char* key : {"n_layer", "n_head", "d_model", "ffn_hidden", "seq_len", "norm",
+                          "n_kv_head", "tie_embeddings", "rope_theta", "norm_eps"})
+    if (train.contains(key)) {
+      EXPECT_EQ(train.at(key), model.at(key)) << key;
+    }
+  EXPECT_EQ(train.at("tokenizer"), "bpe");
   if (!model_supported(config)) GTEST_SKIP() << kSkipModel;
 
   // Two rows of random tokens over the whole context.

@@ -335,6 +335,13 @@ HfImportReport import_hf(const HfImportOptions& options) {
   config.seq_len = model.seq_len;
   config.norm = "rmsnorm";
   config.dropout = 0.0;
+  // The model keys `pion train` also takes (where this build has them: n_kv_head,
+  // tie_embeddings, rope_theta, norm_eps), so pion.config agrees with pion.model_config.
+  const nlohmann::json model_json = model.to_json();
+  for (const ConfigKey& key : train_config_keys())
+    if (key.name == "n_kv_head" || key.name == "tie_embeddings" || key.name == "rope_theta" ||
+        key.name == "norm_eps")
+      set_config_value(config, key.name, model_json.at(key.name));
   config.out_dir = fs::path(options.out).parent_path().empty()
                        ? std::string(".")
                        : fs::path(options.out).parent_path().string();
