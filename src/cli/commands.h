@@ -16,6 +16,9 @@ void add_make_task_command(CLI::App& app);
 // `pion sweep`: src/cli/sweep.cpp (+ sweep_grid, sweep_runner, sweep_results).
 void add_sweep_command(CLI::App& app);
 void add_rl_command(CLI::App& app);
+// `pion import-hf`, `pion export-hf`: src/cli/import_hf.cpp, export_hf.cpp.
+void add_import_hf_command(CLI::App& app);
+void add_export_hf_command(CLI::App& app);
 // `pion bench optim` (and later `pion bench train`): src/cli/bench.cpp.
 void add_bench_command(CLI::App& app);
 

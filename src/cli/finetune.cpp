@@ -23,6 +23,7 @@ struct FinetuneArgs {
   std::string from;
   std::string tasks;
   bool resume = false;
+  int stop_after = 0;
   int eval_examples = 200;
 };
 
@@ -69,6 +70,7 @@ void run_finetune(const ConfigFlags& flags, const FinetuneArgs& args) {
   TrainInputs in;
   in.config = config;
   in.resume = args.resume;
+  in.stop_after = args.stop_after;
   in.extra_metadata = {{"mode", "finetune"}, {"tokenizer", tokenizer_copy}, {"from", args.from}, {"tasks", args.tasks}};
   in.train_source = make_finetune_source(train_set, config);
   const int eval_batches = static_cast<int>(std::min<std::int64_t>(config.eval_iters, (val.size() + config.batch_size - 1) / config.batch_size));
@@ -100,6 +102,9 @@ void add_finetune_command(CLI::App& app) {
       ->check(FiniteRange(1, 10000000))
       ->capture_default_str();
   cmd->add_flag("--resume", args->resume, "continue from <out_dir>/checkpoint.safetensors");
+  cmd->add_option("--stop_after", args->stop_after,
+                  "stop with a checkpoint after this many steps (continue with --resume)")
+      ->check(FiniteRange(0, 1 << 30));
   auto flags = add_config_flags(*cmd);
   cmd->callback([flags, args] { run_finetune(*flags, *args); });
 }

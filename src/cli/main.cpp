@@ -80,6 +80,8 @@ int main(int argc, char** argv) {
   pion::cli::add_optim_trace_command(app);
   pion::cli::add_bench_command(app);
   pion::cli::add_sweep_command(app);
+  pion::cli::add_import_hf_command(app);
+  pion::cli::add_export_hf_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::RuntimeError& e) {

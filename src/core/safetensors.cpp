@@ -1,10 +1,12 @@
 #include "pion/core/safetensors.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 #include <zlib.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -24,7 +26,15 @@ namespace {
 constexpr int kHeaderDepth = 4;
 constexpr const char* kZeroCrc = "00000000";
 
-DType parse_dtype(const std::string& name, const std::string& where) {
+// Element size of a dtype the index accepts; 0 for any other name.
+std::size_t index_dtype_size(const std::string& name) {
+  if (name == "F32" || name == "I32") return 4;
+  if (name == "F64") return 8;
+  if (name == "U16" || name == "BF16" || name == "F16") return 2;
+  return 0;
+}
+
+DType tensor_dtype(const std::string& name, const std::string& where) {
   if (name == "F32") return DType::F32;
   if (name == "F64") return DType::F64;
   if (name == "I32") return DType::I32;
@@ -99,12 +109,7 @@ void write_all(int fd, const char* data, std::size_t size, const std::string& pa
   }
 }
 
-struct Entry {
-  std::string name;
-  DType dtype;
-  Shape shape;
-  std::uint64_t begin, end;
-};
+using Entry = SafetensorsEntry;
 
 Entry parse_entry(const std::string& name, const nlohmann::json& entry, std::uint64_t data_size,
                   const std::string& where) {
@@ -112,7 +117,10 @@ Entry parse_entry(const std::string& name, const nlohmann::json& entry, std::uin
   check(entry.is_object() && entry.size() == 3 && entry.contains("dtype") &&
             entry.contains("shape") && entry.contains("data_offsets"),
         tw + ": the entry must hold exactly dtype, shape and data_offsets");
-  Entry e{name, parse_dtype(input::to_string(entry["dtype"], 16, tw + " dtype"), tw), {}, 0, 0};
+  Entry e{name, input::to_string(entry["dtype"], 16, tw + " dtype"), {}, 0, 0};
+  const std::size_t element = index_dtype_size(e.dtype);
+  check(element > 0, tw + ": unsupported dtype " + input::describe(e.dtype) +
+                         " (pion reads F32, F64, BF16, F16, I32, U16)");
   const auto& jshape = entry["shape"];
   const auto& joff = entry["data_offsets"];
   check(jshape.is_array() && jshape.size() <= 8, tw + ": shape must be an array of at most 8 dims");
@@ -130,14 +138,14 @@ Entry parse_entry(const std::string& name, const nlohmann::json& entry, std::uin
         tw + ": data_offsets [" + std::to_string(e.begin) + ", " + std::to_string(e.end) +
             ") fall outside the " + std::to_string(data_size) +
             "-byte data section (truncated file?)");
-  check(e.end - e.begin == numel * dtype_size(e.dtype),
+  check(e.end - e.begin == numel * element,
         tw + ": " + std::to_string(e.end - e.begin) + " bytes do not match shape " +
-            shape_string(e.shape) + " of " + dtype_name(e.dtype));
+            shape_string(e.shape) + " of " + e.dtype);
   return e;
 }
 
 // Checks pion's checksums (see the header); returns whether the file carried them.
-bool verify_checksums(const std::string& bytes, std::string_view header_text,
+bool verify_checksums(std::string_view bytes, std::string_view header_text,
                       const std::vector<Entry>& entries, const char* data,
                       std::map<std::string, std::string>& metadata, const std::string& where) {
   const auto file_it = metadata.find(kFileCrcKey);
@@ -215,7 +223,7 @@ void save_safetensors(const std::string& path, const TensorFile& file) {
   }
 }
 
-TensorFile parse_safetensors(const std::string& bytes, const std::string& source) {
+SafetensorsIndex parse_safetensors_index(std::string_view bytes, const std::string& source) {
   const std::string where = "safetensors file '" + source + "'";
   check(bytes.size() >= 8, where + " is too short (" + std::to_string(bytes.size()) +
                                " bytes) to hold a header; is it a safetensors file?");
@@ -235,8 +243,9 @@ TensorFile parse_safetensors(const std::string& bytes, const std::string& source
   const std::uint64_t data_size = bytes.size() - 8 - header_len;
   const char* data = bytes.data() + 8 + header_len;
 
-  TensorFile out;
-  std::vector<Entry> entries;
+  SafetensorsIndex out;
+  out.data_start = 8 + header_len;
+  std::vector<Entry>& entries = out.entries;
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") {
       check(entry.is_object(), where + ": __metadata__ must be an object of strings");
@@ -264,12 +273,159 @@ TensorFile parse_safetensors(const std::string& bytes, const std::string& source
   check(expect == data_size, where + " is corrupt: " + std::to_string(data_size - expect) +
                                  " bytes after the last tensor (header length or data damaged)");
   out.checksummed = verify_checksums(bytes, header_text, entries, data, out.metadata, where);
-  for (const auto& e : entries) {
-    Tensor t = Tensor::empty(e.shape, e.dtype);
+  return out;
+}
+
+TensorFile parse_safetensors(const std::string& bytes, const std::string& source) {
+  const std::string where = "safetensors file '" + source + "'";
+  SafetensorsIndex index = parse_safetensors_index(bytes, source);
+  TensorFile out;
+  out.metadata = std::move(index.metadata);
+  out.checksummed = index.checksummed;
+  std::vector<DType> dtypes;
+  for (const auto& e : index.entries)
+    dtypes.push_back(tensor_dtype(e.dtype, where + ", tensor " + input::describe(e.name)));
+  const char* data = bytes.data() + index.data_start;
+  for (std::size_t i = 0; i < index.entries.size(); ++i) {
+    const Entry& e = index.entries[i];
+    Tensor t = Tensor::empty(e.shape, dtypes[i]);
     if (t.nbytes() > 0) std::memcpy(t.raw(), data + e.begin, t.nbytes());
     out.tensors.emplace(e.name, std::move(t));
   }
   return out;
+}
+
+// ---- MappedSafetensors ----------------------------------------------------------------------
+
+MappedSafetensors::MappedSafetensors(const std::string& path) : path_(path) {
+  const std::uint64_t size = input::regular_file_size(path, "safetensors file");
+  check(size >= 8, "safetensors file '" + path + "' is too short (" + std::to_string(size) +
+                       " bytes) to hold a header; is it a safetensors file?");
+  check(size <= (std::uint64_t{1} << 40),
+        "safetensors file '" + path + "' is larger than 1 TiB; refusing it");
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  check(fd >= 0, "cannot open '" + path + "': " + std::strerror(errno));
+  void* p = ::mmap(nullptr, static_cast<std::size_t>(size), PROT_READ, MAP_PRIVATE, fd, 0);
+  const int mmap_errno = errno;
+  ::close(fd);  // the mapping keeps the file
+  check(p != MAP_FAILED, "cannot map '" + path + "': " + std::strerror(mmap_errno));
+  data_ = static_cast<const char*>(p);
+  size_ = static_cast<std::size_t>(size);
+  try {
+    index_ = parse_safetensors_index(std::string_view(data_, size_), path);
+  } catch (...) {
+    ::munmap(const_cast<char*>(data_), size_);
+    throw;
+  }
+}
+
+MappedSafetensors::~MappedSafetensors() {
+  if (data_ != nullptr) ::munmap(const_cast<char*>(data_), size_);
+}
+
+const SafetensorsEntry* MappedSafetensors::find(const std::string& name) const {
+  for (const auto& e : index_.entries)
+    if (e.name == name) return &e;
+  return nullptr;
+}
+
+std::string_view MappedSafetensors::bytes(const SafetensorsEntry& e) const {
+  return {data_ + index_.data_start + e.begin, static_cast<std::size_t>(e.end - e.begin)};
+}
+
+void MappedSafetensors::read_f32(const SafetensorsEntry& e, float* dst) const {
+  const std::string_view b = bytes(e);
+  convert_to_f32(e.dtype, b.data(), static_cast<std::size_t>(shape_numel(e.shape)), dst,
+                 "safetensors file '" + path_ + "', tensor " + input::describe(e.name));
+}
+
+// ---- dtype conversion ------------------------------------------------------------------------
+
+namespace {
+
+float f16_to_f32(std::uint16_t h) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
+  const std::uint32_t exp = (h >> 10) & 0x1fu;
+  const std::uint32_t man = h & 0x3ffu;
+  std::uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: man * 2^-24, exact in fp32
+      const float v = static_cast<float>(man) * 0x1p-24f;
+      std::memcpy(&bits, &v, 4);
+      bits |= sign;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+}  // namespace
+
+void convert_to_f32(const std::string& dtype, const char* src, std::size_t n, float* dst,
+                    const std::string& where) {
+  if (dtype == "F32") {
+    if (n > 0) std::memcpy(dst, src, n * 4);
+  } else if (dtype == "F64") {
+    for (std::size_t i = 0; i < n; ++i) {
+      double v;
+      std::memcpy(&v, src + 8 * i, 8);
+      dst[i] = static_cast<float>(v);
+    }
+  } else if (dtype == "BF16") {
+    for (std::size_t i = 0; i < n; ++i) {
+      std::uint16_t h;
+      std::memcpy(&h, src + 2 * i, 2);
+      const std::uint32_t bits = static_cast<std::uint32_t>(h) << 16;
+      std::memcpy(dst + i, &bits, 4);
+    }
+  } else if (dtype == "F16") {
+    for (std::size_t i = 0; i < n; ++i) {
+      std::uint16_t h;
+      std::memcpy(&h, src + 2 * i, 2);
+      dst[i] = f16_to_f32(h);
+    }
+  } else {
+    throw Error(where + ": dtype " + input::describe(dtype) +
+                " is not a floating-point type pion converts (F32, F64, BF16, F16)");
+  }
+}
+
+std::uint16_t f32_to_bf16(float value) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((bits >> 16) | 0x40u);  // NaN stays NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
+  return static_cast<std::uint16_t>(bits >> 16);
+}
+
+std::uint16_t f32_to_f16(float value) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  const std::uint16_t sign = static_cast<std::uint16_t>((bits >> 16) & 0x8000u);
+  const std::uint32_t abs = bits & 0x7fffffffu;
+  if (abs > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
+  if (abs < 0x38800000u) {
+    // Below the smallest normal half (2^-14): a subnormal multiple of 2^-24, rounded to
+    // nearest even by the fp32 addition of 0.5 (exact: the magnitude is below 2^-14).
+    float a;
+    std::memcpy(&a, &abs, 4);
+    const float scaled = a * 0x1p24f;  // in [0, 1024): the subnormal's mantissa
+    const float rounded = std::nearbyint(scaled);
+    return static_cast<std::uint16_t>(sign | static_cast<std::uint16_t>(rounded));
+  }
+  // Normal: rebias the exponent and round the 13 dropped mantissa bits to nearest even.
+  std::uint32_t h = ((abs >> 13) - (112u << 10));
+  const std::uint32_t rest = abs & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // may carry into the exponent: correct
+  return static_cast<std::uint16_t>(sign | h);
 }
 
 TensorFile load_safetensors(const std::string& path) {

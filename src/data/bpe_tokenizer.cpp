@@ -96,6 +96,9 @@ class BpeTokenizer final : public Tokenizer {
                         {"sentencepiece_model_base64", base64_encode(model_bytes_)}};
     return j.dump(1) + "\n";
   }
+  std::string sentencepiece_model() const override { return model_bytes_; }
+  int bos_id() const override { return processor_.bos_id(); }
+  int eos_id() const override { return processor_.eos_id(); }
 
  private:
   std::string model_bytes_;

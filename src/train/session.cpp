@@ -12,6 +12,7 @@
 #include "pion/core/safetensors.h"
 #include "pion/data/corpus.h"
 #include "pion/dist/communicator.h"
+#include "pion/model/mapped_weights.h"
 #include "pion/train/checkpoint.h"
 
 namespace pion {
@@ -155,7 +156,12 @@ Evaluator make_finetune_evaluator(FinetuneDataset dataset, const TrainConfig& co
 }
 
 LoadedCheckpoint load_checkpoint(const std::string& path) {
-  TensorFile file = load_safetensors(path);
+  // Mapped, not read: the weights go from the file straight into the model, so a large
+  // (e.g. imported) model is in memory once.
+  const MappedSafetensors mapped(path);
+  TensorFile file;  // the metadata only
+  file.metadata = mapped.index().metadata;
+  file.checksummed = mapped.index().checksummed;
   check_pion_checkpoint(file, path);
   LoadedCheckpoint out;
   apply_config_json(out.config, checkpoint_metadata(file, "pion.config", path));
@@ -166,11 +172,28 @@ LoadedCheckpoint load_checkpoint(const std::string& path) {
   // The model's shape comes from metadata: compare it with the tensors before allocating.
   const ModelConfig model_config =
       ModelConfig::from_json(checkpoint_metadata(file, "pion.model_config", path));
-  check_model_weights(file, "model.", model_config, "checkpoint '" + path + "'");
+  const std::string source = "checkpoint '" + path + "'";
+  check_model_weights(mapped, "model.", model_config, source);
   out.model = std::make_unique<Llama<float>>(model_config);
-  out.model->load_weights(file, "model.");
-  check(out.extra.contains("tokenizer"), "'" + path + "' does not name its tokenizer");
-  std::string tok = input::to_string(out.extra["tokenizer"], 4096,
+  load_model_weights(*out.model, mapped, "model.", source);
+  out.tokenizer = load_checkpoint_tokenizer(file.metadata, out.extra, path);
+  check(out.tokenizer->vocab_size() == out.model->config().vocab_size,
+        "the tokenizer of checkpoint '" + path + "' has " +
+            std::to_string(out.tokenizer->vocab_size()) +
+            " tokens, which does not match the checkpoint's vocabulary size " +
+            std::to_string(out.model->config().vocab_size));
+  return out;
+}
+
+std::unique_ptr<Tokenizer> load_checkpoint_tokenizer(
+    const std::map<std::string, std::string>& metadata, const nlohmann::json& extra,
+    const std::string& path) {
+  if (auto it = metadata.find(kEmbeddedTokenizerKey); it != metadata.end())
+    return tokenizer_from_json(it->second, "checkpoint '" + path + "' metadata '" +
+                                               kEmbeddedTokenizerKey + "'");
+  check(extra.is_object() && extra.contains("tokenizer"),
+        "'" + path + "' does not name its tokenizer");
+  std::string tok = input::to_string(extra["tokenizer"], 4096,
                                      "checkpoint '" + path + "' pion.extra key 'tokenizer'");
   if (!fs::exists(tok)) {
     // The run directory may have moved: look beside the checkpoint.
@@ -178,10 +201,7 @@ LoadedCheckpoint load_checkpoint(const std::string& path) {
     check(fs::exists(beside), "tokenizer '" + tok + "' of checkpoint '" + path + "' is missing");
     tok = beside.string();
   }
-  out.tokenizer = load_tokenizer(tok);
-  check(out.tokenizer->vocab_size() == out.model->config().vocab_size,
-        "tokenizer '" + tok + "' does not match the checkpoint's vocabulary size");
-  return out;
+  return load_tokenizer(tok);
 }
 
 std::vector<std::string> generate(Llama<float>& model, const Tokenizer& tokenizer,

@@ -19,7 +19,9 @@
 //   {"format": "pion-tokenizer", "version": 1, "kind": "char"|"byte"|"bpe", ...}
 // with "vocab": [one-character strings in id order] for char, and
 // "sentencepiece_model_base64": the serialized SentencePiece ModelProto for bpe.
-// load_tokenizer also accepts a raw SentencePiece ".model" file.
+// load_tokenizer also accepts a raw SentencePiece ".model" file, e.g. a LLaMA tokenizer.model
+// (pion import-hf); such a model keeps its own normaliser and special pieces (LLaMA's <s>, </s>
+// are control pieces: never produced by encode, dropped by decode).
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -42,6 +44,14 @@ class Tokenizer {
   void save(const std::string& path) const;
   // The JSON text save() writes.
   virtual std::string to_json() const = 0;
+  // bpe: the serialized SentencePiece ModelProto (a tokenizer.model file's bytes); "" for
+  // char and byte.
+  virtual std::string sentencepiece_model() const { return ""; }
+  // The SentencePiece model's beginning/end-of-sequence control pieces, -1 when it has none
+  // (char, byte and pion-trained bpe never do). encode() never emits them: pion adds no BOS or
+  // EOS to any text (see README, "Finetune an existing model").
+  virtual int bos_id() const { return -1; }
+  virtual int eos_id() const { return -1; }
 };
 
 // True when this build can train and load bpe tokenizers.

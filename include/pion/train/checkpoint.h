@@ -9,6 +9,9 @@
 // and JSON metadata: pion.train (format, step, best val loss, tokens seen, wall seconds,
 // the data source's state, the dropout RNG), pion.config (the TrainConfig), pion.model_config,
 // pion.extra (tokenizer path, mode, ...), plus the optimizers' own optim.* entries.
+// A checkpoint may instead carry its tokenizer itself, as the JSON text Tokenizer::save writes,
+// under pion.tokenizer (what `pion import-hf` writes: one self-contained file); load_checkpoint
+// (session.h) prefers it to the path in pion.extra.
 #include <array>
 #include <cstdint>
 #include <limits>
@@ -23,6 +26,8 @@
 #include "pion/train/config.h"
 
 namespace pion {
+
+inline constexpr const char* kEmbeddedTokenizerKey = "pion.tokenizer";
 
 // Where a run stands; saved in every checkpoint.
 struct TrainProgress {

@@ -2,6 +2,7 @@
 // What the `pion` subcommands share: resolving a config's data into a prepared dataset,
 // adapting the data loaders to the trainer's BatchSource, validation evaluators, loading a
 // model back from a checkpoint, and sampling text from a model.
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -42,6 +43,12 @@ struct LoadedCheckpoint {
   std::unique_ptr<Tokenizer> tokenizer;
 };
 LoadedCheckpoint load_checkpoint(const std::string& path);
+// The tokenizer of the checkpoint at `path` with this metadata and pion.extra: the one embedded
+// under pion.tokenizer (checkpoint.h), else the file pion.extra's "tokenizer" names, else
+// tokenizer.json beside the checkpoint (a moved run directory).
+std::unique_ptr<Tokenizer> load_checkpoint_tokenizer(
+    const std::map<std::string, std::string>& metadata, const nlohmann::json& extra,
+    const std::string& path);
 
 struct SampleOptions {
   int max_new_tokens = 200;
