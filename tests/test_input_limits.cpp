@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -16,8 +17,11 @@
 #include "pion/core/input.h"
 #include "pion/core/safetensors.h"
 #include "pion/data/text_io.h"
+#include "pion/core/random.h"
 #include "pion/model/config.h"
+#include "pion/model/llama.h"
 #include "pion/model/memory.h"
+#include "pion/train/build_optimizer.h"
 #include "pion/train/config.h"
 
 using namespace pion;
@@ -306,6 +310,57 @@ TEST(MemoryGuard, RefusesABatchThatCannotFit) {
   const MemoryLimit real = process_memory_limit();
   EXPECT_GT(real.bytes, std::uint64_t{1} << 26) << real.source;
   EXPECT_FALSE(real.source.empty());
+}
+
+// The trainer's guard counts the optimizer state its optimizers will keep: planned before the
+// first step = what one step allocates, for every optimizer and the Pion variants whose state
+// differs; and a limit that AdamW's two moments fit under stops Pion's larger default state.
+TEST(MemoryGuard, OptimizerStateIsCountedAsTheOptimizersWillKeepIt) {
+  ModelConfig m;
+  m.vocab_size = 32;
+  m.n_layer = 1;
+  m.n_head = 2;
+  m.d_model = 32;
+  m.ffn_hidden = 128;
+  m.seq_len = 8;
+  Llama<float> model(m);
+  Rng rng(7);
+  for (float& g : model.grads().span<float>()) g = static_cast<float>(rng.normal());
+  for (float& w : model.params().span<float>()) w = 0.1f * static_cast<float>(rng.normal());
+  struct Case {
+    std::string optimizer, momentum, side, normalizer;
+  };
+  std::map<std::string, std::size_t> planned;
+  for (const Case& c : std::vector<Case>{{"adamw", "lie", "both", "adam"},
+                                         {"muon", "lie", "both", "adam"},
+                                         {"pion", "lie", "both", "adam"},
+                                         {"pion", "lie", "left", "adam"},
+                                         {"pion", "ambient", "both", "adam"},
+                                         {"pion", "lie", "alternate", "msign"}}) {
+    TrainConfig cfg;
+    cfg.optimizer = c.optimizer;
+    cfg.pion_momentum = c.momentum;
+    cfg.pion_update_side = c.side;
+    cfg.pion_normalizer = c.normalizer;
+    const std::string name = c.optimizer + "/" + c.momentum + "/" + c.side + "/" + c.normalizer;
+    OptimizerSet set = build_optimizers(cfg, model.named_params());
+    const std::size_t plan = set.planned_state_bytes();
+    EXPECT_EQ(set.state_bytes(), 0u) << name << ": state is created lazily";
+    ASSERT_TRUE(set.step()) << name;
+    EXPECT_EQ(set.state_bytes(), plan) << name;
+    planned[name] = plan;
+  }
+  const std::size_t adamw = planned["adamw/lie/both/adam"];
+  const std::size_t pion = planned["pion/lie/both/adam"];
+  EXPECT_GT(pion, adamw) << "the [128, 32] MLP matrices keep 2 (m^2 + n^2) floats each";
+  EXPECT_LT(planned["pion/lie/left/adam"], pion);
+  // A limit between the two: AdamW's state fits, Pion's does not, and the error says so.
+  const MemoryEstimate base = estimate_memory(m, 2, 8, true, 4, 0);
+  const MemoryLimit limit{base.total() + (adamw + pion) / 2, "a test limit"};
+  EXPECT_NO_THROW(check_training_memory(m, 2, 8, adamw, "pion train", limit));
+  expect_error([&] { check_training_memory(m, 2, 8, pion, "pion train", limit); },
+               {"pion train", "of optimizer state", "a test limit",
+                "an optimizer with less state"});
 }
 
 // ---- through the binary ----------------------------------------------------------------------

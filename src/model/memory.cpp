@@ -3,6 +3,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <limits>
 
@@ -44,15 +45,18 @@ std::string gib(std::uint64_t bytes) {
 }  // namespace
 
 MemoryEstimate estimate_memory(const ModelConfig& config, std::int64_t rows, std::int64_t seq,
-                               bool training, int element_bytes) {
+                               bool training, int element_bytes, std::int64_t optimizer_bytes) {
   const double eb = element_bytes;
   const double params = static_cast<double>(config.num_params());
   MemoryEstimate e;
   // Llama allocates the parameter and the gradient buffer together, whatever it is used for.
   e.weights = to_bytes(params, eb);
   e.grads = to_bytes(params, eb);
-  // AdamW keeps two moments per parameter; Muon and Pion keep no more than that.
-  e.optimizer = training ? to_bytes(2 * params, 4) : 0;
+  // AdamW keeps two moments per parameter; Muon keeps one. Pion's state depends on the variant
+  // and the shapes (up to 2 (m^2 + n^2) per [m, n] matrix), so its callers pass it in.
+  if (training)
+    e.optimizer = optimizer_bytes >= 0 ? static_cast<std::uint64_t>(optimizer_bytes)
+                                       : to_bytes(2 * params, 4);
 
   // The buffers of Llama<T>::ensure_buffers (src/model/llama.cpp), allocated on the first
   // forward() of a (rows, seq) shape.
@@ -92,16 +96,41 @@ MemoryLimit process_memory_limit() {
   return limit;
 }
 
-void check_batch_memory(const ModelConfig& config, std::int64_t rows, std::int64_t seq,
-                        bool training, const std::string& what, const MemoryLimit& limit) {
-  const MemoryEstimate e = estimate_memory(config, rows, seq, training);
+namespace {
+void check_estimate(const MemoryEstimate& e, std::int64_t rows, std::int64_t seq, bool training,
+                    const std::string& what, const MemoryLimit& limit) {
   if (e.total() <= limit.bytes) return;
   const std::uint64_t model = add(add(e.weights, e.grads), e.optimizer);
+  const std::string parts =
+      training ? gib(add(e.weights, e.grads)) + " of weights and gradients and " +
+                     gib(e.optimizer) + " of optimizer state"
+               : gib(model) + " of weights and gradients";
   throw Error(what + ": batch_size " + std::to_string(rows) + " x seq_len " + std::to_string(seq) +
               " needs about " + gib(e.activations) + " for activations (" + gib(e.total()) +
-              " in all with the model's " + gib(model) + " of weights, gradients" +
-              (training ? " and optimizer state" : "") + "); this process may use " +
-              gib(limit.bytes) + " (" + limit.source + "); lower batch_size or seq_len");
+              " in all with the model's " + parts + "); this process may use " +
+              gib(limit.bytes) + " (" + limit.source + "); lower batch_size or seq_len" +
+              (training ? ", or use an optimizer with less state (README: memory per optimizer)"
+                        : ""));
+}
+}  // namespace
+
+void check_batch_memory(const ModelConfig& config, std::int64_t rows, std::int64_t seq,
+                        bool training, const std::string& what, const MemoryLimit& limit) {
+  check_estimate(estimate_memory(config, rows, seq, training), rows, seq, training, what, limit);
+}
+
+void check_training_memory(const ModelConfig& config, std::int64_t rows, std::int64_t seq,
+                           std::uint64_t optimizer_bytes, const std::string& what,
+                           const MemoryLimit& limit) {
+  const auto bytes = static_cast<std::int64_t>(
+      std::min<std::uint64_t>(optimizer_bytes, std::numeric_limits<std::int64_t>::max()));
+  check_estimate(estimate_memory(config, rows, seq, true, 4, bytes), rows, seq, true, what,
+                 limit);
+}
+
+void check_training_memory(const ModelConfig& config, std::int64_t rows, std::int64_t seq,
+                           std::uint64_t optimizer_bytes, const std::string& what) {
+  check_training_memory(config, rows, seq, optimizer_bytes, what, process_memory_limit());
 }
 
 void check_batch_memory(const ModelConfig& config, std::int64_t rows, std::int64_t seq,

@@ -46,6 +46,12 @@ void OptimizerSet::set_lr_factor(double factor) {
   for (auto& o : optimizers_) o->set_lr_factor(factor);
 }
 
+std::size_t OptimizerSet::planned_state_bytes() const {
+  std::size_t b = 0;
+  for (const auto& o : optimizers_) b += o->planned_state_bytes();
+  return b;
+}
+
 std::size_t OptimizerSet::state_bytes() const {
   std::size_t b = 0;
   for (const auto& o : optimizers_) b += o->state_bytes();

@@ -99,6 +99,15 @@ void Optimizer::set_counters(std::int64_t steps, std::int64_t skipped_steps) {
   skipped_steps_ = skipped_steps;
 }
 
+std::size_t Optimizer::planned_state_bytes() const {
+  std::size_t bytes = 0;
+  for (const auto& g : groups_)
+    for (const auto& p : g.params)
+      for (const auto& slot : param_state_slots(p))
+        bytes += static_cast<std::size_t>(shape_numel(slot.shape)) * sizeof(float);
+  return bytes;
+}
+
 std::size_t Optimizer::state_bytes() const {
   std::size_t bytes = 0;
   for (const auto& [name, s] : state_)

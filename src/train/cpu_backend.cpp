@@ -65,8 +65,6 @@ class CpuBackend final : public TrainBackend {
         params_(model.named_params()),
         local_rows_(cfg.batch_size / comm_.size()) {
     const int world = comm_.size();
-    // Refuses a batch whose activations cannot fit before the first forward() allocates them.
-    check_batch_memory(model.config(), cfg.batch_size / world, cfg.seq_len, true, "pion train");
     if (cfg.threads > 0) {
       omp_set_num_threads(cfg.threads);
       openblas_set_num_threads(cfg.threads);
@@ -80,6 +78,11 @@ class CpuBackend final : public TrainBackend {
       if (r == comm_.rank()) owned_.insert(name);
     optimizers_ =
         build_optimizers(cfg, params_, [&](const Param& p) { return owned_.count(p.name) > 0; });
+    // Refuses a batch that cannot fit, with this rank's optimizer state as its optimizers will
+    // keep it (Pion's depends on the variant and the shapes), before the first forward() or
+    // step() allocates anything.
+    check_training_memory(model.config(), cfg.batch_size / world, cfg.seq_len,
+                          optimizers_.planned_state_bytes(), "pion train");
     for (auto& p : params_)
       if (auto it = plan_.owner.find(p.name); it != plan_.owner.end())
         weight_ranges_.push_back(

@@ -19,7 +19,7 @@ namespace pion {
 struct MemoryEstimate {
   std::uint64_t weights = 0;      // the parameter buffer
   std::uint64_t grads = 0;        // the gradient buffer (training only)
-  std::uint64_t optimizer = 0;    // optimizer state, at most two moments per parameter
+  std::uint64_t optimizer = 0;    // optimizer state (two moments per parameter unless given)
   std::uint64_t activations = 0;  // forward activations + backward scratch of one batch
   // The sum, saturating at UINT64_MAX (an estimate for an absurd shape is "too much", never a
   // small wrapped-around number).
@@ -33,9 +33,12 @@ struct MemoryEstimate {
 
 // The estimate for `rows` sequences of `seq` tokens with `element_bytes`-byte elements (4 for
 // Llama<float>). `training` adds gradients, optimizer state and the backward scratch. Saturates
-// instead of overflowing.
+// instead of overflowing. `optimizer_bytes` is the optimizer state when the caller knows it
+// (OptimizerSet::planned_state_bytes: Pion's default keeps 2 (m^2 + n^2) floats for an [m, n]
+// matrix, about 3x AdamW's on an MLP matrix); < 0 assumes AdamW's two moments per parameter.
 MemoryEstimate estimate_memory(const ModelConfig& config, std::int64_t rows, std::int64_t seq,
-                               bool training, int element_bytes = 4);
+                               bool training, int element_bytes = 4,
+                               std::int64_t optimizer_bytes = -1);
 
 struct MemoryLimit {
   std::uint64_t bytes = 0;  // UINT64_MAX when nothing limits it
@@ -55,5 +58,12 @@ void check_batch_memory(const ModelConfig& config, std::int64_t rows, std::int64
 // The same against process_memory_limit().
 void check_batch_memory(const ModelConfig& config, std::int64_t rows, std::int64_t seq,
                         bool training, const std::string& what);
+// A training batch with the optimizer state the caller computed (the trainer's back end, once
+// its optimizers exist), against `limit` or process_memory_limit().
+void check_training_memory(const ModelConfig& config, std::int64_t rows, std::int64_t seq,
+                           std::uint64_t optimizer_bytes, const std::string& what,
+                           const MemoryLimit& limit);
+void check_training_memory(const ModelConfig& config, std::int64_t rows, std::int64_t seq,
+                           std::uint64_t optimizer_bytes, const std::string& what);
 
 }  // namespace pion

@@ -36,6 +36,7 @@ class OptimizerSet {
   // Restores the set-level count (a GPU run keeps its own and copies it here to save).
   void set_skipped_steps(std::int64_t skipped) { skipped_steps_ = skipped; }
   std::size_t state_bytes() const;
+  std::size_t planned_state_bytes() const;  // see Optimizer::planned_state_bytes
   std::vector<std::unique_ptr<Optimizer>>& optimizers() { return optimizers_; }
   const std::vector<std::unique_ptr<Optimizer>>& optimizers() const { return optimizers_; }
   // Optimizer i's state is stored under the prefix "optim.<i>.".

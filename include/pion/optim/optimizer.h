@@ -86,6 +86,9 @@ class Optimizer {
   Shape state_shape(const std::string& key, const Shape& param) const;
   // Bytes of optimizer state (all StateMaps).
   std::size_t state_bytes() const;
+  // Bytes the state will take once every parameter has stepped (state is created lazily, so
+  // state_bytes() is 0 before the first step): param_state_slots of every parameter, fp32.
+  std::size_t planned_state_bytes() const;
 
   // State dict. Tensors are stored as "<prefix><param name>.<state key>"; one metadata entry
   // "<prefix>meta" holds a JSON object with kind, step counters and each group's
