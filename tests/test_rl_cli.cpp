@@ -154,6 +154,10 @@ TEST(RlCli, BadInputIsOneLineErrorExit2) {
        "grad_accum"},
       {base + "--tasks " + f.tasks + " --seq_len 25", "context of 24"},
       {base + "--tasks " + f.tasks + " --d_model 64", "'d_model' comes from the checkpoint"},
+      // finetune shares config_from_checkpoint: the same refusal for a longer context.
+      {"finetune --from " + f.ckpt + " --tasks " + dir + "/no_answer.jsonl --out_dir " + dir +
+           "/bad_ft --max_iters 1 --seq_len 25",
+       "finetune: seq_len 25 is longer than the model's context of 24"},
   };
   for (const auto& c : cases) {
     auto r = test::run_pion(c.args);
