@@ -16,6 +16,7 @@
 #include <set>
 
 #include "helpers.h"
+#include "pion/core/random.h"
 #include "pion/core/safetensors.h"
 #include "pion/dist/communicator.h"
 #include "pion/dist/shard.h"
@@ -319,6 +320,141 @@ TEST(DistErrors, GlobalBatchMustDivideAmongRanks) {
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.output.find("must be divisible by world_size 2"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("pion: error: rank "), std::string::npos) << r.output;
+}
+
+// ---- GRPO (pion rl) under mpirun ------------------------------------------------------
+
+namespace {
+
+// A model that answers "q=" with "1" about 70% of the time and "2" otherwise (trained on such
+// lines), and tasks whose answer is "1": sampled groups then mix rewards 1 and 0, so the
+// policy-gradient term is active, not only the KL term.
+struct RlFixture {
+  std::string dir, ckpt, tasks;
+};
+const RlFixture& rl_fixture() {
+  static const RlFixture f = [] {
+    RlFixture x;
+    x.dir = test::temp_dir("dist_rl");
+    std::ofstream corpus(x.dir + "/corpus.txt");
+    std::ofstream tasks(x.dir + "/tasks.jsonl");
+    Rng rng(3);
+    for (int i = 0; i < 3000; ++i)
+      corpus << static_cast<char>('a' + i % 26) << "=" << (rng.uniform() < 0.7 ? "1" : "2") << "\n";
+    for (int i = 0; i < 26; ++i)
+      tasks << "{\"prompt\": \"" << static_cast<char>('a' + i) << "=\", \"answer\": \"1\"}\n";
+    corpus.close();
+    tasks.close();
+    auto r = test::run_pion("train --data " + x.dir + "/corpus.txt --tokenizer char --n_layer 1"
+                            " --n_head 2 --d_model 32 --seq_len 16 --batch_size 8 --max_iters 60"
+                            " --lr 0.01 --eval_interval 0 --threads 1 --out_dir " + x.dir + "/base");
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    x.ckpt = x.dir + "/base/checkpoint.safetensors";
+    x.tasks = x.dir + "/tasks.jsonl";
+    return x;
+  }();
+  return f;
+}
+
+// P 4 prompts x G 4, two PPO epochs per sampled batch, the KL term on.
+std::string rl_args(const std::string& out, int iters = 8) {
+  const RlFixture& f = rl_fixture();
+  return "rl --from " + f.ckpt + " --tasks " + f.tasks + " --out_dir " + out +
+         " --max_iters " + std::to_string(iters) +
+         " --rl_prompts_per_step 4 --rl_group_size 4 --rl_max_new_tokens 3 --ppo_epochs 2"
+         " --kl_coef 0.05 --lr 0.003 --eval_interval 4 --log_interval 1 --threads 1"
+         " --eval_examples 4";
+}
+
+std::vector<nlohmann::json> read_jsonl(const std::string& path) {
+  std::ifstream in(path);
+  std::vector<nlohmann::json> out;
+  std::string line;
+  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+}  // namespace
+
+// Every rank draws the same prompts and samples its half of the groups, each completion from
+// its own generator: 2 ranks sample exactly the completions 1 rank samples (same rewards and
+// lengths at every step) and, the objective being the mean over the global batch's completion
+// tokens, follow the same weights up to the order of the gradient sums.
+TEST(DistRl, TwoRanksSampleTheSameBatchesAndMatchOneRank) {
+  SKIP_WITHOUT_MPI();
+  const std::string dir = test::temp_dir("dist_rl_eq");
+  auto one = test::run_pion(rl_args(dir + "/one"));
+  ASSERT_EQ(one.exit_code, 0) << one.output;
+  auto two = run_ranks(2, rl_args(dir + "/two"));
+  ASSERT_EQ(two.exit_code, 0) << two.output;
+  EXPECT_NE(two.output.find("data parallel: 2 ranks, 8 rows each"), std::string::npos)
+      << two.output;
+  const auto a = read_jsonl(dir + "/one/metrics.jsonl");
+  const auto b = read_jsonl(dir + "/two/metrics.jsonl");
+  ASSERT_EQ(a.size(), 8u);
+  ASSERT_EQ(b.size(), a.size());
+  bool mixed = false;  // some group had rewards 0 and 1: the policy gradient was not zero
+  double worst_loss = 0.0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(b[i]["reward_mean"], a[i]["reward_mean"]) << "step " << i + 1;
+    EXPECT_EQ(b[i]["completion_len_mean"], a[i]["completion_len_mean"]) << "step " << i + 1;
+    EXPECT_EQ(b[i]["no_signal_frac"], a[i]["no_signal_frac"]) << "step " << i + 1;
+    mixed = mixed || a[i]["no_signal_frac"].get<double>() < 1.0;
+    worst_loss = std::max(worst_loss, std::abs(b[i]["train_loss"].get<double>() -
+                                               a[i]["train_loss"].get<double>()));
+    EXPECT_NEAR(b[i]["kl"].get<double>(), a[i]["kl"].get<double>(),
+                1e-5 * (1.0 + std::abs(a[i]["kl"].get<double>())));
+  }
+  EXPECT_TRUE(mixed) << "no group ever had different rewards; the test checks nothing";
+  EXPECT_LT(worst_loss, 1e-5);
+  const TensorFile wa = load_safetensors(dir + "/one/checkpoint.safetensors");
+  const TensorFile wb = load_safetensors(dir + "/two/checkpoint.safetensors");
+  const double rel = max_rel_diff(wb, wa, "model.");
+  std::cout << "rl: 2 ranks vs 1 rank after 8 steps, max relative weight difference " << rel
+            << ", worst loss difference " << worst_loss << "\n";
+  EXPECT_LT(rel, 1e-5);
+  EXPECT_GT(rel, 0.0) << "suspicious: bit-identical weights (did both runs use one process?)";
+  const auto s = read_json(dir + "/two/summary.json");
+  EXPECT_EQ(s.at("world_size"), 2);
+  EXPECT_EQ(s.at("exact_match"), read_json(dir + "/one/summary.json").at("exact_match"));
+}
+
+// Stopped between the two PPO epochs of a sampled batch on 2 ranks, resumed on 1 (and the
+// other way round): the checkpoint holds the whole batch, so both end where a straight 1-rank
+// run ends.
+TEST(DistRl, ResumeMidBatchAcrossAChangeOfRankCount) {
+  SKIP_WITHOUT_MPI();
+  const std::string dir = test::temp_dir("dist_rl_resume");
+  auto straight = test::run_pion(rl_args(dir + "/straight"));
+  ASSERT_EQ(straight.exit_code, 0) << straight.output;
+  auto first = run_ranks(2, rl_args(dir + "/a") + " --stop_after 3");
+  ASSERT_EQ(first.exit_code, 0) << first.output;
+  auto second = test::run_pion(rl_args(dir + "/a") + " --resume");
+  ASSERT_EQ(second.exit_code, 0) << second.output;
+  auto third = test::run_pion(rl_args(dir + "/b") + " --stop_after 5");
+  ASSERT_EQ(third.exit_code, 0) << third.output;
+  auto fourth = run_ranks(2, rl_args(dir + "/b") + " --resume");
+  ASSERT_EQ(fourth.exit_code, 0) << fourth.output;
+  const TensorFile ref = load_safetensors(dir + "/straight/checkpoint.safetensors");
+  const auto ref_metrics = read_jsonl(dir + "/straight/metrics.jsonl");
+  for (const std::string run : {"a", "b"}) {
+    const TensorFile got = load_safetensors(dir + "/" + run + "/checkpoint.safetensors");
+    EXPECT_LT(max_rel_diff(got, ref, "model."), 1e-5) << run;
+    const auto m = read_jsonl(dir + "/" + run + "/metrics.jsonl");
+    ASSERT_EQ(m.size(), ref_metrics.size()) << run;
+    for (std::size_t i = 0; i < m.size(); ++i)
+      EXPECT_EQ(m[i]["reward_mean"], ref_metrics[i]["reward_mean"]) << run << " step " << i + 1;
+  }
+}
+
+TEST(DistRl, PromptsMustDivideAmongRanks) {
+  SKIP_WITHOUT_MPI();
+  const std::string dir = test::temp_dir("dist_rl_div");
+  auto r = run_ranks(2, rl_args(dir + "/o") + " --rl_prompts_per_step 3");
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("rl_prompts_per_step 3 must be divisible by the 2 ranks"),
+            std::string::npos)
+      << r.output;
 }
 
 namespace {

@@ -12,6 +12,7 @@
 #include "cli/run_on_device.h"
 #include "cli/validators.h"
 #include "pion/core/error.h"
+#include "pion/dist/communicator.h"
 #include "pion/model/memory.h"
 #include "pion/train/session.h"
 
@@ -63,7 +64,7 @@ void run_finetune(const ConfigFlags& flags, const FinetuneArgs& args) {
 
   std::filesystem::create_directories(config.out_dir);
   const std::string tokenizer_copy = config.out_dir + "/tokenizer.json";
-  base.tokenizer->save(tokenizer_copy);
+  if (dist::world().is_root()) base.tokenizer->save(tokenizer_copy);  // one writer under mpirun
   Llama<float>& model = *base.model;
   model.dropout_rng() = Rng(config.seed ^ 0xd50f07ULL);
 
@@ -82,7 +83,7 @@ void run_finetune(const ConfigFlags& flags, const FinetuneArgs& args) {
   nlohmann::json summary = s.to_json();
   summary["exact_match"] = acc;
   summary["exact_match_examples"] = k;
-  {
+  if (dist::world().is_root()) {
     std::ofstream out(config.out_dir + "/summary.json");
     out << summary.dump(2) << "\n";
   }

@@ -42,9 +42,6 @@ std::vector<FinetuneExample> load_tasks(const RlArgs& args, const TrainConfig& c
 }
 
 void run_rl(const ConfigFlags& flags, const RlArgs& args) {
-  check(!dist::world().distributed(),
-        "rl: mpirun is not supported yet (each rank would sample its own prompts); run one "
-        "process");
   LoadedCheckpoint base = load_checkpoint(args.from);
   TrainConfig config = config_from_checkpoint(base, flags, "rl", [](TrainConfig& c) {
     c.out_dir = "runs/rl";
@@ -60,6 +57,16 @@ void run_rl(const ConfigFlags& flags, const RlArgs& args) {
         "rl: --device cuda is not supported yet (generation and the GRPO objective run on the "
         "CPU back end); use --device cpu");
   const int rows = config.rl_prompts_per_step * config.rl_group_size;
+  const int world = dist::world().size();
+  check(config.rl_prompts_per_step % world == 0,
+        "rl: rl_prompts_per_step " + std::to_string(config.rl_prompts_per_step) +
+            " must be divisible by the " + std::to_string(world) +
+            " ranks (each samples whole groups of an equal share of the prompts)");
+  check(rows % (config.grad_accum * world) == 0,
+        "rl: rl_prompts_per_step x rl_group_size = " + std::to_string(rows) +
+            " completions must split evenly into grad_accum " +
+            std::to_string(config.grad_accum) + " micro-batches on each of " +
+            std::to_string(world) + " rank(s)");
   check(rows % config.grad_accum == 0,
         "rl: rl_prompts_per_step x rl_group_size = " + std::to_string(rows) +
             " completions must split evenly into grad_accum " +
@@ -82,7 +89,7 @@ void run_rl(const ConfigFlags& flags, const RlArgs& args) {
 
   std::filesystem::create_directories(config.out_dir);
   const std::string tokenizer_copy = config.out_dir + "/tokenizer.json";
-  base.tokenizer->save(tokenizer_copy);
+  if (dist::world().is_root()) base.tokenizer->save(tokenizer_copy);  // one writer under mpirun
   Llama<float>& model = *base.model;
   // The reference policy: a frozen copy of the starting weights.
   auto reference = std::make_unique<Llama<float>>(model.config());
@@ -129,7 +136,7 @@ void run_rl(const ConfigFlags& flags, const RlArgs& args) {
   summary["exact_match"] = acc;
   summary["exact_match_examples"] = k;
   if (before >= 0) summary["exact_match_before"] = before;
-  {
+  if (dist::world().is_root()) {
     std::ofstream out(config.out_dir + "/summary.json");
     out << summary.dump(2) << "\n";
   }

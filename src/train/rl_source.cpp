@@ -6,6 +6,7 @@
 
 #include "pion/core/error.h"
 #include "pion/core/input.h"
+#include "pion/dist/communicator.h"
 #include "pion/model/generate.h"
 #include "pion/train/checkpoint.h"
 
@@ -13,6 +14,21 @@ namespace pion {
 
 namespace {
 constexpr std::size_t kMaxStateBytes = std::size_t{16} << 20;  // checkpoint.cpp's bound
+
+// The sampling generator of completion `row` (its index in the step's global batch) of a step
+// whose shared draw was `step_seed`: its own stream, so its tokens do not depend on how many
+// ranks share the batch or on which other sequences are decoded beside it.
+Rng completion_rng(std::uint64_t step_seed, std::size_t row) {
+  return Rng(step_seed ^ (0x9e3779b97f4a7c15ULL * (static_cast<std::uint64_t>(row) + 1)));
+}
+
+nlohmann::json row_json(const auto& r) {
+  return {{"tokens", r.tokens},
+          {"prompt_len", r.prompt_len},
+          {"logp_old", r.logp_old},
+          {"ref_logp", r.ref_logp},
+          {"reward", r.reward}};
+}
 }  // namespace
 
 void check_rl_prompts(std::span<const FinetuneExample> tasks, const Tokenizer& tokenizer,
@@ -48,6 +64,15 @@ RlSource::RlSource(Llama<float>& policy, std::unique_ptr<Llama<float>> reference
   check(static_cast<long>(config.batch_size) * config.grad_accum == rows,
         "rl: batch_size x grad_accum must equal rl_prompts_per_step x rl_group_size (" +
             std::to_string(rows) + " sampled completions per step)");
+  dist::Communicator& comm = dist::world();
+  rank_ = comm.rank();
+  world_ = comm.size();
+  check(config.rl_prompts_per_step % world_ == 0 && config.batch_size % world_ == 0,
+        "rl: with " + std::to_string(world_) + " ranks, rl_prompts_per_step (" +
+            std::to_string(config.rl_prompts_per_step) + ") and the rows per micro-batch (" +
+            std::to_string(config.batch_size) + " = P x G / grad_accum) must be multiples of " +
+            std::to_string(world_) + " (each rank samples whole groups of its share)");
+  local_rows_ = config.batch_size / world_;
   check_rl_prompts(tasks_, tokenizer, config);
   for (const auto& t : tasks_) task_tokens_.push_back(tokenizer.encode(t.prompt));
   reference_->set_training(false);
@@ -55,13 +80,21 @@ RlSource::RlSource(Llama<float>& policy, std::unique_ptr<Llama<float>> reference
 
 void RlSource::sample() {
   const int P = config_.rl_prompts_per_step, G = config_.rl_group_size;
+  // Every rank draws the whole step's prompts and one seed from the shared RNG (so its state
+  // is the same on every rank and in a one-process run), then decodes its own P / world groups.
+  std::vector<std::size_t> step_tasks(static_cast<std::size_t>(P));
+  for (auto& t : step_tasks) t = static_cast<std::size_t>(rng_.below(tasks_.size()));
+  const std::uint64_t step_seed = rng_.next_u64();
+  const int per_rank = P / world_;
   std::vector<std::vector<std::int32_t>> prompts;
   std::vector<std::size_t> task_of;
-  for (int p = 0; p < P; ++p) {
-    const auto task = static_cast<std::size_t>(rng_.below(tasks_.size()));
+  std::vector<Rng> row_rngs;
+  for (int p = rank_ * per_rank; p < (rank_ + 1) * per_rank; ++p) {
+    const std::size_t task = step_tasks[static_cast<std::size_t>(p)];
     for (int g = 0; g < G; ++g) {
       prompts.push_back(task_tokens_[task]);
       task_of.push_back(task);
+      row_rngs.push_back(completion_rng(step_seed, static_cast<std::size_t>(p) * G + g));
     }
   }
   GenerateOptions opts;
@@ -72,7 +105,7 @@ void RlSource::sample() {
     return tokenizer_.decode(new_tokens).find(end_marker_) != std::string::npos;
   };
   const std::vector<Generation> gens =
-      generate_tokens(policy_, prompts, opts, std::span<Rng>(&rng_, 1));
+      generate_tokens(policy_, prompts, opts, row_rngs);
   policy_.set_training(true);  // generation switched it to eval mode
 
   rows_.assign(prompts.size(), Row{});
@@ -92,9 +125,11 @@ void RlSource::sample() {
     completion_tokens_ += static_cast<double>(gens[i].tokens.size());
   }
   advantages_ = group_advantages(rewards, G, options_);
+  // The objective is the mean over the completion tokens of the whole (global) batch.
+  if (world_ > 1) completion_tokens_ = dist::world().allreduce_sum(completion_tokens_);
 
   // The frozen initial policy's log-probs of the same tokens (for kl_coef and the KL metric).
-  const int B = config_.batch_size, T = config_.seq_len;
+  const int B = local_rows_, T = config_.seq_len;
   std::vector<std::int32_t> inputs(static_cast<std::size_t>(B) * T), targets(inputs.size());
   std::vector<double> logp(inputs.size());
   for (std::size_t first = 0; first < rows_.size(); first += static_cast<std::size_t>(B)) {
@@ -131,7 +166,7 @@ void RlSource::next(std::vector<std::int32_t>& inputs, std::vector<std::int32_t>
     entropy_sum_ = 0.0;
     step_epoch_ = epoch_;
   }
-  const auto B = static_cast<std::size_t>(config_.batch_size);
+  const auto B = static_cast<std::size_t>(local_rows_);
   const auto T = static_cast<std::size_t>(config_.seq_len);
   inputs.assign(B * T, 0);
   targets.assign(B * T, -1);
@@ -171,24 +206,32 @@ TargetObjective RlSource::objective() {
 
 void RlSource::annotate_step(nlohmann::json& record) {
   const auto G = static_cast<std::size_t>(config_.rl_group_size);
-  double reward = 0.0;
-  int no_signal = 0;
+  // This rank's sums, then the whole batch's (every rank calls this at every step).
+  double sums[8] = {};  // reward, no-signal groups, rows, completion tokens, objective tokens,
+                        // kl, clipped, entropy
   for (std::size_t g = 0; g < rows_.size(); g += G) {
     bool equal = true;
     for (std::size_t i = g; i < g + G; ++i) {
-      reward += rows_[i].reward;
+      sums[0] += rows_[i].reward;
+      sums[3] += static_cast<double>(rows_[i].logp_old.size());
       equal = equal && rows_[i].reward == rows_[g].reward;
     }
-    no_signal += equal ? 1 : 0;
+    sums[1] += equal ? 1.0 : 0.0;
   }
-  const double rows = static_cast<double>(rows_.size());
-  const double tokens = std::max(stats_.tokens, 1.0);
-  record["reward_mean"] = reward / rows;
-  record["no_signal_frac"] = no_signal / (rows / static_cast<double>(G));
-  record["completion_len_mean"] = completion_tokens_ / rows;
-  record["entropy"] = entropy_sum_ / tokens;
-  record["kl"] = stats_.kl / tokens;
-  record["clip_frac"] = stats_.clipped / tokens;
+  sums[2] = static_cast<double>(rows_.size());
+  sums[4] = stats_.tokens;
+  sums[5] = stats_.kl;
+  sums[6] = stats_.clipped;
+  sums[7] = entropy_sum_;
+  if (world_ > 1) dist::world().allreduce_sum(std::span<double>(sums, 8));
+  const double rows = std::max(sums[2], 1.0);
+  const double tokens = std::max(sums[4], 1.0);
+  record["reward_mean"] = sums[0] / rows;
+  record["no_signal_frac"] = sums[1] / (rows / static_cast<double>(G));
+  record["completion_len_mean"] = sums[3] / rows;
+  record["entropy"] = sums[7] / tokens;
+  record["kl"] = sums[5] / tokens;
+  record["clip_frac"] = sums[6] / tokens;
   record["ppo_epoch"] = step_epoch_;
   const int step = record.value("step", 0);
   if (step % config_.log_interval == 0 || step == config_.max_iters)
@@ -202,13 +245,16 @@ void RlSource::annotate_step(nlohmann::json& record) {
 nlohmann::json RlSource::state() const {
   nlohmann::json s = {{"rng", rng_json(rng_)}, {"epoch", epoch_}};
   if (epoch_ != 0) {  // between PPO epochs: the batch is still being optimised
+    // The whole batch in global row order: each rank's rows, gathered on rank 0 (every rank
+    // calls this when the trainer saves; only rank 0 writes).
     nlohmann::json rows = nlohmann::json::array();
-    for (const Row& r : rows_)
-      rows.push_back({{"tokens", r.tokens},
-                      {"prompt_len", r.prompt_len},
-                      {"logp_old", r.logp_old},
-                      {"ref_logp", r.ref_logp},
-                      {"reward", r.reward}});
+    for (const Row& r : rows_) rows.push_back(row_json(r));
+    if (world_ > 1) {
+      const std::vector<std::string> parts = dist::world().gather(rows.dump(), 0);
+      rows = nlohmann::json::array();
+      for (const std::string& part : parts)
+        for (auto& r : nlohmann::json::parse(part)) rows.push_back(std::move(r));
+    }
     s["rows"] = std::move(rows);
   }
   return s.dump();  // the checkpoint stores data states as strings
@@ -255,13 +301,16 @@ void RlSource::restore(const nlohmann::json& state) {
   epoch_ = epoch;
   micro_ = 0;
   if (epoch != 0) {
-    rows_ = std::move(rows);
-    std::vector<double> rewards;
+    // The checkpoint holds the global batch (whatever the rank count that wrote it); this
+    // rank keeps its share, and the token count stays the global one.
     completion_tokens_ = 0.0;
-    for (const Row& r : rows_) {
-      rewards.push_back(r.reward);
-      completion_tokens_ += static_cast<double>(r.logp_old.size());
-    }
+    for (const Row& r : rows) completion_tokens_ += static_cast<double>(r.logp_old.size());
+    const auto share = rows.size() / static_cast<std::size_t>(world_);
+    const auto first = static_cast<long>(share * static_cast<std::size_t>(rank_));
+    rows_.assign(std::make_move_iterator(rows.begin() + first),
+                 std::make_move_iterator(rows.begin() + first + static_cast<long>(share)));
+    std::vector<double> rewards;
+    for (const Row& r : rows_) rewards.push_back(r.reward);
     advantages_ = group_advantages(rewards, config_.rl_group_size, options_);
   }
 }

@@ -138,9 +138,11 @@ TrainSummary run_training(TrainInputs in, TrainBackend& backend) {
   // the atomic writer, so a rank dying mid-save leaves the previous checkpoint intact.
   auto save = [&](const TrainProgress& snapshot) {
     std::optional<TensorFile> file = backend.checkpoint_tensors();
+    // The data state on every rank: a source may gather its ranks' parts (RlSource's batch).
+    const nlohmann::json data_state = source.state();
     if (file)
       write_train_checkpoint(ckpt, cfg, backend.model_config(), std::move(*file), snapshot,
-                             source.state(), backend.dropout_rng(), in.extra_metadata);
+                             data_state, backend.dropout_rng(), in.extra_metadata);
     saved_step = snapshot.step;
     last_save = Clock::now();
   };

@@ -14,6 +14,10 @@
 // consecutive steps; each micro-batch carries the GRPO objective (grpo_token_objective,
 // normalised by N), so every step's loss is the mean over all of the batch's completion tokens.
 //
+// Under mpirun every rank draws the same P prompts and takes P / world of the groups; each
+// completion samples from its own generator (seeded by the step and its global row), so the
+// batch is the same for any rank count, and the objective's N is the global token count.
+//
 // State (in the checkpoint): the sampling RNG, the PPO epoch, and, between epochs of one
 // batch, the batch itself, so a resumed run is bit-exact. Metrics per step: reward_mean,
 // no_signal_frac (groups whose rewards are all equal), completion_len_mean, entropy (the
@@ -73,7 +77,9 @@ class RlSource final : public BatchSource {
   TrainConfig config_;
   GrpoOptions options_;
   std::string end_marker_;
-  Rng rng_;
+  Rng rng_;  // shared: the same state on every rank
+  int rank_ = 0, world_ = 1;
+  int local_rows_ = 0;  // rows per micro-batch on this rank (batch_size / world)
 
   // The batch being optimised.
   std::vector<Row> rows_;

@@ -41,6 +41,8 @@ class BatchSource {
   virtual ~BatchSource() = default;
   // Fills inputs and targets [batch, seq] (targets < 0 are ignored by the loss).
   virtual void next(std::vector<std::int32_t>& inputs, std::vector<std::int32_t>& targets) = 0;
+  // Called on every rank when the trainer saves (a collective for a source whose state is
+  // spread over ranks); rank 0 writes what its call returns.
   virtual nlohmann::json state() const = 0;
   virtual void restore(const nlohmann::json& state) = 0;
   // RL: the objective of the micro-batch next() just filled (backend.h); empty (the default)
