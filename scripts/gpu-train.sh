@@ -5,7 +5,8 @@
 #  1. speed: `pion bench train --device cuda --preset gpt2-small` (AdamW, Muon, Pion through
 #     the real trainer, random tokens; d_model 768, 12 layers, 12 heads, seq 1024, batch 16,
 #     vocab 50304) against bench/torch_train_gpu.py (the same model in PyTorch: bf16 autocast,
-#     SDPA flash attention, fused AdamW), eager and with --compile;
+#     SDPA flash attention, fused AdamW), eager, and with torch.compile at the very end
+#     (after the quality runs; --no-compile skips it);
 #  2. quality: nanoGPT's baby config on tinyshakespeare (docs/RESULTS.md) on the GPU for
 #     AdamW, Muon and Pion, best val loss next to the CPU runs' recorded figures (target:
 #     within 0.02).
@@ -17,6 +18,7 @@
 #
 #   scripts/gpu-train.sh [--build] [--only speed|quality] [--steps N] [--iters N]
 #                        [--attention auto|flash|materialized] [--out DIR] [--python PY]
+#                        [--no-compile]
 # Results in $OUT (else build-gpu/bench-train): pion-train.json, torch-eager.json,
 # torch-compile.json, baby-*/ run directories (summary.json, metrics.jsonl), quality.md.
 set -euo pipefail
@@ -28,6 +30,7 @@ only=""
 steps=20
 iters=2000
 attention=auto
+compile=1
 out_dir="${OUT:-}"
 python="${PYTHON:-}"
 while [[ $# -gt 0 ]]; do
@@ -39,7 +42,8 @@ while [[ $# -gt 0 ]]; do
     --attention) attention="$2"; shift 2 ;;
     --out) out_dir="$2"; shift 2 ;;
     --python) python="$2"; shift 2 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --no-compile) compile=0; shift ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "gpu-train.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -63,33 +67,9 @@ pion_bin="$pion_gpu_build_dir/pion"
 [[ -x "$pion_bin" ]] || { echo "gpu-train.sh: $pion_bin is missing (use --build)" >&2; exit 1; }
 status=0
 
-if [[ -z "$only" || "$only" == "speed" ]]; then
-  echo "== speed: pion bench train (GPT-2-small-shaped LLaMA)"
-  "$pion_bin" bench train --device cuda --preset gpt2-small --steps "$steps" --warmup 5 \
-    --attention "$attention" --json "$out_dir/pion-train.json" | tail -n 8 || status=1
-  echo "== speed: AdamW with the fused (flash) attention instead"
-  "$pion_bin" bench train --device cuda --preset gpt2-small --steps "$steps" --warmup 5 \
-    --optimizers adamw --attention flash --json "$out_dir/pion-train-flash.json" | tail -n 4 ||
-    status=1
-  torch_python=""
-  for p in "$python" python3 /usr/bin/python3; do
-    [[ -n "$p" ]] || continue
-    if env LD_LIBRARY_PATH="$pion_gpu_orig_ld_library_path" "$p" -c \
-      'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-      torch_python=$p
-      break
-    fi
-  done
-  if [[ -n "$torch_python" ]]; then
-    for mode in eager compile; do
-      flag=""
-      [[ $mode == compile ]] && flag="--compile"
-      echo "== speed: PyTorch $mode"
-      env LD_LIBRARY_PATH="$pion_gpu_orig_ld_library_path" "$torch_python" \
-        bench/torch_train_gpu.py --steps "$steps" --warmup 5 $flag \
-        --json "$out_dir/torch-$mode.json" || status=1
-    done
-    "$torch_python" - "$out_dir" <<'PY' || status=1
+# pion's tokens/s against each PyTorch run measured so far (eager; torch.compile once run).
+speed_table() {
+  "$torch_python" - "$out_dir" <<'PY'
 import json, os, sys
 d = sys.argv[1]
 pion = json.load(open(os.path.join(d, "pion-train.json")))
@@ -104,6 +84,31 @@ for r in pion["results"]:
 for m, p in peers.items():
     print(f"\nPyTorch {m}: {p['tokens_per_sec']:.0f} tok/s (AdamW, {p['torch']}, {p['gpu']})")
 PY
+}
+torch_python=""
+
+if [[ -z "$only" || "$only" == "speed" ]]; then
+  echo "== speed: pion bench train (GPT-2-small-shaped LLaMA)"
+  "$pion_bin" bench train --device cuda --preset gpt2-small --steps "$steps" --warmup 5 \
+    --attention "$attention" --json "$out_dir/pion-train.json" | tail -n 8 || status=1
+  echo "== speed: AdamW with the fused (flash) attention instead"
+  "$pion_bin" bench train --device cuda --preset gpt2-small --steps "$steps" --warmup 5 \
+    --optimizers adamw --attention flash --json "$out_dir/pion-train-flash.json" | tail -n 4 ||
+    status=1
+  for p in "$python" python3 /usr/bin/python3; do
+    [[ -n "$p" ]] || continue
+    if env LD_LIBRARY_PATH="$pion_gpu_orig_ld_library_path" "$p" -c \
+      'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+      torch_python=$p
+      break
+    fi
+  done
+  if [[ -n "$torch_python" ]]; then
+    echo "== speed: PyTorch eager"
+    env LD_LIBRARY_PATH="$pion_gpu_orig_ld_library_path" "$torch_python" \
+      bench/torch_train_gpu.py --steps "$steps" --warmup 5 --json "$out_dir/torch-eager.json" ||
+      status=1
+    speed_table || status=1
   else
     echo "gpu-train.sh: no Python with CUDA torch here: no PyTorch peer" >&2
     status=1
@@ -146,6 +151,15 @@ PY
   done
   echo
   cat "$out_dir/quality.md"
+fi
+
+# torch.compile last: its compile takes minutes, so a short device slot loses only this peer.
+if [[ $compile -eq 1 && -n "$torch_python" ]]; then
+  echo "== speed: PyTorch torch.compile (last: optional, --no-compile skips it)"
+  env LD_LIBRARY_PATH="$pion_gpu_orig_ld_library_path" "$torch_python" \
+    bench/torch_train_gpu.py --steps "$steps" --warmup 5 --compile \
+    --json "$out_dir/torch-compile.json" || status=1
+  speed_table || status=1
 fi
 echo "gpu-train.sh: $(($(date +%s) - start)) s; results in $out_dir"
 exit "$status"
