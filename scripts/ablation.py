@@ -5,7 +5,8 @@ Stages (each a set of `pion sweep` calls into one directory, OUT/runs/<name>; a 
 every finished run and resumes interrupted ones, so the ablation can be spread over several
 sittings or machines that share OUT):
 
-  lr      every setting at 4 learning rates, seed 1: AdamW, Muon, Pion with each momentum
+  lr      every setting at 4 learning rates, seed 1 (while the best is at an edge of the lrs
+          tried, one more a factor 2 beyond, at most 2): AdamW, Muon, Pion with each momentum
           (lie, ambient, transported) x update side (both, left, right, alternate) with the
           adam normaliser, and Pion lie + msign on both sides and alternating (16 settings).
   seeds   seeds 2 and 3 at each setting's best lr from stage lr (its seed-1 run is reused).
@@ -47,6 +48,14 @@ BASE = ["--data", os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "t
 LRS = {"adamw": ("lr", ["5e-4", "1e-3", "2e-3", "4e-3"]),
        "muon": ("matrix_lr", ["0.01", "0.02", "0.04", "0.08"]),
        "pion": ("matrix_lr", ["0.001", "0.002", "0.005", "0.01"])}
+
+
+def lr_text(optimizer, x):
+    """An lr as the grid (and so the run's name) writes it: LRS's own text for its values."""
+    for text in LRS[optimizer][1]:
+        if float(text) == x:
+            return text
+    return f"{x:g}"
 
 
 def settings():
@@ -138,23 +147,48 @@ class Ablation:
             by_lr.setdefault(lr, {})[config["seed"]] = (summary, config)
         return by_lr
 
-    def best_lr(self, optimizer, keys, norm="rmsnorm"):
-        """The lr (as the grid writes it) with the lowest seed-1 best val loss, or None."""
-        by_lr = self.matching(optimizer, keys, norm)
+    def best_lr(self, optimizer, keys, norm="rmsnorm", d_model=None):
+        """The lr (as the grid writes it) with the lowest seed-1 best val loss among every lr
+        run so far (the 4 of LRS and any edge extension), or None."""
+        by_lr = self.matching(optimizer, keys, norm, d_model)
         best = None
-        for text in LRS[optimizer][1]:
-            seeds = by_lr.get(float(text), {})
+        for lr, seeds in by_lr.items():
             run = seeds.get(1)
             if run is None:
                 continue
             loss = run[0].get("best_val_loss")
             if loss is not None and math.isfinite(loss) and (best is None or loss < best[1]):
-                best = (text, loss)
-        return best[0] if best else None
+                best = (lr, loss)
+        return lr_text(optimizer, best[0]) if best else None
+
+    def sweep_lrs(self, optimizer, keys, norm="rmsnorm", d_model=None):
+        """Seed 1 at the 4 lrs of LRS; then, while the best is the smallest or the largest lr
+        tried, one more lr a factor 2 beyond it (at most 2 more), so no setting is reported
+        at an lr its sweep could not show to be a minimum."""
+        self.sweep(optimizer, keys, LRS[optimizer][1], [1])
+        for _ in range(2):
+            if self.dry:
+                return
+            tried = sorted(self.matching(optimizer, keys, norm, d_model))
+            best = self.best_lr(optimizer, keys, norm, d_model)
+            base = {float(t) for t in LRS[optimizer][1]}
+            if best is None or len(tried) < 2 or len(set(tried) - base) >= 2:
+                return
+            x = float(best)
+            if x == tried[0]:
+                nxt = x / 2
+            elif x == tried[-1]:
+                nxt = x * 2
+            else:
+                return
+            print(f"ablation: best lr {best} is at the edge of {[f'{t:g}' for t in tried]}; "
+                  f"adding {nxt:g}", flush=True)
+            self.sweep(optimizer, keys, [lr_text(optimizer, nxt)], [1])
 
     def stage_lr(self, norm_keys=(), chosen=None):
+        norm = "none" if norm_keys else "rmsnorm"
         for name, optimizer, keys in (chosen or settings()):
-            self.sweep(optimizer, keys + list(norm_keys), LRS[optimizer][1], [1])
+            self.sweep_lrs(optimizer, keys + list(norm_keys), norm)
 
     def stage_seeds(self, norm_keys=(), chosen=None, norm="rmsnorm"):
         for name, optimizer, keys in (chosen or settings()):
@@ -209,7 +243,7 @@ class Ablation:
     def stage_width(self):
         for d_model in ("64", "256"):
             for name, optimizer, keys in settings()[:3:2]:  # AdamW and Pion lie/both/adam
-                self.sweep(optimizer, [("d_model", d_model)] + keys, LRS[optimizer][1], [1])
+                self.sweep_lrs(optimizer, [("d_model", d_model)] + keys, "rmsnorm", int(d_model))
 
     def table(self, rows):
         lines = ["| setting | best lr | best val loss (mean ± std) | seeds | optimizer state "
@@ -222,7 +256,8 @@ class Ablation:
 
     def stage_report(self):
         parts = [f"# Pion-family ablation ({self.iters} iters, baby config)\n",
-                 "Best lr per setting from 4 values at seed 1, then seeds 1-3 at that lr "
+                 "Best lr per setting at seed 1 from 4 values, extended by factors of 2 while "
+                 "the best was at an edge of the values tried; then seeds 1-3 at that lr "
                  "(mean ± sample std). Written by scripts/ablation.py.\n",
                  "## With RMSNorm\n", self.table(self.ranked()), "",
                  "## Without normalisation (`--norm none`)\n", self.table(self.ranked("none")), ""]

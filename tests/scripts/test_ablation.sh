@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# scripts/ablation.py against a fake `pion` (no training): the fake `sweep` writes each grid
+# run's run_config.json and a summary.json whose best val loss is a parabola in log2(lr) with
+# its minimum at a chosen lr per optimizer. Checks: the lr stage extends the grid by factors of
+# 2 while the best lr is at an edge (at most 2 more) and not when it is inside; the seeds stage
+# runs seeds 2 and 3 at the best lr; the report ranks the settings; bad arguments exit 2.
+# Usage: tests/scripts/test_ablation.sh SOURCE_DIR (ctest: ScriptAblation).
+set -uo pipefail
+src=$(cd "${1:-$(dirname "$0")/../..}" && pwd)
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+fails=0
+fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
+ok() { echo "ok: $*"; }
+py=/usr/bin/python3
+[[ -x $py ]] || py=python3
+
+cat >"$tmp/pion" <<'X'
+#!/usr/bin/env python3
+# A fake `pion sweep`: one run directory per grid point, finished at once.
+import itertools, json, math, os, sys
+args = sys.argv[1:]
+assert args[0] == "sweep", args
+out, grid, flags, i = None, [], {}, 1
+while i < len(args):
+    a = args[i]
+    if a == "--out": out = args[i + 1]; i += 2
+    elif a == "--grid":
+        k, v = args[i + 1].split("=", 1); grid.append((k, v.split(","))); i += 2
+    elif a == "--dry-run": i += 1
+    elif a.startswith("--"): flags[a[2:]] = args[i + 1]; i += 2
+    else: i += 1
+best = {"adamw": 0.016, "muon": 0.02, "pion": 0.0025}  # where each optimizer's loss is least
+for values in itertools.product(*[v for _, v in grid]):
+    point = dict(zip([k for k, _ in grid], values))
+    name = "_".join(f"{k}-{v}" for k, v in point.items())
+    d = os.path.join(out, "runs", name)
+    os.makedirs(d, exist_ok=True)
+    config = {"max_iters": int(flags["max_iters"]), "d_model": int(flags.get("d_model", 128))}
+    for k, v in point.items():
+        config[k] = int(v) if k in ("seed", "d_model") else (float(v) if "lr" in k else v)
+    opt = config["optimizer"]
+    lr = config["lr" if opt == "adamw" else "matrix_lr"]
+    loss = 1.5 + 0.01 * math.log2(lr / best[opt]) ** 2 + 0.001 * config["seed"]
+    json.dump(config, open(os.path.join(d, "run_config.json"), "w"))
+    json.dump({"best_val_loss": loss, "iters": config["max_iters"],
+               "optimizer_state_bytes_per_rank": [2 ** 20],
+               "optimizer_step_cpu_ms_per_rank": [1.0]}, open(os.path.join(d, "summary.json"), "w"))
+    with open(os.path.join(out, "calls.txt"), "a") as f:
+        f.write(name + "\n")
+X
+chmod +x "$tmp/pion"
+
+run() { "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/out" --iters 10 "$@" >"$tmp/log" 2>&1; }
+run --stages lr,seeds,report
+rc=$?
+[[ $rc -eq 0 ]] && ok "lr,seeds,report ran" || fail "exit $rc: $(tail -n 20 "$tmp/log")"
+calls=$tmp/out/calls.txt
+# AdamW's minimum (0.016) lies beyond the grid's top (4e-3): 8e-3, then 0.016 (2 extensions).
+grep -qx "optimizer-adamw_lr-0.008_seed-1" "$calls" && grep -qx "optimizer-adamw_lr-0.016_seed-1" "$calls" &&
+  ok "AdamW grid extended twice upwards" || fail "AdamW runs: $(grep adamw "$calls" | tr '\n' ' ')"
+grep -q "optimizer-adamw_lr-0.032" "$calls" && fail "AdamW extended a third time" || ok "at most 2 extensions"
+# Muon's minimum (0.02) is inside its grid (0.01 ... 0.08): no extension.
+[[ $(sort -u "$calls" | grep -c "optimizer-muon_matrix_lr-[0-9.e-]*_seed-1$") -eq 4 ]] &&
+  ok "Muon not extended (best inside)" || fail "Muon runs: $(grep muon "$calls" | tr '\n' ' ')"
+# Pion's minimum (0.0025) is inside its grid (0.001 ... 0.01): seeds 2 and 3 at 0.002 (the
+# nearest grid value; the parabola in log2 puts 0.002 closer than 0.005).
+grep -q "pion_momentum-lie_pion_update_side-both_pion_normalizer-adam_matrix_lr-0.002_seed-3" "$calls" &&
+  ok "Pion seeds 2, 3 at its best lr" || fail "Pion seed runs: $(grep 'seed-3' "$calls" | grep pion | head -3)"
+grep -qx "optimizer-adamw_lr-0.016_seed-2" "$calls" && ok "AdamW seeds at the extended best lr" ||
+  fail "AdamW seed-2 runs: $(grep 'adamw.*seed-2' "$calls")"
+grep -q "| Muon | 0.02 | 1.502" "$tmp/out/ABLATION.md" && ok "report: Muon at 0.02, mean of 3 seeds" ||
+  fail "report: $(head -n 12 "$tmp/out/ABLATION.md")"
+
+before=$(sort -u "$calls" | wc -l)
+run --stages lr
+[[ $(sort -u "$calls" | wc -l) -eq $before ]] && ok "a rerun asks for no new run" ||
+  fail "a rerun added runs: $(sort -u "$calls" | wc -l) vs $before"
+
+for bad in "--stages lr,bogus" "--jobs x"; do
+  # shellcheck disable=SC2086
+  run $bad
+  rc=$?
+  [[ $rc -eq 2 ]] && ok "'$bad' exits 2" || fail "'$bad' gave exit $rc"
+done
+"$py" "$src/scripts/ablation.py" --pion "$tmp/none" --out "$tmp/o" >"$tmp/log" 2>&1
+rc=$?
+[[ $rc -eq 2 ]] && grep -q "no pion binary" "$tmp/log" && ok "missing binary: exit 2 with a hint" ||
+  fail "missing binary gave exit $rc: $(cat "$tmp/log")"
+
+[[ $fails -eq 0 ]] && echo "test_ablation: all passed" || echo "test_ablation: $fails failed"
+exit $((fails > 0))
