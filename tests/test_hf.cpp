@@ -577,3 +577,25 @@ TEST(HfConvert, HalfPrecisionRoundTripsAndRounding) {
     return f;
   }()));
 }
+
+// A checkpoint whose embedded tokenizer (metadata 'pion.tokenizer', what import-hf writes) is
+// damaged is refused with a message naming that key, whatever the damage.
+TEST(HfImport, DamagedEmbeddedTokenizerNamesTheMetadataKey) {
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"not json {", "pion.tokenizer"},
+      {"[1, 2]", "not a pion tokenizer"},
+      {R"({"format": "pion-tokenizer", "version": 1, "kind": "sentencepiece"})", "kind"},
+      {R"({"format": "pion-tokenizer", "version": 1, "kind": "char", "vocab": 3})", "vocab"},
+  };
+  for (const auto& [value, expected] : bad) {
+    const std::map<std::string, std::string> metadata = {{kEmbeddedTokenizerKey, value}};
+    try {
+      load_checkpoint_tokenizer(metadata, nlohmann::json::object(), "m.safetensors");
+      ADD_FAILURE() << "accepted a damaged tokenizer: " << value;
+    } catch (const std::exception& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("metadata 'pion.tokenizer'"), std::string::npos) << what;
+      EXPECT_NE(what.find(expected), std::string::npos) << value << " -> " << what;
+    }
+  }
+}
