@@ -60,7 +60,7 @@ def main():
     table = "\n".join([
         "| optimizer (pretraining, SFT and RL) | before SFT | after SFT | after RL | RL gain "
         "(points) |", "|---|---:|---:|---:|---:|", *rows])
-    text = (f"# RL demo: held-out exact match (%)\n\n{table}\n\nGreedy answers on the same 200 "
+    text = (f"# RL demo: held-out exact match (%)\n\n{table}\n\nGreedy answers on the same 400 "
             f"held-out prompts in every column; mean over seeds {', '.join(seeds)} with each "
             "seed in brackets. Written by scripts/rl_report.py.\n")
     with open(os.path.join(out, "REPORT.md"), "w") as f:
