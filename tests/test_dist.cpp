@@ -380,12 +380,15 @@ std::vector<nlohmann::json> read_jsonl(const std::string& path) {
 // its own generator: 2 ranks sample exactly the completions 1 rank samples (same rewards and
 // lengths at every step) and, the objective being the mean over the global batch's completion
 // tokens, follow the same weights up to the order of the gradient sums.
-TEST(DistRl, TwoRanksSampleTheSameBatchesAndMatchOneRank) {
+class DistRlEquality : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(DistRlEquality, TwoRanksSampleTheSameBatchesAndMatchOneRank) {
   SKIP_WITHOUT_MPI();
+  const std::string extra = GetParam();
   const std::string dir = test::temp_dir("dist_rl_eq");
-  auto one = test::run_pion(rl_args(dir + "/one"));
+  auto one = test::run_pion(rl_args(dir + "/one") + extra);
   ASSERT_EQ(one.exit_code, 0) << one.output;
-  auto two = run_ranks(2, rl_args(dir + "/two"));
+  auto two = run_ranks(2, rl_args(dir + "/two") + extra);
   ASSERT_EQ(two.exit_code, 0) << two.output;
   EXPECT_NE(two.output.find("data parallel: 2 ranks, 8 rows each"), std::string::npos)
       << two.output;
@@ -394,11 +397,14 @@ TEST(DistRl, TwoRanksSampleTheSameBatchesAndMatchOneRank) {
   ASSERT_EQ(a.size(), 8u);
   ASSERT_EQ(b.size(), a.size());
   bool mixed = false;  // some group had rewards 0 and 1: the policy gradient was not zero
+  double redrawn = 0.0;
   double worst_loss = 0.0;
   for (std::size_t i = 0; i < a.size(); ++i) {
     EXPECT_EQ(b[i]["reward_mean"], a[i]["reward_mean"]) << "step " << i + 1;
     EXPECT_EQ(b[i]["completion_len_mean"], a[i]["completion_len_mean"]) << "step " << i + 1;
     EXPECT_EQ(b[i]["no_signal_frac"], a[i]["no_signal_frac"]) << "step " << i + 1;
+    EXPECT_EQ(b[i].value("resampled_groups", -1.0), a[i].value("resampled_groups", -1.0));
+    redrawn += a[i].value("resampled_groups", 0.0);
     mixed = mixed || a[i]["no_signal_frac"].get<double>() < 1.0;
     worst_loss = std::max(worst_loss, std::abs(b[i]["train_loss"].get<double>() -
                                                a[i]["train_loss"].get<double>()));
@@ -406,11 +412,14 @@ TEST(DistRl, TwoRanksSampleTheSameBatchesAndMatchOneRank) {
                 1e-5 * (1.0 + std::abs(a[i]["kl"].get<double>())));
   }
   EXPECT_TRUE(mixed) << "no group ever had different rewards; the test checks nothing";
+  if (!extra.empty()) {
+    EXPECT_GT(redrawn, 0.0) << "dynamic sampling never redrew a group";
+  }
   EXPECT_LT(worst_loss, 1e-5);
   const TensorFile wa = load_safetensors(dir + "/one/checkpoint.safetensors");
   const TensorFile wb = load_safetensors(dir + "/two/checkpoint.safetensors");
   const double rel = max_rel_diff(wb, wa, "model.");
-  std::cout << "rl: 2 ranks vs 1 rank after 8 steps, max relative weight difference " << rel
+  std::cout << "rl" << extra << ": 2 ranks vs 1 rank after 8 steps, max relative weight difference " << rel
             << ", worst loss difference " << worst_loss << "\n";
   EXPECT_LT(rel, 1e-5);
   EXPECT_GT(rel, 0.0) << "suspicious: bit-identical weights (did both runs use one process?)";
@@ -418,6 +427,11 @@ TEST(DistRl, TwoRanksSampleTheSameBatchesAndMatchOneRank) {
   EXPECT_EQ(s.at("world_size"), 2);
   EXPECT_EQ(s.at("exact_match"), read_json(dir + "/one/summary.json").at("exact_match"));
 }
+
+// Without and with dynamic sampling (groups with equal rewards redrawn, each redraw from a
+// stream named by the step, the group and the round: rank-independent too).
+INSTANTIATE_TEST_SUITE_P(Sampling, DistRlEquality,
+                         ::testing::Values("", " --rl_resample_rounds 2"));
 
 // Stopped between the two PPO epochs of a sampled batch on 2 ranks, resumed on 1 (and the
 // other way round): the checkpoint holds the whole batch, so both end where a straight 1-rank

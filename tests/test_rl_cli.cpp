@@ -124,6 +124,28 @@ TEST(RlCli, ShorterSeqLenTrainsAndResumes) {
   EXPECT_EQ(nlohmann::json::parse(in).at("seq_len"), 12);
 }
 
+// Dynamic sampling (rl_resample_rounds): groups with equal rewards are redrawn, counted per
+// step, and a run stopped between PPO epochs still resumes bit-exactly.
+TEST(RlCli, DynamicSamplingCountsRedrawsAndResumes) {
+  const std::string dir = fixture().dir + "/resample";
+  expect_resume_is_bit_exact(dir, " --rl_resample_rounds 2");
+  const auto m = read_metrics(dir + "/ra/metrics.jsonl");
+  ASSERT_EQ(m.size(), 6u);
+  double redrawn = 0.0;
+  for (const auto& rec : m) {
+    ASSERT_TRUE(rec.contains("resampled_groups")) << rec.dump();
+    const double n = rec["resampled_groups"].get<double>();
+    EXPECT_GE(n, 0.0);
+    EXPECT_LE(n, 2.0 * 3);  // 2 rounds x P 3
+    redrawn += n;
+  }
+  // The fixture's barely trained model answers nothing right: every group is all zeros.
+  EXPECT_GT(redrawn, 0.0);
+  EXPECT_FALSE(read_metrics(fixture().dir + "/metrics_run/metrics.jsonl").at(0).contains(
+      "resampled_groups"))
+      << "the metric appears only with dynamic sampling on";
+}
+
 TEST(RlCli, EveryOptimizerRuns) {
   for (const std::string opt : {"muon", "pion"}) {
     const std::string out = fixture().dir + "/opt_" + opt;

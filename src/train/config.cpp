@@ -183,6 +183,10 @@ const std::vector<Field>& fields() {
       bool_field("rl_std_normalize",
                  "rl: divide advantages by the group's reward std (false: Dr. GRPO)",
                  &TrainConfig::rl_std_normalize),
+      int_field("rl_resample_rounds",
+                "rl: redraw a group whose rewards are all equal (no signal) with a new prompt, up "
+                "to this many rounds per step (DAPO's dynamic sampling; 0 = off)",
+                &TrainConfig::rl_resample_rounds, 0, 100),
       real_field("clip_eps", "rl: PPO ratio clip epsilon", &TrainConfig::clip_eps, 0, 10, true),
       int_field("ppo_epochs", "rl: optimizer steps per sampled batch (ratio clipped after the first)",
                 &TrainConfig::ppo_epochs, 1, 1000),

@@ -86,17 +86,10 @@ void RlSource::sample() {
   for (auto& t : step_tasks) t = static_cast<std::size_t>(rng_.below(tasks_.size()));
   const std::uint64_t step_seed = rng_.next_u64();
   const int per_rank = P / world_;
-  std::vector<std::vector<std::int32_t>> prompts;
-  std::vector<std::size_t> task_of;
-  std::vector<Rng> row_rngs;
-  for (int p = rank_ * per_rank; p < (rank_ + 1) * per_rank; ++p) {
-    const std::size_t task = step_tasks[static_cast<std::size_t>(p)];
-    for (int g = 0; g < G; ++g) {
-      prompts.push_back(task_tokens_[task]);
-      task_of.push_back(task);
-      row_rngs.push_back(completion_rng(step_seed, static_cast<std::size_t>(p) * G + g));
-    }
-  }
+  const std::size_t first_group = static_cast<std::size_t>(rank_) * per_rank;
+  std::vector<std::size_t> group_task(static_cast<std::size_t>(per_rank));
+  for (std::size_t q = 0; q < group_task.size(); ++q) group_task[q] = step_tasks[first_group + q];
+
   GenerateOptions opts;
   opts.max_new_tokens = config_.rl_max_new_tokens;
   opts.sampling.temperature = config_.rl_temperature;
@@ -104,25 +97,70 @@ void RlSource::sample() {
   opts.stop = [&](std::size_t, std::span<const std::int32_t> new_tokens) {
     return tokenizer_.decode(new_tokens).find(end_marker_) != std::string::npos;
   };
-  const std::vector<Generation> gens =
-      generate_tokens(policy_, prompts, opts, row_rngs);
+  rows_.assign(static_cast<std::size_t>(per_rank) * G, Row{});
+  // Samples and scores the G completions of each listed local group (its task in group_task).
+  // Round 0 is the step's batch; round k > 0 redraws a group (DAPO's dynamic sampling). Every
+  // random choice comes from a stream named by (step seed, global group, round), so the batch
+  // does not depend on the number of ranks.
+  auto sample_groups = [&](const std::vector<std::size_t>& groups, int round) {
+    std::vector<std::vector<std::int32_t>> prompts;
+    std::vector<Rng> row_rngs;
+    const std::uint64_t round_seed =
+        round == 0 ? step_seed : completion_rng(step_seed, static_cast<std::size_t>(round) << 40).next_u64();
+    for (std::size_t q : groups) {
+      const std::size_t global = first_group + q;
+      for (int g = 0; g < G; ++g) {
+        prompts.push_back(task_tokens_[group_task[q]]);
+        row_rngs.push_back(completion_rng(round_seed, global * static_cast<std::size_t>(G) + g));
+      }
+    }
+    const std::vector<Generation> gens = generate_tokens(policy_, prompts, opts, row_rngs);
+    for (std::size_t j = 0; j < groups.size(); ++j) {
+      for (int g = 0; g < G; ++g) {
+        const std::size_t k = j * static_cast<std::size_t>(G) + static_cast<std::size_t>(g);
+        Row& r = rows_[groups[j] * static_cast<std::size_t>(G) + static_cast<std::size_t>(g)];
+        r = Row{};
+        r.tokens = prompts[k];
+        r.prompt_len = static_cast<int>(prompts[k].size());
+        r.tokens.insert(r.tokens.end(), gens[k].tokens.begin(), gens[k].tokens.end());
+        r.logp_old.assign(gens[k].log_probs.begin(), gens[k].log_probs.end());
+        r.reward = answer_matches(tokenizer_.decode(gens[k].tokens),
+                                  tasks_[group_task[groups[j]]].response, end_marker_)
+                       ? 1.0
+                       : 0.0;
+      }
+    }
+  };
+  auto no_signal = [&](std::size_t q) {
+    for (int g = 1; g < G; ++g)
+      if (rows_[q * G + g].reward != rows_[q * G].reward) return false;
+    return true;
+  };
+  std::vector<std::size_t> all(group_task.size());
+  for (std::size_t q = 0; q < all.size(); ++q) all[q] = q;
+  sample_groups(all, 0);
+  resampled_groups_ = 0.0;
+  for (int round = 1; round <= config_.rl_resample_rounds; ++round) {
+    std::vector<std::size_t> redo;
+    for (std::size_t q : all)
+      if (no_signal(q)) redo.push_back(q);
+    if (redo.empty()) break;
+    for (std::size_t q : redo) {
+      Rng pick = completion_rng(step_seed ^ 0x5bd1e995ULL,
+                                (static_cast<std::size_t>(round) << 40) + first_group + q);
+      group_task[q] = static_cast<std::size_t>(pick.below(tasks_.size()));
+    }
+    resampled_groups_ += static_cast<double>(redo.size());
+    sample_groups(redo, round);
+  }
+  if (world_ > 1) resampled_groups_ = dist::world().allreduce_sum(resampled_groups_);
   policy_.set_training(true);  // generation switched it to eval mode
 
-  rows_.assign(prompts.size(), Row{});
-  std::vector<double> rewards(prompts.size());
+  std::vector<double> rewards(rows_.size());
   completion_tokens_ = 0.0;
-  for (std::size_t i = 0; i < prompts.size(); ++i) {
-    Row& r = rows_[i];
-    r.tokens = prompts[i];
-    r.prompt_len = static_cast<int>(prompts[i].size());
-    r.tokens.insert(r.tokens.end(), gens[i].tokens.begin(), gens[i].tokens.end());
-    r.logp_old.assign(gens[i].log_probs.begin(), gens[i].log_probs.end());
-    r.reward = answer_matches(tokenizer_.decode(gens[i].tokens), tasks_[task_of[i]].response,
-                              end_marker_)
-                   ? 1.0
-                   : 0.0;
-    rewards[i] = r.reward;
-    completion_tokens_ += static_cast<double>(gens[i].tokens.size());
+  for (std::size_t i = 0; i < rows_.size(); ++i) {
+    rewards[i] = rows_[i].reward;
+    completion_tokens_ += static_cast<double>(rows_[i].logp_old.size());
   }
   advantages_ = group_advantages(rewards, G, options_);
   // The objective is the mean over the completion tokens of the whole (global) batch.
@@ -233,6 +271,9 @@ void RlSource::annotate_step(nlohmann::json& record) {
   record["kl"] = sums[5] / tokens;
   record["clip_frac"] = sums[6] / tokens;
   record["ppo_epoch"] = step_epoch_;
+  // Groups redrawn by dynamic sampling for this step's batch, summed over the rounds (so up
+  // to rl_resample_rounds x P); only with rl_resample_rounds > 0.
+  if (config_.rl_resample_rounds > 0) record["resampled_groups"] = resampled_groups_;
   const int step = record.value("step", 0);
   if (step % config_.log_interval == 0 || step == config_.max_iters)
     std::cout << "rl step " << step << " | reward " << record["reward_mean"].get<double>()
@@ -256,6 +297,7 @@ nlohmann::json RlSource::state() const {
         for (auto& r : nlohmann::json::parse(part)) rows.push_back(std::move(r));
     }
     s["rows"] = std::move(rows);
+    s["resampled_groups"] = resampled_groups_;
   }
   return s.dump();  // the checkpoint stores data states as strings
 }
@@ -270,7 +312,14 @@ void RlSource::restore(const nlohmann::json& state) {
   const int epoch = input::to_int32(input::member(s, "epoch", where), 0, config_.ppo_epochs - 1,
                                     where + " 'epoch'");
   std::vector<Row> rows;
+  double resampled = 0.0;
   if (epoch != 0) {
+    // Absent in checkpoints written before dynamic sampling existed: none was redrawn then.
+    if (s.contains("resampled_groups"))
+      resampled = input::to_double(s["resampled_groups"], 0,
+                                   static_cast<double>(config_.rl_prompts_per_step) *
+                                       config_.rl_resample_rounds,
+                                   where + " 'resampled_groups'");
     const nlohmann::json& jr = input::member(s, "rows", where);
     const auto expected =
         static_cast<std::size_t>(config_.rl_prompts_per_step) * config_.rl_group_size;
@@ -312,6 +361,7 @@ void RlSource::restore(const nlohmann::json& state) {
     std::vector<double> rewards;
     for (const Row& r : rows_) rewards.push_back(r.reward);
     advantages_ = group_advantages(rewards, config_.rl_group_size, options_);
+    resampled_groups_ = resampled;
   }
 }
 

@@ -70,6 +70,7 @@ struct TrainConfig {
   double rl_temperature = 1.0;
   double rl_top_p = 1.0;
   bool rl_std_normalize = true;  // false: advantages r - mean (Dr. GRPO)
+  int rl_resample_rounds = 0;    // redraw groups with equal rewards up to N times (DAPO)
   double clip_eps = 0.2;
   int ppo_epochs = 1;  // optimizer steps per sampled batch
   double kl_coef = 0.0;

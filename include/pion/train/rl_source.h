@@ -14,6 +14,10 @@
 // consecutive steps; each micro-batch carries the GRPO objective (grpo_token_objective,
 // normalised by N), so every step's loss is the mean over all of the batch's completion tokens.
 //
+// With rl_resample_rounds = R > 0 (DAPO's dynamic sampling), a group whose G rewards are all
+// equal (no gradient) is replaced by a fresh prompt's group, up to R rounds; the batch keeps its
+// P x G rows, and the metric resampled_groups counts the groups redrawn (over all rounds).
+//
 // Under mpirun every rank draws the same P prompts and takes P / world of the groups; each
 // completion samples from its own generator (seeded by the step and its global row), so the
 // batch is the same for any rank count, and the objective's N is the global token count.
@@ -85,6 +89,7 @@ class RlSource final : public BatchSource {
   std::vector<Row> rows_;
   std::vector<double> advantages_;
   double completion_tokens_ = 0.0;
+  double resampled_groups_ = 0.0;  // this rank's groups redrawn for the batch (a metric)
   int epoch_ = 0, micro_ = 0;
   std::size_t current_first_row_ = 0;  // the micro-batch next() filled last
   std::vector<std::int32_t> last_targets_;
