@@ -22,6 +22,18 @@ Tensor random_tensor(const Shape& shape, std::uint64_t seed, double std, DType d
   return t;
 }
 
+std::vector<std::int32_t> random_ids(std::size_t n, int vocab, std::uint64_t seed) {
+  Rng rng(seed);
+  std::vector<std::int32_t> t(n);
+  for (auto& x : t) x = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(vocab)));
+  return t;
+}
+
+ModelConfig tiny_model_config() {
+  return {
+      .vocab_size = 13, .n_layer = 2, .n_head = 2, .d_model = 16, .seq_len = 7, .init_std = 0.2};
+}
+
 std::string temp_dir(const std::string& tag) {
   static std::atomic<int> counter{0};
   auto dir = std::filesystem::temp_directory_path() /
@@ -51,6 +63,14 @@ bool single_error_line(const std::string& output) {
 }
 
 CommandResult run_pion(const std::string& args) { return run_command(std::string(PION_BINARY) + " " + args); }
+
+std::string tiny_train_flags(const std::string& data, const std::string& out,
+                             const std::string& optimizer) {
+  return "--data " + data + " --out_dir " + out + " --optimizer " + optimizer +
+         " --n_layer 2 --n_head 2 --d_model 32 --seq_len 16 --batch_size 4 --max_iters 12"
+         " --warmup_iters 3 --eval_interval 6 --eval_iters 2 --log_interval 4 --threads 1"
+         " --matrix_lr 0.02 --lr 0.003 --dropout 0.1";
+}
 
 bool python_has(const std::string& modules) {
   std::string imports;

@@ -1,13 +1,22 @@
 #pragma once
-// Helpers shared by the tests: random tensors, temp dirs, running the pion binary and Python.
+// Helpers shared by the tests: random tensors and token ids, the tiny model and `pion train`
+// run several test files use, temp dirs, running the pion binary and Python.
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "pion/core/tensor.h"
+#include "pion/model/config.h"
 
 namespace pion::test {
 
 Tensor random_tensor(const Shape& shape, std::uint64_t seed, double std = 1.0, DType dtype = DType::F32);
+// n token ids drawn uniformly from [0, vocab): the inputs and targets of the model, layer and
+// GRPO tests, which all draw them the same way.
+std::vector<std::int32_t> random_ids(std::size_t n, int vocab, std::uint64_t seed);
+// The small decoder (vocab 13, 2 layers, 2 heads, d_model 16, seq_len 7, init_std 0.2) that the
+// model and GRPO tests check against their PyTorch references and finite differences.
+ModelConfig tiny_model_config();
 // A fresh empty directory under the system temp dir, unique per call.
 std::string temp_dir(const std::string& tag);
 struct CommandResult {
@@ -21,6 +30,10 @@ CommandResult run_command(const std::string& command);
 bool single_error_line(const std::string& output);
 // Runs the built `pion` binary with the given argument string.
 CommandResult run_pion(const std::string& args);
+// The flags of the small `pion train` run (2 layers of d_model 32, 12 steps, dropout on) that
+// the end-to-end train tests stop, resume and compare bit for bit.
+std::string tiny_train_flags(const std::string& data, const std::string& out,
+                             const std::string& optimizer);
 // True when /usr/bin/python3 can import every module in the space-separated list.
 bool python_has(const std::string& modules);
 std::string source_dir();

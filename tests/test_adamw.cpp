@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
+#include "compare.h"
 #include "helpers.h"
 #include "pion/core/error.h"
 #include "pion/core/linalg.h"
@@ -14,18 +15,9 @@
 #include "pion/optim/adamw.h"
 
 using namespace pion;
+using test::diff_norm;
 
 namespace {
-
-double diff_norm(const Tensor& a, const Tensor& b) {
-  Tensor a64 = a.to(DType::F64), b64 = b.to(DType::F64);
-  double s = 0;
-  for (std::int64_t i = 0; i < a64.numel(); ++i) {
-    const double d = a64.data<double>()[i] - b64.data<double>()[i];
-    s += d * d;
-  }
-  return std::sqrt(s);
-}
 
 // Whether /usr/bin/python3 can find the modules, without importing them: importing torch takes
 // seconds, and ctest runs every parity case in its own process.

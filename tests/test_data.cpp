@@ -10,6 +10,7 @@
 #include <map>
 #include <set>
 
+#include "expect_error.h"
 #include "helpers.h"
 #include "pion/core/error.h"
 #include "pion/core/random.h"
@@ -26,6 +27,7 @@ namespace pion {
 namespace {
 
 namespace fs = std::filesystem;
+using test::expect_error;
 
 // tinyshakespeare lives beside the checkout (never copied into it); a clone without
 // ../shared skips the tests that need it.
@@ -47,18 +49,6 @@ std::string shakespeare_prefix(const std::string& path, std::size_t bytes) {
 
 void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary) << bytes;
-}
-
-// Asserts that `fn` throws pion::Error whose message contains every string in `parts`.
-template <class Fn>
-void expect_error(Fn&& fn, std::initializer_list<std::string> parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected pion::Error";
-  } catch (const Error& e) {
-    for (const auto& p : parts)
-      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
-  }
 }
 
 // A random string over a mix of ASCII, Latin-1, CJK and emoji characters; with_lower_block

@@ -77,6 +77,34 @@ std::vector<std::vector<std::int32_t>> random_prompts(const std::vector<int>& le
   return p;
 }
 
+// A prefill and a decode step in one Decoder::extend call, in different slots (checked for
+// MHA and for GQA with a tied head): slot 2 is first prefilled with 8 of a's 9 tokens, then one
+// call prefills slot 0 with all of b and gives slot 2 a's 9th token (a, b: 9 and 4 tokens from
+// Rng(8)). `got` is that call's logits (b's row, then a's); `want` each sequence's own
+// full-forward logits at its last position, in the same order.
+struct MixedChunks {
+  std::vector<float> got, want;
+};
+MixedChunks run_mixed_chunks(Llama<float>& model, KvCache& cache, int vocab) {
+  Rng rng(8);
+  const auto a = random_tokens(9, vocab, rng), b = random_tokens(4, vocab, rng);
+  auto full_last = [&](const std::vector<std::int32_t>& t) {
+    model.forward(t, {}, 1, static_cast<int>(t.size()));
+    const float* l = model.logits() + (t.size() - 1) * static_cast<std::size_t>(vocab);
+    return std::vector<float>(l, l + vocab);
+  };
+  Decoder dec(model);
+  const DecodeChunk first{2, std::span(a).first(8)};
+  dec.extend(cache, std::span(&first, 1));
+  const DecodeChunk both[] = {{0, b}, {2, std::span(a).last(1)}};
+  const auto out = dec.extend(cache, both);
+  MixedChunks m{{out.begin(), out.end()}, {}};
+  const auto want_b = full_last(b), want_a = full_last(a);
+  m.want = want_b;
+  m.want.insert(m.want.end(), want_a.begin(), want_a.end());
+  return m;
+}
+
 float max_abs(std::span<const float> a) {
   float m = 0;
   for (float x : a) m = std::max(m, std::fabs(x));
@@ -126,26 +154,10 @@ TEST(Decoder, IncrementalLogitsEqualFullForwardAtEveryPosition) {
 TEST(Decoder, MixedChunksInOneCallStayInTheirSlots) {
   const Shape s = kShapes[1];
   Llama<float> model = random_model(s, 5);
-  Rng rng(8);
-  const auto a = random_tokens(9, s.vocab, rng), b = random_tokens(4, s.vocab, rng);
-  auto full_last = [&](const std::vector<std::int32_t>& t) {
-    model.forward(t, {}, 1, static_cast<int>(t.size()));
-    const float* l = model.logits() + (t.size() - 1) * static_cast<std::size_t>(s.vocab);
-    return std::vector<float>(l, l + s.vocab);
-  };
-  Decoder dec(model);
   KvCache cache(model.config(), 3);
-  const DecodeChunk first{2, std::span(a).first(8)};
-  dec.extend(cache, std::span(&first, 1));
-  // Slot 2 gets a's 9th token while slot 0 is prefilled with all of b.
-  const DecodeChunk both[] = {{0, b}, {2, std::span(a).last(1)}};
-  const auto out = dec.extend(cache, both);
-  ASSERT_EQ(out.size(), 2u * s.vocab);
-  const auto want_b = full_last(b), want_a = full_last(a);
-  for (int i = 0; i < s.vocab; ++i) {
-    EXPECT_NEAR(out[static_cast<std::size_t>(i)], want_b[static_cast<std::size_t>(i)], 1e-4);
-    EXPECT_NEAR(out[static_cast<std::size_t>(s.vocab + i)], want_a[static_cast<std::size_t>(i)], 1e-4);
-  }
+  const MixedChunks m = run_mixed_chunks(model, cache, s.vocab);
+  ASSERT_EQ(m.got.size(), 2u * s.vocab);
+  for (std::size_t i = 0; i < m.want.size(); ++i) EXPECT_NEAR(m.got[i], m.want[i], 1e-4);
   EXPECT_EQ(cache.length[0], 4);
   EXPECT_EQ(cache.length[1], 0);
   EXPECT_EQ(cache.length[2], 9);
@@ -174,25 +186,9 @@ TEST(Decoder, GqaCacheHoldsOnlyTheKvHeads) {
 
   const Shape t = kShapes[4];  // GQA groups of 2, tied
   Llama<float> tied = random_model(t, 10);
-  Rng rng(8);
-  const auto a = random_tokens(9, t.vocab, rng), b = random_tokens(4, t.vocab, rng);
-  auto full_last = [&](const std::vector<std::int32_t>& x) {
-    tied.forward(x, {}, 1, static_cast<int>(x.size()));
-    const float* l = tied.logits() + (x.size() - 1) * static_cast<std::size_t>(t.vocab);
-    return std::vector<float>(l, l + t.vocab);
-  };
-  Decoder tdec(tied);
   KvCache tcache(tied.config(), 3);
-  const DecodeChunk first{2, std::span(a).first(8)};
-  tdec.extend(tcache, std::span(&first, 1));
-  const DecodeChunk both[] = {{0, b}, {2, std::span(a).last(1)}};
-  const auto out = tdec.extend(tcache, both);
-  const auto want_b = full_last(b), want_a = full_last(a);
-  for (int i = 0; i < t.vocab; ++i) {
-    EXPECT_NEAR(out[static_cast<std::size_t>(i)], want_b[static_cast<std::size_t>(i)], 1e-4);
-    EXPECT_NEAR(out[static_cast<std::size_t>(t.vocab + i)], want_a[static_cast<std::size_t>(i)],
-                1e-4);
-  }
+  const MixedChunks m = run_mixed_chunks(tied, tcache, t.vocab);
+  for (std::size_t i = 0; i < m.want.size(); ++i) EXPECT_NEAR(m.got[i], m.want[i], 1e-4);
 }
 
 TEST(Decoder, RefusesChunksThatDoNotFit) {

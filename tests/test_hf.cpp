@@ -18,6 +18,8 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
+#include "compare.h"
+#include "expect_error.h"
 #include "helpers.h"
 #include "pion/core/error.h"
 #include "pion/core/safetensors.h"
@@ -324,14 +326,20 @@ void edit_config(const std::string& dir, const std::function<void(nlohmann::json
 }
 
 void expect_refused(const std::string& args, const std::string& out, const std::string& needle) {
-  auto r = test::run_pion(args);
-  EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.output;
-  EXPECT_TRUE(test::single_error_line(r.output)) << r.output;
-  EXPECT_NE(r.output.find(needle), std::string::npos) << "expected '" << needle << "' in: " << r.output;
+  test::expect_cli_error(args, {needle});
   EXPECT_FALSE(fs::exists(out)) << out << " was written";
   // No temp file or directory left beside it either.
   for (const auto& e : fs::directory_iterator(fs::path(out).parent_path()))
     EXPECT_EQ(e.path().filename().string().find(".tmp"), std::string::npos) << e.path();
+}
+
+// One step of a 1-layer char model on the built-in fortunes corpus into `out_dir`: a pion
+// checkpoint for the export tests. `extra` (" --flag value ...") goes before --out_dir.
+test::CommandResult train_tiny(const std::string& out_dir, const std::string& extra = "") {
+  return test::run_pion(
+      "train --data fortunes --n_layer 1 --n_head 2 --d_model 16 --seq_len 8 --batch_size 2 "
+      "--max_iters 1 --eval_interval 1 --eval_iters 1" +
+      extra + " --out_dir " + out_dir);
 }
 
 }  // namespace
@@ -413,9 +421,7 @@ TEST(HfImport, MalformedOrUnsupportedDirectoriesAreRefused) {
 
 TEST(HfExport, RefusesWhatHuggingFaceLlamaCannotExpress) {
   const std::string root = test::temp_dir("hf_export_bad");
-  auto r = test::run_pion("train --data fortunes --n_layer 1 --n_head 2 --d_model 16 --seq_len 8 "
-                          "--batch_size 2 --max_iters 1 --eval_interval 1 --eval_iters 1 --norm none "
-                          "--out_dir " + root + "/nonorm");
+  auto r = train_tiny(root + "/nonorm", " --norm none");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   expect_refused("export-hf " + root + "/nonorm/checkpoint.safetensors --out " + root + "/hf",
                  root + "/hf", "norm \"none\"");
@@ -437,9 +443,7 @@ TEST(HfExport, RefusesWhatHuggingFaceLlamaCannotExpress) {
 // with a SentencePiece tokenizer: the export itself is complete and loads as HF config + weights.
 TEST(HfExport, PionTrainedModelExportsConfigAndWeights) {
   const std::string root = test::temp_dir("hf_export_char");
-  auto r = test::run_pion("train --data fortunes --n_layer 1 --n_head 2 --d_model 16 --seq_len 8 "
-                          "--batch_size 2 --max_iters 1 --eval_interval 1 --eval_iters 1 "
-                          "--out_dir " + root + "/run");
+  auto r = train_tiny(root + "/run");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   auto e = test::run_pion("export-hf " + root + "/run/checkpoint.safetensors --out " + root + "/hf --dtype bf16");
   ASSERT_EQ(e.exit_code, 0) << e.output;
@@ -501,12 +505,7 @@ void finetune_imported(const Case& c) {
   EXPECT_NE(b2.output.find("resumed from"), std::string::npos) << b2.output;
   const TensorFile fa = load_safetensors(root + "/fa/checkpoint.safetensors");
   const TensorFile fb = load_safetensors(root + "/fb/checkpoint.safetensors");
-  ASSERT_EQ(fa.tensors.size(), fb.tensors.size());
-  for (const auto& [name, x] : fa.tensors) {
-    const Tensor& y = fb.tensors.at(name);
-    ASSERT_EQ(x.nbytes(), y.nbytes()) << name;
-    EXPECT_EQ(0, std::memcmp(x.raw(), y.raw(), x.nbytes())) << name << " differs after resume";
-  }
+  ASSERT_NO_FATAL_FAILURE(test::expect_same_tensors(fa, fb));
   // Training moved the weights; the finetuned model keeps rope_theta and the tokenizer.
   const TensorFile f0 = load_safetensors(ckpt);
   const Tensor& w0 = f0.tensors.at("model.layers.0.attn.wq");

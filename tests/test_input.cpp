@@ -8,9 +8,11 @@
 #include <iterator>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "expect_error.h"
 #include "helpers.h"
 #include "pion/core/error.h"
 #include "pion/core/input.h"
@@ -30,18 +32,13 @@ void write_bytes(const std::string& path, const std::string& bytes) {
   ASSERT_TRUE(static_cast<bool>(out)) << path;
 }
 
-// fn must throw pion::Error whose one-line message holds every part.
+// test::expect_error, and the message is one line of a readable length.
 template <class Fn>
 void expect_error(Fn&& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "no error; expected one mentioning " << parts.front();
-  } catch (const Error& e) {
-    const std::string what = e.what();
-    for (const auto& p : parts) EXPECT_NE(what.find(p), std::string::npos) << what;
-    EXPECT_EQ(what.find('\n'), std::string::npos) << "not one line: " << what;
-    EXPECT_LT(what.size(), 1000u) << "message too long";
-  }
+  const std::optional<std::string> what = test::expect_error(fn, parts);
+  if (!what) return;
+  EXPECT_EQ(what->find('\n'), std::string::npos) << "not one line: " << *what;
+  EXPECT_LT(what->size(), 1000u) << "message too long";
 }
 
 // ---------------------------------------------------------------- finetuning JSONL

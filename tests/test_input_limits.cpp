@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "expect_error.h"
 #include "helpers.h"
 #include "pion/core/error.h"
 #include "pion/core/input.h"
@@ -26,31 +27,10 @@
 
 using namespace pion;
 using nlohmann::json;
+using test::expect_cli_error;
+using test::expect_error;
 
 namespace {
-
-// Runs `fn`, which must throw pion::Error whose message contains every fragment.
-template <class Fn>
-void expect_error(Fn&& fn, std::initializer_list<std::string> fragments) {
-  try {
-    fn();
-    ADD_FAILURE() << "no pion::Error; expected one mentioning " << *fragments.begin();
-  } catch (const Error& e) {
-    const std::string what = e.what();
-    for (const auto& f : fragments)
-      EXPECT_NE(what.find(f), std::string::npos) << "'" << f << "' not in: " << what;
-  }
-}
-
-void expect_cli_error(const std::string& args, std::initializer_list<std::string> needles) {
-  const auto r = test::run_pion(args);
-  EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.output;
-  EXPECT_TRUE(test::single_error_line(r.output)) << args << "\n" << r.output;
-  for (const auto& n : needles)
-    EXPECT_NE(r.output.find(n), std::string::npos)
-        << "'" << n << "' not in output of " << args << ":\n"
-        << r.output;
-}
 
 std::string deep_json(int levels) {
   return std::string(levels, '[') + std::string(levels, ']');

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "grad_check.h"
+#include "helpers.h"
 #include "pion/core/error.h"
 #include "pion/model/layers.h"
 
@@ -16,23 +17,17 @@ using namespace pion;
 using namespace pion::layers;
 using test::dot;
 using test::fd_rel_error;
+using test::random_ids;
 using test::random_vector;
 
 namespace {
 constexpr double kTol = 1e-7;
-
-std::vector<std::int32_t> random_tokens(std::size_t n, int v, std::uint64_t seed) {
-  Rng rng(seed);
-  std::vector<std::int32_t> t(n);
-  for (auto& x : t) x = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(v)));
-  return t;
-}
 }  // namespace
 
 TEST(Layers, EmbeddingGradient) {
   const i64 v = 7, c = 5, n = 12;
   auto table = random_vector(v * c, 1);
-  auto tokens = random_tokens(n, v, 2);
+  auto tokens = random_ids(n, v, 2);
   tokens[3] = tokens[7] = tokens[9];  // repeated tokens must accumulate
   auto r = random_vector(n * c, 3);
   std::vector<double> out(n * c);

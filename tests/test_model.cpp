@@ -8,8 +8,10 @@
 #include <functional>
 #include <map>
 #include <set>
+#include <utility>
 #include <vector>
 
+#include "compare.h"
 #include "grad_check.h"
 #include "helpers.h"
 #include "pion/core/error.h"
@@ -22,6 +24,8 @@
 #include "pion/train/session.h"
 
 using namespace pion;
+using test::random_ids;
+using test::rel_max_diff;
 
 namespace {
 
@@ -36,22 +40,26 @@ ModelConfig tiny_config() {
   return c;
 }
 
-std::vector<std::int32_t> random_ids(std::size_t n, int v, std::uint64_t seed) {
-  Rng rng(seed);
-  std::vector<std::int32_t> t(n);
-  for (auto& x : t) x = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(v)));
-  return t;
+// Non-trivial norm weights (1 + 0.3 N(0, 1)), so the gradient checks see them away from 1.
+void perturb_norm_weights(Llama<double>& model, Rng& rng) {
+  for (auto& p : model.named_params())
+    if (p.name.find("norm") != std::string::npos)
+      for (double& w : p.value.span<double>()) w = 1.0 + 0.3 * rng.normal();
 }
 
-// Largest |a - b| over max |b|, for two same-sized tensors.
-double rel_diff(const Tensor& a, const Tensor& b) {
-  Tensor x = a.to(DType::F64), y = b.to(DType::F64);
-  double err = 0, ref = 0;
-  for (std::int64_t i = 0; i < x.numel(); ++i) {
-    err = std::max(err, std::abs(x.data<double>()[i] - y.data<double>()[i]));
-    ref = std::max(ref, std::abs(y.data<double>()[i]));
-  }
-  return err / std::max(ref, 1e-300);
+// Both models' losses on one random batch of b sequences of t tokens (ids from `seed`, targets
+// from seed + 1), gradients zeroed first: how the tests that check a model against an
+// equivalent one start, before they compare logits and gradients.
+template <class M1, class M2>
+std::pair<double, double> losses_on_random_batch(M1& m1, M2& m2, int b, int t, int vocab,
+                                                 std::uint64_t seed) {
+  const auto tokens = random_ids(b * t, vocab, seed);
+  const auto targets = random_ids(b * t, vocab, seed + 1);
+  m1.zero_grad();
+  m2.zero_grad();
+  const double l1 = m1.forward(tokens, targets, b, t);
+  const double l2 = m2.forward(tokens, targets, b, t);
+  return {l1, l2};
 }
 
 // Per-parameter finite-difference check of the model's gradient. `before_forward` runs before
@@ -153,10 +161,7 @@ TEST(Llama, GradientMatchesFiniteDifferencesFp64) {
   Llama<double> model(c);
   Rng rng(1);
   model.init_weights(rng);
-  // Non-trivial norm weights, so their gradients are checked away from 1.
-  for (auto& p : model.named_params())
-    if (p.name.find("norm") != std::string::npos)
-      for (double& w : p.value.span<double>()) w = 1.0 + 0.3 * rng.normal();
+  perturb_norm_weights(model, rng);
   const int b = 2, t = 5;
   auto tokens = random_ids(b * t, c.vocab_size, 2);
   auto targets = random_ids(b * t, c.vocab_size, 3);
@@ -220,23 +225,18 @@ TEST(Llama, FloatMatchesDoubleAndLossScaleAccumulates) {
   md.init_weights(rng);
   mf.params().copy_from(md.params().to(DType::F32));
   const int b = 3, t = 8;
-  auto tokens = random_ids(b * t, c.vocab_size, 11);
-  auto targets = random_ids(b * t, c.vocab_size, 12);
-  md.zero_grad();
-  mf.zero_grad();
-  const double ld = md.forward(tokens, targets, b, t);
-  const double lf = mf.forward(tokens, targets, b, t);
+  const auto [ld, lf] = losses_on_random_batch(md, mf, b, t, c.vocab_size, 11);
   EXPECT_NEAR(lf, ld, 1e-5 * ld);
   md.backward();
   mf.backward();
-  EXPECT_LT(rel_diff(mf.grads(), md.grads()), 1e-4);
+  EXPECT_LT(rel_max_diff(mf.grads(), md.grads()), 1e-4);
 
   // Two backward(0.5) calls add up to one backward(1).
   Tensor once = md.grads().clone();
   md.zero_grad();
   md.backward(0.5);
   md.backward(0.5);
-  EXPECT_LT(rel_diff(md.grads(), once), 1e-13);
+  EXPECT_LT(rel_max_diff(md.grads(), once), 1e-13);
 }
 
 TEST(Llama, LogitsOnlyCausalityAndBadInput) {
@@ -368,13 +368,7 @@ void check_torch_parity(double loss_tol, double grad_tol, const std::string& nor
   if (!test::python_has("torch numpy")) {
     GTEST_SKIP() << "PyTorch parity skipped: " << test::python() << " cannot import torch/numpy";
   }
-  ModelConfig c;
-  c.vocab_size = 13;
-  c.n_layer = 2;
-  c.n_head = 2;
-  c.d_model = 16;
-  c.seq_len = 7;
-  c.init_std = 0.2;
+  ModelConfig c = test::tiny_model_config();
   c.norm = norm;
   if (shape) shape(c);
   Llama<T> model(c);
@@ -407,11 +401,11 @@ void check_torch_parity(double loss_tol, double grad_tol, const std::string& nor
   EXPECT_LT(loss_err, loss_tol) << loss << " vs torch " << ref_loss;
   Tensor logits = Tensor::empty({b * t * c.vocab_size}, dtype_of<T>());
   std::copy_n(model.logits(), logits.numel(), logits.data<T>());
-  const double logit_err = rel_diff(logits, out.tensors.at("logits").reshape({logits.numel()}));
+  const double logit_err = rel_max_diff(logits, out.tensors.at("logits").reshape({logits.numel()}));
   EXPECT_LT(logit_err, grad_tol);
   double worst = 0;
   for (auto& p : model.named_params()) {
-    const double e = rel_diff(p.grad, out.tensors.at("grad." + p.name));
+    const double e = rel_max_diff(p.grad, out.tensors.at("grad." + p.name));
     EXPECT_LT(e, grad_tol) << p.name;
     worst = std::max(worst, e);
   }
@@ -608,9 +602,7 @@ TEST(Llama, GqaAndTiedGradientsMatchFiniteDifferencesFp64) {
     Llama<double> model(c);
     Rng rng(60 + static_cast<std::uint64_t>(k.kv));
     model.init_weights(rng);
-    for (auto& p : model.named_params())
-      if (p.name.find("norm") != std::string::npos)
-        for (double& w : p.value.span<double>()) w = 1.0 + 0.3 * rng.normal();
+    perturb_norm_weights(model, rng);
     const int b = 2, t = 5;
     auto tokens = random_ids(b * t, c.vocab_size, 61);
     auto targets = random_ids(b * t, c.vocab_size, 62);
@@ -647,12 +639,7 @@ TEST(Llama, GqaEqualsMhaWithRepeatedKvHeads) {
                       p.value.data<double>() + h * hd * d);
       }
       const int b = 2, t = 5;
-      auto tokens = random_ids(b * t, gc.vocab_size, 71);
-      auto targets = random_ids(b * t, gc.vocab_size, 72);
-      gqa.zero_grad();
-      mha.zero_grad();
-      const double lg = gqa.forward(tokens, targets, b, t);
-      const double lm = mha.forward(tokens, targets, b, t);
+      const auto [lg, lm] = losses_on_random_batch(gqa, mha, b, t, gc.vocab_size, 71);
       EXPECT_NEAR(lg, lm, 1e-13 * std::abs(lm));
       double logit_err = 0;
       for (std::int64_t i = 0; i < b * t * gc.vocab_size; ++i)
@@ -697,12 +684,7 @@ TEST(Llama, TiedEqualsUntiedWithHeadEqualToEmbedding) {
       for (auto& p : tied.named_params()) untied.param(p.name).copy_from(p.value);
       untied.param("lm_head.weight").copy_from(tied.param("tok_embedding.weight"));
       const int b = 3, t = 4;
-      auto tokens = random_ids(b * t, tc.vocab_size, 81);
-      auto targets = random_ids(b * t, tc.vocab_size, 82);
-      tied.zero_grad();
-      untied.zero_grad();
-      const double lt = tied.forward(tokens, targets, b, t);
-      const double lu = untied.forward(tokens, targets, b, t);
+      const auto [lt, lu] = losses_on_random_batch(tied, untied, b, t, tc.vocab_size, 81);
       EXPECT_EQ(lt, lu);  // the same arithmetic on the same numbers
       for (std::int64_t i = 0; i < b * t * tc.vocab_size; ++i)
         ASSERT_EQ(tied.logits()[i], untied.logits()[i]);

@@ -7,13 +7,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <limits>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <type_traits>
 
+#include "compare.h"
 #include "helpers.h"
 #include "pion/core/error.h"
 #include "pion/core/linalg.h"
@@ -23,24 +23,10 @@
 #include "pion/optim/schedule.h"
 
 using namespace pion;
+using test::bitwise_equal;
+using test::diff_norm;
 
 namespace {
-
-bool bitwise_equal(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && a.dtype() == b.dtype() &&
-         std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
-
-// ||a - b||_F in double, whatever the dtypes.
-double diff_norm(const Tensor& a, const Tensor& b) {
-  Tensor a64 = a.to(DType::F64), b64 = b.to(DType::F64);
-  double s = 0;
-  for (std::int64_t i = 0; i < a64.numel(); ++i) {
-    const double d = a64.data<double>()[i] - b64.data<double>()[i];
-    s += d * d;
-  }
-  return std::sqrt(s);
-}
 
 // Runs `script` from tests/reference on W.<i>, g.<i>.<t> and returns its W.<i>.
 TensorFile run_reference(const std::string& script, const std::vector<Tensor>& w0,

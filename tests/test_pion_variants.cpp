@@ -7,13 +7,14 @@
 #include <cblas.h>
 #include <gtest/gtest.h>
 
-#include <cstring>
 #include <iostream>
 #include <set>
 #include <string>
 #include <vector>
 
+#include "compare.h"
 #include "helpers.h"
+#include "optim_fixtures.h"
 #include "pion/core/error.h"
 #include "pion/core/linalg.h"
 #include "pion/core/random.h"
@@ -23,6 +24,7 @@
 #include "pion/optim/pion.h"
 
 using namespace pion;
+using namespace pion::test;  // compare.h, optim_fixtures.h
 
 namespace {
 
@@ -59,35 +61,6 @@ Pion::Options options_for(const Variant& v, PionRetraction r = PionRetraction::C
   return o;
 }
 
-struct Matrix {
-  Tensor w, g;
-  Param param(const std::string& name) { return Param{name, w, g}; }
-};
-
-Matrix random_matrix(std::int64_t m, std::int64_t n, std::uint64_t seed) {
-  return {test::random_tensor({m, n}, seed), test::random_tensor({m, n}, seed + 1000)};
-}
-
-void random_steps(Optimizer& opt, int steps, Rng& rng) {
-  for (int t = 0; t < steps; ++t) {
-    for (auto& group : opt.groups())
-      for (auto& p : group.params) fill_normal(p.grad, rng);
-    ASSERT_TRUE(opt.step());
-  }
-}
-
-// ||a - b||_F / ||b||_F in fp64.
-double rel_diff(const Tensor& a, const Tensor& b) {
-  Tensor x = a.to(DType::F64), y = b.to(DType::F64);
-  double num = 0.0, den = 0.0;
-  for (std::int64_t i = 0; i < x.numel(); ++i) {
-    const double d = x.data<double>()[i] - y.data<double>()[i];
-    num += d * d;
-    den += y.data<double>()[i] * y.data<double>()[i];
-  }
-  return std::sqrt(num / den);
-}
-
 // W^T W (left side turned: unchanged by W <- L W for orthogonal L) or W W^T (right side).
 Tensor gram(const Tensor& w, bool columns) {
   const Tensor x = w.to(DType::F64);
@@ -101,11 +74,6 @@ Tensor gram(const Tensor& w, bool columns) {
                  out.data<double>(), m);
   }
   return out;
-}
-
-bool bitwise_equal(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && a.dtype() == b.dtype() &&
-         std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
 }
 
 // One OpenBLAS thread while alive: on matrices this small, waking BLAS threads costs about
@@ -133,16 +101,10 @@ TEST(PionVariants, EveryVariantKeepsTheSpectrumWithCayleyOver1000Steps) {
   const SingleBlasThread single_thread;
   for (const Variant& v : all_variants()) {
     for (auto [m, n] : {std::pair<std::int64_t, std::int64_t>{24, 16}, {16, 24}}) {
-      Matrix x = random_matrix(m, n, 41);
-      const Tensor w0 = x.w.clone();
-      Pion opt;
-      opt.add_param_group({x.param("w")}, 0.05, options_for(v));
-      Rng rng(42);
-      random_steps(opt, 1000, rng);
-      const double drift = opt.spectrum_drift("w");
+      const auto [drift, moved] = spectrum_run(options_for(v), m, n, 41);
       EXPECT_LT(drift, 1e-5) << name_of(v) << " " << m << "x" << n;
       // Not vacuous: the singular vectors turned far.
-      EXPECT_GT(rel_diff(x.w, w0), 0.5) << name_of(v) << " " << m << "x" << n;
+      EXPECT_GT(moved, 0.5) << name_of(v) << " " << m << "x" << n;
       std::cout << "[pion] cayley " << name_of(v) << " " << m << "x" << n
                 << " drift after 1000 steps: " << drift << "\n";
     }
@@ -236,8 +198,9 @@ TEST(PionVariants, AlternateTurnsLeftOnOddStepsAndRightOnEvenOnesAcrossAResume) 
     };
     auto check_side = [&](const Tensor& before, const Tensor& after, int t) {
       const bool left = t % 2 == 1;  // t is the 1-based applied step
-      EXPECT_LT(rel_diff(gram(after, left), gram(before, left)), 1e-5) << name_of(v) << " " << t;
-      EXPECT_GT(rel_diff(gram(after, !left), gram(before, !left)), 1e-3)
+      EXPECT_LT(rel_frobenius_diff(gram(after, left), gram(before, left)), 1e-5)
+          << name_of(v) << " " << t;
+      EXPECT_GT(rel_frobenius_diff(gram(after, !left), gram(before, !left)), 1e-3)
           << name_of(v) << " step " << t << " turned the wrong side";
     };
     Matrix straight;

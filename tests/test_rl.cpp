@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "compare.h"
 #include "grad_check.h"
 #include "helpers.h"
 #include "pion/core/error.h"
@@ -19,34 +20,6 @@
 using namespace pion;
 
 namespace {
-
-ModelConfig tiny_config() {
-  ModelConfig c;
-  c.vocab_size = 13;
-  c.n_layer = 2;
-  c.n_head = 2;
-  c.d_model = 16;
-  c.seq_len = 7;
-  c.init_std = 0.2;
-  return c;
-}
-
-std::vector<std::int32_t> random_ids(std::size_t n, int v, std::uint64_t seed) {
-  Rng rng(seed);
-  std::vector<std::int32_t> t(n);
-  for (auto& x : t) x = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(v)));
-  return t;
-}
-
-double rel_diff(const Tensor& a, const Tensor& b) {
-  Tensor x = a.to(DType::F64), y = b.to(DType::F64);
-  double err = 0, ref = 0;
-  for (std::int64_t i = 0; i < x.numel(); ++i) {
-    err = std::max(err, std::abs(x.data<double>()[i] - y.data<double>()[i]));
-    ref = std::max(ref, std::abs(y.data<double>()[i]));
-  }
-  return err / std::max(ref, 1e-300);
-}
 
 // Rows of prompt (target -1) then completion tokens then padding (target -1), as `pion rl`
 // lays them out: row r's completion starts at prompt_len[r] - 1 and has comp_len[r] targets.
@@ -72,7 +45,7 @@ struct GrpoCase {
 
 void check_against_torch(const GrpoCase& gc) {
   if (!test::python_has("torch numpy")) GTEST_SKIP() << "needs torch and numpy";
-  const ModelConfig c = tiny_config();
+  const ModelConfig c = test::tiny_model_config();
   Llama<double> model(c);
   Rng rng(70);
   model.init_weights(rng);
@@ -87,7 +60,7 @@ void check_against_torch(const GrpoCase& gc) {
 
   const int group = 3, rows = 6, seq = 7;
   const auto n = static_cast<std::size_t>(rows * seq);
-  const auto tokens = random_ids(n, c.vocab_size, 71);
+  const auto tokens = test::random_ids(n, c.vocab_size, 71);
   const auto targets =
       completion_targets(tokens, rows, seq, {2, 3, 2, 4, 1, 2}, {4, 3, 5, 2, 6, 3});
   // One binary group and one with graded rewards.
@@ -143,12 +116,13 @@ void check_against_torch(const GrpoCase& gc) {
   const double ref_loss = out.tensors.at("loss").data<double>()[0];
   const double loss_err = std::abs(loss - ref_loss);
   EXPECT_LT(loss_err, 1e-10) << loss << " vs torch " << ref_loss;
-  EXPECT_LT(rel_diff(Tensor::from_vector<double>({rows}, adv_row), out.tensors.at("advantages")),
+  EXPECT_LT(test::rel_max_diff(Tensor::from_vector<double>({rows}, adv_row),
+                               out.tensors.at("advantages")),
             1e-12);
   double worst_abs = 0, worst_rel = 0;
   for (auto& p : model.named_params()) {
     const Tensor& g = out.tensors.at("grad." + p.name);
-    const double e = rel_diff(p.grad, g);
+    const double e = test::rel_max_diff(p.grad, g);
     for (std::int64_t i = 0; i < g.numel(); ++i)
       worst_abs = std::max(worst_abs, std::abs(p.grad.data<double>()[i] - g.data<double>()[i]));
     EXPECT_LT(e, 1e-8) << p.name;
@@ -188,14 +162,14 @@ TEST(Grpo, EqualRewardsGiveZeroAdvantages) {
 }
 
 TEST(Grpo, WeightedLossGradientMatchesFiniteDifferences) {
-  ModelConfig c = tiny_config();
+  ModelConfig c = test::tiny_model_config();
   c.seq_len = 5;
   Llama<double> model(c);
   Rng rng(3);
   model.init_weights(rng);
   const int b = 2, t = 5;
-  const auto tokens = random_ids(b * t, c.vocab_size, 4);
-  auto targets = random_ids(b * t, c.vocab_size, 5);
+  const auto tokens = test::random_ids(b * t, c.vocab_size, 4);
+  auto targets = test::random_ids(b * t, c.vocab_size, 5);
   targets[0] = targets[6] = -1;
   const auto weights = test::random_vector(b * t, 6);  // signed, as advantages are
   model.zero_grad();
@@ -221,7 +195,7 @@ TEST(Grpo, WeightedLossGradientMatchesFiniteDifferences) {
   model.forward(tokens, targets, b, t);
   EXPECT_NEAR(model.set_target_weights(weights), loss, 1e-12);
   model.backward(1.0);
-  EXPECT_EQ(rel_diff(model.grads(), g1), 0.0);
+  EXPECT_EQ(test::rel_max_diff(model.grads(), g1), 0.0);
   std::printf("[grad] weighted token loss fp64, worst relative error: %.2e\n", worst);
 }
 

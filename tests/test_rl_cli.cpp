@@ -3,11 +3,12 @@
 // harder arithmetic tasks of `pion make-task`.
 #include <gtest/gtest.h>
 
-#include <cstring>
 #include <fstream>
 #include <string>
 #include <vector>
 
+#include "compare.h"
+#include "expect_error.h"
 #include "helpers.h"
 #include "pion/core/error.h"
 #include "pion/core/safetensors.h"
@@ -102,14 +103,8 @@ static void expect_resume_is_bit_exact(const std::string& dir, const std::string
   auto b2 = test::run_pion(rl_flags(dir + "/rb") + extra + " --resume");
   ASSERT_EQ(b2.exit_code, 0) << b2.output;
   EXPECT_NE(b2.output.find("resumed from"), std::string::npos);
-  TensorFile ta = load_safetensors(dir + "/ra/checkpoint.safetensors");
-  TensorFile tb = load_safetensors(dir + "/rb/checkpoint.safetensors");
-  ASSERT_EQ(ta.tensors.size(), tb.tensors.size());
-  for (const auto& [name, t] : ta.tensors) {
-    const Tensor& u = tb.tensors.at(name);
-    ASSERT_EQ(t.nbytes(), u.nbytes());
-    EXPECT_EQ(0, std::memcmp(t.raw(), u.raw(), t.nbytes())) << name << " differs after resume";
-  }
+  ASSERT_NO_FATAL_FAILURE(test::expect_same_tensors(dir + "/ra/checkpoint.safetensors",
+                                                    dir + "/rb/checkpoint.safetensors"));
   EXPECT_EQ(read_metrics(dir + "/ra/metrics.jsonl"), read_metrics(dir + "/rb/metrics.jsonl"));
 }
 
@@ -181,12 +176,7 @@ TEST(RlCli, BadInputIsOneLineErrorExit2) {
            "/bad_ft --max_iters 1 --seq_len 25",
        "finetune: seq_len 25 is longer than the model's context of 24"},
   };
-  for (const auto& c : cases) {
-    auto r = test::run_pion(c.args);
-    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.output;
-    EXPECT_TRUE(test::single_error_line(r.output)) << r.output;
-    EXPECT_NE(r.output.find(c.needle), std::string::npos) << c.needle << " not in " << r.output;
-  }
+  for (const auto& c : cases) test::expect_cli_error(c.args, {c.needle});
 }
 
 // Every RL config key refuses a bad value (out of range, NaN, overflow, wrong type) with exit 2
@@ -205,12 +195,8 @@ TEST(RlCli, BadRlConfigValuesNameTheKey) {
       {"--rl_group_size 100000", "rl_group_size"},
       {"--rl_prompts_per_step 0", "rl_prompts_per_step"},
   };
-  for (const auto& [flag, key] : cases) {
-    auto r = test::run_pion("train " + flag + out);
-    EXPECT_EQ(r.exit_code, 2) << flag << "\n" << r.output;
-    EXPECT_TRUE(test::single_error_line(r.output)) << r.output;
-    EXPECT_NE(r.output.find("config key '" + key + "'"), std::string::npos) << r.output;
-  }
+  for (const auto& [flag, key] : cases)
+    test::expect_cli_error("train " + flag + out, {"config key '" + key + "'"});
 }
 
 TEST(RlTasks, HarderArithmeticAndVerifier) {

@@ -4,7 +4,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstring>
 #include <functional>
 #include <limits>
 #include <map>
@@ -12,6 +11,7 @@
 #include <numbers>
 #include <set>
 
+#include "compare.h"
 #include "helpers.h"
 #include "pion/core/error.h"
 #include "pion/core/safetensors.h"
@@ -21,6 +21,7 @@
 #include "pion/optim/schedule.h"
 
 using namespace pion;
+using test::bitwise_equal;
 
 // ---- schedules
 // -----------------------------------------------------------------------------------
@@ -173,11 +174,6 @@ TEST(Routing, HiddenMatricesGoToTheMatrixOptimizer) {
 // ---- OptimizerSet: a Muon + AdamW pair stepping as one ------------------------------------------
 
 namespace {
-
-bool bitwise_equal(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && a.dtype() == b.dtype() &&
-         std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
-}
 
 struct Hybrid {
   std::vector<Param> params;

@@ -14,6 +14,7 @@
 #include <sstream>
 #include <vector>
 
+#include "expect_error.h"
 #include "helpers.h"
 
 using namespace pion;
@@ -228,10 +229,7 @@ TEST(Sweep, BadGridsAreOneLineErrorsWithExitStatus2) {
       {"--grid seed=1 --jobs 0", "--jobs"},
   };
   for (const auto& [args, message] : cases) {
-    auto r = test::run_pion("sweep" + out + " " + args);
-    EXPECT_EQ(r.exit_code, 2) << args << "\n" << r.output;
-    EXPECT_TRUE(test::single_error_line(r.output)) << args << "\n" << r.output;
-    EXPECT_NE(r.output.find(message), std::string::npos) << args << "\n" << r.output;
+    test::expect_cli_error("sweep" + out + " " + args, {message});
     EXPECT_FALSE(fs::exists(dir + "/sw")) << args << ": nothing may start";
   }
 }

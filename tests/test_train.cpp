@@ -3,7 +3,6 @@
 // errors for bad input.
 #include <gtest/gtest.h>
 
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -11,6 +10,8 @@
 #include <sstream>
 #include <vector>
 
+#include "compare.h"
+#include "expect_error.h"
 #include "helpers.h"
 #include "pion/core/error.h"
 #include "pion/core/safetensors.h"
@@ -19,6 +20,8 @@
 
 using namespace pion;
 namespace fs = std::filesystem;
+using test::expect_same_tensors;
+using test::tiny_train_flags;
 
 namespace {
 
@@ -42,27 +45,6 @@ std::string make_corpus(const std::string& dir) {
   return path;
 }
 
-std::string tiny_flags(const std::string& data, const std::string& out,
-                       const std::string& optimizer) {
-  return "--data " + data + " --out_dir " + out + " --optimizer " + optimizer +
-         " --n_layer 2 --n_head 2 --d_model 32 --seq_len 16 --batch_size 4 --max_iters 12"
-         " --warmup_iters 3 --eval_interval 6 --eval_iters 2 --log_interval 4 --threads 1"
-         " --matrix_lr 0.02 --lr 0.003 --dropout 0.1";
-}
-
-// Both checkpoints hold the same tensors, bit for bit.
-void expect_same_tensors(const std::string& path_a, const std::string& path_b) {
-  TensorFile a = load_safetensors(path_a);
-  TensorFile b = load_safetensors(path_b);
-  ASSERT_EQ(a.tensors.size(), b.tensors.size());
-  for (const auto& [name, t] : a.tensors) {
-    ASSERT_TRUE(b.tensors.count(name)) << name;
-    const Tensor& u = b.tensors.at(name);
-    ASSERT_EQ(t.nbytes(), u.nbytes()) << name;
-    EXPECT_EQ(0, std::memcmp(t.raw(), u.raw(), t.nbytes())) << name << " differs after resume";
-  }
-}
-
 // The step a checkpoint holds.
 int checkpoint_step(const std::string& path) {
   TensorFile f = load_safetensors(path);
@@ -76,6 +58,14 @@ std::vector<int> metrics_steps(const std::string& path) {
   std::string line;
   while (std::getline(in, line)) steps.push_back(nlohmann::json::parse(line).at("step").get<int>());
   return steps;
+}
+
+// The tiny AdamW run made endless (max_iters 1000000, no evals) for the tests that stop it with
+// a signal: a shell command line for background(); `extra` flags go last.
+std::string endless_train(const std::string& corpus, const std::string& out,
+                          const std::string& extra = "") {
+  return std::string(PION_BINARY) + " train " + tiny_train_flags(corpus, out, "adamw") +
+         " --max_iters 1000000 --eval_interval 0" + extra;
 }
 
 // A shell line that starts `command` in the background (output to `log`), waits (up to 60 s)
@@ -97,11 +87,12 @@ TEST_P(ResumeTest, ResumeIsBitExact) {
   const std::string dir = test::temp_dir("resume");
   const std::string corpus = make_corpus(dir);
   const std::string opt = GetParam();
-  auto straight = test::run_pion("train " + tiny_flags(corpus, dir + "/a", opt));
+  auto straight = test::run_pion("train " + tiny_train_flags(corpus, dir + "/a", opt));
   ASSERT_EQ(straight.exit_code, 0) << straight.output;
-  auto first = test::run_pion("train " + tiny_flags(corpus, dir + "/b", opt) + " --stop_after 5");
+  auto first =
+      test::run_pion("train " + tiny_train_flags(corpus, dir + "/b", opt) + " --stop_after 5");
   ASSERT_EQ(first.exit_code, 0) << first.output;
-  auto second = test::run_pion("train " + tiny_flags(corpus, dir + "/b", opt) + " --resume");
+  auto second = test::run_pion("train " + tiny_train_flags(corpus, dir + "/b", opt) + " --resume");
   ASSERT_EQ(second.exit_code, 0) << second.output;
   EXPECT_NE(second.output.find("resumed from"), std::string::npos);
 
@@ -124,13 +115,13 @@ TEST_P(ResumeTest, GqaTiedModelResumesBitExactly) {
   const std::string model =
       " --n_head 4 --n_kv_head 2 --tie_embeddings true"
       " --rope_theta 50000 --norm_eps 1e-4 --init spectral";
-  auto straight = test::run_pion("train " + tiny_flags(corpus, dir + "/a", opt) + model);
+  auto straight = test::run_pion("train " + tiny_train_flags(corpus, dir + "/a", opt) + model);
   ASSERT_EQ(straight.exit_code, 0) << straight.output;
-  auto first =
-      test::run_pion("train " + tiny_flags(corpus, dir + "/b", opt) + model + " --stop_after 5");
+  auto first = test::run_pion("train " + tiny_train_flags(corpus, dir + "/b", opt) + model +
+                              " --stop_after 5");
   ASSERT_EQ(first.exit_code, 0) << first.output;
   auto second =
-      test::run_pion("train " + tiny_flags(corpus, dir + "/b", opt) + model + " --resume");
+      test::run_pion("train " + tiny_train_flags(corpus, dir + "/b", opt) + model + " --resume");
   ASSERT_EQ(second.exit_code, 0) << second.output;
   EXPECT_NE(second.output.find("resumed from"), std::string::npos);
   expect_same_tensors(dir + "/a/checkpoint.safetensors", dir + "/b/checkpoint.safetensors");
@@ -145,7 +136,7 @@ TEST_P(ResumeTest, GqaTiedModelResumesBitExactly) {
   EXPECT_EQ(ckpt.tensors.at("model.layers.0.attn.wk").shape(), (Shape{16, 32}));
   EXPECT_EQ(ckpt.tensors.at("model.layers.1.attn.wv").shape(), (Shape{16, 32}));
   // A resume with another head count is refused by name, not silently reshaped.
-  auto other = test::run_pion("train " + tiny_flags(corpus, dir + "/b", opt) +
+  auto other = test::run_pion("train " + tiny_train_flags(corpus, dir + "/b", opt) +
                               " --n_head 4 --n_kv_head 1 --tie_embeddings true --rope_theta 50000"
                               " --norm_eps 1e-4 --init spectral --max_iters 14 --resume");
   EXPECT_EQ(other.exit_code, 2) << other.output;
@@ -154,7 +145,8 @@ TEST_P(ResumeTest, GqaTiedModelResumesBitExactly) {
 TEST(Train, WritesMetricsSummaryAndReportsPionSpectrum) {
   const std::string dir = test::temp_dir("metrics");
   const std::string corpus = make_corpus(dir);
-  auto r = test::run_pion("train " + tiny_flags(corpus, dir + "/p", "pion") + " --init spectral");
+  auto r =
+      test::run_pion("train " + tiny_train_flags(corpus, dir + "/p", "pion") + " --init spectral");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("tok/s"), std::string::npos);
   EXPECT_NE(r.output.find("ETA"), std::string::npos);
@@ -190,7 +182,7 @@ TEST(Train, WritesMetricsSummaryAndReportsPionSpectrum) {
 TEST(Train, FinetuneEvalAndSampleWork) {
   const std::string dir = test::temp_dir("ft");
   const std::string corpus = make_corpus(dir);
-  auto pre = test::run_pion("train " + tiny_flags(corpus, dir + "/pre", "adamw"));
+  auto pre = test::run_pion("train " + tiny_train_flags(corpus, dir + "/pre", "adamw"));
   ASSERT_EQ(pre.exit_code, 0) << pre.output;
   auto task =
       test::run_pion("make-task arithmetic --out " + dir + "/add.jsonl --n 60 --max_digits 2");
@@ -236,14 +228,9 @@ TEST(Train, CtrlCSavesACheckpointThatResumes) {
   const std::string dir = test::temp_dir("sigint");
   const std::string corpus = make_corpus(dir);
   const std::string out = dir + "/run";
-  const std::string cmd = std::string(PION_BINARY) + " train " + tiny_flags(corpus, out, "adamw") +
-                          " --max_iters 1000000 --eval_interval 0";
-  auto r = test::run_command("(" + cmd + " > " + dir +
-                             "/log.txt 2>&1 & pid=$!; "
-                             "for i in $(seq 600); do [ -s " +
-                             out +
-                             "/metrics.jsonl ] && break; sleep 0.1; done; "
-                             "kill -INT $pid; wait $pid; echo rc=$?)");
+  const std::string cmd = endless_train(corpus, out);
+  auto r = test::run_command(
+      background(cmd, dir + "/log.txt", "[ -s " + out + "/metrics.jsonl ]", "kill -INT $pid"));
   EXPECT_NE(r.output.find("rc=0"), std::string::npos) << r.output;
   ASSERT_TRUE(fs::exists(out + "/checkpoint.safetensors"));
   auto summary = read_json_file(out + "/summary.json");
@@ -266,7 +253,7 @@ TEST(Train, SigtermSavesACheckpointThatResumesBitExactly) {
   const std::string flags = " --max_iters 100000 --eval_interval 0 --log_interval 1000";
   const std::string out = dir + "/b";
   const std::string cmd =
-      std::string(PION_BINARY) + " train " + tiny_flags(corpus, out, "muon") + flags;
+      std::string(PION_BINARY) + " train " + tiny_train_flags(corpus, out, "muon") + flags;
   // Wait for a few steps' records, then SIGTERM.
   auto r = test::run_command(background(
       cmd, dir + "/log.txt", "[ $(cat " + out + "/metrics.jsonl 2>/dev/null | wc -l) -ge 3 ]",
@@ -284,9 +271,10 @@ TEST(Train, SigtermSavesACheckpointThatResumesBitExactly) {
 
   const std::string end = " --stop_after " + std::to_string(stopped + 4);
   auto resumed =
-      test::run_pion("train " + tiny_flags(corpus, out, "muon") + flags + " --resume" + end);
+      test::run_pion("train " + tiny_train_flags(corpus, out, "muon") + flags + " --resume" + end);
   ASSERT_EQ(resumed.exit_code, 0) << resumed.output;
-  auto straight = test::run_pion("train " + tiny_flags(corpus, dir + "/a", "muon") + flags + end);
+  auto straight =
+      test::run_pion("train " + tiny_train_flags(corpus, dir + "/a", "muon") + flags + end);
   ASSERT_EQ(straight.exit_code, 0) << straight.output;
   EXPECT_EQ(checkpoint_step(out + "/checkpoint.safetensors"), stopped + 4);
   expect_same_tensors(dir + "/a/checkpoint.safetensors", out + "/checkpoint.safetensors");
@@ -304,8 +292,7 @@ TEST(Train, SecondStopSignalQuitsAtOnce) {
   const std::string dir = test::temp_dir("twosignals");
   const std::string corpus = make_corpus(dir);
   const std::string out = dir + "/run";
-  const std::string cmd = std::string(PION_BINARY) + " train " + tiny_flags(corpus, out, "adamw") +
-                          " --max_iters 1000000 --eval_interval 0 --log_interval 1000";
+  const std::string cmd = endless_train(corpus, out, " --log_interval 1000");
   auto r = test::run_command(
       background(cmd, dir + "/log.txt", "[ -s " + out + "/metrics.jsonl ]",
                  "kill -STOP $pid; kill -TERM $pid; kill -INT $pid; kill -CONT $pid"));
@@ -326,9 +313,8 @@ TEST(Train, KilledRunResumesFromPeriodicCheckpointWithCleanMetrics) {
   const std::string corpus = make_corpus(dir);
   const std::string out = dir + "/run";
   // A checkpoint every 0.3 s of wall time (steps take about a millisecond).
-  const std::string cmd = std::string(PION_BINARY) + " train " + tiny_flags(corpus, out, "adamw") +
-                          " --max_iters 1000000 --eval_interval 0 --log_interval 1000"
-                          " --checkpoint_minutes 0.005";
+  const std::string cmd =
+      endless_train(corpus, out, " --log_interval 1000 --checkpoint_minutes 0.005");
   auto r = test::run_command(background(cmd, dir + "/log.txt",
                                         "[ -s " + out + "/checkpoint.safetensors ]",
                                         "sleep 0.2; kill -KILL $pid"));
@@ -419,12 +405,7 @@ TEST(Train, BadInputGivesOneClearLine) {
       {"sample --checkpoint " + dir + "/bad.safetensors", "bad.safetensors"},
       {"eval --checkpoint " + dir + "/missing.safetensors --tasks x.jsonl", "missing.safetensors"},
   };
-  for (const auto& c : cases) {
-    auto r = test::run_pion(c.args);
-    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.output;
-    EXPECT_TRUE(test::single_error_line(r.output)) << c.args << "\n" << r.output;
-    EXPECT_NE(r.output.find(c.needle), std::string::npos) << c.args << "\n" << r.output;
-  }
+  for (const auto& c : cases) test::expect_cli_error(c.args, {c.needle});
 }
 
 TEST(Config, FlagsOverrideFileAndUnknownKeysFail) {

@@ -4,16 +4,18 @@
 // records, and one-line errors for what is not defined or not on the GPU yet.
 #include <gtest/gtest.h>
 
-#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "compare.h"
+#include "expect_error.h"
 #include "helpers.h"
 #include "pion/core/safetensors.h"
 
 using namespace pion;
+using test::expect_same_tensors;
 
 namespace {
 
@@ -23,23 +25,9 @@ std::string make_corpus(const std::string& dir) {
   return path;
 }
 
+// The tiny run of test_train.cpp, with Pion.
 std::string tiny_flags(const std::string& data, const std::string& out) {
-  return "--data " + data + " --out_dir " + out +
-         " --optimizer pion --n_layer 2 --n_head 2 --d_model 32 --seq_len 16 --batch_size 4"
-         " --max_iters 12 --warmup_iters 3 --eval_interval 6 --eval_iters 2 --log_interval 4"
-         " --threads 1 --matrix_lr 0.02 --lr 0.003 --dropout 0.1";
-}
-
-void expect_same_tensors(const std::string& path_a, const std::string& path_b) {
-  const TensorFile a = load_safetensors(path_a);
-  const TensorFile b = load_safetensors(path_b);
-  ASSERT_EQ(a.tensors.size(), b.tensors.size());
-  for (const auto& [name, t] : a.tensors) {
-    ASSERT_TRUE(b.tensors.count(name)) << name;
-    const Tensor& u = b.tensors.at(name);
-    ASSERT_EQ(t.nbytes(), u.nbytes()) << name;
-    EXPECT_EQ(0, std::memcmp(t.raw(), u.raw(), t.nbytes())) << name << " differs after resume";
-  }
+  return test::tiny_train_flags(data, out, "pion");
 }
 
 }  // namespace
@@ -123,12 +111,7 @@ TEST(TrainVariants, UndefinedOrGpuOnlyCombinationsAreOneClearLine) {
       {"train --rope_theta 0" + out, "config key 'rope_theta'"},
       {"train --norm_eps 2" + out, "config key 'norm_eps'"},
   };
-  for (const auto& c : cases) {
-    auto r = test::run_pion(c.args);
-    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.output;
-    EXPECT_TRUE(test::single_error_line(r.output)) << c.args << "\n" << r.output;
-    EXPECT_NE(r.output.find(c.needle), std::string::npos) << c.args << "\n" << r.output;
-  }
+  for (const auto& c : cases) test::expect_cli_error(c.args, {c.needle});
   // --help lists the new keys.
   auto help = test::run_pion("train --help");
   for (const char* key :

@@ -22,16 +22,18 @@ The variants (issue 11), as defined there:
     1, 3, 5, ..., right on 2, 4, ...; with lie momentum only the rotating side's moments move.
   normalizer msign (lie momentum): buf = b1 buf + (1-b1) G per side, A = -NS(buf) with Muon's
     quintic Newton-Schulz (3.4445, -4.7750, 2.0315) on buf / (||buf||_F + 1e-7).
-Needs only NumPy; safetensors are read and written by the small functions below.
+Needs only NumPy; safetensors are read and written by st_io.py, shared by the references.
 """
 import argparse
 import json
 import os
 import re
-import struct
 import sys
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import st_io  # noqa: E402
 
 DEFAULTS = {"lr": 0.01, "c": 0.2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
             "retraction": "taylor2", "reanchor_every": 0, "momentum": "lie",
@@ -143,59 +145,6 @@ def pion_run(W0, grads, lr, c=0.2, beta1=0.9, beta2=0.999, eps=1e-8, retraction=
     return W
 
 
-# ---- a minimal safetensors reader / writer (NumPy only) ----------------------------------
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
-           "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16}
-
-
-def load_safetensors(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8:
-        raise ValueError(f"{path}: too short for a safetensors file")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise ValueError(f"{path}: header length {n} exceeds the file")
-    header = json.loads(data[8:8 + n].decode("utf-8"))
-    body = data[8 + n:]
-    out = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = np.dtype(_DTYPES[entry["dtype"]]).newbyteorder("<")
-        begin, end = entry["data_offsets"]
-        if not 0 <= begin <= end <= len(body):
-            raise ValueError(f"{path}: tensor {name} lies outside the file")
-        arr = np.frombuffer(body[begin:end], dtype=dtype)
-        out[name] = arr.reshape(entry["shape"]).astype(dtype.newbyteorder("="))
-    return out
-
-
-def save_safetensors(path, tensors, metadata=None):
-    names = sorted(tensors)
-    header = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    codes = {np.dtype(v): k for k, v in _DTYPES.items()}
-    blobs, offset = [], 0
-    for name in names:
-        arr = np.ascontiguousarray(tensors[name])
-        blob = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
-        header[name] = {"dtype": codes[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * ((8 - (8 + len(text)) % 8) % 8)  # data starts 8-byte aligned
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for blob in blobs:
-            f.write(blob)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("input")
@@ -212,7 +161,7 @@ def main(argv=None):
     if unknown:
         sys.exit(f"pion_ref.py: unknown config keys {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     config.update(user)
-    tensors = load_safetensors(args.input)
+    tensors, _ = st_io.load(args.input)
     out = {}
     for name in tensors:
         m = re.fullmatch(r"W\.(.+)", name)
@@ -230,7 +179,7 @@ def main(argv=None):
                              int(config["ns_steps"]))
     if not out:
         sys.exit("pion_ref.py: the input holds no W.<i> tensors")
-    save_safetensors(args.output, out, {"config": json.dumps(config)})
+    st_io.save(args.output, out, {"config": json.dumps(config)})
 
 
 if __name__ == "__main__":
