@@ -50,10 +50,12 @@ def summary(j):
     for c in CLASSES:
         s["gemm_flops_" + c] = 0.0
         s["gemm_bytes_" + c] = 0.0
-    for k in j["kernels"].values():
+    for name, k in j["kernels"].items():
         s["launches"] += k["launches"]
         s["kernel_read"] += k["bytes_read"]
         s["kernel_written"] += k["bytes_written"]
+        s["launches:" + name] = float(k["launches"])  # per kernel, for the top 10 extrapolated
+        s["bytes:" + name] = float(k["bytes_read"] + k["bytes_written"])
     for g in j["gemms"].values():
         calls = g["calls"]
         nbytes = g["bytes_read"] + g["bytes_written"]
@@ -95,20 +97,35 @@ def times(s, per_call_gemm=True):
 
 
 def combine(a, b, fa=1.0, fb=1.0):
-    return {k: fa * a[k] + fb * b[k] for k in a}
+    return {k: fa * a.get(k, 0.0) + fb * b.get(k, 0.0) for k in a.keys() | b.keys()}
 
 
-def solve3(rows, rhs):
-    """Gaussian elimination for a 3x3 system."""
+def top_kernels(s, title):
+    """The 10 kernels moving the most bytes in the (possibly extrapolated) figures s."""
+    names = sorted((k[6:] for k in s if k.startswith("bytes:")), key=lambda n: -s["bytes:" + n])
+    total = sum(s["bytes:" + n] for n in names)
+    print(f"{title} (of {total / 1e9:.3f} GB moved by kernels):\n")
+    print("| kernel | launches | bytes R+W (GB) | at 3.35 TB/s (ms) | share |\n"
+          "|---|---:|---:|---:|---:|")
+    for n in names[:10]:
+        b = s["bytes:" + n]
+        print(f"| `{n}` | {s['launches:' + n]:.0f} | {b / 1e9:.3f} | {1e3 * b / HBM_BYTES_PER_S:.3f} | "
+              f"{100 * b / total:.1f}% |")
+    print()
+
+
+def solve(rows, rhs):
+    """Gaussian elimination for a square system."""
+    n = len(rows)
     m = [list(r) + [v] for r, v in zip(rows, rhs)]
-    for i in range(3):
-        p = max(range(i, 3), key=lambda r: abs(m[r][i]))
+    for i in range(n):
+        p = max(range(i, n), key=lambda r: abs(m[r][i]))
         m[i], m[p] = m[p], m[i]
-        for r in range(3):
+        for r in range(n):
             if r != i:
                 f = m[r][i] / m[i][i]
                 m[r] = [x - f * y for x, y in zip(m[r], m[i])]
-    return [m[i][3] / m[i][i] for i in range(3)]
+    return [m[i][n] / m[i][i] for i in range(n)]
 
 
 def gb(x):
@@ -139,6 +156,10 @@ def main():
     shapes = sorted({(k[2], k[3]) for k in runs}, key=lambda bs: (bs[0] * bs[1], bs[1]))
     base = shapes[0]  # the smallest batch x seq: the one every optimizer was run at
     sums = {k: summary(j) for k, j in runs.items()}
+    every = set().union(*(s.keys() for s in sums.values()))
+    for s in sums.values():  # a kernel one run did not launch: 0 there
+        for q in every:
+            s.setdefault(q, 0.0)
 
     print(f"Measured: one steady-state step (the 3rd), batch {base[0]} x seq {base[1]}, "
           "d_model 768, 12 heads, vocab 50304.\n")
@@ -158,40 +179,33 @@ def main():
     print()
 
     for o in optimizers:
-        key = (o, 1) + base if (o, 1) + base in runs else None
-        if key is None:
-            continue
-        kernels = runs[key]["kernels"]
-        total = sum(k["bytes_read"] + k["bytes_written"] for k in kernels.values())
-        top = sorted(kernels.items(), key=lambda kv: -(kv[1]["bytes_read"] + kv[1]["bytes_written"]))
-        print(f"Top 10 kernels by bytes, {o}, 1 layer, batch {base[0]} x seq {base[1]} "
-              f"(of {total / 1e6:.1f} MB moved by {len(kernels)} kernels):\n")
-        print("| kernel | launches | read (MB) | written (MB) | share |\n|---|---:|---:|---:|---:|")
-        for name, k in top[:10]:
-            b = k["bytes_read"] + k["bytes_written"]
-            print(f"| `{name}` | {k['launches']} | {k['bytes_read'] / 1e6:.2f} | "
-                  f"{k['bytes_written'] / 1e6:.2f} | {100 * b / total:.1f}% |")
-        print()
+        if (o, 2) + base in sums:
+            top_kernels(sums[(o, 2) + base],
+                        f"Top 10 kernels by bytes, {o}, 2 layers, batch {base[0]} x seq {base[1]}, measured")
 
-    # Extrapolation. X(L, B, S) = F(B, S) + L * D(B, S), each of F and D = c0 + c1 B S + c2 B S^2
-    # (per parameter, per token, per token x context: the attention scores), fitted to AdamW at
-    # three (B, S) shapes; the other optimizers differ from AdamW by a per-parameter amount
-    # only (their step does not see the tokens), taken at the base shape.
-    if "adamw" not in optimizers or len(shapes) < 3:
-        print("(no extrapolation: it needs AdamW at three batch x seq shapes)")
+    # Extrapolation. X(L, B, S) = F(B, S) + L * D(B, S), each of F and D = c0 + c1 B + c2 B S +
+    # c3 B S^2 (per parameter; per sequence: the attention GEMMs are one call per sequence; per
+    # token; per token x context: the attention scores), fitted exactly to AdamW run with 1 and
+    # 2 layers at batch 1 and three seq lengths (the S dependence) and at one batch > 1 (the
+    # per-sequence part); the other optimizers differ from AdamW by a per-parameter amount
+    # only (their step does not see the tokens), taken at the base shape. AdamW runs at other
+    # shapes check the fit.
+    both = [bs for bs in shapes if all(("adamw", L) + bs in sums for L in (1, 2))]
+    seqs = sorted(s for b, s in both if b == 1)[:3]
+    wider = [bs for bs in both if bs[0] > 1]
+    if "adamw" not in optimizers or len(seqs) < 3 or not wider:
+        print("(no extrapolation: it needs AdamW at 1 and 2 layers at batch 1 x three seq "
+              "lengths and at one batch > 1)")
         return
-    fit_shapes = shapes[:3]
-    if not all(("adamw", L) + bs in sums for L in (1, 2) for bs in fit_shapes):
-        print("(no extrapolation: AdamW lacks 1 and 2 layers at the three shapes)")
-        return
-    design = [(1.0, b * s, b * s * s) for b, s in fit_shapes]
-    keys = list(sums[("adamw", 1) + base].keys())
+    fit_shapes = [(1, s) for s in seqs] + wider[:1]
+    design = [(1.0, b, b * s, b * s * s) for b, s in fit_shapes]
+    keys = sorted(every)
 
     def fit(values):
-        return solve3(design, values)
+        return solve(design, values)
 
     def at(coef, b, s):
-        return coef[0] + coef[1] * b * s + coef[2] * b * s * s
+        return coef[0] + coef[1] * b + coef[2] * b * s + coef[3] * b * s * s
 
     D, F = {}, {}
     for q in keys:
@@ -202,20 +216,22 @@ def main():
     def predict(L, b, s):
         return {q: at(F[q], b, s) + L * at(D[q], b, s) for q in keys}
 
-    checks = [k for k in sums if k[0] == "adamw" and (k[2], k[3]) not in fit_shapes]
+    checks = sorted(k for k in sums if k[0] == "adamw" and (k[2], k[3]) not in fit_shapes)
     print(f"Extrapolation fitted to AdamW at batch x seq {', '.join(f'{b}x{s}' for b, s in fit_shapes)}"
           " (1 and 2 layers each).")
     for k in checks:
         p, m = predict(k[1], k[2], k[3]), sums[k]
-        worst = max(abs(p[q] - m[q]) / max(abs(m[q]), 1.0) for q in keys if q != "gemm_time")
-        print(f"Check against a run it was not fitted to (AdamW, {k[1]} layers, batch {k[2]} x seq "
-              f"{k[3]}): largest relative error of a figure {100 * worst:.2f}%.")
+        worst = max(abs(p[q] - m[q]) / max(abs(m[q]), 1.0)
+                    for q in keys if q != "gemm_time" and ":" not in q)
+        print(f"Check against a run it was not fitted to (AdamW, {k[1]} layer{'s' if k[1] > 1 else ''}, "
+              f"batch {k[2]} x seq {k[3]}): largest relative error of a figure {100 * worst:.3f}%.")
     print()
     L, B, S = GPT2["L"], GPT2["B"], GPT2["S"]
     print(f"Extrapolated to GPT-2 small ({L} layers, batch {B} x seq {S}); GEMM time here is "
           "max(bytes / bandwidth, flops / peak) per math class of the totals:\n")
     print(HEADER.format(what="step"))
     adamw = predict(L, B, S)
+    extrapolated = {}
     for o in optimizers:
         if o == "adamw":
             s = adamw
@@ -226,8 +242,11 @@ def main():
             f_o = combine(combine(sums[(o, 1) + base], per_layer[o], 1.0, -1.0),
                           combine(sums[("adamw", 1) + base], per_layer["adamw"], 1.0, -1.0), 1.0, -1.0)
             s = combine(adamw, combine(f_o, d_o, 1.0, float(L)))
+        extrapolated[o] = s
         print(row(o, s, per_call_gemm=False))
     print()
+    for o, s in extrapolated.items():
+        top_kernels(s, f"Top 10 kernels by bytes, {o}, GPT-2 small, extrapolated")
     print("Per layer at GPT-2 small's batch x seq (AdamW's forward + backward + update of one "
           "block):\n")
     print(HEADER.format(what="per layer"))
