@@ -1,4 +1,6 @@
 // Device memory, the stream + cuBLAS context and graph capture (include/pion/cuda/runtime.h).
+#include <cuda_profiler_api.h>
+
 #include <utility>
 
 #include "context.cuh"
@@ -30,6 +32,14 @@ std::size_t device_memory_bytes() {
   cudaDeviceProp prop{};
   PION_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   return prop.totalGlobalMem;
+}
+
+void profiler_start() {
+  PION_CUDA_CHECK(cudaProfilerStart());
+}
+
+void profiler_stop() {
+  PION_CUDA_CHECK(cudaProfilerStop());
 }
 
 DeviceBuffer::DeviceBuffer(std::size_t count) : count_(count) {

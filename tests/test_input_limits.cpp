@@ -389,6 +389,10 @@ TEST(CliLimits, NumericFlagsOfEverySubcommand) {
   expect_cli_error("bench optim --steps 0", {"--steps"});
   expect_cli_error("bench train --batch=-1", {"--batch"});
   expect_cli_error("bench train --steps 0", {"--steps"});
+  expect_cli_error("bench train --seq_len=-1", {"--seq_len"});
+  expect_cli_error("bench train --warmup 1 --steps 1 --profile_step 3",
+                   {"--profile_step 3", "past the last step"});
+  expect_cli_error("bench train --device cpu --profile_step 1", {"--profile_step", "--device cuda"});
   expect_cli_error("eval --batches abc" + ck, {"--batches"});  // a CLI11 conversion error
 }
 

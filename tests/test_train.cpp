@@ -15,8 +15,11 @@
 #include "helpers.h"
 #include "pion/core/error.h"
 #include "pion/core/safetensors.h"
+#include "pion/core/random.h"
 #include "pion/train/config.h"
 #include "pion/train/metrics.h"
+#include "pion/train/session.h"
+#include "pion/train/trainer.h"
 
 using namespace pion;
 namespace fs = std::filesystem;
@@ -177,6 +180,48 @@ TEST(Train, WritesMetricsSummaryAndReportsPionSpectrum) {
       for (double s : m["sigma"]) EXPECT_NEAR(s, 1.0, 1e-4);
     }
   EXPECT_TRUE(found);
+}
+
+// TrainInputs::on_step brackets every step, in order: (1, begin) (1, end) (2, begin) ... (what
+// `pion bench train --profile_step` hangs cudaProfilerStart / Stop on).
+TEST(Train, OnStepBracketsEachStep) {
+  struct Counting : BatchSource {
+    void next(std::vector<std::int32_t>& in, std::vector<std::int32_t>& out) override {
+      in.resize(2 * 8);
+      out.resize(in.size());
+      for (std::size_t i = 0; i < in.size(); ++i) {
+        in[i] = static_cast<std::int32_t>((i + n) % 32);
+        out[i] = static_cast<std::int32_t>((i + n + 1) % 32);
+      }
+      ++n;
+    }
+    nlohmann::json state() const override { return n; }
+    void restore(const nlohmann::json& s) override { n = s.get<int>(); }
+    int n = 0;
+  };
+  TrainConfig cfg;
+  cfg.n_layer = 1;
+  cfg.n_head = 2;
+  cfg.d_model = 16;
+  cfg.seq_len = 8;
+  cfg.batch_size = 2;
+  cfg.max_iters = 3;
+  cfg.warmup_iters = 1;
+  cfg.eval_interval = 0;
+  cfg.out_dir = test::temp_dir("on_step") + "/run";
+  Llama<float> model(model_config_for(cfg, 32));
+  Rng rng(cfg.seed);
+  model.init_weights(rng);
+  TrainInputs in;
+  in.config = cfg;
+  in.train_source = std::make_unique<Counting>();
+  in.benchmark_only = true;
+  std::vector<std::pair<int, bool>> calls;
+  in.on_step = [&](int step, bool begin) { calls.emplace_back(step, begin); };
+  run_training(std::move(in), model);
+  const std::vector<std::pair<int, bool>> want = {{1, true}, {1, false}, {2, true},
+                                                  {2, false}, {3, true}, {3, false}};
+  EXPECT_EQ(calls, want);
 }
 
 TEST(Train, FinetuneEvalAndSampleWork) {

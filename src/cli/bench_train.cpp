@@ -92,7 +92,7 @@ Result bench_one(const BenchTrainArgs& a, const Preset& p, const std::string& op
   cfg.n_layer = a.layers > 0 ? a.layers : p.n_layer;
   cfg.n_head = p.n_head;
   cfg.d_model = p.d_model;
-  cfg.seq_len = p.seq_len;
+  cfg.seq_len = a.seq_len > 0 ? a.seq_len : p.seq_len;
   cfg.batch_size = a.batch > 0 ? a.batch : p.batch;
   cfg.optimizer = optimizer;
   cfg.init = optimizer == "pion" ? "spectral" : "normal";
@@ -114,6 +114,16 @@ Result bench_one(const BenchTrainArgs& a, const Preset& p, const std::string& op
   in.config = cfg;
   in.train_source = std::make_unique<RandomTokens>(cfg.batch_size, cfg.seq_len, p.vocab, 7);
   in.benchmark_only = true;
+#ifdef PION_HAVE_CUDA
+  if (a.profile_step > 0)
+    in.on_step = [n = a.profile_step](int step, bool begin) {
+      if (step != n) return;
+      if (begin)
+        cuda::profiler_start();
+      else
+        cuda::profiler_stop();
+    };
+#endif
   std::cout << "== " << optimizer << " (" << cfg.max_iters << " steps, first " << a.warmup
             << " untimed)\n";
   const TrainSummary s = run_training_on_device(std::move(in), model);
@@ -154,6 +164,13 @@ void run_bench_train(const BenchTrainArgs& a) {
   const Preset p = preset(a.preset);
   const auto optimizers = split(a.optimizers);
   check(!optimizers.empty(), "bench train: --optimizers names none (e.g. adamw,muon,pion)");
+  check(a.profile_step <= a.warmup + a.steps,
+        "bench train: --profile_step " + std::to_string(a.profile_step) +
+            " is past the last step (--warmup + --steps = " + std::to_string(a.warmup + a.steps) +
+            ")");
+  check(a.profile_step == 0 || a.device == "cuda",
+        "bench train: --profile_step brackets a step with the CUDA profiler API; it needs "
+        "--device cuda");
   TrainConfig probe;
   probe.device = a.device;
   probe.validate();
@@ -219,6 +236,13 @@ void add_bench_train_command(CLI::App& bench) {
       ->check(FiniteRange(0, 1 << 16));
   cmd->add_option("--layers", args->layers, "transformer blocks (0 = the preset's)")
       ->check(FiniteRange(0, 1024));
+  cmd->add_option("--seq_len", args->seq_len, "tokens per sequence (0 = the preset's)")
+      ->check(FiniteRange(0, 1 << 20));
+  cmd->add_option("--profile_step", args->profile_step,
+                  "cuda: bracket this step (1-based, of each optimizer's run) with "
+                  "cudaProfilerStart/Stop: the range nsys/ncu capture and the emulator's "
+                  "EMU_COUNT window (0 = none)")
+      ->check(FiniteRange(0, 200000));
   cmd->add_option("--attention", args->attention, "cuda: auto | flash | materialized")
       ->capture_default_str();
   cmd->add_option("--matmul_precision", args->matmul_precision, "cuda: bf16 | tf32 | fp32")

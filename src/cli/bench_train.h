@@ -15,6 +15,10 @@ struct BenchTrainArgs {
   int warmup = 5;  // untimed steps first (kernel loading, graph capture, allocator)
   int batch = 0;   // 0 = the preset's
   int layers = 0;  // 0 = the preset's
+  int seq_len = 0;  // 0 = the preset's
+  // > 0: step N of each optimizer's run is bracketed with cudaProfilerStart/Stop (the range
+  // nsys/ncu capture, and the emulator's EMU_COUNT window; --device cuda only).
+  int profile_step = 0;
   std::string attention = "auto";
   std::string matmul_precision = "bf16";
   std::string pion_precision = "fp32";

@@ -148,6 +148,7 @@ TrainSummary run_training(TrainInputs in, TrainBackend& backend) {
   };
 
   while (progress.step < cfg.max_iters && !should_stop()) {
+    if (in.on_step) in.on_step(progress.step + 1, true);
     const auto t0 = Clock::now();
     backend.set_lr_factor(schedule->factor(progress.step));
     backend.zero_grad();
@@ -173,6 +174,7 @@ TrainSummary run_training(TrainInputs in, TrainBackend& backend) {
     else
       backend.skip_step();  // weights and optimizer state untouched; counted
     ++progress.step;
+    if (in.on_step) in.on_step(progress.step, false);
     progress.tokens_seen += tokens_per_step;
     const double dt = std::chrono::duration<double>(Clock::now() - t0).count();
     last_loss = loss;

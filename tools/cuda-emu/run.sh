@@ -11,7 +11,8 @@
 #                                    and block order (a missing barrier changes results)
 # Environment: EMU_ORDER=forward|reverse|random, EMU_SEED, EMU_POISON=0|1 (NaN bytes in fresh
 # cudaMalloc memory, default 1), EMU_STRICT=1 (abort at the first emulator warning),
-# EMU_TRACE=1 (print every launch), JOBS (default 2).
+# EMU_TRACE=1 (print every launch), EMU_COUNT=<path.json> (count launches, bytes, flops: see
+# README.md), JOBS (default 2).
 # A development aid for sessions without a GPU, not a substitute for scripts/gpu-check.sh.
 # Exit status (scripts/test.sh relies on it): 0 when everything built, the self-test passed
 # and every test program exited 0 with at least one test passed and no emulator warning

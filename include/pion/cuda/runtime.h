@@ -39,6 +39,12 @@ std::string device_description();
 // Total memory of device 0 in bytes (throws pion::Error when there is none).
 std::size_t device_memory_bytes();
 
+// cudaProfilerStart / cudaProfilerStop: the range that `nsys --capture-range=cudaProfilerApi`
+// and `ncu --profile-from-start off` capture, and the window the CUDA emulator's EMU_COUNT
+// counts (tools/cuda-emu/README.md). `pion bench train --profile_step` brackets one step.
+void profiler_start();
+void profiler_stop();
+
 // Owns n floats of device memory (cudaMalloc / cudaFree). Movable, not copyable.
 class DeviceBuffer {
  public:

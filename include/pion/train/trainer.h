@@ -88,6 +88,10 @@ struct TrainInputs {
   // Data parallelism: seconds a rank may wait in one collective before it ends the job
   // (another rank died or hangs). <= 0: wait forever.
   double collective_timeout = 600.0;
+  // Called with begin = true before step `step` (1-based) starts, and with begin = false once
+  // its optimizer update is queued (`pion bench train --profile_step`: a profiler range
+  // around one step). May be empty.
+  std::function<void(int step, bool begin)> on_step;
   // `pion bench train`: no checkpoint and no spectra or drift (they cost SVDs and disk, not
   // training time); metrics.jsonl and summary.json are still written.
   bool benchmark_only = false;

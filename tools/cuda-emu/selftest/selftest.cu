@@ -1,16 +1,21 @@
 // Self-test of the CUDA emulator: written as CUDA (launch syntax and all), preprocessed by
 // preprocess.py like cuda/, so it checks the emulator itself: shuffles, barriers, shared
 // memory, race and divergence detection, launch errors, capture + replay, cuBLAS semantics,
-// bf16 rounding. Prints one line per check; exit status 0 when all pass.
+// bf16 rounding, EMU_COUNT. Prints one line per check; exit status 0 when all pass.
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
 #include <vector>
 
 #include "emu_internal.h"
@@ -95,9 +100,137 @@ __global__ void write_ptr(float* p) {
   p[threadIdx.x] = 1.0f;
 }
 
+// EMU_COUNT: reads x[0, n), writes y[0, m) (m >= n).
+__global__ void read_n_write_m(const float* x, float* y, int n, int m) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < m) y[i] = i < n ? 2.0f * x[i] : 0.0f;
+}
+
+__global__ void add_into(const float* x, float* y, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] += x[i];
+}
+
+__global__ void read_first(const float* x, float* out) {
+  *out = x[0];
+}
+
+// Run with EMU_COUNT set (main starts it so): the counts of kernels, GEMMs and copies in the
+// JSON cudaProfilerStop writes, and that only the profiler range counts.
+int count_checks(const char* path) {
+  const int n = 3000, m = 5000, big = 1 << 18;  // 12000 bytes read, 20000 written; 1 MiB
+  float *x, *y, *z, *one;
+  cudaMalloc(&x, n * sizeof(float));
+  cudaMalloc(&y, m * sizeof(float));
+  cudaMalloc(&z, big * sizeof(float));
+  cudaMalloc(&one, sizeof(float));
+  cudaMemset(x, 0, n * sizeof(float));
+  read_n_write_m<<<(m + 255) / 256, 256>>>(x, y, n, m);  // before the range: not counted
+  cudaProfilerStart();
+  read_n_write_m<<<(m + 255) / 256, 256>>>(x, y, n, m);
+  add_into<<<(n + 255) / 256, 256>>>(x, y, n);
+  read_first<<<1, 1>>>(z, one);
+  cudaStream_t s;
+  cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+  cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
+  read_first<<<1, 1, 0, s>>>(z, one);
+  cudaGraph_t g = nullptr;
+  cudaStreamEndCapture(s, &g);
+  cudaGraphExec_t ge = nullptr;
+  cudaGraphInstantiate(&ge, g, 0);
+  cudaGraphLaunch(ge, s);  // a replayed launch counts as it runs
+  cudaGraphLaunch(ge, s);
+  cublasHandle_t h;
+  cublasCreate(&h);
+  cublasSetStream(h, s);
+  const int gm = 24, gn = 16, gk = 40;
+  __nv_bfloat16 *a, *b;
+  float* c;
+  cudaMalloc(&a, 3 * gm * gk * 2);
+  cudaMalloc(&b, 3 * gk * gn * 2);
+  cudaMalloc(&c, 3 * gm * gn * 4);
+  cudaMemsetAsync(a, 0, 3 * gm * gk * 2, s);
+  cudaMemsetAsync(b, 0, 3 * gk * gn * 2, s);
+  cudaMemsetAsync(c, 0, 3 * gm * gn * 4, s);
+  const float alpha = 1.0f, zero = 0.0f, half = 0.5f;
+  cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, gm, gn, gk, &alpha, a, CUDA_R_16BF, gm, b, CUDA_R_16BF,
+               gk, &zero, c, CUDA_R_32F, gm, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  cublasGemmStridedBatchedEx(h, CUBLAS_OP_N, CUBLAS_OP_N, gm, gn, gk, &alpha, a, CUDA_R_16BF, gm,
+                             gm * gk, b, CUDA_R_16BF, gk, gk * gn, &half, c, CUDA_R_32F, gm,
+                             gm * gn, 3, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  float host[4];
+  cudaMemcpy(host, y, sizeof host, cudaMemcpyDeviceToHost);
+  cudaStreamSynchronize(s);
+  cudaProfilerStop();
+  read_n_write_m<<<(m + 255) / 256, 256>>>(x, y, n, m);  // after the range: not counted
+
+  nlohmann::json j;
+  try {
+    std::ifstream in(path);
+    j = nlohmann::json::parse(in);
+  } catch (const std::exception& e) {
+    std::printf("[FAIL] EMU_COUNT: %s did not parse: %s\n", path, e.what());
+    return 1;
+  }
+  const auto& k = j["kernels"];
+  const std::string rw = "read_n_write_m", add = "add_into", first = "read_first";
+  expect(k.contains(rw) && k[rw]["launches"] == 1 && k[rw]["bytes_read"] == n * 4 &&
+             k[rw]["bytes_written"] == m * 4,
+         "EMU_COUNT: a kernel reading 3000 floats and writing 5000: 12000 bytes read, 20000 "
+         "written, 1 launch (only the one inside cudaProfilerStart/Stop)");
+  // y is 5000 floats: its first 3000 lie in 3 whole pages (12288 bytes), counted whole
+  expect(k.contains(add) && k[add]["bytes_read"] == n * 4 + 3 * 4096 &&
+             k[add]["bytes_written"] == 3 * 4096,
+         "EMU_COUNT: y[0, 3000) += x[0, 3000): x read, y's 3 pages touched read and written");
+  expect(k.contains(first) && k[first]["launches"] == 3 && k[first]["bytes_read"] == 3 * 4096 &&
+             k[first]["bytes_written"] == 3 * 4,
+         "EMU_COUNT: one float of a 1 MiB buffer reads its 4 KiB page; graph replays count");
+  const auto& gs = j["gemms"];
+  double flops = 0, gread = 0, gwritten = 0;
+  int calls = 0;
+  for (const auto& [key, v] : gs.items()) {
+    flops += v["flops"].get<double>();
+    gread += v["bytes_read"].get<double>();
+    gwritten += v["bytes_written"].get<double>();
+    calls += v["calls"].get<int>();
+  }
+  const double mnk = 2.0 * gm * gn * gk;
+  const double read_want = (gm * gk * 2 + gk * gn * 2) + 3.0 * (gm * gk * 2 + gk * gn * 2 + gm * gn * 4);
+  expect(calls == 2 && flops == mnk * 4 && gread == read_want && gwritten == 4.0 * gm * gn * 4,
+         "EMU_COUNT: bf16 GEMM + strided batch of 3: flops 2mnk x 4, A B (C when beta != 0) "
+         "read, C written");
+  const auto& cp = j["copies"];
+  expect(cp.contains("cudaMemsetAsync") && cp["cudaMemsetAsync"]["calls"] == 3 &&
+             cp.contains("cudaMemcpy DtoH") && cp["cudaMemcpy DtoH"]["bytes"] == 16 &&
+             !cp.contains("cudaMemset"),
+         "EMU_COUNT: memsets and copies by API and direction (the one before the range not)");
+  expect(j["window"] == "cudaProfilerStart/Stop ranges" && j["ranges"] == 1 &&
+             j["totals"]["kernel_launches"] == 5,
+         "EMU_COUNT: totals over the one range");
+
+  // A fault outside every device allocation still ends the process (the handler passes it on).
+  std::fflush(stdout);
+  void* guard = mmap(nullptr, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    freopen("/dev/null", "w", stderr);
+    cudaProfilerStart();
+    read_first<<<1, 1>>>(static_cast<const float*>(guard), one);
+    std::_Exit(0);
+  }
+  int status = 0;
+  waitpid(pid, &status, 0);
+  expect(WIFSIGNALED(status) && WTERMSIG(status) == SIGSEGV,
+         "EMU_COUNT: a kernel's access to unmapped host memory still ends it with SIGSEGV");
+  cublasDestroy(h);
+  return g_failures == 0 ? 0 : 1;
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  if (argc == 3 && std::string(argv[1]) == "--count") return count_checks(argv[2]);
+
   int* d_i = nullptr;
   float* d_f = nullptr;
   cudaMalloc(&d_i, 4096 * sizeof(int));
@@ -266,6 +399,22 @@ int main() {
 
   cublasDestroy(h);
   cudaStreamDestroy(s);
+
+  // 11. EMU_COUNT, in a child process started with it set (this one runs without)
+  std::fflush(stdout);
+  const char* tmp = std::getenv("TMPDIR");
+  const std::string count_json = std::string(tmp != nullptr && *tmp != 0 ? tmp : "/tmp") +
+                                 "/emu_selftest_count." + std::to_string(getpid()) + ".json";
+  const pid_t counter = fork();
+  if (counter == 0) {
+    setenv("EMU_COUNT", count_json.c_str(), 1);
+    execl("/proc/self/exe", argv[0], "--count", count_json.c_str(), static_cast<char*>(nullptr));
+    std::_Exit(127);
+  }
+  waitpid(counter, &status, 0);
+  std::remove(count_json.c_str());
+  expect(WIFEXITED(status) && WEXITSTATUS(status) == 0, "EMU_COUNT checks (child process)");
+
   std::printf(g_failures == 0 ? "selftest: all passed\n" : "selftest: %d FAILED\n", g_failures);
   return g_failures == 0 ? 0 : 1;
 }

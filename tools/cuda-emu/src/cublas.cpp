@@ -185,6 +185,12 @@ bool check_operands(const Gemm& g, const void* A, const void* Bm, const void* C,
   return false;
 }
 
+// EMU_COUNT: the call as it runs (so a graph replay counts again), from its arguments: the
+// work runs in OpenBLAS's threads, whose memory accesses the page protection cannot watch.
+void count_call(const Gemm& g, const char* entry, int batch, std::size_t extra_read) {
+  count_gemm(entry, g.tf32, g.at, g.bt, g.ct, g.m, g.n, g.k, batch, g.beta != 0.0f, extra_read);
+}
+
 cublasStatus_t submit(cublasHandle_t h, std::function<void()> op) {
   const cudaError_t e = enqueue(h->stream, std::move(op), false);
   return e == cudaSuccess ? CUBLAS_STATUS_SUCCESS : CUBLAS_STATUS_EXECUTION_FAILED;
@@ -262,7 +268,10 @@ cublasStatus_t cublasGemmEx(cublasHandle_t h, cublasOperation_t ta, cublasOperat
     set_sticky(cudaErrorIllegalAddress);
     return CUBLAS_STATUS_EXECUTION_FAILED;
   }
-  return submit(h, [g, A, B, C] { run_gemm(g, A, B, C); });
+  return submit(h, [g, A, B, C] {
+    count_call(g, "cublasGemmEx", 1, 0);
+    run_gemm(g, A, B, C);
+  });
 }
 
 cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m,
@@ -323,6 +332,7 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t h, cublasOperation_t ta
     }
   }
   return submit(h, [g, a8, b8, c8, sa, sb, sc, ea, eb, ec, batch] {
+    count_call(g, "cublasGemmStridedBatchedEx", batch, 0);
     for (int i = 0; i < batch; ++i)
       run_gemm(g, a8 + i * sa * static_cast<long long>(ea), b8 + i * sb * static_cast<long long>(eb),
                c8 + i * sc * static_cast<long long>(ec));
@@ -369,6 +379,7 @@ cublasStatus_t cublasGemmBatchedEx(cublasHandle_t h, cublasOperation_t ta, cubla
         if (C[j] == C[i] && g.m > 0 && g.n > 0)
           warn("cublasGemmBatchedEx: matrices %d and %d write the same C: a race on a GPU", j, i);
     }
+    count_call(g, "cublasGemmBatchedEx", batch, 3 * sizeof(void*) * static_cast<std::size_t>(batch));
     for (int i = 0; i < batch; ++i) run_gemm(g, A[i], B[i], C[i]);
   });
 }

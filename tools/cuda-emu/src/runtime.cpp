@@ -614,6 +614,7 @@ void run_grid(const LaunchSpec& spec, KernelBody body, void* closure) {
                  spec.file, spec.line);
   gridDim = spec.grid;
   blockDim = spec.block;
+  const bool counted = count_kernel_begin();
   g_body = body;
   g_closure = closure;
   B.dyn_shared.assign(spec.shmem, 0xff);
@@ -636,6 +637,7 @@ void run_grid(const LaunchSpec& spec, KernelBody body, void* closure) {
     g_in_block = false;
   }
   g_cur = nullptr;
+  if (counted) count_kernel_end(spec.name);
   g_spec = saved_spec;
 }
 }  // namespace
@@ -807,8 +809,13 @@ cudaError_t cudaMalloc(void** p, std::size_t bytes) {
   if (capture_forbids("cudaMalloc")) return ret(cudaErrorStreamCaptureUnsupported);
   if (bytes == 0) return cudaSuccess;
   void* q = nullptr;
-  // Exact size (no rounding up), so an AddressSanitizer build sees overruns by kernels.
-  if (posix_memalign(&q, 256, bytes) != 0) return ret(cudaErrorMemoryAllocation);
+  // Exact size (no rounding up), so an AddressSanitizer build sees overruns by kernels; under
+  // EMU_COUNT whole pages of their own, which the counter protects around each launch.
+  if (count_mode()) {
+    if ((q = count_alloc(bytes)) == nullptr) return ret(cudaErrorMemoryAllocation);
+  } else if (posix_memalign(&q, 256, bytes) != 0) {
+    return ret(cudaErrorMemoryAllocation);
+  }
   // cudaMalloc memory is uninitialised: NaN bytes make a read-before-write visible.
   std::memset(q, config().poison ? 0xff : 0, bytes);
   g_allocs[reinterpret_cast<std::uintptr_t>(q)] = bytes;
@@ -826,7 +833,10 @@ cudaError_t cudaFree(void* p) {
     return ret(cudaErrorInvalidValue);
   }
   g_allocs.erase(it);
-  std::free(p);
+  if (count_mode())
+    count_free(p);
+  else
+    std::free(p);
   return cudaSuccess;
 }
 
@@ -860,6 +870,17 @@ cudaError_t check_copy(void* dst, const void* src, std::size_t bytes, cudaMemcpy
     warn("%s: source %p is device memory but the kind says host", who, src);
   return cudaSuccess;
 }
+
+// "cudaMemcpy HtoD" etc. for EMU_COUNT (cudaMemcpyDefault: the direction the pointers say).
+std::string copy_name(const char* api, const void* dst, const void* src, cudaMemcpyKind kind) {
+  bool dst_dev = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
+  bool src_dev = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
+  if (kind == cudaMemcpyDefault) {
+    dst_dev = device_pointer(dst);
+    src_dev = device_pointer(src);
+  }
+  return std::string(api) + " " + (src_dev ? "D" : "H") + "to" + (dst_dev ? "D" : "H");
+}
 }  // namespace
 
 cudaError_t cudaMemcpy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind) {
@@ -869,6 +890,7 @@ cudaError_t cudaMemcpy(void* dst, const void* src, std::size_t bytes, cudaMemcpy
   if (g_sticky != cudaSuccess) return ret(g_sticky);
   if (const cudaError_t e = check_copy(dst, src, bytes, kind, "cudaMemcpy"); e != cudaSuccess)
     return ret(e);
+  count_copy(copy_name("cudaMemcpy", dst, src, kind), bytes);
   std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
@@ -879,7 +901,10 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t bytes, cudaM
   if (bytes == 0) return cudaSuccess;
   if (const cudaError_t e = check_copy(dst, src, bytes, kind, "cudaMemcpyAsync"); e != cudaSuccess)
     return ret(e);
-  return enqueue(stream, [dst, src, bytes] { std::memmove(dst, src, bytes); }, false);
+  return enqueue(stream, [dst, src, bytes, what = copy_name("cudaMemcpyAsync", dst, src, kind)] {
+    count_copy(what, bytes);
+    std::memmove(dst, src, bytes);
+  }, false);
 }
 
 cudaError_t cudaMemset(void* p, int value, std::size_t bytes) {
@@ -891,6 +916,7 @@ cudaError_t cudaMemset(void* p, int value, std::size_t bytes) {
     warn("cudaMemset: %p (+%zu bytes) is not inside a device allocation", p, bytes);
     return ret(cudaErrorInvalidValue);
   }
+  count_copy("cudaMemset", bytes);
   std::memset(p, value, bytes);
   return cudaSuccess;
 }
@@ -902,7 +928,10 @@ cudaError_t cudaMemsetAsync(void* p, int value, std::size_t bytes, cudaStream_t 
     warn("cudaMemsetAsync: %p (+%zu bytes) is not inside a device allocation", p, bytes);
     return ret(cudaErrorInvalidValue);
   }
-  return enqueue(stream, [p, value, bytes] { std::memset(p, value, bytes); }, false);
+  return enqueue(stream, [p, value, bytes] {
+    count_copy("cudaMemsetAsync", bytes);
+    std::memset(p, value, bytes);
+  }, false);
 }
 
 cudaError_t cudaDeviceSynchronize() {
@@ -1092,5 +1121,18 @@ cudaError_t cudaFuncSetAttribute_impl(const void* func, cudaFuncAttribute attr, 
     if (value < 0 || value > 227 * 1024) return ret(cudaErrorInvalidValue);
     g_max_dyn_smem[func] = value;
   }
+  return cudaSuccess;
+}
+
+// The range CUDA's profilers capture (nsys --capture-range=cudaProfilerApi, ncu
+// --profile-from-start off), and EMU_COUNT's counting window.
+cudaError_t cudaProfilerStart() {
+  EMU_API_LOCK;
+  count_window(true);
+  return cudaSuccess;
+}
+cudaError_t cudaProfilerStop() {
+  EMU_API_LOCK;
+  count_window(false);
   return cudaSuccess;
 }
