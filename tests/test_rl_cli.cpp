@@ -139,6 +139,28 @@ TEST(RlCli, DynamicSamplingCountsRedrawsAndResumes) {
   EXPECT_GT(redrawn, 0.0);
 }
 
+// A checkpoint stopped between PPO epochs whose data state has a bad redraw count (negative,
+// above rounds x P, not a number) is refused on resume naming the key, with exit 2.
+TEST(RlCli, BadResampledGroupsInTheCheckpointNamesTheKey) {
+  const std::string dir = fixture().dir + "/bad_resampled";
+  const std::string flags = rl_flags(dir + "/r") + " --rl_resample_rounds 2";
+  auto r = test::run_pion(flags + " --stop_after 3");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string ckpt = dir + "/r/checkpoint.safetensors";
+  const TensorFile good = load_safetensors(ckpt);
+  for (const std::string bad : {"-1", "7", "\"x\""}) {
+    TensorFile f = good;
+    auto train = nlohmann::json::parse(f.metadata.at("pion.train"));
+    auto state = nlohmann::json::parse(train.at("data_state").get<std::string>());
+    ASSERT_TRUE(state.contains("resampled_groups")) << state.dump().substr(0, 200);
+    state["resampled_groups"] = nlohmann::json::parse(bad);
+    train["data_state"] = state.dump();
+    f.metadata["pion.train"] = train.dump();
+    save_safetensors(ckpt, f);
+    test::expect_cli_error(flags + " --resume", {"'resampled_groups'"});
+  }
+}
+
 TEST(RlCli, EveryOptimizerRuns) {
   for (const std::string opt : {"muon", "pion"}) {
     const std::string out = fixture().dir + "/opt_" + opt;
@@ -192,6 +214,10 @@ TEST(RlCli, BadRlConfigValuesNameTheKey) {
       {"--rl_std_normalize maybe", "rl_std_normalize"},
       {"--rl_group_size 100000", "rl_group_size"},
       {"--rl_prompts_per_step 0", "rl_prompts_per_step"},
+      {"--rl_resample_rounds -1", "rl_resample_rounds"},
+      {"--rl_resample_rounds 101", "rl_resample_rounds"},
+      {"--rl_resample_rounds 2.5", "rl_resample_rounds"},
+      {"--rl_resample_rounds 99999999999999999999", "rl_resample_rounds"},
   };
   for (const auto& [flag, key] : cases)
     test::expect_cli_error("train " + flag + out, {"config key '" + key + "'"});
