@@ -5,13 +5,7 @@
 # 2 while the best lr is at an edge (at most 2 more) and not when it is inside; the seeds stage
 # runs seeds 2 and 3 at the best lr; the report ranks the settings; bad arguments exit 2.
 # Usage: tests/scripts/test_ablation.sh SOURCE_DIR (ctest: ScriptAblation).
-set -uo pipefail
-src=$(cd "${1:-$(dirname "$0")/../..}" && pwd)
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fails=0
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
-ok() { echo "ok: $*"; }
+source "$(dirname "$0")/lib.sh" "${1:-}"
 py=/usr/bin/python3
 [[ -x $py ]] || py=python3
 
@@ -88,5 +82,4 @@ rc=$?
 [[ $rc -eq 2 ]] && grep -q "no pion binary" "$tmp/log" && ok "missing binary: exit 2 with a hint" ||
   fail "missing binary gave exit $rc: $(cat "$tmp/log")"
 
-[[ $fails -eq 0 ]] && echo "test_ablation: all passed" || echo "test_ablation: $fails failed"
-exit $((fails > 0))
+finish test_ablation

@@ -5,13 +5,7 @@
 # the size flags forwarded; a failing stage does not stop the later ones and the exit status
 # is 1; summary.txt names every stage's status; --only; --dry-run; bad arguments exit 2.
 # Usage: tests/scripts/test_gpu_all.sh SOURCE_DIR (ctest: ScriptGpuAll).
-set -uo pipefail
-src=$(cd "${1:-$(dirname "$0")/../..}" && pwd)
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fails=0
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
-ok() { echo "ok: $*"; }
+source "$(dirname "$0")/lib.sh" "${1:-}"
 
 repo=$tmp/repo
 mkdir -p "$repo/scripts"
@@ -68,5 +62,4 @@ for bad in "--only check,quality" "--optim-steps 0" "--iters x" "--out" "--frobn
   [[ $rc -eq 2 ]] && ok "'$bad' exits 2" || fail "'$bad' gave exit $rc: $(cat "$tmp/out")"
 done
 
-[[ $fails -eq 0 ]] && echo "test_gpu_all: all passed" || echo "test_gpu_all: $fails failed"
-exit $((fails > 0))
+finish test_gpu_all

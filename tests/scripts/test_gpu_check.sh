@@ -5,13 +5,7 @@
 # git); a GPU listed + a CUDA test skipped fails; the no-GPU error-path skip is allowed; no GPU
 # listed fails; --out gets the whole logs, one per test; bad arguments exit 2.
 # Usage: tests/scripts/test_gpu_check.sh SOURCE_DIR (ctest: ScriptGpuCheck).
-set -uo pipefail
-src=$(cd "${1:-$(dirname "$0")/../..}" && pwd)
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fails=0
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
-ok() { echo "ok: $*"; }
+source "$(dirname "$0")/lib.sh" "${1:-}"
 
 repo=$tmp/repo
 mkdir -p "$repo/scripts" "$tmp/bin"
@@ -130,5 +124,4 @@ grep -q "lists no GPU" "$tmp/no-gpu.console" && ok "no GPU: says so" || fail "no
 (cd "$repo" && scripts/gpu-check.sh --out) >/dev/null 2>&1
 [[ $? == 2 ]] && ok "--out without a folder: exit 2" || fail "--out without a folder"
 
-[[ $fails == 0 ]] && echo "test_gpu_check: all passed" || echo "test_gpu_check: $fails failed"
-[[ $fails == 0 ]]
+finish test_gpu_check

@@ -3,13 +3,7 @@
 # unknown argument exits 2; a missing pion binary or main-job checkpoint exits 1 with a line
 # saying what to run first; --help prints the usage. A stub `pion` stands in for the binary.
 # Usage: tests/scripts/test_rl_demo.sh SOURCE_DIR (ctest: ScriptRlDemo).
-set -uo pipefail
-src=$(cd "${1:-$(dirname "$0")/../..}" && pwd)
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-fails=0
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
-ok() { echo "ok: $*"; }
+source "$(dirname "$0")/lib.sh" "${1:-}"
 mkdir -p "$tmp/bin" "$tmp/job/adamw" "$tmp/job/muon"
 printf '#!/bin/sh\nexit 0\n' >"$tmp/bin/pion"
 chmod +x "$tmp/bin/pion"
@@ -35,5 +29,4 @@ rc=$?
   ok "a missing checkpoint (pion): exit 1 naming it" || fail "missing checkpoint gave exit $rc: $(cat "$tmp/log")"
 [[ ! -e "$tmp/out" ]] && ok "nothing written on refusal" || fail "the output folder was created"
 
-[[ $fails -eq 0 ]] && echo "test_rl_demo: all passed" || echo "test_rl_demo: $fails failed"
-exit $((fails > 0))
+finish test_rl_demo
