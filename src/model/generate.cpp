@@ -45,6 +45,7 @@ bool take_token(std::size_t i, std::span<const float> logits, const GenerateOpti
   const int token = sample_token(logits, options.sampling, rng, scratch);
   out.tokens.push_back(token);
   out.log_probs.push_back(static_cast<float>(token_log_prob(logits, token)));
+  if (options.entropies) out.entropies.push_back(static_cast<float>(softmax_entropy(logits)));
   context.push_back(token);
   const auto& stops = options.stop_tokens;
   out.stopped = std::find(stops.begin(), stops.end(), token) != stops.end() ||

@@ -70,4 +70,18 @@ double token_log_prob(std::span<const float> logits, int token) {
   return static_cast<double>(logits[static_cast<std::size_t>(token)]) - mx - std::log(sum);
 }
 
+double softmax_entropy(std::span<const float> logits) {
+  check(!logits.empty(), "softmax_entropy: no logits");
+  // H = log Z - sum_j p_j (l_j - mx) with Z = sum_j exp(l_j - mx): one pass for both sums.
+  const double mx = *std::max_element(logits.begin(), logits.end());
+  double z = 0.0, weighted = 0.0;
+  for (float l : logits) {
+    const double x = static_cast<double>(l) - mx;
+    const double e = std::exp(x);
+    z += e;
+    weighted += e * x;
+  }
+  return std::log(z) - weighted / z;
+}
+
 }  // namespace pion

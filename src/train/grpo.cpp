@@ -61,11 +61,11 @@ double grpo_token_objective(std::span<const std::int32_t> targets, std::span<con
     double value = -std::min(unclipped, clipped);
     double dlogp = clip_binds ? 0.0 : -a * ratio;
     if (have_ref) {
-      const double d = ref_logp[i] - logp[i];
-      local.kl += std::exp(d) - d - 1.0;
+      const double k3 = k3_kl(logp[i], ref_logp[i]);
+      local.kl += k3;
       if (kl) {
-        value += options.kl_coef * (std::exp(d) - d - 1.0);
-        dlogp += options.kl_coef * (1.0 - std::exp(d));
+        value += options.kl_coef * k3;
+        dlogp += options.kl_coef * (1.0 - std::exp(ref_logp[i] - logp[i]));
       }
     }
     loss += value;

@@ -7,7 +7,10 @@
 #include "pion/core/error.h"
 #include "pion/core/input.h"
 #include "pion/dist/communicator.h"
+#include "pion/model/decode.h"
 #include "pion/model/generate.h"
+#include "pion/model/kv_cache.h"
+#include "pion/model/sampling.h"
 #include "pion/train/checkpoint.h"
 
 namespace pion {
@@ -27,7 +30,8 @@ nlohmann::json row_json(const auto& r) {
           {"prompt_len", r.prompt_len},
           {"logp_old", r.logp_old},
           {"ref_logp", r.ref_logp},
-          {"reward", r.reward}};
+          {"reward", r.reward},
+          {"entropy", r.entropy}};
 }
 }  // namespace
 
@@ -94,6 +98,7 @@ void RlSource::sample() {
   opts.max_new_tokens = config_.rl_max_new_tokens;
   opts.sampling.temperature = config_.rl_temperature;
   opts.sampling.top_p = config_.rl_top_p;
+  opts.entropies = true;  // the entropy metric is the sampling policy's
   opts.stop = [&](std::size_t, std::span<const std::int32_t> new_tokens) {
     return tokenizer_.decode(new_tokens).find(end_marker_) != std::string::npos;
   };
@@ -124,6 +129,7 @@ void RlSource::sample() {
         r.prompt_len = static_cast<int>(prompts[k].size());
         r.tokens.insert(r.tokens.end(), gens[k].tokens.begin(), gens[k].tokens.end());
         r.logp_old.assign(gens[k].log_probs.begin(), gens[k].log_probs.end());
+        for (float h : gens[k].entropies) r.entropy += static_cast<double>(h);
         r.reward = answer_matches(tokenizer_.decode(gens[k].tokens),
                                   tasks_[group_task[groups[j]]].response, end_marker_)
                        ? 1.0
@@ -166,24 +172,52 @@ void RlSource::sample() {
   // The objective is the mean over the completion tokens of the whole (global) batch.
   if (world_ > 1) completion_tokens_ = dist::world().allreduce_sum(completion_tokens_);
 
-  // The frozen initial policy's log-probs of the same tokens (for kl_coef and the KL metric).
-  const int B = local_rows_, T = config_.seq_len;
-  std::vector<std::int32_t> inputs(static_cast<std::size_t>(B) * T), targets(inputs.size());
-  std::vector<double> logp(inputs.size());
-  for (std::size_t first = 0; first < rows_.size(); first += static_cast<std::size_t>(B)) {
-    for (int b = 0; b < B; ++b)
-      fill(first + static_cast<std::size_t>(b),
-           std::span(inputs).subspan(static_cast<std::size_t>(b) * T, static_cast<std::size_t>(T)),
-           std::span(targets).subspan(static_cast<std::size_t>(b) * T, static_cast<std::size_t>(T)));
-    reference_->forward(inputs, targets, B, T);
-    reference_->target_log_probs(logp);
-    for (int b = 0; b < B; ++b) {
-      Row& r = rows_[first + static_cast<std::size_t>(b)];
+  reference_log_probs();
+  choose_train_rows();
+}
+
+void RlSource::reference_log_probs() {
+  // The frozen initial policy's log-probs of the same tokens (for kl_coef and the KL metric),
+  // by the inference-only decoder: each row prefilled in its own cache slot at its own length
+  // (no padding to seq_len, no activations kept), logits at every position.
+  const ModelConfig& mc = reference_->config();
+  const auto v = static_cast<std::size_t>(mc.vocab_size);
+  int block = static_cast<int>(std::min<std::size_t>(rows_.size(), 64));
+  while (block > 1 && KvCache::bytes_for(mc, block) > (std::int64_t{256} << 20)) block /= 2;
+  block = std::max(block, 1);
+  Decoder decoder(*reference_);
+  KvCache cache(mc, block);
+  std::vector<DecodeChunk> chunks;
+  for (std::size_t first = 0; first < rows_.size(); first += static_cast<std::size_t>(block)) {
+    const std::size_t count = std::min(rows_.size() - first, static_cast<std::size_t>(block));
+    chunks.clear();
+    for (std::size_t j = 0; j < count; ++j) {
+      cache.clear(static_cast<int>(j));
+      const Row& r = rows_[first + j];  // inputs are all tokens but the last
+      chunks.push_back({static_cast<int>(j), std::span(r.tokens).first(r.tokens.size() - 1)});
+    }
+    const std::span<const float> logits = decoder.extend(cache, chunks, true);
+    std::size_t position = 0;  // the first logits row of row j
+    for (std::size_t j = 0; j < count; ++j) {
+      Row& r = rows_[first + j];
       r.ref_logp.resize(r.logp_old.size());
-      for (std::size_t k = 0; k < r.ref_logp.size(); ++k)
-        r.ref_logp[k] = logp[static_cast<std::size_t>(b) * T + r.prompt_len - 1 + k];
+      for (std::size_t k = 0; k < r.ref_logp.size(); ++k) {
+        const std::size_t p = static_cast<std::size_t>(r.prompt_len) - 1 + k;
+        r.ref_logp[k] = token_log_prob(logits.subspan((position + p) * v, v), r.tokens[p + 1]);
+      }
+      position += r.tokens.size() - 1;
     }
   }
+}
+
+void RlSource::choose_train_rows() {
+  // Without a KL term, a row whose advantage is 0 (its group's rewards are all equal) has
+  // weight 0 on every token (grpo_token_objective: -min(r * 0, clip(r) * 0) = 0): its forward
+  // and backward add exactly nothing, so it is not trained. It still counts in the token
+  // normaliser and in the metrics.
+  train_rows_.clear();
+  for (std::size_t i = 0; i < rows_.size(); ++i)
+    if (options_.kl_coef > 0.0 || advantages_[i] != 0.0) train_rows_.push_back(i);
 }
 
 void RlSource::fill(std::size_t row, std::span<std::int32_t> inputs,
@@ -204,13 +238,21 @@ void RlSource::next(std::vector<std::int32_t>& inputs, std::vector<std::int32_t>
     entropy_sum_ = 0.0;
     step_epoch_ = epoch_;
   }
-  const auto B = static_cast<std::size_t>(local_rows_);
+  // The micro_-th of grad_accum near-equal slices of the rows that train. An empty slice
+  // (fewer such rows than micro-batches, or none) still runs one row without targets, which
+  // adds nothing, so every rank makes the same forward_backward calls (collectives).
   const auto T = static_cast<std::size_t>(config_.seq_len);
+  const std::size_t n = train_rows_.size(), slices = static_cast<std::size_t>(config_.grad_accum);
+  const std::size_t per = std::max<std::size_t>(1, (n + slices - 1) / slices);
+  const std::size_t lo = std::min(n, static_cast<std::size_t>(micro_) * per);
+  const std::size_t hi = std::min(n, lo + per);
+  current_rows_.assign(train_rows_.begin() + static_cast<long>(lo),
+                       train_rows_.begin() + static_cast<long>(hi));
+  const std::size_t B = std::max<std::size_t>(1, current_rows_.size());
   inputs.assign(B * T, 0);
   targets.assign(B * T, -1);
-  current_first_row_ = static_cast<std::size_t>(micro_) * B;
-  for (std::size_t b = 0; b < B; ++b)
-    fill(current_first_row_ + b, std::span(inputs).subspan(b * T, T),
+  for (std::size_t b = 0; b < current_rows_.size(); ++b)
+    fill(current_rows_[b], std::span(inputs).subspan(b * T, T),
          std::span(targets).subspan(b * T, T));
   last_targets_ = targets;
   if (++micro_ == config_.grad_accum) {
@@ -220,18 +262,18 @@ void RlSource::next(std::vector<std::int32_t>& inputs, std::vector<std::int32_t>
 }
 
 TargetObjective RlSource::objective() {
-  return [this, first = current_first_row_](std::span<const double> logp,
-                                            std::span<const double> entropies,
-                                            std::span<double> weights) {
+  return [this, rows = current_rows_](std::span<const double> logp,
+                                      std::span<const double> entropies,
+                                      std::span<double> weights) {
     const std::size_t T = static_cast<std::size_t>(config_.seq_len), n = last_targets_.size();
     std::vector<double> old(n, 0.0), ref(n, 0.0), adv(n, 0.0);
-    for (std::size_t b = 0; b * T < n; ++b) {
-      const Row& r = rows_[first + b];
+    for (std::size_t b = 0; b < rows.size(); ++b) {
+      const Row& r = rows_[rows[b]];
       for (std::size_t k = 0; k < r.logp_old.size(); ++k) {
         const std::size_t i = b * T + static_cast<std::size_t>(r.prompt_len) - 1 + k;
         old[i] = r.logp_old[k];
         ref[i] = r.ref_logp[k];
-        adv[i] = advantages_[first + b];
+        adv[i] = advantages_[rows[b]];
       }
     }
     const double loss = grpo_token_objective(last_targets_, logp, old, ref, adv,
@@ -245,31 +287,44 @@ TargetObjective RlSource::objective() {
 void RlSource::annotate_step(nlohmann::json& record) {
   const auto G = static_cast<std::size_t>(config_.rl_group_size);
   // This rank's sums, then the whole batch's (every rank calls this at every step).
-  double sums[8] = {};  // reward, no-signal groups, rows, completion tokens, objective tokens,
-                        // kl, clipped, entropy
+  // Entropy and KL are over every completion token of the batch: the current policy's (this
+  // step's forward) on the rows that train, and on the rows left out (no forward of their
+  // own) the sampling policy's, measured when they were sampled: the same policy at a batch's
+  // first PPO epoch, so with ppo_epochs 1 every figure is the current policy's.
+  std::vector<char> trains(rows_.size(), 0);
+  for (std::size_t i : train_rows_) trains[i] = 1;
+  double sums[8] = {};  // reward, no-signal groups, rows, completion tokens, kl, clipped,
+                        // entropy, left-out rows whose entropy is unknown (older checkpoints)
   for (std::size_t g = 0; g < rows_.size(); g += G) {
     bool equal = true;
     for (std::size_t i = g; i < g + G; ++i) {
-      sums[0] += rows_[i].reward;
-      sums[3] += static_cast<double>(rows_[i].logp_old.size());
-      equal = equal && rows_[i].reward == rows_[g].reward;
+      const Row& r = rows_[i];
+      sums[0] += r.reward;
+      sums[3] += static_cast<double>(r.logp_old.size());
+      equal = equal && r.reward == rows_[g].reward;
+      if (trains[i]) continue;
+      for (std::size_t k = 0; k < r.logp_old.size(); ++k)
+        sums[4] += k3_kl(r.logp_old[k], r.ref_logp[k]);
+      if (r.entropy >= 0.0)
+        sums[6] += r.entropy;
+      else
+        sums[7] += 1.0;
     }
     sums[1] += equal ? 1.0 : 0.0;
   }
   sums[2] = static_cast<double>(rows_.size());
-  sums[4] = stats_.tokens;
-  sums[5] = stats_.kl;
-  sums[6] = stats_.clipped;
-  sums[7] = entropy_sum_;
+  sums[4] += stats_.kl;
+  sums[5] = stats_.clipped;
+  sums[6] += entropy_sum_;
   if (world_ > 1) dist::world().allreduce_sum(std::span<double>(sums, 8));
   const double rows = std::max(sums[2], 1.0);
-  const double tokens = std::max(sums[4], 1.0);
+  const double tokens = std::max(sums[3], 1.0);
   record["reward_mean"] = sums[0] / rows;
   record["no_signal_frac"] = sums[1] / (rows / static_cast<double>(G));
   record["completion_len_mean"] = sums[3] / rows;
-  record["entropy"] = sums[7] / tokens;
-  record["kl"] = sums[5] / tokens;
-  record["clip_frac"] = sums[6] / tokens;
+  if (sums[7] == 0.0) record["entropy"] = sums[6] / tokens;
+  record["kl"] = sums[4] / tokens;
+  record["clip_frac"] = sums[5] / tokens;  // a token that does not train never clips
   record["ppo_epoch"] = step_epoch_;
   // Groups redrawn by dynamic sampling for this step's batch, summed over the rounds (so up
   // to rl_resample_rounds x P); only with rl_resample_rounds > 0.
@@ -279,7 +334,7 @@ void RlSource::annotate_step(nlohmann::json& record) {
     std::cout << "rl step " << step << " | reward " << record["reward_mean"].get<double>()
               << " | no signal " << record["no_signal_frac"].get<double>() << " | len "
               << record["completion_len_mean"].get<double>() << " | entropy "
-              << record["entropy"].get<double>() << " | kl " << record["kl"].get<double>()
+              << record.value("entropy", -1.0) << " | kl " << record["kl"].get<double>()
               << "\n";
 }
 
@@ -342,6 +397,10 @@ void RlSource::restore(const nlohmann::json& state) {
         for (const auto& y : v) dst.push_back(input::to_double(y, -1e30, 0.0, where + " " + key));
       }
       r.reward = input::to_double(input::member(x, "reward", where), -1e30, 1e30, where + " reward");
+      // Absent in checkpoints written before the entropy was measured at sampling: unknown.
+      r.entropy = x.contains("entropy")
+                      ? input::to_double(x["entropy"], 0.0, 1e30, where + " entropy")
+                      : -1.0;
       rows.push_back(std::move(r));
     }
   }
@@ -362,6 +421,7 @@ void RlSource::restore(const nlohmann::json& state) {
     for (const Row& r : rows_) rewards.push_back(r.reward);
     advantages_ = group_advantages(rewards, config_.rl_group_size, options_);
     resampled_groups_ = resampled;
+    choose_train_rows();
   }
 }
 

@@ -155,7 +155,13 @@ TrainSummary run_training(TrainInputs in, TrainBackend& backend) {
     double loss = 0.0;
     for (int micro = 0; micro < cfg.grad_accum; ++micro) {
       source.next(inputs, targets);
-      MicroBatch batch{inputs, targets, local_B, T, source.objective()};
+      // A source may fill fewer rows than the batch (RL leaves out rows that cannot train).
+      const auto rows = static_cast<int>(inputs.size() / static_cast<std::size_t>(T));
+      check(rows >= 1 && rows <= local_B && inputs.size() == static_cast<std::size_t>(rows) * T &&
+                targets.size() == inputs.size(),
+            "training: the batch source filled " + std::to_string(inputs.size()) +
+                " inputs, not 1.." + std::to_string(local_B) + " rows of " + std::to_string(T));
+      MicroBatch batch{inputs, targets, rows, T, source.objective()};
       const bool last_micro = micro + 1 == cfg.grad_accum;
       if (batch.objective)  // RL: already the micro-batch's share of the step's loss
         loss += backend.forward_backward(batch, 1.0, last_micro);

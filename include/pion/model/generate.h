@@ -37,6 +37,9 @@ struct GenerateOptions {
   // Sequences decoded together (cache slots). 0 = min(prompts, 64), lowered so that the cache
   // stays under max_cache_bytes. Results do not depend on it (see generate_tokens).
   int max_batch = 0;
+  // Also record each new token's softmax entropy (Generation::entropies; RL's entropy metric).
+  // Off by default: a second pass over the vocabulary per token.
+  bool entropies = false;
   std::int64_t max_cache_bytes = std::int64_t{1} << 30;
 };
 
@@ -45,6 +48,9 @@ struct Generation {
   // The model's log-probability of each chosen token: log softmax of the unmodified logits
   // (before temperature, top-k and top-p), what an RL objective differentiates.
   std::vector<float> log_probs;
+  // With GenerateOptions::entropies: the entropy of softmax of the unmodified logits at each
+  // new token's position (the sampling policy's entropy there); empty otherwise.
+  std::vector<float> entropies;
   bool stopped = false;  // ended by a stop token or `stop`, not by max_new_tokens
 };
 

@@ -33,4 +33,8 @@ int sample_token(std::span<const float> logits, const SamplingParams& params, Rn
 // log softmax(logits)[token] of the unmodified logits (no temperature or filter), in double.
 double token_log_prob(std::span<const float> logits, int token);
 
+// The entropy (nats) of softmax(logits) of the unmodified logits, in double: an RL policy's
+// entropy at a sampled position (what Llama::target_log_probs reports for the same logits).
+double softmax_entropy(std::span<const float> logits);
+
 }  // namespace pion

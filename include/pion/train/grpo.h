@@ -18,6 +18,7 @@
 //                        + kl_coef * (1 - exp(ref_t - logp_t))
 // so the model's weighted cross-entropy (Llama::forward's target_weights: the loss
 // sum_t w_t * (-logp_t)) with w_t = -(d loss_t / d logp_t) / N has the objective's gradient.
+#include <cmath>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -36,6 +37,13 @@ std::vector<double> group_advantages(std::span<const double> rewards, int group_
                                      const GrpoOptions& options);
 
 // What one batch's tokens measured (sums, so micro-batches add up).
+// The k3 estimate of KL(policy || reference) at one token, exp(d) - d - 1 with
+// d = ref_logp - logp (Schulman's unbiased, non-negative estimator).
+inline double k3_kl(double logp, double ref_logp) {
+  const double d = ref_logp - logp;
+  return std::exp(d) - d - 1.0;
+}
+
 struct GrpoTokenStats {
   double tokens = 0.0;    // completion tokens seen
   double kl = 0.0;        // sum of the k3 estimates (when ref_logp was given)

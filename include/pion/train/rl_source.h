@@ -7,12 +7,16 @@
 // rl_top_p; a completion ends at the end marker or after rl_max_new_tokens), scored by the
 // verifier (answer_matches: exact match after normalising whitespace, 1 or 0), with
 // group-relative advantages (grpo.h). It keeps each completion token's log-prob under the
-// sampling policy (logp_old, of the unmodified logits) and under the frozen initial policy
-// (ref_logp, one forward of the reference model), and the batch's completion-token count N.
+// sampling policy (logp_old, of the unmodified logits, and the softmax entropy there) and
+// under the frozen initial policy (ref_logp: the reference model's inference-only decoder over
+// each row at its own length), and the batch's completion-token count N.
 // The P * G rows (prompt + completion, laid out as finetuning rows: targets on completion
-// tokens only) are handed out as grad_accum micro-batches of batch_size rows, for ppo_epochs
-// consecutive steps; each micro-batch carries the GRPO objective (grpo_token_objective,
-// normalised by N), so every step's loss is the mean over all of the batch's completion tokens.
+// tokens only) are handed out as grad_accum micro-batches, for ppo_epochs consecutive steps;
+// each micro-batch carries the GRPO objective (grpo_token_objective, normalised by N), so every
+// step's loss is the mean over all of the batch's completion tokens. Without a KL term
+// (kl_coef 0) a row with advantage 0 (its group's rewards all equal: often half the batch) has
+// weight 0 on every token, so it is left out of the micro-batches: the same loss and gradient
+// for less work; the micro-batches then hold up to batch_size rows (at least one).
 //
 // With rl_resample_rounds = R > 0 (DAPO's dynamic sampling), a group whose G rewards are all
 // equal (no gradient) is replaced by a fresh prompt's group, up to R rounds; the batch keeps its
@@ -26,7 +30,9 @@
 // batch, the batch itself, so a resumed run is bit-exact. Metrics per step: reward_mean,
 // no_signal_frac (groups whose rewards are all equal), completion_len_mean, entropy (the
 // current policy's mean entropy at the completion positions, temperature 1), kl (mean k3 to
-// the initial policy), clip_frac, ppo_epoch.
+// the initial policy), clip_frac, ppo_epoch; all over every completion token of the batch (a
+// row left out contributes the entropy and KL measured when it was sampled, which is the
+// current policy's at a batch's first PPO epoch).
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -69,8 +75,13 @@ class RlSource final : public BatchSource {
     int prompt_len = 0;
     std::vector<double> logp_old, ref_logp;  // one per completion token
     double reward = 0.0;
+    // The sampling policy's entropy summed over the completion's tokens; < 0: unknown (a
+    // checkpoint written before it was recorded).
+    double entropy = 0.0;
   };
   void sample();
+  void reference_log_probs();  // rows_[*].ref_logp
+  void choose_train_rows();    // train_rows_ from advantages_
   void fill(std::size_t row, std::span<std::int32_t> inputs, std::span<std::int32_t> targets) const;
 
   Llama<float>& policy_;
@@ -91,7 +102,9 @@ class RlSource final : public BatchSource {
   double completion_tokens_ = 0.0;
   double resampled_groups_ = 0.0;  // this rank's groups redrawn for the batch (a metric)
   int epoch_ = 0, micro_ = 0;
-  std::size_t current_first_row_ = 0;  // the micro-batch next() filled last
+  // Rows whose tokens can have a nonzero weight (all of them with a KL term), split into the
+  // step's micro-batches; the ones next() filled last.
+  std::vector<std::size_t> train_rows_, current_rows_;
   std::vector<std::int32_t> last_targets_;
   // This step's token statistics (reset at its first micro-batch).
   GrpoTokenStats stats_;

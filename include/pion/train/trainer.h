@@ -39,7 +39,9 @@ namespace pion {
 class BatchSource {
  public:
   virtual ~BatchSource() = default;
-  // Fills inputs and targets [batch, seq] (targets < 0 are ignored by the loss).
+  // Fills inputs and targets [rows, seq] (targets < 0 are ignored by the loss): rows is the
+  // micro-batch's rows on this process, or fewer (at least 1) when the rest would add nothing
+  // (RL's rows with zero weight).
   virtual void next(std::vector<std::int32_t>& inputs, std::vector<std::int32_t>& targets) = 0;
   // Called on every rank when the trainer saves (a collective for a source whose state is
   // spread over ranks); rank 0 writes what its call returns.
