@@ -4,7 +4,8 @@
 #
 #   1. check   scripts/gpu-check.sh: build build-gpu (sm_90 only on Hopper), every CUDA test;
 #   2. optim   scripts/gpu-bench.sh: the optimizer step against PyTorch (84 GPT-2-small matrices);
-#   3. train   scripts/gpu-train.sh: training tokens/s against PyTorch eager (torch.compile
+#   3. generate scripts/gpu-generate.sh: KV-cached generation on the GPU against the CPU;
+#   4. train   scripts/gpu-train.sh: training tokens/s against PyTorch eager (torch.compile
 #              last, skipped with --no-compile), then the baby-config quality runs.
 #
 # A failing stage does not stop the later ones (a failed test still leaves the measurements to
@@ -14,7 +15,7 @@
 #   scripts/gpu-check.sh --fetch-deps            # here first, once (Debian 12, network)
 #   run(command='scripts/gpu-all.sh --out "$OUT"', carry=[".gpu-deps"], timeout_s=600)
 #
-#   scripts/gpu-all.sh [--out DIR] [--only check,optim,train] [--optim-steps N]
+#   scripts/gpu-all.sh [--out DIR] [--only check,optim,generate,train] [--optim-steps N]
 #                      [--optim-layers N] [--drift-steps N] [--train-steps N] [--iters N]
 #                      [--no-compile] [--dry-run]
 #
@@ -26,11 +27,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 usage() {
-  sed -n '17,19p' "$0" | sed 's/^# *//' >&2
+  sed -n '18,20p' "$0" | sed 's/^# *//' >&2
   exit 2
 }
 out="${OUT:-build-gpu/all}"
-only="check,optim,train"
+only="check,optim,generate,train"
 bench_args=()
 train_args=()
 compile=1
@@ -51,15 +52,15 @@ while [[ $# -gt 0 ]]; do
     --iters) need "$@"; count "$1" "$2"; train_args+=(--iters "$2"); shift 2 ;;
     --no-compile) compile=0; shift ;;
     --dry-run) dry=1; shift ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-all.sh: unknown argument '$1'" >&2; usage ;;
   esac
 done
 IFS=, read -r -a stages <<<"$only"
 for s in "${stages[@]}"; do
   case "$s" in
-    check|optim|train) ;;
-    *) echo "gpu-all.sh: --only takes check, optim and train, got '$s'" >&2; exit 2 ;;
+    check|optim|generate|train) ;;
+    *) echo "gpu-all.sh: --only takes check, optim, generate and train, got '$s'" >&2; exit 2 ;;
   esac
 done
 wants() { [[ ",$only," == *",$1,"* ]]; }
@@ -93,6 +94,8 @@ wants check && stage check scripts/gpu-check.sh --out "$out/check"
 build_flag=()
 [[ -x build-gpu/pion ]] && build_flag=(--no-build)
 wants optim && stage optim scripts/gpu-bench.sh "${build_flag[@]}" "${bench_args[@]}" --out "$out/optim"
+[[ -x build-gpu/pion ]] && build_flag=(--no-build)
+wants generate && stage generate scripts/gpu-generate.sh "${build_flag[@]}" --out "$out/generate"
 wants train && stage train scripts/gpu-train.sh "${train_args[@]}" --out "$out/train"
 [[ $dry -eq 1 ]] || echo "== gpu-all: $( [[ $status -eq 0 ]] && echo ok || echo FAILED ), $(($(date +%s) - start)) s; logs under $out" | tee -a "$summary"
 exit "$status"

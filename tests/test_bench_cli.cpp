@@ -95,11 +95,40 @@ TEST(BenchCli, GenerateComparesCachedWithUncachedInOneRun) {
   }
 }
 
+// `pion bench generate --device cuda`: without a GPU a one-line error before anything runs;
+// with one (or the CUDA emulator's), the GPU's cached paths beside the CPU's, every path
+// reproducing the uncached tokens (fp32 GEMMs by default).
+TEST(BenchCli, GenerateOnCuda) {
+  const std::string dir = pion::test::temp_dir("bench_generate_cuda");
+  const std::string json_path = dir + "/generate.json";
+  const auto r = run_pion(
+      "bench generate --device cuda --sequences 3 --tokens 5 --n_layer 1 --d_model 32 "
+      "--seq_len 8 --max_prompt 5 --json " +
+      json_path);
+  if (pion::cuda_device_count() == 0) {
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    const char* why =
+        pion::cuda_compiled() ? "no CUDA device is visible" : "without the CUDA back end";
+    EXPECT_NE(r.output.find(why), std::string::npos) << r.output;
+    EXPECT_EQ(std::count(r.output.begin(), r.output.end(), '\n'), 1) << "not one line:\n"
+                                                                     << r.output;
+    EXPECT_FALSE(std::ifstream(json_path).good());
+    return;
+  }
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(r.output.find("| NO |"), std::string::npos) << r.output;
+  const nlohmann::json j = nlohmann::json::parse(std::ifstream(json_path));
+  EXPECT_EQ(j.at("device"), "cuda");
+  ASSERT_EQ(j.at("results").size(), 8u);  // per prompt set: uncached, CPU batched, GPU x 2
+  for (const auto& row : j.at("results"))
+    EXPECT_TRUE(row.at("same_tokens").get<bool>()) << row.dump();
+}
+
 TEST(BenchCli, BadArgumentsAreRejected) {
-  for (const char* args : {"bench", "bench optim --device tpu", "bench optim --layers 0",
-                           "bench optim --steps 0", "bench nothing",
-                           "bench generate --sequences 0",
-                           "bench optim --device cuda --pion_variants"}) {
+  for (const char* args :
+       {"bench", "bench optim --device tpu", "bench optim --layers 0", "bench optim --steps 0",
+        "bench nothing", "bench generate --sequences 0", "bench generate --device tpu",
+        "bench optim --device cuda --pion_variants"}) {
     const auto r = run_pion(args);
     EXPECT_EQ(r.exit_code, 2) << args << ":\n" << r.output;
     EXPECT_NE(r.output.find("pion: error:"), std::string::npos) << args << ":\n" << r.output;

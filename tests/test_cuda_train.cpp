@@ -3,13 +3,16 @@
 // GPU (scripts/gpu-check.sh): the GPU run follows the CPU run of the same config (fp32
 // GEMMs, materialised attention) step by step in loss; a GPU checkpoint resumes on the CPU
 // and a CPU checkpoint on the GPU (same names and format), and resuming on the GPU is exact;
-// SIGTERM and periodic (checkpoint_minutes) checkpoints work in the GPU loop as on the CPU.
+// SIGTERM and periodic (checkpoint_minutes) checkpoints work in the GPU loop as on the CPU;
+// `pion sample` and `pion eval`'s exact-match answers on the GPU give the CPU's text.
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "helpers.h"
 #include "pion/core/safetensors.h"
@@ -75,6 +78,19 @@ TEST(CudaTrain, ClearErrorWithoutGpu) {
       test::run_pion("eval --checkpoint " + dir + "/cpu/checkpoint.safetensors --device cuda");
   EXPECT_EQ(eval.exit_code, 2) << eval.output;
   EXPECT_NE(eval.output.find("--device cpu"), std::string::npos) << eval.output;
+  // Generation on the GPU (`pion sample`, the exact-match answers of `pion eval`): the same.
+  for (const std::string cmd : {"sample --tokens 4 --device cuda --checkpoint ",
+                                "eval --tasks /nonexistent.jsonl "
+                                "--device cuda --checkpoint "}) {
+    auto gen = test::run_pion(cmd + dir + "/cpu/checkpoint.safetensors");
+    EXPECT_EQ(gen.exit_code, 2) << cmd << gen.output;
+    EXPECT_TRUE(test::single_error_line(gen.output)) << cmd << gen.output;
+    EXPECT_NE(gen.output.find("--device cpu"), std::string::npos) << cmd << gen.output;
+  }
+  auto tpu =
+      test::run_pion("sample --device tpu --checkpoint " + dir + "/cpu/checkpoint.safetensors");
+  EXPECT_EQ(tpu.exit_code, 2) << tpu.output;
+  EXPECT_NE(tpu.output.find("--device must be cpu or cuda"), std::string::npos) << tpu.output;
   auto bad = test::run_pion("train " + flags(corpus(dir), dir + "/run", "adamw", "tpu"));
   EXPECT_EQ(bad.exit_code, 2);
   EXPECT_NE(bad.output.find("'device' must be cpu or cuda"), std::string::npos) << bad.output;
@@ -163,6 +179,31 @@ INSTANTIATE_TEST_SUITE_P(
         if (ch == '-') ch = '_';
       return n;
     });
+
+// `pion sample --device cuda` and `pion eval --tasks --device cuda` decode on the GPU
+// (pion/cuda/generate.h) with the checkpoint's fp32 GEMMs: the same greedy texts, the same
+// seeded samples and the same exact-match answers as on the CPU (sampling stays on the host).
+TEST(CudaTrain, SampleAndExactMatchOnGpuEqualCpu) {
+  PION_REQUIRE_GPU_RUN();
+  const std::string dir = test::temp_dir("cuda-generate-cli");
+  auto train = test::run_pion("train " + flags(corpus(dir), dir + "/cpu", "adamw", "cpu"));
+  ASSERT_EQ(train.exit_code, 0) << train.output;
+  const std::string ckpt = " --checkpoint " + dir + "/cpu/checkpoint.safetensors";
+  const std::string tasks = dir + "/tasks.jsonl";
+  std::ofstream(tasks) << "{\"prompt\": \"line 37 of\", \"response\": \" the corpus\"}\n"
+                          "{\"prompt\": \"word 1\", \"response\": \"2.\"}\n"
+                          "{\"prompt\": \"line 74\", \"response\": \" of the corpus, word\"}\n";
+  for (const std::string& args : std::vector<std::string>{
+           "sample --prompt 'line 3' --temperature 0 --tokens 40 --samples 3",
+           "sample --prompt 'line' --temperature 0.8 --top_k 5 --tokens 30 --samples 2 --seed 3",
+           "eval --tasks " + tasks}) {
+    auto cpu = test::run_pion(args + ckpt + " --device cpu");
+    auto gpu = test::run_pion(args + ckpt + " --device cuda");
+    ASSERT_EQ(cpu.exit_code, 0) << args << cpu.output;
+    ASSERT_EQ(gpu.exit_code, 0) << args << gpu.output;
+    EXPECT_EQ(gpu.output, cpu.output) << args;
+  }
+}
 
 TEST(CudaTrain, ResumeOnGpuIsExact) {
   PION_REQUIRE_GPU_RUN();

@@ -2,7 +2,10 @@
 // prompt + new tokens fit the model's seq_len (the cache's regime), and prompts of 1..16
 // tokens, where the longer ones slide past seq_len for their last tokens and are re-prefilled
 // each step (generate.h). Each set runs three ways: the uncached reference, cached one
-// sequence at a time (max_batch 1: what the cache alone buys) and cached batched.
+// sequence at a time (max_batch 1: what the cache alone buys) and cached batched; with
+// --device cuda the GPU's cached paths, one at a time and batched, follow the CPU's batched one
+// (the model's weights uploaded once, before timing; logits come back to the host, where the
+// tokens are sampled, as in `pion sample --device cuda`).
 #include "cli/bench_generate.h"
 
 #include <algorithm>
@@ -12,6 +15,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "cli/run_on_device.h"
 #include "cli/validators.h"
 #include "pion/core/error.h"
 #include "pion/model/generate.h"
@@ -49,6 +53,7 @@ double fastest_seconds(int repeats, F&& run) {
 }  // namespace
 
 void run_bench_generate(const BenchGenerateArgs& a) {
+  require_device(a.device);
   ModelConfig c;
   c.vocab_size = a.vocab;
   c.n_layer = a.n_layer;
@@ -81,18 +86,35 @@ void run_bench_generate(const BenchGenerateArgs& a) {
         draw(1 + static_cast<int>(prompt_rng.below(static_cast<std::uint64_t>(a.max_prompt)))));
   }
 
+  const bool cuda = a.device == "cuda";
+  // The GPU copy of the model (uploaded here, outside the timed runs).
+  const TokenGenerator gpu =
+      cuda ? generator_on_device("cuda", a.matmul_precision, model) : TokenGenerator();
+  struct Path {
+    std::string name;
+    int batch;  // GenerateOptions::max_batch
+    bool on_gpu;
+  };
+  std::vector<Path> paths;
+  if (!cuda) paths.push_back({"cached, one at a time", 1, false});
+  paths.push_back({"cached, batched", 0, false});
+  if (cuda) {
+    paths.push_back({"cuda cached, one at a time", 1, true});
+    paths.push_back({"cuda cached, batched", 0, true});
+  }
   std::vector<Row> rows;
   for (const auto& [name, prompts] : sets) {
     std::vector<Generation> ref, got;
     rows.push_back({name, "uncached, one at a time", fastest_seconds(a.repeats, [&] {
                       ref = generate_tokens_uncached(model, prompts, opts, std::span(&unused, 1));
                     })});
-    for (int batch : {1, 0}) {
+    for (const Path& p : paths) {
       GenerateOptions o = opts;
-      o.max_batch = batch;
-      Row r{name, batch == 1 ? "cached, one at a time" : "cached, batched",
-            fastest_seconds(a.repeats,
-                            [&] { got = generate_tokens(model, prompts, o, std::span(&unused, 1)); })};
+      o.max_batch = p.batch;
+      Row r{name, p.name, fastest_seconds(a.repeats, [&] {
+              got = p.on_gpu ? gpu(prompts, o, std::span(&unused, 1))
+                             : generate_tokens(model, prompts, o, std::span(&unused, 1));
+            })};
       for (std::size_t i = 0; i < ref.size(); ++i) r.same_tokens &= got[i].tokens == ref[i].tokens;
       rows.push_back(r);
     }
@@ -101,14 +123,18 @@ void run_bench_generate(const BenchGenerateArgs& a) {
   const double new_tokens = static_cast<double>(a.sequences) * a.tokens;
   std::ostringstream t;
   t << "\npion bench generate | " << a.sequences << " sequences x " << a.tokens
-    << " new tokens, greedy | model n_layer " << a.n_layer << ", n_head " << a.n_head
-    << ", d_model " << a.d_model << ", seq_len " << a.seq_len << ", vocab " << a.vocab << " | "
-    << today() << "\n\n"
+    << " new tokens, greedy | device " << a.device
+    << (cuda ? " (" + a.matmul_precision + " GEMMs)" : std::string()) << " | model n_layer "
+    << a.n_layer << ", n_head " << a.n_head << ", d_model " << a.d_model << ", seq_len "
+    << a.seq_len << ", vocab " << a.vocab << " | " << today() << "\n\n"
     << "| prompts | path | seconds | tokens/s | vs uncached | same tokens |\n"
     << "|---|---|---:|---:|---:|---|\n";
-  nlohmann::json j = {{"sequences", a.sequences}, {"tokens", a.tokens},   {"n_layer", a.n_layer},
-                      {"n_head", a.n_head},       {"d_model", a.d_model}, {"seq_len", a.seq_len},
-                      {"vocab", a.vocab},         {"date", today()},      {"results", nlohmann::json::array()}};
+  nlohmann::json j = {{"sequences", a.sequences}, {"tokens", a.tokens},
+                      {"n_layer", a.n_layer},     {"n_head", a.n_head},
+                      {"d_model", a.d_model},     {"seq_len", a.seq_len},
+                      {"vocab", a.vocab},         {"date", today()},
+                      {"device", a.device},       {"results", nlohmann::json::array()}};
+  if (cuda) j["matmul_precision"] = a.matmul_precision;
   double base = 0;
   for (const Row& r : rows) {
     if (r.path.rfind("uncached", 0) == 0) base = r.seconds;
@@ -130,7 +156,9 @@ void run_bench_generate(const BenchGenerateArgs& a) {
 void add_bench_generate_command(CLI::App& bench) {
   auto args = std::make_shared<BenchGenerateArgs>();
   auto* cmd = bench.add_subcommand(
-      "generate", "generation speed on the CPU: KV-cached and batched vs uncached, same run");
+      "generate",
+      "generation speed: KV-cached and batched vs uncached on the CPU, same run (--device cuda: "
+      "and the GPU's cached paths)");
   cmd->add_option("--sequences", args->sequences, "prompts decoded")
       ->check(FiniteRange(1, 4096))
       ->capture_default_str();
@@ -147,6 +175,11 @@ void add_bench_generate_command(CLI::App& bench) {
       ->capture_default_str();
   cmd->add_option("--repeats", args->repeats, "runs of each path; the fastest counts")
       ->check(FiniteRange(1, 100))
+      ->capture_default_str();
+  cmd->add_option("--device", args->device, "cpu | cuda (cuda: also time the GPU's cached paths)")
+      ->capture_default_str();
+  cmd->add_option("--matmul_precision", args->matmul_precision,
+                  "cuda: the model's GEMMs, bf16 | tf32 | fp32")
       ->capture_default_str();
   cmd->add_option("--json", args->json, "also write the results to this JSON file");
   cmd->callback([args] { run_bench_generate(*args); });

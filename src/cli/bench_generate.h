@@ -3,7 +3,8 @@
 // (pion/model/generate.h) against the uncached path that `pion sample` used before it
 // (Llama::forward over the whole context per token, one sequence at a time), measured in the
 // same run on the same random model and prompts, greedy, with a check that both produce the
-// same tokens.
+// same tokens. With --device cuda the GPU's cached paths (pion/cuda/generate.h; the GEMMs in
+// --matmul_precision) are timed too, beside the CPU's, with the same token check.
 #include <CLI/CLI.hpp>
 #include <string>
 
@@ -19,6 +20,8 @@ struct BenchGenerateArgs {
   int vocab = 65;
   int max_prompt = 16;     // the mixed-prompt case draws prompt lengths in [1, max_prompt]
   int repeats = 1;         // each path runs this many times; the fastest run counts
+  std::string device = "cpu";
+  std::string matmul_precision = "fp32";  // cuda: the GEMMs (fp32 keeps the token check exact)
   std::string json;        // also write the results here
 };
 

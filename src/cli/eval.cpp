@@ -23,10 +23,11 @@ struct EvalArgs {
   std::string tasks;  // JSONL of prompt/response pairs
   int batches = 50;
   int max_examples = 200;
-  std::string device = "cpu";  // the validation loss's device (greedy answers run on the CPU)
+  std::string device = "cpu";  // the validation loss's and the greedy answers' device
 };
 
 void run_eval(const EvalArgs& args) {
+  require_device(args.device);  // before loading anything
   LoadedCheckpoint ck = load_checkpoint(args.checkpoint);
   nlohmann::json result = {{"checkpoint", args.checkpoint}};
   std::string dataset = args.data;
@@ -57,7 +58,11 @@ void run_eval(const EvalArgs& args) {
   if (!args.tasks.empty()) {
     auto examples = load_finetune_jsonl(args.tasks);
     const std::size_t k = std::min<std::size_t>(examples.size(), static_cast<std::size_t>(args.max_examples));
-    const double acc = exact_match_accuracy(*ck.model, *ck.tokenizer, std::span(examples).first(k), std::cout);
+    ck.model->set_training(false);
+    const TokenGenerator generator =
+        generator_on_device(args.device, ck.config.matmul_precision, *ck.model);
+    const double acc =
+        exact_match_accuracy(generator, *ck.tokenizer, std::span(examples).first(k), std::cout);
     result["exact_match"] = acc;
     result["examples"] = k;
     std::cout << "exact match " << acc * 100.0 << "% on " << k << " examples\n";
@@ -81,8 +86,8 @@ void add_eval_command(CLI::App& app) {
       ->check(FiniteRange(1, 10000000))
       ->capture_default_str();
   cmd->add_option("--device", args->device,
-                  "cpu | cuda: where the validation loss is computed (the checkpoint's "
-                  "matmul_precision and attention apply on cuda)")
+                  "cpu | cuda: where the validation loss and the exact-match answers are "
+                  "computed (the checkpoint's matmul_precision and attention apply on cuda)")
       ->capture_default_str();
   cmd->callback([args] { run_eval(*args); });
 }

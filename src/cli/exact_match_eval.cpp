@@ -11,6 +11,15 @@ namespace pion::cli {
 
 double exact_match_accuracy(Llama<float>& model, const Tokenizer& tokenizer,
                             std::span<const FinetuneExample> examples, std::ostream& log) {
+  const TokenGenerator on_cpu = [&model](std::span<const std::vector<std::int32_t>> prompts,
+                                         const GenerateOptions& options, std::span<Rng> rngs) {
+    return generate_tokens(model, prompts, options, rngs);
+  };
+  return exact_match_accuracy(on_cpu, tokenizer, examples, log);
+}
+
+double exact_match_accuracy(const TokenGenerator& generator, const Tokenizer& tokenizer,
+                            std::span<const FinetuneExample> examples, std::ostream& log) {
   if (examples.empty()) return 0.0;
   // All prompts are decoded greedily in one batched, KV-cached call; each stops at the end
   // marker or after its own limit (the reference answer's length + 8 tokens).
@@ -30,7 +39,7 @@ double exact_match_accuracy(Llama<float>& model, const Tokenizer& tokenizer,
            tokenizer.decode(new_tokens).find(marker) != std::string::npos;
   };
   Rng unused(0);  // greedy decoding draws nothing
-  const auto results = generate_tokens(model, prompts, opts, std::span<Rng>(&unused, 1));
+  const auto results = generator(prompts, opts, std::span<Rng>(&unused, 1));
 
   std::size_t hits = 0;
   for (std::size_t i = 0; i < examples.size(); ++i) {

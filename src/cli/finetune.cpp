@@ -79,7 +79,12 @@ void run_finetune(const ConfigFlags& flags, const FinetuneArgs& args) {
   TrainSummary s = run_training_on_device(std::move(in), model);
 
   const std::size_t k = std::min<std::size_t>(val.size(), static_cast<std::size_t>(args.eval_examples));
-  const double acc = exact_match_accuracy(model, *base.tokenizer, std::span(val).first(k), std::cout);
+  // The held-out answers are decoded where the model trained (on cuda from a GPU copy of the
+  // final weights, which the back end downloaded into `model`).
+  const TokenGenerator generator =
+      generator_on_device(config.device, config.matmul_precision, model);
+  const double acc =
+      exact_match_accuracy(generator, *base.tokenizer, std::span(val).first(k), std::cout);
   nlohmann::json summary = s.to_json();
   summary["exact_match"] = acc;
   summary["exact_match_examples"] = k;

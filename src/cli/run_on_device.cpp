@@ -5,11 +5,19 @@
 #include "pion/train/cpu_backend.h"
 #ifdef PION_HAVE_CUDA
 #include "pion/cuda/backend.h"
+#include "pion/cuda/generate.h"
 #include "pion/cuda/llama.h"
 #include "pion/cuda/runtime.h"
 #endif
 
 namespace pion::cli {
+
+void require_device(const std::string& device) {
+  check(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got '" + device + "'");
+  TrainConfig config;
+  config.device = device;
+  require_device(config);
+}
 
 void require_device(const TrainConfig& config) {
   if (config.device == "cpu") return;
@@ -60,6 +68,37 @@ TrainSummary run_training_on_device(TrainInputs inputs, Llama<float>& model) {
   std::unique_ptr<TrainBackend> backend = cuda::make_cuda_backend(inputs.config, model);
   return run_training(std::move(inputs), *backend);
 #else
+  return {};  // not reached: require_device threw
+#endif
+}
+
+TokenGenerator generator_on_device(const std::string& device, const std::string& matmul_precision,
+                                   Llama<float>& model) {
+  require_device(device);
+  if (device == "cpu")
+    return
+        [&model](std::span<const std::vector<std::int32_t>> prompts, const GenerateOptions& options,
+                 std::span<Rng> rngs) { return generate_tokens(model, prompts, options, rngs); };
+#ifdef PION_HAVE_CUDA
+  struct Gpu {
+    cuda::Context ctx;
+    std::unique_ptr<cuda::CudaLlama> model;
+  };
+  auto gpu = std::make_shared<Gpu>();
+  cuda::CudaLlamaOptions options;
+  options.matmul = cuda::parse_matmul_precision(matmul_precision);
+  // Generation never uses dropout (eval mode): a model trained with it decodes on the GPU too.
+  ModelConfig config = model.config();
+  config.dropout = 0.0;
+  gpu->model = std::make_unique<cuda::CudaLlama>(gpu->ctx, config, options);
+  gpu->model->upload_params(
+      {model.params().data<float>(), static_cast<std::size_t>(model.params().numel())});
+  return [gpu](std::span<const std::vector<std::int32_t>> prompts, const GenerateOptions& opts,
+               std::span<Rng> rngs) {
+    return cuda::generate_tokens(*gpu->model, prompts, opts, rngs);
+  };
+#else
+  (void)matmul_precision;
   return {};  // not reached: require_device threw
 #endif
 }

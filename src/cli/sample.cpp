@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "cli/run_on_device.h"
 #include "cli/validators.h"
 #include "pion/train/session.h"
 
@@ -15,6 +16,8 @@ struct SampleArgs {
   std::string prompt = "\n";
   std::uint64_t seed = 1;
   int samples = 1;
+  std::string device = "cpu";
+  std::string matmul_precision;  // "" = the checkpoint's
   SampleOptions options;
 };
 }  // namespace
@@ -39,11 +42,21 @@ void add_sample_command(CLI::App& app) {
       ->check(FiniteRange(1, 4096));
   cmd->add_option("--stop", args->options.stop, "stop once the output contains this text");
   cmd->add_option("--seed", args->seed, "random seed");
+  cmd->add_option("--device", args->device,
+                  "cpu | cuda: where the model decodes (sampling itself stays on the CPU, so a "
+                  "seed gives the same draws on both)")
+      ->capture_default_str();
+  cmd->add_option("--matmul_precision", args->matmul_precision,
+                  "cuda: the model's GEMMs, bf16 | tf32 | fp32 (default: the checkpoint's)");
   cmd->callback([args] {
+    require_device(args->device);  // before loading anything
     LoadedCheckpoint ck = load_checkpoint(args->checkpoint);
     Rng rng(args->seed);
     const std::vector<std::string> prompts(static_cast<std::size_t>(args->samples), args->prompt);
-    const auto texts = generate(*ck.model, *ck.tokenizer, prompts, args->options, rng);
+    const std::string precision =
+        args->matmul_precision.empty() ? ck.config.matmul_precision : args->matmul_precision;
+    const TokenGenerator generator = generator_on_device(args->device, precision, *ck.model);
+    const auto texts = generate(generator, *ck.tokenizer, prompts, args->options, rng);
     for (std::size_t i = 0; i < texts.size(); ++i)
       std::cout << (i > 0 ? "---\n" : "") << args->prompt << texts[i] << "\n";
   });

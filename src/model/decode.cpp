@@ -49,6 +49,41 @@ void add_in_place(float* y, const float* delta, i64 n) {
 
 }  // namespace
 
+void plan_decode(DecodePlan& plan, std::span<const DecodeChunk> chunks,
+                 std::span<const int> lengths, int capacity, int vocab, bool all_positions,
+                 const std::string& who) {
+  check(!chunks.empty(), who + ": no chunks");
+  const auto slots = static_cast<int>(lengths.size());
+  plan.tokens.clear();
+  plan.row_slot.clear();
+  plan.row_pos.clear();
+  plan.out_rows.clear();
+  std::vector<bool> seen(lengths.size(), false);
+  for (const DecodeChunk& c : chunks) {
+    check(c.slot >= 0 && c.slot < slots,
+          who + ": slot " + std::to_string(c.slot) + " outside [0, " + std::to_string(slots) + ")");
+    check(!seen[static_cast<std::size_t>(c.slot)],
+          who + ": slot " + std::to_string(c.slot) + " appears in two chunks");
+    seen[static_cast<std::size_t>(c.slot)] = true;
+    const int start = lengths[static_cast<std::size_t>(c.slot)];
+    check(!c.tokens.empty() &&
+              static_cast<i64>(start) + static_cast<i64>(c.tokens.size()) <= capacity,
+          who + ": slot " + std::to_string(c.slot) + " holds " + std::to_string(start) +
+              " positions; " + std::to_string(c.tokens.size()) + " more do not fit its capacity " +
+              std::to_string(capacity) + " (and a chunk must not be empty)");
+    for (std::size_t i = 0; i < c.tokens.size(); ++i) {
+      check(c.tokens[i] >= 0 && c.tokens[i] < vocab,
+            who + ": token " + std::to_string(c.tokens[i]) + " is outside [0, " +
+                std::to_string(vocab) + ")");
+      plan.tokens.push_back(c.tokens[i]);
+      plan.row_slot.push_back(c.slot);
+      plan.row_pos.push_back(start + static_cast<int>(i));
+      if (all_positions || i + 1 == c.tokens.size())
+        plan.out_rows.push_back(static_cast<std::int32_t>(plan.tokens.size() - 1));
+    }
+  }
+}
+
 // A norm weight's offset, or -1 in a model without norms (norm none: the rows pass as they are).
 i64 Decoder::norm_offset(const std::vector<ParamEntry>& layout, const std::string& name) const {
   return config_.has_norm() ? offset_of(layout, name) : -1;
@@ -102,25 +137,25 @@ void Decoder::ensure_scratch(i64 rows, i64 out_rows) {
   grow(logits_, out_rows * v);
 }
 
-// att[r] = softmax(q_r K^T / sqrt(hd)) V over positions 0..row_pos_[r] of row r's slot, per
+// att[r] = softmax(q_r K^T / sqrt(hd)) V over positions 0..plan_.row_pos[r] of row r's slot, per
 // query head h with K/V head h / group; the same arithmetic as layers::attention_forward's
 // row, minus the masked zeros.
 void Decoder::attend(float* att, const float* qkv, const KvCache& cache, int layer) const {
-  const i64 rows = static_cast<i64>(row_slot_.size());
+  const i64 rows = static_cast<i64>(plan_.row_slot.size());
   const i64 n_head = config_.n_head, hd = config_.head_dim(), d = config_.d_model;
   const i64 stride = d + 2 * i64{config_.kv_dim()};
   const i64 group = n_head / config_.kv_heads();
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   i64 work = 0;
-  for (int p : row_pos_) work += (p + 1) * n_head * hd;
+  for (int p : plan_.row_pos) work += (p + 1) * n_head * hd;
 #pragma omp parallel if (2 * work >= kMinParallelWork)
   {
     std::vector<float> scores(static_cast<std::size_t>(cache.capacity));
 #pragma omp for schedule(static)
     for (i64 task = 0; task < rows * n_head; ++task) {
       const i64 r = task / n_head, h = task % n_head;
-      const int slot = row_slot_[static_cast<std::size_t>(r)];
-      const i64 len = row_pos_[static_cast<std::size_t>(r)] + 1;
+      const int slot = plan_.row_slot[static_cast<std::size_t>(r)];
+      const i64 len = plan_.row_pos[static_cast<std::size_t>(r)] + 1;
       const float* q = qkv + r * stride + h * hd;
       const float* k = cache.key(layer, slot, static_cast<int>(h / group));
       const float* v = cache.value(layer, slot, static_cast<int>(h / group));
@@ -155,60 +190,33 @@ std::span<const float> Decoder::extend(KvCache& cache, std::span<const DecodeChu
   check(cache.n_layer == config_.n_layer && cache.n_kv_head == config_.kv_heads() &&
             cache.head_dim == config_.head_dim() && cache.capacity <= config_.seq_len,
         "Decoder::extend: the cache was built for another model shape");
-  check(!chunks.empty(), "Decoder::extend: no chunks");
   const i64 d = config_.d_model, f = config_.ffn_size(), v = config_.vocab_size;
   const i64 n_head = config_.n_head, hd = config_.head_dim();
   const i64 kv_heads = config_.kv_heads(), kv = config_.kv_dim(), qkv_width = d + 2 * kv;
   const double eps = config_.norm_eps;
 
-  tokens_.clear();
-  row_slot_.clear();
-  row_pos_.clear();
-  out_row_.clear();
-  std::vector<bool> seen(static_cast<std::size_t>(cache.slots), false);
-  for (const DecodeChunk& c : chunks) {
-    check(c.slot >= 0 && c.slot < cache.slots,
-          "Decoder::extend: slot " + std::to_string(c.slot) + " outside [0, " +
-              std::to_string(cache.slots) + ")");
-    check(!seen[static_cast<std::size_t>(c.slot)],
-          "Decoder::extend: slot " + std::to_string(c.slot) + " appears in two chunks");
-    seen[static_cast<std::size_t>(c.slot)] = true;
-    const int start = cache.length[static_cast<std::size_t>(c.slot)];
-    check(!c.tokens.empty() && static_cast<i64>(start) + static_cast<i64>(c.tokens.size()) <=
-                                   cache.capacity,
-          "Decoder::extend: slot " + std::to_string(c.slot) + " holds " + std::to_string(start) +
-              " positions; " + std::to_string(c.tokens.size()) +
-              " more do not fit its capacity " + std::to_string(cache.capacity) +
-              " (and a chunk must not be empty)");
-    for (std::size_t i = 0; i < c.tokens.size(); ++i) {
-      check(c.tokens[i] >= 0 && c.tokens[i] < v,
-            "Decoder::extend: token " + std::to_string(c.tokens[i]) + " is outside [0, " +
-                std::to_string(v) + ")");
-      tokens_.push_back(c.tokens[i]);
-      row_slot_.push_back(c.slot);
-      row_pos_.push_back(start + static_cast<int>(i));
-      if (all_positions || i + 1 == c.tokens.size())
-        out_row_.push_back(static_cast<i64>(tokens_.size()) - 1);
-    }
-  }
-  const i64 n = static_cast<i64>(tokens_.size());
-  const i64 m = static_cast<i64>(out_row_.size());
+  plan_decode(plan_, chunks, cache.length, cache.capacity, config_.vocab_size, all_positions,
+              "Decoder::extend");
+  const std::vector<std::int32_t>& row_slot = plan_.row_slot;
+  const std::vector<std::int32_t>& row_pos = plan_.row_pos;
+  const i64 n = static_cast<i64>(plan_.tokens.size());
+  const i64 m = static_cast<i64>(plan_.out_rows.size());
   ensure_scratch(n, m);
   const float* w = model_.params().data<float>();
   float *x = x_.data(), *h = h_.data(), *qkv = qkv_.data(), *att = att_.data();
   float *proj = proj_.data(), *gu = gu_.data(), *act = act_.data(), *rstd = rstd_.data();
 
-  layers::embedding_forward(x, tokens_.data(), w + tok_embedding_, n, d);
+  layers::embedding_forward(x, plan_.tokens.data(), w + tok_embedding_, n, d);
   for (int l = 0; l < config_.n_layer; ++l) {
     const LayerOffsets& o = layers_[static_cast<std::size_t>(l)];
     norm_rows(h, rstd, x, o.attn_norm, n, eps);
     layers::linear_forward(qkv, h, w + o.wqkv, n, d, qkv_width);
-    rope_rows(qkv, rope_, row_pos_.data(), n, n_head, hd, qkv_width);
-    rope_rows(qkv + d, rope_, row_pos_.data(), n, kv_heads, hd, qkv_width);
+    rope_rows(qkv, rope_, row_pos.data(), n, n_head, hd, qkv_width);
+    rope_rows(qkv + d, rope_, row_pos.data(), n, kv_heads, hd, qkv_width);
     // Store every row's k and v first, so a prefill row sees the earlier rows of its chunk.
     for (i64 r = 0; r < n; ++r) {
-      const int slot = row_slot_[static_cast<std::size_t>(r)];
-      const i64 pos = row_pos_[static_cast<std::size_t>(r)];
+      const int slot = row_slot[static_cast<std::size_t>(r)];
+      const i64 pos = row_pos[static_cast<std::size_t>(r)];
       for (i64 hh = 0; hh < kv_heads; ++hh) {
         const float* k = qkv + r * qkv_width + d + hh * hd;
         std::copy_n(k, hd, cache.key(l, slot, static_cast<int>(hh)) + pos * hd);
@@ -230,7 +238,7 @@ std::span<const float> Decoder::extend(KvCache& cache, std::span<const DecodeChu
   // Only the rows whose logits are wanted go through the final norm and the LM head (for a
   // prefill that is one row in T: the LM head is the largest GEMM of a small model).
   for (i64 i = 0; i < m; ++i)
-    std::copy_n(x + out_row_[static_cast<std::size_t>(i)] * d, d, h + i * d);
+    std::copy_n(x + i64{plan_.out_rows[static_cast<std::size_t>(i)]} * d, d, h + i * d);
   norm_rows(h_out_.data(), rstd, h, final_norm_, m, eps);
   layers::linear_forward(logits_.data(), h_out_.data(), w + lm_head_, m, d, v);
   return {logits_.data(), static_cast<std::size_t>(m * v)};

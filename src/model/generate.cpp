@@ -5,6 +5,7 @@
 
 #include "pion/core/error.h"
 #include "pion/model/decode.h"
+#include "pion/model/decode_engine.h"
 #include "pion/model/kv_cache.h"
 
 namespace pion {
@@ -13,7 +14,7 @@ namespace {
 
 using Prompts = std::span<const std::vector<std::int32_t>>;
 
-void check_inputs(const Llama<float>& model, Prompts prompts, const GenerateOptions& options,
+void check_inputs(const ModelConfig& config, Prompts prompts, const GenerateOptions& options,
                   std::span<Rng> rngs) {
   options.sampling.validate();
   check(options.max_new_tokens >= 0, "generate: max_new_tokens must be >= 0 (got " +
@@ -22,7 +23,7 @@ void check_inputs(const Llama<float>& model, Prompts prompts, const GenerateOpti
   check(rngs.size() == 1 || rngs.size() == prompts.size(),
         "generate: pass one Rng, or one per prompt (got " + std::to_string(rngs.size()) +
             " for " + std::to_string(prompts.size()) + " prompts)");
-  const int v = model.config().vocab_size;
+  const int v = config.vocab_size;
   for (std::size_t i = 0; i < prompts.size(); ++i) {
     check(!prompts[i].empty(), "generate: prompt " + std::to_string(i) + " is empty");
     for (std::int32_t t : prompts[i])
@@ -53,26 +54,34 @@ bool take_token(std::size_t i, std::span<const float> logits, const GenerateOpti
   return out.stopped || static_cast<int>(out.tokens.size()) >= options.max_new_tokens;
 }
 
-int slot_count(const ModelConfig& config, std::size_t prompts, const GenerateOptions& options) {
+}  // namespace
+
+int generation_slots(const ModelConfig& config, std::size_t prompts,
+                     const GenerateOptions& options) {
+  check(options.max_batch >= 0, "generate: max_batch must be >= 0");
   int slots = options.max_batch > 0 ? options.max_batch : 64;
   slots = static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(slots), prompts));
   while (slots > 1 && KvCache::bytes_for(config, slots) > options.max_cache_bytes) slots /= 2;
   return std::max(slots, 1);
 }
 
-}  // namespace
-
 std::vector<Generation> generate_tokens(Llama<float>& model, Prompts prompts,
                                         const GenerateOptions& options, std::span<Rng> rngs) {
-  check_inputs(model, prompts, options, rngs);
+  check_inputs(model.config(), prompts, options, rngs);
+  if (prompts.empty() || options.max_new_tokens == 0)
+    return std::vector<Generation>(prompts.size());
+  model.set_training(false);
+  CpuDecodeEngine engine(model, generation_slots(model.config(), prompts.size(), options));
+  return generate_tokens(engine, prompts, options, rngs);
+}
+
+std::vector<Generation> generate_tokens(DecodeEngine& engine, Prompts prompts,
+                                        const GenerateOptions& options, std::span<Rng> rngs) {
+  check_inputs(engine.config(), prompts, options, rngs);
   std::vector<Generation> out(prompts.size());
   if (prompts.empty() || options.max_new_tokens == 0) return out;
-  model.set_training(false);
-  const ModelConfig& config = model.config();
-  const int v = config.vocab_size;
-  const int slots = slot_count(config, prompts.size(), options);
-  KvCache cache(config, slots);
-  Decoder decoder(model);
+  const int v = engine.config().vocab_size;
+  const int slots = engine.slots(), capacity = engine.capacity();
   SamplerScratch scratch;
 
   std::vector<std::vector<std::int32_t>> context(prompts.begin(), prompts.end());
@@ -86,20 +95,20 @@ std::vector<Generation> generate_tokens(Llama<float>& model, Prompts prompts,
       if (seq < 0) {  // a free slot takes the next prompt: prefill its (windowed) tokens
         if (next_prompt == prompts.size()) continue;
         seq = static_cast<long>(next_prompt++);
-        cache.clear(s);
-        chunks.push_back({s, window(context[static_cast<std::size_t>(seq)], cache.capacity)});
+        engine.clear(s);
+        chunks.push_back({s, window(context[static_cast<std::size_t>(seq)], capacity)});
         continue;
       }
       const auto& ctx = context[static_cast<std::size_t>(seq)];
-      if (cache.length[static_cast<std::size_t>(s)] < cache.capacity) {
+      if (engine.length(s) < capacity) {
         chunks.push_back({s, std::span<const std::int32_t>(ctx).last(1)});
       } else {  // past the context: the window slides, so its keys must be recomputed
-        cache.clear(s);
-        chunks.push_back({s, window(ctx, cache.capacity)});
+        engine.clear(s);
+        chunks.push_back({s, window(ctx, capacity)});
       }
     }
     if (chunks.empty()) break;
-    const std::span<const float> logits = decoder.extend(cache, chunks);
+    const std::span<const float> logits = engine.extend(chunks);
     for (std::size_t c = 0; c < chunks.size(); ++c) {
       const int s = chunks[c].slot;
       const auto i = static_cast<std::size_t>(seq_in_slot[static_cast<std::size_t>(s)]);
@@ -115,7 +124,7 @@ std::vector<Generation> generate_tokens(Llama<float>& model, Prompts prompts,
 std::vector<Generation> generate_tokens_uncached(Llama<float>& model, Prompts prompts,
                                                  const GenerateOptions& options,
                                                  std::span<Rng> rngs) {
-  check_inputs(model, prompts, options, rngs);
+  check_inputs(model.config(), prompts, options, rngs);
   std::vector<Generation> out(prompts.size());
   if (options.max_new_tokens == 0) return out;
   model.set_training(false);

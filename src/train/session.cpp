@@ -207,6 +207,16 @@ std::unique_ptr<Tokenizer> load_checkpoint_tokenizer(
 std::vector<std::string> generate(Llama<float>& model, const Tokenizer& tokenizer,
                                   std::span<const std::string> prompts,
                                   const SampleOptions& options, Rng& rng) {
+  const TokenGenerator on_cpu = [&model](std::span<const std::vector<std::int32_t>> ids,
+                                         const GenerateOptions& g, std::span<Rng> rngs) {
+    return generate_tokens(model, ids, g, rngs);
+  };
+  return generate(on_cpu, tokenizer, prompts, options, rng);
+}
+
+std::vector<std::string> generate(const TokenGenerator& generator, const Tokenizer& tokenizer,
+                                  std::span<const std::string> prompts,
+                                  const SampleOptions& options, Rng& rng) {
   std::vector<std::vector<std::int32_t>> ids;
   ids.reserve(prompts.size());
   for (const auto& p : prompts) {
@@ -222,7 +232,7 @@ std::vector<std::string> generate(Llama<float>& model, const Tokenizer& tokenize
       return tokenizer.decode(new_tokens).find(options.stop) != std::string::npos;
     };
   }
-  const auto results = generate_tokens(model, ids, g, std::span<Rng>(&rng, 1));
+  const auto results = generator(ids, g, std::span<Rng>(&rng, 1));
   std::vector<std::string> texts;
   texts.reserve(results.size());
   for (const auto& r : results) texts.push_back(tokenizer.decode(r.tokens));

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # scripts/gpu-all.sh without a GPU: runs in a temporary copy of the repository layout whose
-# gpu-check.sh, gpu-bench.sh and gpu-train.sh are stubs that log their arguments and exit with
-# the status FAIL_<stage> asks for. Checks: the stages run in order (check, optim, train) with
-# the size flags forwarded; a failing stage does not stop the later ones and the exit status
-# is 1; summary.txt names every stage's status; --only; --dry-run; bad arguments exit 2.
+# gpu-check.sh, gpu-bench.sh, gpu-generate.sh and gpu-train.sh are stubs that log their
+# arguments and exit with the status FAIL_<stage> asks for. Checks: the stages run in order
+# (check, optim, generate, train) with the size flags forwarded; a failing stage does not stop
+# the later ones and the exit status is 1; summary.txt names every stage's status; --only;
+# --dry-run; bad arguments exit 2.
 # Usage: tests/scripts/test_gpu_all.sh SOURCE_DIR (ctest: ScriptGpuAll).
 source "$(dirname "$0")/lib.sh" "${1:-}"
 
 repo=$tmp/repo
 mkdir -p "$repo/scripts"
 cp "$src/scripts/gpu-all.sh" "$repo/scripts/"
-for stage in check bench train; do
+for stage in check bench generate train; do
   cat >"$repo/scripts/gpu-$stage.sh" <<X
 #!/usr/bin/env bash
 echo "gpu-$stage.sh \$*" >>"$tmp/calls"
@@ -27,6 +28,7 @@ rc=$?
 [[ $rc -eq 0 ]] && ok "all stages pass: exit 0" || fail "exit $rc with every stage passing: $(cat "$tmp/out")"
 expected="gpu-check.sh --out $tmp/o1/check
 gpu-bench.sh --steps 3 --drift_steps 7 --out $tmp/o1/optim
+gpu-generate.sh --out $tmp/o1/generate
 gpu-train.sh --steps 4 --iters 50 --no-compile --out $tmp/o1/train"
 [[ "$(cat "$tmp/calls")" == "$expected" ]] && ok "stages in order, sizes forwarded" ||
   fail "calls were: $(cat "$tmp/calls")"
@@ -38,7 +40,7 @@ grep -q "== check: exit 0" "$tmp/o1/summary.txt" && grep -q "== train: exit 0" "
 FAIL_check=1 run --out "$tmp/o2"
 rc=$?
 [[ $rc -eq 1 ]] && ok "a failed check: exit 1" || fail "a failed check gave exit $rc"
-[[ $(wc -l <"$tmp/calls") -eq 3 ]] && ok "the measurements still ran after a failed check" ||
+[[ $(wc -l <"$tmp/calls") -eq 4 ]] && ok "the measurements still ran after a failed check" ||
   fail "calls after a failed check: $(cat "$tmp/calls")"
 grep -q "== check: exit 1" "$tmp/o2/summary.txt" && grep -q "gpu-all: FAILED" "$tmp/o2/summary.txt" &&
   ok "summary names the failure" || fail "summary.txt: $(cat "$tmp/o2/summary.txt")"

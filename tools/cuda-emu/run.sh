@@ -2,7 +2,7 @@
 # Builds the CUDA emulator build (tools/cuda-emu, into build-emu/) and runs the emulator's
 # self-test and the project's CUDA test programs on the CPU, printing each test's result.
 #
-#   tools/cuda-emu/run.sh            self-test + the four in-process CUDA test programs
+#   tools/cuda-emu/run.sh            self-test + the in-process CUDA test programs
 #   tools/cuda-emu/run.sh --all      ... + test_cuda_train and test_bench_cli (drive the
 #                                    emulated `pion` binary; a few minutes more)
 #   tools/cuda-emu/run.sh --asan     the same programs built with AddressSanitizer on the
@@ -32,7 +32,8 @@ for a in "$@"; do
   esac
 done
 
-TESTS=(test_cuda_device test_cuda_layers test_cuda_optim test_cuda_flash_attention test_cuda_llama)
+TESTS=(test_cuda_device test_cuda_layers test_cuda_optim test_cuda_flash_attention test_cuda_llama
+  test_cuda_generate)
 [ $ALL = 1 ] && TESTS+=(test_cuda_train test_bench_cli)
 SUFFIX=""
 [ $ASAN = 1 ] && SUFFIX=_asan

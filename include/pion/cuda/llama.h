@@ -59,6 +59,8 @@ class CudaLlama {
 
   const ModelConfig& config() const { return config_; }
   const CudaLlamaOptions& options() const { return options_; }
+  // The stream every call of this model queues on (a CudaDecoder over it uses it too).
+  Context& context() const { return ctx_; }
   const std::vector<ParamEntry>& layout() const { return layout_; }
   std::int64_t num_params() const { return num_params_; }
 

@@ -29,6 +29,20 @@ struct DecodeChunk {
   std::span<const std::int32_t> tokens;
 };
 
+// One extend call's chunks laid out as rows (every token one row, chunks in order).
+struct DecodePlan {
+  std::vector<std::int32_t> tokens;    // [rows]
+  std::vector<std::int32_t> row_slot;  // [rows] the row's cache slot
+  std::vector<std::int32_t> row_pos;   // [rows] its position there (RoPE and the cache row)
+  std::vector<std::int32_t> out_rows;  // the rows that get logits, ascending
+};
+// Checks the chunks against the slots' lengths (non-empty chunks, distinct slots in
+// [0, lengths.size()), ids in [0, vocab), each fitting the slot's remaining capacity) and
+// fills `plan` (reusing its storage). `who` starts every error message.
+void plan_decode(DecodePlan& plan, std::span<const DecodeChunk> chunks,
+                 std::span<const int> lengths, int capacity, int vocab, bool all_positions,
+                 const std::string& who);
+
 class Decoder {
  public:
   // Reads the model's weights at every call (so training between calls is seen); the model
@@ -62,9 +76,7 @@ class Decoder {
   std::vector<LayerOffsets> layers_;
 
   // Per-row bookkeeping and activations, grown as needed.
-  std::vector<std::int32_t> tokens_;
-  std::vector<int> row_slot_, row_pos_;
-  std::vector<std::int64_t> out_row_;  // which rows get logits
+  DecodePlan plan_;
   std::vector<float> x_, h_, qkv_, att_, proj_, gu_, act_, rstd_, h_out_, logits_;
 };
 

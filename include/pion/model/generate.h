@@ -15,6 +15,10 @@
 // sequence past seq_len is re-prefilled with its last window for each new token: exact (the
 // same tokens as the uncached path) and as costly per token as the uncached path, though
 // still batched. Within seq_len total, each new token costs one cached row.
+//
+// The scheduling, windowing, sampling and stopping are written once, over DecodeEngine
+// (decode_engine.h): generate_tokens(Llama<float>&, ...) runs them on a CpuDecodeEngine,
+// cuda::generate_tokens (pion/cuda/generate.h) on the GPU's cache.
 #include <cstdint>
 #include <functional>
 #include <span>
@@ -25,6 +29,8 @@
 #include "pion/model/sampling.h"
 
 namespace pion {
+
+class DecodeEngine;
 
 struct GenerateOptions {
   int max_new_tokens = 200;  // per sequence, >= 0
@@ -62,6 +68,26 @@ struct Generation {
 std::vector<Generation> generate_tokens(Llama<float>& model,
                                         std::span<const std::vector<std::int32_t>> prompts,
                                         const GenerateOptions& options, std::span<Rng> rngs);
+
+// The same over any engine, with all of its slots (options.max_batch and max_cache_bytes
+// were the engine's builder's to apply: generation_slots). Its capacity is the context window
+// and must be the model's seq_len for the results above to hold. The engine's model should be
+// in eval mode (no dropout); slots are cleared as prompts are assigned to them.
+std::vector<Generation> generate_tokens(DecodeEngine& engine,
+                                        std::span<const std::vector<std::int32_t>> prompts,
+                                        const GenerateOptions& options, std::span<Rng> rngs);
+
+// The slots generate_tokens decodes `prompts` prompts with: options.max_batch (0: 64), at most
+// one per prompt, halved while the cache (KvCache::bytes_for) would exceed max_cache_bytes;
+// at least 1. Validates the options it reads (pion::Error).
+int generation_slots(const ModelConfig& config, std::size_t prompts,
+                     const GenerateOptions& options);
+
+// Generation with a model (and device) bound in: what `pion sample` and the exact-match
+// evaluation take, so they run on whichever device built it (cli/run_on_device.h).
+using TokenGenerator =
+    std::function<std::vector<Generation>(std::span<const std::vector<std::int32_t>> prompts,
+                                          const GenerateOptions& options, std::span<Rng> rngs)>;
 
 // The reference: one sequence at a time, Llama::forward over the whole (windowed) context for
 // every token, the same sampler; same arguments and results. For tests and `pion bench generate`.

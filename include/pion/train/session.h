@@ -68,5 +68,10 @@ std::string generate(Llama<float>& model, const Tokenizer& tokenizer, const std:
 std::vector<std::string> generate(Llama<float>& model, const Tokenizer& tokenizer,
                                   std::span<const std::string> prompts,
                                   const SampleOptions& options, Rng& rng);
+// The same with any generator (cli/run_on_device.h's generator_on_device: the CPU model or
+// its GPU copy).
+std::vector<std::string> generate(const TokenGenerator& generator, const Tokenizer& tokenizer,
+                                  std::span<const std::string> prompts,
+                                  const SampleOptions& options, Rng& rng);
 
 }  // namespace pion
