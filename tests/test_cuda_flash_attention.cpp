@@ -202,12 +202,12 @@ std::vector<float> host_lse(const std::vector<float>& qkv, const Shape& s) {
 }
 
 // One flash forward + backward on fresh, NaN-poisoned out / lse / scratch, with dqkv starting
-// at dqkv0; results copied back.
+// at dqkv0 (the backward adds into it, or assigns it); results copied back.
 struct FlashRun {
   std::vector<float> out, lse, dqkv;
 };
 FlashRun run_flash(Context& ctx, const Shape& s, Dev& qkv, Dev& dout,
-                   const std::vector<float>& dqkv0) {
+                   const std::vector<float>& dqkv0, cl::GradWrite write = cl::GradWrite::Add) {
   Dev out = Dev::poisoned(s.out_elements());
   Dev lse =
       Dev::poisoned(static_cast<i64>(cl::flash_attention_lse_elements(s.batch, s.seq, s.n_head)));
@@ -217,20 +217,22 @@ FlashRun run_flash(Context& ctx, const Shape& s, Dev& qkv, Dev& dout,
   cl::flash_attention_forward(ctx, out.get(), lse.get(), qkv.get(), s.batch, s.seq, s.n_head,
                               s.head_dim, s.n_kv_head);
   cl::flash_attention_backward(ctx, dqkv.get(), scratch.get(), dout.get(), out.get(), lse.get(),
-                               qkv.get(), s.batch, s.seq, s.n_head, s.head_dim, s.n_kv_head);
+                               qkv.get(), s.batch, s.seq, s.n_head, s.head_dim, s.n_kv_head, write);
   return {out.host(), lse.host(), dqkv.host()};
 }
 
 // The same with the materialised attention (probs and scratch poisoned too).
 FlashRun run_materialized(Context& ctx, const Shape& s, Dev& qkv, Dev& dout,
-                          const std::vector<float>& dqkv0) {
+                          const std::vector<float>& dqkv0,
+                          cl::GradWrite write = cl::GradWrite::Add) {
   const i64 nprobs = s.rows() * s.seq;
   Dev out = Dev::poisoned(s.out_elements()), probs = Dev::poisoned(nprobs),
       scratch = Dev::poisoned(nprobs), dqkv(dqkv0);
   cl::attention_forward(ctx, out.get(), probs.get(), qkv.get(), s.batch, s.seq, s.n_head,
                         s.head_dim, s.n_kv_head);
   cl::attention_backward(ctx, dqkv.get(), scratch.get(), dout.get(), probs.get(), qkv.get(),
-                         s.batch, s.seq, s.n_head, s.head_dim, s.n_kv_head);
+                         s.batch, s.seq, s.n_head, s.head_dim, s.n_kv_head,
+                         cl::MatmulPrecision::Fp32, write);
   return {out.host(), {}, dqkv.host()};
 }
 
@@ -284,6 +286,12 @@ void check_against_cpu(const Shape& s, std::uint64_t seed, double std = 1.0) {
   EXPECT_TRUE(same_bits(second.lse, first.lse)) << "lse differs between two runs";
   EXPECT_TRUE(same_bits(second.dqkv, first.dqkv)) << "dqkv differs between two runs";
 
+  // GradWrite::Assign: dqkv = the gradient, whatever it held (NaN: every element is written
+  // and none is read).
+  const std::vector<float> poison(dqkv0.size(), std::numeric_limits<float>::quiet_NaN());
+  const FlashRun assigned = run_flash(ctx, s, d_qkv, d_dout, poison, cl::GradWrite::Assign);
+  expect_close("flash dqkv (assigned)", assigned.dqkv, added(dqkv, dqkv0), kFp32Chain);
+
   if (grouped) {
     const FlashRun mat = run_materialized(ctx, s, d_qkv, d_dout, dqkv0);
     expect_close("materialized out", mat.out, out, kFp32Chain);
@@ -292,6 +300,9 @@ void check_against_cpu(const Shape& s, std::uint64_t seed, double std = 1.0) {
                  kFp32Chain);
     const FlashRun again = run_materialized(ctx, s, d_qkv, d_dout, dqkv0);
     EXPECT_TRUE(same_bits(again.dqkv, mat.dqkv)) << "materialized dqkv differs between two runs";
+    const FlashRun mat_assigned =
+        run_materialized(ctx, s, d_qkv, d_dout, poison, cl::GradWrite::Assign);
+    expect_close("materialized dqkv (assigned)", mat_assigned.dqkv, added(dqkv, dqkv0), kFp32Chain);
   }
 }
 

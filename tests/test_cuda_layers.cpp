@@ -12,7 +12,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "pion/core/error.h"
@@ -132,36 +134,73 @@ TEST(CudaLayers, EmbeddingMatchesCpuBitForBit) {
   expect_close("embedding dtable", d_dtable.host(), dtable, 0.0);
 }
 
+// NaN poison: what a first writer that assigns must never read.
+std::vector<float> nans(i64 count) {
+  return std::vector<float>(static_cast<std::size_t>(count), std::nanf(""));
+}
+
+// n = 37: one row chunk of the weight gradient's 2-D grid; n = 1000: 16 chunks, the last
+// partial (1000 = 15 x 64 + 40); c = 300: the last column block partial.
 TEST(CudaLayers, RmsNormMatchesCpu) {
   PION_REQUIRE_CUDA_DEVICE();
   Context ctx;
-  const i64 n = 37, c = 300;  // c > threads per block: the strided row loop runs twice
-  const double eps = 1e-5;
-  const auto x = randn(n * c, 10);
-  const auto w = randn(c, 11, 0.3, 1.0);
-  const auto dout = randn(n * c, 12);
-  const auto dx0 = randn(n * c, 13), dw0 = randn(c, 14);
+  for (const i64 n : {i64{37}, i64{1000}}) {
+    const i64 c = 300;  // c > threads per block: the strided row loop runs twice
+    const double eps = 1e-5;
+    const std::string at = " n=" + std::to_string(n);
+    const auto x = randn(n * c, 10);
+    const auto w = randn(c, 11, 0.3, 1.0);
+    const auto dout = randn(n * c, 12);
+    const auto dx0 = randn(n * c, 13), dw0 = randn(c, 14);
 
-  std::vector<float> out(static_cast<std::size_t>(n * c)), rstd(static_cast<std::size_t>(n));
-  std::vector<float> dx = dx0, dw = dw0;
-  hl::rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), n, c, eps);
-  hl::rmsnorm_backward(dx.data(), dw.data(), dout.data(), x.data(), w.data(), rstd.data(), n, c);
+    std::vector<float> out(static_cast<std::size_t>(n * c)), rstd(static_cast<std::size_t>(n));
+    std::vector<float> dx = dx0, dw = dw0;
+    hl::rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), n, c, eps);
+    hl::rmsnorm_backward(dx.data(), dw.data(), dout.data(), x.data(), w.data(), rstd.data(), n, c);
 
-  Dev d_x(x), d_w(w), d_dout(dout), d_out(n * c), d_rstd(n), d_dx(dx0), d_dw(dw0);
-  cl::rmsnorm_forward(ctx, d_out.get(), d_rstd.get(), d_x.get(), d_w.get(), n, c, eps);
-  cl::rmsnorm_backward(ctx, d_dx.get(), d_dw.get(), d_dout.get(), d_x.get(), d_w.get(),
-                       d_rstd.get(), n, c);
-  expect_close("rmsnorm out", d_out.host(), out, kFp32);
-  expect_close("rmsnorm rstd", d_rstd.host(), rstd, kFp32);
-  expect_close("rmsnorm dx", d_dx.host(), dx, kFp32Chain);
-  expect_close("rmsnorm dweight", d_dw.host(), dw, kFp32Chain);
+    const i64 scratch = static_cast<i64>(cl::rmsnorm_backward_scratch_elements(n, c));
+    EXPECT_EQ(scratch, (n + cl::kRmsNormChunkRows - 1) / cl::kRmsNormChunkRows * c);
+    Dev d_x(x), d_w(w), d_dout(dout), d_out(n * c), d_rstd(n), d_dx(dx0), d_dw(dw0);
+    Dev d_scratch(nans(scratch));  // overwritten before it is read
+    cl::rmsnorm_forward(ctx, d_out.get(), d_rstd.get(), d_x.get(), d_w.get(), n, c, eps);
+    cl::rmsnorm_backward(ctx, d_dx.get(), d_dw.get(), d_scratch.get(), d_dout.get(), d_x.get(),
+                         d_w.get(), d_rstd.get(), n, c);
+    expect_close("rmsnorm out" + at, d_out.host(), out, kFp32);
+    expect_close("rmsnorm rstd" + at, d_rstd.host(), rstd, kFp32);
+    expect_close("rmsnorm dx" + at, d_dx.host(), dx, kFp32Chain);
+    expect_close("rmsnorm dweight" + at, d_dw.host(), dw, kFp32Chain);
 
-  // The weight gradient has no atomics: a second run from the same start gives the same bits.
-  const auto first = d_dw.host();
-  Dev d_dw2(dw0), d_dx2(dx0);
-  cl::rmsnorm_backward(ctx, d_dx2.get(), d_dw2.get(), d_dout.get(), d_x.get(), d_w.get(),
-                       d_rstd.get(), n, c);
-  EXPECT_EQ(d_dw2.host(), first);
+    // The weight gradient has no atomics and a fixed summation order: a second run from the
+    // same start gives the same bits (and, by construction, so does any block or thread
+    // order: tools/cuda-emu/run.sh --orders runs this under reverse and random orders).
+    const auto first = d_dw.host();
+    Dev d_dw2(dw0), d_dx2(dx0);
+    cl::rmsnorm_backward(ctx, d_dx2.get(), d_dw2.get(), d_scratch.get(), d_dout.get(), d_x.get(),
+                         d_w.get(), d_rstd.get(), n, c);
+    EXPECT_EQ(d_dw2.host(), first);
+    std::uint64_t hash = 1469598103934665603ull;  // FNV-1a over the bits, to compare orders
+    for (float v : first) {
+      std::uint32_t bits = 0;
+      std::memcpy(&bits, &v, sizeof bits);
+      hash = (hash ^ bits) * 1099511628211ull;
+    }
+    std::printf("  rmsnorm dweight%s bits: fnv1a %016llx\n", at.c_str(),
+                static_cast<unsigned long long>(hash));
+
+    // Assign: dx = the gradient, whatever dx held (NaN here), as the CPU's from zero.
+    std::vector<float> dx_from_zero(static_cast<std::size_t>(n * c), 0.0f), dw_unused = dw0;
+    hl::rmsnorm_backward(dx_from_zero.data(), dw_unused.data(), dout.data(), x.data(), w.data(),
+                         rstd.data(), n, c);
+    Dev d_dx3(nans(n * c)), d_dw3(dw0);
+    cl::rmsnorm_backward(ctx, d_dx3.get(), d_dw3.get(), d_scratch.get(), d_dout.get(), d_x.get(),
+                         d_w.get(), d_rstd.get(), n, c, cl::GradWrite::Assign);
+    expect_close("rmsnorm dx (assign)" + at, d_dx3.host(), dx_from_zero, kFp32Chain);
+    EXPECT_EQ(d_dw3.host(), first);  // the weight gradient still adds
+  }
+  Dev dx(4), dw(4), g(4), x(4), w(4), r(1);
+  EXPECT_THROW(cl::rmsnorm_backward(ctx, dx.get(), dw.get(), nullptr, g.get(), x.get(), w.get(),
+                                    r.get(), 1, 4),
+               pion::Error);
 }
 
 void check_linear(cl::MatmulPrecision precision, double tol, const std::string& label) {
@@ -208,6 +247,86 @@ TEST(CudaLayers, LinearTf32AndBf16CloseToCpu) {
   // TF32 keeps 10 mantissa bits, bf16 7: errors of ~1e-3 and ~1e-2 of the output scale.
   check_linear(cl::MatmulPrecision::Tf32, 5e-3, "linear tf32");
   check_linear(cl::MatmulPrecision::Bf16, 3e-2, "linear bf16");
+}
+
+// A weight inside the workspace's bf16 mirror is read from it instead of converted per call:
+// the GEMMs see the same bf16 values (both round to nearest even), so outputs and gradients
+// are bit for bit those of the converting path, at any offset inside the mirrored buffer.
+TEST(CudaLayers, LinearBf16WeightMirrorEqualsConversionBitForBit) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 33, d_in = 70, d_out = 50, before = 7, after = 11;
+  const i64 wn = d_out * d_in;
+  const auto in = randn(n * d_in, 25);
+  const auto params = randn(before + wn + after, 26, 0.2);  // the weight sits inside a buffer
+  const auto dout = randn(n * d_out, 27);
+  const auto din0 = randn(n * d_in, 28), dw0 = randn(wn, 29);
+  Dev d_params(params), d_input(in), d_dout(dout);
+  const float* weight = d_params.get() + before;
+
+  // Reference: the weight converted on every call.
+  cl::Bf16Workspace plain(cl::linear_bf16_workspace_elements(n, d_in, d_out));
+  Dev out1(n * d_out), din1(din0), dw1(dw0);
+  cl::linear_forward(ctx, out1.get(), d_input.get(), weight, n, d_in, d_out,
+                     cl::MatmulPrecision::Bf16, &plain);
+  cl::linear_backward(ctx, din1.get(), dw1.get(), d_dout.get(), d_input.get(), weight, n, d_in,
+                      d_out, cl::MatmulPrecision::Bf16, &plain);
+
+  // Mirror of the whole buffer, converted once; the workspace needs no weight slice.
+  cl::Bf16Workspace mirror(static_cast<std::size_t>(before + wn + after));
+  cl::convert_to_bf16(ctx, mirror.data(), d_params.get(), before + wn + after);
+  const std::size_t small = cl::linear_bf16_workspace_elements(n, d_in, d_out, true);
+  EXPECT_LT(small, plain.size());
+  cl::Bf16Workspace ws(small);
+  // Without the mirror the small workspace is refused (the weight would need a slice).
+  Dev out_x(n * d_out);
+  EXPECT_THROW(cl::linear_forward(ctx, out_x.get(), d_input.get(), weight, n, d_in, d_out,
+                                  cl::MatmulPrecision::Bf16, &ws),
+               pion::Error);
+  ws.set_weight_mirror(d_params.get(), mirror.data(),
+                       static_cast<std::size_t>(before + wn + after));
+  EXPECT_NE(ws.mirrored(weight, wn), nullptr);
+  EXPECT_EQ(ws.mirrored(weight, wn + after + 1), nullptr);  // runs past the mirror's end
+  EXPECT_EQ(ws.mirrored(d_input.get(), 1), nullptr);        // another buffer
+  Dev out2(n * d_out), din2(din0), dw2(dw0);
+  cl::linear_forward(ctx, out2.get(), d_input.get(), weight, n, d_in, d_out,
+                     cl::MatmulPrecision::Bf16, &ws);
+  cl::linear_backward(ctx, din2.get(), dw2.get(), d_dout.get(), d_input.get(), weight, n, d_in,
+                      d_out, cl::MatmulPrecision::Bf16, &ws);
+  EXPECT_EQ(out2.host(), out1.host());
+  EXPECT_EQ(din2.host(), din1.host());
+  EXPECT_EQ(dw2.host(), dw1.host());
+
+  // And the mirrored path is the bf16 layer: close to the fp32 CPU layer at bf16's bound.
+  std::vector<float> out(static_cast<std::size_t>(n * d_out));
+  std::vector<float> w(params.begin() + before, params.begin() + before + wn);
+  hl::linear_forward(out.data(), in.data(), w.data(), n, d_in, d_out);
+  expect_close("linear bf16 out (mirrored weight)", out2.host(), out, 3e-2);
+  ws.set_weight_mirror(nullptr, nullptr, 0);
+  EXPECT_EQ(ws.mirrored(weight, wn), nullptr);
+}
+
+// GradWrite::Assign: din = dout W whatever din held (NaN here: a beta = 0 GEMM never reads
+// it), equal to the CPU's gradient from zero; the weight gradient still adds.
+TEST(CudaLayers, LinearBackwardAssignsDin) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 33, d_in = 70, d_out = 50;
+  const auto in = randn(n * d_in, 20);
+  const auto w = randn(d_out * d_in, 21, 0.2);
+  const auto dout = randn(n * d_out, 22);
+  const auto dw0 = randn(d_out * d_in, 24);
+  std::vector<float> din(static_cast<std::size_t>(n * d_in), 0.0f), dw = dw0;
+  hl::linear_backward(din.data(), dw.data(), dout.data(), in.data(), w.data(), n, d_in, d_out);
+  for (auto [mp, tol, name] : {std::tuple{cl::MatmulPrecision::Fp32, kFp32Chain, "fp32"},
+                               std::tuple{cl::MatmulPrecision::Bf16, 3e-2, "bf16"}}) {
+    cl::Bf16Workspace ws(cl::linear_bf16_workspace_elements(n, d_in, d_out));
+    Dev d_in_(in), d_w(w), d_dout(dout), d_din(nans(n * d_in)), d_dw(dw0);
+    cl::linear_backward(ctx, d_din.get(), d_dw.get(), d_dout.get(), d_in_.get(), d_w.get(), n, d_in,
+                        d_out, mp, &ws, cl::GradWrite::Assign);
+    expect_close(std::string("linear din assigned (") + name + ")", d_din.host(), din, tol);
+    expect_close(std::string("linear dweight added (") + name + ")", d_dw.host(), dw, tol);
+  }
 }
 
 TEST(CudaLayers, LinearBf16NeedsWorkspace) {
@@ -297,6 +416,36 @@ TEST(CudaLayers, AttentionMatchesCpu) {
                pion::Error);
 }
 
+// GradWrite::Assign: dqkv = the gradient whatever it held (NaN), multi-head and grouped-query
+// (where dK and dV sum over a group: the first member's GEMM assigns, the others add).
+TEST(CudaLayers, AttentionBackwardAssignsDqkv) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  for (const i64 kv_heads : {i64{0}, i64{2}}) {
+    const i64 batch = 2, seq = 13, n_head = 4, head_dim = 8, d = n_head * head_dim;
+    const i64 kv = (kv_heads == 0 ? n_head : kv_heads) * head_dim;
+    const i64 nqkv = batch * seq * (d + 2 * kv), nout = batch * seq * d;
+    const i64 nprobs = batch * n_head * seq * seq;
+    const auto qkv = randn(nqkv, 43);
+    const auto dout = randn(nout, 44);
+    std::vector<float> out(static_cast<std::size_t>(nout)), probs(static_cast<std::size_t>(nprobs));
+    std::vector<float> scratch(probs.size()), dqkv(static_cast<std::size_t>(nqkv), 0.0f);
+    hl::attention_forward(out.data(), probs.data(), qkv.data(), batch, seq, n_head, head_dim,
+                          kv_heads);
+    hl::attention_backward(dqkv.data(), scratch.data(), dout.data(), probs.data(), qkv.data(),
+                           batch, seq, n_head, head_dim, kv_heads);
+    Dev d_qkv(qkv), d_dout(dout), d_out(nout), d_probs(nprobs), d_scratch(nprobs),
+        d_dqkv(nans(nqkv));
+    cl::attention_forward(ctx, d_out.get(), d_probs.get(), d_qkv.get(), batch, seq, n_head,
+                          head_dim, kv_heads);
+    cl::attention_backward(ctx, d_dqkv.get(), d_scratch.get(), d_dout.get(), d_probs.get(),
+                           d_qkv.get(), batch, seq, n_head, head_dim, kv_heads,
+                           cl::MatmulPrecision::Fp32, cl::GradWrite::Assign);
+    expect_close("attention dqkv assigned, kv " + std::to_string(kv / head_dim), d_dqkv.host(),
+                 dqkv, kFp32Chain);
+  }
+}
+
 TEST(CudaLayers, SwigluMatchesCpu) {
   PION_REQUIRE_CUDA_DEVICE();
   Context ctx;
@@ -314,6 +463,13 @@ TEST(CudaLayers, SwigluMatchesCpu) {
   cl::swiglu_backward(ctx, d_dgu.get(), d_dout.get(), d_gu.get(), n, f);
   expect_close("swiglu out", d_out.host(), out, kFp32);
   expect_close("swiglu dgu", d_dgu.host(), dgu, kFp32);
+
+  // Assign: dgu = the gradient whatever it held (NaN), as the CPU's from zero.
+  std::vector<float> dgu_from_zero(dgu0.size(), 0.0f);
+  hl::swiglu_backward(dgu_from_zero.data(), dout.data(), gu.data(), n, f);
+  Dev d_dgu2(nans(n * 2 * f));
+  cl::swiglu_backward(ctx, d_dgu2.get(), d_dout.get(), d_gu.get(), n, f, cl::GradWrite::Assign);
+  expect_close("swiglu dgu (assign)", d_dgu2.host(), dgu_from_zero, kFp32);
 }
 
 TEST(CudaLayers, ResidualAddAndAccumulate) {

@@ -16,7 +16,10 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <span>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "pion/core/error.h"
@@ -24,6 +27,7 @@
 #include "pion/model/llama.h"
 #ifdef PION_HAVE_CUDA
 #include "pion/cuda/llama.h"
+#include "pion/cuda/vector_ops.h"
 #endif
 
 #ifndef PION_HAVE_CUDA
@@ -160,18 +164,76 @@ TEST(CudaLlama, NormFreeMatchesCpuModel) {
   }
 }
 
+// bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 2e-3 per operand); through two
+// layers of GEMMs, norms and the softmax the gradients stay within a few percent.
 TEST(CudaLlama, ReducedPrecisionStaysClose) {
   PION_REQUIRE_CUDA_DEVICE();
   for (auto [mp, name, tol] : {std::tuple{cu::layers::MatmulPrecision::Tf32, "tf32", 2e-2},
                                std::tuple{cu::layers::MatmulPrecision::Bf16, "bf16", 8e-2}}) {
+    for (auto attention : {cu::CudaAttention::Flash, cu::CudaAttention::Materialized}) {
+      cu::CudaLlamaOptions o;
+      o.matmul = mp;
+      o.attention = attention;
+      const Parity p = compare_with_cpu(o, 3, 24, 5);
+      const char* what = attention == cu::CudaAttention::Flash ? "flash" : "materialized";
+      std::printf("%s %s vs cpu: loss %.2e, worst grad %.2e (%s)\n", name, what, p.loss_error,
+                  p.worst_grad, p.worst_name.c_str());
+      EXPECT_LT(p.loss_error, tol / 4) << name << " " << what;
+      EXPECT_LT(p.worst_grad, tol) << name << " " << what << " " << p.worst_name;
+    }
+  }
+}
+
+// Bf16 GEMMs read one bf16 copy of the weights. Untracked (the default), every
+// forward_backward refreshes it; tracked (the trainer), only after weights_changed() or
+// upload_params: the same bits as the untracked model after each change, and the old copy
+// (by contract) while a write through params() goes unreported. Untied and tied (where the
+// embedding is the head and so in the copy).
+TEST(CudaLlama, Bf16WeightCopyRefreshedWhenWeightsChange) {
+  PION_REQUIRE_CUDA_DEVICE();
+  for (const bool tied : {false, true}) {
+    SCOPED_TRACE(tied ? "tied" : "untied");
+    ModelConfig config = small_config();
+    config.tie_embeddings = tied;
+    Llama<float> cpu(config);
+    Rng init(21);
+    cpu.init_weights(init);
+    const Batch b = random_batch(2, 24, config.vocab_size, 22);
+    const std::span<const float> host{cpu.params().data<float>(),
+                                      static_cast<std::size_t>(cpu.params().numel())};
+
+    cu::Context ctx;
     cu::CudaLlamaOptions o;
-    o.matmul = mp;
-    o.attention = cu::CudaAttention::Flash;
-    const Parity p = compare_with_cpu(o, 3, 24, 5);
-    std::printf("%s flash vs cpu: loss %.2e, worst grad %.2e (%s)\n", name, p.loss_error,
-                p.worst_grad, p.worst_name.c_str());
-    EXPECT_LT(p.loss_error, tol / 4) << name;
-    EXPECT_LT(p.worst_grad, tol) << name << " " << p.worst_name;
+    o.matmul = cu::layers::MatmulPrecision::Bf16;
+    o.attention = cu::CudaAttention::Materialized;
+    cu::CudaLlama every(ctx, config, o), tracked(ctx, config, o);
+    tracked.track_weight_changes(true);
+    every.upload_params(host);
+    tracked.upload_params(host);
+    const auto run = [&](cu::CudaLlama& m) {
+      m.zero_grad();
+      m.forward_backward(b.tokens, b.targets, 2, 24, 1.0);
+      std::vector<float> g(static_cast<std::size_t>(m.num_params()));
+      m.download_grads(g);
+      return std::pair{m.read_loss().loss, g};
+    };
+    const auto e1 = run(every), t1 = run(tracked);
+    EXPECT_EQ(t1.first, e1.first);
+    EXPECT_EQ(t1.second, e1.second);
+    EXPECT_EQ(run(tracked).first, t1.first);  // a second call: the same copy, the same loss
+
+    // A write through params() (as an optimizer step makes): halve every weight.
+    cu::scale_inplace(ctx, every.params(), every.num_params(), 0.5f);
+    cu::scale_inplace(ctx, tracked.params(), tracked.num_params(), 0.5f);
+    const auto e2 = run(every);
+    EXPECT_NE(e2.first, e1.first);
+    // Unreported, the GEMMs still read the old bf16 copy (the norms and the lookup read the
+    // new fp32 weights): not the refreshed model's loss.
+    EXPECT_NE(run(tracked).first, e2.first) << "unreported change: the old bf16 copy";
+    tracked.weights_changed();
+    const auto t2 = run(tracked);
+    EXPECT_EQ(t2.first, e2.first);
+    EXPECT_EQ(t2.second, e2.second);
   }
 }
 

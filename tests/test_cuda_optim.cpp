@@ -323,6 +323,54 @@ TEST(CudaOptim, AdamWMatchesCpu) {
   EXPECT_LT(state_err, kAdamWTolerance);
 }
 
+// AdamW's update and the non-finite check move float4s when a matrix's arrays are 16-byte
+// aligned and go element by element otherwise: the same parameters one float off (scalar
+// path) end with the same bits as aligned ones (float4 path + the count % 4 tail), and a NaN
+// in the tail of an aligned gradient still skips the step.
+TEST(CudaOptim, AdamWVectorAndScalarPathsAgree) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Mirror mx({{37, 41}, {1, 33}}, 25, 0.5);  // 1517 = 4 x 379 + 1 and 33 = 4 x 8 + 1
+  AdamW::Options o;
+  o.weight_decay = 0.1;
+  cuda::Context ctx;
+  auto aligned = cuda::make_cuda_adamw(ctx, mx.device_params(), gpu_options(o));
+  // value + 1 and grad + 1 inside buffers one float longer: 4-byte, never 16-byte, aligned.
+  std::vector<cuda::DeviceBuffer> values, grads;
+  std::vector<cuda::DeviceParam> shifted;
+  const auto upload_shifted = [](cuda::DeviceBuffer& to, const Tensor& t) {
+    std::vector<float> h(static_cast<std::size_t>(t.numel()) + 1, 0.0f);
+    std::copy(t.data<float>(), t.data<float>() + t.numel(), h.begin() + 1);
+    to.upload(h.data(), h.size());
+  };
+  for (const Param& p : mx.host) {
+    values.emplace_back(static_cast<std::size_t>(p.value.numel()) + 1);
+    grads.emplace_back(static_cast<std::size_t>(p.value.numel()) + 1);
+    upload_shifted(values.back(), p.value);
+  }
+  for (std::size_t i = 0; i < mx.host.size(); ++i)
+    shifted.push_back({mx.host[i].name, values[i].data() + 1, grads[i].data() + 1,
+                       mx.host[i].value.rows(), mx.host[i].value.cols()});
+  auto scalar = cuda::make_cuda_adamw(ctx, shifted, gpu_options(o));
+  for (int step = 1; step <= 3; ++step) {
+    mx.new_grads(400 + static_cast<std::uint64_t>(step));
+    for (std::size_t i = 0; i < mx.host.size(); ++i) upload_shifted(grads[i], mx.host[i].grad);
+    aligned->step(0.01);
+    scalar->step(0.01);
+  }
+  ctx.synchronize();
+  for (std::size_t i = 0; i < mx.host.size(); ++i) {
+    std::vector<float> h(values[i].size());
+    values[i].download(h.data(), h.size());
+    EXPECT_EQ(std::vector<float>(h.begin() + 1, h.end()), mx.device_value(i)) << mx.host[i].name;
+  }
+  EXPECT_EQ(aligned->steps(), 3);
+  mx.host[1].grad.data<float>()[32] = std::nanf("");  // the tail element of 33
+  mx.upload_grad(1);
+  aligned->step(0.01);
+  EXPECT_EQ(aligned->steps(), 3);
+  EXPECT_EQ(aligned->skipped_steps(), 1);
+}
+
 TEST(CudaOptim, MuonFp32MatchesCpu) {
   PION_REQUIRE_CUDA_DEVICE();
   Mirror mx(kShapes, 31, 0.5);

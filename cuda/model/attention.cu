@@ -113,9 +113,13 @@ void attention_forward(Context& ctx, float* out, float* probs, const float* qkv,
 
 void attention_backward(Context& ctx, float* dqkv, float* scratch, const float* dout,
                         const float* probs, const float* qkv, i64 batch, i64 seq, i64 n_head,
-                        i64 head_dim, i64 n_kv_head, MatmulPrecision precision) {
+                        i64 head_dim, i64 n_kv_head, MatmulPrecision precision,
+                        GradWrite dqkv_write) {
   n_kv_head =
       check_attention(batch, seq, n_head, head_dim, n_kv_head, precision, "attention_backward");
+  // Assign: the first call into each part of dqkv (dQ's only call, dK's and dV's r = 0 call)
+  // runs with beta = 0, so it neither needs a zeroed buffer nor reads one.
+  const float first_beta = dqkv_write == GradWrite::Assign ? 0.0f : 1.0f;
   const i64 d = n_head * head_dim, kv = n_kv_head * head_dim;
   const i64 stride = d + 2 * kv;
   const i64 g = n_head / n_kv_head;
@@ -136,7 +140,8 @@ void attention_backward(Context& ctx, float* dqkv, float* scratch, const float* 
                       go, d, q_step, v, stride, head_dim, 0.0f, ds, seq, p_step, n_kv_head);
       // dV [seq, hd] += P^T [seq, seq] dO [seq, hd].
       gemm_rm_strided(blas_of(ctx), gemm_types(precision), true, false, seq, head_dim, seq, 1.0f, p,
-                      seq, p_step, go, d, q_step, 1.0f, dv, stride, head_dim, n_kv_head);
+                      seq, p_step, go, d, q_step, r == 0 ? first_beta : 1.0f, dv, stride, head_dim,
+                      n_kv_head);
     }
   }
   const i64 rows = batch * n_head * seq;
@@ -153,10 +158,12 @@ void attention_backward(Context& ctx, float* dqkv, float* scratch, const float* 
       const float* ds = scratch + b * n_head * ss + r * ss;
       // dQ [seq, hd] += scale dS [seq, seq] K [seq, hd].
       gemm_rm_strided(blas_of(ctx), gemm_types(precision), false, false, seq, head_dim, seq, scale,
-                      ds, seq, p_step, k, stride, head_dim, 1.0f, dq, stride, q_step, n_kv_head);
+                      ds, seq, p_step, k, stride, head_dim, first_beta, dq, stride, q_step,
+                      n_kv_head);
       // dK [seq, hd] += scale dS^T [seq, seq] Q [seq, hd].
       gemm_rm_strided(blas_of(ctx), gemm_types(precision), true, false, seq, head_dim, seq, scale,
-                      ds, seq, p_step, q, stride, q_step, 1.0f, dk, stride, head_dim, n_kv_head);
+                      ds, seq, p_step, q, stride, q_step, r == 0 ? first_beta : 1.0f, dk, stride,
+                      head_dim, n_kv_head);
     }
   }
 }

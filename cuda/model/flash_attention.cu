@@ -251,13 +251,14 @@ __global__ void flash_row_dot_kernel(float* __restrict__ delta, const float* __r
 
 // grid (batch * n_kv_head, key tiles). dK and dV of the block's key tile of one K/V head,
 // summed over the query heads of its group (in order) and, for each, over the query tiles at
-// or after the key tile (earlier queries cannot see these keys), then added into dqkv.
+// or after the key tile (earlier queries cannot see these keys), then added into dqkv (or
+// stored, with assign).
 template <int D>
 __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
     flash_backward_dkdv_kernel(float* __restrict__ dqkv, const float* __restrict__ dout,
                                const float* __restrict__ lse, const float* __restrict__ delta,
                                const float* __restrict__ qkv, int seq, int n_head, int n_kv_head,
-                               int head_dim, float scale) {
+                               int head_dim, float scale, bool assign) {
   constexpr int T = FlashTiles<D>::kBackward;
   constexpr int TPR = kFlashThreads / T;  // threads per key row
   constexpr int QPT = T / TPR;            // queries of a tile scored per thread
@@ -347,21 +348,27 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
     for (int t = 0; t < CPT; ++t) {
       const int col = c + t * TPR;
       if (col < head_dim) {
-        dk_g[col] += scale * dk[t];
-        dv_g[col] += dv[t];
+        // Stored without a read with assign: the first writer of dqkv needs no zeroing pass.
+        if (assign) {
+          dk_g[col] = scale * dk[t];
+          dv_g[col] = dv[t];
+        } else {
+          dk_g[col] += scale * dk[t];
+          dv_g[col] += dv[t];
+        }
       }
     }
   }
 }
 
 // grid (batch * n_head, query tiles). dQ of the block's query tile, summed over the key tiles
-// at or before it, then added into dqkv.
+// at or before it, then added into dqkv (or stored, with assign).
 template <int D>
 __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
     flash_backward_dq_kernel(float* __restrict__ dqkv, const float* __restrict__ dout,
                              const float* __restrict__ lse, const float* __restrict__ delta,
                              const float* __restrict__ qkv, int seq, int n_head, int n_kv_head,
-                             int head_dim, float scale) {
+                             int head_dim, float scale, bool assign) {
   constexpr int T = FlashTiles<D>::kBackward;
   constexpr int TPR = kFlashThreads / T;  // threads per query row
   constexpr int KPT = T / TPR;            // keys of a tile scored per thread
@@ -434,7 +441,12 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
 #pragma unroll
     for (int t = 0; t < CPT; ++t) {
       const int col = c + t * TPR;
-      if (col < head_dim) dq_g[col] += scale * dq[t];
+      if (col < head_dim) {
+        if (assign)
+          dq_g[col] = scale * dq[t];
+        else
+          dq_g[col] += scale * dq[t];
+      }
     }
   }
 }
@@ -500,17 +512,17 @@ void launch_forward(Context& ctx, float* out, float* lse, const float* qkv, cons
 
 template <int D>
 void launch_backward(Context& ctx, float* dqkv, const float* delta, const float* dout,
-                     const float* lse, const float* qkv, const FlashArgs& a) {
+                     const float* lse, const float* qkv, const FlashArgs& a, bool assign) {
   constexpr int T = FlashTiles<D>::kBackward;
   const unsigned tiles = static_cast<unsigned>(tiles_for(a.seq, T));
   const dim3 kv_grid(static_cast<unsigned>(a.bkv), tiles);  // one block per K/V head's key tile
   const dim3 q_grid(static_cast<unsigned>(a.bh), tiles);    // one block per query tile
   // dK / dV and dQ write disjoint parts of dqkv; both only read delta, lse, qkv and dout.
   flash_backward_dkdv_kernel<D><<<kv_grid, kFlashThreads, 0, stream_of(ctx)>>>(
-      dqkv, dout, lse, delta, qkv, a.seq, a.n_head, a.n_kv_head, a.head_dim, a.scale);
+      dqkv, dout, lse, delta, qkv, a.seq, a.n_head, a.n_kv_head, a.head_dim, a.scale, assign);
   PION_CUDA_CHECK_LAUNCH("flash_backward_dkdv_kernel");
   flash_backward_dq_kernel<D><<<q_grid, kFlashThreads, 0, stream_of(ctx)>>>(
-      dqkv, dout, lse, delta, qkv, a.seq, a.n_head, a.n_kv_head, a.head_dim, a.scale);
+      dqkv, dout, lse, delta, qkv, a.seq, a.n_head, a.n_kv_head, a.head_dim, a.scale, assign);
   PION_CUDA_CHECK_LAUNCH("flash_backward_dq_kernel");
 }
 
@@ -554,7 +566,8 @@ void flash_attention_forward(Context& ctx, float* out, float* lse, const float* 
 
 void flash_attention_backward(Context& ctx, float* dqkv, float* scratch, const float* dout,
                               const float* out, const float* lse, const float* qkv, i64 batch,
-                              i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head) {
+                              i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head,
+                              GradWrite dqkv_write) {
   const std::string who = "flash_attention_backward";
   n_kv_head = check_flash(batch, seq, n_head, head_dim, n_kv_head, who);
   require(dqkv != nullptr && scratch != nullptr && dout != nullptr && out != nullptr &&
@@ -570,15 +583,17 @@ void flash_attention_backward(Context& ctx, float* dqkv, float* scratch, const f
       scratch, dout, out, rows, a.seq, a.n_head, a.head_dim);
   PION_CUDA_CHECK_LAUNCH("flash_row_dot_kernel");
 
+  // The dK/dV and dQ kernels together write every element of dqkv once.
+  const bool assign = dqkv_write == GradWrite::Assign;
   switch (columns_for(head_dim)) {
     case 32:
-      launch_backward<32>(ctx, dqkv, scratch, dout, lse, qkv, a);
+      launch_backward<32>(ctx, dqkv, scratch, dout, lse, qkv, a, assign);
       break;
     case 64:
-      launch_backward<64>(ctx, dqkv, scratch, dout, lse, qkv, a);
+      launch_backward<64>(ctx, dqkv, scratch, dout, lse, qkv, a, assign);
       break;
     default:
-      launch_backward<128>(ctx, dqkv, scratch, dout, lse, qkv, a);
+      launch_backward<128>(ctx, dqkv, scratch, dout, lse, qkv, a, assign);
       break;
   }
 }

@@ -1,6 +1,8 @@
 // Linear layers through cuBLAS (fp32, TF32 or bf16 inputs with fp32 accumulation; the
-// row-major GEMM of cuda/gemm.cuh) and the bf16 workspace.
+// row-major GEMM of cuda/gemm.cuh) and the bf16 workspace with its optional weight mirror.
 #include <cuda_bf16.h>
+
+#include <cstdint>
 
 #include "common.cuh"
 
@@ -31,17 +33,33 @@ const __nv_bfloat16* to_bf16(Context& ctx, Bf16Workspace& ws, std::size_t at, co
   return out;
 }
 
+// Whether a Bf16 call reads weight from the workspace's mirror (and needs no weight slice).
+bool weight_mirrored(MatmulPrecision precision, const Bf16Workspace* workspace, const float* weight,
+                     i64 count) {
+  return precision == MatmulPrecision::Bf16 && workspace != nullptr &&
+         workspace->mirrored(weight, count) != nullptr;
+}
+
 void check_linear(i64 n, i64 d_in, i64 d_out, MatmulPrecision precision,
-                  const Bf16Workspace* workspace, const std::string& who) {
+                  const Bf16Workspace* workspace, const float* weight, const std::string& who) {
   require_positive(n, who, "n");
   require_positive(d_in, who, "d_in");
   require_positive(d_out, who, "d_out");
   if (precision == MatmulPrecision::Bf16) {
-    const std::size_t need = linear_bf16_workspace_elements(n, d_in, d_out);
+    const std::size_t need = linear_bf16_workspace_elements(
+        n, d_in, d_out, weight_mirrored(precision, workspace, weight, d_out * d_in));
     require(workspace != nullptr && workspace->size() >= need, who,
             "Bf16 precision needs a Bf16Workspace of at least " + std::to_string(need) +
                 " elements (linear_bf16_workspace_elements)");
   }
+}
+
+// The bf16 weight operand: the mirror's copy when the workspace has one, else a conversion
+// into the workspace at element offset `at`.
+const __nv_bfloat16* bf16_weight(Context& ctx, Bf16Workspace& ws, std::size_t at,
+                                 const float* weight, i64 count) {
+  if (const void* m = ws.mirrored(weight, count)) return static_cast<const __nv_bfloat16*>(m);
+  return to_bf16(ctx, ws, at, weight, count);
 }
 
 }  // namespace
@@ -55,18 +73,48 @@ Bf16Workspace::~Bf16Workspace() {
   if (ptr_ != nullptr) cudaFree(ptr_);  // no throw from a destructor
 }
 
-std::size_t linear_bf16_workspace_elements(i64 n, i64 d_in, i64 d_out) {
-  // Backward needs dout, weight and in at once; forward uses the first two slices.
-  return padded(n * d_out) + padded(d_out * d_in) + padded(n * d_in);
+void Bf16Workspace::set_weight_mirror(const float* weights, const void* mirror, std::size_t count) {
+  require(weights == nullptr || (mirror != nullptr && count > 0), "Bf16Workspace",
+          "a weight mirror needs a bf16 buffer and a count > 0");
+  mirror_of_ = weights;
+  mirror_ = weights != nullptr ? mirror : nullptr;
+  mirror_count_ = weights != nullptr ? count : 0;
+}
+
+const void* Bf16Workspace::mirrored(const float* weight, i64 count) const {
+  if (mirror_of_ == nullptr || count < 0) return nullptr;
+  // As integers: weight may point into any allocation, where pointer comparison with
+  // mirror_of_ would be unspecified.
+  const auto base = reinterpret_cast<std::uintptr_t>(mirror_of_);
+  const auto at = reinterpret_cast<std::uintptr_t>(weight);
+  if (at < base || (at - base) % sizeof(float) != 0) return nullptr;
+  const std::size_t offset = (at - base) / sizeof(float);
+  if (offset > mirror_count_ || static_cast<std::size_t>(count) > mirror_count_ - offset)
+    return nullptr;
+  return static_cast<const __nv_bfloat16*>(mirror_) + offset;
+}
+
+std::size_t linear_bf16_workspace_elements(i64 n, i64 d_in, i64 d_out, bool weight_mirrored) {
+  // Backward needs dout, weight and in at once; forward uses the first two slices. A
+  // mirrored weight needs no slice.
+  return padded(n * d_out) + (weight_mirrored ? 0 : padded(d_out * d_in)) + padded(n * d_in);
+}
+
+void convert_to_bf16(Context& ctx, void* out, const float* in, i64 count) {
+  require(count >= 0, "convert_to_bf16", "count must be >= 0");
+  if (count == 0) return;
+  to_bf16_kernel<<<blocks_for(count), kThreads, 0, stream_of(ctx)>>>(
+      static_cast<__nv_bfloat16*>(out), in, count);
+  PION_CUDA_CHECK_LAUNCH("to_bf16_kernel");
 }
 
 void linear_forward(Context& ctx, float* out, const float* in, const float* weight, i64 n, i64 d_in,
                     i64 d_out, MatmulPrecision precision, Bf16Workspace* workspace) {
-  check_linear(n, d_in, d_out, precision, workspace, "linear_forward");
+  check_linear(n, d_in, d_out, precision, workspace, weight, "linear_forward");
   // out [n, d_out] = in [n, d_in] W^T, W [d_out, d_in].
   if (precision == MatmulPrecision::Bf16) {
     const __nv_bfloat16* in16 = to_bf16(ctx, *workspace, 0, in, n * d_in);
-    const __nv_bfloat16* w16 = to_bf16(ctx, *workspace, padded(n * d_in), weight, d_out * d_in);
+    const __nv_bfloat16* w16 = bf16_weight(ctx, *workspace, padded(n * d_in), weight, d_out * d_in);
     gemm_rm_strided(blas_of(ctx), gemm_types(precision), false, true, n, d_out, d_in, 1.0f, in16,
                     d_in, 0, w16, d_in, 0, 0.0f, out, d_out, 0, 1);
     return;
@@ -77,22 +125,24 @@ void linear_forward(Context& ctx, float* out, const float* in, const float* weig
 
 void linear_backward(Context& ctx, float* din, float* dweight, const float* dout, const float* in,
                      const float* weight, i64 n, i64 d_in, i64 d_out, MatmulPrecision precision,
-                     Bf16Workspace* workspace) {
-  check_linear(n, d_in, d_out, precision, workspace, "linear_backward");
+                     Bf16Workspace* workspace, GradWrite din_write) {
+  check_linear(n, d_in, d_out, precision, workspace, weight, "linear_backward");
   const bool bf16 = precision == MatmulPrecision::Bf16;
   const void* dout_op = dout;
   const void* w_op = weight;
   const void* in_op = in;
   if (bf16) {
     dout_op = to_bf16(ctx, *workspace, 0, dout, n * d_out);
+    const bool mirrored = weight_mirrored(precision, workspace, weight, d_out * d_in);
     const std::size_t w_at = padded(n * d_out);
-    if (din != nullptr) w_op = to_bf16(ctx, *workspace, w_at, weight, d_out * d_in);
-    in_op = to_bf16(ctx, *workspace, w_at + padded(d_out * d_in), in, n * d_in);
+    if (din != nullptr) w_op = bf16_weight(ctx, *workspace, w_at, weight, d_out * d_in);
+    in_op = to_bf16(ctx, *workspace, w_at + (mirrored ? 0 : padded(d_out * d_in)), in, n * d_in);
   }
-  // din [n, d_in] += dout [n, d_out] W [d_out, d_in].
+  // din [n, d_in] (+)= dout [n, d_out] W [d_out, d_in].
+  const float din_beta = din_write == GradWrite::Assign ? 0.0f : 1.0f;
   if (din != nullptr)
     gemm_rm_strided(blas_of(ctx), gemm_types(precision), false, false, n, d_in, d_out, 1.0f,
-                    dout_op, d_out, 0, w_op, d_in, 0, 1.0f, din, d_in, 0, 1);
+                    dout_op, d_out, 0, w_op, d_in, 0, din_beta, din, d_in, 0, 1);
   // dW [d_out, d_in] += dout^T [d_out, n] in [n, d_in].
   gemm_rm_strided(blas_of(ctx), gemm_types(precision), true, false, d_out, d_in, n, 1.0f, dout_op,
                   d_out, 0, in_op, d_in, 0, 1.0f, dweight, d_in, 0, 1);

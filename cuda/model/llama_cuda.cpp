@@ -99,6 +99,14 @@ struct CudaLlama::Impl {
         *dact = nullptr, *dlogits = nullptr, *attn_scratch = nullptr;
   bool have_loss = false;
   DeviceScalars norm{1};
+  // Bf16 matmuls: the bf16 copy of the weights the GEMMs read (params[mirror_from, end): every
+  // layer matrix and the LM head; the token embedding only when it is the tied head), the
+  // mirror of the workspace. Refreshed by one conversion at the start of forward_backward,
+  // every call, or with track_changes only after weights_changed() / upload_params.
+  std::unique_ptr<layers::Bf16Workspace> bf16_params;
+  std::int64_t mirror_from = 0;
+  bool track_changes = false, weights_stale = true;
+  float* rms_scratch = nullptr;  // rmsnorm_backward's per-chunk weight-gradient partials
 
   Impl(std::int64_t num_params, const pion::layers::RopeTable<float>& table, i64 seq_len, i64 half)
       : params(static_cast<std::size_t>(num_params)),
@@ -118,6 +126,12 @@ CudaLlama::CudaLlama(Context& ctx, const ModelConfig& config, const CudaLlamaOpt
   impl_->grads.zero();
   impl_->w = weights_in(impl_->params.data(), layout_, config);
   impl_->g = weights_in(impl_->grads.data(), layout_, config);
+  if (options.matmul == MatmulPrecision::Bf16) {
+    // The embedding lookup reads fp32 rows; only a tied embedding (the LM head) is a GEMM
+    // operand. layout_[1] is the first layer's first parameter (or the head / final norm).
+    impl_->mirror_from = config.tie_embeddings ? 0 : layout_.at(1).offset;
+    impl_->bf16_params = std::make_unique<layers::Bf16Workspace>(num_params_ - impl_->mirror_from);
+  }
 }
 
 CudaLlama::~CudaLlama() = default;
@@ -134,6 +148,16 @@ void CudaLlama::upload_params(std::span<const float> host) {
         "CudaLlama::upload_params: got " + std::to_string(host.size()) + " values for " +
             std::to_string(num_params_) + " parameters");
   impl_->params.upload(host.data(), host.size());
+  impl_->weights_stale = true;
+}
+
+void CudaLlama::track_weight_changes(bool on) {
+  impl_->track_changes = on;
+  impl_->weights_stale = true;
+}
+
+void CudaLlama::weights_changed() {
+  impl_->weights_stale = true;
 }
 
 void CudaLlama::download_params(std::span<float> host) const {
@@ -153,7 +177,7 @@ void CudaLlama::download_grads(std::span<float> host) const {
 namespace {
 
 void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOptions& o, int batch,
-                    int seq) {
+                    int seq, std::int64_t num_params) {
   if (batch == m.batch && seq == m.seq) return;
   const i64 n = static_cast<i64>(batch) * seq, d = c.d_model, f = c.ffn_size();
   const i64 v = c.vocab_size, h = c.n_head, L = c.n_layer;
@@ -169,6 +193,8 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
                         2 * n * f /*gu*/ + n * f /*act*/;
   const i64 tail = n * d /*x_final*/ + n * d /*h_final*/ + n /*rstd*/ + n * v /*logits*/ +
                    n /*lse*/ + n * d /*proj*/;
+  const i64 rms_scratch =
+      c.has_norm() ? static_cast<i64>(layers::rmsnorm_backward_scratch_elements(n, d)) : 0;
   // Release the old shape's buffers before allocating the new ones.
   m.acts = DeviceBuffer();
   m.grad_acts = DeviceBuffer();
@@ -202,7 +228,7 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
 
   m.grad_acts = DeviceBuffer(static_cast<std::size_t>(
       n * d /*dres*/ + n * d /*dh*/ + n * qkv /*dqkv*/ + n * d /*datt*/ + 2 * n * f /*dgu*/ +
-      n * f /*dact*/ + n * v /*dlogits*/ + attn_scratch));
+      n * f /*dact*/ + n * v /*dlogits*/ + attn_scratch + rms_scratch));
   p = m.grad_acts.data();
   m.dres = take(n * d);
   m.dh = take(n * d);
@@ -212,16 +238,20 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.dact = take(n * f);
   m.dlogits = take(n * v);
   m.attn_scratch = take(attn_scratch);
+  m.rms_scratch = rms_scratch > 0 ? take(rms_scratch) : nullptr;
 
   m.tokens = DeviceInt32Buffer(static_cast<std::size_t>(n));
   m.targets = DeviceInt32Buffer(static_cast<std::size_t>(n));
   m.loss = std::make_unique<layers::CrossEntropyResult>(n);
   m.bf16.reset();
   if (o.matmul == MatmulPrecision::Bf16) {
+    // Every GEMM weight is in the mirror: the workspace holds activation copies only.
     std::size_t need = 0;
     for (auto [din, dout] : {std::pair<i64, i64>{d, qkv}, {d, d}, {d, 2 * f}, {f, d}, {d, v}})
-      need = std::max(need, layers::linear_bf16_workspace_elements(n, din, dout));
+      need = std::max(need, layers::linear_bf16_workspace_elements(n, din, dout, true));
     m.bf16 = std::make_unique<layers::Bf16Workspace>(need);
+    m.bf16->set_weight_mirror(m.params.data() + m.mirror_from, m.bf16_params->data(),
+                              static_cast<std::size_t>(num_params - m.mirror_from));
   }
   m.batch = batch;
   m.seq = seq;
@@ -251,9 +281,14 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
                               std::to_string(i) + " is >= vocab_size " + std::to_string(v));
   }
   Impl& m = *impl_;
-  ensure_buffers(m, config_, options_, batch, seq);
-  m.tokens.upload(tokens.data(), tokens.size());
-  m.targets.upload(targets.data(), targets.size());
+  ensure_buffers(m, config_, options_, batch, seq, num_params_);
+  m.tokens.upload_async(ctx_, tokens.data(), tokens.size());
+  m.targets.upload_async(ctx_, targets.data(), targets.size());
+  if (m.bf16_params && (m.weights_stale || !m.track_changes)) {
+    layers::convert_to_bf16(ctx_, m.bf16_params->data(), m.params.data() + m.mirror_from,
+                            num_params_ - m.mirror_from);
+    m.weights_stale = false;
+  }
 
   const i64 d = config_.d_model, f = config_.ffn_size(), h = config_.n_head;
   const i64 hd = config_.head_dim(), kvh = config_.kv_heads();
@@ -274,10 +309,13 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
   const auto norm_backward = [&](float* dweight, const float* x, const float* weight,
                                  const float* rstd) {
     if (norms)
-      layers::rmsnorm_backward(ctx, m.dres, dweight, m.dh, x, weight, rstd, n, d);
+      layers::rmsnorm_backward(ctx, m.dres, dweight, m.rms_scratch, m.dh, x, weight, rstd, n, d);
     else
       layers::accumulate(ctx, m.dres, m.dh, n * d);
   };
+  // The first writer of a gradient scratch buffer assigns it (no zeroing pass before it, and
+  // its GEMM runs with beta = 0); later contributions add.
+  constexpr auto kAssign = layers::GradWrite::Assign;
 
   layers::embedding_forward(ctx, m.layer_acts[0].x_in, m.tokens.data(), m.w.tok_embedding, n, d);
   for (std::size_t l = 0; l < m.layer_acts.size(); ++l) {
@@ -326,29 +364,24 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     const LayerParams& w = m.w.layers[li];
     const LayerParams& g = m.g.layers[li];
     // MLP block: dres holds dL/d(x_out).
-    fill_zero(ctx, m.dact, n * f);
-    layers::linear_backward(ctx, m.dact, g.w_down, m.dres, a.act, w.w_down, n, f, d, mp, ws);
-    fill_zero(ctx, m.dgu, 2 * n * f);
-    layers::swiglu_backward(ctx, m.dgu, m.dact, a.gu, n, f);
-    fill_zero(ctx, m.dh, n * d);
+    layers::linear_backward(ctx, m.dact, g.w_down, m.dres, a.act, w.w_down, n, f, d, mp, ws,
+                            kAssign);
+    layers::swiglu_backward(ctx, m.dgu, m.dact, a.gu, n, f, kAssign);
     layers::linear_backward(ctx, m.dh, g.w_gate_up, m.dgu, normed(a.h2, a.x_mid), w.w_gate_up, n, d,
-                            2 * f, mp, ws);
+                            2 * f, mp, ws, kAssign);
     norm_backward(g.mlp_norm, a.x_mid, w.mlp_norm, a.rstd2);
     // Attention block: dres now holds dL/d(x_mid).
-    fill_zero(ctx, m.datt, n * d);
-    layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws);
-    fill_zero(ctx, m.dqkv, n * qkv);
+    layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws, kAssign);
     if (flash)
       layers::flash_attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.att, a.attn_keep,
-                                       a.qkv, batch, seq, h, hd, kvh);
+                                       a.qkv, batch, seq, h, hd, kvh, kAssign);
     else
       layers::attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.attn_keep, a.qkv, batch,
-                                 seq, h, hd, kvh, attn_mp);
+                                 seq, h, hd, kvh, attn_mp, kAssign);
     layers::rope_backward(ctx, m.dqkv, m.rope, batch, seq, h, hd, qkv);
     layers::rope_backward(ctx, m.dqkv + d, m.rope, batch, seq, kvh, hd, qkv);
-    fill_zero(ctx, m.dh, n * d);
     layers::linear_backward(ctx, m.dh, g.wqkv, m.dqkv, normed(a.h1, a.x_in), w.wqkv, n, d, qkv, mp,
-                            ws);
+                            ws, kAssign);
     norm_backward(g.attn_norm, a.x_in, w.attn_norm, a.rstd1);
   }
   layers::embedding_backward(ctx, m.g.tok_embedding, m.dres, m.tokens.data(), n, d);
@@ -380,6 +413,7 @@ std::size_t CudaLlama::device_bytes() const {
   std::size_t bytes =
       (m.params.size() + m.grads.size() + m.acts.size() + m.grad_acts.size()) * sizeof(float);
   if (m.bf16) bytes += m.bf16->size() * 2;
+  if (m.bf16_params) bytes += m.bf16_params->size() * 2;
   return bytes;
 }
 

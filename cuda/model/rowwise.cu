@@ -2,6 +2,7 @@
 // the int32 device buffer for token ids. Each kernel is the CPU loop of src/model/layers.cpp
 // with the same expression order (nvcc may still contract a * b + c into an FMA, so results
 // differ from the CPU by rounding; the tests bound it).
+#include <algorithm>
 #include <utility>
 
 #include "common.cuh"
@@ -16,17 +17,36 @@ DeviceInt32Buffer::DeviceInt32Buffer(std::size_t count) : count_(count) {
 }
 
 DeviceInt32Buffer::~DeviceInt32Buffer() {
-  if (ptr_ != nullptr) cudaFree(ptr_);  // no throw from a destructor
+  release();
+}
+
+// No throw (destructor, move): errors of the frees are ignored.
+void DeviceInt32Buffer::release() noexcept {
+  if (copied_ != nullptr) {
+    // The staging buffer may still be read by a queued copy.
+    cudaEventSynchronize(static_cast<cudaEvent_t>(copied_));
+    cudaEventDestroy(static_cast<cudaEvent_t>(copied_));
+  }
+  if (staging_ != nullptr) cudaFreeHost(staging_);
+  if (ptr_ != nullptr) cudaFree(ptr_);
+  ptr_ = staging_ = nullptr;
+  copied_ = nullptr;
+  count_ = 0;
 }
 
 DeviceInt32Buffer::DeviceInt32Buffer(DeviceInt32Buffer&& other) noexcept
-    : ptr_(std::exchange(other.ptr_, nullptr)), count_(std::exchange(other.count_, 0)) {}
+    : ptr_(std::exchange(other.ptr_, nullptr)),
+      count_(std::exchange(other.count_, 0)),
+      staging_(std::exchange(other.staging_, nullptr)),
+      copied_(std::exchange(other.copied_, nullptr)) {}
 
 DeviceInt32Buffer& DeviceInt32Buffer::operator=(DeviceInt32Buffer&& other) noexcept {
   if (this != &other) {
-    if (ptr_ != nullptr) cudaFree(ptr_);
+    release();
     ptr_ = std::exchange(other.ptr_, nullptr);
     count_ = std::exchange(other.count_, 0);
+    staging_ = std::exchange(other.staging_, nullptr);
+    copied_ = std::exchange(other.copied_, nullptr);
   }
   return *this;
 }
@@ -38,6 +58,29 @@ void DeviceInt32Buffer::upload(const std::int32_t* host, std::size_t count) {
   // Streams are non-blocking: wait for any work that may still read this buffer.
   PION_CUDA_CHECK(cudaDeviceSynchronize());
   PION_CUDA_CHECK(cudaMemcpy(ptr_, host, count * sizeof(std::int32_t), cudaMemcpyHostToDevice));
+}
+
+void DeviceInt32Buffer::upload_async(Context& ctx, const std::int32_t* host, std::size_t count) {
+  check(count == count_, "cuda: upload of " + std::to_string(count) +
+                             " int32 values into a buffer of " + std::to_string(count_));
+  if (count == 0) return;
+  const std::size_t bytes = count * sizeof(std::int32_t);
+  if (staging_ == nullptr) {
+    void* p = nullptr;
+    PION_CUDA_CHECK(cudaMallocHost(&p, bytes));
+    staging_ = static_cast<std::int32_t*>(p);
+    cudaEvent_t e = nullptr;
+    PION_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    copied_ = e;
+  } else {
+    // The previous copy must have read the staging buffer before it is refilled; the
+    // trainer reads each step's loss before the next upload, so this rarely waits.
+    PION_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(copied_)));
+  }
+  std::copy(host, host + count, staging_);
+  const cudaStream_t stream = ctx.impl().stream;
+  PION_CUDA_CHECK(cudaMemcpyAsync(ptr_, staging_, bytes, cudaMemcpyHostToDevice, stream));
+  PION_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(copied_), stream));
 }
 
 void DeviceInt32Buffer::download(std::int32_t* host, std::size_t count) const {
@@ -104,7 +147,8 @@ __global__ void rmsnorm_forward_kernel(float* out, float* rstd, const float* x, 
 // One block per row: dx_j += r w_j dy_j - (r^3 / c) x_j sum_k w_k dy_k x_k (the CPU's
 // derivation: y = w x r, r = (mean(x^2) + eps)^(-1/2), dr/dx_j = -r^3 x_j / c).
 __global__ void rmsnorm_backward_dx_kernel(float* dx, const float* dout, const float* x,
-                                           const float* weight, const float* rstd, i64 c) {
+                                           const float* weight, const float* rstd, i64 c,
+                                           bool assign) {
   const i64 row = blockIdx.x;
   const float* xi = x + row * c;
   const float* gi = dout + row * c;
@@ -114,28 +158,52 @@ __global__ void rmsnorm_backward_dx_kernel(float* dx, const float* dout, const f
   dot = block_sum(dot);
   const float coef = dot * r * r * r / static_cast<float>(c);
   float* dxi = dx + row * c;
-  for (i64 j = threadIdx.x; j < c; j += blockDim.x) dxi[j] += r * weight[j] * gi[j] - coef * xi[j];
+  for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+    const float g = r * weight[j] * gi[j] - coef * xi[j];
+    if (assign)
+      dxi[j] = g;  // the first writer: dx is neither zeroed before nor read
+    else
+      dxi[j] += g;
+  }
 }
 
-// dweight_j += sum_i dy_ij x_ij r_i. Block (32, kRowLanes): 32 adjacent columns (coalesced
-// row reads), kRowLanes threads per column each summing every kRowLanes-th row, then one
-// thread per column adds the kRowLanes partials in a fixed order. No atomics.
-constexpr unsigned kRowLanes = 16;
-__global__ void rmsnorm_backward_dweight_kernel(float* dweight, const float* dout, const float* x,
-                                                const float* rstd, i64 n, i64 c) {
-  __shared__ float partial[kRowLanes][33];  // +1 column: no bank conflicts on the final pass
+// dweight_j += sum_i dy_ij x_ij r_i in two passes. Partial pass, grid (column blocks, row
+// chunks), block (32, kRowLanes): 32 adjacent columns (coalesced row reads) of the chunk's
+// kRmsNormChunkRows rows; thread (x, y) sums rows y, y + kRowLanes, ... of the chunk in order,
+// then one thread per column adds the kRowLanes sums in lane order into partial[chunk][j].
+// Final pass: one thread per column adds the chunks' partials in chunk order. Every sum has a
+// fixed order whatever order the blocks run in, and there are no atomics.
+constexpr unsigned kRowLanes = 8;
+__global__ void rmsnorm_dweight_partial_kernel(float* partial, const float* dout, const float* x,
+                                               const float* rstd, i64 n, i64 c) {
+  __shared__ float lanes[kRowLanes][33];  // +1 column: no bank conflicts on the final pass
   const i64 j = blockIdx.x * static_cast<i64>(32) + threadIdx.x;
+  const i64 begin = blockIdx.y * kRmsNormChunkRows;
+  const i64 end = begin + kRmsNormChunkRows < n ? begin + kRmsNormChunkRows : n;
   float acc = 0.0f;
   if (j < c)
-    for (i64 i = threadIdx.y; i < n; i += kRowLanes)
+    for (i64 i = begin + threadIdx.y; i < end; i += kRowLanes)
       acc += dout[i * c + j] * x[i * c + j] * rstd[i];
-  partial[threadIdx.y][threadIdx.x] = acc;
+  lanes[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && j < c) {
     float sum = 0.0f;
-    for (unsigned l = 0; l < kRowLanes; ++l) sum += partial[l][threadIdx.x];
-    dweight[j] += sum;
+    for (unsigned l = 0; l < kRowLanes; ++l) sum += lanes[l][threadIdx.x];
+    partial[blockIdx.y * c + j] = sum;
   }
+}
+
+__global__ void rmsnorm_dweight_sum_kernel(float* dweight, const float* partial, i64 chunks,
+                                           i64 c) {
+  const i64 j = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x;
+  if (j >= c) return;
+  float sum = 0.0f;
+  for (i64 k = 0; k < chunks; ++k) sum += partial[k * c + j];  // coalesced across the warp
+  dweight[j] += sum;
+}
+
+i64 rmsnorm_chunks(i64 n) {
+  return (n + kRmsNormChunkRows - 1) / kRmsNormChunkRows;
 }
 
 // Thread per (row, head, pair i): rotates (x_i, x_{i+half}) by sign * angle(pos, i).
@@ -166,16 +234,22 @@ __global__ void swiglu_forward_kernel(float* out, const float* gu, i64 n, i64 f)
 }
 
 // silu(g) = g s(g), silu'(g) = s(g) (1 + g (1 - s(g))).
-__global__ void swiglu_backward_kernel(float* dgu, const float* dout, const float* gu, i64 n,
-                                       i64 f) {
+__global__ void swiglu_backward_kernel(float* dgu, const float* dout, const float* gu, i64 n, i64 f,
+                                       bool assign) {
   PION_FOR_EACH(e, n * f) {
     const i64 i = e / f, j = e - i * f;
     const float g = gu[i * 2 * f + j];
     const float u = gu[i * 2 * f + f + j];
     const float go = dout[e];
     const float s = 1.0f / (1.0f + expf(-g));
-    dgu[i * 2 * f + j] += go * u * s * (1.0f + g * (1.0f - s));
-    dgu[i * 2 * f + f + j] += go * g * s;
+    const float dg = go * u * s * (1.0f + g * (1.0f - s)), du = go * g * s;
+    if (assign) {  // the first writer: dgu is neither zeroed before nor read
+      dgu[i * 2 * f + j] = dg;
+      dgu[i * 2 * f + f + j] = du;
+    } else {
+      dgu[i * 2 * f + j] += dg;
+      dgu[i * 2 * f + f + j] += du;
+    }
   }
 }
 
@@ -241,17 +315,32 @@ void rmsnorm_forward(Context& ctx, float* out, float* rstd, const float* x, cons
   PION_CUDA_CHECK_LAUNCH("rmsnorm_forward_kernel");
 }
 
-void rmsnorm_backward(Context& ctx, float* dx, float* dweight, const float* dout, const float* x,
-                      const float* weight, const float* rstd, i64 n, i64 c) {
+std::size_t rmsnorm_backward_scratch_elements(i64 n, i64 c) {
+  require_positive(n, "rmsnorm_backward_scratch_elements", "n");
+  require_positive(c, "rmsnorm_backward_scratch_elements", "c");
+  return static_cast<std::size_t>(rmsnorm_chunks(n)) * static_cast<std::size_t>(c);
+}
+
+void rmsnorm_backward(Context& ctx, float* dx, float* dweight, float* scratch, const float* dout,
+                      const float* x, const float* weight, const float* rstd, i64 n, i64 c,
+                      GradWrite dx_write) {
   require_positive(n, "rmsnorm_backward", "n");
   require_positive(c, "rmsnorm_backward", "c");
+  require(scratch != nullptr, "rmsnorm_backward",
+          "scratch must hold rmsnorm_backward_scratch_elements(n, c) floats");
   rmsnorm_backward_dx_kernel<<<static_cast<unsigned>(as_int(n, "rmsnorm_backward", "n")), kThreads,
-                               0, stream_of(ctx)>>>(dx, dout, x, weight, rstd, c);
+                               0, stream_of(ctx)>>>(dx, dout, x, weight, rstd, c,
+                                                    dx_write == GradWrite::Assign);
   PION_CUDA_CHECK_LAUNCH("rmsnorm_backward_dx_kernel");
-  const dim3 block(32, kRowLanes);
-  rmsnorm_backward_dweight_kernel<<<static_cast<unsigned>((c + 31) / 32), block, 0,
-                                    stream_of(ctx)>>>(dweight, dout, x, rstd, n, c);
-  PION_CUDA_CHECK_LAUNCH("rmsnorm_backward_dweight_kernel");
+  const i64 chunks = rmsnorm_chunks(n);
+  const dim3 grid(static_cast<unsigned>(as_int((c + 31) / 32, "rmsnorm_backward", "c / 32")),
+                  static_cast<unsigned>(as_int(chunks, "rmsnorm_backward", "n / 64")));
+  rmsnorm_dweight_partial_kernel<<<grid, dim3(32, kRowLanes), 0, stream_of(ctx)>>>(scratch, dout, x,
+                                                                                   rstd, n, c);
+  PION_CUDA_CHECK_LAUNCH("rmsnorm_dweight_partial_kernel");
+  rmsnorm_dweight_sum_kernel<<<blocks_for(c), kThreads, 0, stream_of(ctx)>>>(dweight, scratch,
+                                                                             chunks, c);
+  PION_CUDA_CHECK_LAUNCH("rmsnorm_dweight_sum_kernel");
 }
 
 DeviceRopeTable::DeviceRopeTable(const std::vector<float>& cos, const std::vector<float>& sin,
@@ -284,10 +373,12 @@ void swiglu_forward(Context& ctx, float* out, const float* gu, i64 n, i64 f) {
   PION_CUDA_CHECK_LAUNCH("swiglu_forward_kernel");
 }
 
-void swiglu_backward(Context& ctx, float* dgu, const float* dout, const float* gu, i64 n, i64 f) {
+void swiglu_backward(Context& ctx, float* dgu, const float* dout, const float* gu, i64 n, i64 f,
+                     GradWrite dgu_write) {
   require_positive(n, "swiglu_backward", "n");
   require_positive(f, "swiglu_backward", "f");
-  swiglu_backward_kernel<<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(dgu, dout, gu, n, f);
+  swiglu_backward_kernel<<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(
+      dgu, dout, gu, n, f, dgu_write == GradWrite::Assign);
   PION_CUDA_CHECK_LAUNCH("swiglu_backward_kernel");
 }
 

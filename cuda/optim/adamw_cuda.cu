@@ -36,7 +36,24 @@ struct Coefficients {
   float b1, one_minus_b1, b2, one_minus_b2, eps;  // 1 - b in double, then rounded
 };
 
-// adamw.cpp's loop body, with no FMA contraction (__f*_rn) so each value rounds the same.
+// adamw.cpp's loop body for one element, with no FMA contraction (__f*_rn) so each value
+// rounds the same.
+__device__ inline void adamw_element(float& w, float g, float& m, float& v, const Coefficients& k,
+                                     const StepFactors& s) {
+  float wi = __fsub_rn(w, __fmul_rn(s.decay_rate, w));
+  const float mi = __fadd_rn(__fmul_rn(m, k.b1), __fmul_rn(k.one_minus_b1, g));
+  const float vi = __fadd_rn(__fmul_rn(v, k.b2), __fmul_rn(__fmul_rn(k.one_minus_b2, g), g));
+  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), s.bias2_sqrt), k.eps);
+  wi = __fsub_rn(wi, __fdiv_rn(__fmul_rn(s.step_size, mi), denom));
+  m = mi;
+  v = vi;
+  w = wi;
+}
+
+// Grid detail::elementwise_grid. When the matrix's four arrays are 16-byte aligned, each
+// thread moves float4s (one 16-byte load per array per step) and the count % 4 tail goes
+// element by element; otherwise every element is scalar. Each element gets the same
+// arithmetic either way (same bits).
 __global__ void adamw_update(float* const* w_ptrs, float* const* g_ptrs, float* const* m_ptrs,
                              float* const* v_ptrs, std::int64_t count, Coefficients k,
                              const StepFactors* f, const StepScalars* scalars) {
@@ -46,18 +63,24 @@ __global__ void adamw_update(float* const* w_ptrs, float* const* g_ptrs, float* 
   float* m = m_ptrs[blockIdx.y];
   float* v = v_ptrs[blockIdx.y];
   const StepFactors s = *f;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const float g = grad[i];
-    float wi = __fsub_rn(w[i], __fmul_rn(s.decay_rate, w[i]));
-    const float mi = __fadd_rn(__fmul_rn(m[i], k.b1), __fmul_rn(k.one_minus_b1, g));
-    const float vi = __fadd_rn(__fmul_rn(v[i], k.b2), __fmul_rn(__fmul_rn(k.one_minus_b2, g), g));
-    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), s.bias2_sqrt), k.eps);
-    wi = __fsub_rn(wi, __fdiv_rn(__fmul_rn(s.step_size, mi), denom));
-    m[i] = mi;
-    v[i] = vi;
-    w[i] = wi;
+  const std::int64_t first = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  const std::int64_t vectors = detail::aligned16(w, grad, m, v) ? count / 4 : 0;
+  for (std::int64_t q = first; q < vectors; q += stride) {
+    float4 w4 = reinterpret_cast<float4*>(w)[q];
+    const float4 g4 = reinterpret_cast<const float4*>(grad)[q];
+    float4 m4 = reinterpret_cast<float4*>(m)[q];
+    float4 v4 = reinterpret_cast<float4*>(v)[q];
+    adamw_element(w4.x, g4.x, m4.x, v4.x, k, s);
+    adamw_element(w4.y, g4.y, m4.y, v4.y, k, s);
+    adamw_element(w4.z, g4.z, m4.z, v4.z, k, s);
+    adamw_element(w4.w, g4.w, m4.w, v4.w, k, s);
+    reinterpret_cast<float4*>(m)[q] = m4;
+    reinterpret_cast<float4*>(v)[q] = v4;
+    reinterpret_cast<float4*>(w)[q] = w4;
   }
+  for (std::int64_t i = 4 * vectors + first; i < count; i += stride)
+    adamw_element(w[i], grad[i], m[i], v[i], k, s);
 }
 
 class CudaAdamW final : public detail::CudaOptimizerBase {
@@ -121,7 +144,8 @@ class CudaAdamW final : public detail::CudaOptimizerBase {
                          static_cast<float>(o.beta2), static_cast<float>(1.0 - o.beta2),
                          static_cast<float>(o.eps)};
     for (const Group& g : groups_) {
-      adamw_update<<<detail::batch_grid(g.batch), kThreads, 0, st>>>(
+      adamw_update<<<detail::elementwise_grid(static_cast<std::int64_t>(g.count), g.batch),
+                     kThreads, 0, st>>>(
           g.w_ptrs.as<float>(), g.g_ptrs.as<float>(), g.m_ptrs.as<float>(), g.v_ptrs.as<float>(),
           static_cast<std::int64_t>(g.count), k, factors_.data(), scalars());
       PION_CUDA_CHECK_LAUNCH("adamw update");

@@ -32,6 +32,27 @@ inline dim3 batch_grid(std::size_t batch) {
   return dim3(kBlocksPerMatrix, static_cast<unsigned>(batch));
 }
 
+// Grid of an elementwise pass (no reduction, so its partition does not affect any result):
+// blocks per matrix from the element count, kVecWidth elements per thread (one float4), at
+// most kMaxElementwiseBlocks (a grid-stride loop covers the rest), so a 38M-element
+// embedding gets enough threads to fill a GPU and a 768-element norm weight one block.
+constexpr int kVecWidth = 4;
+constexpr std::int64_t kMaxElementwiseBlocks = 8192;
+inline dim3 elementwise_grid(std::int64_t count, std::size_t batch) {
+  constexpr std::int64_t per_block = static_cast<std::int64_t>(kThreads) * kVecWidth;
+  const std::int64_t blocks = (count + per_block - 1) / per_block;
+  return dim3(static_cast<unsigned>(blocks < 1                       ? 1
+                                    : blocks > kMaxElementwiseBlocks ? kMaxElementwiseBlocks
+                                                                     : blocks),
+              static_cast<unsigned>(batch));
+}
+
+// Whether every pointer is 16-byte aligned: float4 loads and stores are allowed on all.
+template <class... P>
+__device__ inline bool aligned16(const P*... p) {
+  return ((reinterpret_cast<std::uintptr_t>(p) % 16 == 0) && ...);
+}
+
 // Owns count values of T in device memory (uninitialised). Movable, not copyable.
 template <class T>
 class DeviceArray {

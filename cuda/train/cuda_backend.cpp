@@ -264,6 +264,9 @@ class CudaBackend final : public TrainBackend {
     if (!benchmark_only) run_->capture_sigma0();
     run_->upload_from_mirror();
     launcher_ = std::make_unique<StepLauncher>(ctx_, run_->groups());
+    // Every write to the device weights is an optimizer step (reported in step()) or an
+    // upload: the model's bf16 weight copy is refreshed once per step, not per micro-batch.
+    run_->model().track_weight_changes(true);
     skipped_ = mirror_.skipped_steps();
     drift_at_evals_ = !benchmark_only && run_->pion_params() <= kDriftAtEvalMaxParams;
     CudaLlama& model = run_->model();
@@ -298,6 +301,7 @@ class CudaBackend final : public TrainBackend {
   bool step() override {
     const auto t0 = Clock::now();
     launcher_->step(factor_);
+    run_->model().weights_changed();
     ctx_.synchronize();
     optimizer_seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
     return true;

@@ -10,9 +10,9 @@
 // Conventions of layers.h: kernels are queued on the Context's stream with no allocation, no
 // host synchronisation and no device-to-host copy (graph-capturable); argument checks throw
 // pion::Error on the host before anything is queued; backward ADDS into dqkv (callers zero
-// it first). Deterministic: every sum has a fixed order and there are no float atomics (dK
-// and dV are computed per key tile looping over query tiles, dQ per query tile looping over
-// key tiles), so the same inputs give the same bits on every run.
+// it first) unless asked to assign it. Deterministic: every sum has a fixed order and there are no
+// float atomics (dK and dV are computed per key tile looping over query tiles, dQ per query tile
+// looping over key tiles), so the same inputs give the same bits on every run.
 //
 // Supported head_dim: 1..128 (kernels are compiled for 32, 64 and 128 columns; a smaller
 // head_dim runs the next size up with the unused columns masked).
@@ -21,11 +21,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "pion/cuda/layers.h"
 #include "pion/cuda/runtime.h"
 
 namespace pion::cuda::layers {
-
-using i64 = std::int64_t;
 
 // Elements of flash_attention_forward's lse buffer: batch * n_head * seq.
 std::size_t flash_attention_lse_elements(i64 batch, i64 seq, i64 n_head);
@@ -46,9 +45,11 @@ void flash_attention_forward(Context& ctx, float* out, float* lse, const float* 
 // dqkv [batch, seq, d + 2 kv] += the gradient of the loss with respect to qkv, given dout (its
 // gradient with respect to out) and the forward's out and lse; a K/V head's gradient is the
 // sum over the query heads of its group (one fixed order, no atomics). scratch holds
-// flash_attention_scratch_elements floats (overwritten).
+// flash_attention_scratch_elements floats (overwritten). dqkv_write Assign: dqkv = the gradient
+// (every element is written, nothing read: no zeroing pass before it).
 void flash_attention_backward(Context& ctx, float* dqkv, float* scratch, const float* dout,
                               const float* out, const float* lse, const float* qkv, i64 batch,
-                              i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head = 0);
+                              i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head = 0,
+                              GradWrite dqkv_write = GradWrite::Add);
 
 }  // namespace pion::cuda::layers

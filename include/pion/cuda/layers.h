@@ -4,7 +4,8 @@
 // - `n` is the number of token rows (B * T); rows are contiguous, row-major.
 // - Linear weights are [d_out, d_in] (out = in W^T).
 // - Forward functions write their outputs; backward functions ADD into every gradient they
-//   produce, so callers zero gradient buffers first. Exception: rope_* work in place.
+//   produce, so callers zero gradient buffers first, except where a GradWrite argument lets
+//   the first writer of a buffer assign it instead. Exception: rope_* work in place.
 // Every function queues kernels / cuBLAS calls on the Context's stream and returns: no host
 // synchronisation, no allocation, no device-to-host copy, so a training step built from them
 // can be captured into a CUDA graph. Argument checks (shapes, int ranges) throw pion::Error
@@ -26,7 +27,8 @@
 namespace pion::cuda {
 
 // Owns count int32 values of device memory (token ids, targets). Movable, not copyable.
-// upload/download are synchronous (they first wait for the whole device, like DeviceBuffer).
+// upload/download are synchronous (they first wait for the whole device, like DeviceBuffer);
+// upload_async is the per-step path.
 class DeviceInt32Buffer {
  public:
   DeviceInt32Buffer() = default;
@@ -42,10 +44,18 @@ class DeviceInt32Buffer {
   std::size_t size() const { return count_; }
   void upload(const std::int32_t* host, std::size_t count);
   void download(std::int32_t* host, std::size_t count) const;
+  // Copies host into a pinned staging buffer (cudaMallocHost, allocated on the first call)
+  // and queues cudaMemcpyAsync from it on ctx's stream: stream-ordered after the work already
+  // queued (which may still read this buffer), with no device-wide wait. It waits only for
+  // this buffer's previous copy to have left the staging buffer before refilling it.
+  void upload_async(Context& ctx, const std::int32_t* host, std::size_t count);
 
  private:
+  void release() noexcept;
   std::int32_t* ptr_ = nullptr;
   std::size_t count_ = 0;
+  std::int32_t* staging_ = nullptr;  // pinned host memory, count_ values
+  void* copied_ = nullptr;           // cudaEvent_t recorded after the last async copy
 };
 
 }  // namespace pion::cuda
@@ -60,11 +70,20 @@ using i64 = std::int64_t;
 // Tf32: fp32 data rounded to TF32 on the tensor cores (~1e-3 relative);
 // Bf16: inputs (activations and the fp32 master weights) are rounded to bf16 into a
 //       caller-owned Bf16Workspace, multiplied on the tensor cores with fp32 accumulation
-//       (CUBLAS_COMPUTE_32F); outputs and gradients stay fp32 (~1e-2 relative).
+//       (CUBLAS_COMPUTE_32F); outputs and gradients stay fp32 (~1e-2 relative). A weight
+//       inside the workspace's mirror (Bf16Workspace::set_weight_mirror) is read from the
+//       mirror's bf16 copy instead of being converted again on every call.
 using cuda::MatmulPrecision;
 
+// How a backward function writes a gradient it produces: Add (+=, the default: callers zero
+// the buffer first, or accumulate several contributions) or Assign (=, the first writer of a
+// buffer: no zeroing pass before it, and its GEMMs run with beta = 0, so they do not read the
+// old values either).
+enum class GradWrite { Add, Assign };
+
 // Device scratch for the bf16 copies of a linear layer's operands. Allocated once at its
-// full size (set-up time: cudaMalloc), so calls that use it can be graph-captured.
+// full size (set-up time: cudaMalloc), so calls that use it can be graph-captured. Also used
+// as plain bf16 device storage (CudaLlama's bf16 copy of its weights).
 class Bf16Workspace {
  public:
   explicit Bf16Workspace(std::size_t elements);
@@ -74,12 +93,30 @@ class Bf16Workspace {
   std::size_t size() const { return count_; }
   void* data() const { return ptr_; }  // __nv_bfloat16[size()]
 
+  // Declares mirror[i] (count bf16 values, e.g. another Bf16Workspace's data()) the bf16 copy,
+  // rounded to nearest even, of weights[i]. Linear layers using this workspace then read a
+  // weight lying inside [weights, weights + count) from the mirror instead of converting it,
+  // so the conversion runs once per weight update instead of once per GEMM call. The caller
+  // keeps the mirror current (convert_to_bf16 after every change to the weights, before the
+  // next layer call reads them) and alive while this workspace is used. nullptr clears it.
+  void set_weight_mirror(const float* weights, const void* mirror, std::size_t count);
+  // The mirror's copy of weight[0, count), or nullptr when the range is not mirrored.
+  const void* mirrored(const float* weight, i64 count) const;
+
  private:
   void* ptr_ = nullptr;
   std::size_t count_ = 0;
+  const float* mirror_of_ = nullptr;
+  const void* mirror_ = nullptr;
+  std::size_t mirror_count_ = 0;
 };
-// Elements a Bf16Workspace needs for linear_forward and linear_backward at these sizes.
-std::size_t linear_bf16_workspace_elements(i64 n, i64 d_in, i64 d_out);
+// Elements a Bf16Workspace needs for linear_forward and linear_backward at these sizes; with
+// weight_mirrored, for a weight the workspace's mirror holds (no slice for the weight).
+std::size_t linear_bf16_workspace_elements(i64 n, i64 d_in, i64 d_out,
+                                           bool weight_mirrored = false);
+// out[i] = in[i] rounded to bf16 (nearest even), count values; out is __nv_bfloat16 device
+// memory (a Bf16Workspace's data(), say). The conversion the Bf16 linear layers apply.
+void convert_to_bf16(Context& ctx, void* out, const float* in, i64 count);
 
 // ---- token embedding: out[i] = table[tokens[i]] (table [V, c], out [n, c]) ----------------
 void embedding_forward(Context& ctx, float* out, const std::int32_t* tokens, const float* table,
@@ -95,21 +132,28 @@ void embedding_backward(Context& ctx, float* dtable, const float* dout, const st
 // One block per row, fp32 sums in a fixed tree order.
 void rmsnorm_forward(Context& ctx, float* out, float* rstd, const float* x, const float* weight,
                      i64 n, i64 c, double eps);
-// dx += ..., dweight += sum over rows of dout * x * rstd (columns split across blocks, rows
-// summed per column in a fixed order: no atomics).
-void rmsnorm_backward(Context& ctx, float* dx, float* dweight, const float* dout, const float* x,
-                      const float* weight, const float* rstd, i64 n, i64 c);
+// dx += ... (dx = ... with dx_write Assign), dweight += sum over rows of dout * x * rstd: a
+// 2-D grid of blocks (32 columns x kRmsNormChunkRows rows each) writes one partial sum per
+// column and row chunk into scratch (rmsnorm_backward_scratch_elements floats, overwritten),
+// then one thread per column adds its chunks' partials in chunk order. Every sum has a fixed
+// order and there are no atomics: the same bits on every run, in any block order.
+void rmsnorm_backward(Context& ctx, float* dx, float* dweight, float* scratch, const float* dout,
+                      const float* x, const float* weight, const float* rstd, i64 n, i64 c,
+                      GradWrite dx_write = GradWrite::Add);
+inline constexpr i64 kRmsNormChunkRows = 64;
+// ceil(n / kRmsNormChunkRows) * c.
+std::size_t rmsnorm_backward_scratch_elements(i64 n, i64 c);
 
 // ---- linear without bias: out [n, d_out] = in [n, d_in] * weight[d_out, d_in]^T -------------
 // workspace is needed (and must hold linear_bf16_workspace_elements) only for Bf16.
 void linear_forward(Context& ctx, float* out, const float* in, const float* weight, i64 n, i64 d_in,
                     i64 d_out, MatmulPrecision precision = MatmulPrecision::Fp32,
                     Bf16Workspace* workspace = nullptr);
-// din += dout W (din may be nullptr), dweight += dout^T in.
+// din += dout W (din may be nullptr; din = dout W with din_write Assign), dweight += dout^T in.
 void linear_backward(Context& ctx, float* din, float* dweight, const float* dout, const float* in,
                      const float* weight, i64 n, i64 d_in, i64 d_out,
                      MatmulPrecision precision = MatmulPrecision::Fp32,
-                     Bf16Workspace* workspace = nullptr);
+                     Bf16Workspace* workspace = nullptr, GradWrite din_write = GradWrite::Add);
 
 // ---- rotary position embedding (pairs (i, i + head_dim/2), like the CPU) ---------------------
 // The cos / sin tables of pion::layers::make_rope_table<float> ([seq_len, half] each), copied
@@ -149,15 +193,19 @@ void attention_forward(Context& ctx, float* out, float* probs, const float* qkv,
                        i64 n_head, i64 head_dim, i64 n_kv_head = 0,
                        MatmulPrecision precision = MatmulPrecision::Fp32);
 // dqkv += gradient (a K/V head's gradient sums over the query heads of its group, in a fixed
-// order); scratch holds batch * n_head * seq * seq floats (overwritten).
+// order; dqkv = gradient with dqkv_write Assign); scratch holds batch * n_head * seq * seq
+// floats (overwritten).
 void attention_backward(Context& ctx, float* dqkv, float* scratch, const float* dout,
                         const float* probs, const float* qkv, i64 batch, i64 seq, i64 n_head,
                         i64 head_dim, i64 n_kv_head = 0,
-                        MatmulPrecision precision = MatmulPrecision::Fp32);
+                        MatmulPrecision precision = MatmulPrecision::Fp32,
+                        GradWrite dqkv_write = GradWrite::Add);
 
 // ---- SwiGLU: gu [n, 2 f] = [gate | up], out [n, f] = silu(gate) * up -------------------------
 void swiglu_forward(Context& ctx, float* out, const float* gu, i64 n, i64 f);
-void swiglu_backward(Context& ctx, float* dgu, const float* dout, const float* gu, i64 n, i64 f);
+// dgu += gradient (dgu = gradient with dgu_write Assign).
+void swiglu_backward(Context& ctx, float* dgu, const float* dout, const float* gu, i64 n, i64 f,
+                     GradWrite dgu_write = GradWrite::Add);
 
 // ---- residual stream -------------------------------------------------------------------------
 // out = x + delta (out may alias x or delta). Its backward is accumulate(dx, dout) and

@@ -70,6 +70,16 @@ class CudaLlama {
   // Synchronous copies of the whole buffers (host spans of num_params() floats), e.g. from
   // and to a Llama<float>'s params() for initialisation, checkpoints and evaluation.
   void upload_params(std::span<const float> host);
+
+  // With Bf16 matmuls the GEMMs read a bf16 copy of the weights, made by one conversion pass
+  // at the start of forward_backward (not one per GEMM call). By default every
+  // forward_backward makes it, since params() may have been written through its pointer since
+  // the last call. A caller that reports every such write (weights_changed(): after each
+  // optimizer step) can turn tracking on: the copy is then made only on the first
+  // forward_backward after a change (upload_params counts as one), i.e. once per optimizer
+  // step however many micro-batches accumulate. No effect at other precisions.
+  void track_weight_changes(bool on);
+  void weights_changed();
   void download_params(std::span<float> host) const;
   void download_grads(std::span<float> host) const;
 
