@@ -15,6 +15,7 @@
 #include "pion/cuda/optim.h"
 #include "pion/cuda/optim_like.h"
 #include "pion/dist/communicator.h"
+#include "pion/model/generate.h"
 #include "pion/optim/pion.h"
 #include "pion/train/build_optimizer.h"
 #include "pion/train/checkpoint.h"
@@ -238,9 +239,7 @@ class CudaBackend final : public TrainBackend {
  public:
   CudaBackend(const TrainConfig& cfg, Llama<float>& host_model)
       : cfg_(cfg), host_(host_model), params_(host_model.named_params()) {
-    check(!dist::world().distributed(),
-          "--device cuda trains in one process: data parallelism across GPUs (NCCL) is not "
-          "built yet; run without mpirun, or with --device cpu under mpirun");
+    require_one_process();
     check(device_count() > 0,
           "--device cuda: no CUDA device is visible (cudaGetDeviceCount reports none); run on a "
           "machine with an NVIDIA GPU, or drop --device cuda to train on the CPU");
@@ -281,13 +280,26 @@ class CudaBackend final : public TrainBackend {
   void zero_grad() override { run_->model().zero_grad(); }
 
   double forward_backward(const MicroBatch& batch, double weight, bool /*last*/) override {
-    // pion rl refuses --device cuda up front; this keeps any other caller from silently
-    // training the mean cross-entropy instead of its objective.
-    check(!batch.objective,
-          "--device cuda: RL objectives (pion rl) run on the CPU only for now; use --device cpu");
     CudaLlama& model = run_->model();
+    if (batch.objective) return objective_forward_backward(batch, weight);
     model.forward_backward(batch.inputs, batch.targets, batch.rows, batch.seq, weight);
     return model.read_loss().loss;
+  }
+
+  // RL, as CpuBackend::objective_forward_backward: forward, the objective's weights from the
+  // per-target log-probs (downloaded in double), backward of the weighted loss. The objective is
+  // normalised over the batch already; one process, so its value is the step's share as is.
+  double objective_forward_backward(const MicroBatch& batch, double weight) {
+    CudaLlama& model = run_->model();
+    model.forward_backward(batch.inputs, batch.targets, batch.rows, batch.seq, 0.0);
+    const auto n = static_cast<std::size_t>(batch.rows) * static_cast<std::size_t>(batch.seq);
+    log_probs_.resize(n);
+    entropies_.resize(n);
+    target_weights_.resize(n);
+    model.target_log_probs(log_probs_, entropies_);
+    const double loss = batch.objective(log_probs_, entropies_, target_weights_);
+    model.weighted_backward(target_weights_, weight);
+    return loss;
   }
 
   void finish_grads() override {}  // one process: nothing to reduce
@@ -318,6 +330,22 @@ class CudaBackend final : public TrainBackend {
     };
     return evaluator(device_loss);
   }
+
+  // Sampling for RL. Today: the device's weights into the host mirror, then the CPU's KV-cached
+  // generate_tokens over it (correct, and slower than sampling on the device). A CUDA generator
+  // plugs in here: replace the two lines of the lambda by
+  //   return cuda::generate_tokens(run_->model(), prompts, options, rngs);
+  // (a decoder reading run_->model()'s device parameters directly; no download, and nothing
+  // else changes: RlSource only sees this PolicySampler).
+  PolicySampler policy_sampler() override {
+    return [this](std::span<const std::vector<std::int32_t>> prompts,
+                  const GenerateOptions& options, std::span<Rng> rngs) {
+      run_->download_weights();
+      return generate_tokens(host_, prompts, options, rngs);
+    };
+  }
+
+  void sync_host_weights() override { run_->download_weights(); }
 
   std::optional<double> spectrum_drift(bool at_eval) override {
     if (at_eval && !drift_at_evals_) return std::nullopt;
@@ -374,9 +402,17 @@ class CudaBackend final : public TrainBackend {
   std::int64_t skipped_ = 0;
   bool drift_at_evals_ = false;
   double optimizer_seconds_ = 0.0;
+  // RL's per-micro-batch host arrays (reused).
+  std::vector<double> log_probs_, entropies_, target_weights_;
 };
 
 }  // namespace
+
+void require_one_process() {
+  check(!dist::world().distributed(),
+        "--device cuda trains in one process: data parallelism across GPUs (NCCL) is not "
+        "built yet; run without mpirun, or with --device cpu under mpirun");
+}
 
 std::unique_ptr<TrainBackend> make_cuda_backend(const TrainConfig& config,
                                                 Llama<float>& host_model) {

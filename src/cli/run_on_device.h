@@ -10,6 +10,9 @@ namespace pion::cli {
 TrainSummary run_training_on_device(TrainInputs inputs, Llama<float>& model);
 // Throws the same errors up front (before any data is prepared) when the device cannot run.
 void require_device(const TrainConfig& config);
+// require_device, and what the training back end of that device refuses before it starts
+// (CUDA: mpirun).
+void require_training_device(const TrainConfig& config);
 
 // The forward-only loss of `model`'s current weights on config.device: the CPU model itself,
 // or a GPU copy (config.matmul_precision, config.attention) that the returned function owns.

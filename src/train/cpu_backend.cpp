@@ -13,6 +13,7 @@
 #include "pion/core/error.h"
 #include "pion/dist/communicator.h"
 #include "pion/dist/shard.h"
+#include "pion/model/generate.h"
 #include "pion/model/memory.h"
 #include "pion/train/build_optimizer.h"
 
@@ -251,6 +252,14 @@ class CpuBackend final : public TrainBackend {
   std::optional<double> spectrum_drift(bool /*at_eval*/) override {
     return comm_.allreduce_max(max_spectrum_drift(optimizers_));
   }
+
+  PolicySampler policy_sampler() override {
+    return [this](std::span<const std::vector<std::int32_t>> prompts,
+                  const GenerateOptions& options, std::span<Rng> rngs) {
+      return generate_tokens(model_, prompts, options, rngs);
+    };
+  }
+  void sync_host_weights() override {}  // model_ is the host model
 
   nlohmann::json spectra() override { return spectra_json(params_); }
 

@@ -76,7 +76,13 @@ RlSource::RlSource(Llama<float>& policy, std::unique_ptr<Llama<float>> reference
   check_rl_prompts(tasks_, tokenizer, config);
   for (const auto& t : tasks_) task_tokens_.push_back(tokenizer.encode(t.prompt));
   reference_->set_training(false);
+  sampler_ = [this](std::span<const std::vector<std::int32_t>> prompts,
+                    const GenerateOptions& options, std::span<Rng> rngs) {
+    return generate_tokens(policy_, prompts, options, rngs);
+  };
 }
+
+void RlSource::attach(TrainBackend& backend) { sampler_ = backend.policy_sampler(); }
 
 void RlSource::sample() {
   const int P = config_.rl_prompts_per_step, G = config_.rl_group_size;
@@ -114,7 +120,7 @@ void RlSource::sample() {
         row_rngs.push_back(completion_rng(round_seed, global * static_cast<std::size_t>(G) + g));
       }
     }
-    const std::vector<Generation> gens = generate_tokens(policy_, prompts, opts, row_rngs);
+    const std::vector<Generation> gens = sampler_(prompts, opts, row_rngs);
     for (std::size_t j = 0; j < groups.size(); ++j) {
       for (int g = 0; g < G; ++g) {
         const std::size_t k = j * static_cast<std::size_t>(G) + static_cast<std::size_t>(g);
@@ -154,7 +160,7 @@ void RlSource::sample() {
     sample_groups(redo, round);
   }
   if (world_ > 1) resampled_groups_ = dist::world().allreduce_sum(resampled_groups_);
-  policy_.set_training(true);  // generation switched it to eval mode
+  policy_.set_training(true);  // generation on the host model switched it to eval mode
 
   std::vector<double> rewards(rows_.size());
   completion_tokens_ = 0.0;

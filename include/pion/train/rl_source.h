@@ -3,7 +3,9 @@
 //
 // Every ppo_epochs steps it samples a batch: P = rl_prompts_per_step task prompts drawn
 // uniformly (with replacement) with its sampling RNG, G = rl_group_size completions each from
-// the CURRENT policy (generate.h: batched, KV-cached; temperature rl_temperature, nucleus
+// the CURRENT policy (the back end's PolicySampler, backend.h, given to attach() by
+// run_training: generate.h's batched, KV-cached decoding on the CPU model, or on the CUDA back
+// end the device's weights copied to the host first; temperature rl_temperature, nucleus
 // rl_top_p; a completion ends at the end marker or after rl_max_new_tokens), scored by the
 // verifier (answer_matches: exact match after normalising whitespace, 1 or 0), with
 // group-relative advantages (grpo.h). It keeps each completion token's log-prob under the
@@ -50,8 +52,10 @@ void check_rl_prompts(std::span<const FinetuneExample> tasks, const Tokenizer& t
 
 class RlSource final : public BatchSource {
  public:
-  // `policy` is the model being trained (it must outlive the source); `reference` a frozen
-  // copy of its initial weights. Task prompts must fit: encoded prompt + rl_max_new_tokens
+  // `policy` is the host model being trained (it must outlive the source): its config, and what
+  // samples until attach() gives the back end's sampler; `reference` a frozen copy of its
+  // initial weights (its log-probs, for the KL term, are computed on the CPU whatever the back
+  // end). Task prompts must fit: encoded prompt + rl_max_new_tokens
   // <= seq_len + 1 (checked here, naming the task).
   RlSource(Llama<float>& policy, std::unique_ptr<Llama<float>> reference,
            const Tokenizer& tokenizer, std::vector<FinetuneExample> tasks,
@@ -61,6 +65,9 @@ class RlSource final : public BatchSource {
   nlohmann::json state() const override;
   void restore(const nlohmann::json& state) override;
   TargetObjective objective() override;
+  // Samples from then on with backend.policy_sampler() (the weights being trained, wherever
+  // they live).
+  void attach(TrainBackend& backend) override;
   void annotate_step(nlohmann::json& record) override;
 
  private:
@@ -74,6 +81,7 @@ class RlSource final : public BatchSource {
   void fill(std::size_t row, std::span<std::int32_t> inputs, std::span<std::int32_t> targets) const;
 
   Llama<float>& policy_;
+  PolicySampler sampler_;  // generate_tokens on policy_ until attach()
   std::unique_ptr<Llama<float>> reference_;
   const Tokenizer& tokenizer_;
   std::vector<FinetuneExample> tasks_;
