@@ -345,6 +345,20 @@ class CudaBackend final : public TrainBackend {
     };
   }
 
+  // The reference policy on the device, with the training model's options (precision,
+  // attention), so its log-probs are the bits the training forward gives the same weights. It
+  // holds a gradient buffer it never uses (CudaLlama always has one): num_params floats.
+  TargetScorer frozen_scorer(Llama<float>& frozen) override {
+    auto model = std::make_shared<CudaLlama>(ctx_, frozen.config(), run_->model().options());
+    model->upload_params(
+        {frozen.params().data<float>(), static_cast<std::size_t>(frozen.params().numel())});
+    return [model](std::span<const std::int32_t> inputs, std::span<const std::int32_t> targets,
+                   int rows, int seq, std::span<double> log_probs) {
+      model->forward_backward(inputs, targets, rows, seq, 0.0);
+      model->target_log_probs(log_probs);
+    };
+  }
+
   void sync_host_weights() override { run_->download_weights(); }
 
   std::optional<double> spectrum_drift(bool at_eval) override {

@@ -73,10 +73,11 @@ void run_rl(const ConfigFlags& flags, const RlArgs& args) {
   config.data = args.tasks.empty() ? "arithmetic" : args.tasks;
   config.validate();
   require_training_device(config);  // before anything is prepared or written
-  // The CPU runs the whole step on the CPU back end; with --device cuda it still runs the
-  // reference model's forward over each micro-batch (no gradients) and samples on the host.
-  check_batch_memory(base.model->config(), config.batch_size, config.seq_len,
-                     config.device == "cpu", "pion rl");
+  // Activations for a training batch live where the back end runs: checked here for the CPU
+  // (the CUDA back end's forward, backward and reference forward are on the device; the host
+  // keeps weights and the sampler's KV cache, bounded by its max_cache_bytes).
+  if (config.device == "cpu")
+    check_batch_memory(base.model->config(), config.batch_size, config.seq_len, true, "pion rl");
 
   std::vector<FinetuneExample> tasks = load_tasks(args, config);
   check(tasks.size() >= 2, "rl: need at least 2 tasks (some are held out for evaluation)");
@@ -96,7 +97,8 @@ void run_rl(const ConfigFlags& flags, const RlArgs& args) {
   // from the device before each sampling phase and each held-out evaluation (backend.h's
   // policy_sampler and sync_host_weights) and leaves holding the final weights.
   Llama<float>& model = *base.model;
-  // The reference policy: a frozen copy of the starting weights (on the CPU on either device).
+  // The reference policy: a frozen copy of the starting weights, scored on the training device
+  // (TrainBackend::frozen_scorer: a device copy under --device cuda).
   auto reference = std::make_unique<Llama<float>>(model.config());
   {
     TensorFile weights;

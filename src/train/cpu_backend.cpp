@@ -259,6 +259,13 @@ class CpuBackend final : public TrainBackend {
       return generate_tokens(model_, prompts, options, rngs);
     };
   }
+  TargetScorer frozen_scorer(Llama<float>& frozen) override {
+    return [&frozen](std::span<const std::int32_t> inputs, std::span<const std::int32_t> targets,
+                     int rows, int seq, std::span<double> log_probs) {
+      frozen.forward(inputs, targets, rows, seq);
+      frozen.target_log_probs(log_probs);
+    };
+  }
   void sync_host_weights() override {}  // model_ is the host model
 
   nlohmann::json spectra() override { return spectra_json(params_); }

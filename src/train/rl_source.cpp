@@ -80,9 +80,18 @@ RlSource::RlSource(Llama<float>& policy, std::unique_ptr<Llama<float>> reference
                     const GenerateOptions& options, std::span<Rng> rngs) {
     return generate_tokens(policy_, prompts, options, rngs);
   };
+  reference_scorer_ = [this](std::span<const std::int32_t> inputs,
+                             std::span<const std::int32_t> targets, int rows, int seq,
+                             std::span<double> log_probs) {
+    reference_->forward(inputs, targets, rows, seq);
+    reference_->target_log_probs(log_probs);
+  };
 }
 
-void RlSource::attach(TrainBackend& backend) { sampler_ = backend.policy_sampler(); }
+void RlSource::attach(TrainBackend& backend) {
+  sampler_ = backend.policy_sampler();
+  reference_scorer_ = backend.frozen_scorer(*reference_);
+}
 
 void RlSource::sample() {
   const int P = config_.rl_prompts_per_step, G = config_.rl_group_size;
@@ -181,8 +190,7 @@ void RlSource::sample() {
       fill(first + static_cast<std::size_t>(b),
            std::span(inputs).subspan(static_cast<std::size_t>(b) * T, static_cast<std::size_t>(T)),
            std::span(targets).subspan(static_cast<std::size_t>(b) * T, static_cast<std::size_t>(T)));
-    reference_->forward(inputs, targets, B, T);
-    reference_->target_log_probs(logp);
+    reference_scorer_(inputs, targets, B, T, logp);
     for (int b = 0; b < B; ++b) {
       Row& r = rows_[first + static_cast<std::size_t>(b)];
       r.ref_logp.resize(r.logp_old.size());

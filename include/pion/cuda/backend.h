@@ -21,7 +21,8 @@
 // - RL objectives (MicroBatch::objective) run as on the CPU: a forward-only pass, the
 //   per-target log-probs and entropies downloaded in double, the objective on the host, and
 //   the weighted cross-entropy's backward; policy_sampler() copies the device's weights into
-//   the host model and generates there (where a CUDA generator will plug in).
+//   the host model and generates there (where a CUDA generator will plug in); frozen_scorer()
+//   (RL's reference policy) is a forward-only CudaLlama with the training model's options.
 // - spectrum drift at evals needs an fp64 SVD of every Pion matrix on the host; it is computed
 //   at evals only while the Pion matrices hold under 20M parameters, and always at the end.
 // - the optimizer step of every group is captured into one CUDA graph after the first

@@ -61,6 +61,12 @@ using TargetObjective = std::function<double(std::span<const double> log_probs,
 // copied into the host mirror and generate_tokens runs on the CPU; a CUDA generator over the
 // back end's CudaLlama replaces that inside CudaBackend::policy_sampler (cuda_backend.cpp),
 // with no change to the callers.
+// Per-target log p(target) of batches under FIXED weights (RL's reference policy, for the KL
+// term): inputs and targets [rows, seq] -> log_probs [rows * seq] (0 where target < 0).
+using TargetScorer =
+    std::function<void(std::span<const std::int32_t> inputs, std::span<const std::int32_t> targets,
+                       int rows, int seq, std::span<double> log_probs)>;
+
 using PolicySampler = std::function<std::vector<Generation>(
     std::span<const std::vector<std::int32_t>> prompts, const GenerateOptions& options,
     std::span<Rng> rngs)>;
@@ -127,6 +133,12 @@ class TrainBackend {
   // After begin(): a sampler over the current weights (PolicySampler above), valid while the
   // back end lives.
   virtual PolicySampler policy_sampler() = 0;
+  // After begin(): a scorer of `frozen`'s weights as they are now, computed where and as this
+  // back end computes the training forward (same device, precision and kernels), so a policy
+  // equal to `frozen` gets the very same log-probs: RL's KL to the reference is exactly 0 until
+  // the policy moves, on either device. CPU: runs on `frozen`, which must outlive the scorer;
+  // CUDA: a forward-only device copy of its weights.
+  virtual TargetScorer frozen_scorer(Llama<float>& frozen) = 0;
   // After begin(): makes the host model the back end was built over hold the current weights,
   // for code that reads that model between steps (RL's held-out exact match). CPU: it is the
   // model, nothing to do; CUDA: a download of the weights (the mirror's optimizer state is left

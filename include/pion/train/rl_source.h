@@ -10,7 +10,8 @@
 // verifier (answer_matches: exact match after normalising whitespace, 1 or 0), with
 // group-relative advantages (grpo.h). It keeps each completion token's log-prob under the
 // sampling policy (logp_old, of the unmodified logits) and under the frozen initial policy
-// (ref_logp, one forward of the reference model), and the batch's completion-token count N.
+// (ref_logp, one forward of the reference model on the training back end's device:
+// TrainBackend::frozen_scorer), and the batch's completion-token count N.
 // The P * G rows (prompt + completion, laid out as finetuning rows: targets on completion
 // tokens only) are handed out as grad_accum micro-batches of batch_size rows, for ppo_epochs
 // consecutive steps; each micro-batch carries the GRPO objective (grpo_token_objective,
@@ -54,8 +55,7 @@ class RlSource final : public BatchSource {
  public:
   // `policy` is the host model being trained (it must outlive the source): its config, and what
   // samples until attach() gives the back end's sampler; `reference` a frozen copy of its
-  // initial weights (its log-probs, for the KL term, are computed on the CPU whatever the back
-  // end). Task prompts must fit: encoded prompt + rl_max_new_tokens
+  // initial weights (its log-probs are the KL term's). Task prompts must fit: encoded prompt + rl_max_new_tokens
   // <= seq_len + 1 (checked here, naming the task).
   RlSource(Llama<float>& policy, std::unique_ptr<Llama<float>> reference,
            const Tokenizer& tokenizer, std::vector<FinetuneExample> tasks,
@@ -66,7 +66,8 @@ class RlSource final : public BatchSource {
   void restore(const nlohmann::json& state) override;
   TargetObjective objective() override;
   // Samples from then on with backend.policy_sampler() (the weights being trained, wherever
-  // they live).
+  // they live), and scores the reference with backend.frozen_scorer(reference) (on the device
+  // the policy trains on, so the KL starts at exactly 0 there too).
   void attach(TrainBackend& backend) override;
   void annotate_step(nlohmann::json& record) override;
 
@@ -82,6 +83,7 @@ class RlSource final : public BatchSource {
 
   Llama<float>& policy_;
   PolicySampler sampler_;  // generate_tokens on policy_ until attach()
+  TargetScorer reference_scorer_;  // reference_ on the CPU until attach()
   std::unique_ptr<Llama<float>> reference_;
   const Tokenizer& tokenizer_;
   std::vector<FinetuneExample> tasks_;
