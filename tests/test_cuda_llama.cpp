@@ -442,9 +442,10 @@ TEST(CudaLlama, RlObjectivePathMatchesCpuModel) {
         worst_name = e.name;
       }
     }
-    std::printf("rl objective path, fp32 %s vs cpu: log-probs %.2e, entropies %.2e (abs), worst "
-                "grad %.2e (%s)\n",
-                c.name, lp_err, h_err, worst, worst_name.c_str());
+    std::printf(
+        "rl objective path, fp32 %s vs cpu: log-probs %.2e, entropies %.2e (abs), worst "
+        "grad %.2e (%s)\n",
+        c.name, lp_err, h_err, worst, worst_name.c_str());
     EXPECT_LT(lp_err, 2e-5) << c.name;
     EXPECT_LT(h_err, 2e-5) << c.name;
     EXPECT_LT(worst, 2e-4) << c.name << " " << worst_name;

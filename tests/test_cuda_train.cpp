@@ -84,8 +84,10 @@ TEST(CudaTrain, ClearErrorWithoutGpu) {
   EXPECT_EQ(bad.exit_code, 2);
   EXPECT_NE(bad.output.find("'device' must be cpu or cuda"), std::string::npos) << bad.output;
   // pion rl refuses the same way, before it writes anything into its out_dir.
-  auto tasks = test::run_pion("make-task arithmetic --n 20 --max_digits 1 --answer_key answer "
-                              "--out " + dir + "/tasks.jsonl");
+  auto tasks = test::run_pion(
+      "make-task arithmetic --n 20 --max_digits 1 --answer_key answer "
+      "--out " +
+      dir + "/tasks.jsonl");
   ASSERT_EQ(tasks.exit_code, 0) << tasks.output;
   auto rl = test::run_pion("rl --from " + dir + "/cpu/checkpoint.safetensors --tasks " + dir +
                            "/tasks.jsonl --out_dir " + dir + "/rl --max_iters 1 --device cuda");
@@ -250,15 +252,20 @@ const RlFixture& rl_fixture() {
   static const RlFixture f = [] {
     RlFixture x;
     x.dir = test::temp_dir("cuda-rl");
-    auto r = test::run_pion("train --data fortunes --n_layer 1 --n_head 2 --d_model 32 "
-                            "--seq_len 24 --batch_size 4 --max_iters 3 --eval_interval 0 "
-                            "--threads 1 --out_dir " + x.dir + "/base");
+    auto r = test::run_pion(
+        "train --data fortunes --n_layer 1 --n_head 2 --d_model 32 "
+        "--seq_len 24 --batch_size 4 --max_iters 3 --eval_interval 0 "
+        "--threads 1 --out_dir " +
+        x.dir + "/base");
     EXPECT_EQ(r.exit_code, 0) << r.output;
-    r = test::run_pion("make-task arithmetic --n 200 --max_digits 1 --answer_key response "
-                       "--out " + x.dir + "/ft.jsonl");
+    r = test::run_pion(
+        "make-task arithmetic --n 200 --max_digits 1 --answer_key response "
+        "--out " +
+        x.dir + "/ft.jsonl");
     EXPECT_EQ(r.exit_code, 0) << r.output;
     r = test::run_pion("finetune --from " + x.dir + "/base/checkpoint.safetensors --tasks " +
-                       x.dir + "/ft.jsonl --out_dir " + x.dir + "/ft --max_iters 150 "
+                       x.dir + "/ft.jsonl --out_dir " + x.dir +
+                       "/ft --max_iters 150 "
                        "--batch_size 8 --lr 0.01 --threads 1 --eval_interval 0");
     EXPECT_EQ(r.exit_code, 0) << r.output;
     x.ckpt = x.dir + "/ft/checkpoint.safetensors";
@@ -298,7 +305,9 @@ std::vector<nlohmann::json> rl_metrics(const std::string& run_dir) {
 struct RlCase {
   std::string name, extra;
 };
-void PrintTo(const RlCase& c, std::ostream* os) { *os << c.name; }
+void PrintTo(const RlCase& c, std::ostream* os) {
+  *os << c.name;
+}
 
 }  // namespace
 
@@ -361,9 +370,10 @@ TEST_P(CudaRlParity, FollowsCpuRun) {
       worst_name = name;
     }
   }
-  std::printf("rl %s: %zu steps, rewards/lengths equal; worst |cpu - gpu|: loss %.2e, entropy "
-              "%.2e, kl %.2e; final weights %.2e (%s)\n",
-              c.name.c_str(), a.size(), loss_err, entropy_err, kl_err, worst, worst_name.c_str());
+  std::printf(
+      "rl %s: %zu steps, rewards/lengths equal; worst |cpu - gpu|: loss %.2e, entropy "
+      "%.2e, kl %.2e; final weights %.2e (%s)\n",
+      c.name.c_str(), a.size(), loss_err, entropy_err, kl_err, worst, worst_name.c_str());
   EXPECT_TRUE(signal) << "every sampled group had equal rewards: the fixture trains nothing";
   EXPECT_LT(loss_err, 1e-4);
   EXPECT_LT(entropy_err, 1e-4);
@@ -394,8 +404,8 @@ TEST(CudaRl, ResumeIsExact) {
   auto b2 = test::run_pion(rl_flags(dir + "/b", "cuda") + extra + " --resume");
   ASSERT_EQ(b2.exit_code, 0) << b2.output;
   EXPECT_NE(b2.output.find("resumed from"), std::string::npos) << b2.output;
-  ASSERT_NO_FATAL_FAILURE(
-      test::expect_same_tensors(dir + "/a/checkpoint.safetensors", dir + "/b/checkpoint.safetensors"));
+  ASSERT_NO_FATAL_FAILURE(test::expect_same_tensors(dir + "/a/checkpoint.safetensors",
+                                                    dir + "/b/checkpoint.safetensors"));
   EXPECT_EQ(rl_metrics(dir + "/a"), rl_metrics(dir + "/b"));
   EXPECT_EQ(read_json_file(dir + "/a/summary.json")["exact_match"],
             read_json_file(dir + "/b/summary.json")["exact_match"]);

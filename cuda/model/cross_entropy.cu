@@ -216,8 +216,8 @@ void TargetLogProbs::read(Context& ctx, double* log_probs, double* entropies, i6
   const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(double);
   PION_CUDA_CHECK(cudaMemcpy(log_probs, impl_->values, bytes, cudaMemcpyDeviceToHost));
   if (entropies != nullptr)
-    PION_CUDA_CHECK(cudaMemcpy(entropies, impl_->values + impl_->max_rows, bytes,
-                               cudaMemcpyDeviceToHost));
+    PION_CUDA_CHECK(
+        cudaMemcpy(entropies, impl_->values + impl_->max_rows, bytes, cudaMemcpyDeviceToHost));
 }
 
 void target_log_probs(Context& ctx, TargetLogProbs& out, const float* logits, const float* lse,
@@ -242,8 +242,8 @@ void weighted_cross_entropy_backward(Context& ctx, float* dlogits, const float* 
   require_positive(n, who, "n");
   require_positive(v, who, "v");
   const unsigned rows = static_cast<unsigned>(as_int(n, who, "n"));
-  weighted_ce_backward_kernel<<<rows, kThreads, 0, stream_of(ctx)>>>(dlogits, logits, lse,
-                                                                      targets, row_scale, v);
+  weighted_ce_backward_kernel<<<rows, kThreads, 0, stream_of(ctx)>>>(dlogits, logits, lse, targets,
+                                                                     row_scale, v);
   PION_CUDA_CHECK_LAUNCH("weighted_ce_backward_kernel");
 }
 

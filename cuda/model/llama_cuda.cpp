@@ -334,8 +334,8 @@ struct Pass {
       fill_zero(ctx, m.dgu, 2 * n * f);
       layers::swiglu_backward(ctx, m.dgu, m.dact, a.gu, n, f);
       fill_zero(ctx, m.dh, n * d);
-      layers::linear_backward(ctx, m.dh, g.w_gate_up, m.dgu, normed(a.h2, a.x_mid), w.w_gate_up,
-                              n, d, 2 * f, mp, ws);
+      layers::linear_backward(ctx, m.dh, g.w_gate_up, m.dgu, normed(a.h2, a.x_mid), w.w_gate_up, n,
+                              d, 2 * f, mp, ws);
       norm_backward(g.mlp_norm, a.x_mid, w.mlp_norm, a.rstd2);
       // Attention block: dres now holds dL/d(x_mid).
       fill_zero(ctx, m.datt, n * d);
@@ -419,9 +419,9 @@ void CudaLlama::weighted_backward(std::span<const double> weights, double loss_s
         "CudaLlama::weighted_backward: call forward_backward with loss_scale 0 first (once per "
         "backward)");
   const i64 n = static_cast<i64>(m.batch) * m.seq, v = config_.vocab_size;
-  check(static_cast<i64>(weights.size()) == n,
-        "CudaLlama::weighted_backward: got " + std::to_string(weights.size()) + " weights for " +
-            std::to_string(n) + " tokens");
+  check(static_cast<i64>(weights.size()) == n, "CudaLlama::weighted_backward: got " +
+                                                   std::to_string(weights.size()) +
+                                                   " weights for " + std::to_string(n) + " tokens");
   // The CPU's per-row factor, static_cast<float>(dloss * weight) (layers.cpp), so both devices
   // scale each row's softmax - onehot by the same float.
   m.row_scale_host.resize(static_cast<std::size_t>(n));

@@ -254,10 +254,9 @@ class CpuBackend final : public TrainBackend {
   }
 
   PolicySampler policy_sampler() override {
-    return [this](std::span<const std::vector<std::int32_t>> prompts,
-                  const GenerateOptions& options, std::span<Rng> rngs) {
-      return generate_tokens(model_, prompts, options, rngs);
-    };
+    return
+        [this](std::span<const std::vector<std::int32_t>> prompts, const GenerateOptions& options,
+               std::span<Rng> rngs) { return generate_tokens(model_, prompts, options, rngs); };
   }
   TargetScorer frozen_scorer(Llama<float>& frozen) override {
     return [&frozen](std::span<const std::int32_t> inputs, std::span<const std::int32_t> targets,

@@ -67,9 +67,9 @@ using TargetScorer =
     std::function<void(std::span<const std::int32_t> inputs, std::span<const std::int32_t> targets,
                        int rows, int seq, std::span<double> log_probs)>;
 
-using PolicySampler = std::function<std::vector<Generation>(
-    std::span<const std::vector<std::int32_t>> prompts, const GenerateOptions& options,
-    std::span<Rng> rngs)>;
+using PolicySampler =
+    std::function<std::vector<Generation>(std::span<const std::vector<std::int32_t>> prompts,
+                                          const GenerateOptions& options, std::span<Rng> rngs)>;
 
 // One micro-batch of this process: inputs and targets [rows, seq]; targets < 0 are ignored
 // by the loss (prompt tokens in finetuning, padding).

@@ -55,8 +55,8 @@ class RlSource final : public BatchSource {
  public:
   // `policy` is the host model being trained (it must outlive the source): its config, and what
   // samples until attach() gives the back end's sampler; `reference` a frozen copy of its
-  // initial weights (its log-probs are the KL term's). Task prompts must fit: encoded prompt + rl_max_new_tokens
-  // <= seq_len + 1 (checked here, naming the task).
+  // initial weights (its log-probs are the KL term's). Task prompts must fit: encoded prompt +
+  // rl_max_new_tokens <= seq_len + 1 (checked here, naming the task).
   RlSource(Llama<float>& policy, std::unique_ptr<Llama<float>> reference,
            const Tokenizer& tokenizer, std::vector<FinetuneExample> tasks,
            const TrainConfig& config, std::string end_marker = std::string(kDefaultEndMarker));
@@ -82,7 +82,7 @@ class RlSource final : public BatchSource {
   void fill(std::size_t row, std::span<std::int32_t> inputs, std::span<std::int32_t> targets) const;
 
   Llama<float>& policy_;
-  PolicySampler sampler_;  // generate_tokens on policy_ until attach()
+  PolicySampler sampler_;          // generate_tokens on policy_ until attach()
   TargetScorer reference_scorer_;  // reference_ on the CPU until attach()
   std::unique_ptr<Llama<float>> reference_;
   const Tokenizer& tokenizer_;
