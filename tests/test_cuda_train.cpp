@@ -5,6 +5,10 @@
 // and a CPU checkpoint on the GPU (same names and format), and resuming on the GPU is exact;
 // SIGTERM and periodic (checkpoint_minutes) checkpoints work in the GPU loop as on the CPU;
 // `pion sample` and `pion eval`'s exact-match answers on the GPU give the CPU's text.
+// `pion rl --device cuda` (issue 13): a few GRPO steps sample the same completions (rewards,
+// lengths) and end at the same weights as the CPU run, with and without the KL term and PPO
+// epochs; a GPU rl run stopped between two PPO epochs resumes bit-exactly; without a GPU, rl
+// --device cuda is refused like train.
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -14,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "compare.h"
 #include "helpers.h"
 #include "pion/core/safetensors.h"
 #include "pion/train/config.h"
@@ -94,6 +99,22 @@ TEST(CudaTrain, ClearErrorWithoutGpu) {
   auto bad = test::run_pion("train " + flags(corpus(dir), dir + "/run", "adamw", "tpu"));
   EXPECT_EQ(bad.exit_code, 2);
   EXPECT_NE(bad.output.find("'device' must be cpu or cuda"), std::string::npos) << bad.output;
+  // pion rl refuses the same way, before it writes anything into its out_dir.
+  auto tasks = test::run_pion(
+      "make-task arithmetic --n 20 --max_digits 1 --answer_key answer "
+      "--out " +
+      dir + "/tasks.jsonl");
+  ASSERT_EQ(tasks.exit_code, 0) << tasks.output;
+  auto rl = test::run_pion("rl --from " + dir + "/cpu/checkpoint.safetensors --tasks " + dir +
+                           "/tasks.jsonl --out_dir " + dir + "/rl --max_iters 1 --device cuda");
+  EXPECT_EQ(rl.exit_code, 2) << rl.output;
+#ifdef PION_HAVE_CUDA
+  EXPECT_NE(rl.output.find("no CUDA device is visible"), std::string::npos) << rl.output;
+#else
+  EXPECT_NE(rl.output.find("built without the CUDA back end"), std::string::npos) << rl.output;
+#endif
+  EXPECT_NE(rl.output.find("--device cpu"), std::string::npos) << rl.output;
+  EXPECT_FALSE(fs::exists(dir + "/rl")) << "nothing is written before the device is refused";
 }
 
 // One run of the parity test: the optimizer and extra train flags. "pion-variant" is issue
@@ -254,4 +275,181 @@ TEST(CudaTrain, SigtermAndPeriodicCheckpointsOnGpu) {
   while (std::getline(in, line))
     EXPECT_EQ(nlohmann::json::parse(line).at("step").get<int>(), expected++) << line;
   EXPECT_EQ(expected, stopped + 3);
+}
+
+// ---- pion rl --device cuda --------------------------------------------------------------------
+
+namespace {
+
+// A tiny model that sometimes answers: a base (char tokenizer over the built-in corpus, 1
+// layer, d_model 32, seq_len 24, 3 steps) finetuned 150 steps on one-digit additions on the
+// CPU (about 10% held-out exact match), so sampled groups have mixed rewards from the first
+// steps on and GRPO has a gradient (with all rewards equal, adaptive optimizers would turn
+// rounding noise into full-size updates and a comparison would mean nothing). Once per process.
+struct RlFixture {
+  std::string dir, ckpt, tasks;
+};
+const RlFixture& rl_fixture() {
+  static const RlFixture f = [] {
+    RlFixture x;
+    x.dir = test::temp_dir("cuda-rl");
+    auto r = test::run_pion(
+        "train --data fortunes --n_layer 1 --n_head 2 --d_model 32 "
+        "--seq_len 24 --batch_size 4 --max_iters 3 --eval_interval 0 "
+        "--threads 1 --out_dir " +
+        x.dir + "/base");
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    r = test::run_pion(
+        "make-task arithmetic --n 200 --max_digits 1 --answer_key response "
+        "--out " +
+        x.dir + "/ft.jsonl");
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    r = test::run_pion("finetune --from " + x.dir + "/base/checkpoint.safetensors --tasks " +
+                       x.dir + "/ft.jsonl --out_dir " + x.dir +
+                       "/ft --max_iters 150 "
+                       "--batch_size 8 --lr 0.01 --threads 1 --eval_interval 0");
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    x.ckpt = x.dir + "/ft/checkpoint.safetensors";
+    x.tasks = x.dir + "/tasks.jsonl";
+    r = test::run_pion("make-task arithmetic --n 40 --max_digits 1 --answer_key answer --out " +
+                       x.tasks);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return x;
+  }();
+  return f;
+}
+
+// P = 2 prompts x G = 3 completions of up to 4 tokens per sampled batch, the GPU's arithmetic
+// as close to the CPU's as it goes (fp32 GEMMs, materialised attention).
+std::string rl_flags(const std::string& out, const std::string& device) {
+  const RlFixture& f = rl_fixture();
+  return "rl --from " + f.ckpt + " --tasks " + f.tasks + " --out_dir " + out + " --device " +
+         device +
+         " --rl_prompts_per_step 2 --rl_group_size 3 --rl_max_new_tokens 4 --lr 0.01"
+         " --eval_interval 2 --eval_iters 2 --log_interval 1 --threads 1 --eval_examples 3"
+         " --matmul_precision fp32 --attention materialized --muon_precision fp32";
+}
+
+std::vector<nlohmann::json> rl_metrics(const std::string& run_dir) {
+  std::vector<nlohmann::json> out;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    j.erase("elapsed_seconds");  // wall time differs between runs
+    j.erase("tokens_per_sec");
+    out.push_back(j);
+  }
+  return out;
+}
+
+struct RlCase {
+  std::string name, extra;
+};
+void PrintTo(const RlCase& c, std::ostream* os) {
+  *os << c.name;
+}
+
+}  // namespace
+
+class CudaRlParity : public ::testing::TestWithParam<RlCase> {};
+
+// The GPU run against the CPU run of the same config. Sampling happens on the host from the
+// device's current weights (CudaBackend::policy_sampler), with the same per-completion RNG
+// streams, so the sampled tokens are the same as long as the two devices' weights are close
+// enough that no sampled token sits on a CDF boundary (~1e-6 wide here): for these few steps
+// the rewards, completion lengths and greedy exact matches must be EQUAL, not near. The rest
+// differs by fp32 summation order (GEMMs, reductions) only: per step the GRPO loss and the
+// entropy to 1e-4, the KL to 1e-5 + 1e-3 |KL| (the first step's exactly 0 on both: the
+// reference is scored on the training device), and the final weights to 1e-4 relative
+// (Frobenius, per tensor). On the emulator (2026-12-02): loss 2e-7, entropy 9e-6, KL 1.5e-6
+// (of ~1e-2), weights 9e-6 (muon + KL + 2 PPO epochs, 6 steps; adamw without KL: 8e-7).
+TEST_P(CudaRlParity, FollowsCpuRun) {
+  PION_REQUIRE_GPU_RUN();
+  const RlCase& c = GetParam();
+  const std::string dir = rl_fixture().dir + "/" + c.name;
+  auto cpu = test::run_pion(rl_flags(dir + "/cpu", "cpu") + c.extra);
+  ASSERT_EQ(cpu.exit_code, 0) << cpu.output;
+  auto gpu = test::run_pion(rl_flags(dir + "/gpu", "cuda") + c.extra);
+  ASSERT_EQ(gpu.exit_code, 0) << gpu.output;
+  const auto a = rl_metrics(dir + "/cpu"), b = rl_metrics(dir + "/gpu");
+  ASSERT_EQ(a.size(), b.size());
+  ASSERT_GE(a.size(), 4u);
+  // The reference is scored on the training device, so the first step's KL is 0 up to float
+  // rounding on both (the CPU scores it with the inference decoder, and without a KL term the
+  // rows left out of training contribute k3(sampling log-probs, reference), from two passes).
+  EXPECT_LT(a[0].at("kl").get<double>(), 1e-10);
+  EXPECT_LT(b[0].at("kl").get<double>(), 1e-10);
+  double loss_err = 0.0, entropy_err = 0.0, kl_err = 0.0;
+  bool signal = false;  // some group had mixed rewards (else nothing is compared)
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    signal = signal || a[i].at("no_signal_frac").get<double>() < 1.0;
+    for (const char* key : {"reward_mean", "completion_len_mean", "no_signal_frac", "ppo_epoch"})
+      EXPECT_EQ(a[i].at(key), b[i].at(key)) << key << " at step " << i + 1;
+    EXPECT_EQ(a[i].contains("exact_match"), b[i].contains("exact_match"));
+    if (a[i].contains("exact_match")) {
+      EXPECT_EQ(a[i]["exact_match"], b[i]["exact_match"]) << "step " << i + 1;
+    }
+    auto diff = [&](const char* key) {
+      return std::abs(a[i].at(key).get<double>() - b[i].at(key).get<double>());
+    };
+    loss_err = std::max(loss_err, diff("train_loss"));
+    entropy_err = std::max(entropy_err, diff("entropy"));
+    kl_err = std::max(kl_err, diff("kl"));
+    // The KL grows to ~1 at lr 0.01: relative past 1e-2.
+    EXPECT_LT(diff("kl"), 1e-5 + 1e-3 * std::abs(a[i].at("kl").get<double>())) << "step " << i + 1;
+    EXPECT_NEAR(a[i].at("clip_frac").get<double>(), b[i].at("clip_frac").get<double>(), 0.1);
+  }
+  TensorFile ca = load_safetensors(dir + "/cpu/checkpoint.safetensors");
+  TensorFile cb = load_safetensors(dir + "/gpu/checkpoint.safetensors");
+  double worst = 0.0;
+  std::string worst_name;
+  for (const auto& [name, t] : ca.tensors) {
+    if (name.rfind("model.", 0) != 0) continue;
+    ASSERT_TRUE(cb.tensors.count(name)) << name;
+    const double err = test::rel_frobenius_diff(cb.tensors.at(name), t);
+    if (err > worst) {
+      worst = err;
+      worst_name = name;
+    }
+  }
+  std::printf(
+      "rl %s: %zu steps, rewards/lengths equal; worst |cpu - gpu|: loss %.2e, entropy "
+      "%.2e, kl %.2e; final weights %.2e (%s)\n",
+      c.name.c_str(), a.size(), loss_err, entropy_err, kl_err, worst, worst_name.c_str());
+  EXPECT_TRUE(signal) << "every sampled group had equal rewards: the fixture trains nothing";
+  EXPECT_LT(loss_err, 1e-4);
+  EXPECT_LT(entropy_err, 1e-4);
+  EXPECT_LT(worst, 1e-4) << worst_name;
+  EXPECT_NE(gpu.output.find("held-out exact match"), std::string::npos) << gpu.output;
+  EXPECT_EQ(read_json_file(dir + "/cpu/summary.json")["exact_match"],
+            read_json_file(dir + "/gpu/summary.json")["exact_match"]);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Rl, CudaRlParity,
+    ::testing::Values(RlCase{"adamw_no_kl", " --optimizer adamw --max_iters 4 --kl_coef 0"},
+                      RlCase{"muon_kl_ppo2",
+                             " --optimizer muon --max_iters 6 --kl_coef 0.05 --ppo_epochs 2"}),
+    [](const ::testing::TestParamInfo<RlCase>& info) { return info.param.name; });
+
+// A GPU rl run stopped after step 3 (between the two PPO epochs of the second batch, which the
+// checkpoint then holds) and resumed ends bit for bit where the straight run does, samples of
+// its third batch included; the metrics are the same records.
+TEST(CudaRl, ResumeIsExact) {
+  PION_REQUIRE_GPU_RUN();
+  const std::string dir = rl_fixture().dir + "/resume";
+  const std::string extra = " --optimizer muon --max_iters 6 --kl_coef 0.05 --ppo_epochs 2";
+  auto a = test::run_pion(rl_flags(dir + "/a", "cuda") + extra);
+  ASSERT_EQ(a.exit_code, 0) << a.output;
+  auto b1 = test::run_pion(rl_flags(dir + "/b", "cuda") + extra + " --stop_after 3");
+  ASSERT_EQ(b1.exit_code, 0) << b1.output;
+  auto b2 = test::run_pion(rl_flags(dir + "/b", "cuda") + extra + " --resume");
+  ASSERT_EQ(b2.exit_code, 0) << b2.output;
+  EXPECT_NE(b2.output.find("resumed from"), std::string::npos) << b2.output;
+  ASSERT_NO_FATAL_FAILURE(test::expect_same_tensors(dir + "/a/checkpoint.safetensors",
+                                                    dir + "/b/checkpoint.safetensors"));
+  EXPECT_EQ(rl_metrics(dir + "/a"), rl_metrics(dir + "/b"));
+  EXPECT_EQ(read_json_file(dir + "/a/summary.json")["exact_match"],
+            read_json_file(dir + "/b/summary.json")["exact_match"]);
 }

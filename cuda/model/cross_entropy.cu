@@ -3,6 +3,9 @@
 //      gradient scale dloss / count on the device;
 //   2. one block per row: logsumexp, the row's loss, and dlogits += scale (softmax - onehot);
 //   3. one block sums the row losses in double, in a fixed order, into the mean.
+// RL's objective path (CudaLlama::target_log_probs / weighted_backward) adds two one-block-per-row
+// kernels over the same logits and lse: per-target log-probs and entropies (kept in double for
+// the host), and the gradient of the per-target weighted cross-entropy.
 #include <utility>
 
 #include "common.cuh"
@@ -88,6 +91,52 @@ __global__ void ce_mean_kernel(CeScalars* s, const float* row_loss, i64 n) {
   if (threadIdx.x == 0) s->loss = s->count > 0 ? total / static_cast<double>(s->count) : 0.0;
 }
 
+// RL. One block per row: log p(target) = x[t] - lse in double, and the entropy
+// H = -sum_j p_j (x_j - lse), p_j = exp(x_j - lse) (per-thread fp32 partials, then a double
+// block sum in a fixed order). Rows without a valid target get 0 for both.
+__global__ void target_log_probs_kernel(double* log_probs, double* entropies, const float* logits,
+                                        const float* lse, const std::int32_t* targets, i64 v) {
+  const i64 r = blockIdx.x;
+  const std::int32_t t = targets[r];
+  if (t < 0 || t >= v) {  // uniform over the block: no thread reaches the barriers below
+    if (threadIdx.x == 0) {
+      log_probs[r] = 0.0;
+      entropies[r] = 0.0;
+    }
+    return;
+  }
+  const float* x = logits + r * v;
+  const float l = lse[r];
+  float partial = 0.0f;
+  for (i64 j = threadIdx.x; j < v; j += blockDim.x) {
+    const float lp = x[j] - l;
+    partial -= expf(lp) * lp;
+  }
+  const double h = block_sum_wide(static_cast<double>(partial));
+  if (threadIdx.x == 0) {
+    log_probs[r] = static_cast<double>(x[t]) - static_cast<double>(l);
+    entropies[r] = h;
+  }
+}
+
+// One block per row: dlogits_j += g exp(x_j - lse), then dlogits_target -= g, as the CPU's
+// weighted_cross_entropy_backward (and ce_row_kernel) order them.
+__global__ void weighted_ce_backward_kernel(float* dlogits, const float* logits, const float* lse,
+                                            const std::int32_t* targets, const float* row_scale,
+                                            i64 v) {
+  const i64 r = blockIdx.x;
+  const std::int32_t t = targets[r];
+  const float g = row_scale[r];
+  if (t < 0 || t >= v || g == 0.0f) return;
+  const float* x = logits + r * v;
+  const float l = lse[r];
+  float* dx = dlogits + r * v;
+  for (i64 j = threadIdx.x; j < v; j += blockDim.x) {
+    dx[j] += g * expf(x[j] - l);
+    if (j == t) dx[j] -= g;  // the thread that owns column t, after its own add
+  }
+}
+
 }  // namespace
 
 struct CrossEntropyResult::Impl {
@@ -140,6 +189,62 @@ void cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, float* 
   PION_CUDA_CHECK_LAUNCH("ce_row_kernel");
   ce_mean_kernel<<<1, kReduceThreads, 0, stream>>>(s, row_loss, n);
   PION_CUDA_CHECK_LAUNCH("ce_mean_kernel");
+}
+
+struct TargetLogProbs::Impl {
+  double* values = nullptr;  // [2, max_rows]: log-probs, then entropies
+  i64 max_rows = 0;
+};
+
+TargetLogProbs::TargetLogProbs(i64 max_rows) : impl_(std::make_unique<Impl>()) {
+  require_positive(max_rows, "TargetLogProbs", "max_rows");
+  void* p = nullptr;
+  PION_CUDA_CHECK(cudaMalloc(&p, 2 * static_cast<std::size_t>(max_rows) * sizeof(double)));
+  impl_->values = static_cast<double*>(p);
+  impl_->max_rows = max_rows;
+}
+
+TargetLogProbs::~TargetLogProbs() {
+  if (impl_ != nullptr && impl_->values != nullptr) cudaFree(impl_->values);
+}
+
+void TargetLogProbs::read(Context& ctx, double* log_probs, double* entropies, i64 n) const {
+  require(n >= 0 && n <= impl_->max_rows, "TargetLogProbs::read",
+          "n = " + std::to_string(n) + " rows but room for " + std::to_string(impl_->max_rows));
+  if (n == 0) return;
+  PION_CUDA_CHECK(cudaStreamSynchronize(stream_of(ctx)));
+  const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(double);
+  PION_CUDA_CHECK(cudaMemcpy(log_probs, impl_->values, bytes, cudaMemcpyDeviceToHost));
+  if (entropies != nullptr)
+    PION_CUDA_CHECK(
+        cudaMemcpy(entropies, impl_->values + impl_->max_rows, bytes, cudaMemcpyDeviceToHost));
+}
+
+void target_log_probs(Context& ctx, TargetLogProbs& out, const float* logits, const float* lse,
+                      const std::int32_t* targets, i64 n, i64 v) {
+  const std::string who = "target_log_probs";
+  require_positive(n, who, "n");
+  require_positive(v, who, "v");
+  require(n <= out.impl().max_rows, who,
+          "n = " + std::to_string(n) + " rows but the TargetLogProbs was made for " +
+              std::to_string(out.impl().max_rows));
+  const unsigned rows = static_cast<unsigned>(as_int(n, who, "n"));
+  double* values = out.impl().values;
+  target_log_probs_kernel<<<rows, kThreads, 0, stream_of(ctx)>>>(
+      values, values + out.impl().max_rows, logits, lse, targets, v);
+  PION_CUDA_CHECK_LAUNCH("target_log_probs_kernel");
+}
+
+void weighted_cross_entropy_backward(Context& ctx, float* dlogits, const float* logits,
+                                     const float* lse, const std::int32_t* targets,
+                                     const float* row_scale, i64 n, i64 v) {
+  const std::string who = "weighted_cross_entropy_backward";
+  require_positive(n, who, "n");
+  require_positive(v, who, "v");
+  const unsigned rows = static_cast<unsigned>(as_int(n, who, "n"));
+  weighted_ce_backward_kernel<<<rows, kThreads, 0, stream_of(ctx)>>>(dlogits, logits, lse, targets,
+                                                                     row_scale, v);
+  PION_CUDA_CHECK_LAUNCH("weighted_ce_backward_kernel");
 }
 
 }  // namespace pion::cuda::layers

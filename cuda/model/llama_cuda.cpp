@@ -98,6 +98,12 @@ struct CudaLlama::Impl {
   float *dres = nullptr, *dh = nullptr, *dqkv = nullptr, *datt = nullptr, *dgu = nullptr,
         *dact = nullptr, *dlogits = nullptr, *attn_scratch = nullptr;
   bool have_loss = false;
+  // A forward-only call's activations wait for weighted_backward (RL's objective path).
+  bool backward_pending = false;
+  // RL's objective path, allocated on its first use (sized to the rows then).
+  std::unique_ptr<layers::TargetLogProbs> target_stats;
+  DeviceBuffer row_scale;
+  std::vector<float> row_scale_host;
   DeviceScalars norm{1};
   // Bf16 matmuls: the bf16 copy of the weights the GEMMs read (params[mirror_from, end): every
   // layer matrix and the LM head; the token embedding only when it is the tied head), the
@@ -243,6 +249,8 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.tokens = DeviceInt32Buffer(static_cast<std::size_t>(n));
   m.targets = DeviceInt32Buffer(static_cast<std::size_t>(n));
   m.loss = std::make_unique<layers::CrossEntropyResult>(n);
+  m.target_stats.reset();
+  m.row_scale = DeviceBuffer();
   m.bf16.reset();
   if (o.matmul == MatmulPrecision::Bf16) {
     // Every GEMM weight is in the mirror: the workspace holds activation copies only.
@@ -256,6 +264,127 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.batch = batch;
   m.seq = seq;
 }
+
+}  // namespace
+
+namespace {
+
+// The sizes and options one pass over the model uses (m.batch x m.seq rows, the shape
+// ensure_buffers last set up).
+struct Pass {
+  Context& ctx;
+  CudaLlama::Impl& m;
+  i64 n, d, f, h, hd, kvh, qkv, v;
+  double eps;
+  MatmulPrecision mp, attn_mp;
+  layers::Bf16Workspace* ws;
+  bool flash, norms;
+
+  Pass(Context& context, CudaLlama::Impl& impl, const ModelConfig& config,
+       const CudaLlamaOptions& options)
+      : ctx(context),
+        m(impl),
+        n(static_cast<i64>(impl.batch) * impl.seq),
+        d(config.d_model),
+        f(config.ffn_size()),
+        h(config.n_head),
+        hd(config.head_dim()),
+        kvh(config.kv_heads()),
+        qkv(config.d_model + 2 * static_cast<i64>(config.kv_dim())),  // [q | k | v] row width
+        v(config.vocab_size),
+        eps(config.norm_eps),
+        mp(options.matmul),
+        // The materialised attention multiplies on fp32 or TF32 (its GEMMs take fp32 operands).
+        attn_mp(options.matmul == MatmulPrecision::Fp32 ? MatmulPrecision::Fp32
+                                                        : MatmulPrecision::Tf32),
+        ws(impl.bf16.get()),
+        flash(options.attention == CudaAttention::Flash),
+        norms(config.has_norm()) {}
+
+  // norm "none": each RMSNorm is the identity, so its input feeds the next GEMM directly
+  // (h1 = x_in, h2 = x_mid, h_final = x_final) and its backward passes dh through
+  // (dres += dh), as src/model/llama.cpp does.
+  const float* normed(float* hn, const float* x) const { return norms ? hn : x; }
+  void norm_backward(float* dweight, const float* x, const float* weight, const float* rstd) {
+    if (norms)
+      layers::rmsnorm_backward(ctx, m.dres, dweight, m.rms_scratch, m.dh, x, weight, rstd, n, d);
+    else
+      layers::accumulate(ctx, m.dres, m.dh, n * d);
+  }
+  // The first writer of a gradient scratch buffer assigns it (no zeroing pass before it, and
+  // its GEMM runs with beta = 0); later contributions add.
+  static constexpr auto kAssign = layers::GradWrite::Assign;
+
+  // Embedding to logits, keeping what backward needs.
+  void forward() {
+    const int batch = m.batch, seq = m.seq;
+    layers::embedding_forward(ctx, m.layer_acts[0].x_in, m.tokens.data(), m.w.tok_embedding, n, d);
+    for (std::size_t l = 0; l < m.layer_acts.size(); ++l) {
+      LayerActs& a = m.layer_acts[l];
+      const LayerParams& w = m.w.layers[l];
+      float* x_out = l + 1 < m.layer_acts.size() ? m.layer_acts[l + 1].x_in : m.x_final;
+      if (norms) layers::rmsnorm_forward(ctx, a.h1, a.rstd1, a.x_in, w.attn_norm, n, d, eps);
+      layers::linear_forward(ctx, a.qkv, normed(a.h1, a.x_in), w.wqkv, n, d, qkv, mp, ws);
+      // RoPE rotates the h query heads and the kvh key heads (never the values).
+      layers::rope_forward(ctx, a.qkv, m.rope, batch, seq, h, hd, qkv);
+      layers::rope_forward(ctx, a.qkv + d, m.rope, batch, seq, kvh, hd, qkv);
+      if (flash)
+        layers::flash_attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh);
+      else
+        layers::attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh, attn_mp);
+      layers::linear_forward(ctx, m.proj, a.att, w.wo, n, d, d, mp, ws);
+      layers::residual_forward(ctx, a.x_mid, a.x_in, m.proj, n * d);
+      if (norms) layers::rmsnorm_forward(ctx, a.h2, a.rstd2, a.x_mid, w.mlp_norm, n, d, eps);
+      layers::linear_forward(ctx, a.gu, normed(a.h2, a.x_mid), w.w_gate_up, n, d, 2 * f, mp, ws);
+      layers::swiglu_forward(ctx, a.act, a.gu, n, f);
+      layers::linear_forward(ctx, m.proj, a.act, w.w_down, n, f, d, mp, ws);
+      layers::residual_forward(ctx, x_out, a.x_mid, m.proj, n * d);
+    }
+    if (norms)
+      layers::rmsnorm_forward(ctx, m.h_final, m.rstd_final, m.x_final, m.w.final_norm, n, d, eps);
+    layers::linear_forward(ctx, m.logits, normed(m.h_final, m.x_final), m.w.lm_head, n, d, v, mp,
+                           ws);
+  }
+
+  // From dlogits (filled by the caller) to every parameter's gradient, added into m.g.
+  // Last layer first (src/model/llama.cpp's order). With tied embeddings g.lm_head is
+  // g.tok_embedding: the head's weight gradient lands there first and embedding_backward adds
+  // the lookup gradient at the end, both queued on the one stream (a fixed order).
+  void backward() {
+    const int batch = m.batch, seq = m.seq;
+    fill_zero(ctx, m.dh, n * d);
+    layers::linear_backward(ctx, m.dh, m.g.lm_head, m.dlogits, normed(m.h_final, m.x_final),
+                            m.w.lm_head, n, d, v, mp, ws);
+    fill_zero(ctx, m.dres, n * d);
+    norm_backward(m.g.final_norm, m.x_final, m.w.final_norm, m.rstd_final);
+    for (std::size_t li = m.layer_acts.size(); li-- > 0;) {
+      const LayerActs& a = m.layer_acts[li];
+      const LayerParams& w = m.w.layers[li];
+      const LayerParams& g = m.g.layers[li];
+      // MLP block: dres holds dL/d(x_out).
+      layers::linear_backward(ctx, m.dact, g.w_down, m.dres, a.act, w.w_down, n, f, d, mp, ws,
+                              kAssign);
+      layers::swiglu_backward(ctx, m.dgu, m.dact, a.gu, n, f, kAssign);
+      layers::linear_backward(ctx, m.dh, g.w_gate_up, m.dgu, normed(a.h2, a.x_mid), w.w_gate_up, n,
+                              d, 2 * f, mp, ws, kAssign);
+      norm_backward(g.mlp_norm, a.x_mid, w.mlp_norm, a.rstd2);
+      // Attention block: dres now holds dL/d(x_mid).
+      layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws, kAssign);
+      if (flash)
+        layers::flash_attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.att, a.attn_keep,
+                                         a.qkv, batch, seq, h, hd, kvh, kAssign);
+      else
+        layers::attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.attn_keep, a.qkv, batch,
+                                   seq, h, hd, kvh, attn_mp, kAssign);
+      layers::rope_backward(ctx, m.dqkv, m.rope, batch, seq, h, hd, qkv);
+      layers::rope_backward(ctx, m.dqkv + d, m.rope, batch, seq, kvh, hd, qkv);
+      layers::linear_backward(ctx, m.dh, g.wqkv, m.dqkv, normed(a.h1, a.x_in), w.wqkv, n, d, qkv,
+                              mp, ws, kAssign);
+      norm_backward(g.attn_norm, a.x_in, w.attn_norm, a.rstd1);
+    }
+    layers::embedding_backward(ctx, m.g.tok_embedding, m.dres, m.tokens.data(), n, d);
+  }
+};
 
 }  // namespace
 
@@ -290,101 +419,55 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     m.weights_stale = false;
   }
 
-  const i64 d = config_.d_model, f = config_.ffn_size(), h = config_.n_head;
-  const i64 hd = config_.head_dim(), kvh = config_.kv_heads();
-  const i64 qkv = d + 2 * static_cast<i64>(config_.kv_dim());  // [q | k | v] row width
-  const double eps = config_.norm_eps;
-  const MatmulPrecision mp = options_.matmul;
-  layers::Bf16Workspace* ws = m.bf16.get();
-  // The materialised attention multiplies on fp32 or TF32 (its GEMMs take fp32 operands).
-  const MatmulPrecision attn_mp =
-      mp == MatmulPrecision::Fp32 ? MatmulPrecision::Fp32 : MatmulPrecision::Tf32;
-  const bool flash = options_.attention == CudaAttention::Flash;
-  Context& ctx = ctx_;
-  // norm "none": each RMSNorm is the identity, so its input feeds the next GEMM directly
-  // (h1 = x_in, h2 = x_mid, h_final = x_final) and its backward passes dh through
-  // (dres += dh), as src/model/llama.cpp does.
-  const bool norms = config_.has_norm();
-  const auto normed = [&](float* h, const float* x) -> const float* { return norms ? h : x; };
-  const auto norm_backward = [&](float* dweight, const float* x, const float* weight,
-                                 const float* rstd) {
-    if (norms)
-      layers::rmsnorm_backward(ctx, m.dres, dweight, m.rms_scratch, m.dh, x, weight, rstd, n, d);
-    else
-      layers::accumulate(ctx, m.dres, m.dh, n * d);
-  };
-  // The first writer of a gradient scratch buffer assigns it (no zeroing pass before it, and
-  // its GEMM runs with beta = 0); later contributions add.
-  constexpr auto kAssign = layers::GradWrite::Assign;
-
-  layers::embedding_forward(ctx, m.layer_acts[0].x_in, m.tokens.data(), m.w.tok_embedding, n, d);
-  for (std::size_t l = 0; l < m.layer_acts.size(); ++l) {
-    LayerActs& a = m.layer_acts[l];
-    const LayerParams& w = m.w.layers[l];
-    float* x_out = l + 1 < m.layer_acts.size() ? m.layer_acts[l + 1].x_in : m.x_final;
-    if (norms) layers::rmsnorm_forward(ctx, a.h1, a.rstd1, a.x_in, w.attn_norm, n, d, eps);
-    layers::linear_forward(ctx, a.qkv, normed(a.h1, a.x_in), w.wqkv, n, d, qkv, mp, ws);
-    // RoPE rotates the h query heads and the kvh key heads (never the values).
-    layers::rope_forward(ctx, a.qkv, m.rope, batch, seq, h, hd, qkv);
-    layers::rope_forward(ctx, a.qkv + d, m.rope, batch, seq, kvh, hd, qkv);
-    if (flash)
-      layers::flash_attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh);
-    else
-      layers::attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh, attn_mp);
-    layers::linear_forward(ctx, m.proj, a.att, w.wo, n, d, d, mp, ws);
-    layers::residual_forward(ctx, a.x_mid, a.x_in, m.proj, n * d);
-    if (norms) layers::rmsnorm_forward(ctx, a.h2, a.rstd2, a.x_mid, w.mlp_norm, n, d, eps);
-    layers::linear_forward(ctx, a.gu, normed(a.h2, a.x_mid), w.w_gate_up, n, d, 2 * f, mp, ws);
-    layers::swiglu_forward(ctx, a.act, a.gu, n, f);
-    layers::linear_forward(ctx, m.proj, a.act, w.w_down, n, f, d, mp, ws);
-    layers::residual_forward(ctx, x_out, a.x_mid, m.proj, n * d);
-  }
-  if (norms)
-    layers::rmsnorm_forward(ctx, m.h_final, m.rstd_final, m.x_final, m.w.final_norm, n, d, eps);
-  layers::linear_forward(ctx, m.logits, normed(m.h_final, m.x_final), m.w.lm_head, n, d, v, mp, ws);
+  Pass pass(ctx_, m, config_, options_);
+  pass.forward();
   m.have_loss = true;
+  m.backward_pending = loss_scale == 0.0;
   if (loss_scale == 0.0) {
-    layers::cross_entropy(ctx, *m.loss, m.lse, nullptr, m.logits, m.targets.data(), n, v, 1.0);
+    layers::cross_entropy(ctx_, *m.loss, m.lse, nullptr, m.logits, m.targets.data(), n, v, 1.0);
     return;
   }
-  fill_zero(ctx, m.dlogits, n * v);
-  layers::cross_entropy(ctx, *m.loss, m.lse, m.dlogits, m.logits, m.targets.data(), n, v,
+  fill_zero(ctx_, m.dlogits, n * v);
+  layers::cross_entropy(ctx_, *m.loss, m.lse, m.dlogits, m.logits, m.targets.data(), n, v,
                         loss_scale);
+  pass.backward();
+}
 
-  // Backward, last layer first (src/model/llama.cpp's order). With tied embeddings g.lm_head
-  // is g.tok_embedding: the head's weight gradient lands there first and embedding_backward
-  // adds the lookup gradient at the end, both queued on the one stream (a fixed order).
-  fill_zero(ctx, m.dh, n * d);
-  layers::linear_backward(ctx, m.dh, m.g.lm_head, m.dlogits, normed(m.h_final, m.x_final),
-                          m.w.lm_head, n, d, v, mp, ws);
-  fill_zero(ctx, m.dres, n * d);
-  norm_backward(m.g.final_norm, m.x_final, m.w.final_norm, m.rstd_final);
-  for (std::size_t li = m.layer_acts.size(); li-- > 0;) {
-    const LayerActs& a = m.layer_acts[li];
-    const LayerParams& w = m.w.layers[li];
-    const LayerParams& g = m.g.layers[li];
-    // MLP block: dres holds dL/d(x_out).
-    layers::linear_backward(ctx, m.dact, g.w_down, m.dres, a.act, w.w_down, n, f, d, mp, ws,
-                            kAssign);
-    layers::swiglu_backward(ctx, m.dgu, m.dact, a.gu, n, f, kAssign);
-    layers::linear_backward(ctx, m.dh, g.w_gate_up, m.dgu, normed(a.h2, a.x_mid), w.w_gate_up, n, d,
-                            2 * f, mp, ws, kAssign);
-    norm_backward(g.mlp_norm, a.x_mid, w.mlp_norm, a.rstd2);
-    // Attention block: dres now holds dL/d(x_mid).
-    layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws, kAssign);
-    if (flash)
-      layers::flash_attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.att, a.attn_keep,
-                                       a.qkv, batch, seq, h, hd, kvh, kAssign);
-    else
-      layers::attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.attn_keep, a.qkv, batch,
-                                 seq, h, hd, kvh, attn_mp, kAssign);
-    layers::rope_backward(ctx, m.dqkv, m.rope, batch, seq, h, hd, qkv);
-    layers::rope_backward(ctx, m.dqkv + d, m.rope, batch, seq, kvh, hd, qkv);
-    layers::linear_backward(ctx, m.dh, g.wqkv, m.dqkv, normed(a.h1, a.x_in), w.wqkv, n, d, qkv, mp,
-                            ws, kAssign);
-    norm_backward(g.attn_norm, a.x_in, w.attn_norm, a.rstd1);
-  }
-  layers::embedding_backward(ctx, m.g.tok_embedding, m.dres, m.tokens.data(), n, d);
+void CudaLlama::target_log_probs(std::span<double> log_probs, std::span<double> entropies) {
+  Impl& m = *impl_;
+  check(m.have_loss, "CudaLlama::target_log_probs: call forward_backward first");
+  const i64 n = static_cast<i64>(m.batch) * m.seq;
+  check(static_cast<i64>(log_probs.size()) == n &&
+            (entropies.empty() || static_cast<i64>(entropies.size()) == n),
+        "CudaLlama::target_log_probs: expected " + std::to_string(n) + " outputs");
+  if (!m.target_stats) m.target_stats = std::make_unique<layers::TargetLogProbs>(n);
+  layers::target_log_probs(ctx_, *m.target_stats, m.logits, m.lse, m.targets.data(), n,
+                           config_.vocab_size);
+  m.target_stats->read(ctx_, log_probs.data(), entropies.empty() ? nullptr : entropies.data(), n);
+}
+
+void CudaLlama::weighted_backward(std::span<const double> weights, double loss_scale) {
+  Impl& m = *impl_;
+  check(m.backward_pending,
+        "CudaLlama::weighted_backward: call forward_backward with loss_scale 0 first (once per "
+        "backward)");
+  const i64 n = static_cast<i64>(m.batch) * m.seq, v = config_.vocab_size;
+  check(static_cast<i64>(weights.size()) == n, "CudaLlama::weighted_backward: got " +
+                                                   std::to_string(weights.size()) +
+                                                   " weights for " + std::to_string(n) + " tokens");
+  // The CPU's per-row factor, static_cast<float>(dloss * weight) (layers.cpp), so both devices
+  // scale each row's softmax - onehot by the same float.
+  m.row_scale_host.resize(static_cast<std::size_t>(n));
+  for (std::size_t i = 0; i < weights.size(); ++i)
+    m.row_scale_host[i] = static_cast<float>(loss_scale * weights[i]);
+  if (m.row_scale.size() != static_cast<std::size_t>(n))
+    m.row_scale = DeviceBuffer(static_cast<std::size_t>(n));
+  m.row_scale.upload(m.row_scale_host.data(), m.row_scale_host.size());
+  m.backward_pending = false;
+  fill_zero(ctx_, m.dlogits, n * v);
+  layers::weighted_cross_entropy_backward(ctx_, m.dlogits, m.logits, m.lse, m.targets.data(),
+                                          m.row_scale.data(), n, v);
+  Pass(ctx_, m, config_, options_).backward();
 }
 
 CudaLlama::Loss CudaLlama::read_loss() {

@@ -11,10 +11,12 @@
 #include "pion/core/error.h"
 #include "pion/core/linalg.h"
 #include "pion/cuda/backend.h"
+#include "pion/cuda/generate.h"
 #include "pion/cuda/llama.h"
 #include "pion/cuda/optim.h"
 #include "pion/cuda/optim_like.h"
 #include "pion/dist/communicator.h"
+#include "pion/model/generate.h"
 #include "pion/optim/pion.h"
 #include "pion/train/build_optimizer.h"
 #include "pion/train/checkpoint.h"
@@ -238,9 +240,7 @@ class CudaBackend final : public TrainBackend {
  public:
   CudaBackend(const TrainConfig& cfg, Llama<float>& host_model)
       : cfg_(cfg), host_(host_model), params_(host_model.named_params()) {
-    check(!dist::world().distributed(),
-          "--device cuda trains in one process: data parallelism across GPUs (NCCL) is not "
-          "built yet; run without mpirun, or with --device cpu under mpirun");
+    require_one_process();
     check(device_count() > 0,
           "--device cuda: no CUDA device is visible (cudaGetDeviceCount reports none); run on a "
           "machine with an NVIDIA GPU, or drop --device cuda to train on the CPU");
@@ -284,13 +284,26 @@ class CudaBackend final : public TrainBackend {
   void zero_grad() override { run_->model().zero_grad(); }
 
   double forward_backward(const MicroBatch& batch, double weight, bool /*last*/) override {
-    // pion rl refuses --device cuda up front; this keeps any other caller from silently
-    // training the mean cross-entropy instead of its objective.
-    check(!batch.objective,
-          "--device cuda: RL objectives (pion rl) run on the CPU only for now; use --device cpu");
     CudaLlama& model = run_->model();
+    if (batch.objective) return objective_forward_backward(batch, weight);
     model.forward_backward(batch.inputs, batch.targets, batch.rows, batch.seq, weight);
     return model.read_loss().loss;
+  }
+
+  // RL, as CpuBackend::objective_forward_backward: forward, the objective's weights from the
+  // per-target log-probs (downloaded in double), backward of the weighted loss. The objective is
+  // normalised over the batch already; one process, so its value is the step's share as is.
+  double objective_forward_backward(const MicroBatch& batch, double weight) {
+    CudaLlama& model = run_->model();
+    model.forward_backward(batch.inputs, batch.targets, batch.rows, batch.seq, 0.0);
+    const auto n = static_cast<std::size_t>(batch.rows) * static_cast<std::size_t>(batch.seq);
+    log_probs_.resize(n);
+    entropies_.resize(n);
+    target_weights_.resize(n);
+    model.target_log_probs(log_probs_, entropies_);
+    const double loss = batch.objective(log_probs_, entropies_, target_weights_);
+    model.weighted_backward(target_weights_, weight);
+    return loss;
   }
 
   void finish_grads() override {}  // one process: nothing to reduce
@@ -322,6 +335,32 @@ class CudaBackend final : public TrainBackend {
     };
     return evaluator(device_loss);
   }
+
+  // Sampling for RL: the KV-cached CUDA generator over the model's own device parameters (no
+  // download; pion/cuda/generate.h), sampling on the host from its logits rows. Its decoder
+  // converts weights for bf16 GEMMs itself, so it never reads a stale bf16 weight copy.
+  PolicySampler policy_sampler() override {
+    return [this](std::span<const std::vector<std::int32_t>> prompts,
+                  const GenerateOptions& options, std::span<Rng> rngs) {
+      return cuda::generate_tokens(run_->model(), prompts, options, rngs);
+    };
+  }
+
+  // The reference policy on the device, with the training model's options (precision,
+  // attention), so its log-probs are the bits the training forward gives the same weights. It
+  // holds a gradient buffer it never uses (CudaLlama always has one): num_params floats.
+  TargetScorer frozen_scorer(Llama<float>& frozen) override {
+    auto model = std::make_shared<CudaLlama>(ctx_, frozen.config(), run_->model().options());
+    model->upload_params(
+        {frozen.params().data<float>(), static_cast<std::size_t>(frozen.params().numel())});
+    return [model](std::span<const std::int32_t> inputs, std::span<const std::int32_t> targets,
+                   int rows, int seq, std::span<double> log_probs) {
+      model->forward_backward(inputs, targets, rows, seq, 0.0);
+      model->target_log_probs(log_probs);
+    };
+  }
+
+  void sync_host_weights() override { run_->download_weights(); }
 
   std::optional<double> spectrum_drift(bool at_eval) override {
     if (at_eval && !drift_at_evals_) return std::nullopt;
@@ -378,9 +417,17 @@ class CudaBackend final : public TrainBackend {
   std::int64_t skipped_ = 0;
   bool drift_at_evals_ = false;
   double optimizer_seconds_ = 0.0;
+  // RL's per-micro-batch host arrays (reused).
+  std::vector<double> log_probs_, entropies_, target_weights_;
 };
 
 }  // namespace
+
+void require_one_process() {
+  check(!dist::world().distributed(),
+        "--device cuda trains in one process: data parallelism across GPUs (NCCL) is not "
+        "built yet; run without mpirun, or with --device cpu under mpirun");
+}
 
 std::unique_ptr<TrainBackend> make_cuda_backend(const TrainConfig& config,
                                                 Llama<float>& host_model) {

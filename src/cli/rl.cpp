@@ -1,6 +1,7 @@
 // `pion rl`: GRPO from a checkpoint on verifiable tasks ({"prompt", "answer"} JSONL, or
-// generated arithmetic), in the one training loop through RlSource (pion/train/rl_source.h);
-// ends with the held-out exact match of greedy answers.
+// generated arithmetic), in the one training loop through RlSource (pion/train/rl_source.h), on
+// the CPU or the CUDA back end (--device); ends with the held-out exact match of greedy answers
+// (on the CPU model, which holds the current weights whenever it is asked).
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -53,9 +54,6 @@ void run_rl(const ConfigFlags& flags, const RlArgs& args) {
     c.dropout = 0.0;
     c.grad_accum = 1;
   });
-  check(config.device == "cpu",
-        "rl: --device cuda is not supported yet (generation and the GRPO objective run on the "
-        "CPU back end); use --device cpu");
   const int rows = config.rl_prompts_per_step * config.rl_group_size;
   const int world = dist::world().size();
   check(config.rl_prompts_per_step % world == 0,
@@ -74,7 +72,12 @@ void run_rl(const ConfigFlags& flags, const RlArgs& args) {
   config.batch_size = rows / config.grad_accum;  // rows per micro-batch, derived
   config.data = args.tasks.empty() ? "arithmetic" : args.tasks;
   config.validate();
-  check_batch_memory(base.model->config(), config.batch_size, config.seq_len, true, "pion rl");
+  require_training_device(config);  // before anything is prepared or written
+  // Activations for a training batch live where the back end runs: checked here for the CPU
+  // (the CUDA back end's forward, backward and reference forward are on the device; the host
+  // keeps weights and the sampler's KV cache, bounded by its max_cache_bytes).
+  if (config.device == "cpu")
+    check_batch_memory(base.model->config(), config.batch_size, config.seq_len, true, "pion rl");
 
   std::vector<FinetuneExample> tasks = load_tasks(args, config);
   check(tasks.size() >= 2, "rl: need at least 2 tasks (some are held out for evaluation)");
@@ -90,8 +93,12 @@ void run_rl(const ConfigFlags& flags, const RlArgs& args) {
   std::filesystem::create_directories(config.out_dir);
   const std::string tokenizer_copy = config.out_dir + "/tokenizer.json";
   if (dist::world().is_root()) base.tokenizer->save(tokenizer_copy);  // one writer under mpirun
+  // The model being trained: on --device cuda the back end's host mirror, which it refreshes
+  // from the device before each sampling phase and each held-out evaluation (backend.h's
+  // policy_sampler and sync_host_weights) and leaves holding the final weights.
   Llama<float>& model = *base.model;
-  // The reference policy: a frozen copy of the starting weights.
+  // The reference policy: a frozen copy of the starting weights, scored on the training device
+  // (TrainBackend::frozen_scorer: a device copy under --device cuda).
   auto reference = std::make_unique<Llama<float>>(model.config());
   {
     TensorFile weights;
@@ -129,7 +136,7 @@ void run_rl(const ConfigFlags& flags, const RlArgs& args) {
     model.set_training(true);
     std::cout << "before rl: held-out exact match " << before * 100.0 << "% on " << k << "\n";
   }
-  TrainSummary s = run_training(std::move(in), model);
+  TrainSummary s = run_training_on_device(std::move(in), model);
 
   const double acc = exact_match_accuracy(model, *base.tokenizer, std::span(val).first(k), std::cout);
   nlohmann::json summary = s.to_json();

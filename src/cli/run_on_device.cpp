@@ -33,6 +33,13 @@ void require_device(const TrainConfig& config) {
 #endif
 }
 
+void require_training_device(const TrainConfig& config) {
+  require_device(config);
+#ifdef PION_HAVE_CUDA
+  if (config.device == "cuda") cuda::require_one_process();
+#endif
+}
+
 BatchLoss batch_loss_on_device(const TrainConfig& config, Llama<float>& model) {
   require_device(config);
   if (config.device == "cpu") return cpu_batch_loss(model);

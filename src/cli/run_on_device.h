@@ -16,6 +16,9 @@ void require_device(const TrainConfig& config);
 // The same for a --device flag outside a TrainConfig (`pion sample`, `pion eval`): also
 // refuses anything but cpu and cuda.
 void require_device(const std::string& device);
+// require_device, and what the training back end of that device refuses before it starts
+// (CUDA: mpirun).
+void require_training_device(const TrainConfig& config);
 
 // The forward-only loss of `model`'s current weights on config.device: the CPU model itself,
 // or a GPU copy (config.matmul_precision, config.attention) that the returned function owns.

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "pion/core/error.h"
+#include "pion/model/sampling.h"
 
 namespace pion {
 
@@ -242,6 +243,55 @@ std::span<const float> Decoder::extend(KvCache& cache, std::span<const DecodeChu
   norm_rows(h_out_.data(), rstd, h, final_norm_, m, eps);
   layers::linear_forward(logits_.data(), h_out_.data(), w + lm_head_, m, d, v);
   return {logits_.data(), static_cast<std::size_t>(m * v)};
+}
+
+void score_targets(Llama<float>& model, std::span<const std::int32_t> inputs,
+                   std::span<const std::int32_t> targets, int rows, int seq,
+                   std::span<double> log_probs) {
+  const auto n = static_cast<std::size_t>(rows) * static_cast<std::size_t>(seq);
+  check(rows >= 0 && seq >= 1 && inputs.size() == n && targets.size() == n && log_probs.size() == n,
+        "score_targets: inputs, targets and log_probs must all hold rows x seq entries");
+  model.set_training(false);
+  std::fill(log_probs.begin(), log_probs.end(), 0.0);
+  const ModelConfig& mc = model.config();
+  const auto v = static_cast<std::size_t>(mc.vocab_size);
+  const auto T = static_cast<std::size_t>(seq);
+  // Each row's length: up to and including its last target (a row without targets is skipped).
+  std::vector<std::size_t> scored;  // rows with targets
+  std::vector<std::size_t> length(static_cast<std::size_t>(rows), 0);
+  for (std::size_t b = 0; b < static_cast<std::size_t>(rows); ++b) {
+    for (std::size_t i = T; i-- > 0;)
+      if (targets[b * T + i] >= 0) {
+        length[b] = i + 1;
+        break;
+      }
+    if (length[b] > 0) scored.push_back(b);
+  }
+  int block = static_cast<int>(std::min<std::size_t>(scored.size(), 64));
+  while (block > 1 && KvCache::bytes_for(mc, block) > (std::int64_t{256} << 20)) block /= 2;
+  if (block < 1) return;
+  Decoder decoder(model);
+  KvCache cache(mc, block);
+  std::vector<DecodeChunk> chunks;
+  for (std::size_t first = 0; first < scored.size(); first += static_cast<std::size_t>(block)) {
+    const std::size_t count = std::min(scored.size() - first, static_cast<std::size_t>(block));
+    chunks.clear();
+    for (std::size_t j = 0; j < count; ++j) {
+      cache.clear(static_cast<int>(j));
+      const std::size_t b = scored[first + j];
+      chunks.push_back({static_cast<int>(j), inputs.subspan(b * T, length[b])});
+    }
+    const std::span<const float> logits = decoder.extend(cache, chunks, true);
+    std::size_t position = 0;  // the first logits row of chunk j
+    for (std::size_t j = 0; j < count; ++j) {
+      const std::size_t b = scored[first + j];
+      for (std::size_t i = 0; i < length[b]; ++i) {
+        const std::int32_t t = targets[b * T + i];
+        if (t >= 0) log_probs[b * T + i] = token_log_prob(logits.subspan((position + i) * v, v), t);
+      }
+      position += length[b];
+    }
+  }
 }
 
 }  // namespace pion

@@ -13,6 +13,8 @@
 #include "pion/core/error.h"
 #include "pion/dist/communicator.h"
 #include "pion/dist/shard.h"
+#include "pion/model/decode.h"
+#include "pion/model/generate.h"
 #include "pion/model/memory.h"
 #include "pion/train/build_optimizer.h"
 
@@ -251,6 +253,21 @@ class CpuBackend final : public TrainBackend {
   std::optional<double> spectrum_drift(bool /*at_eval*/) override {
     return comm_.allreduce_max(max_spectrum_drift(optimizers_));
   }
+
+  PolicySampler policy_sampler() override {
+    return
+        [this](std::span<const std::vector<std::int32_t>> prompts, const GenerateOptions& options,
+               std::span<Rng> rngs) { return generate_tokens(model_, prompts, options, rngs); };
+  }
+  TargetScorer frozen_scorer(Llama<float>& frozen) override {
+    // The inference decoder over each row up to its last target: no activations kept and no
+    // padding, the training forward's values up to float rounding.
+    return [&frozen](std::span<const std::int32_t> inputs, std::span<const std::int32_t> targets,
+                     int rows, int seq, std::span<double> log_probs) {
+      score_targets(frozen, inputs, targets, rows, seq, log_probs);
+    };
+  }
+  void sync_host_weights() override {}  // model_ is the host model
 
   nlohmann::json spectra() override { return spectra_json(params_); }
 

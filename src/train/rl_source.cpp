@@ -7,10 +7,7 @@
 #include "pion/core/error.h"
 #include "pion/core/input.h"
 #include "pion/dist/communicator.h"
-#include "pion/model/decode.h"
 #include "pion/model/generate.h"
-#include "pion/model/kv_cache.h"
-#include "pion/model/sampling.h"
 #include "pion/train/checkpoint.h"
 
 namespace pion {
@@ -80,6 +77,21 @@ RlSource::RlSource(Llama<float>& policy, std::unique_ptr<Llama<float>> reference
   check_rl_prompts(tasks_, tokenizer, config);
   for (const auto& t : tasks_) task_tokens_.push_back(tokenizer.encode(t.prompt));
   reference_->set_training(false);
+  sampler_ = [this](std::span<const std::vector<std::int32_t>> prompts,
+                    const GenerateOptions& options, std::span<Rng> rngs) {
+    return generate_tokens(policy_, prompts, options, rngs);
+  };
+  reference_scorer_ = [this](std::span<const std::int32_t> inputs,
+                             std::span<const std::int32_t> targets, int rows, int seq,
+                             std::span<double> log_probs) {
+    reference_->forward(inputs, targets, rows, seq);
+    reference_->target_log_probs(log_probs);
+  };
+}
+
+void RlSource::attach(TrainBackend& backend) {
+  sampler_ = backend.policy_sampler();
+  reference_scorer_ = backend.frozen_scorer(*reference_);
 }
 
 void RlSource::sample() {
@@ -119,7 +131,7 @@ void RlSource::sample() {
         row_rngs.push_back(completion_rng(round_seed, global * static_cast<std::size_t>(G) + g));
       }
     }
-    const std::vector<Generation> gens = generate_tokens(policy_, prompts, opts, row_rngs);
+    const std::vector<Generation> gens = sampler_(prompts, opts, row_rngs);
     for (std::size_t j = 0; j < groups.size(); ++j) {
       for (int g = 0; g < G; ++g) {
         const std::size_t k = j * static_cast<std::size_t>(G) + static_cast<std::size_t>(g);
@@ -160,7 +172,7 @@ void RlSource::sample() {
     sample_groups(redo, round);
   }
   if (world_ > 1) resampled_groups_ = dist::world().allreduce_sum(resampled_groups_);
-  policy_.set_training(true);  // generation switched it to eval mode
+  policy_.set_training(true);  // generation on the host model switched it to eval mode
 
   std::vector<double> rewards(rows_.size());
   completion_tokens_ = 0.0;
@@ -178,34 +190,22 @@ void RlSource::sample() {
 
 void RlSource::reference_log_probs() {
   // The frozen initial policy's log-probs of the same tokens (for kl_coef and the KL metric),
-  // by the inference-only decoder: each row prefilled in its own cache slot at its own length
-  // (no padding to seq_len, no activations kept), logits at every position.
-  const ModelConfig& mc = reference_->config();
-  const auto v = static_cast<std::size_t>(mc.vocab_size);
-  int block = static_cast<int>(std::min<std::size_t>(rows_.size(), 64));
-  while (block > 1 && KvCache::bytes_for(mc, block) > (std::int64_t{256} << 20)) block /= 2;
-  block = std::max(block, 1);
-  Decoder decoder(*reference_);
-  KvCache cache(mc, block);
-  std::vector<DecodeChunk> chunks;
-  for (std::size_t first = 0; first < rows_.size(); first += static_cast<std::size_t>(block)) {
-    const std::size_t count = std::min(rows_.size() - first, static_cast<std::size_t>(block));
-    chunks.clear();
-    for (std::size_t j = 0; j < count; ++j) {
-      cache.clear(static_cast<int>(j));
-      const Row& r = rows_[first + j];  // inputs are all tokens but the last
-      chunks.push_back({static_cast<int>(j), std::span(r.tokens).first(r.tokens.size() - 1)});
-    }
-    const std::span<const float> logits = decoder.extend(cache, chunks, true);
-    std::size_t position = 0;  // the first logits row of row j
-    for (std::size_t j = 0; j < count; ++j) {
-      Row& r = rows_[first + j];
+  // scored on the training back end's device (TrainBackend::frozen_scorer), a micro-batch of
+  // rows at a time.
+  const int B = local_rows_, T = config_.seq_len;
+  std::vector<std::int32_t> inputs(static_cast<std::size_t>(B) * T), targets(inputs.size());
+  std::vector<double> logp(inputs.size());
+  for (std::size_t first = 0; first < rows_.size(); first += static_cast<std::size_t>(B)) {
+    for (int b = 0; b < B; ++b)
+      fill(first + static_cast<std::size_t>(b),
+           std::span(inputs).subspan(static_cast<std::size_t>(b) * T, static_cast<std::size_t>(T)),
+           std::span(targets).subspan(static_cast<std::size_t>(b) * T, static_cast<std::size_t>(T)));
+    reference_scorer_(inputs, targets, B, T, logp);
+    for (int b = 0; b < B; ++b) {
+      Row& r = rows_[first + static_cast<std::size_t>(b)];
       r.ref_logp.resize(r.logp_old.size());
-      for (std::size_t k = 0; k < r.ref_logp.size(); ++k) {
-        const std::size_t p = static_cast<std::size_t>(r.prompt_len) - 1 + k;
-        r.ref_logp[k] = token_log_prob(logits.subspan((position + p) * v, v), r.tokens[p + 1]);
-      }
-      position += r.tokens.size() - 1;
+      for (std::size_t k = 0; k < r.ref_logp.size(); ++k)
+        r.ref_logp[k] = logp[static_cast<std::size_t>(b) * T + r.prompt_len - 1 + k];
     }
   }
 }

@@ -78,6 +78,7 @@ TrainSummary run_training(TrainInputs in, TrainBackend& backend) {
     std::cout << "initialised weights from " << in.init_from << "\n";
   }
   backend.begin(in.benchmark_only);
+  source.attach(backend);
 
   if (root) {
     write_json_file(cfg.out_dir + "/config.json", cfg.to_json());
@@ -112,7 +113,10 @@ TrainSummary run_training(TrainInputs in, TrainBackend& backend) {
       record["spectrum_drift"] = *drift;
     std::cout << "step " << progress.step << " | val loss " << val << " | best "
               << progress.best_val_loss << "\n";
-    if (in.extra_eval) in.extra_eval(record);
+    if (in.extra_eval) {
+      backend.sync_host_weights();  // it reads the host model (RL: exact match on the CPU)
+      in.extra_eval(record);
+    }
   };
 
   // Every rank must take the same decisions (a signal may reach the ranks at different times,

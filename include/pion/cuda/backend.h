@@ -18,6 +18,11 @@
 // - Pion runs the taylor2 retraction only (config.pion_precision fp32 | mixed), without
 //   re-anchoring; Muon's Newton-Schulz runs in config.muon_precision (bf16 by default).
 // - dropout > 0 and data parallelism (mpirun) are rejected with an error.
+// - RL objectives (MicroBatch::objective) run as on the CPU: a forward-only pass, the
+//   per-target log-probs and entropies downloaded in double, the objective on the host, and
+//   the weighted cross-entropy's backward; policy_sampler() is cuda::generate_tokens over the
+//   device weights (pion/cuda/generate.h, KV-cached, sampling on the host); frozen_scorer()
+//   (RL's reference policy) is a forward-only CudaLlama with the training model's options.
 // - spectrum drift at evals needs an fp64 SVD of every Pion matrix on the host; it is computed
 //   at evals only while the Pion matrices hold under 20M parameters, and always at the end.
 // - the optimizer step of every group is captured into one CUDA graph after the first
@@ -29,6 +34,10 @@
 #include "pion/train/config.h"
 
 namespace pion::cuda {
+
+// Refuses mpirun (the error of make_cuda_backend, for commands that check before preparing
+// anything).
+void require_one_process();
 
 // Refuses mpirun and a machine without a visible CUDA device (errors say what to do).
 // `config` and `host_model` must outlive the back end.

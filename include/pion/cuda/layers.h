@@ -250,4 +250,40 @@ class CrossEntropyResult {
 void cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, float* dlogits,
                    const float* logits, const std::int32_t* targets, i64 n, i64 v, double dloss);
 
+// ---- RL: per-target log-probs and the weighted cross-entropy's gradient -----------------------
+// What an RL objective (pion/train/backend.h's TargetObjective) needs from a forward, kept on
+// the device in double until read: log p(target) and the softmax's entropy of up to max_rows
+// rows.
+class TargetLogProbs {
+ public:
+  explicit TargetLogProbs(i64 max_rows);
+  ~TargetLogProbs();
+  TargetLogProbs(const TargetLogProbs&) = delete;
+  TargetLogProbs& operator=(const TargetLogProbs&) = delete;
+
+  // Synchronises ctx's stream and copies the first n (<= max_rows) rows of each into host
+  // arrays of n doubles (entropies may be null: not copied).
+  void read(Context& ctx, double* log_probs, double* entropies, i64 n) const;
+
+  struct Impl;
+  Impl& impl() { return *impl_; }
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+// From the logits [n, v] and their logsumexp lse [n] (cross_entropy's): for each row with a
+// target in [0, v), log p(target) = logits[target] - lse, the difference taken in double as the
+// CPU's Llama::target_log_probs takes it (so equal fp32 logits give equal bits), and the
+// entropy -sum_j p_j log p_j (fp32 terms, summed per thread in fp32 and across threads in
+// double: a metric, not differentiated); 0 for both elsewhere.
+void target_log_probs(Context& ctx, TargetLogProbs& out, const float* logits, const float* lse,
+                      const std::int32_t* targets, i64 n, i64 v);
+// dlogits[r] += row_scale[r] (softmax(logits[r]) - onehot(targets[r])) for each row r with a
+// target in [0, v) and row_scale[r] != 0 (pion::layers::weighted_cross_entropy_backward with
+// row_scale = dloss * weights, rounded to fp32 on the host as the CPU rounds it): the gradient of
+// sum_r row_scale[r] (-log p(target_r)). lse [n] as cross_entropy computed it.
+void weighted_cross_entropy_backward(Context& ctx, float* dlogits, const float* logits,
+                                     const float* lse, const std::int32_t* targets,
+                                     const float* row_scale, i64 n, i64 v);
+
 }  // namespace pion::cuda::layers

@@ -97,6 +97,26 @@ class CudaLlama {
   // The last forward_backward's loss (synchronises the stream).
   Loss read_loss();
 
+  // RL's objective path (pion/train/backend.h's TargetObjective), as the CPU model's
+  // forward / target_log_probs / set_target_weights / backward:
+  //   forward_backward(tokens, targets, batch, seq, 0.0)    forward only, activations kept
+  //   target_log_probs(log_probs, entropies)                 [batch * seq] to the host
+  //   weighted_backward(weights, loss_scale)                 ADDS the weighted loss's gradient
+  // The plain mean cross-entropy (forward_backward with loss_scale != 0) does none of this.
+  //
+  // log p(target) and the softmax's entropy at every position of the last forward_backward (0
+  // where the target is < 0), computed on the device and copied back in double (synchronises):
+  // the log-prob as the double difference of the fp32 logit and logsumexp, exactly as the CPU
+  // model forms it, because the PPO ratio exp(logp - logp_old) and the k3 KL exponentiate
+  // differences of these (an fp32 result would add ~1e-7 relative noise to each); the copy is
+  // 16 bytes per position beside the 4 x vocab of the logits. entropies may be empty.
+  void target_log_probs(std::span<double> log_probs, std::span<double> entropies = {});
+  // After a forward-only forward_backward (loss_scale 0), at most once: backward of
+  // loss_scale * sum_i weights[i] * (-log p(target_i)) over the positions with a target >= 0
+  // (weights [batch * seq], uploaded), i.e. dlogits_i = loss_scale w_i (softmax_i -
+  // onehot(target_i)); ADDS into grads() like forward_backward.
+  void weighted_backward(std::span<const double> weights, double loss_scale);
+
   void zero_grad();
   // sqrt(sum of squared gradients) over the whole buffer, in double (synchronises). Non-finite
   // when any gradient is NaN or Inf.

@@ -80,4 +80,13 @@ class Decoder {
   std::vector<float> x_, h_, qkv_, att_, proj_, gu_, act_, rstd_, h_out_, logits_;
 };
 
+// log p(targets[i] | inputs up to i) for every position of a padded batch [rows, seq] with
+// targets[i] >= 0 (0 elsewhere, as Llama::target_log_probs lays them out), by the decoder: each
+// row runs only up to its last target (no padding, no activations kept), 64 rows at a time.
+// The same values as Llama::forward + target_log_probs up to float rounding, for less work
+// (RL's reference policy). Sets the model to eval mode.
+void score_targets(Llama<float>& model, std::span<const std::int32_t> inputs,
+                   std::span<const std::int32_t> targets, int rows, int seq,
+                   std::span<double> log_probs);
+
 }  // namespace pion

@@ -16,8 +16,9 @@
 //   finite norm ? step() : skip_step()
 //
 // RL (GRPO, `pion rl`) is another batch source whose micro-batches carry a per-target
-// objective (MicroBatch::objective) into forward_backward; it generates with the CPU model
-// (the CUDA back end does not take objectives yet). Data parallelism on GPUs (NCCL) is CudaBackend's
+// objective (MicroBatch::objective) into forward_backward, which both back ends apply the same
+// way; it samples completions through the back end's policy_sampler(), so they come from the
+// weights being trained wherever those live. Data parallelism on GPUs (NCCL) is CudaBackend's
 // finish_grads and step, as MPI is CpuBackend's.
 #include <cstdint>
 #include <functional>
@@ -30,6 +31,7 @@
 #include "pion/core/random.h"
 #include "pion/core/safetensors.h"
 #include "pion/model/config.h"
+#include "pion/model/generate.h"
 #include "pion/optim/optimizer.h"
 #include "pion/train/checkpoint.h"
 
@@ -53,6 +55,22 @@ using TargetObjective = std::function<double(std::span<const double> log_probs,
                                              std::span<const double> entropies,
                                              std::span<double> weights)>;
 
+// Samples completions of `prompts` from the CURRENT weights of the model being trained (RL's
+// sampling phase): generate_tokens's arguments and results (pion/model/generate.h), whatever
+// the engine. CPU: generate_tokens on the model itself. CUDA: today the device's weights are
+// copied into the host mirror and generate_tokens runs on the CPU; a CUDA generator over the
+// back end's CudaLlama replaces that inside CudaBackend::policy_sampler (cuda_backend.cpp),
+// with no change to the callers.
+// Per-target log p(target) of batches under FIXED weights (RL's reference policy, for the KL
+// term): inputs and targets [rows, seq] -> log_probs [rows * seq] (0 where target < 0).
+using TargetScorer =
+    std::function<void(std::span<const std::int32_t> inputs, std::span<const std::int32_t> targets,
+                       int rows, int seq, std::span<double> log_probs)>;
+
+using PolicySampler =
+    std::function<std::vector<Generation>(std::span<const std::vector<std::int32_t>> prompts,
+                                          const GenerateOptions& options, std::span<Rng> rngs)>;
+
 // One micro-batch of this process: inputs and targets [rows, seq]; targets < 0 are ignored
 // by the loss (prompt tokens in finetuning, padding).
 struct MicroBatch {
@@ -62,8 +80,9 @@ struct MicroBatch {
   int seq = 0;
   // Empty: the mean cross-entropy. Set (RL): the objective above, already normalised as the
   // micro-batch's share of the step's loss, so forward_backward applies `weight` to it
-  // unchanged and returns its value summed over ranks. The CUDA back end does not
-  // apply objectives yet: `pion rl` refuses --device cuda before training.
+  // unchanged and returns its value summed over ranks. Both back ends: forward, the
+  // objective of the per-target log-probs (the CPU model's, or the GPU's in double), backward
+  // of the weighted cross-entropy its weights define.
   TargetObjective objective;
 };
 
@@ -111,6 +130,20 @@ class TrainBackend {
 
   // The validation loss of the current weights (training mode off during it).
   virtual double evaluate(const Evaluator& evaluator) = 0;
+  // After begin(): a sampler over the current weights (PolicySampler above), valid while the
+  // back end lives.
+  virtual PolicySampler policy_sampler() = 0;
+  // After begin(): a scorer of `frozen`'s weights as they are now, computed where and as this
+  // back end computes the training forward (same device, precision and kernels), so a policy
+  // equal to `frozen` gets the very same log-probs: RL's KL to the reference is exactly 0 until
+  // the policy moves, on either device. CPU: runs on `frozen`, which must outlive the scorer;
+  // CUDA: a forward-only device copy of its weights.
+  virtual TargetScorer frozen_scorer(Llama<float>& frozen) = 0;
+  // After begin(): makes the host model the back end was built over hold the current weights,
+  // for code that reads that model between steps (RL's held-out exact match). CPU: it is the
+  // model, nothing to do; CUDA: a download of the weights (the mirror's optimizer state is left
+  // for checkpoint_tensors).
+  virtual void sync_host_weights() = 0;
   // The largest relative drift of a Pion matrix's spectrum; nullopt when the back end
   // leaves it out at evals (`at_eval`) because it costs too much there.
   virtual std::optional<double> spectrum_drift(bool at_eval) = 0;

@@ -3,12 +3,15 @@
 //
 // Every ppo_epochs steps it samples a batch: P = rl_prompts_per_step task prompts drawn
 // uniformly (with replacement) with its sampling RNG, G = rl_group_size completions each from
-// the CURRENT policy (generate.h: batched, KV-cached; temperature rl_temperature, nucleus
+// the CURRENT policy (the back end's PolicySampler, backend.h, given to attach() by
+// run_training: generate.h's batched, KV-cached decoding on the CPU model, or on the CUDA back
+// end the device's weights copied to the host first; temperature rl_temperature, nucleus
 // rl_top_p; a completion ends at the end marker or after rl_max_new_tokens), scored by the
 // verifier (answer_matches: exact match after normalising whitespace, 1 or 0), with
 // group-relative advantages (grpo.h). It keeps each completion token's log-prob under the
 // sampling policy (logp_old, of the unmodified logits, and the softmax entropy there) and
-// under the frozen initial policy (ref_logp: the reference model's inference-only decoder over
+// under the frozen initial policy (ref_logp, one forward of the reference model on the training
+// back end's device: TrainBackend::frozen_scorer; on the CPU the inference-only decoder over
 // each row at its own length), and the batch's completion-token count N.
 // The P * G rows (prompt + completion, laid out as finetuning rows: targets on completion
 // tokens only) are handed out as grad_accum micro-batches, for ppo_epochs consecutive steps;
@@ -56,9 +59,10 @@ void check_rl_prompts(std::span<const FinetuneExample> tasks, const Tokenizer& t
 
 class RlSource final : public BatchSource {
  public:
-  // `policy` is the model being trained (it must outlive the source); `reference` a frozen
-  // copy of its initial weights. Task prompts must fit: encoded prompt + rl_max_new_tokens
-  // <= seq_len + 1 (checked here, naming the task).
+  // `policy` is the host model being trained (it must outlive the source): its config, and what
+  // samples until attach() gives the back end's sampler; `reference` a frozen copy of its
+  // initial weights (its log-probs are the KL term's). Task prompts must fit: encoded prompt +
+  // rl_max_new_tokens <= seq_len + 1 (checked here, naming the task).
   RlSource(Llama<float>& policy, std::unique_ptr<Llama<float>> reference,
            const Tokenizer& tokenizer, std::vector<FinetuneExample> tasks,
            const TrainConfig& config, std::string end_marker = std::string(kDefaultEndMarker));
@@ -67,6 +71,10 @@ class RlSource final : public BatchSource {
   nlohmann::json state() const override;
   void restore(const nlohmann::json& state) override;
   TargetObjective objective() override;
+  // Samples from then on with backend.policy_sampler() (the weights being trained, wherever
+  // they live), and scores the reference with backend.frozen_scorer(reference) (on the device
+  // the policy trains on, so the KL starts at exactly 0 there too).
+  void attach(TrainBackend& backend) override;
   void annotate_step(nlohmann::json& record) override;
 
  private:
@@ -85,6 +93,8 @@ class RlSource final : public BatchSource {
   void fill(std::size_t row, std::span<std::int32_t> inputs, std::span<std::int32_t> targets) const;
 
   Llama<float>& policy_;
+  PolicySampler sampler_;          // generate_tokens on policy_ until attach()
+  TargetScorer reference_scorer_;  // reference_ on the CPU until attach()
   std::unique_ptr<Llama<float>> reference_;
   const Tokenizer& tokenizer_;
   std::vector<FinetuneExample> tasks_;

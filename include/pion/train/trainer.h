@@ -50,6 +50,10 @@ class BatchSource {
   // RL: the objective of the micro-batch next() just filled (backend.h); empty (the default)
   // is the mean cross-entropy of pretraining and finetuning.
   virtual TargetObjective objective() { return {}; }
+  // Called once by run_training after backend.begin(), before the first next(): a source that
+  // needs the back end (RL samples through backend.policy_sampler()) keeps what it needs. The
+  // back end outlives every later call of the source inside run_training.
+  virtual void attach(TrainBackend& /*backend*/) {}
   // Adds this step's own figures (RL: rewards, KL, entropy) to its metrics.jsonl record.
   virtual void annotate_step(nlohmann::json& /*record*/) {}
 };
@@ -81,7 +85,8 @@ struct TrainInputs {
   std::unique_ptr<BatchSource> train_source;
   Evaluator evaluate;     // may be empty (no validation)
   // Called at each eval after the validation loss, with the step's record to add to (RL: the
-  // held-out exact match). May be empty.
+  // held-out exact match). The host model (run_training's Llama<float>, the CUDA back end's
+  // mirror) holds the current weights then (backend.sync_host_weights()). May be empty.
   std::function<void(nlohmann::json& record)> extra_eval;
   bool resume = false;    // continue from out_dir/checkpoint.safetensors
   std::string init_from;  // finetuning: start from these weights (fresh optimizer)
