@@ -354,14 +354,14 @@ void PrintTo(const RlCase& c, std::ostream* os) {
 
 class CudaRlParity : public ::testing::TestWithParam<RlCase> {};
 
-// The GPU run against the CPU run of the same config. Sampling happens on the host from the
-// device's current weights (CudaBackend::policy_sampler), with the same per-completion RNG
-// streams, so the sampled tokens are the same as long as the two devices' weights are close
-// enough that no sampled token sits on a CDF boundary (~1e-6 wide here): for these few steps
-// the rewards, completion lengths and greedy exact matches must be EQUAL, not near. The rest
-// differs by fp32 summation order (GEMMs, reductions) only: per step the GRPO loss and the
-// entropy to 1e-4, the KL to 1e-5 + 1e-3 |KL| (the first step's exactly 0 on both: the
-// reference is scored on the training device), and the final weights to 1e-4 relative
+// The GPU run against the CPU run of the same config. Sampling happens on the device from its
+// current weights (CudaBackend::policy_sampler, cuda::generate_tokens), with the same
+// per-completion RNG streams, so the sampled tokens are the same as long as the two devices'
+// weights are close enough that no sampled token sits on a CDF boundary (~1e-6 wide here): for
+// these few steps the rewards, completion lengths and greedy exact matches must be EQUAL, not near.
+// The rest differs by fp32 summation order (GEMMs, reductions) only: per step the GRPO loss and the
+// entropy to 1e-4, the KL to 1e-5 + 1e-3 |KL| (the first step's 0 on both: the policy is
+// its own reference until it takes a step), and the final weights to 1e-4 relative
 // (Frobenius, per tensor). On the emulator (2026-12-02): loss 2e-7, entropy 9e-6, KL 1.5e-6
 // (of ~1e-2), weights 9e-6 (muon + KL + 2 PPO epochs, 6 steps; adamw without KL: 8e-7).
 TEST_P(CudaRlParity, FollowsCpuRun) {
@@ -375,9 +375,9 @@ TEST_P(CudaRlParity, FollowsCpuRun) {
   const auto a = rl_metrics(dir + "/cpu"), b = rl_metrics(dir + "/gpu");
   ASSERT_EQ(a.size(), b.size());
   ASSERT_GE(a.size(), 4u);
-  // The reference is scored on the training device, so the first step's KL is 0 up to float
-  // rounding on both (the CPU scores it with the inference decoder, and without a KL term the
-  // rows left out of training contribute k3(sampling log-probs, reference), from two passes).
+  // Until its first step the policy is the reference (its own log-probs stand for the
+  // reference's), so the first step's KL is 0 on both, up to rounding without a KL term (the
+  // rows left out of training contribute k3(sampling log-probs, reference), two passes).
   EXPECT_LT(a[0].at("kl").get<double>(), 1e-10);
   EXPECT_LT(b[0].at("kl").get<double>(), 1e-10);
   double loss_err = 0.0, entropy_err = 0.0, kl_err = 0.0;

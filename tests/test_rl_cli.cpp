@@ -83,10 +83,14 @@ TEST(RlCli, WritesRlMetricsEveryStep) {
     EXPECT_GT(rec["entropy"].get<double>(), 0.0);
     EXPECT_GE(rec["kl"].get<double>(), 0.0);
   }
-  // The first step's policy is the reference: KL 0 up to rounding (the reference's log-probs
-  // come from the inference decoder, the policy's from the training forward); the second
-  // step reuses the batch.
-  EXPECT_LT(m[0]["kl"].get<double>(), 1e-10);
+  // The first step's policy is the reference, so the KL term and its gradient are exactly 0
+  // (the forward's own log-probs stand for the reference's, not the inference decoder's,
+  // which differ by rounding). The base model (3 steps) answers nothing, so the first batch
+  // has no signal and the whole gradient is the KL's: exactly 0, no step in a random
+  // direction. The second step reuses the batch.
+  EXPECT_EQ(m[0]["kl"].get<double>(), 0.0);
+  ASSERT_EQ(m[0]["no_signal_frac"].get<double>(), 1.0) << "the fixture's base model answered";
+  EXPECT_EQ(m[0]["grad_norm"].get<double>(), 0.0);
   EXPECT_EQ(m[0]["ppo_epoch"], 0);
   EXPECT_EQ(m[1]["ppo_epoch"], 1);
   EXPECT_EQ(m[0]["reward_mean"], m[1]["reward_mean"]);

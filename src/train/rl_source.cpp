@@ -262,9 +262,14 @@ void RlSource::next(std::vector<std::int32_t>& inputs, std::vector<std::int32_t>
 }
 
 TargetObjective RlSource::objective() {
-  return [this, rows = current_rows_](std::span<const double> logp,
-                                      std::span<const double> entropies,
-                                      std::span<double> weights) {
+  // Until the policy has taken a step it is the reference, and the reference's log-probs are
+  // the forward's own: the KL and its gradient are then exactly 0. Scored apart (the inference
+  // decoder on the CPU) they differ by float rounding (~1e-7), and on a batch without signal
+  // that rounding is the whole gradient, which a normalised optimizer (Adam's m / sqrt(v),
+  // Muon's orthogonalisation) turns into a full-size step in a random direction.
+  return [this, rows = current_rows_, same = policy_is_reference_](
+             std::span<const double> logp, std::span<const double> entropies,
+             std::span<double> weights) {
     const std::size_t T = static_cast<std::size_t>(config_.seq_len), n = last_targets_.size();
     std::vector<double> old(n, 0.0), ref(n, 0.0), adv(n, 0.0);
     for (std::size_t b = 0; b < rows.size(); ++b) {
@@ -272,7 +277,7 @@ TargetObjective RlSource::objective() {
       for (std::size_t k = 0; k < r.logp_old.size(); ++k) {
         const std::size_t i = b * T + static_cast<std::size_t>(r.prompt_len) - 1 + k;
         old[i] = r.logp_old[k];
-        ref[i] = r.ref_logp[k];
+        ref[i] = same ? logp[i] : r.ref_logp[k];
         adv[i] = advantages_[rows[b]];
       }
     }
@@ -329,6 +334,7 @@ void RlSource::annotate_step(nlohmann::json& record) {
   // Groups redrawn by dynamic sampling for this step's batch, summed over the rounds (so up
   // to rl_resample_rounds x P); only with rl_resample_rounds > 0.
   if (config_.rl_resample_rounds > 0) record["resampled_groups"] = resampled_groups_;
+  if (!record.value("skipped", false)) policy_is_reference_ = false;
   const int step = record.value("step", 0);
   if (step % config_.log_interval == 0 || step == config_.max_iters)
     std::cout << "rl step " << step << " | reward " << record["reward_mean"].get<double>()
@@ -340,6 +346,7 @@ void RlSource::annotate_step(nlohmann::json& record) {
 
 nlohmann::json RlSource::state() const {
   nlohmann::json s = {{"rng", rng_json(rng_)}, {"epoch", epoch_}};
+  if (policy_is_reference_) s["policy_is_reference"] = true;  // every step so far skipped
   if (epoch_ != 0) {  // between PPO epochs: the batch is still being optimised
     // The whole batch in global row order: each rank's rows, gathered on rank 0 (every rank
     // calls this when the trainer saves; only rank 0 writes).
@@ -404,7 +411,10 @@ void RlSource::restore(const nlohmann::json& state) {
       rows.push_back(std::move(r));
     }
   }
+  const bool same = s.contains("policy_is_reference") &&
+                    input::to_bool(s["policy_is_reference"], where + " 'policy_is_reference'");
   // Validated: apply.
+  policy_is_reference_ = same;
   rng_ = rng;
   epoch_ = epoch;
   micro_ = 0;

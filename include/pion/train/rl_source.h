@@ -120,6 +120,9 @@ class RlSource final : public BatchSource {
   GrpoTokenStats stats_;
   double entropy_sum_ = 0.0;
   int step_epoch_ = 0;
+  // True until the first applied optimizer step: the policy then IS the reference, so the
+  // KL term's reference log-probs are the forward's own (see objective()).
+  bool policy_is_reference_ = true;
 };
 
 }  // namespace pion
