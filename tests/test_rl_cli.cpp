@@ -205,6 +205,29 @@ TEST(RlCli, LeavingOutRowsWithoutSignalChangesNothing) {
   }
 }
 
+// A row's sampling-time entropy in a mid-batch checkpoint (negative, huge, a string, nested)
+// is refused naming it; the checkpoint is left as it was.
+TEST(RlCli, BadRowEntropyInTheCheckpointNamesTheKey) {
+  const std::string dir = fixture().dir + "/bad_entropy";
+  const std::string flags = rl_flags(dir + "/r");
+  auto r = test::run_pion(flags + " --stop_after 3");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string ckpt = dir + "/r/checkpoint.safetensors";
+  const TensorFile good = load_safetensors(ckpt);
+  for (const std::string bad : {"-1", "1e300", "\"x\"", "[1]"}) {
+    TensorFile f = good;
+    auto train = nlohmann::json::parse(f.metadata.at("pion.train"));
+    auto state = nlohmann::json::parse(train.at("data_state").get<std::string>());
+    ASSERT_TRUE(state.contains("rows")) << state.dump().substr(0, 200);
+    ASSERT_TRUE(state["rows"][0].contains("entropy"));
+    state["rows"][0]["entropy"] = nlohmann::json::parse(bad);
+    train["data_state"] = state.dump();
+    f.metadata["pion.train"] = train.dump();
+    save_safetensors(ckpt, f);
+    test::expect_cli_error(flags + " --resume", {"entropy"});
+  }
+}
+
 TEST(RlCli, EveryOptimizerRuns) {
   for (const std::string opt : {"muon", "pion"}) {
     const std::string out = fixture().dir + "/opt_" + opt;

@@ -12,6 +12,25 @@
 
 namespace pion::cli {
 
+#ifdef PION_HAVE_CUDA
+namespace {
+// A GPU copy of `model`'s weights (under `config`, `options`) with its own context, kept alive
+// by the function that holds it (the validation loss, the generator).
+struct GpuCopy {
+  cuda::Context ctx;
+  std::unique_ptr<cuda::CudaLlama> model;
+};
+std::shared_ptr<GpuCopy> gpu_copy(const ModelConfig& config, const cuda::CudaLlamaOptions& options,
+                                  Llama<float>& model) {
+  auto gpu = std::make_shared<GpuCopy>();
+  gpu->model = std::make_unique<cuda::CudaLlama>(gpu->ctx, config, options);
+  gpu->model->upload_params(
+      {model.params().data<float>(), static_cast<std::size_t>(model.params().numel())});
+  return gpu;
+}
+}  // namespace
+#endif
+
 void require_device(const std::string& device) {
   check(device == "cpu" || device == "cuda", "--device must be cpu or cuda, got '" + device + "'");
   TrainConfig config;
@@ -44,17 +63,10 @@ BatchLoss batch_loss_on_device(const TrainConfig& config, Llama<float>& model) {
   require_device(config);
   if (config.device == "cpu") return cpu_batch_loss(model);
 #ifdef PION_HAVE_CUDA
-  struct Gpu {
-    cuda::Context ctx;
-    std::unique_ptr<cuda::CudaLlama> model;
-  };
-  auto gpu = std::make_shared<Gpu>();
   cuda::CudaLlamaOptions options;
   options.matmul = cuda::parse_matmul_precision(config.matmul_precision);
   options.attention = cuda::choose_attention(config.attention, model.config(), config.batch_size);
-  gpu->model = std::make_unique<cuda::CudaLlama>(gpu->ctx, model.config(), options);
-  gpu->model->upload_params(
-      {model.params().data<float>(), static_cast<std::size_t>(model.params().numel())});
+  auto gpu = gpu_copy(model.config(), options, model);
   return [gpu](std::span<const std::int32_t> inputs, std::span<const std::int32_t> targets,
                int rows, int seq, std::int64_t& counted) {
     gpu->model->forward_backward(inputs, targets, rows, seq, 0.0);
@@ -87,19 +99,12 @@ TokenGenerator generator_on_device(const std::string& device, const std::string&
         [&model](std::span<const std::vector<std::int32_t>> prompts, const GenerateOptions& options,
                  std::span<Rng> rngs) { return generate_tokens(model, prompts, options, rngs); };
 #ifdef PION_HAVE_CUDA
-  struct Gpu {
-    cuda::Context ctx;
-    std::unique_ptr<cuda::CudaLlama> model;
-  };
-  auto gpu = std::make_shared<Gpu>();
   cuda::CudaLlamaOptions options;
   options.matmul = cuda::parse_matmul_precision(matmul_precision);
   // Generation never uses dropout (eval mode): a model trained with it decodes on the GPU too.
   ModelConfig config = model.config();
   config.dropout = 0.0;
-  gpu->model = std::make_unique<cuda::CudaLlama>(gpu->ctx, config, options);
-  gpu->model->upload_params(
-      {model.params().data<float>(), static_cast<std::size_t>(model.params().numel())});
+  auto gpu = gpu_copy(config, options, model);
   return [gpu](std::span<const std::vector<std::int32_t>> prompts, const GenerateOptions& opts,
                std::span<Rng> rngs) {
     return cuda::generate_tokens(*gpu->model, prompts, opts, rngs);
