@@ -267,6 +267,11 @@ TEST(Train, FinetuneEvalAndSampleWork) {
   EXPECT_EQ(test::run_pion(batch_args).output, batch.output);
   EXPECT_NE(test::run_pion("sample --checkpoint " + dir +
                            "/pre/checkpoint.safetensors --top_p 0").exit_code, 0);
+  // A precision that does not exist is refused even where it would not be used (the CPU).
+  auto bad = test::run_pion("sample --checkpoint " + dir +
+                            "/pre/checkpoint.safetensors --tokens 2 --matmul_precision bf17");
+  EXPECT_EQ(bad.exit_code, 2) << bad.output;
+  EXPECT_NE(bad.output.find("matmul_precision"), std::string::npos) << bad.output;
 }
 
 TEST(Train, CtrlCSavesACheckpointThatResumes) {

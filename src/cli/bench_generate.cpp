@@ -180,6 +180,7 @@ void add_bench_generate_command(CLI::App& bench) {
       ->capture_default_str();
   cmd->add_option("--matmul_precision", args->matmul_precision,
                   "cuda: the model's GEMMs, bf16 | tf32 | fp32")
+      ->check(CLI::IsMember({"bf16", "tf32", "fp32"}))
       ->capture_default_str();
   cmd->add_option("--json", args->json, "also write the results to this JSON file");
   cmd->callback([args] { run_bench_generate(*args); });

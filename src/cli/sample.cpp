@@ -47,7 +47,8 @@ void add_sample_command(CLI::App& app) {
                   "seed gives the same draws on both)")
       ->capture_default_str();
   cmd->add_option("--matmul_precision", args->matmul_precision,
-                  "cuda: the model's GEMMs, bf16 | tf32 | fp32 (default: the checkpoint's)");
+                  "cuda: the model's GEMMs, bf16 | tf32 | fp32 (default: the checkpoint's)")
+      ->check(CLI::IsMember({"bf16", "tf32", "fp32"}));  // refused on the CPU too, not ignored
   cmd->callback([args] {
     require_device(args->device);  // before loading anything
     LoadedCheckpoint ck = load_checkpoint(args->checkpoint);
