@@ -12,6 +12,7 @@
 // Skips with a clear message without the CUDA back end or without a device.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -234,6 +235,66 @@ TEST(CudaLlama, Bf16WeightCopyRefreshedWhenWeightsChange) {
     const auto t2 = run(tracked);
     EXPECT_EQ(t2.first, e2.first);
     EXPECT_EQ(t2.second, e2.second);
+  }
+}
+
+// The backward's first writers assign: the cross-entropy's dlogits (fp32, or bf16 in the
+// workspace for Bf16 GEMMs), the LM head's dh and the final norm's dres (the head's din is dres
+// itself without norms) get no zeroing pass. So a model whose scratch holds another batch's
+// values gives bit for bit the gradients of a fresh one (whose scratch the emulator fills with
+// NaN: EMU_POISON), and a batch without a counted target gives exactly zero gradients over the
+// previous batch's scratch.
+TEST(CudaLlama, BackwardScratchAssignedNotZeroed) {
+  PION_REQUIRE_CUDA_DEVICE();
+  for (auto mp : {cu::layers::MatmulPrecision::Fp32, cu::layers::MatmulPrecision::Bf16}) {
+    for (const std::string norm : {"rmsnorm", "none"}) {
+      const bool bf16 = mp == cu::layers::MatmulPrecision::Bf16;
+      SCOPED_TRACE(std::string(bf16 ? "bf16 " : "fp32 ") + norm);
+      const ModelConfig config = small_config(24, norm);
+      Llama<float> cpu(config);
+      Rng init(51);
+      cpu.init_weights(init);
+      const std::span<const float> host{cpu.params().data<float>(),
+                                        static_cast<std::size_t>(cpu.params().numel())};
+      const Batch first = random_batch(2, 24, config.vocab_size, 52);
+      const Batch second = random_batch(2, 24, config.vocab_size, 53);
+      cu::Context ctx;
+      cu::CudaLlamaOptions o;
+      o.matmul = mp;
+      o.attention = cu::CudaAttention::Materialized;
+      const auto grads_after = [&](cu::CudaLlama& m, const Batch& b) {
+        m.zero_grad();
+        m.forward_backward(b.tokens, b.targets, 2, 24, 0.75);
+        std::vector<float> g(static_cast<std::size_t>(m.num_params()));
+        m.download_grads(g);
+        return std::pair{m.read_loss(), g};
+      };
+      cu::CudaLlama fresh(ctx, config, o), used(ctx, config, o);
+      fresh.upload_params(host);
+      used.upload_params(host);
+      const auto [fresh_loss, fresh_grads] = grads_after(fresh, second);
+      for (float g : fresh_grads) ASSERT_TRUE(std::isfinite(g));
+      grads_after(used, first);
+      const auto [used_loss, used_grads] = grads_after(used, second);
+      EXPECT_EQ(used_loss.loss, fresh_loss.loss);
+      EXPECT_EQ(used_grads, fresh_grads);
+      // Against the CPU model: the fp32 parity bound of Fp32MatchesCpuModel, bf16's of
+      // ReducedPrecisionStaysClose.
+      cpu.zero_grad();
+      cpu.forward(second.tokens, second.targets, 2, 24);
+      cpu.backward(0.75);
+      double worst = 0.0;
+      for (const auto& e : used.layout())
+        worst = std::max(worst, rel_error(used_grads.data() + e.offset,
+                                          cpu.grads().data<float>() + e.offset, e.numel()));
+      EXPECT_LT(worst, bf16 ? 8e-2 : 2e-4);
+
+      Batch ignored = second;
+      std::fill(ignored.targets.begin(), ignored.targets.end(), -1);
+      const auto [none_loss, none_grads] = grads_after(used, ignored);
+      EXPECT_EQ(none_loss.count, 0);
+      EXPECT_EQ(none_grads, std::vector<float>(none_grads.size(), 0.0f));
+    }
   }
 }
 

@@ -1,8 +1,12 @@
 // Softmax cross-entropy, forward and backward fused: three launches, no host round trip.
 //   1. one block counts the rows with a valid target (and the bad ones >= v) and stores the
 //      gradient scale dloss / count on the device;
-//   2. one block per row: logsumexp, the row's loss, and dlogits += scale (softmax - onehot);
+//   2. one block per row: logsumexp, the row's loss, and the row's gradient
+//      scale (softmax - onehot), added into fp32 dlogits or assigned (fp32, or bf16 for the
+//      LM head's bf16 GEMMs, which then read it without a conversion pass);
 //   3. one block sums the row losses in double, in a fixed order, into the mean.
+#include <cuda_bf16.h>
+
 #include <utility>
 
 #include "common.cuh"
@@ -53,9 +57,22 @@ __global__ void ce_count_kernel(CeScalars* s, const std::int32_t* targets, i64 n
   }
 }
 
+// How ce_row_kernel stores a gradient value.
+__device__ inline void store_grad(float* p, float g) {
+  *p = g;
+}
+__device__ inline void store_grad(__nv_bfloat16* p, float g) {
+  *p = __float2bfloat16(g);  // round to nearest even, as to_bf16_kernel (linear.cu)
+}
+
 // One block per row: lse = max + log(sum exp(x - max)); loss_i = lse - x[target] for a valid
-// target, else 0; dlogits_j += g exp(x_j - lse), then dlogits_target -= g (the CPU's order).
-__global__ void ce_row_kernel(float* row_loss, float* lse, float* dlogits, const float* logits,
+// target, else 0; the gradient g exp(x_j - lse), minus g at the target column (the CPU's
+// order). kAssign false: added into dlogits (Out float). kAssign true: stored, every element of
+// the row, zeros on a row without a valid target, so the buffer needs no zeroing before; the
+// stored value is the one the add made in a zeroed buffer, computed as (0 + g e) - g, so fp32
+// output has those bits and bf16 output has the bits to_bf16_kernel gave of them.
+template <class Out, bool kAssign>
+__global__ void ce_row_kernel(float* row_loss, float* lse, Out* dlogits, const float* logits,
                               const std::int32_t* targets, i64 v, const CeScalars* s) {
   const i64 r = blockIdx.x;
   const float* x = logits + r * v;
@@ -72,12 +89,24 @@ __global__ void ce_row_kernel(float* row_loss, float* lse, float* dlogits, const
     if (lse != nullptr) lse[r] = l;
     row_loss[r] = valid ? l - x[t] : 0.0f;
   }
-  if (dlogits == nullptr || !valid || s->count == 0) return;
+  if (dlogits == nullptr) return;
+  Out* dx = dlogits + r * v;
+  if (!valid || s->count == 0) {
+    if constexpr (kAssign)
+      for (i64 j = threadIdx.x; j < v; j += blockDim.x) store_grad(dx + j, 0.0f);
+    return;
+  }
   const float g = s->grad_scale;
-  float* dx = dlogits + r * v;
   for (i64 j = threadIdx.x; j < v; j += blockDim.x) {
-    dx[j] += g * expf(x[j] - l);
-    if (j == t) dx[j] -= g;  // the thread that owns column t, after its own add
+    if constexpr (kAssign) {
+      float grad = 0.0f;
+      grad += g * expf(x[j] - l);
+      if (j == t) grad -= g;
+      store_grad(dx + j, grad);
+    } else {
+      dx[j] += g * expf(x[j] - l);
+      if (j == t) dx[j] -= g;  // the thread that owns column t, after its own add
+    }
   }
 }
 
@@ -122,9 +151,12 @@ CrossEntropyResult::Host CrossEntropyResult::read(Context& ctx) const {
   return h;
 }
 
-void cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, float* dlogits,
-                   const float* logits, const std::int32_t* targets, i64 n, i64 v, double dloss) {
-  const std::string who = "cross_entropy";
+namespace {
+
+template <class Out, bool kAssign>
+void run_cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, Out* dlogits,
+                       const float* logits, const std::int32_t* targets, i64 n, i64 v, double dloss,
+                       const std::string& who) {
   require_positive(n, who, "n");
   require_positive(v, who, "v");
   require(n <= result.impl().max_rows, who,
@@ -136,10 +168,33 @@ void cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, float* 
   const cudaStream_t stream = stream_of(ctx);
   ce_count_kernel<<<1, kReduceThreads, 0, stream>>>(s, targets, n, v, dloss);
   PION_CUDA_CHECK_LAUNCH("ce_count_kernel");
-  ce_row_kernel<<<rows, kThreads, 0, stream>>>(row_loss, lse, dlogits, logits, targets, v, s);
+  ce_row_kernel<Out, kAssign>
+      <<<rows, kThreads, 0, stream>>>(row_loss, lse, dlogits, logits, targets, v, s);
   PION_CUDA_CHECK_LAUNCH("ce_row_kernel");
   ce_mean_kernel<<<1, kReduceThreads, 0, stream>>>(s, row_loss, n);
   PION_CUDA_CHECK_LAUNCH("ce_mean_kernel");
+}
+
+}  // namespace
+
+void cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, float* dlogits,
+                   const float* logits, const std::int32_t* targets, i64 n, i64 v, double dloss,
+                   GradWrite dlogits_write) {
+  if (dlogits_write == GradWrite::Assign)
+    run_cross_entropy<float, true>(ctx, result, lse, dlogits, logits, targets, n, v, dloss,
+                                   "cross_entropy");
+  else
+    run_cross_entropy<float, false>(ctx, result, lse, dlogits, logits, targets, n, v, dloss,
+                                    "cross_entropy");
+}
+
+void cross_entropy_bf16(Context& ctx, CrossEntropyResult& result, float* lse, void* dlogits_bf16,
+                        const float* logits, const std::int32_t* targets, i64 n, i64 v,
+                        double dloss) {
+  require(dlogits_bf16 != nullptr, "cross_entropy_bf16", "dlogits_bf16 must not be null");
+  run_cross_entropy<__nv_bfloat16, true>(ctx, result, lse,
+                                         static_cast<__nv_bfloat16*>(dlogits_bf16), logits, targets,
+                                         n, v, dloss, "cross_entropy_bf16");
 }
 
 }  // namespace pion::cuda::layers

@@ -94,7 +94,9 @@ struct CudaLlama::Impl {
   std::vector<LayerActs> layer_acts;
   float *x_final = nullptr, *h_final = nullptr, *rstd_final = nullptr, *logits = nullptr,
         *lse = nullptr, *proj = nullptr;
-  // Gradient scratch, one layer at a time.
+  // Gradient scratch, one layer at a time. dlogits (fp32) exists only without Bf16 matmuls;
+  // with them the cross-entropy writes bf16 dlogits into the start of the Bf16Workspace, the
+  // slice the LM head's backward would have converted them into, and the head reads them there.
   float *dres = nullptr, *dh = nullptr, *dqkv = nullptr, *datt = nullptr, *dgu = nullptr,
         *dact = nullptr, *dlogits = nullptr, *attn_scratch = nullptr;
   bool have_loss = false;
@@ -226,9 +228,10 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.lse = take(n);
   m.proj = take(n * d);
 
+  const i64 dlogits = o.matmul == MatmulPrecision::Bf16 ? 0 : n * v;
   m.grad_acts = DeviceBuffer(static_cast<std::size_t>(
       n * d /*dres*/ + n * d /*dh*/ + n * qkv /*dqkv*/ + n * d /*datt*/ + 2 * n * f /*dgu*/ +
-      n * f /*dact*/ + n * v /*dlogits*/ + attn_scratch + rms_scratch));
+      n * f /*dact*/ + dlogits + attn_scratch + rms_scratch));
   p = m.grad_acts.data();
   m.dres = take(n * d);
   m.dh = take(n * d);
@@ -236,7 +239,7 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.datt = take(n * d);
   m.dgu = take(2 * n * f);
   m.dact = take(n * f);
-  m.dlogits = take(n * v);
+  m.dlogits = dlogits > 0 ? take(dlogits) : nullptr;
   m.attn_scratch = take(attn_scratch);
   m.rms_scratch = rms_scratch > 0 ? take(rms_scratch) : nullptr;
 
@@ -245,10 +248,12 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.loss = std::make_unique<layers::CrossEntropyResult>(n);
   m.bf16.reset();
   if (o.matmul == MatmulPrecision::Bf16) {
-    // Every GEMM weight is in the mirror: the workspace holds activation copies only.
+    // Every GEMM weight is in the mirror: the workspace holds activation copies only, and
+    // the bf16 dlogits in the LM head's dout slice ({d, v}).
     std::size_t need = 0;
     for (auto [din, dout] : {std::pair<i64, i64>{d, qkv}, {d, d}, {d, 2 * f}, {f, d}, {d, v}})
       need = std::max(need, layers::linear_bf16_workspace_elements(n, din, dout, true));
+    need = std::max(need, layers::linear_bf16_dout_elements(n, v));
     m.bf16 = std::make_unique<layers::Bf16Workspace>(need);
     m.bf16->set_weight_mirror(m.params.data() + m.mirror_from, m.bf16_params->data(),
                               static_cast<std::size_t>(num_params - m.mirror_from));
@@ -307,15 +312,17 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
   const bool norms = config_.has_norm();
   const auto normed = [&](float* h, const float* x) -> const float* { return norms ? h : x; };
   const auto norm_backward = [&](float* dweight, const float* x, const float* weight,
-                                 const float* rstd) {
+                                 const float* rstd, layers::GradWrite dres_write) {
     if (norms)
-      layers::rmsnorm_backward(ctx, m.dres, dweight, m.rms_scratch, m.dh, x, weight, rstd, n, d);
+      layers::rmsnorm_backward(ctx, m.dres, dweight, m.rms_scratch, m.dh, x, weight, rstd, n, d,
+                               dres_write);
     else
       layers::accumulate(ctx, m.dres, m.dh, n * d);
   };
   // The first writer of a gradient scratch buffer assigns it (no zeroing pass before it, and
   // its GEMM runs with beta = 0); later contributions add.
   constexpr auto kAssign = layers::GradWrite::Assign;
+  constexpr auto kAdd = layers::GradWrite::Add;
 
   layers::embedding_forward(ctx, m.layer_acts[0].x_in, m.tokens.data(), m.w.tok_embedding, n, d);
   for (std::size_t l = 0; l < m.layer_acts.size(); ++l) {
@@ -347,18 +354,29 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     layers::cross_entropy(ctx, *m.loss, m.lse, nullptr, m.logits, m.targets.data(), n, v, 1.0);
     return;
   }
-  fill_zero(ctx, m.dlogits, n * v);
-  layers::cross_entropy(ctx, *m.loss, m.lse, m.dlogits, m.logits, m.targets.data(), n, v,
-                        loss_scale);
-
-  // Backward, last layer first (src/model/llama.cpp's order). With tied embeddings g.lm_head
-  // is g.tok_embedding: the head's weight gradient lands there first and embedding_backward
-  // adds the lookup gradient at the end, both queued on the one stream (a fixed order).
-  fill_zero(ctx, m.dh, n * d);
-  layers::linear_backward(ctx, m.dh, m.g.lm_head, m.dlogits, normed(m.h_final, m.x_final),
-                          m.w.lm_head, n, d, v, mp, ws);
-  fill_zero(ctx, m.dres, n * d);
-  norm_backward(m.g.final_norm, m.x_final, m.w.final_norm, m.rstd_final);
+  // Backward, last layer first (src/model/llama.cpp's order). The cross-entropy assigns
+  // dlogits, the LM head's backward assigns its din and the final
+  // norm's backward assigns dres: no zeroing pass. Without norms the head's din is dres itself
+  // (the final norm is the identity). With tied embeddings g.lm_head is g.tok_embedding: the
+  // head's weight gradient lands there first and embedding_backward adds the lookup gradient
+  // at the end, both queued on the one stream (a fixed order).
+  float* head_din = norms ? m.dh : m.dres;
+  const float* head_in = normed(m.h_final, m.x_final);
+  if (mp == MatmulPrecision::Bf16) {
+    // bf16 dlogits straight from the cross-entropy into the head's dout slice of the
+    // workspace, read there by its GEMMs: the fp32 dlogits are never written nor converted.
+    void* dlogits16 = ws->data();
+    layers::cross_entropy_bf16(ctx, *m.loss, m.lse, dlogits16, m.logits, m.targets.data(), n, v,
+                               loss_scale);
+    layers::linear_backward_bf16(ctx, head_din, m.g.lm_head, dlogits16, head_in, m.w.lm_head, n, d,
+                                 v, *ws, kAssign);
+  } else {
+    layers::cross_entropy(ctx, *m.loss, m.lse, m.dlogits, m.logits, m.targets.data(), n, v,
+                          loss_scale, kAssign);
+    layers::linear_backward(ctx, head_din, m.g.lm_head, m.dlogits, head_in, m.w.lm_head, n, d, v,
+                            mp, ws, kAssign);
+  }
+  if (norms) norm_backward(m.g.final_norm, m.x_final, m.w.final_norm, m.rstd_final, kAssign);
   for (std::size_t li = m.layer_acts.size(); li-- > 0;) {
     const LayerActs& a = m.layer_acts[li];
     const LayerParams& w = m.w.layers[li];
@@ -369,7 +387,7 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     layers::swiglu_backward(ctx, m.dgu, m.dact, a.gu, n, f, kAssign);
     layers::linear_backward(ctx, m.dh, g.w_gate_up, m.dgu, normed(a.h2, a.x_mid), w.w_gate_up, n, d,
                             2 * f, mp, ws, kAssign);
-    norm_backward(g.mlp_norm, a.x_mid, w.mlp_norm, a.rstd2);
+    norm_backward(g.mlp_norm, a.x_mid, w.mlp_norm, a.rstd2, kAdd);
     // Attention block: dres now holds dL/d(x_mid).
     layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws, kAssign);
     if (flash)
@@ -382,7 +400,7 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     layers::rope_backward(ctx, m.dqkv + d, m.rope, batch, seq, kvh, hd, qkv);
     layers::linear_backward(ctx, m.dh, g.wqkv, m.dqkv, normed(a.h1, a.x_in), w.wqkv, n, d, qkv, mp,
                             ws, kAssign);
-    norm_backward(g.attn_norm, a.x_in, w.attn_norm, a.rstd1);
+    norm_backward(g.attn_norm, a.x_in, w.attn_norm, a.rstd1, kAdd);
   }
   layers::embedding_backward(ctx, m.g.tok_embedding, m.dres, m.tokens.data(), n, d);
 }
