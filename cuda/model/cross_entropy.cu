@@ -57,7 +57,7 @@ __global__ void ce_count_kernel(CeScalars* s, const std::int32_t* targets, i64 n
   }
 }
 
-// How ce_row_kernel stores a gradient value.
+// How ce_row stores a gradient value.
 __device__ inline void store_grad(float* p, float g) {
   *p = g;
 }
@@ -71,9 +71,11 @@ __device__ inline void store_grad(__nv_bfloat16* p, float g) {
 // the row, zeros on a row without a valid target, so the buffer needs no zeroing before; the
 // stored value is the one the add made in a zeroed buffer, computed as (0 + g e) - g, so fp32
 // output has those bits and bf16 output has the bits to_bf16_kernel gave of them.
+// The body of the three kernels below, one per output (named apart so that counts and
+// profiles tell them apart; every thread of the block calls it).
 template <class Out, bool kAssign>
-__global__ void ce_row_kernel(float* row_loss, float* lse, Out* dlogits, const float* logits,
-                              const std::int32_t* targets, i64 v, const CeScalars* s) {
+__device__ void ce_row(float* row_loss, float* lse, Out* dlogits, const float* logits,
+                       const std::int32_t* targets, i64 v, const CeScalars* s) {
   const i64 r = blockIdx.x;
   const float* x = logits + r * v;
   float mx = -INFINITY;
@@ -108,6 +110,24 @@ __global__ void ce_row_kernel(float* row_loss, float* lse, Out* dlogits, const f
       if (j == t) dx[j] -= g;  // the thread that owns column t, after its own add
     }
   }
+}
+
+// dlogits += gradient (fp32).
+__global__ void ce_row_kernel(float* row_loss, float* lse, float* dlogits, const float* logits,
+                              const std::int32_t* targets, i64 v, const CeScalars* s) {
+  ce_row<float, false>(row_loss, lse, dlogits, logits, targets, v, s);
+}
+// dlogits = gradient (fp32).
+__global__ void ce_row_assign_kernel(float* row_loss, float* lse, float* dlogits,
+                                     const float* logits, const std::int32_t* targets, i64 v,
+                                     const CeScalars* s) {
+  ce_row<float, true>(row_loss, lse, dlogits, logits, targets, v, s);
+}
+// dlogits = gradient rounded to bf16.
+__global__ void ce_row_bf16_kernel(float* row_loss, float* lse, __nv_bfloat16* dlogits,
+                                   const float* logits, const std::int32_t* targets, i64 v,
+                                   const CeScalars* s) {
+  ce_row<__nv_bfloat16, true>(row_loss, lse, dlogits, logits, targets, v, s);
 }
 
 __global__ void ce_mean_kernel(CeScalars* s, const float* row_loss, i64 n) {
@@ -153,10 +173,11 @@ CrossEntropyResult::Host CrossEntropyResult::read(Context& ctx) const {
 
 namespace {
 
-template <class Out, bool kAssign>
-void run_cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, Out* dlogits,
-                       const float* logits, const std::int32_t* targets, i64 n, i64 v, double dloss,
-                       const std::string& who) {
+// Queues the three launches; row_kernel(rows, stream, row_loss, scalars) launches the
+// second, the one that writes the chosen dlogits.
+template <class RowKernel>
+void run_cross_entropy(Context& ctx, CrossEntropyResult& result, const std::int32_t* targets, i64 n,
+                       i64 v, double dloss, const std::string& who, const RowKernel& row_kernel) {
   require_positive(n, who, "n");
   require_positive(v, who, "v");
   require(n <= result.impl().max_rows, who,
@@ -168,9 +189,7 @@ void run_cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, Out
   const cudaStream_t stream = stream_of(ctx);
   ce_count_kernel<<<1, kReduceThreads, 0, stream>>>(s, targets, n, v, dloss);
   PION_CUDA_CHECK_LAUNCH("ce_count_kernel");
-  ce_row_kernel<Out, kAssign>
-      <<<rows, kThreads, 0, stream>>>(row_loss, lse, dlogits, logits, targets, v, s);
-  PION_CUDA_CHECK_LAUNCH("ce_row_kernel");
+  row_kernel(rows, stream, row_loss, s);
   ce_mean_kernel<<<1, kReduceThreads, 0, stream>>>(s, row_loss, n);
   PION_CUDA_CHECK_LAUNCH("ce_mean_kernel");
 }
@@ -180,21 +199,31 @@ void run_cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, Out
 void cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, float* dlogits,
                    const float* logits, const std::int32_t* targets, i64 n, i64 v, double dloss,
                    GradWrite dlogits_write) {
-  if (dlogits_write == GradWrite::Assign)
-    run_cross_entropy<float, true>(ctx, result, lse, dlogits, logits, targets, n, v, dloss,
-                                   "cross_entropy");
-  else
-    run_cross_entropy<float, false>(ctx, result, lse, dlogits, logits, targets, n, v, dloss,
-                                    "cross_entropy");
+  run_cross_entropy(ctx, result, targets, n, v, dloss, "cross_entropy",
+                    [&](unsigned rows, cudaStream_t stream, float* row_loss, const CeScalars* s) {
+                      if (dlogits_write == GradWrite::Assign) {
+                        ce_row_assign_kernel<<<rows, kThreads, 0, stream>>>(row_loss, lse, dlogits,
+                                                                            logits, targets, v, s);
+                        PION_CUDA_CHECK_LAUNCH("ce_row_assign_kernel");
+                      } else {
+                        ce_row_kernel<<<rows, kThreads, 0, stream>>>(row_loss, lse, dlogits, logits,
+                                                                     targets, v, s);
+                        PION_CUDA_CHECK_LAUNCH("ce_row_kernel");
+                      }
+                    });
 }
 
 void cross_entropy_bf16(Context& ctx, CrossEntropyResult& result, float* lse, void* dlogits_bf16,
                         const float* logits, const std::int32_t* targets, i64 n, i64 v,
                         double dloss) {
   require(dlogits_bf16 != nullptr, "cross_entropy_bf16", "dlogits_bf16 must not be null");
-  run_cross_entropy<__nv_bfloat16, true>(ctx, result, lse,
-                                         static_cast<__nv_bfloat16*>(dlogits_bf16), logits, targets,
-                                         n, v, dloss, "cross_entropy_bf16");
+  auto* out = static_cast<__nv_bfloat16*>(dlogits_bf16);
+  run_cross_entropy(ctx, result, targets, n, v, dloss, "cross_entropy_bf16",
+                    [&](unsigned rows, cudaStream_t stream, float* row_loss, const CeScalars* s) {
+                      ce_row_bf16_kernel<<<rows, kThreads, 0, stream>>>(row_loss, lse, out, logits,
+                                                                        targets, v, s);
+                      PION_CUDA_CHECK_LAUNCH("ce_row_bf16_kernel");
+                    });
 }
 
 }  // namespace pion::cuda::layers
