@@ -65,14 +65,14 @@ __device__ inline void store_grad(__nv_bfloat16* p, float g) {
   *p = __float2bfloat16(g);  // round to nearest even, as to_bf16_kernel (linear.cu)
 }
 
-// One block per row: lse = max + log(sum exp(x - max)); loss_i = lse - x[target] for a valid
-// target, else 0; the gradient g exp(x_j - lse), minus g at the target column (the CPU's
-// order). kAssign false: added into dlogits (Out float). kAssign true: stored, every element of
-// the row, zeros on a row without a valid target, so the buffer needs no zeroing before; the
-// stored value is the one the add made in a zeroed buffer, computed as (0 + g e) - g, so fp32
-// output has those bits and bf16 output has the bits to_bf16_kernel gave of them.
-// The body of the three kernels below, one per output (named apart so that counts and
-// profiles tell them apart; every thread of the block calls it).
+// The body of the three row kernels below (one kernel per output, named apart so that counts
+// and profiles tell them apart; every thread of the block calls it). One block per row:
+// lse = max + log(sum exp(x - max)); loss_i = lse - x[target] for a valid target, else 0; the
+// gradient g exp(x_j - lse), minus g at the target column (the CPU's order). kAssign false:
+// added into dlogits (Out float). kAssign true: stored, every element of the row, zeros on a
+// row without a valid target, so the buffer needs no zeroing before; the stored value is the
+// one the add made in a zeroed buffer, computed as (0 + g e) - g, so fp32 output has those
+// bits and bf16 output has the bits to_bf16_kernel gave of them.
 template <class Out, bool kAssign>
 __device__ void ce_row(float* row_loss, float* lse, Out* dlogits, const float* logits,
                        const std::int32_t* targets, i64 v, const CeScalars* s) {

@@ -355,11 +355,11 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     return;
   }
   // Backward, last layer first (src/model/llama.cpp's order). The cross-entropy assigns
-  // dlogits, the LM head's backward assigns its din and the final
-  // norm's backward assigns dres: no zeroing pass. Without norms the head's din is dres itself
-  // (the final norm is the identity). With tied embeddings g.lm_head is g.tok_embedding: the
-  // head's weight gradient lands there first and embedding_backward adds the lookup gradient
-  // at the end, both queued on the one stream (a fixed order).
+  // dlogits, the LM head's backward assigns its din and the final norm's backward assigns
+  // dres: no zeroing pass. Without norms the head's din is dres itself (the final norm is the
+  // identity). With tied embeddings g.lm_head is g.tok_embedding: the head's weight gradient
+  // lands there first and embedding_backward adds the lookup gradient at the end, both queued
+  // on the one stream (a fixed order).
   float* head_din = norms ? m.dh : m.dres;
   const float* head_in = normed(m.h_final, m.x_final);
   if (mp == MatmulPrecision::Bf16) {
