@@ -329,6 +329,61 @@ TEST(CudaLayers, LinearBackwardAssignsDin) {
   }
 }
 
+// linear_backward_bf16 reads a dout already in bf16 (cross_entropy_bf16's dlogits in CudaLlama)
+// from the workspace's own dout slice: the same bf16 operands as linear_backward converting the
+// fp32 dout into that slice, so din and dweight are bit for bit linear_backward's (weight
+// converted or mirrored, din assigned or absent), and the slice is left as it was.
+TEST(CudaLayers, LinearBackwardBf16DoutEqualsConversionBitForBit) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 33, d_in = 70, d_out = 50, wn = d_out * d_in;
+  const auto in = randn(n * d_in, 30);
+  const auto w = randn(wn, 31, 0.2);
+  const auto dout = randn(n * d_out, 32);
+  const auto dw0 = randn(wn, 34);
+  Dev d_input(in), d_w(w), d_dout(dout);
+  cl::Bf16Workspace mirror(static_cast<std::size_t>(wn));
+  cl::convert_to_bf16(ctx, mirror.data(), d_w.get(), wn);
+  for (const bool mirrored : {false, true}) {
+    SCOPED_TRACE(mirrored ? "mirrored weight" : "converted weight");
+    cl::Bf16Workspace ws(cl::linear_bf16_workspace_elements(n, d_in, d_out, mirrored));
+    if (mirrored) ws.set_weight_mirror(d_w.get(), mirror.data(), static_cast<std::size_t>(wn));
+    EXPECT_GE(cl::linear_bf16_dout_elements(n, d_out), static_cast<std::size_t>(n * d_out));
+    // Reference: the fp32 dout converted by linear_backward.
+    Dev din1(nans(n * d_in)), dw1(dw0), dw1_only(dw0);
+    cl::linear_backward(ctx, din1.get(), dw1.get(), d_dout.get(), d_input.get(), d_w.get(), n, d_in,
+                        d_out, cl::MatmulPrecision::Bf16, &ws, cl::GradWrite::Assign);
+    cl::linear_backward(ctx, nullptr, dw1_only.get(), d_dout.get(), d_input.get(), d_w.get(), n,
+                        d_in, d_out, cl::MatmulPrecision::Bf16, &ws);
+    // The bf16 dout placed in the workspace's dout slice, then the bf16-dout backward.
+    cl::convert_to_bf16(ctx, ws.data(), d_dout.get(), n * d_out);
+    Dev slice_before(n * d_out);
+    cl::convert_from_bf16(ctx, slice_before.get(), ws.data(), n * d_out);
+    Dev din2(nans(n * d_in)), dw2(dw0), dw2_only(dw0);
+    cl::linear_backward_bf16(ctx, din2.get(), dw2.get(), ws.data(), d_input.get(), d_w.get(), n,
+                             d_in, d_out, ws, cl::GradWrite::Assign);
+    cl::linear_backward_bf16(ctx, nullptr, dw2_only.get(), ws.data(), d_input.get(), d_w.get(), n,
+                             d_in, d_out, ws);
+    Dev slice_after(n * d_out);
+    cl::convert_from_bf16(ctx, slice_after.get(), ws.data(), n * d_out);
+    EXPECT_EQ(slice_after.host(), slice_before.host()) << "the call wrote into its dout";
+    EXPECT_EQ(din2.host(), din1.host());
+    EXPECT_EQ(dw2.host(), dw1.host());
+    EXPECT_EQ(dw2_only.host(), dw1_only.host());
+    // And it is the bf16 layer: close to the fp32 CPU gradients at the bf16 linear bound.
+    std::vector<float> din(static_cast<std::size_t>(n * d_in), 0.0f), dw = dw0;
+    hl::linear_backward(din.data(), dw.data(), dout.data(), in.data(), w.data(), n, d_in, d_out);
+    expect_close("linear_backward_bf16 din", din2.host(), din, 3e-2);
+    expect_close("linear_backward_bf16 dweight", dw2.host(), dw, 3e-2);
+  }
+  // A workspace too small for the input's slice is refused before anything is queued.
+  cl::Bf16Workspace small(cl::linear_bf16_dout_elements(n, d_out));
+  Dev dw3(dw0);
+  EXPECT_THROW(cl::linear_backward_bf16(ctx, nullptr, dw3.get(), small.data(), d_input.get(),
+                                        d_w.get(), n, d_in, d_out, small),
+               pion::Error);
+}
+
 TEST(CudaLayers, LinearBf16NeedsWorkspace) {
   PION_REQUIRE_CUDA_DEVICE();
   Context ctx;
@@ -574,6 +629,218 @@ TEST(CudaLayers, CrossEntropyIgnoredAndBadTargets) {
     EXPECT_NEAR(r.loss, loss, 2e-6 * std::abs(loss));
     expect_close("cross-entropy dlogits (bad row)", d_dlogits.host(), dlogits, kFp32Chain);
   }
+}
+
+// bf16 device memory read back as floats (the widening is exact).
+std::vector<float> bf16_host(Context& ctx, const void* bf16, i64 count) {
+  Dev out(count);
+  cl::convert_from_bf16(ctx, out.get(), bf16, count);
+  return out.host();
+}
+
+// Inputs shared by the assigning cross-entropy tests: some ignored rows.
+struct CeCase {
+  i64 n = 29, v = 300;  // v > threads per block
+  double dloss = 1.7;
+  std::vector<float> logits = randn(n * v, 90, 3.0);
+  std::vector<std::int32_t> targets = [this] {
+    auto t = random_ids(n, v, 91);
+    for (i64 i = 1; i < n; i += 5) t[static_cast<std::size_t>(i)] = -1;
+    return t;
+  }();
+};
+
+// GradWrite::Assign: dlogits are written, never read, so a NaN-poisoned buffer ends up with
+// the bits of the add into a zeroed buffer (ignored rows included: zeros), and loss and lse
+// are those of the add.
+TEST(CudaLayers, CrossEntropyAssignsDlogits) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const CeCase c;
+  cl::CrossEntropyResult result(c.n);
+  DevIds d_targets(c.targets);
+  Dev d_logits(c.logits), lse_add(c.n), add(std::vector<float>(c.logits.size(), 0.0f));
+  cl::cross_entropy(ctx, result, lse_add.get(), add.get(), d_logits.get(), d_targets.get(), c.n,
+                    c.v, c.dloss);
+  const auto r_add = result.read(ctx);
+  Dev lse_assign(c.n), assign(nans(c.n * c.v));
+  cl::cross_entropy(ctx, result, lse_assign.get(), assign.get(), d_logits.get(), d_targets.get(),
+                    c.n, c.v, c.dloss, cl::GradWrite::Assign);
+  const auto r_assign = result.read(ctx);
+  EXPECT_EQ(r_assign.loss, r_add.loss);
+  EXPECT_EQ(r_assign.count, r_add.count);
+  EXPECT_EQ(lse_assign.host(), lse_add.host());
+  const auto got = assign.host();
+  EXPECT_EQ(got, add.host());
+  for (i64 j = 0; j < c.v; ++j)  // row 1 is ignored
+    ASSERT_EQ(got[static_cast<std::size_t>(c.v + j)], 0.0f) << "ignored row, column " << j;
+
+  // The CPU's gradient from zero.
+  std::vector<float> lse(static_cast<std::size_t>(c.n));
+  std::vector<float> dlogits(c.logits.size(), 0.0f);
+  hl::cross_entropy_forward(lse.data(), c.logits.data(), c.targets.data(), c.n, c.v);
+  hl::cross_entropy_backward(dlogits.data(), c.logits.data(), lse.data(), c.targets.data(), c.n,
+                             c.v, c.dloss);
+  expect_close("cross-entropy dlogits assigned", got, dlogits, kFp32Chain);
+
+  // No counted row: every element assigned 0 (the CPU's gradient), not left as it was.
+  DevIds none(std::vector<std::int32_t>(static_cast<std::size_t>(c.n), -1));
+  Dev poisoned(nans(c.n * c.v));
+  cl::cross_entropy(ctx, result, nullptr, poisoned.get(), d_logits.get(), none.get(), c.n, c.v, 1.0,
+                    cl::GradWrite::Assign);
+  EXPECT_EQ(result.read(ctx).count, 0);
+  EXPECT_EQ(poisoned.host(), std::vector<float>(c.logits.size(), 0.0f));
+}
+
+// cross_entropy_bf16: dlogits assigned in bf16 into a NaN-poisoned buffer. Each value is the
+// fp32 assigned gradient rounded to nearest even (bit for bit what convert_to_bf16 gives of
+// it), and against the fp32 CPU gradient g each value b obeys
+//   |b - g| <= 2^-8 |g| + 2 kFp32Chain max|g|.
+// Derivation: bf16 keeps 8 significant bits, so a value in [2^e, 2^(e+1)) has a unit in the
+// last place of 2^(e-7) and rounding to nearest moves it by at most half of that, 2^(e-8),
+// i.e. at most 2^-8 of its magnitude (the unit roundoff; normal values: the gradients here are
+// far above bf16's smallest normal, 1e-38, except exact zeros). The fp32 value rounded is
+// itself within kFp32Chain max|g| of g (the fp32 bound above), and its rounding adds at most
+// 2^-8 of that difference, below another kFp32Chain max|g|.
+TEST(CudaLayers, CrossEntropyBf16DlogitsMatchCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const CeCase c;
+  const i64 count = c.n * c.v;
+  cl::CrossEntropyResult result(c.n);
+  DevIds d_targets(c.targets);
+  Dev d_logits(c.logits), lse32(c.n), d32(nans(count));
+  cl::cross_entropy(ctx, result, lse32.get(), d32.get(), d_logits.get(), d_targets.get(), c.n, c.v,
+                    c.dloss, cl::GradWrite::Assign);
+  const auto r32 = result.read(ctx);
+  cl::Bf16Workspace rounded(static_cast<std::size_t>(count));
+  cl::convert_to_bf16(ctx, rounded.data(), d32.get(), count);
+
+  cl::Bf16Workspace d16(static_cast<std::size_t>(count));
+  Dev nan_src(nans(count)), lse16(c.n);
+  cl::convert_to_bf16(ctx, d16.data(), nan_src.get(), count);  // poison
+  cl::cross_entropy_bf16(ctx, result, lse16.get(), d16.data(), d_logits.get(), d_targets.get(), c.n,
+                         c.v, c.dloss);
+  const auto r16 = result.read(ctx);
+  EXPECT_EQ(r16.loss, r32.loss);
+  EXPECT_EQ(r16.count, r32.count);
+  EXPECT_EQ(lse16.host(), lse32.host());
+  const auto got = bf16_host(ctx, d16.data(), count);
+  EXPECT_EQ(got, bf16_host(ctx, rounded.data(), count));
+
+  std::vector<float> lse(static_cast<std::size_t>(c.n));
+  std::vector<float> ref(static_cast<std::size_t>(count), 0.0f);
+  hl::cross_entropy_forward(lse.data(), c.logits.data(), c.targets.data(), c.n, c.v);
+  hl::cross_entropy_backward(ref.data(), c.logits.data(), lse.data(), c.targets.data(), c.n, c.v,
+                             c.dloss);
+  double max_ref = 0.0;
+  for (float g : ref) max_ref = std::max(max_ref, std::abs(static_cast<double>(g)));
+  ASSERT_GT(max_ref, 0.0);
+  double worst = 0.0;    // the largest error as a fraction of its bound
+  i64 rounded_away = 0;  // values bf16 could not hold exactly: the test is not vacuous
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    const double g = ref[i], b = got[i];
+    const double bound = std::ldexp(std::abs(g), -8) + 2 * kFp32Chain * max_ref;
+    ASSERT_TRUE(std::isfinite(b)) << "element " << i;
+    ASSERT_LE(std::abs(b - g), bound) << "element " << i << ": bf16 " << b << ", cpu " << g;
+    worst = std::max(worst, std::abs(b - g) / bound);
+    rounded_away += b != g ? 1 : 0;
+  }
+  std::printf(
+      "  cross-entropy bf16 dlogits vs cpu: worst error %.2f of its bound, %lld of %lld "
+      "values rounded\n",
+      worst, static_cast<long long>(rounded_away), static_cast<long long>(count));
+  EXPECT_GT(rounded_away, count / 2);
+
+  // No counted row: zeros over the poison.
+  DevIds none(std::vector<std::int32_t>(static_cast<std::size_t>(c.n), -1));
+  cl::convert_to_bf16(ctx, d16.data(), nan_src.get(), count);
+  cl::cross_entropy_bf16(ctx, result, nullptr, d16.data(), d_logits.get(), none.get(), c.n, c.v,
+                         1.0);
+  EXPECT_EQ(bf16_host(ctx, d16.data(), count), std::vector<float>(ref.size(), 0.0f));
+  EXPECT_THROW(cl::cross_entropy_bf16(ctx, result, nullptr, nullptr, d_logits.get(),
+                                      d_targets.get(), c.n, c.v, 1.0),
+               pion::Error);
+}
+
+// RL's weighted cross-entropy gradient (CudaLlama::weighted_backward) assigns too: over NaN
+// poison, fp32 dlogits within the fp32 bound of the CPU's add into zeros, exact zeros on rows
+// that are ignored or have scale 0; the bf16 variant is that fp32 result rounded, bit for bit.
+TEST(CudaLayers, WeightedCrossEntropyBackwardAssignsFp32AndBf16) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const CeCase c;
+  const i64 count = c.n * c.v;
+  const double dloss = 0.37;
+  std::vector<double> weights(static_cast<std::size_t>(c.n));
+  std::vector<float> row_scale(weights.size());
+  pion::Rng rng(92);
+  for (std::size_t i = 0; i < weights.size(); ++i) {
+    weights[i] = i % 7 == 3 ? 0.0 : 2.0 * rng.uniform() - 1.0;  // some rows have weight 0
+    row_scale[i] = static_cast<float>(dloss * weights[i]);      // the host's rounding
+  }
+  std::vector<float> lse(static_cast<std::size_t>(c.n));
+  hl::cross_entropy_forward(lse.data(), c.logits.data(), c.targets.data(), c.n, c.v);
+  std::vector<float> ref(static_cast<std::size_t>(count), 0.0f);
+  hl::weighted_cross_entropy_backward(ref.data(), c.logits.data(), lse.data(), c.targets.data(),
+                                      weights.data(), c.n, c.v, dloss);
+  DevIds d_targets(c.targets);
+  Dev d_logits(c.logits), d_lse(lse), d_scale(row_scale), d32(nans(count));
+  cl::weighted_cross_entropy_backward(ctx, d32.get(), d_logits.get(), d_lse.get(), d_targets.get(),
+                                      d_scale.get(), c.n, c.v);
+  const auto got = d32.host();
+  expect_close("weighted cross-entropy dlogits assigned", got, ref, kFp32Chain);
+  for (i64 r = 0; r < c.n; ++r) {
+    const auto i = static_cast<std::size_t>(r);
+    if (c.targets[i] >= 0 && weights[i] != 0.0) continue;
+    for (i64 j = 0; j < c.v; ++j)
+      ASSERT_EQ(got[static_cast<std::size_t>(r * c.v + j)], 0.0f) << "row " << r << " col " << j;
+  }
+
+  cl::Bf16Workspace rounded(static_cast<std::size_t>(count)), d16(static_cast<std::size_t>(count));
+  cl::convert_to_bf16(ctx, rounded.data(), d32.get(), count);
+  Dev nan_src(nans(count));
+  cl::convert_to_bf16(ctx, d16.data(), nan_src.get(), count);  // poison
+  cl::weighted_cross_entropy_backward_bf16(ctx, d16.data(), d_logits.get(), d_lse.get(),
+                                           d_targets.get(), d_scale.get(), c.n, c.v);
+  EXPECT_EQ(bf16_host(ctx, d16.data(), count), bf16_host(ctx, rounded.data(), count));
+  EXPECT_THROW(cl::weighted_cross_entropy_backward_bf16(ctx, nullptr, d_logits.get(), d_lse.get(),
+                                                        d_targets.get(), d_scale.get(), c.n, c.v),
+               pion::Error);
+}
+
+// The LM head's backward as CudaLlama runs it at Bf16: cross_entropy_bf16 writes the dlogits
+// into the workspace's dout slice and linear_backward_bf16 reads them there; din and dweight
+// against the CPU's cross_entropy_backward + linear_backward from fp32 dlogits, at the bf16
+// linear bound (3e-2, as LinearTf32AndBf16CloseToCpu: bf16 operands, fp32 accumulation).
+TEST(CudaLayers, LmHeadBackwardFromBf16DlogitsMatchesCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const CeCase c;
+  const i64 d = 40;
+  const auto h = randn(c.n * d, 92);
+  const auto w = randn(c.v * d, 93, 0.2);
+  const auto dw0 = randn(c.v * d, 94, 0.01);
+  std::vector<float> lse(static_cast<std::size_t>(c.n));
+  std::vector<float> dlogits(c.logits.size(), 0.0f);
+  std::vector<float> dh(static_cast<std::size_t>(c.n * d), 0.0f), dw = dw0;
+  hl::cross_entropy_forward(lse.data(), c.logits.data(), c.targets.data(), c.n, c.v);
+  hl::cross_entropy_backward(dlogits.data(), c.logits.data(), lse.data(), c.targets.data(), c.n,
+                             c.v, c.dloss);
+  hl::linear_backward(dh.data(), dw.data(), dlogits.data(), h.data(), w.data(), c.n, d, c.v);
+
+  cl::Bf16Workspace ws(cl::linear_bf16_workspace_elements(c.n, d, c.v));
+  Dev poison(nans(static_cast<i64>(ws.size())));
+  cl::convert_to_bf16(ctx, ws.data(), poison.get(), static_cast<i64>(ws.size()));
+  cl::CrossEntropyResult result(c.n);
+  DevIds d_targets(c.targets);
+  Dev d_logits(c.logits), d_h(h), d_w(w), d_dh(nans(c.n * d)), d_dw(dw0);
+  cl::cross_entropy_bf16(ctx, result, nullptr, ws.data(), d_logits.get(), d_targets.get(), c.n, c.v,
+                         c.dloss);
+  cl::linear_backward_bf16(ctx, d_dh.get(), d_dw.get(), ws.data(), d_h.get(), d_w.get(), c.n, d,
+                           c.v, ws, cl::GradWrite::Assign);
+  expect_close("lm head dh from bf16 dlogits", d_dh.host(), dh, 3e-2);
+  expect_close("lm head dweight from bf16 dlogits", d_dw.host(), dw, 3e-2);
 }
 
 }  // namespace

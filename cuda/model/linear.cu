@@ -3,6 +3,8 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <string>
+#include <utility>
 
 #include "common.cuh"
 
@@ -16,6 +18,12 @@ __global__ void to_bf16_kernel(__nv_bfloat16* out, const float* in, i64 count) {
   for (i64 i = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; i < count;
        i += static_cast<i64>(gridDim.x) * blockDim.x)
     out[i] = __float2bfloat16(in[i]);  // round to nearest even
+}
+
+__global__ void from_bf16_kernel(float* out, const __nv_bfloat16* in, i64 count) {
+  for (i64 i = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<i64>(gridDim.x) * blockDim.x)
+    out[i] = __bfloat162float(in[i]);
 }
 
 // Slices of the workspace start on 64-element (128-byte) boundaries, which the tensor-core
@@ -108,6 +116,18 @@ void convert_to_bf16(Context& ctx, void* out, const float* in, i64 count) {
   PION_CUDA_CHECK_LAUNCH("to_bf16_kernel");
 }
 
+void convert_from_bf16(Context& ctx, float* out, const void* in, i64 count) {
+  require(count >= 0, "convert_from_bf16", "count must be >= 0");
+  if (count == 0) return;
+  from_bf16_kernel<<<blocks_for(count), kThreads, 0, stream_of(ctx)>>>(
+      out, static_cast<const __nv_bfloat16*>(in), count);
+  PION_CUDA_CHECK_LAUNCH("from_bf16_kernel");
+}
+
+std::size_t linear_bf16_dout_elements(i64 n, i64 d_out) {
+  return padded(n * d_out);
+}
+
 void linear_forward(Context& ctx, float* out, const float* in, const float* weight, i64 n, i64 d_in,
                     i64 d_out, MatmulPrecision precision, Bf16Workspace* workspace) {
   check_linear(n, d_in, d_out, precision, workspace, weight, "linear_forward");
@@ -123,29 +143,61 @@ void linear_forward(Context& ctx, float* out, const float* in, const float* weig
                   0, weight, d_in, 0, 0.0f, out, d_out, 0, 1);
 }
 
-void linear_backward(Context& ctx, float* din, float* dweight, const float* dout, const float* in,
-                     const float* weight, i64 n, i64 d_in, i64 d_out, MatmulPrecision precision,
-                     Bf16Workspace* workspace, GradWrite din_write) {
-  check_linear(n, d_in, d_out, precision, workspace, weight, "linear_backward");
-  const bool bf16 = precision == MatmulPrecision::Bf16;
-  const void* dout_op = dout;
-  const void* w_op = weight;
-  const void* in_op = in;
-  if (bf16) {
-    dout_op = to_bf16(ctx, *workspace, 0, dout, n * d_out);
-    const bool mirrored = weight_mirrored(precision, workspace, weight, d_out * d_in);
-    const std::size_t w_at = padded(n * d_out);
-    if (din != nullptr) w_op = bf16_weight(ctx, *workspace, w_at, weight, d_out * d_in);
-    in_op = to_bf16(ctx, *workspace, w_at + (mirrored ? 0 : padded(d_out * d_in)), in, n * d_in);
-  }
-  // din [n, d_in] (+)= dout [n, d_out] W [d_out, d_in].
+namespace {
+
+// The backward GEMMs on operands already in the precision's input type (bf16 for Bf16).
+// din [n, d_in] (+)= dout [n, d_out] W [d_out, d_in]; dW [d_out, d_in] += dout^T [d_out, n]
+// in [n, d_in].
+void backward_gemms(Context& ctx, MatmulPrecision precision, float* din, float* dweight,
+                    const void* dout_op, const void* in_op, const void* w_op, i64 n, i64 d_in,
+                    i64 d_out, GradWrite din_write) {
   const float din_beta = din_write == GradWrite::Assign ? 0.0f : 1.0f;
   if (din != nullptr)
     gemm_rm_strided(blas_of(ctx), gemm_types(precision), false, false, n, d_in, d_out, 1.0f,
                     dout_op, d_out, 0, w_op, d_in, 0, din_beta, din, d_in, 0, 1);
-  // dW [d_out, d_in] += dout^T [d_out, n] in [n, d_in].
   gemm_rm_strided(blas_of(ctx), gemm_types(precision), true, false, d_out, d_in, n, 1.0f, dout_op,
                   d_out, 0, in_op, d_in, 0, 1.0f, dweight, d_in, 0, 1);
+}
+
+// The bf16 weight (when din is wanted) and input operands of a Bf16 backward, placed after
+// the dout slice of the workspace (which this leaves untouched).
+std::pair<const void*, const void*> bf16_weight_and_input(Context& ctx, Bf16Workspace& ws,
+                                                          bool need_weight, const float* in,
+                                                          const float* weight, i64 n, i64 d_in,
+                                                          i64 d_out) {
+  const bool mirrored = ws.mirrored(weight, d_out * d_in) != nullptr;
+  const std::size_t w_at = padded(n * d_out);
+  const void* w_op = need_weight ? bf16_weight(ctx, ws, w_at, weight, d_out * d_in) : nullptr;
+  const void* in_op = to_bf16(ctx, ws, w_at + (mirrored ? 0 : padded(d_out * d_in)), in, n * d_in);
+  return {w_op, in_op};
+}
+
+}  // namespace
+
+void linear_backward(Context& ctx, float* din, float* dweight, const float* dout, const float* in,
+                     const float* weight, i64 n, i64 d_in, i64 d_out, MatmulPrecision precision,
+                     Bf16Workspace* workspace, GradWrite din_write) {
+  check_linear(n, d_in, d_out, precision, workspace, weight, "linear_backward");
+  if (precision == MatmulPrecision::Bf16) {
+    const void* dout_op = to_bf16(ctx, *workspace, 0, dout, n * d_out);
+    const auto [w_op, in_op] =
+        bf16_weight_and_input(ctx, *workspace, din != nullptr, in, weight, n, d_in, d_out);
+    backward_gemms(ctx, precision, din, dweight, dout_op, in_op, w_op, n, d_in, d_out, din_write);
+    return;
+  }
+  backward_gemms(ctx, precision, din, dweight, dout, in, weight, n, d_in, d_out, din_write);
+}
+
+void linear_backward_bf16(Context& ctx, float* din, float* dweight, const void* dout_bf16,
+                          const float* in, const float* weight, i64 n, i64 d_in, i64 d_out,
+                          Bf16Workspace& workspace, GradWrite din_write) {
+  const std::string who = "linear_backward_bf16";
+  check_linear(n, d_in, d_out, MatmulPrecision::Bf16, &workspace, weight, who);
+  require(dout_bf16 != nullptr, who, "dout_bf16 must not be null");
+  const auto [w_op, in_op] =
+      bf16_weight_and_input(ctx, workspace, din != nullptr, in, weight, n, d_in, d_out);
+  backward_gemms(ctx, MatmulPrecision::Bf16, din, dweight, dout_bf16, in_op, w_op, n, d_in, d_out,
+                 din_write);
 }
 
 }  // namespace pion::cuda::layers

@@ -94,7 +94,9 @@ struct CudaLlama::Impl {
   std::vector<LayerActs> layer_acts;
   float *x_final = nullptr, *h_final = nullptr, *rstd_final = nullptr, *logits = nullptr,
         *lse = nullptr, *proj = nullptr;
-  // Gradient scratch, one layer at a time.
+  // Gradient scratch, one layer at a time. dlogits (fp32) exists only without Bf16 matmuls;
+  // with them the cross-entropy writes bf16 dlogits into the start of the Bf16Workspace, the
+  // slice the LM head's backward would have converted them into, and the head reads them there.
   float *dres = nullptr, *dh = nullptr, *dqkv = nullptr, *datt = nullptr, *dgu = nullptr,
         *dact = nullptr, *dlogits = nullptr, *attn_scratch = nullptr;
   bool have_loss = false;
@@ -232,9 +234,10 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.lse = take(n);
   m.proj = take(n * d);
 
+  const i64 dlogits = o.matmul == MatmulPrecision::Bf16 ? 0 : n * v;
   m.grad_acts = DeviceBuffer(static_cast<std::size_t>(
       n * d /*dres*/ + n * d /*dh*/ + n * qkv /*dqkv*/ + n * d /*datt*/ + 2 * n * f /*dgu*/ +
-      n * f /*dact*/ + n * v /*dlogits*/ + attn_scratch + rms_scratch));
+      n * f /*dact*/ + dlogits + attn_scratch + rms_scratch));
   p = m.grad_acts.data();
   m.dres = take(n * d);
   m.dh = take(n * d);
@@ -242,7 +245,7 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.datt = take(n * d);
   m.dgu = take(2 * n * f);
   m.dact = take(n * f);
-  m.dlogits = take(n * v);
+  m.dlogits = dlogits > 0 ? take(dlogits) : nullptr;
   m.attn_scratch = take(attn_scratch);
   m.rms_scratch = rms_scratch > 0 ? take(rms_scratch) : nullptr;
 
@@ -253,10 +256,12 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.row_scale = DeviceBuffer();
   m.bf16.reset();
   if (o.matmul == MatmulPrecision::Bf16) {
-    // Every GEMM weight is in the mirror: the workspace holds activation copies only.
+    // Every GEMM weight is in the mirror: the workspace holds activation copies only, and
+    // the bf16 dlogits in the LM head's dout slice ({d, v}).
     std::size_t need = 0;
     for (auto [din, dout] : {std::pair<i64, i64>{d, qkv}, {d, d}, {d, 2 * f}, {f, d}, {d, v}})
       need = std::max(need, layers::linear_bf16_workspace_elements(n, din, dout, true));
+    need = std::max(need, layers::linear_bf16_dout_elements(n, v));
     m.bf16 = std::make_unique<layers::Bf16Workspace>(need);
     m.bf16->set_weight_mirror(m.params.data() + m.mirror_from, m.bf16_params->data(),
                               static_cast<std::size_t>(num_params - m.mirror_from));
@@ -305,15 +310,23 @@ struct Pass {
   // (h1 = x_in, h2 = x_mid, h_final = x_final) and its backward passes dh through
   // (dres += dh), as src/model/llama.cpp does.
   const float* normed(float* hn, const float* x) const { return norms ? hn : x; }
-  void norm_backward(float* dweight, const float* x, const float* weight, const float* rstd) {
+  void norm_backward(float* dweight, const float* x, const float* weight, const float* rstd,
+                     layers::GradWrite dres_write) {
     if (norms)
-      layers::rmsnorm_backward(ctx, m.dres, dweight, m.rms_scratch, m.dh, x, weight, rstd, n, d);
+      layers::rmsnorm_backward(ctx, m.dres, dweight, m.rms_scratch, m.dh, x, weight, rstd, n, d,
+                               dres_write);
     else
       layers::accumulate(ctx, m.dres, m.dh, n * d);
   }
   // The first writer of a gradient scratch buffer assigns it (no zeroing pass before it, and
   // its GEMM runs with beta = 0); later contributions add.
   static constexpr auto kAssign = layers::GradWrite::Assign;
+  static constexpr auto kAdd = layers::GradWrite::Add;
+  // Where the cross-entropy writes the dlogits the LM head's backward reads: with Bf16 matmuls
+  // bf16 values at the start of the workspace (the head's dout slice, read there by its GEMMs
+  // with no conversion pass; the fp32 dlogits buffer is not even allocated), else m.dlogits.
+  bool bf16_dlogits() const { return mp == MatmulPrecision::Bf16; }
+  void* dlogits16() const { return ws->data(); }
 
   // Embedding to logits, keeping what backward needs.
   void forward() {
@@ -346,17 +359,24 @@ struct Pass {
                            ws);
   }
 
-  // From dlogits (filled by the caller) to every parameter's gradient, added into m.g.
-  // Last layer first (src/model/llama.cpp's order). With tied embeddings g.lm_head is
-  // g.tok_embedding: the head's weight gradient lands there first and embedding_backward adds
-  // the lookup gradient at the end, both queued on the one stream (a fixed order).
+  // From the dlogits (assigned by the caller's cross-entropy, where bf16_dlogits() says) to
+  // every parameter's gradient, added into m.g. Last layer first (src/model/llama.cpp's order).
+  // The LM head's backward assigns its din and the final norm's backward assigns dres: no
+  // zeroing pass. Without norms the head's din is dres itself (the final norm is the identity).
+  // With tied embeddings g.lm_head is g.tok_embedding: the head's weight gradient lands there
+  // first and embedding_backward adds the lookup gradient at the end, both queued on the one
+  // stream (a fixed order).
   void backward() {
     const int batch = m.batch, seq = m.seq;
-    fill_zero(ctx, m.dh, n * d);
-    layers::linear_backward(ctx, m.dh, m.g.lm_head, m.dlogits, normed(m.h_final, m.x_final),
-                            m.w.lm_head, n, d, v, mp, ws);
-    fill_zero(ctx, m.dres, n * d);
-    norm_backward(m.g.final_norm, m.x_final, m.w.final_norm, m.rstd_final);
+    float* head_din = norms ? m.dh : m.dres;
+    const float* head_in = normed(m.h_final, m.x_final);
+    if (bf16_dlogits())
+      layers::linear_backward_bf16(ctx, head_din, m.g.lm_head, dlogits16(), head_in, m.w.lm_head, n,
+                                   d, v, *ws, kAssign);
+    else
+      layers::linear_backward(ctx, head_din, m.g.lm_head, m.dlogits, head_in, m.w.lm_head, n, d, v,
+                              mp, ws, kAssign);
+    if (norms) norm_backward(m.g.final_norm, m.x_final, m.w.final_norm, m.rstd_final, kAssign);
     for (std::size_t li = m.layer_acts.size(); li-- > 0;) {
       const LayerActs& a = m.layer_acts[li];
       const LayerParams& w = m.w.layers[li];
@@ -367,7 +387,7 @@ struct Pass {
       layers::swiglu_backward(ctx, m.dgu, m.dact, a.gu, n, f, kAssign);
       layers::linear_backward(ctx, m.dh, g.w_gate_up, m.dgu, normed(a.h2, a.x_mid), w.w_gate_up, n,
                               d, 2 * f, mp, ws, kAssign);
-      norm_backward(g.mlp_norm, a.x_mid, w.mlp_norm, a.rstd2);
+      norm_backward(g.mlp_norm, a.x_mid, w.mlp_norm, a.rstd2, kAdd);
       // Attention block: dres now holds dL/d(x_mid).
       layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws, kAssign);
       if (flash)
@@ -380,7 +400,7 @@ struct Pass {
       layers::rope_backward(ctx, m.dqkv + d, m.rope, batch, seq, kvh, hd, qkv);
       layers::linear_backward(ctx, m.dh, g.wqkv, m.dqkv, normed(a.h1, a.x_in), w.wqkv, n, d, qkv,
                               mp, ws, kAssign);
-      norm_backward(g.attn_norm, a.x_in, w.attn_norm, a.rstd1);
+      norm_backward(g.attn_norm, a.x_in, w.attn_norm, a.rstd1, kAdd);
     }
     layers::embedding_backward(ctx, m.g.tok_embedding, m.dres, m.tokens.data(), n, d);
   }
@@ -427,9 +447,12 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     layers::cross_entropy(ctx_, *m.loss, m.lse, nullptr, m.logits, m.targets.data(), n, v, 1.0);
     return;
   }
-  fill_zero(ctx_, m.dlogits, n * v);
-  layers::cross_entropy(ctx_, *m.loss, m.lse, m.dlogits, m.logits, m.targets.data(), n, v,
-                        loss_scale);
+  if (pass.bf16_dlogits())
+    layers::cross_entropy_bf16(ctx_, *m.loss, m.lse, pass.dlogits16(), m.logits, m.targets.data(),
+                               n, v, loss_scale);
+  else
+    layers::cross_entropy(ctx_, *m.loss, m.lse, m.dlogits, m.logits, m.targets.data(), n, v,
+                          loss_scale, layers::GradWrite::Assign);
   pass.backward();
 }
 
@@ -464,10 +487,14 @@ void CudaLlama::weighted_backward(std::span<const double> weights, double loss_s
     m.row_scale = DeviceBuffer(static_cast<std::size_t>(n));
   m.row_scale.upload(m.row_scale_host.data(), m.row_scale_host.size());
   m.backward_pending = false;
-  fill_zero(ctx_, m.dlogits, n * v);
-  layers::weighted_cross_entropy_backward(ctx_, m.dlogits, m.logits, m.lse, m.targets.data(),
-                                          m.row_scale.data(), n, v);
-  Pass(ctx_, m, config_, options_).backward();
+  Pass pass(ctx_, m, config_, options_);
+  if (pass.bf16_dlogits())
+    layers::weighted_cross_entropy_backward_bf16(ctx_, pass.dlogits16(), m.logits, m.lse,
+                                                 m.targets.data(), m.row_scale.data(), n, v);
+  else
+    layers::weighted_cross_entropy_backward(ctx_, m.dlogits, m.logits, m.lse, m.targets.data(),
+                                            m.row_scale.data(), n, v);
+  pass.backward();
 }
 
 CudaLlama::Loss CudaLlama::read_loss() {

@@ -5,7 +5,8 @@
 // - Linear weights are [d_out, d_in] (out = in W^T).
 // - Forward functions write their outputs; backward functions ADD into every gradient they
 //   produce, so callers zero gradient buffers first, except where a GradWrite argument lets
-//   the first writer of a buffer assign it instead. Exception: rope_* work in place.
+//   the first writer of a buffer assign it instead (cross_entropy_bf16 always assigns).
+//   Exception: rope_* work in place.
 // Every function queues kernels / cuBLAS calls on the Context's stream and returns: no host
 // synchronisation, no allocation, no device-to-host copy, so a training step built from them
 // can be captured into a CUDA graph. Argument checks (shapes, int ranges) throw pion::Error
@@ -72,7 +73,9 @@ using i64 = std::int64_t;
 //       caller-owned Bf16Workspace, multiplied on the tensor cores with fp32 accumulation
 //       (CUBLAS_COMPUTE_32F); outputs and gradients stay fp32 (~1e-2 relative). A weight
 //       inside the workspace's mirror (Bf16Workspace::set_weight_mirror) is read from the
-//       mirror's bf16 copy instead of being converted again on every call.
+//       mirror's bf16 copy instead of being converted again on every call, and a dout
+//       already in bf16 (cross_entropy_bf16's dlogits) is read as it is by
+//       linear_backward_bf16.
 using cuda::MatmulPrecision;
 
 // How a backward function writes a gradient it produces: Add (+=, the default: callers zero
@@ -117,6 +120,9 @@ std::size_t linear_bf16_workspace_elements(i64 n, i64 d_in, i64 d_out,
 // out[i] = in[i] rounded to bf16 (nearest even), count values; out is __nv_bfloat16 device
 // memory (a Bf16Workspace's data(), say). The conversion the Bf16 linear layers apply.
 void convert_to_bf16(Context& ctx, void* out, const float* in, i64 count);
+// out[i] = in[i] widened to fp32 (exact), count values of __nv_bfloat16 device memory: how a
+// caller reads a bf16 buffer back (tests).
+void convert_from_bf16(Context& ctx, float* out, const void* in, i64 count);
 
 // ---- token embedding: out[i] = table[tokens[i]] (table [V, c], out [n, c]) ----------------
 void embedding_forward(Context& ctx, float* out, const std::int32_t* tokens, const float* table,
@@ -154,6 +160,19 @@ void linear_backward(Context& ctx, float* din, float* dweight, const float* dout
                      const float* weight, i64 n, i64 d_in, i64 d_out,
                      MatmulPrecision precision = MatmulPrecision::Fp32,
                      Bf16Workspace* workspace = nullptr, GradWrite din_write = GradWrite::Add);
+
+// linear_backward at Bf16 precision with dout already in bf16 (__nv_bfloat16 [n, d_out]
+// device memory, e.g. cross_entropy_bf16's dlogits): the GEMMs read it as it is, so the
+// results are bit for bit linear_backward's with the fp32 dout it was rounded from. The
+// workspace needs linear_bf16_workspace_elements(n, d_in, d_out, mirrored) as for
+// linear_backward, and dout_bf16 may lie in its first linear_bf16_dout_elements(n, d_out)
+// elements (the slice linear_backward converts dout into): this call writes only after them.
+void linear_backward_bf16(Context& ctx, float* din, float* dweight, const void* dout_bf16,
+                          const float* in, const float* weight, i64 n, i64 d_in, i64 d_out,
+                          Bf16Workspace& workspace, GradWrite din_write = GradWrite::Add);
+// The workspace elements at its start that hold linear_backward's bf16 dout, [n, d_out]
+// padded: where a caller may place the bf16 dout it hands to linear_backward_bf16.
+std::size_t linear_bf16_dout_elements(i64 n, i64 d_out);
 
 // ---- rotary position embedding (pairs (i, i + head_dim/2), like the CPU) ---------------------
 // The cos / sin tables of pion::layers::make_rope_table<float> ([seq_len, half] each), copied
@@ -243,12 +262,22 @@ class CrossEntropyResult {
 // logits [n, v]: lse [n] (may be null) = logsumexp of each row; loss = mean over rows with
 // target >= 0 of lse - logits[target] (rows with a negative target are ignored; no counted
 // row: loss 0 and no gradient); when dlogits is not null, dlogits += dloss * d(mean
-// loss)/dlogits. dloss is a kernel argument (a captured graph replays the captured value).
+// loss)/dlogits (dlogits = that with dlogits_write Assign: every element is written, zeros on
+// the ignored rows, so the buffer needs no zeroing; the same bits as the add into zeros).
+// dloss is a kernel argument (a captured graph replays the captured value).
 // The CPU throws for a target >= v; checking that here would need a host round trip, so such
 // a row is ignored (no loss, no gradient) and counted in bad_targets: callers check
 // result.read().bad_targets == 0 (or validate targets on the host before uploading them).
 void cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, float* dlogits,
-                   const float* logits, const std::int32_t* targets, i64 n, i64 v, double dloss);
+                   const float* logits, const std::int32_t* targets, i64 n, i64 v, double dloss,
+                   GradWrite dlogits_write = GradWrite::Add);
+// cross_entropy with dlogits assigned in bf16 (__nv_bfloat16 [n, v] device memory, not null):
+// each value is the fp32 gradient cross_entropy assigns, rounded to nearest even, i.e. what
+// convert_to_bf16 of it gives. What a Bf16 LM head's linear_backward_bf16 reads as dout, so
+// the fp32 dlogits are never written nor converted.
+void cross_entropy_bf16(Context& ctx, CrossEntropyResult& result, float* lse, void* dlogits_bf16,
+                        const float* logits, const std::int32_t* targets, i64 n, i64 v,
+                        double dloss);
 
 // ---- RL: per-target log-probs and the weighted cross-entropy's gradient -----------------------
 // What an RL objective (pion/train/backend.h's TargetObjective) needs from a forward, kept on
@@ -278,12 +307,19 @@ class TargetLogProbs {
 // double: a metric, not differentiated); 0 for both elsewhere.
 void target_log_probs(Context& ctx, TargetLogProbs& out, const float* logits, const float* lse,
                       const std::int32_t* targets, i64 n, i64 v);
-// dlogits[r] += row_scale[r] (softmax(logits[r]) - onehot(targets[r])) for each row r with a
-// target in [0, v) and row_scale[r] != 0 (pion::layers::weighted_cross_entropy_backward with
-// row_scale = dloss * weights, rounded to fp32 on the host as the CPU rounds it): the gradient of
-// sum_r row_scale[r] (-log p(target_r)). lse [n] as cross_entropy computed it.
+// dlogits[r] = row_scale[r] (softmax(logits[r]) - onehot(targets[r])) for each row r with a
+// target in [0, v) and row_scale[r] != 0, and 0 on every other row: assigned, so the buffer
+// needs no zeroing, with the bits pion::layers::weighted_cross_entropy_backward adds into a
+// zeroed buffer (row_scale = dloss * weights, rounded to fp32 on the host as the CPU rounds
+// it): the gradient of sum_r row_scale[r] (-log p(target_r)). lse [n] as cross_entropy
+// computed it.
 void weighted_cross_entropy_backward(Context& ctx, float* dlogits, const float* logits,
                                      const float* lse, const std::int32_t* targets,
                                      const float* row_scale, i64 n, i64 v);
+// The same dlogits rounded to bf16 (as to_bf16 rounds the fp32 ones), for the LM head's bf16
+// GEMMs to read without a conversion pass (cross_entropy_bf16's counterpart).
+void weighted_cross_entropy_backward_bf16(Context& ctx, void* dlogits_bf16, const float* logits,
+                                          const float* lse, const std::int32_t* targets,
+                                          const float* row_scale, i64 n, i64 v);
 
 }  // namespace pion::cuda::layers
