@@ -323,17 +323,19 @@ TEST(CudaOptim, AdamWMatchesCpu) {
   EXPECT_LT(state_err, kAdamWTolerance);
 }
 
-// AdamW's update and the non-finite check move float4s when a matrix's arrays are 16-byte
-// aligned and go element by element otherwise: the same parameters one float off (scalar
-// path) end with the same bits as aligned ones (float4 path + the count % 4 tail), and a NaN
-// in the tail of an aligned gradient still skips the step.
-TEST(CudaOptim, AdamWVectorAndScalarPathsAgree) {
-  PION_REQUIRE_CUDA_DEVICE();
-  Mirror mx({{37, 41}, {1, 33}}, 25, 0.5);  // 1517 = 4 x 379 + 1 and 33 = 4 x 8 + 1
-  AdamW::Options o;
-  o.weight_decay = 0.1;
+using MakeOptimizer = std::function<std::unique_ptr<cuda::CudaOptimizer>(
+    cuda::Context&, const std::vector<cuda::DeviceParam>&)>;
+
+// The optimizers' elementwise kernels move float4s when all the arrays they touch are
+// 16-byte aligned and go element by element otherwise: the same parameters one float off
+// (scalar path for every kernel reading W or g) end with the same bits as aligned ones
+// (float4 path + the count % 4 tail; odd counts everywhere, two matrices of one shape).
+void check_vector_and_scalar_paths(const char* what, const std::vector<Shape2>& shapes,
+                                   const MakeOptimizer& make) {
+  SCOPED_TRACE(what);
+  Mirror mx(shapes, 25, 0.5);
   cuda::Context ctx;
-  auto aligned = cuda::make_cuda_adamw(ctx, mx.device_params(), gpu_options(o));
+  auto aligned = make(ctx, mx.device_params());
   // value + 1 and grad + 1 inside buffers one float longer: 4-byte, never 16-byte, aligned.
   std::vector<cuda::DeviceBuffer> values, grads;
   std::vector<cuda::DeviceParam> shifted;
@@ -350,7 +352,7 @@ TEST(CudaOptim, AdamWVectorAndScalarPathsAgree) {
   for (std::size_t i = 0; i < mx.host.size(); ++i)
     shifted.push_back({mx.host[i].name, values[i].data() + 1, grads[i].data() + 1,
                        mx.host[i].value.rows(), mx.host[i].value.cols()});
-  auto scalar = cuda::make_cuda_adamw(ctx, shifted, gpu_options(o));
+  auto scalar = make(ctx, shifted);
   for (int step = 1; step <= 3; ++step) {
     mx.new_grads(400 + static_cast<std::uint64_t>(step));
     for (std::size_t i = 0; i < mx.host.size(); ++i) upload_shifted(grads[i], mx.host[i].grad);
@@ -358,17 +360,150 @@ TEST(CudaOptim, AdamWVectorAndScalarPathsAgree) {
     scalar->step(0.01);
   }
   ctx.synchronize();
+  EXPECT_EQ(aligned->steps(), 3);
   for (std::size_t i = 0; i < mx.host.size(); ++i) {
     std::vector<float> h(values[i].size());
     values[i].download(h.data(), h.size());
-    EXPECT_EQ(std::vector<float>(h.begin() + 1, h.end()), mx.device_value(i)) << mx.host[i].name;
+    const std::vector<float> w = mx.device_value(i);
+    EXPECT_GT(frobenius_diff(w.data(), mx.initial[i].data<float>(), w.size()), 0.0)
+        << mx.host[i].name << " did not move";
+    EXPECT_EQ(std::vector<float>(h.begin() + 1, h.end()), w) << mx.host[i].name;
+    EXPECT_EQ(scalar->download_state(mx.host[i].name), aligned->download_state(mx.host[i].name))
+        << mx.host[i].name;
   }
-  EXPECT_EQ(aligned->steps(), 3);
+}
+
+TEST(CudaOptim, VectorAndScalarPathsAgree) {
+  PION_REQUIRE_CUDA_DEVICE();
+  // 1517 = 4 x 379 + 1, 33 = 4 x 8 + 1; Pion's 37 x 37 and 41 x 41 generators too.
+  const std::vector<Shape2> shapes = {{37, 41}, {37, 41}, {1, 33}};
+  AdamW::Options ao;
+  ao.weight_decay = 0.1;
+  check_vector_and_scalar_paths("adamw", shapes, [&](cuda::Context& ctx, const auto& params) {
+    return cuda::make_cuda_adamw(ctx, params, gpu_options(ao));
+  });
+  Muon::Options mo;
+  mo.weight_decay = 0.1;
+  for (const char* precision : {"fp32", "bf16"})
+    check_vector_and_scalar_paths((std::string("muon ") + precision).c_str(), shapes,
+                                  [&](cuda::Context& ctx, const auto& params) {
+                                    return cuda::make_cuda_muon(ctx, params,
+                                                                gpu_options(mo, precision));
+                                  });
+  const std::vector<Shape2> matrices = {{37, 41}, {37, 41}, {41, 37}};
+  check_vector_and_scalar_paths("pion", matrices, [](cuda::Context& ctx, const auto& params) {
+    return cuda::make_cuda_pion(ctx, params, pion_options("fp32"));
+  });
+  check_vector_and_scalar_paths("pion ambient left", matrices,
+                                [](cuda::Context& ctx, const auto& params) {
+                                  cuda::CudaPionOptions o = pion_options("fp32");
+                                  o.momentum = PionMomentum::Ambient;
+                                  o.update_side = PionUpdateSide::Left;
+                                  return cuda::make_cuda_pion(ctx, params, o);
+                                });
+  check_vector_and_scalar_paths("pion msign right", matrices,
+                                [](cuda::Context& ctx, const auto& params) {
+                                  cuda::CudaPionOptions o = pion_options("fp32");
+                                  o.normalizer = PionNormalizer::Msign;
+                                  o.update_side = PionUpdateSide::Right;
+                                  return cuda::make_cuda_pion(ctx, params, o);
+                                });
+}
+
+// A NaN in the count % 4 tail of an aligned gradient still skips the step (the finite
+// check's scalar tail).
+TEST(CudaOptim, NonFiniteInTheTailSkipsTheStep) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Mirror mx({{37, 41}, {1, 33}}, 26, 0.5);
+  cuda::Context ctx;
+  auto gpu = cuda::make_cuda_adamw(ctx, mx.device_params(), cuda::CudaAdamWOptions{});
+  mx.new_grads(410);
+  gpu->step(0.01);
+  EXPECT_EQ(gpu->steps(), 1);
   mx.host[1].grad.data<float>()[32] = std::nanf("");  // the tail element of 33
   mx.upload_grad(1);
-  aligned->step(0.01);
-  EXPECT_EQ(aligned->steps(), 3);
-  EXPECT_EQ(aligned->skipped_steps(), 1);
+  gpu->step(0.01);
+  EXPECT_EQ(gpu->steps(), 1);
+  EXPECT_EQ(gpu->skipped_steps(), 1);
+}
+
+// set_grad_scale(s) then a step on g equals a step on g * s rounded to float (the clip pass
+// it replaces) bit for bit, weights and state, for every optimizer and Pion variant; with the
+// finite check off too (the training loop's setting). And the scale does something: the
+// state differs from a run on unscaled gradients.
+void check_grad_scale(const char* what, const MakeOptimizer& make) {
+  SCOPED_TRACE(what);
+  const std::vector<Shape2> shapes = {{40, 24}, {40, 24}, {24, 40}, {33, 33}};
+  Mirror pre(shapes, 27, 0.5), folded(shapes, 27, 0.5), plain(shapes, 27, 0.5);
+  cuda::Context ctx;
+  auto a = make(ctx, pre.device_params());
+  auto b = make(ctx, folded.device_params());
+  auto c = make(ctx, plain.device_params());
+  b->set_finite_check(false);
+  const float scales[] = {0.5f, 1.0f, 0.3f, 0.7f};
+  for (int step = 0; step < 4; ++step) {
+    const std::uint64_t seed = 420 + static_cast<std::uint64_t>(step);
+    folded.new_grads(seed);
+    plain.new_grads(seed);
+    pre.new_grads(seed);
+    for (std::size_t i = 0; i < pre.host.size(); ++i) {
+      for (float& g : pre.host[i].grad.span<float>()) g *= scales[step];
+      pre.upload_grad(i);
+    }
+    a->step(0.01);
+    b->set_grad_scale(scales[step]);
+    b->step(0.01);
+    c->step(0.01);
+  }
+  ctx.synchronize();
+  EXPECT_EQ(b->steps(), 4);
+  bool differs = false;
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    const std::string& name = pre.host[i].name;
+    EXPECT_EQ(folded.device_value(i), pre.device_value(i)) << name;
+    EXPECT_EQ(b->download_state(name), a->download_state(name)) << name;
+    differs = differs || b->download_state(name) != c->download_state(name);
+  }
+  EXPECT_TRUE(differs) << "the gradient scale changed nothing";
+}
+
+TEST(CudaOptim, GradScaleEqualsScalingTheGradients) {
+  PION_REQUIRE_CUDA_DEVICE();
+  check_grad_scale("adamw", [](cuda::Context& ctx, const auto& params) {
+    return cuda::make_cuda_adamw(ctx, params, cuda::CudaAdamWOptions{});
+  });
+  for (const char* precision : {"fp32", "bf16"})
+    check_grad_scale(
+        (std::string("muon ") + precision).c_str(), [&](cuda::Context& ctx, const auto& params) {
+          return cuda::make_cuda_muon(ctx, params, gpu_options(Muon::Options{}, precision));
+        });
+  struct Variant {
+    const char* name;
+    PionMomentum momentum;
+    PionUpdateSide side;
+    PionNormalizer normalizer;
+  };
+  const Variant variants[] = {
+      {"pion", PionMomentum::Lie, PionUpdateSide::Both, PionNormalizer::Adam},
+      {"pion left", PionMomentum::Lie, PionUpdateSide::Left, PionNormalizer::Adam},
+      {"pion ambient", PionMomentum::Ambient, PionUpdateSide::Both, PionNormalizer::Adam},
+      {"pion transported alternate", PionMomentum::Transported, PionUpdateSide::Alternate,
+       PionNormalizer::Adam},
+      {"pion msign", PionMomentum::Lie, PionUpdateSide::Both, PionNormalizer::Msign},
+  };
+  for (const Variant& v : variants)
+    check_grad_scale(v.name, [&](cuda::Context& ctx, const auto& params) {
+      cuda::CudaPionOptions o = pion_options("fp32");
+      o.momentum = v.momentum;
+      o.update_side = v.side;
+      o.normalizer = v.normalizer;
+      return cuda::make_cuda_pion(ctx, params, o);
+    });
+  cuda::Context ctx;
+  Mirror mx({{4, 4}}, 1, 0.5);
+  auto gpu = cuda::make_cuda_adamw(ctx, mx.device_params(), cuda::CudaAdamWOptions{});
+  for (float bad : {0.0f, -0.5f, 1.5f, std::nanf("")})
+    EXPECT_THROW(gpu->set_grad_scale(bad), Error) << bad;
 }
 
 TEST(CudaOptim, MuonFp32MatchesCpu) {
@@ -533,8 +668,9 @@ TEST(CudaOptim, NonFiniteGradientsSkipTheStep) {
   }
 }
 
-// One captured queue_step(), replayed with a new learning rate each time (set_lr before
-// each launch), equals eager steps with those learning rates. Same context, same stream.
+// One captured queue_step(), replayed with a new learning rate and gradient scale each time
+// (set_lr and set_grad_scale before each launch), equals eager steps with those values. Same
+// context, same stream.
 void check_graph_replay(
     const char* what,
     const std::function<std::unique_ptr<cuda::CudaOptimizer>(cuda::Context&, Mirror&)>& make) {
@@ -551,17 +687,21 @@ void check_graph_replay(
   ctx.synchronize();
 
   b->set_lr(0.0);
+  b->set_finite_check(false);  // the training loop's setting
   ctx.begin_capture();
   b->queue_step();  // recorded, not run
   ctx.end_capture();
   ctx.synchronize();
   EXPECT_EQ(b->steps(), 0) << what << ": the capture ran the step";
   const double lrs[] = {0.02, 0.01, 0.005};
+  const float scales[] = {0.5f, 1.0f, 0.25f};
   for (int step = 0; step < 3; ++step) {
     eager.new_grads(90 + static_cast<std::uint64_t>(step));
     graphed.new_grads(90 + static_cast<std::uint64_t>(step));
+    a->set_grad_scale(scales[step]);
     a->step(lrs[step]);
     b->set_lr(lrs[step]);
+    b->set_grad_scale(scales[step]);
     ctx.launch_graph();
   }
   ctx.synchronize();
