@@ -2,7 +2,8 @@
 // weights and state after a few steps (fp32 modes to rounding level, Pion "mixed" and Muon
 // "bf16" to a loose bound, their error printed), resuming from CPU state, the non-finite-
 // gradient skip, CUDA-graph replays against eager steps, Pion's spectrum drift, and the GPU
-// trainer's routing of a grouped-query, tied-embedding model's parameters. Every
+// trainer's routing of a grouped-query, tied-embedding model's parameters, and CudaBackend's
+// clip (the gradient scale the optimizers read) and NaN skip. Every
 // test skips with a clear message when this build has no CUDA back end or the machine has
 // no CUDA device; scripts/gpu-check.sh runs them on a GPU.
 #include <gtest/gtest.h>
@@ -10,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <map>
@@ -26,8 +28,10 @@
 #include "pion/optim/pion.h"
 #include "pion/train/build_optimizer.h"
 #ifdef PION_HAVE_CUDA
+#include "pion/cuda/backend.h"
 #include "pion/cuda/optim.h"
 #include "pion/cuda/optim_like.h"
+#include "pion/train/session.h"
 #endif
 
 #ifndef PION_HAVE_CUDA
@@ -892,6 +896,80 @@ TEST(CudaOptim, GroupedQueryTiedLayoutRoutesLikeCpu) {
     std::printf("%s routing, GQA + tied layout: worst weight error %.3e (%s)\n", optimizer.c_str(),
                 worst, worst_name.c_str());
     EXPECT_LT(worst, optimizer == "pion" ? kPionTolerance : kMuonTolerance) << worst_name;
+  }
+}
+
+// CudaBackend under run_training's sequence (norm; scale_grads(clip / norm) when clipping;
+// step when the norm is finite, else skip_step). Returns the weights after two steps.
+// flush: read grad_norm() again after scale_grads, which scales the gradients in place
+// through the model's pass (the old path) instead of handing the factor to the optimizers.
+std::vector<float> backend_steps(const std::string& optimizer, float scale, bool flush,
+                                 bool nan_weight, std::int64_t* skipped = nullptr) {
+  TrainConfig cfg;
+  cfg.optimizer = optimizer;
+  cfg.n_layer = 2;
+  cfg.n_head = 2;
+  cfg.d_model = 32;
+  cfg.seq_len = 16;
+  cfg.batch_size = 2;
+  cfg.init_std = 0.2;
+  Llama<float> host(model_config_for(cfg, 37));
+  Rng init(5);
+  host.init_weights(init);
+  // Mid-buffer: inside a layer's matrix, which every token goes through (an embedding row
+  // would only poison the tokens that use it).
+  if (nan_weight) host.params().data<float>()[host.params().numel() / 2] = std::nanf("");
+  const std::vector<float> initial(host.params().data<float>(),
+                                   host.params().data<float>() + host.params().numel());
+  auto backend = cuda::make_cuda_backend(cfg, host);
+  backend->begin(false);
+  backend->set_lr_factor(1.0);
+  for (int step = 0; step < 2; ++step) {
+    Rng rng(50 + static_cast<std::uint64_t>(step));
+    std::vector<std::int32_t> tokens, targets;
+    for (int i = 0; i < 2 * 16; ++i) {
+      tokens.push_back(static_cast<std::int32_t>(rng.below(37)));
+      targets.push_back(static_cast<std::int32_t>(rng.below(37)));
+    }
+    backend->zero_grad();
+    backend->forward_backward({tokens, targets, 2, 16, {}}, 1.0, true);
+    backend->finish_grads();
+    const double norm = backend->grad_norm();
+    EXPECT_EQ(std::isfinite(norm), !nan_weight);
+    if (std::isfinite(norm) && scale != 1.0f) {
+      backend->scale_grads(scale);
+      if (flush) EXPECT_NEAR(backend->grad_norm(), scale * norm, 1e-5 * norm);
+    }
+    if (std::isfinite(norm))
+      EXPECT_TRUE(backend->step());
+    else
+      backend->skip_step();
+  }
+  if (skipped != nullptr) *skipped = backend->skipped_steps();
+  backend->checkpoint_tensors();  // leaves the device weights in `host`
+  std::vector<float> out(host.params().data<float>(),
+                         host.params().data<float>() + host.params().numel());
+  EXPECT_EQ(out.size(), initial.size());
+  if (nan_weight)  // bit for bit, the NaN included
+    EXPECT_EQ(std::memcmp(out.data(), initial.data(), out.size() * sizeof(float)), 0)
+        << optimizer << ": a skipped step changed the weights";
+  return out;
+}
+
+// The clip as a gradient scale the optimizers read equals scaling the gradients first (bit
+// for bit: AdamW and Muon fold it into their elementwise passes, Pion scales in place), with
+// the optimizers' own finite check off; and it changes the step. A NaN gradient makes the
+// norm non-finite, so the step is skipped and the weights stay as they were.
+TEST(CudaBackend, ClipInsideTheStepAndNanSkip) {
+  PION_REQUIRE_CUDA_DEVICE();
+  for (const char* optimizer : {"adamw", "muon", "pion"}) {
+    SCOPED_TRACE(optimizer);
+    const std::vector<float> folded = backend_steps(optimizer, 0.5f, false, false);
+    EXPECT_EQ(folded, backend_steps(optimizer, 0.5f, true, false));
+    EXPECT_NE(folded, backend_steps(optimizer, 1.0f, false, false));
+    std::int64_t skipped = 0;
+    backend_steps(optimizer, 0.5f, false, true, &skipped);
+    EXPECT_EQ(skipped, 2);
   }
 }
 
