@@ -1,8 +1,9 @@
 // Pion on the GPU, taylor2 retraction: the math of src/optim/pion.cpp (definitions in
 // src/optim/pion_math.h) with every matrix of one shape updated by batched cuBLAS calls.
-// Per shape group and step: 7 batched GEMMs and 6 other launches (finite check, moment
-// pass, norm partials, step scales, direction scaling, two elementwise adds: the moment
-// pass covers both sides' generators, skew parts, moments and directions in one kernel per
+// Per shape group and step: 7 batched GEMMs and 7 other launches (finite check, unless the
+// caller turned it off; the gradient scale, which returns at once when it is 1; moment pass,
+// norm partials, step scales, direction scaling, two elementwise adds: the moment pass
+// covers both sides' generators, skew parts, moments and directions in one kernel per
 // side). alpha and s = lr * alpha stay on the device.
 //
 // The variants (issue 11, pion.cpp; their kernels are in pion_variants.cu): update_side
