@@ -938,7 +938,9 @@ std::vector<float> backend_steps(const std::string& optimizer, float scale, bool
     EXPECT_EQ(std::isfinite(norm), !nan_weight);
     if (std::isfinite(norm) && scale != 1.0f) {
       backend->scale_grads(scale);
-      if (flush) EXPECT_NEAR(backend->grad_norm(), scale * norm, 1e-5 * norm);
+      if (flush) {
+        EXPECT_NEAR(backend->grad_norm(), scale * norm, 1e-5 * norm);
+      }
     }
     if (std::isfinite(norm))
       EXPECT_TRUE(backend->step());
@@ -950,9 +952,10 @@ std::vector<float> backend_steps(const std::string& optimizer, float scale, bool
   std::vector<float> out(host.params().data<float>(),
                          host.params().data<float>() + host.params().numel());
   EXPECT_EQ(out.size(), initial.size());
-  if (nan_weight)  // bit for bit, the NaN included
+  if (nan_weight) {  // bit for bit, the NaN included
     EXPECT_EQ(std::memcmp(out.data(), initial.data(), out.size() * sizeof(float)), 0)
         << optimizer << ": a skipped step changed the weights";
+  }
   return out;
 }
 

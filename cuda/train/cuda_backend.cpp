@@ -314,14 +314,16 @@ class CudaBackend final : public TrainBackend {
     return run_->model().grad_norm();
   }
   // The clip: the optimizers read each gradient times the factor (set_grad_scale), the same
-  // bits as scaling the gradients first, without the pass over them. A factor they cannot
-  // take (above 1), or a second one before the step, goes through the model's pass.
+  // bits as scaling the gradients first, without the pass over them. The factor must be in
+  // (0, 1] (run_training's clip / norm is below 1): that keeps finite gradients finite,
+  // which turning the optimizers' check off relies on. A second factor before the step
+  // pushes the first into the gradients through the model's pass.
   void scale_grads(float factor) override {
+    check(factor > 0.0f && factor <= 1.0f,
+          "--device cuda: scale_grads takes a clip factor in (0, 1], got " +
+              std::to_string(factor));
     apply_grad_scale();
-    if (factor > 0.0f && factor <= 1.0f)
-      grad_scale_ = factor;
-    else
-      run_->model().scale_grads(factor);
+    grad_scale_ = factor;
   }
 
   bool step() override {
