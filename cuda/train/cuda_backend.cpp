@@ -319,9 +319,9 @@ class CudaBackend final : public TrainBackend {
   // which turning the optimizers' check off relies on. A second factor before the step
   // pushes the first into the gradients through the model's pass.
   void scale_grads(float factor) override {
-    check(factor > 0.0f && factor <= 1.0f,
-          "--device cuda: scale_grads takes a clip factor in (0, 1], got " +
-              std::to_string(factor));
+    check(
+        factor > 0.0f && factor <= 1.0f,
+        "--device cuda: scale_grads takes a clip factor in (0, 1], got " + std::to_string(factor));
     apply_grad_scale();
     grad_scale_ = factor;
   }
