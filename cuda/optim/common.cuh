@@ -120,8 +120,8 @@ class CudaOptimizerBase : public CudaOptimizer {
   }
 
   void set_grad_scale(float scale) override {
-    if (!(scale > 0.0f && scale <= 1.0f))
-      throw Error(who() + ": gradient scale must be in (0, 1], got " + std::to_string(scale));
+    if (!(scale >= 0.0f && scale <= 1.0f))
+      throw Error(who() + ": gradient scale must be in [0, 1], got " + std::to_string(scale));
     queue_set_grad_scale(stream(), scalars(), scale);
   }
 

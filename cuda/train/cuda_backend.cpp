@@ -271,7 +271,7 @@ class CudaBackend final : public TrainBackend {
     run_->upload_from_mirror();
     // run_training steps only after a finite grad_norm(), and the norm (squares of floats
     // summed in double: no overflow, NaN and Inf propagate) is finite exactly when every
-    // gradient is; a clip scale (0, 1] keeps them finite. So the optimizers' own NaN/Inf
+    // gradient is; a clip scale in [0, 1] keeps them finite. So the optimizers' own NaN/Inf
     // check would read every gradient again to find nothing: off.
     for (auto& d : run_->groups()) d.device->set_finite_check(false);
     launcher_ = std::make_unique<StepLauncher>(ctx_, run_->groups());
@@ -315,13 +315,14 @@ class CudaBackend final : public TrainBackend {
   }
   // The clip: the optimizers read each gradient times the factor (set_grad_scale), the same
   // bits as scaling the gradients first, without the pass over them. The factor must be in
-  // (0, 1] (run_training's clip / norm is below 1): that keeps finite gradients finite,
+  // [0, 1] (run_training's clip / norm is below 1, and may round to 0 in float): that keeps
+  // finite gradients finite,
   // which turning the optimizers' check off relies on. A second factor before the step
   // pushes the first into the gradients through the model's pass.
   void scale_grads(float factor) override {
     check(
-        factor > 0.0f && factor <= 1.0f,
-        "--device cuda: scale_grads takes a clip factor in (0, 1], got " + std::to_string(factor));
+        factor >= 0.0f && factor <= 1.0f,
+        "--device cuda: scale_grads takes a clip factor in [0, 1], got " + std::to_string(factor));
     apply_grad_scale();
     grad_scale_ = factor;
   }

@@ -66,7 +66,7 @@ class CudaOptimizer {
   // Queues one update that reads the learning rate and step counter from device memory:
   // this is what a CUDA graph captures.
   virtual void queue_step() = 0;
-  // Queues a write of the gradient scale (0 < scale <= 1; 1 until set): every step reads
+  // Queues a write of the gradient scale (0 <= scale <= 1; 1 until set): every step reads
   // each gradient times it, g * scale rounded to float, which is what scaling the gradients
   // in place first (the trainer's clip) would leave, without a pass over them. The gradients
   // themselves are left unscaled (Pion's lie and msign momenta, whose GEMMs read them, scale
