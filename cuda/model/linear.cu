@@ -41,10 +41,13 @@ bool weight_mirrored(MatmulPrecision precision, const Bf16Workspace* workspace, 
 }
 
 void check_linear(i64 n, i64 d_in, i64 d_out, MatmulPrecision precision,
-                  const Bf16Workspace* workspace, const float* weight, const std::string& who) {
+                  const Bf16Workspace* workspace, const float* weight, const std::string& who,
+                  const void* in_bf16, const void* dout_bf16) {
   require_positive(n, who, "n");
   require_positive(d_in, who, "d_in");
   require_positive(d_out, who, "d_out");
+  require(precision == MatmulPrecision::Bf16 || (in_bf16 == nullptr && dout_bf16 == nullptr), who,
+          "bf16 operands are for Bf16 precision only");
   if (precision == MatmulPrecision::Bf16) {
     const std::size_t need = linear_bf16_workspace_elements(
         n, d_in, d_out, weight_mirrored(precision, workspace, weight, d_out * d_in));
@@ -109,11 +112,15 @@ void convert_to_bf16(Context& ctx, void* out, const float* in, i64 count) {
 }
 
 void linear_forward(Context& ctx, float* out, const float* in, const float* weight, i64 n, i64 d_in,
-                    i64 d_out, MatmulPrecision precision, Bf16Workspace* workspace) {
-  check_linear(n, d_in, d_out, precision, workspace, weight, "linear_forward");
+                    i64 d_out, MatmulPrecision precision, Bf16Workspace* workspace,
+                    const void* in_bf16) {
+  check_linear(n, d_in, d_out, precision, workspace, weight, "linear_forward", in_bf16, nullptr);
+  require(in != nullptr || in_bf16 != nullptr, "linear_forward", "needs in (or in_bf16)");
   // out [n, d_out] = in [n, d_in] W^T, W [d_out, d_in].
   if (precision == MatmulPrecision::Bf16) {
-    const __nv_bfloat16* in16 = to_bf16(ctx, *workspace, 0, in, n * d_in);
+    // The producer's bf16 copy when there is one (the same bits the conversion would give).
+    const __nv_bfloat16* in16 = in_bf16 != nullptr ? static_cast<const __nv_bfloat16*>(in_bf16)
+                                                   : to_bf16(ctx, *workspace, 0, in, n * d_in);
     const __nv_bfloat16* w16 = bf16_weight(ctx, *workspace, padded(n * d_in), weight, d_out * d_in);
     gemm_rm_strided(blas_of(ctx), gemm_types(precision), false, true, n, d_out, d_in, 1.0f, in16,
                     d_in, 0, w16, d_in, 0, 0.0f, out, d_out, 0, 1);
@@ -125,18 +132,26 @@ void linear_forward(Context& ctx, float* out, const float* in, const float* weig
 
 void linear_backward(Context& ctx, float* din, float* dweight, const float* dout, const float* in,
                      const float* weight, i64 n, i64 d_in, i64 d_out, MatmulPrecision precision,
-                     Bf16Workspace* workspace, GradWrite din_write) {
-  check_linear(n, d_in, d_out, precision, workspace, weight, "linear_backward");
+                     Bf16Workspace* workspace, GradWrite din_write, const void* dout_bf16,
+                     const void* in_bf16) {
+  check_linear(n, d_in, d_out, precision, workspace, weight, "linear_backward", in_bf16, dout_bf16);
+  require((dout != nullptr || dout_bf16 != nullptr) && (in != nullptr || in_bf16 != nullptr),
+          "linear_backward", "needs dout and in (or their bf16 copies)");
   const bool bf16 = precision == MatmulPrecision::Bf16;
   const void* dout_op = dout;
   const void* w_op = weight;
   const void* in_op = in;
   if (bf16) {
-    dout_op = to_bf16(ctx, *workspace, 0, dout, n * d_out);
+    // Operands already in bf16 (written by their producers) are read as they are; the others
+    // are converted into their workspace slices, which stay where they were.
+    dout_op = dout_bf16 != nullptr ? dout_bf16 : to_bf16(ctx, *workspace, 0, dout, n * d_out);
     const bool mirrored = weight_mirrored(precision, workspace, weight, d_out * d_in);
     const std::size_t w_at = padded(n * d_out);
     if (din != nullptr) w_op = bf16_weight(ctx, *workspace, w_at, weight, d_out * d_in);
-    in_op = to_bf16(ctx, *workspace, w_at + (mirrored ? 0 : padded(d_out * d_in)), in, n * d_in);
+    in_op =
+        in_bf16 != nullptr
+            ? in_bf16
+            : to_bf16(ctx, *workspace, w_at + (mirrored ? 0 : padded(d_out * d_in)), in, n * d_in);
   }
   // din [n, d_in] (+)= dout [n, d_out] W [d_out, d_in].
   const float din_beta = din_write == GradWrite::Assign ? 0.0f : 1.0f;
