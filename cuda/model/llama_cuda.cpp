@@ -78,8 +78,9 @@ struct LayerActs {
   float *x_in, *h1, *rstd1, *qkv, *attn_keep, *att, *x_mid, *h2, *rstd2, *gu, *act;
   // attn_keep: probs [B, H, T, T] (materialised) or the logsumexp [B, H, T] (flash).
   // Bf16 matmuls: the bf16 copies (uint16_t storage) of the four GEMM inputs, written once in
-  // the forward by their producers (RMSNorm, SwiGLU) or one conversion (the attention output;
-  // without norms, x_in), read by the forward GEMM and again by its weight gradient. Where a
+  // the forward by their producers (RMSNorm, SwiGLU, flash attention) or one conversion (the
+  // materialised attention's output; without norms x_in, x_mid), read by the forward GEMM and
+  // again by its weight gradient. Where a
   // GEMM is the only reader, the fp32 tensor is not kept at all (h1, h2 with norms; act):
   // those pointers are null. All null at the other precisions.
   std::uint16_t *h1_16, *att16, *h2_16, *act16;
@@ -374,13 +375,16 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     // RoPE rotates the h query heads and the kvh key heads (never the values).
     layers::rope_forward(ctx, a.qkv, m.rope, batch, seq, h, hd, qkv);
     layers::rope_forward(ctx, a.qkv + d, m.rope, batch, seq, kvh, hd, qkv);
-    if (flash)
-      layers::flash_attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh);
-    else
+    // The attention output stays fp32 (the flash backward reads it); its bf16 copy, for the wo
+    // GEMM and its weight gradient, is written by the flash kernel, or made once here from the
+    // materialised attention's fp32 GEMM output (TF32 operands: it cannot write bf16).
+    if (flash) {
+      layers::flash_attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh,
+                                      a.att16);
+    } else {
       layers::attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh, attn_mp);
-    // The attention output stays fp32 (the flash backward reads it); its bf16 copy is made
-    // once here, for the wo GEMM and its weight gradient.
-    if (bf16) layers::convert_to_bf16(ctx, a.att16, a.att, n * d);
+      if (bf16) layers::convert_to_bf16(ctx, a.att16, a.att, n * d);
+    }
     layers::linear_forward(ctx, m.proj, a.att, w.wo, n, d, d, mp, ws, a.att16);
     layers::residual_forward(ctx, a.x_mid, a.x_in, m.proj, n * d);
     if (norms)
