@@ -712,6 +712,83 @@ TEST(CudaLayers, LinearTakesBf16OperandsBitForBit) {
                pion::Error);  // no input at all
 }
 
+// A bf16 GEMM writing its output in bf16 (out_bf16): within one bf16 rounding of the same
+// GEMM's fp32 output (2^-8 relative, plus 1e-6 of the largest magnitude for a different
+// accumulation order in another cuBLAS kernel), and so within the bf16 layer's bound of the
+// CPU. Exactly one output; Bf16 precision only.
+TEST(CudaLayers, LinearWritesBf16Output) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 33, d_in = 70, d_out = 50;
+  const auto in = randn(n * d_in, 65);
+  const auto w = randn(d_out * d_in, 66, 0.2);
+  const auto bf16 = cl::MatmulPrecision::Bf16;
+  cl::Bf16Workspace ws(cl::linear_bf16_workspace_elements(n, d_in, d_out));
+  Dev d_in_(in), d_w(w), out32(n * d_out);
+  Dev16 out16(n * d_out);
+  cl::linear_forward(ctx, out32.get(), d_in_.get(), d_w.get(), n, d_in, d_out, bf16, &ws);
+  cl::linear_forward(ctx, nullptr, d_in_.get(), d_w.get(), n, d_in, d_out, bf16, &ws, nullptr,
+                     out16.get());
+  const auto got = out16.host(), wide = out32.host();
+  double max_ref = 0.0, max_moved = 0.0;
+  for (float v : wide) max_ref = std::max(max_ref, std::abs(static_cast<double>(v)));
+  std::size_t bad = 0;
+  for (std::size_t i = 0; i < wide.size(); ++i) {
+    const double diff = std::abs(static_cast<double>(got[i]) - wide[i]);
+    if (!(diff <= std::ldexp(std::abs(static_cast<double>(wide[i])), -8) + 1e-6 * max_ref)) ++bad;
+    max_moved = std::max(max_moved, diff);
+  }
+  EXPECT_EQ(bad, 0u) << "bf16 output beyond one rounding of the fp32 output";
+  EXPECT_GT(max_moved, 1e-6 * max_ref) << "no value shows bf16 rounding";
+  std::vector<float> out(static_cast<std::size_t>(n * d_out));
+  hl::linear_forward(out.data(), in.data(), w.data(), n, d_in, d_out);
+  expect_close("linear bf16 out written in bf16", got, out, 3e-2);
+
+  EXPECT_THROW(cl::linear_forward(ctx, out32.get(), d_in_.get(), d_w.get(), n, d_in, d_out, bf16,
+                                  &ws, nullptr, out16.get()),
+               pion::Error);  // two outputs
+  EXPECT_THROW(cl::linear_forward(ctx, nullptr, d_in_.get(), d_w.get(), n, d_in, d_out, bf16, &ws),
+               pion::Error);  // none
+  EXPECT_THROW(cl::linear_forward(ctx, nullptr, d_in_.get(), d_w.get(), n, d_in, d_out,
+                                  cl::MatmulPrecision::Fp32, nullptr, nullptr, out16.get()),
+               pion::Error);
+}
+
+// SwiGLU reading gu in bf16 (a bf16 GEMM's output) = the CPU layer on those widened values,
+// to the fp32 bound (the arithmetic is the same fp32; only the loads differ), forward and
+// backward (add, assign, with the bf16 dgu copy).
+TEST(CudaLayers, SwigluReadsBf16Gu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 19, f = 45;
+  const auto gu = randn(n * 2 * f, 70, 2.0);
+  const auto dout = randn(n * f, 71);
+  const auto dgu0 = randn(n * 2 * f, 72);
+  Dev d_gu(gu), d_dout(dout), d_out(n * f), d_dgu(dgu0), d_dgu_a(nans(n * 2 * f));
+  Dev16 gu16(n * 2 * f), dgu16(n * 2 * f);
+  cl::convert_to_bf16(ctx, gu16.get(), d_gu.get(), n * 2 * f);
+  const auto gu_rounded = gu16.host();
+  EXPECT_NE(gu_rounded, gu);  // the rounding is visible
+  std::vector<float> out(static_cast<std::size_t>(n * f)), dgu = dgu0;
+  std::vector<float> dgu_from_zero(dgu0.size(), 0.0f);
+  hl::swiglu_forward(out.data(), gu_rounded.data(), n, f);
+  hl::swiglu_backward(dgu.data(), dout.data(), gu_rounded.data(), n, f);
+  hl::swiglu_backward(dgu_from_zero.data(), dout.data(), gu_rounded.data(), n, f);
+
+  cl::swiglu_forward(ctx, d_out.get(), nullptr, n, f, nullptr, gu16.get());
+  cl::swiglu_backward(ctx, d_dgu.get(), d_dout.get(), nullptr, n, f, cl::GradWrite::Add, nullptr,
+                      gu16.get());
+  cl::swiglu_backward(ctx, d_dgu_a.get(), d_dout.get(), nullptr, n, f, cl::GradWrite::Assign,
+                      dgu16.get(), gu16.get());
+  expect_close("swiglu out (bf16 gu)", d_out.host(), out, kFp32);
+  expect_close("swiglu dgu (bf16 gu)", d_dgu.host(), dgu, kFp32);
+  expect_close("swiglu dgu assign (bf16 gu)", d_dgu_a.host(), dgu_from_zero, kFp32);
+  EXPECT_EQ(dgu16.host(), converted(ctx, d_dgu_a.get(), n * 2 * f));
+  EXPECT_THROW(cl::swiglu_forward(ctx, d_out.get(), d_gu.get(), n, f, nullptr, gu16.get()),
+               pion::Error);  // both gu and gu_bf16
+  EXPECT_THROW(cl::swiglu_backward(ctx, d_dgu.get(), d_dout.get(), nullptr, n, f), pion::Error);
+}
+
 TEST(CudaLayers, ResidualAddAndAccumulate) {
   PION_REQUIRE_CUDA_DEVICE();
   Context ctx;

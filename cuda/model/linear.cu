@@ -42,12 +42,13 @@ bool weight_mirrored(MatmulPrecision precision, const Bf16Workspace* workspace, 
 
 void check_linear(i64 n, i64 d_in, i64 d_out, MatmulPrecision precision,
                   const Bf16Workspace* workspace, const float* weight, const std::string& who,
-                  const void* in_bf16, const void* dout_bf16) {
+                  const void* bf16_a, const void* bf16_b) {
   require_positive(n, who, "n");
   require_positive(d_in, who, "d_in");
   require_positive(d_out, who, "d_out");
-  require(precision == MatmulPrecision::Bf16 || (in_bf16 == nullptr && dout_bf16 == nullptr), who,
-          "bf16 operands are for Bf16 precision only");
+  // bf16_a, bf16_b: the call's bf16 operand or output pointers (null when not given).
+  require(precision == MatmulPrecision::Bf16 || (bf16_a == nullptr && bf16_b == nullptr), who,
+          "bf16 operands and outputs are for Bf16 precision only");
   if (precision == MatmulPrecision::Bf16) {
     const std::size_t need = linear_bf16_workspace_elements(
         n, d_in, d_out, weight_mirrored(precision, workspace, weight, d_out * d_in));
@@ -113,17 +114,21 @@ void convert_to_bf16(Context& ctx, void* out, const float* in, i64 count) {
 
 void linear_forward(Context& ctx, float* out, const float* in, const float* weight, i64 n, i64 d_in,
                     i64 d_out, MatmulPrecision precision, Bf16Workspace* workspace,
-                    const void* in_bf16) {
-  check_linear(n, d_in, d_out, precision, workspace, weight, "linear_forward", in_bf16, nullptr);
+                    const void* in_bf16, void* out_bf16) {
+  check_linear(n, d_in, d_out, precision, workspace, weight, "linear_forward", in_bf16, out_bf16);
   require(in != nullptr || in_bf16 != nullptr, "linear_forward", "needs in (or in_bf16)");
+  require((out != nullptr) != (out_bf16 != nullptr), "linear_forward",
+          "needs exactly one output (out or out_bf16)");
   // out [n, d_out] = in [n, d_in] W^T, W [d_out, d_in].
   if (precision == MatmulPrecision::Bf16) {
     // The producer's bf16 copy when there is one (the same bits the conversion would give).
     const __nv_bfloat16* in16 = in_bf16 != nullptr ? static_cast<const __nv_bfloat16*>(in_bf16)
                                                    : to_bf16(ctx, *workspace, 0, in, n * d_in);
     const __nv_bfloat16* w16 = bf16_weight(ctx, *workspace, padded(n * d_in), weight, d_out * d_in);
-    gemm_rm_strided(blas_of(ctx), gemm_types(precision), false, true, n, d_out, d_in, 1.0f, in16,
-                    d_in, 0, w16, d_in, 0, 0.0f, out, d_out, 0, 1);
+    // A bf16 C: cuBLAS rounds the fp32 accumulators once, in its epilogue.
+    void* c = out_bf16 != nullptr ? out_bf16 : static_cast<void*>(out);
+    gemm_rm_strided(blas_of(ctx), gemm_types(precision, out_bf16 != nullptr), false, true, n, d_out,
+                    d_in, 1.0f, in16, d_in, 0, w16, d_in, 0, 0.0f, c, d_out, 0, 1);
     return;
   }
   gemm_rm_strided(blas_of(ctx), gemm_types(precision), false, true, n, d_out, d_in, 1.0f, in, d_in,

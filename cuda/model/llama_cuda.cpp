@@ -83,7 +83,9 @@ struct LayerActs {
   // again by its weight gradient. Where a
   // GEMM is the only reader, the fp32 tensor is not kept at all (h1, h2 with norms; act):
   // those pointers are null. All null at the other precisions.
-  std::uint16_t *h1_16, *att16, *h2_16, *act16;
+  // gu16: the gate-up GEMM's output, written by the GEMM in bf16 (no fp32 gu is kept) and read
+  // by SwiGLU's forward and backward.
+  std::uint16_t *h1_16, *att16, *h2_16, *act16, *gu16;
 };
 
 }  // namespace
@@ -204,9 +206,10 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   // Bf16 matmuls keep only the bf16 copy of a tensor a GEMM alone reads (see LayerActs).
   const bool bf16 = o.matmul == MatmulPrecision::Bf16;
   const i64 h_fp32 = bf16 && c.has_norm() ? 0 : n * d, act_fp32 = bf16 ? 0 : n * f;
+  const i64 gu_fp32 = bf16 ? 0 : 2 * n * f;
   const i64 per_layer = n * d /*x_in*/ + h_fp32 /*h1*/ + n /*rstd1*/ + n * qkv /*qkv*/ + keep +
                         n * d /*att*/ + n * d /*x_mid*/ + h_fp32 /*h2*/ + n /*rstd2*/ +
-                        2 * n * f /*gu*/ + act_fp32 /*act*/;
+                        gu_fp32 /*gu*/ + act_fp32 /*act*/;
   const i64 tail = n * d /*x_final*/ + n * d /*h_final*/ + n /*rstd*/ + n * v /*logits*/ +
                    n /*lse*/ + n * d /*proj*/;
   const i64 rms_scratch =
@@ -226,8 +229,9 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.acts16.reset();
   std::uint16_t* p16 = nullptr;
   if (bf16) {
-    m.acts16 = std::make_unique<layers::Bf16Workspace>(static_cast<std::size_t>(
-        L * (3 * pad16(n * d) + pad16(n * f)) + pad16(n * d) + pad16(2 * n * f) + pad16(n * qkv)));
+    m.acts16 = std::make_unique<layers::Bf16Workspace>(
+        static_cast<std::size_t>(L * (3 * pad16(n * d) + pad16(n * f) + pad16(2 * n * f)) +
+                                 pad16(n * d) + pad16(2 * n * f) + pad16(n * qkv)));
     p16 = static_cast<std::uint16_t*>(m.acts16->data());
   }
   auto take16 = [&](i64 count) -> std::uint16_t* {
@@ -247,12 +251,13 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
     a.x_mid = take(n * d);
     a.h2 = take(h_fp32);
     a.rstd2 = take(n);
-    a.gu = take(2 * n * f);
+    a.gu = take(gu_fp32);
     a.act = take(act_fp32);
     a.h1_16 = take16(n * d);
     a.att16 = take16(n * d);
     a.h2_16 = take16(n * d);
     a.act16 = take16(n * f);
+    a.gu16 = take16(2 * n * f);
   }
   m.dres16 = take16(n * d);
   m.dgu16 = take16(2 * n * f);
@@ -391,9 +396,10 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
       layers::rmsnorm_forward(ctx, a.h2, a.rstd2, a.x_mid, w.mlp_norm, n, d, eps, a.h2_16);
     else if (bf16)
       layers::convert_to_bf16(ctx, a.h2_16, a.x_mid, n * d);
+    // Bf16: the gate-up GEMM writes gu in bf16, which SwiGLU reads (forward and backward).
     layers::linear_forward(ctx, a.gu, normed(a.h2, a.x_mid), w.w_gate_up, n, d, 2 * f, mp, ws,
-                           a.h2_16);
-    layers::swiglu_forward(ctx, a.act, a.gu, n, f, a.act16);
+                           a.h2_16, a.gu16);
+    layers::swiglu_forward(ctx, a.act, a.gu, n, f, a.act16, a.gu16);
     layers::linear_forward(ctx, m.proj, a.act, w.w_down, n, f, d, mp, ws, a.act16);
     layers::residual_forward(ctx, x_out, a.x_mid, m.proj, n * d);
   }
@@ -432,7 +438,7 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     // MLP block: dres holds dL/d(x_out).
     layers::linear_backward(ctx, m.dact, g.w_down, m.dres, a.act, w.w_down, n, f, d, mp, ws,
                             kAssign, dres16_in, a.act16);
-    layers::swiglu_backward(ctx, dgu, m.dact, a.gu, n, f, kAssign, m.dgu16);
+    layers::swiglu_backward(ctx, dgu, m.dact, a.gu, n, f, kAssign, m.dgu16, a.gu16);
     layers::linear_backward(ctx, m.dh, g.w_gate_up, dgu, normed(a.h2, a.x_mid), w.w_gate_up, n, d,
                             2 * f, mp, ws, kAssign, m.dgu16, a.h2_16);
     norm_backward(g.mlp_norm, a.x_mid, w.mlp_norm, a.rstd2, dres16);

@@ -255,12 +255,20 @@ __global__ void rope_backward_qkv_bf16_kernel(__nv_bfloat16* out, const float* d
   }
 }
 
-__global__ void swiglu_forward_kernel(float* out, __nv_bfloat16* out16, const float* gu, i64 n,
-                                      i64 f) {
+// gu in fp32, or in bf16 (a bf16 GEMM's output) widened to fp32 on load.
+__device__ inline float load(const float* p, i64 i) {
+  return p[i];
+}
+__device__ inline float load(const __nv_bfloat16* p, i64 i) {
+  return __bfloat162float(p[i]);
+}
+
+template <typename G>
+__global__ void swiglu_forward_kernel(float* out, __nv_bfloat16* out16, const G* gu, i64 n, i64 f) {
   PION_FOR_EACH(e, n * f) {
     const i64 i = e / f, j = e - i * f;
-    const float g = gu[i * 2 * f + j];
-    const float u = gu[i * 2 * f + f + j];
+    const float g = load(gu, i * 2 * f + j);
+    const float u = load(gu, i * 2 * f + f + j);
     const float y = g / (1.0f + expf(-g)) * u;
     if (out != nullptr) out[e] = y;
     if (out16 != nullptr) out16[e] = __float2bfloat16(y);
@@ -268,12 +276,13 @@ __global__ void swiglu_forward_kernel(float* out, __nv_bfloat16* out16, const fl
 }
 
 // silu(g) = g s(g), silu'(g) = s(g) (1 + g (1 - s(g))).
+template <typename G>
 __global__ void swiglu_backward_kernel(float* dgu, __nv_bfloat16* dgu16, const float* dout,
-                                       const float* gu, i64 n, i64 f, bool assign) {
+                                       const G* gu, i64 n, i64 f, bool assign) {
   PION_FOR_EACH(e, n * f) {
     const i64 i = e / f, j = e - i * f;
-    const float g = gu[i * 2 * f + j];
-    const float u = gu[i * 2 * f + f + j];
+    const float g = load(gu, i * 2 * f + j);
+    const float u = load(gu, i * 2 * f + f + j);
     const float go = dout[e];
     const float s = 1.0f / (1.0f + expf(-g));
     const float dg = go * u * s * (1.0f + g * (1.0f - s)), du = go * g * s;
@@ -426,24 +435,40 @@ void rope_backward_qkv_bf16(Context& ctx, void* out_bf16, const float* dqkv,
   PION_CUDA_CHECK_LAUNCH("rope_backward_qkv_bf16_kernel");
 }
 
-void swiglu_forward(Context& ctx, float* out, const float* gu, i64 n, i64 f, void* out_bf16) {
+void swiglu_forward(Context& ctx, float* out, const float* gu, i64 n, i64 f, void* out_bf16,
+                    const void* gu_bf16) {
   require_positive(n, "swiglu_forward", "n");
   require_positive(f, "swiglu_forward", "f");
   require(out != nullptr || out_bf16 != nullptr, "swiglu_forward",
           "needs an output (out or out_bf16)");
-  swiglu_forward_kernel<<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(
-      out, static_cast<__nv_bfloat16*>(out_bf16), gu, n, f);
+  require((gu != nullptr) != (gu_bf16 != nullptr), "swiglu_forward",
+          "needs exactly one of gu and gu_bf16");
+  auto* out16 = static_cast<__nv_bfloat16*>(out_bf16);
+  if (gu_bf16 != nullptr)
+    swiglu_forward_kernel<__nv_bfloat16><<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(
+        out, out16, static_cast<const __nv_bfloat16*>(gu_bf16), n, f);
+  else
+    swiglu_forward_kernel<float>
+        <<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(out, out16, gu, n, f);
   PION_CUDA_CHECK_LAUNCH("swiglu_forward_kernel");
 }
 
 void swiglu_backward(Context& ctx, float* dgu, const float* dout, const float* gu, i64 n, i64 f,
-                     GradWrite dgu_write, void* dgu_bf16) {
+                     GradWrite dgu_write, void* dgu_bf16, const void* gu_bf16) {
   require_positive(n, "swiglu_backward", "n");
   require_positive(f, "swiglu_backward", "f");
   require(dgu != nullptr || (dgu_bf16 != nullptr && dgu_write == GradWrite::Assign),
           "swiglu_backward", "dgu may be null only with Assign and a dgu_bf16 output");
-  swiglu_backward_kernel<<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(
-      dgu, static_cast<__nv_bfloat16*>(dgu_bf16), dout, gu, n, f, dgu_write == GradWrite::Assign);
+  require((gu != nullptr) != (gu_bf16 != nullptr), "swiglu_backward",
+          "needs exactly one of gu and gu_bf16");
+  auto* dgu16 = static_cast<__nv_bfloat16*>(dgu_bf16);
+  const bool assign = dgu_write == GradWrite::Assign;
+  if (gu_bf16 != nullptr)
+    swiglu_backward_kernel<__nv_bfloat16><<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(
+        dgu, dgu16, dout, static_cast<const __nv_bfloat16*>(gu_bf16), n, f, assign);
+  else
+    swiglu_backward_kernel<float>
+        <<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(dgu, dgu16, dout, gu, n, f, assign);
   PION_CUDA_CHECK_LAUNCH("swiglu_backward_kernel");
 }
 

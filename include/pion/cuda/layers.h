@@ -78,7 +78,9 @@ using i64 = std::int64_t;
 //       gradient, RMSNorm's dx, RoPE's backward over a whole [q | k | v] row), and the linear
 //       layers take such a copy (`in_bf16`, `dout_bf16`) instead of converting the fp32
 //       operand. Every one is the fp32 value its kernel computes, rounded to nearest even:
-//       bit for bit what the linear layer's own conversion would give.
+//       bit for bit what the linear layer's own conversion would give. A bf16 GEMM can also
+//       write its output in bf16 (linear_forward's out_bf16) for a kernel that reads it so
+//       (SwiGLU's gu_bf16): the GEMM's fp32 accumulators rounded once.
 // A bf16 buffer is `void*` here (no CUDA types): __nv_bfloat16 device memory, e.g. a
 // Bf16Workspace's data() or a slice of it (the tensor-core GEMMs want 16-byte aligned
 // operands; 64-element, 128-byte aligned slices are what the workspace itself uses).
@@ -160,9 +162,13 @@ std::size_t rmsnorm_backward_scratch_elements(i64 n, i64 c);
 // workspace is needed (and must hold linear_bf16_workspace_elements) only for Bf16.
 // in_bf16 (Bf16 only, optional): the bf16 copy of in, read instead of converting in (which
 // may then be nullptr); without it, in is converted into the workspace as before.
+// out_bf16 (Bf16 only, optional): the output written in bf16 instead of fp32 (out must then
+// be nullptr): the GEMM's fp32 accumulators rounded once to bf16, for a consumer that reads
+// bf16 (swiglu_* with gu_bf16).
 void linear_forward(Context& ctx, float* out, const float* in, const float* weight, i64 n, i64 d_in,
                     i64 d_out, MatmulPrecision precision = MatmulPrecision::Fp32,
-                    Bf16Workspace* workspace = nullptr, const void* in_bf16 = nullptr);
+                    Bf16Workspace* workspace = nullptr, const void* in_bf16 = nullptr,
+                    void* out_bf16 = nullptr);
 // din += dout W (din may be nullptr; din = dout W with din_write Assign), dweight += dout^T in.
 // dout_bf16, in_bf16 (Bf16 only, optional): bf16 copies of dout and in, read instead of
 // converting them (the fp32 pointer may then be nullptr).
@@ -228,12 +234,16 @@ void attention_backward(Context& ctx, float* dqkv, float* scratch, const float* 
 
 // ---- SwiGLU: gu [n, 2 f] = [gate | up], out [n, f] = silu(gate) * up -------------------------
 // out_bf16 (optional): the output rounded to bf16 as well, [n, f]; out may then be nullptr.
+// gu_bf16 (optional): gu stored in bf16 (a bf16 GEMM's output), read instead of gu (then
+// nullptr); the arithmetic is the same, in fp32, on the widened values.
 void swiglu_forward(Context& ctx, float* out, const float* gu, i64 n, i64 f,
-                    void* out_bf16 = nullptr);
+                    void* out_bf16 = nullptr, const void* gu_bf16 = nullptr);
 // dgu += gradient (dgu = gradient with dgu_write Assign). dgu_bf16 (optional): the final dgu
 // rounded to bf16, [n, 2 f]; with Assign, dgu may then be nullptr (only the bf16 copy).
+// gu_bf16: as in swiglu_forward.
 void swiglu_backward(Context& ctx, float* dgu, const float* dout, const float* gu, i64 n, i64 f,
-                     GradWrite dgu_write = GradWrite::Add, void* dgu_bf16 = nullptr);
+                     GradWrite dgu_write = GradWrite::Add, void* dgu_bf16 = nullptr,
+                     const void* gu_bf16 = nullptr);
 
 // ---- residual stream -------------------------------------------------------------------------
 // out = x + delta (out may alias x or delta). Its backward is accumulate(dx, dout) and
