@@ -789,6 +789,61 @@ TEST(CudaLayers, SwigluReadsBf16Gu) {
   EXPECT_THROW(cl::swiglu_backward(ctx, d_dgu.get(), d_dout.get(), nullptr, n, f), pion::Error);
 }
 
+// A bf16 din (din_bf16, Assign): within one bf16 rounding of the fp32 din (2^-8 relative plus
+// 1e-6 of the largest magnitude for another accumulation order), the weight gradient the same
+// bits as with the fp32 din; and SwiGLU's backward reading a bf16 dout = the CPU layer on the
+// widened values, to the fp32 bound.
+TEST(CudaLayers, Bf16DinFeedsSwigluBackward) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 19, f = 45, d = 30;  // the down-projection: d_in = f, d_out = d
+  const auto act = randn(n * f, 80);
+  const auto w = randn(d * f, 81, 0.2);
+  const auto dout = randn(n * d, 82);
+  const auto gu = randn(n * 2 * f, 83, 2.0);
+  const auto dw0 = randn(d * f, 84);
+  const auto bf16 = cl::MatmulPrecision::Bf16;
+  cl::Bf16Workspace ws(cl::linear_bf16_workspace_elements(n, f, d));
+  Dev d_act(act), d_w(w), d_dout(dout), d_gu(gu), din32(nans(n * f)), dw1(dw0), dw2(dw0);
+  Dev16 din16(n * f);
+  cl::linear_backward(ctx, din32.get(), dw1.get(), d_dout.get(), d_act.get(), d_w.get(), n, f, d,
+                      bf16, &ws, cl::GradWrite::Assign);
+  cl::linear_backward(ctx, nullptr, dw2.get(), d_dout.get(), d_act.get(), d_w.get(), n, f, d, bf16,
+                      &ws, cl::GradWrite::Assign, nullptr, nullptr, din16.get());
+  EXPECT_EQ(dw2.host(), dw1.host());
+  const auto wide = din32.host(), got = din16.host();
+  double max_ref = 0.0, max_moved = 0.0;
+  for (float v : wide) max_ref = std::max(max_ref, std::abs(static_cast<double>(v)));
+  std::size_t bad = 0;
+  for (std::size_t i = 0; i < wide.size(); ++i) {
+    const double diff = std::abs(static_cast<double>(got[i]) - wide[i]);
+    if (!(diff <= std::ldexp(std::abs(static_cast<double>(wide[i])), -8) + 1e-6 * max_ref)) ++bad;
+    max_moved = std::max(max_moved, diff);
+  }
+  EXPECT_EQ(bad, 0u) << "bf16 din beyond one rounding of the fp32 din";
+  EXPECT_GT(max_moved, 1e-6 * max_ref) << "no value shows bf16 rounding";
+
+  std::vector<float> dgu(static_cast<std::size_t>(n * 2 * f), 0.0f);
+  hl::swiglu_backward(dgu.data(), got.data(), gu.data(), n, f);
+  Dev d_dgu(nans(n * 2 * f));
+  cl::swiglu_backward(ctx, d_dgu.get(), nullptr, d_gu.get(), n, f, cl::GradWrite::Assign, nullptr,
+                      nullptr, din16.get());
+  expect_close("swiglu dgu (bf16 dout)", d_dgu.host(), dgu, kFp32);
+
+  Dev din_x(n * f);
+  EXPECT_THROW(
+      cl::linear_backward(ctx, din_x.get(), dw2.get(), d_dout.get(), d_act.get(), d_w.get(), n, f,
+                          d, bf16, &ws, cl::GradWrite::Assign, nullptr, nullptr, din16.get()),
+      pion::Error);  // both dins
+  EXPECT_THROW(
+      cl::linear_backward(ctx, nullptr, dw2.get(), d_dout.get(), d_act.get(), d_w.get(), n, f, d,
+                          bf16, &ws, cl::GradWrite::Add, nullptr, nullptr, din16.get()),
+      pion::Error);  // a bf16 din cannot be added to
+  EXPECT_THROW(cl::swiglu_backward(ctx, d_dgu.get(), d_dout.get(), d_gu.get(), n, f,
+                                   cl::GradWrite::Assign, nullptr, nullptr, din16.get()),
+               pion::Error);  // both douts
+}
+
 TEST(CudaLayers, ResidualAddAndAccumulate) {
   PION_REQUIRE_CUDA_DEVICE();
   Context ctx;

@@ -138,10 +138,14 @@ void linear_forward(Context& ctx, float* out, const float* in, const float* weig
 void linear_backward(Context& ctx, float* din, float* dweight, const float* dout, const float* in,
                      const float* weight, i64 n, i64 d_in, i64 d_out, MatmulPrecision precision,
                      Bf16Workspace* workspace, GradWrite din_write, const void* dout_bf16,
-                     const void* in_bf16) {
+                     const void* in_bf16, void* din_bf16) {
   check_linear(n, d_in, d_out, precision, workspace, weight, "linear_backward", in_bf16, dout_bf16);
   require((dout != nullptr || dout_bf16 != nullptr) && (in != nullptr || in_bf16 != nullptr),
           "linear_backward", "needs dout and in (or their bf16 copies)");
+  require(din_bf16 == nullptr || (precision == MatmulPrecision::Bf16 && din == nullptr &&
+                                  din_write == GradWrite::Assign),
+          "linear_backward", "din_bf16 needs Bf16 precision, Assign and no fp32 din");
+  const bool want_din = din != nullptr || din_bf16 != nullptr;
   const bool bf16 = precision == MatmulPrecision::Bf16;
   const void* dout_op = dout;
   const void* w_op = weight;
@@ -152,7 +156,7 @@ void linear_backward(Context& ctx, float* din, float* dweight, const float* dout
     dout_op = dout_bf16 != nullptr ? dout_bf16 : to_bf16(ctx, *workspace, 0, dout, n * d_out);
     const bool mirrored = weight_mirrored(precision, workspace, weight, d_out * d_in);
     const std::size_t w_at = padded(n * d_out);
-    if (din != nullptr) w_op = bf16_weight(ctx, *workspace, w_at, weight, d_out * d_in);
+    if (want_din) w_op = bf16_weight(ctx, *workspace, w_at, weight, d_out * d_in);
     in_op =
         in_bf16 != nullptr
             ? in_bf16
@@ -160,9 +164,11 @@ void linear_backward(Context& ctx, float* din, float* dweight, const float* dout
   }
   // din [n, d_in] (+)= dout [n, d_out] W [d_out, d_in].
   const float din_beta = din_write == GradWrite::Assign ? 0.0f : 1.0f;
-  if (din != nullptr)
-    gemm_rm_strided(blas_of(ctx), gemm_types(precision), false, false, n, d_in, d_out, 1.0f,
-                    dout_op, d_out, 0, w_op, d_in, 0, din_beta, din, d_in, 0, 1);
+  // A bf16 din (beta = 0): cuBLAS rounds the fp32 accumulators once, in its epilogue.
+  if (want_din)
+    gemm_rm_strided(blas_of(ctx), gemm_types(precision, din_bf16 != nullptr), false, false, n, d_in,
+                    d_out, 1.0f, dout_op, d_out, 0, w_op, d_in, 0, din_beta,
+                    din_bf16 != nullptr ? din_bf16 : static_cast<void*>(din), d_in, 0, 1);
   // dW [d_out, d_in] += dout^T [d_out, n] in [n, d_in].
   gemm_rm_strided(blas_of(ctx), gemm_types(precision), true, false, d_out, d_in, n, 1.0f, dout_op,
                   d_out, 0, in_op, d_in, 0, 1.0f, dweight, d_in, 0, 1);

@@ -109,9 +109,10 @@ struct CudaLlama::Impl {
         *dact = nullptr, *dlogits = nullptr, *attn_scratch = nullptr;
   // Bf16 matmuls: bf16 activations and gradient scratch (the LayerActs copies, then dres16,
   // dgu16, dqkv16: the output gradients the backward GEMMs read, written by RMSNorm's
-  // backward, SwiGLU's backward and the fused RoPE backward). Null at other precisions.
+  // backward, SwiGLU's backward and the fused RoPE backward; and dact16, the down-projection's
+  // din written by its GEMM in bf16 for SwiGLU's backward). Null at other precisions.
   std::unique_ptr<layers::Bf16Workspace> acts16;
-  std::uint16_t *dres16 = nullptr, *dgu16 = nullptr, *dqkv16 = nullptr;
+  std::uint16_t *dres16 = nullptr, *dgu16 = nullptr, *dqkv16 = nullptr, *dact16 = nullptr;
   bool have_loss = false;
   DeviceScalars norm{1};
   // Bf16 matmuls: the bf16 copy of the weights the GEMMs read (params[mirror_from, end): every
@@ -231,7 +232,7 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   if (bf16) {
     m.acts16 = std::make_unique<layers::Bf16Workspace>(
         static_cast<std::size_t>(L * (3 * pad16(n * d) + pad16(n * f) + pad16(2 * n * f)) +
-                                 pad16(n * d) + pad16(2 * n * f) + pad16(n * qkv)));
+                                 pad16(n * d) + pad16(2 * n * f) + pad16(n * qkv) + pad16(n * f)));
     p16 = static_cast<std::uint16_t*>(m.acts16->data());
   }
   auto take16 = [&](i64 count) -> std::uint16_t* {
@@ -262,6 +263,7 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.dres16 = take16(n * d);
   m.dgu16 = take16(2 * n * f);
   m.dqkv16 = take16(n * qkv);
+  m.dact16 = take16(n * f);
   m.x_final = take(n * d);
   m.h_final = take(n * d);
   m.rstd_final = take(n);
@@ -269,17 +271,18 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.lse = take(n);
   m.proj = take(n * d);
 
-  const i64 dgu_fp32 = bf16 ? 0 : 2 * n * f;  // bf16: dgu exists only as dgu16
+  // bf16: dgu and dact exist only as dgu16 and dact16.
+  const i64 dgu_fp32 = bf16 ? 0 : 2 * n * f, dact_fp32 = bf16 ? 0 : n * f;
   m.grad_acts = DeviceBuffer(static_cast<std::size_t>(
       n * d /*dres*/ + n * d /*dh*/ + n * qkv /*dqkv*/ + n * d /*datt*/ + dgu_fp32 /*dgu*/ +
-      n * f /*dact*/ + n * v /*dlogits*/ + attn_scratch + rms_scratch));
+      dact_fp32 /*dact*/ + n * v /*dlogits*/ + attn_scratch + rms_scratch));
   p = m.grad_acts.data();
   m.dres = take(n * d);
   m.dh = take(n * d);
   m.dqkv = take(n * qkv);
   m.datt = take(n * d);
   m.dgu = take(dgu_fp32);
-  m.dact = take(n * f);
+  m.dact = take(dact_fp32);
   m.dlogits = take(n * v);
   m.attn_scratch = take(attn_scratch);
   m.rms_scratch = rms_scratch > 0 ? take(rms_scratch) : nullptr;
@@ -431,14 +434,16 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
   // Bf16: the MLP's and the QKV GEMM's output gradients exist only in bf16 (their producers,
   // swiglu_backward and the fused RoPE backward, write nothing else).
   float* const dgu = bf16 ? nullptr : m.dgu;
+  float* const dact = bf16 ? nullptr : m.dact;
   for (std::size_t li = m.layer_acts.size(); li-- > 0;) {
     const LayerActs& a = m.layer_acts[li];
     const LayerParams& w = m.w.layers[li];
     const LayerParams& g = m.g.layers[li];
     // MLP block: dres holds dL/d(x_out).
-    layers::linear_backward(ctx, m.dact, g.w_down, m.dres, a.act, w.w_down, n, f, d, mp, ws,
-                            kAssign, dres16_in, a.act16);
-    layers::swiglu_backward(ctx, dgu, m.dact, a.gu, n, f, kAssign, m.dgu16, a.gu16);
+    // Bf16: the down-projection's din (dact) is written in bf16 and SwiGLU's backward reads it.
+    layers::linear_backward(ctx, dact, g.w_down, m.dres, a.act, w.w_down, n, f, d, mp, ws, kAssign,
+                            dres16_in, a.act16, m.dact16);
+    layers::swiglu_backward(ctx, dgu, dact, a.gu, n, f, kAssign, m.dgu16, a.gu16, m.dact16);
     layers::linear_backward(ctx, m.dh, g.w_gate_up, dgu, normed(a.h2, a.x_mid), w.w_gate_up, n, d,
                             2 * f, mp, ws, kAssign, m.dgu16, a.h2_16);
     norm_backward(g.mlp_norm, a.x_mid, w.mlp_norm, a.rstd2, dres16);

@@ -276,14 +276,16 @@ __global__ void swiglu_forward_kernel(float* out, __nv_bfloat16* out16, const G*
 }
 
 // silu(g) = g s(g), silu'(g) = s(g) (1 + g (1 - s(g))).
+// dout in fp32, or (dout16 not null) in bf16: a uniform branch.
 template <typename G>
 __global__ void swiglu_backward_kernel(float* dgu, __nv_bfloat16* dgu16, const float* dout,
-                                       const G* gu, i64 n, i64 f, bool assign) {
+                                       const __nv_bfloat16* dout16, const G* gu, i64 n, i64 f,
+                                       bool assign) {
   PION_FOR_EACH(e, n * f) {
     const i64 i = e / f, j = e - i * f;
     const float g = load(gu, i * 2 * f + j);
     const float u = load(gu, i * 2 * f + f + j);
-    const float go = dout[e];
+    const float go = dout16 != nullptr ? load(dout16, e) : dout[e];
     const float s = 1.0f / (1.0f + expf(-g));
     const float dg = go * u * s * (1.0f + g * (1.0f - s)), du = go * g * s;
     const i64 ig = i * 2 * f + j, iu = ig + f;
@@ -454,21 +456,25 @@ void swiglu_forward(Context& ctx, float* out, const float* gu, i64 n, i64 f, voi
 }
 
 void swiglu_backward(Context& ctx, float* dgu, const float* dout, const float* gu, i64 n, i64 f,
-                     GradWrite dgu_write, void* dgu_bf16, const void* gu_bf16) {
+                     GradWrite dgu_write, void* dgu_bf16, const void* gu_bf16,
+                     const void* dout_bf16) {
   require_positive(n, "swiglu_backward", "n");
   require_positive(f, "swiglu_backward", "f");
   require(dgu != nullptr || (dgu_bf16 != nullptr && dgu_write == GradWrite::Assign),
           "swiglu_backward", "dgu may be null only with Assign and a dgu_bf16 output");
   require((gu != nullptr) != (gu_bf16 != nullptr), "swiglu_backward",
           "needs exactly one of gu and gu_bf16");
+  require((dout != nullptr) != (dout_bf16 != nullptr), "swiglu_backward",
+          "needs exactly one of dout and dout_bf16");
   auto* dgu16 = static_cast<__nv_bfloat16*>(dgu_bf16);
+  const auto* dout16 = static_cast<const __nv_bfloat16*>(dout_bf16);
   const bool assign = dgu_write == GradWrite::Assign;
   if (gu_bf16 != nullptr)
     swiglu_backward_kernel<__nv_bfloat16><<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(
-        dgu, dgu16, dout, static_cast<const __nv_bfloat16*>(gu_bf16), n, f, assign);
+        dgu, dgu16, dout, dout16, static_cast<const __nv_bfloat16*>(gu_bf16), n, f, assign);
   else
-    swiglu_backward_kernel<float>
-        <<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(dgu, dgu16, dout, gu, n, f, assign);
+    swiglu_backward_kernel<float><<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(
+        dgu, dgu16, dout, dout16, gu, n, f, assign);
   PION_CUDA_CHECK_LAUNCH("swiglu_backward_kernel");
 }
 

@@ -79,8 +79,9 @@ using i64 = std::int64_t;
 //       layers take such a copy (`in_bf16`, `dout_bf16`) instead of converting the fp32
 //       operand. Every one is the fp32 value its kernel computes, rounded to nearest even:
 //       bit for bit what the linear layer's own conversion would give. A bf16 GEMM can also
-//       write its output in bf16 (linear_forward's out_bf16) for a kernel that reads it so
-//       (SwiGLU's gu_bf16): the GEMM's fp32 accumulators rounded once.
+//       write its output in bf16 (linear_forward's out_bf16, linear_backward's din_bf16) for a
+//       kernel that reads it so (SwiGLU's gu_bf16 and dout_bf16): the GEMM's fp32
+//       accumulators rounded once.
 // A bf16 buffer is `void*` here (no CUDA types): __nv_bfloat16 device memory, e.g. a
 // Bf16Workspace's data() or a slice of it (the tensor-core GEMMs want 16-byte aligned
 // operands; 64-element, 128-byte aligned slices are what the workspace itself uses).
@@ -171,12 +172,15 @@ void linear_forward(Context& ctx, float* out, const float* in, const float* weig
                     void* out_bf16 = nullptr);
 // din += dout W (din may be nullptr; din = dout W with din_write Assign), dweight += dout^T in.
 // dout_bf16, in_bf16 (Bf16 only, optional): bf16 copies of dout and in, read instead of
-// converting them (the fp32 pointer may then be nullptr).
+// converting them (the fp32 pointer may then be nullptr). din_bf16 (Bf16 and Assign only,
+// din nullptr): din written in bf16 instead (the fp32 accumulators rounded once), for a
+// kernel that reads the gradient in bf16 (swiglu_backward's dout_bf16).
 void linear_backward(Context& ctx, float* din, float* dweight, const float* dout, const float* in,
                      const float* weight, i64 n, i64 d_in, i64 d_out,
                      MatmulPrecision precision = MatmulPrecision::Fp32,
                      Bf16Workspace* workspace = nullptr, GradWrite din_write = GradWrite::Add,
-                     const void* dout_bf16 = nullptr, const void* in_bf16 = nullptr);
+                     const void* dout_bf16 = nullptr, const void* in_bf16 = nullptr,
+                     void* din_bf16 = nullptr);
 
 // ---- rotary position embedding (pairs (i, i + head_dim/2), like the CPU) ---------------------
 // The cos / sin tables of pion::layers::make_rope_table<float> ([seq_len, half] each), copied
@@ -240,10 +244,11 @@ void swiglu_forward(Context& ctx, float* out, const float* gu, i64 n, i64 f,
                     void* out_bf16 = nullptr, const void* gu_bf16 = nullptr);
 // dgu += gradient (dgu = gradient with dgu_write Assign). dgu_bf16 (optional): the final dgu
 // rounded to bf16, [n, 2 f]; with Assign, dgu may then be nullptr (only the bf16 copy).
-// gu_bf16: as in swiglu_forward.
+// gu_bf16: as in swiglu_forward. dout_bf16 (optional): dout stored in bf16 (a bf16 GEMM's
+// din), read instead of dout (then nullptr).
 void swiglu_backward(Context& ctx, float* dgu, const float* dout, const float* gu, i64 n, i64 f,
                      GradWrite dgu_write = GradWrite::Add, void* dgu_bf16 = nullptr,
-                     const void* gu_bf16 = nullptr);
+                     const void* gu_bf16 = nullptr, const void* dout_bf16 = nullptr);
 
 // ---- residual stream -------------------------------------------------------------------------
 // out = x + delta (out may alias x or delta). Its backward is accumulate(dx, dout) and
