@@ -80,11 +80,10 @@ struct LayerActs {
   // Bf16 matmuls: the bf16 copies (uint16_t storage) of the four GEMM inputs, written once in
   // the forward by their producers (RMSNorm, SwiGLU, flash attention) or one conversion (the
   // materialised attention's output; without norms x_in, x_mid), read by the forward GEMM and
-  // again by its weight gradient. Where a
-  // GEMM is the only reader, the fp32 tensor is not kept at all (h1, h2 with norms; act):
-  // those pointers are null. All null at the other precisions.
-  // gu16: the gate-up GEMM's output, written by the GEMM in bf16 (no fp32 gu is kept) and read
-  // by SwiGLU's forward and backward.
+  // again by its weight gradient; and gu16, the gate-up GEMM's output written in bf16 for
+  // SwiGLU's forward and backward. Where only those read a tensor, its fp32 version is not
+  // kept (h1 and h2 with norms, act, gu): those pointers are null. At the other precisions
+  // the bf16 pointers are null.
   std::uint16_t *h1_16, *att16, *h2_16, *act16, *gu16;
 };
 
