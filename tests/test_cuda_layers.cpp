@@ -15,6 +15,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "pion/core/error.h"
@@ -525,6 +526,377 @@ TEST(CudaLayers, SwigluMatchesCpu) {
   Dev d_dgu2(nans(n * 2 * f));
   cl::swiglu_backward(ctx, d_dgu2.get(), d_dout.get(), d_gu.get(), n, f, cl::GradWrite::Assign);
   expect_close("swiglu dgu (assign)", d_dgu2.host(), dgu_from_zero, kFp32);
+}
+
+// ---- bf16 activations: the producers' bf16 copies and the linear layers reading them --------
+
+// Device room for count bf16 values (a float buffer of half the count, read back as bits).
+struct Dev16 {
+  DeviceBuffer buf;
+  i64 count;
+  explicit Dev16(i64 n) : buf(static_cast<std::size_t>((n + 1) / 2)), count(n) {}
+  void* get() { return buf.data(); }
+  // The values widened to float (exact: a bf16 is the top half of a float's bits).
+  std::vector<float> host() const {
+    std::vector<float> raw(buf.size());
+    buf.download(raw.data(), raw.size());
+    std::vector<std::uint16_t> bits(raw.size() * 2);
+    std::memcpy(bits.data(), raw.data(), raw.size() * sizeof(float));
+    std::vector<float> out(static_cast<std::size_t>(count));
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      const std::uint32_t wide = static_cast<std::uint32_t>(bits[i]) << 16;
+      std::memcpy(&out[i], &wide, sizeof wide);
+    }
+    return out;
+  }
+};
+
+// The bf16 copy that linear_* would make of a device fp32 tensor: convert_to_bf16.
+std::vector<float> converted(Context& ctx, const float* d_values, i64 count) {
+  Dev16 d16(count);
+  cl::convert_to_bf16(ctx, d16.get(), d_values, count);
+  return d16.host();
+}
+
+// A bf16 copy against the fp32 CPU value, element by element. bf16 keeps 8 significant bits,
+// so rounding y to nearest even moves it by at most half a unit in the 8th bit: |bf16(y) - y|
+// <= 2^-8 |y|. The GPU's fp32 y differs from the CPU's c by e (the fp32 path's own bound,
+// fp32_rel times the reference's largest magnitude), so |bf16(y) - c| <= 2^-8 |y| + e <=
+// 2^-8 |c| + (1 + 2^-8) e; the check allows 2^-8 |c| + 2 e. Also: at least one value must
+// actually move by more than fp32 rounding (the copy is bf16, not a wider copy).
+void expect_bf16_close(const std::string& what, const std::vector<float>& gpu16,
+                       const std::vector<float>& cpu, double fp32_rel) {
+  ASSERT_EQ(gpu16.size(), cpu.size()) << what;
+  double max_ref = 0.0;
+  for (float c : cpu) max_ref = std::max(max_ref, std::abs(static_cast<double>(c)));
+  ASSERT_GT(max_ref, 0.0) << what << ": the CPU reference is all zeros";
+  const double e = fp32_rel * max_ref;
+  double worst = 0.0, max_moved = 0.0;
+  std::size_t bad = 0;
+  for (std::size_t i = 0; i < cpu.size(); ++i) {
+    const double c = cpu[i], diff = std::abs(gpu16[i] - c);
+    const double bound = std::ldexp(std::abs(c), -8) + 2.0 * e;
+    if (!(diff <= bound)) ++bad;  // NaN counts as bad
+    worst = std::max(worst, diff / bound);
+    max_moved = std::max(max_moved, diff);
+  }
+  std::printf("  %-36s vs cpu: worst |bf16 - cpu| / bound = %.3f\n", what.c_str(), worst);
+  EXPECT_EQ(bad, 0u) << what << ": values beyond bf16 rounding of the CPU's";
+  EXPECT_GT(max_moved, 2.0 * e) << what << ": no value shows bf16 rounding";
+}
+
+// RMSNorm's bf16 output (forward) and dx (backward, after the add) are the fp32 results
+// rounded to nearest even, bit for bit what convert_to_bf16 makes of them, with or without the
+// fp32 output, and within bf16 rounding of the CPU layer.
+TEST(CudaLayers, RmsNormWritesBf16Copies) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 37, c = 300;
+  const double eps = 1e-5;
+  const auto x = randn(n * c, 10);
+  const auto w = randn(c, 11, 0.3, 1.0);
+  const auto dout = randn(n * c, 12);
+  const auto dx0 = randn(n * c, 13), dw0 = randn(c, 14);
+  std::vector<float> out(static_cast<std::size_t>(n * c)), rstd(static_cast<std::size_t>(n));
+  std::vector<float> dx = dx0, dw = dw0, dx_from_zero(dx0.size(), 0.0f), dw_unused = dw0;
+  hl::rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), n, c, eps);
+  hl::rmsnorm_backward(dx.data(), dw.data(), dout.data(), x.data(), w.data(), rstd.data(), n, c);
+  hl::rmsnorm_backward(dx_from_zero.data(), dw_unused.data(), dout.data(), x.data(), w.data(),
+                       rstd.data(), n, c);
+
+  Dev d_x(x), d_w(w), d_dout(dout), d_out(n * c), d_rstd(n), d_rstd2(n);
+  Dev d_scratch(nans(static_cast<i64>(cl::rmsnorm_backward_scratch_elements(n, c))));
+  Dev16 out16(n * c), only16(n * c);
+  cl::rmsnorm_forward(ctx, d_out.get(), d_rstd.get(), d_x.get(), d_w.get(), n, c, eps, out16.get());
+  // Only the bf16 copy (the model's path when a GEMM is the only reader).
+  cl::rmsnorm_forward(ctx, nullptr, d_rstd2.get(), d_x.get(), d_w.get(), n, c, eps, only16.get());
+  const auto got16 = out16.host();
+  EXPECT_EQ(got16, converted(ctx, d_out.get(), n * c));
+  EXPECT_EQ(only16.host(), got16);
+  EXPECT_EQ(d_rstd2.host(), d_rstd.host());
+  expect_close("rmsnorm out (with bf16 copy)", d_out.host(), out, kFp32);
+  expect_bf16_close("rmsnorm out bf16", got16, out, kFp32);
+
+  for (const auto write : {cl::GradWrite::Add, cl::GradWrite::Assign}) {
+    const bool add = write == cl::GradWrite::Add;
+    Dev d_dx(add ? dx0 : nans(n * c)), d_dw(dw0);
+    Dev16 dx16(n * c);
+    cl::rmsnorm_backward(ctx, d_dx.get(), d_dw.get(), d_scratch.get(), d_dout.get(), d_x.get(),
+                         d_w.get(), d_rstd.get(), n, c, write, dx16.get());
+    const auto got = dx16.host();
+    EXPECT_EQ(got, converted(ctx, d_dx.get(), n * c)) << (add ? "add" : "assign");
+    expect_close(add ? "rmsnorm dx (with bf16 copy)" : "rmsnorm dx assign (with bf16 copy)",
+                 d_dx.host(), add ? dx : dx_from_zero, kFp32Chain);
+    expect_bf16_close(add ? "rmsnorm dx bf16 (add)" : "rmsnorm dx bf16 (assign)", got,
+                      add ? dx : dx_from_zero, kFp32Chain);
+  }
+  EXPECT_THROW(cl::rmsnorm_forward(ctx, nullptr, d_rstd.get(), d_x.get(), d_w.get(), n, c, eps),
+               pion::Error);
+}
+
+// SwiGLU's bf16 output and gradient: the fp32 results rounded (bit for bit convert_to_bf16's),
+// the gradient also without an fp32 dgu (Assign only), within bf16 rounding of the CPU.
+TEST(CudaLayers, SwigluWritesBf16Copies) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 19, f = 45;
+  const auto gu = randn(n * 2 * f, 50, 2.0);
+  const auto dout = randn(n * f, 51);
+  const auto dgu0 = randn(n * 2 * f, 52);
+  std::vector<float> out(static_cast<std::size_t>(n * f)), dgu = dgu0;
+  std::vector<float> dgu_from_zero(dgu0.size(), 0.0f);
+  hl::swiglu_forward(out.data(), gu.data(), n, f);
+  hl::swiglu_backward(dgu.data(), dout.data(), gu.data(), n, f);
+  hl::swiglu_backward(dgu_from_zero.data(), dout.data(), gu.data(), n, f);
+
+  Dev d_gu(gu), d_dout(dout), d_out(n * f), d_dgu(dgu0), d_dgu_a(nans(n * 2 * f));
+  Dev16 out16(n * f), only16(n * f), dgu16(n * 2 * f), dgu16_a(n * 2 * f), dgu16_only(n * 2 * f);
+  cl::swiglu_forward(ctx, d_out.get(), d_gu.get(), n, f, out16.get());
+  cl::swiglu_forward(ctx, nullptr, d_gu.get(), n, f, only16.get());
+  EXPECT_EQ(out16.host(), converted(ctx, d_out.get(), n * f));
+  EXPECT_EQ(only16.host(), out16.host());
+  expect_close("swiglu out (with bf16 copy)", d_out.host(), out, kFp32);
+  expect_bf16_close("swiglu out bf16", out16.host(), out, kFp32);
+
+  cl::swiglu_backward(ctx, d_dgu.get(), d_dout.get(), d_gu.get(), n, f, cl::GradWrite::Add,
+                      dgu16.get());
+  EXPECT_EQ(dgu16.host(), converted(ctx, d_dgu.get(), n * 2 * f));
+  expect_close("swiglu dgu (with bf16 copy)", d_dgu.host(), dgu, kFp32);
+  expect_bf16_close("swiglu dgu bf16 (add)", dgu16.host(), dgu, kFp32);
+  cl::swiglu_backward(ctx, d_dgu_a.get(), d_dout.get(), d_gu.get(), n, f, cl::GradWrite::Assign,
+                      dgu16_a.get());
+  cl::swiglu_backward(ctx, nullptr, d_dout.get(), d_gu.get(), n, f, cl::GradWrite::Assign,
+                      dgu16_only.get());
+  EXPECT_EQ(dgu16_a.host(), converted(ctx, d_dgu_a.get(), n * 2 * f));
+  EXPECT_EQ(dgu16_only.host(), dgu16_a.host());
+  expect_bf16_close("swiglu dgu bf16 (assign)", dgu16_only.host(), dgu_from_zero, kFp32);
+  // Adding needs the fp32 gradient to add to.
+  EXPECT_THROW(cl::swiglu_backward(ctx, nullptr, d_dout.get(), d_gu.get(), n, f, cl::GradWrite::Add,
+                                   dgu16.get()),
+               pion::Error);
+}
+
+// The fused RoPE backward over [q | k | v] rows (GQA: 4 query heads, 2 K/V heads, and an MHA
+// row) = the CPU's rope_backward of the query and the key heads, values untouched, rounded to
+// bf16; the values bit for bit their conversion; dqkv itself is not written.
+TEST(CudaLayers, RopeBackwardQkvBf16MatchesCpu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 batch = 2, seq = 7, head_dim = 8;
+  const auto table = hl::make_rope_table<float>(10, head_dim, 10000.0);
+  const cl::DeviceRopeTable d_table(table.cos, table.sin, table.seq_len, table.half);
+  for (auto [n_head, n_kv] : {std::pair<i64, i64>{4, 2}, std::pair<i64, i64>{3, 3}}) {
+    const std::string at = " heads " + std::to_string(n_head) + "/" + std::to_string(n_kv);
+    const i64 d = n_head * head_dim, width = d + 2 * n_kv * head_dim, rows = batch * seq;
+    const auto g0 = randn(rows * width, 31);
+    std::vector<float> g = g0;
+    hl::rope_backward(g.data(), table, batch, seq, n_head, head_dim, width);
+    hl::rope_backward(g.data() + d, table, batch, seq, n_kv, head_dim, width);
+    Dev d_g(g0);
+    Dev16 out16(rows * width);
+    cl::rope_backward_qkv_bf16(ctx, out16.get(), d_g.get(), d_table, batch, seq, n_head, n_kv,
+                               head_dim, width);
+    const auto got = out16.host();
+    EXPECT_EQ(d_g.host(), g0) << "dqkv was written" << at;
+    expect_bf16_close("rope backward qkv bf16" + at, got, g, kFp32);
+    const auto conv = converted(ctx, d_g.get(), rows * width);
+    for (i64 r = 0; r < rows; ++r)
+      for (i64 j = d + n_kv * head_dim; j < width; ++j)
+        ASSERT_EQ(got[static_cast<std::size_t>(r * width + j)],
+                  conv[static_cast<std::size_t>(r * width + j)])
+            << "row " << r << " value column " << j << at;
+  }
+  Dev d_g(batch * 11 * 32);
+  Dev16 out16(batch * 11 * 32);
+  // A table too short for seq, and a row narrower than its heads: host-side errors.
+  EXPECT_THROW(cl::rope_backward_qkv_bf16(ctx, out16.get(), d_g.get(), d_table, batch, 11, 2, 2,
+                                          head_dim, 32),
+               pion::Error);
+  EXPECT_THROW(cl::rope_backward_qkv_bf16(ctx, out16.get(), d_g.get(), d_table, batch, 7, 3, 2,
+                                          head_dim, 32),
+               pion::Error);
+}
+
+// linear_* given bf16 operands (in_bf16, dout_bf16; the fp32 pointers null) give bit for bit
+// what converting the fp32 operands gives: the same bf16 values reach the same GEMMs.
+// Operands at other precisions are refused.
+TEST(CudaLayers, LinearTakesBf16OperandsBitForBit) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 33, d_in = 70, d_out = 50;
+  const auto in = randn(n * d_in, 60);
+  const auto w = randn(d_out * d_in, 61, 0.2);
+  const auto dout = randn(n * d_out, 62);
+  const auto din0 = randn(n * d_in, 63), dw0 = randn(d_out * d_in, 64);
+  const auto bf16 = cl::MatmulPrecision::Bf16;
+  cl::Bf16Workspace ws(cl::linear_bf16_workspace_elements(n, d_in, d_out));
+  Dev d_in_(in), d_w(w), d_dout(dout);
+  Dev out1(n * d_out), din1(din0), dw1(dw0);
+  cl::linear_forward(ctx, out1.get(), d_in_.get(), d_w.get(), n, d_in, d_out, bf16, &ws);
+  cl::linear_backward(ctx, din1.get(), dw1.get(), d_dout.get(), d_in_.get(), d_w.get(), n, d_in,
+                      d_out, bf16, &ws);
+
+  Dev16 in16(n * d_in), dout16(n * d_out);
+  cl::convert_to_bf16(ctx, in16.get(), d_in_.get(), n * d_in);
+  cl::convert_to_bf16(ctx, dout16.get(), d_dout.get(), n * d_out);
+  Dev out2(n * d_out), din2(din0), dw2(dw0), din3(din0), dw3(dw0);
+  cl::linear_forward(ctx, out2.get(), nullptr, d_w.get(), n, d_in, d_out, bf16, &ws, in16.get());
+  cl::linear_backward(ctx, din2.get(), dw2.get(), nullptr, nullptr, d_w.get(), n, d_in, d_out, bf16,
+                      &ws, cl::GradWrite::Add, dout16.get(), in16.get());
+  // One of the two pre-converted, the other converted by the layer.
+  cl::linear_backward(ctx, din3.get(), dw3.get(), d_dout.get(), nullptr, d_w.get(), n, d_in, d_out,
+                      bf16, &ws, cl::GradWrite::Add, nullptr, in16.get());
+  EXPECT_EQ(out2.host(), out1.host());
+  EXPECT_EQ(din2.host(), din1.host());
+  EXPECT_EQ(dw2.host(), dw1.host());
+  EXPECT_EQ(din3.host(), din1.host());
+  EXPECT_EQ(dw3.host(), dw1.host());
+  // And they are the bf16 layer: close to the fp32 CPU layer at the bound check_linear uses.
+  std::vector<float> out(static_cast<std::size_t>(n * d_out));
+  hl::linear_forward(out.data(), in.data(), w.data(), n, d_in, d_out);
+  expect_close("linear bf16 out (bf16 operand)", out2.host(), out, 3e-2);
+
+  const auto fp32 = cl::MatmulPrecision::Fp32;
+  EXPECT_THROW(cl::linear_forward(ctx, out2.get(), d_in_.get(), d_w.get(), n, d_in, d_out, fp32,
+                                  nullptr, in16.get()),
+               pion::Error);
+  EXPECT_THROW(cl::linear_backward(ctx, din2.get(), dw2.get(), d_dout.get(), d_in_.get(), d_w.get(),
+                                   n, d_in, d_out, fp32, nullptr, cl::GradWrite::Add, dout16.get()),
+               pion::Error);
+  EXPECT_THROW(cl::linear_forward(ctx, out2.get(), nullptr, d_w.get(), n, d_in, d_out, bf16, &ws),
+               pion::Error);  // no input at all
+}
+
+// A bf16 GEMM writing its output in bf16 (out_bf16): within one bf16 rounding of the same
+// GEMM's fp32 output (2^-8 relative, plus 1e-6 of the largest magnitude for a different
+// accumulation order in another cuBLAS kernel), and so within the bf16 layer's bound of the
+// CPU. Exactly one output; Bf16 precision only.
+TEST(CudaLayers, LinearWritesBf16Output) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 33, d_in = 70, d_out = 50;
+  const auto in = randn(n * d_in, 65);
+  const auto w = randn(d_out * d_in, 66, 0.2);
+  const auto bf16 = cl::MatmulPrecision::Bf16;
+  cl::Bf16Workspace ws(cl::linear_bf16_workspace_elements(n, d_in, d_out));
+  Dev d_in_(in), d_w(w), out32(n * d_out);
+  Dev16 out16(n * d_out);
+  cl::linear_forward(ctx, out32.get(), d_in_.get(), d_w.get(), n, d_in, d_out, bf16, &ws);
+  cl::linear_forward(ctx, nullptr, d_in_.get(), d_w.get(), n, d_in, d_out, bf16, &ws, nullptr,
+                     out16.get());
+  const auto got = out16.host(), wide = out32.host();
+  double max_ref = 0.0, max_moved = 0.0;
+  for (float v : wide) max_ref = std::max(max_ref, std::abs(static_cast<double>(v)));
+  std::size_t bad = 0;
+  for (std::size_t i = 0; i < wide.size(); ++i) {
+    const double diff = std::abs(static_cast<double>(got[i]) - wide[i]);
+    if (!(diff <= std::ldexp(std::abs(static_cast<double>(wide[i])), -8) + 1e-6 * max_ref)) ++bad;
+    max_moved = std::max(max_moved, diff);
+  }
+  EXPECT_EQ(bad, 0u) << "bf16 output beyond one rounding of the fp32 output";
+  EXPECT_GT(max_moved, 1e-6 * max_ref) << "no value shows bf16 rounding";
+  std::vector<float> out(static_cast<std::size_t>(n * d_out));
+  hl::linear_forward(out.data(), in.data(), w.data(), n, d_in, d_out);
+  expect_close("linear bf16 out written in bf16", got, out, 3e-2);
+
+  EXPECT_THROW(cl::linear_forward(ctx, out32.get(), d_in_.get(), d_w.get(), n, d_in, d_out, bf16,
+                                  &ws, nullptr, out16.get()),
+               pion::Error);  // two outputs
+  EXPECT_THROW(cl::linear_forward(ctx, nullptr, d_in_.get(), d_w.get(), n, d_in, d_out, bf16, &ws),
+               pion::Error);  // none
+  EXPECT_THROW(cl::linear_forward(ctx, nullptr, d_in_.get(), d_w.get(), n, d_in, d_out,
+                                  cl::MatmulPrecision::Fp32, nullptr, nullptr, out16.get()),
+               pion::Error);
+}
+
+// SwiGLU reading gu in bf16 (a bf16 GEMM's output) = the CPU layer on those widened values,
+// to the fp32 bound (the arithmetic is the same fp32; only the loads differ), forward and
+// backward (add, assign, with the bf16 dgu copy).
+TEST(CudaLayers, SwigluReadsBf16Gu) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 19, f = 45;
+  const auto gu = randn(n * 2 * f, 70, 2.0);
+  const auto dout = randn(n * f, 71);
+  const auto dgu0 = randn(n * 2 * f, 72);
+  Dev d_gu(gu), d_dout(dout), d_out(n * f), d_dgu(dgu0), d_dgu_a(nans(n * 2 * f));
+  Dev16 gu16(n * 2 * f), dgu16(n * 2 * f);
+  cl::convert_to_bf16(ctx, gu16.get(), d_gu.get(), n * 2 * f);
+  const auto gu_rounded = gu16.host();
+  EXPECT_NE(gu_rounded, gu);  // the rounding is visible
+  std::vector<float> out(static_cast<std::size_t>(n * f)), dgu = dgu0;
+  std::vector<float> dgu_from_zero(dgu0.size(), 0.0f);
+  hl::swiglu_forward(out.data(), gu_rounded.data(), n, f);
+  hl::swiglu_backward(dgu.data(), dout.data(), gu_rounded.data(), n, f);
+  hl::swiglu_backward(dgu_from_zero.data(), dout.data(), gu_rounded.data(), n, f);
+
+  cl::swiglu_forward(ctx, d_out.get(), nullptr, n, f, nullptr, gu16.get());
+  cl::swiglu_backward(ctx, d_dgu.get(), d_dout.get(), nullptr, n, f, cl::GradWrite::Add, nullptr,
+                      gu16.get());
+  cl::swiglu_backward(ctx, d_dgu_a.get(), d_dout.get(), nullptr, n, f, cl::GradWrite::Assign,
+                      dgu16.get(), gu16.get());
+  expect_close("swiglu out (bf16 gu)", d_out.host(), out, kFp32);
+  expect_close("swiglu dgu (bf16 gu)", d_dgu.host(), dgu, kFp32);
+  expect_close("swiglu dgu assign (bf16 gu)", d_dgu_a.host(), dgu_from_zero, kFp32);
+  EXPECT_EQ(dgu16.host(), converted(ctx, d_dgu_a.get(), n * 2 * f));
+  EXPECT_THROW(cl::swiglu_forward(ctx, d_out.get(), d_gu.get(), n, f, nullptr, gu16.get()),
+               pion::Error);  // both gu and gu_bf16
+  EXPECT_THROW(cl::swiglu_backward(ctx, d_dgu.get(), d_dout.get(), nullptr, n, f), pion::Error);
+}
+
+// A bf16 din (din_bf16, Assign): within one bf16 rounding of the fp32 din (2^-8 relative plus
+// 1e-6 of the largest magnitude for another accumulation order), the weight gradient the same
+// bits as with the fp32 din; and SwiGLU's backward reading a bf16 dout = the CPU layer on the
+// widened values, to the fp32 bound.
+TEST(CudaLayers, Bf16DinFeedsSwigluBackward) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 19, f = 45, d = 30;  // the down-projection: d_in = f, d_out = d
+  const auto act = randn(n * f, 80);
+  const auto w = randn(d * f, 81, 0.2);
+  const auto dout = randn(n * d, 82);
+  const auto gu = randn(n * 2 * f, 83, 2.0);
+  const auto dw0 = randn(d * f, 84);
+  const auto bf16 = cl::MatmulPrecision::Bf16;
+  cl::Bf16Workspace ws(cl::linear_bf16_workspace_elements(n, f, d));
+  Dev d_act(act), d_w(w), d_dout(dout), d_gu(gu), din32(nans(n * f)), dw1(dw0), dw2(dw0);
+  Dev16 din16(n * f);
+  cl::linear_backward(ctx, din32.get(), dw1.get(), d_dout.get(), d_act.get(), d_w.get(), n, f, d,
+                      bf16, &ws, cl::GradWrite::Assign);
+  cl::linear_backward(ctx, nullptr, dw2.get(), d_dout.get(), d_act.get(), d_w.get(), n, f, d, bf16,
+                      &ws, cl::GradWrite::Assign, nullptr, nullptr, din16.get());
+  EXPECT_EQ(dw2.host(), dw1.host());
+  const auto wide = din32.host(), got = din16.host();
+  double max_ref = 0.0, max_moved = 0.0;
+  for (float v : wide) max_ref = std::max(max_ref, std::abs(static_cast<double>(v)));
+  std::size_t bad = 0;
+  for (std::size_t i = 0; i < wide.size(); ++i) {
+    const double diff = std::abs(static_cast<double>(got[i]) - wide[i]);
+    if (!(diff <= std::ldexp(std::abs(static_cast<double>(wide[i])), -8) + 1e-6 * max_ref)) ++bad;
+    max_moved = std::max(max_moved, diff);
+  }
+  EXPECT_EQ(bad, 0u) << "bf16 din beyond one rounding of the fp32 din";
+  EXPECT_GT(max_moved, 1e-6 * max_ref) << "no value shows bf16 rounding";
+
+  std::vector<float> dgu(static_cast<std::size_t>(n * 2 * f), 0.0f);
+  hl::swiglu_backward(dgu.data(), got.data(), gu.data(), n, f);
+  Dev d_dgu(nans(n * 2 * f));
+  cl::swiglu_backward(ctx, d_dgu.get(), nullptr, d_gu.get(), n, f, cl::GradWrite::Assign, nullptr,
+                      nullptr, din16.get());
+  expect_close("swiglu dgu (bf16 dout)", d_dgu.host(), dgu, kFp32);
+
+  Dev din_x(n * f);
+  EXPECT_THROW(
+      cl::linear_backward(ctx, din_x.get(), dw2.get(), d_dout.get(), d_act.get(), d_w.get(), n, f,
+                          d, bf16, &ws, cl::GradWrite::Assign, nullptr, nullptr, din16.get()),
+      pion::Error);  // both dins
+  EXPECT_THROW(
+      cl::linear_backward(ctx, nullptr, dw2.get(), d_dout.get(), d_act.get(), d_w.get(), n, f, d,
+                          bf16, &ws, cl::GradWrite::Add, nullptr, nullptr, din16.get()),
+      pion::Error);  // a bf16 din cannot be added to
+  EXPECT_THROW(cl::swiglu_backward(ctx, d_dgu.get(), d_dout.get(), d_gu.get(), n, f,
+                                   cl::GradWrite::Assign, nullptr, nullptr, din16.get()),
+               pion::Error);  // both douts
 }
 
 TEST(CudaLayers, ResidualAddAndAccumulate) {

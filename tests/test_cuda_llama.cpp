@@ -187,6 +187,26 @@ TEST(CudaLlama, ReducedPrecisionStaysClose) {
   }
 }
 
+// bf16 activations without norms: the GEMM inputs are converted once in the forward (x_in,
+// x_mid and the attention output) and kept for the weight gradients; the output gradients
+// come from SwiGLU's backward and the fused RoPE backward in bf16, dres converted by the
+// layer. The same bounds as ReducedPrecisionStaysClose (bf16: 8 significant bits, 2^-8
+// relative per rounding, through two layers of GEMMs).
+TEST(CudaLlama, Bf16NormFreeStaysClose) {
+  PION_REQUIRE_CUDA_DEVICE();
+  for (auto attention : {cu::CudaAttention::Flash, cu::CudaAttention::Materialized}) {
+    cu::CudaLlamaOptions o;
+    o.matmul = cu::layers::MatmulPrecision::Bf16;
+    o.attention = attention;
+    const Parity p = compare_with_cpu(o, 2, 17, 33, "none");
+    const char* what = attention == cu::CudaAttention::Flash ? "flash" : "materialized";
+    std::printf("norm none bf16 %s vs cpu: loss %.2e, worst grad %.2e (%s)\n", what, p.loss_error,
+                p.worst_grad, p.worst_name.c_str());
+    EXPECT_LT(p.loss_error, 2e-2) << what;
+    EXPECT_LT(p.worst_grad, 8e-2) << what << " " << p.worst_name;
+  }
+}
+
 // Bf16 GEMMs read one bf16 copy of the weights. Untracked (the default), every
 // forward_backward refreshes it; tracked (the trainer), only after weights_changed() or
 // upload_params: the same bits as the untracked model after each change, and the old copy
