@@ -348,6 +348,63 @@ TEST(CudaFlashAttention, ManyTilesPeakySoftmaxMatchesCpu) {
   check_against_cpu({1, 300, 2, 64}, 600, 1.5);
 }
 
+// The optional bf16 output (the wo GEMM's operand in a bf16 model): bit for bit
+// convert_to_bf16 of the fp32 output, which is unchanged, and within bf16 rounding of the CPU
+// layer: rounding to nearest even with 8 significant bits moves y by at most 2^-8 |y|, and the
+// GPU's fp32 y differs from the CPU's c by at most e = kFp32 max|c| (checked above), so
+// |bf16(y) - c| <= 2^-8 |c| + (1 + 2^-8) e; allowed: 2^-8 |c| + 2 e. Masked columns (head_dim
+// 7) and a grouped shape included.
+TEST(CudaFlashAttention, WritesBf16OutputCopy) {
+  PION_REQUIRE_CUDA_DEVICE();
+  for (const Shape s : {Shape{2, 45, 4, 32, 2}, Shape{1, 19, 3, 7}}) {
+    SCOPED_TRACE(s.label());
+    const auto qkv = randn(s.qkv_elements(), 1200);
+    const Shape m = s.mha();
+    const auto wide = s.kv_heads() != s.n_head ? repeat_kv(qkv, s) : qkv;
+    std::vector<float> out(static_cast<std::size_t>(s.out_elements())),
+        probs(static_cast<std::size_t>(m.rows() * s.seq));
+    hl::attention_forward(out.data(), probs.data(), wide.data(), s.batch, s.seq, s.n_head,
+                          s.head_dim);
+    Context ctx;
+    const i64 count = s.out_elements();
+    Dev d_qkv(qkv), plain = Dev::poisoned(count), with16 = Dev::poisoned(count);
+    Dev lse =
+        Dev::poisoned(static_cast<i64>(cl::flash_attention_lse_elements(s.batch, s.seq, s.n_head)));
+    DeviceBuffer out16((static_cast<std::size_t>(count) + 1) / 2), conv16(out16.size());
+    cl::flash_attention_forward(ctx, plain.get(), lse.get(), d_qkv.get(), s.batch, s.seq, s.n_head,
+                                s.head_dim, s.n_kv_head);
+    cl::flash_attention_forward(ctx, with16.get(), lse.get(), d_qkv.get(), s.batch, s.seq, s.n_head,
+                                s.head_dim, s.n_kv_head, out16.data());
+    EXPECT_TRUE(same_bits(with16.host(), plain.host())) << "the fp32 output changed";
+    cl::convert_to_bf16(ctx, conv16.data(), with16.get(), count);
+    std::vector<float> got_raw(out16.size()), conv_raw(out16.size());
+    out16.download(got_raw.data(), got_raw.size());
+    conv16.download(conv_raw.data(), conv_raw.size());
+    std::vector<std::uint16_t> got_bits(got_raw.size() * 2), conv_bits(got_bits.size());
+    std::memcpy(got_bits.data(), got_raw.data(), got_raw.size() * sizeof(float));
+    std::memcpy(conv_bits.data(), conv_raw.data(), conv_raw.size() * sizeof(float));
+    got_bits.resize(static_cast<std::size_t>(count));
+    conv_bits.resize(got_bits.size());
+    EXPECT_EQ(got_bits, conv_bits);
+
+    double max_ref = 0.0;
+    for (float c : out) max_ref = std::max(max_ref, std::abs(static_cast<double>(c)));
+    const double e = kFp32 * max_ref;
+    std::size_t bad = 0;
+    double max_moved = 0.0;
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      const std::uint32_t wide_bits = static_cast<std::uint32_t>(got_bits[i]) << 16;
+      float g = 0.0f;
+      std::memcpy(&g, &wide_bits, sizeof g);
+      const double diff = std::abs(static_cast<double>(g) - out[i]);
+      if (!(diff <= std::ldexp(std::abs(static_cast<double>(out[i])), -8) + 2.0 * e)) ++bad;
+      max_moved = std::max(max_moved, diff);
+    }
+    EXPECT_EQ(bad, 0u) << "values beyond bf16 rounding of the CPU's";
+    EXPECT_GT(max_moved, 2.0 * e) << "no value shows bf16 rounding";
+  }
+}
+
 // Grouped-query attention (issue 14): groups of 2 and 3, multi-query (one K/V head), head
 // sizes with 32- and 16-row backward tiles, ragged sequence lengths.
 TEST(CudaFlashAttention, GroupedQueryMatchesCpu) {

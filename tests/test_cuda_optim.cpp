@@ -2,7 +2,8 @@
 // weights and state after a few steps (fp32 modes to rounding level, Pion "mixed" and Muon
 // "bf16" to a loose bound, their error printed), resuming from CPU state, the non-finite-
 // gradient skip, CUDA-graph replays against eager steps, Pion's spectrum drift, and the GPU
-// trainer's routing of a grouped-query, tied-embedding model's parameters. Every
+// trainer's routing of a grouped-query, tied-embedding model's parameters, and CudaBackend's
+// clip (the gradient scale the optimizers read) and NaN skip. Every
 // test skips with a clear message when this build has no CUDA back end or the machine has
 // no CUDA device; scripts/gpu-check.sh runs them on a GPU.
 #include <gtest/gtest.h>
@@ -10,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <map>
@@ -26,8 +28,10 @@
 #include "pion/optim/pion.h"
 #include "pion/train/build_optimizer.h"
 #ifdef PION_HAVE_CUDA
+#include "pion/cuda/backend.h"
 #include "pion/cuda/optim.h"
 #include "pion/cuda/optim_like.h"
+#include "pion/train/session.h"
 #endif
 
 #ifndef PION_HAVE_CUDA
@@ -323,17 +327,19 @@ TEST(CudaOptim, AdamWMatchesCpu) {
   EXPECT_LT(state_err, kAdamWTolerance);
 }
 
-// AdamW's update and the non-finite check move float4s when a matrix's arrays are 16-byte
-// aligned and go element by element otherwise: the same parameters one float off (scalar
-// path) end with the same bits as aligned ones (float4 path + the count % 4 tail), and a NaN
-// in the tail of an aligned gradient still skips the step.
-TEST(CudaOptim, AdamWVectorAndScalarPathsAgree) {
-  PION_REQUIRE_CUDA_DEVICE();
-  Mirror mx({{37, 41}, {1, 33}}, 25, 0.5);  // 1517 = 4 x 379 + 1 and 33 = 4 x 8 + 1
-  AdamW::Options o;
-  o.weight_decay = 0.1;
+using MakeOptimizer = std::function<std::unique_ptr<cuda::CudaOptimizer>(
+    cuda::Context&, const std::vector<cuda::DeviceParam>&)>;
+
+// The optimizers' elementwise kernels move float4s when all the arrays they touch are
+// 16-byte aligned and go element by element otherwise: the same parameters one float off
+// (scalar path for every kernel reading W or g) end with the same bits as aligned ones
+// (float4 path + the count % 4 tail; odd counts everywhere, two matrices of one shape).
+void check_vector_and_scalar_paths(const char* what, const std::vector<Shape2>& shapes,
+                                   const MakeOptimizer& make) {
+  SCOPED_TRACE(what);
+  Mirror mx(shapes, 25, 0.5);
   cuda::Context ctx;
-  auto aligned = cuda::make_cuda_adamw(ctx, mx.device_params(), gpu_options(o));
+  auto aligned = make(ctx, mx.device_params());
   // value + 1 and grad + 1 inside buffers one float longer: 4-byte, never 16-byte, aligned.
   std::vector<cuda::DeviceBuffer> values, grads;
   std::vector<cuda::DeviceParam> shifted;
@@ -350,7 +356,7 @@ TEST(CudaOptim, AdamWVectorAndScalarPathsAgree) {
   for (std::size_t i = 0; i < mx.host.size(); ++i)
     shifted.push_back({mx.host[i].name, values[i].data() + 1, grads[i].data() + 1,
                        mx.host[i].value.rows(), mx.host[i].value.cols()});
-  auto scalar = cuda::make_cuda_adamw(ctx, shifted, gpu_options(o));
+  auto scalar = make(ctx, shifted);
   for (int step = 1; step <= 3; ++step) {
     mx.new_grads(400 + static_cast<std::uint64_t>(step));
     for (std::size_t i = 0; i < mx.host.size(); ++i) upload_shifted(grads[i], mx.host[i].grad);
@@ -358,17 +364,151 @@ TEST(CudaOptim, AdamWVectorAndScalarPathsAgree) {
     scalar->step(0.01);
   }
   ctx.synchronize();
+  EXPECT_EQ(aligned->steps(), 3);
   for (std::size_t i = 0; i < mx.host.size(); ++i) {
     std::vector<float> h(values[i].size());
     values[i].download(h.data(), h.size());
-    EXPECT_EQ(std::vector<float>(h.begin() + 1, h.end()), mx.device_value(i)) << mx.host[i].name;
+    const std::vector<float> w = mx.device_value(i);
+    EXPECT_GT(frobenius_diff(w.data(), mx.initial[i].data<float>(), w.size()), 0.0)
+        << mx.host[i].name << " did not move";
+    EXPECT_EQ(std::vector<float>(h.begin() + 1, h.end()), w) << mx.host[i].name;
+    EXPECT_EQ(scalar->download_state(mx.host[i].name), aligned->download_state(mx.host[i].name))
+        << mx.host[i].name;
   }
-  EXPECT_EQ(aligned->steps(), 3);
+}
+
+TEST(CudaOptim, VectorAndScalarPathsAgree) {
+  PION_REQUIRE_CUDA_DEVICE();
+  // 1517 = 4 x 379 + 1, 33 = 4 x 8 + 1; Pion's 37 x 37 and 41 x 41 generators too.
+  const std::vector<Shape2> shapes = {{37, 41}, {37, 41}, {1, 33}};
+  AdamW::Options ao;
+  ao.weight_decay = 0.1;
+  check_vector_and_scalar_paths("adamw", shapes, [&](cuda::Context& ctx, const auto& params) {
+    return cuda::make_cuda_adamw(ctx, params, gpu_options(ao));
+  });
+  Muon::Options mo;
+  mo.weight_decay = 0.1;
+  for (const char* precision : {"fp32", "bf16"})
+    check_vector_and_scalar_paths((std::string("muon ") + precision).c_str(), shapes,
+                                  [&](cuda::Context& ctx, const auto& params) {
+                                    return cuda::make_cuda_muon(ctx, params,
+                                                                gpu_options(mo, precision));
+                                  });
+  const std::vector<Shape2> matrices = {{37, 41}, {37, 41}, {41, 37}};
+  check_vector_and_scalar_paths("pion", matrices, [](cuda::Context& ctx, const auto& params) {
+    return cuda::make_cuda_pion(ctx, params, pion_options("fp32"));
+  });
+  check_vector_and_scalar_paths("pion ambient left", matrices,
+                                [](cuda::Context& ctx, const auto& params) {
+                                  cuda::CudaPionOptions o = pion_options("fp32");
+                                  o.momentum = PionMomentum::Ambient;
+                                  o.update_side = PionUpdateSide::Left;
+                                  return cuda::make_cuda_pion(ctx, params, o);
+                                });
+  check_vector_and_scalar_paths("pion msign right", matrices,
+                                [](cuda::Context& ctx, const auto& params) {
+                                  cuda::CudaPionOptions o = pion_options("fp32");
+                                  o.normalizer = PionNormalizer::Msign;
+                                  o.update_side = PionUpdateSide::Right;
+                                  return cuda::make_cuda_pion(ctx, params, o);
+                                });
+}
+
+// A NaN in the count % 4 tail of an aligned gradient still skips the step (the finite
+// check's scalar tail).
+TEST(CudaOptim, NonFiniteInTheTailSkipsTheStep) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Mirror mx({{37, 41}, {1, 33}}, 26, 0.5);
+  cuda::Context ctx;
+  auto gpu = cuda::make_cuda_adamw(ctx, mx.device_params(), cuda::CudaAdamWOptions{});
+  mx.new_grads(410);
+  gpu->step(0.01);
+  EXPECT_EQ(gpu->steps(), 1);
   mx.host[1].grad.data<float>()[32] = std::nanf("");  // the tail element of 33
   mx.upload_grad(1);
-  aligned->step(0.01);
-  EXPECT_EQ(aligned->steps(), 3);
-  EXPECT_EQ(aligned->skipped_steps(), 1);
+  gpu->step(0.01);
+  EXPECT_EQ(gpu->steps(), 1);
+  EXPECT_EQ(gpu->skipped_steps(), 1);
+}
+
+// set_grad_scale(s) then a step on g equals a step on g * s rounded to float (the clip pass
+// it replaces) bit for bit, weights and state, for every optimizer and Pion variant; with the
+// finite check off too (the training loop's setting). And the scale does something: the
+// state differs from a run on unscaled gradients.
+void check_grad_scale(const char* what, const MakeOptimizer& make) {
+  SCOPED_TRACE(what);
+  const std::vector<Shape2> shapes = {{40, 24}, {40, 24}, {24, 40}, {33, 33}};
+  Mirror pre(shapes, 27, 0.5), folded(shapes, 27, 0.5), plain(shapes, 27, 0.5);
+  cuda::Context ctx;
+  auto a = make(ctx, pre.device_params());
+  auto b = make(ctx, folded.device_params());
+  auto c = make(ctx, plain.device_params());
+  b->set_finite_check(false);
+  const float scales[] = {0.5f, 1.0f, 0.3f, 0.7f};
+  for (int step = 0; step < 4; ++step) {
+    const std::uint64_t seed = 420 + static_cast<std::uint64_t>(step);
+    folded.new_grads(seed);
+    plain.new_grads(seed);
+    pre.new_grads(seed);
+    for (std::size_t i = 0; i < pre.host.size(); ++i) {
+      for (float& g : pre.host[i].grad.span<float>()) g *= scales[step];
+      pre.upload_grad(i);
+    }
+    a->step(0.01);
+    b->set_grad_scale(scales[step]);
+    b->step(0.01);
+    c->step(0.01);
+  }
+  ctx.synchronize();
+  EXPECT_EQ(b->steps(), 4);
+  bool differs = false;
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    const std::string& name = pre.host[i].name;
+    EXPECT_EQ(folded.device_value(i), pre.device_value(i)) << name;
+    EXPECT_EQ(b->download_state(name), a->download_state(name)) << name;
+    differs = differs || b->download_state(name) != c->download_state(name);
+  }
+  EXPECT_TRUE(differs) << "the gradient scale changed nothing";
+}
+
+TEST(CudaOptim, GradScaleEqualsScalingTheGradients) {
+  PION_REQUIRE_CUDA_DEVICE();
+  check_grad_scale("adamw", [](cuda::Context& ctx, const auto& params) {
+    return cuda::make_cuda_adamw(ctx, params, cuda::CudaAdamWOptions{});
+  });
+  for (const char* precision : {"fp32", "bf16"})
+    check_grad_scale(
+        (std::string("muon ") + precision).c_str(), [&](cuda::Context& ctx, const auto& params) {
+          return cuda::make_cuda_muon(ctx, params, gpu_options(Muon::Options{}, precision));
+        });
+  struct Variant {
+    const char* name;
+    PionMomentum momentum;
+    PionUpdateSide side;
+    PionNormalizer normalizer;
+  };
+  const Variant variants[] = {
+      {"pion", PionMomentum::Lie, PionUpdateSide::Both, PionNormalizer::Adam},
+      {"pion left", PionMomentum::Lie, PionUpdateSide::Left, PionNormalizer::Adam},
+      {"pion ambient", PionMomentum::Ambient, PionUpdateSide::Both, PionNormalizer::Adam},
+      {"pion transported alternate", PionMomentum::Transported, PionUpdateSide::Alternate,
+       PionNormalizer::Adam},
+      {"pion msign", PionMomentum::Lie, PionUpdateSide::Both, PionNormalizer::Msign},
+  };
+  for (const Variant& v : variants)
+    check_grad_scale(v.name, [&](cuda::Context& ctx, const auto& params) {
+      cuda::CudaPionOptions o = pion_options("fp32");
+      o.momentum = v.momentum;
+      o.update_side = v.side;
+      o.normalizer = v.normalizer;
+      return cuda::make_cuda_pion(ctx, params, o);
+    });
+  cuda::Context ctx;
+  Mirror mx({{4, 4}}, 1, 0.5);
+  auto gpu = cuda::make_cuda_adamw(ctx, mx.device_params(), cuda::CudaAdamWOptions{});
+  for (float bad : {-0.5f, 1.5f, std::nanf(""), std::numeric_limits<float>::infinity()})
+    EXPECT_THROW(gpu->set_grad_scale(bad), Error) << bad;
+  EXPECT_NO_THROW(gpu->set_grad_scale(0.0f));  // a tiny clip over a huge norm, rounded
 }
 
 TEST(CudaOptim, MuonFp32MatchesCpu) {
@@ -533,8 +673,9 @@ TEST(CudaOptim, NonFiniteGradientsSkipTheStep) {
   }
 }
 
-// One captured queue_step(), replayed with a new learning rate each time (set_lr before
-// each launch), equals eager steps with those learning rates. Same context, same stream.
+// One captured queue_step(), replayed with a new learning rate and gradient scale each time
+// (set_lr and set_grad_scale before each launch), equals eager steps with those values. Same
+// context, same stream.
 void check_graph_replay(
     const char* what,
     const std::function<std::unique_ptr<cuda::CudaOptimizer>(cuda::Context&, Mirror&)>& make) {
@@ -551,17 +692,21 @@ void check_graph_replay(
   ctx.synchronize();
 
   b->set_lr(0.0);
+  b->set_finite_check(false);  // the training loop's setting
   ctx.begin_capture();
   b->queue_step();  // recorded, not run
   ctx.end_capture();
   ctx.synchronize();
   EXPECT_EQ(b->steps(), 0) << what << ": the capture ran the step";
   const double lrs[] = {0.02, 0.01, 0.005};
+  const float scales[] = {0.5f, 1.0f, 0.25f};
   for (int step = 0; step < 3; ++step) {
     eager.new_grads(90 + static_cast<std::uint64_t>(step));
     graphed.new_grads(90 + static_cast<std::uint64_t>(step));
+    a->set_grad_scale(scales[step]);
     a->step(lrs[step]);
     b->set_lr(lrs[step]);
+    b->set_grad_scale(scales[step]);
     ctx.launch_graph();
   }
   ctx.synchronize();
@@ -752,6 +897,83 @@ TEST(CudaOptim, GroupedQueryTiedLayoutRoutesLikeCpu) {
     std::printf("%s routing, GQA + tied layout: worst weight error %.3e (%s)\n", optimizer.c_str(),
                 worst, worst_name.c_str());
     EXPECT_LT(worst, optimizer == "pion" ? kPionTolerance : kMuonTolerance) << worst_name;
+  }
+}
+
+// CudaBackend under run_training's sequence (norm; scale_grads(clip / norm) when clipping;
+// step when the norm is finite, else skip_step). Returns the weights after two steps.
+// flush: read grad_norm() again after scale_grads, which scales the gradients in place
+// through the model's pass (the old path) instead of handing the factor to the optimizers.
+std::vector<float> backend_steps(const std::string& optimizer, float scale, bool flush,
+                                 bool nan_weight, std::int64_t* skipped = nullptr) {
+  TrainConfig cfg;
+  cfg.optimizer = optimizer;
+  cfg.n_layer = 2;
+  cfg.n_head = 2;
+  cfg.d_model = 32;
+  cfg.seq_len = 16;
+  cfg.batch_size = 2;
+  cfg.init_std = 0.2;
+  Llama<float> host(model_config_for(cfg, 37));
+  Rng init(5);
+  host.init_weights(init);
+  // Mid-buffer: inside a layer's matrix, which every token goes through (an embedding row
+  // would only poison the tokens that use it).
+  if (nan_weight) host.params().data<float>()[host.params().numel() / 2] = std::nanf("");
+  const std::vector<float> initial(host.params().data<float>(),
+                                   host.params().data<float>() + host.params().numel());
+  auto backend = cuda::make_cuda_backend(cfg, host);
+  backend->begin(false);
+  backend->set_lr_factor(1.0);
+  for (int step = 0; step < 2; ++step) {
+    Rng rng(50 + static_cast<std::uint64_t>(step));
+    std::vector<std::int32_t> tokens, targets;
+    for (int i = 0; i < 2 * 16; ++i) {
+      tokens.push_back(static_cast<std::int32_t>(rng.below(37)));
+      targets.push_back(static_cast<std::int32_t>(rng.below(37)));
+    }
+    backend->zero_grad();
+    backend->forward_backward({tokens, targets, 2, 16, {}}, 1.0, true);
+    backend->finish_grads();
+    const double norm = backend->grad_norm();
+    EXPECT_EQ(std::isfinite(norm), !nan_weight);
+    if (std::isfinite(norm) && scale != 1.0f) {
+      backend->scale_grads(scale);
+      if (flush) {
+        EXPECT_NEAR(backend->grad_norm(), scale * norm, 1e-5 * norm);
+      }
+    }
+    if (std::isfinite(norm))
+      EXPECT_TRUE(backend->step());
+    else
+      backend->skip_step();
+  }
+  if (skipped != nullptr) *skipped = backend->skipped_steps();
+  backend->checkpoint_tensors();  // leaves the device weights in `host`
+  std::vector<float> out(host.params().data<float>(),
+                         host.params().data<float>() + host.params().numel());
+  EXPECT_EQ(out.size(), initial.size());
+  if (nan_weight) {  // bit for bit, the NaN included
+    EXPECT_EQ(std::memcmp(out.data(), initial.data(), out.size() * sizeof(float)), 0)
+        << optimizer << ": a skipped step changed the weights";
+  }
+  return out;
+}
+
+// The clip as a gradient scale the optimizers read equals scaling the gradients first (bit
+// for bit: AdamW and Muon fold it into their elementwise passes, Pion scales in place), with
+// the optimizers' own finite check off; and it changes the step. A NaN gradient makes the
+// norm non-finite, so the step is skipped and the weights stay as they were.
+TEST(CudaBackend, ClipInsideTheStepAndNanSkip) {
+  PION_REQUIRE_CUDA_DEVICE();
+  for (const char* optimizer : {"adamw", "muon", "pion"}) {
+    SCOPED_TRACE(optimizer);
+    const std::vector<float> folded = backend_steps(optimizer, 0.5f, false, false);
+    EXPECT_EQ(folded, backend_steps(optimizer, 0.5f, true, false));
+    EXPECT_NE(folded, backend_steps(optimizer, 1.0f, false, false));
+    std::int64_t skipped = 0;
+    backend_steps(optimizer, 0.5f, false, true, &skipped);
+    EXPECT_EQ(skipped, 2);
   }
 }
 

@@ -1,11 +1,16 @@
 // Softmax cross-entropy, forward and backward fused: three launches, no host round trip.
 //   1. one block counts the rows with a valid target (and the bad ones >= v) and stores the
 //      gradient scale dloss / count on the device;
-//   2. one block per row: logsumexp, the row's loss, and dlogits += scale (softmax - onehot);
+//   2. one block per row: logsumexp, the row's loss, and the row's gradient
+//      scale (softmax - onehot), added into fp32 dlogits or assigned (fp32, or bf16 for the
+//      LM head's bf16 GEMMs, which then read it without a conversion pass);
 //   3. one block sums the row losses in double, in a fixed order, into the mean.
 // RL's objective path (CudaLlama::target_log_probs / weighted_backward) adds two one-block-per-row
 // kernels over the same logits and lse: per-target log-probs and entropies (kept in double for
-// the host), and the gradient of the per-target weighted cross-entropy.
+// the host), and the gradient of the per-target weighted cross-entropy (assigned, fp32 or bf16,
+// like the row kernel's).
+#include <cuda_bf16.h>
+
 #include <utility>
 
 #include "common.cuh"
@@ -56,10 +61,25 @@ __global__ void ce_count_kernel(CeScalars* s, const std::int32_t* targets, i64 n
   }
 }
 
-// One block per row: lse = max + log(sum exp(x - max)); loss_i = lse - x[target] for a valid
-// target, else 0; dlogits_j += g exp(x_j - lse), then dlogits_target -= g (the CPU's order).
-__global__ void ce_row_kernel(float* row_loss, float* lse, float* dlogits, const float* logits,
-                              const std::int32_t* targets, i64 v, const CeScalars* s) {
+// How ce_row stores a gradient value.
+__device__ inline void store_grad(float* p, float g) {
+  *p = g;
+}
+__device__ inline void store_grad(__nv_bfloat16* p, float g) {
+  *p = __float2bfloat16(g);  // round to nearest even, as to_bf16_kernel (linear.cu)
+}
+
+// The body of the three row kernels below (one kernel per output, named apart so that counts
+// and profiles tell them apart; every thread of the block calls it). One block per row:
+// lse = max + log(sum exp(x - max)); loss_i = lse - x[target] for a valid target, else 0; the
+// gradient g exp(x_j - lse), minus g at the target column (the CPU's order). kAssign false:
+// added into dlogits (Out float). kAssign true: stored, every element of the row, zeros on a
+// row without a valid target, so the buffer needs no zeroing before; the stored value is the
+// one the add made in a zeroed buffer, computed as (0 + g e) - g, so fp32 output has those
+// bits and bf16 output has the bits to_bf16_kernel gave of them.
+template <class Out, bool kAssign>
+__device__ void ce_row(float* row_loss, float* lse, Out* dlogits, const float* logits,
+                       const std::int32_t* targets, i64 v, const CeScalars* s) {
   const i64 r = blockIdx.x;
   const float* x = logits + r * v;
   float mx = -INFINITY;
@@ -75,13 +95,43 @@ __global__ void ce_row_kernel(float* row_loss, float* lse, float* dlogits, const
     if (lse != nullptr) lse[r] = l;
     row_loss[r] = valid ? l - x[t] : 0.0f;
   }
-  if (dlogits == nullptr || !valid || s->count == 0) return;
-  const float g = s->grad_scale;
-  float* dx = dlogits + r * v;
-  for (i64 j = threadIdx.x; j < v; j += blockDim.x) {
-    dx[j] += g * expf(x[j] - l);
-    if (j == t) dx[j] -= g;  // the thread that owns column t, after its own add
+  if (dlogits == nullptr) return;
+  Out* dx = dlogits + r * v;
+  if (!valid || s->count == 0) {
+    if constexpr (kAssign)
+      for (i64 j = threadIdx.x; j < v; j += blockDim.x) store_grad(dx + j, 0.0f);
+    return;
   }
+  const float g = s->grad_scale;
+  for (i64 j = threadIdx.x; j < v; j += blockDim.x) {
+    if constexpr (kAssign) {
+      float grad = 0.0f;
+      grad += g * expf(x[j] - l);
+      if (j == t) grad -= g;
+      store_grad(dx + j, grad);
+    } else {
+      dx[j] += g * expf(x[j] - l);
+      if (j == t) dx[j] -= g;  // the thread that owns column t, after its own add
+    }
+  }
+}
+
+// dlogits += gradient (fp32).
+__global__ void ce_row_kernel(float* row_loss, float* lse, float* dlogits, const float* logits,
+                              const std::int32_t* targets, i64 v, const CeScalars* s) {
+  ce_row<float, false>(row_loss, lse, dlogits, logits, targets, v, s);
+}
+// dlogits = gradient (fp32).
+__global__ void ce_row_assign_kernel(float* row_loss, float* lse, float* dlogits,
+                                     const float* logits, const std::int32_t* targets, i64 v,
+                                     const CeScalars* s) {
+  ce_row<float, true>(row_loss, lse, dlogits, logits, targets, v, s);
+}
+// dlogits = gradient rounded to bf16.
+__global__ void ce_row_bf16_kernel(float* row_loss, float* lse, __nv_bfloat16* dlogits,
+                                   const float* logits, const std::int32_t* targets, i64 v,
+                                   const CeScalars* s) {
+  ce_row<__nv_bfloat16, true>(row_loss, lse, dlogits, logits, targets, v, s);
 }
 
 __global__ void ce_mean_kernel(CeScalars* s, const float* row_loss, i64 n) {
@@ -119,22 +169,40 @@ __global__ void target_log_probs_kernel(double* log_probs, double* entropies, co
   }
 }
 
-// One block per row: dlogits_j += g exp(x_j - lse), then dlogits_target -= g, as the CPU's
-// weighted_cross_entropy_backward (and ce_row_kernel) order them.
-__global__ void weighted_ce_backward_kernel(float* dlogits, const float* logits, const float* lse,
-                                            const std::int32_t* targets, const float* row_scale,
-                                            i64 v) {
+// One block per row: dlogits[r] = g (softmax - onehot), g = row_scale[r], every element stored
+// (zeros on a row without a valid target or with g = 0), each computed as (0 + g exp(x_j - lse))
+// - g at the target: the bits the CPU's weighted_cross_entropy_backward adds into a zeroed
+// buffer (fp32 Out), or the bits to_bf16_kernel gives of them (bf16 Out), as ce_row does.
+template <class Out>
+__device__ void weighted_ce_row(Out* dlogits, const float* logits, const float* lse,
+                                const std::int32_t* targets, const float* row_scale, i64 v) {
   const i64 r = blockIdx.x;
   const std::int32_t t = targets[r];
   const float g = row_scale[r];
-  if (t < 0 || t >= v || g == 0.0f) return;
+  Out* dx = dlogits + r * v;
+  if (t < 0 || t >= v || g == 0.0f) {
+    for (i64 j = threadIdx.x; j < v; j += blockDim.x) store_grad(dx + j, 0.0f);
+    return;
+  }
   const float* x = logits + r * v;
   const float l = lse[r];
-  float* dx = dlogits + r * v;
   for (i64 j = threadIdx.x; j < v; j += blockDim.x) {
-    dx[j] += g * expf(x[j] - l);
-    if (j == t) dx[j] -= g;  // the thread that owns column t, after its own add
+    float grad = 0.0f;
+    grad += g * expf(x[j] - l);
+    if (j == t) grad -= g;
+    store_grad(dx + j, grad);
   }
+}
+
+__global__ void weighted_ce_backward_kernel(float* dlogits, const float* logits, const float* lse,
+                                            const std::int32_t* targets, const float* row_scale,
+                                            i64 v) {
+  weighted_ce_row<float>(dlogits, logits, lse, targets, row_scale, v);
+}
+__global__ void weighted_ce_backward_bf16_kernel(__nv_bfloat16* dlogits, const float* logits,
+                                                 const float* lse, const std::int32_t* targets,
+                                                 const float* row_scale, i64 v) {
+  weighted_ce_row<__nv_bfloat16>(dlogits, logits, lse, targets, row_scale, v);
 }
 
 }  // namespace
@@ -171,9 +239,13 @@ CrossEntropyResult::Host CrossEntropyResult::read(Context& ctx) const {
   return h;
 }
 
-void cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, float* dlogits,
-                   const float* logits, const std::int32_t* targets, i64 n, i64 v, double dloss) {
-  const std::string who = "cross_entropy";
+namespace {
+
+// Queues the three launches; row_kernel(rows, stream, row_loss, scalars) launches the
+// second, the one that writes the chosen dlogits.
+template <class RowKernel>
+void run_cross_entropy(Context& ctx, CrossEntropyResult& result, const std::int32_t* targets, i64 n,
+                       i64 v, double dloss, const std::string& who, const RowKernel& row_kernel) {
   require_positive(n, who, "n");
   require_positive(v, who, "v");
   require(n <= result.impl().max_rows, who,
@@ -185,10 +257,41 @@ void cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, float* 
   const cudaStream_t stream = stream_of(ctx);
   ce_count_kernel<<<1, kReduceThreads, 0, stream>>>(s, targets, n, v, dloss);
   PION_CUDA_CHECK_LAUNCH("ce_count_kernel");
-  ce_row_kernel<<<rows, kThreads, 0, stream>>>(row_loss, lse, dlogits, logits, targets, v, s);
-  PION_CUDA_CHECK_LAUNCH("ce_row_kernel");
+  row_kernel(rows, stream, row_loss, s);
   ce_mean_kernel<<<1, kReduceThreads, 0, stream>>>(s, row_loss, n);
   PION_CUDA_CHECK_LAUNCH("ce_mean_kernel");
+}
+
+}  // namespace
+
+void cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, float* dlogits,
+                   const float* logits, const std::int32_t* targets, i64 n, i64 v, double dloss,
+                   GradWrite dlogits_write) {
+  run_cross_entropy(ctx, result, targets, n, v, dloss, "cross_entropy",
+                    [&](unsigned rows, cudaStream_t stream, float* row_loss, const CeScalars* s) {
+                      if (dlogits_write == GradWrite::Assign) {
+                        ce_row_assign_kernel<<<rows, kThreads, 0, stream>>>(row_loss, lse, dlogits,
+                                                                            logits, targets, v, s);
+                        PION_CUDA_CHECK_LAUNCH("ce_row_assign_kernel");
+                      } else {
+                        ce_row_kernel<<<rows, kThreads, 0, stream>>>(row_loss, lse, dlogits, logits,
+                                                                     targets, v, s);
+                        PION_CUDA_CHECK_LAUNCH("ce_row_kernel");
+                      }
+                    });
+}
+
+void cross_entropy_bf16(Context& ctx, CrossEntropyResult& result, float* lse, void* dlogits_bf16,
+                        const float* logits, const std::int32_t* targets, i64 n, i64 v,
+                        double dloss) {
+  require(dlogits_bf16 != nullptr, "cross_entropy_bf16", "dlogits_bf16 must not be null");
+  auto* out = static_cast<__nv_bfloat16*>(dlogits_bf16);
+  run_cross_entropy(ctx, result, targets, n, v, dloss, "cross_entropy_bf16",
+                    [&](unsigned rows, cudaStream_t stream, float* row_loss, const CeScalars* s) {
+                      ce_row_bf16_kernel<<<rows, kThreads, 0, stream>>>(row_loss, lse, out, logits,
+                                                                        targets, v, s);
+                      PION_CUDA_CHECK_LAUNCH("ce_row_bf16_kernel");
+                    });
 }
 
 struct TargetLogProbs::Impl {
@@ -245,6 +348,19 @@ void weighted_cross_entropy_backward(Context& ctx, float* dlogits, const float* 
   weighted_ce_backward_kernel<<<rows, kThreads, 0, stream_of(ctx)>>>(dlogits, logits, lse, targets,
                                                                      row_scale, v);
   PION_CUDA_CHECK_LAUNCH("weighted_ce_backward_kernel");
+}
+
+void weighted_cross_entropy_backward_bf16(Context& ctx, void* dlogits_bf16, const float* logits,
+                                          const float* lse, const std::int32_t* targets,
+                                          const float* row_scale, i64 n, i64 v) {
+  const std::string who = "weighted_cross_entropy_backward_bf16";
+  require(dlogits_bf16 != nullptr, who, "dlogits_bf16 must not be null");
+  require_positive(n, who, "n");
+  require_positive(v, who, "v");
+  const unsigned rows = static_cast<unsigned>(as_int(n, who, "n"));
+  weighted_ce_backward_bf16_kernel<<<rows, kThreads, 0, stream_of(ctx)>>>(
+      static_cast<__nv_bfloat16*>(dlogits_bf16), logits, lse, targets, row_scale, v);
+  PION_CUDA_CHECK_LAUNCH("weighted_ce_backward_bf16_kernel");
 }
 
 }  // namespace pion::cuda::layers

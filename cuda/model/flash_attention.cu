@@ -32,6 +32,8 @@
 // kernel runs one block per (key tile, batch * K/V head) and loops over the g query heads of
 // the group (then over their query tiles), so a K/V head's gradient is summed over its group
 // in one fixed order by one owner: still no atomics.
+#include <cuda_bf16.h>
+
 #include <cmath>
 
 #include "common.cuh"
@@ -137,9 +139,9 @@ __device__ inline float group_sum(float v) {
 // seq], qkv [batch, seq, (n_head + 2 n_kv_head) head_dim].
 template <int D>
 __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
-    flash_forward_kernel(float* __restrict__ out, float* __restrict__ lse,
-                         const float* __restrict__ qkv, int seq, int n_head, int n_kv_head,
-                         int head_dim, float scale) {
+    flash_forward_kernel(float* __restrict__ out, __nv_bfloat16* __restrict__ out16,
+                         float* __restrict__ lse, const float* __restrict__ qkv, int seq,
+                         int n_head, int n_kv_head, int head_dim, float scale) {
   constexpr int T = FlashTiles<D>::kForward;
   constexpr int TPR = kFlashThreads / T;  // threads per query row
   constexpr int KPT = T / TPR;            // keys of a tile scored per thread
@@ -217,11 +219,15 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
 
   if (i < seq) {
     const float inv = __frcp_rn(l);  // 1 / l correctly rounded (no slow-path call)
-    float* o = out + (static_cast<i64>(b) * seq + i) * d + static_cast<i64>(h) * head_dim;
+    const i64 o = (static_cast<i64>(b) * seq + i) * d + static_cast<i64>(h) * head_dim;
 #pragma unroll
     for (int t = 0; t < CPT; ++t) {
       const int col = c + t * TPR;
-      if (col < head_dim) o[col] = acc[t] * inv;
+      if (col < head_dim) {
+        const float y = acc[t] * inv;
+        out[o + col] = y;
+        if (out16 != nullptr) out16[o + col] = __float2bfloat16(y);  // round to nearest even
+      }
     }
     if (c == 0) lse[static_cast<i64>(bh) * seq + i] = m + logf(l);
   }
@@ -502,11 +508,13 @@ FlashArgs flash_args(i64 batch, i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim
 }
 
 template <int D>
-void launch_forward(Context& ctx, float* out, float* lse, const float* qkv, const FlashArgs& a) {
+void launch_forward(Context& ctx, float* out, void* out16, float* lse, const float* qkv,
+                    const FlashArgs& a) {
   constexpr int T = FlashTiles<D>::kForward;
   const dim3 grid(static_cast<unsigned>(a.bh), static_cast<unsigned>(tiles_for(a.seq, T)));
   flash_forward_kernel<D><<<grid, kFlashThreads, 0, stream_of(ctx)>>>(
-      out, lse, qkv, a.seq, a.n_head, a.n_kv_head, a.head_dim, a.scale);
+      out, static_cast<__nv_bfloat16*>(out16), lse, qkv, a.seq, a.n_head, a.n_kv_head, a.head_dim,
+      a.scale);
   PION_CUDA_CHECK_LAUNCH("flash_forward_kernel");
 }
 
@@ -545,7 +553,7 @@ std::size_t flash_attention_scratch_elements(i64 batch, i64 seq, i64 n_head) {
 }
 
 void flash_attention_forward(Context& ctx, float* out, float* lse, const float* qkv, i64 batch,
-                             i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head) {
+                             i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head, void* out_bf16) {
   const std::string who = "flash_attention_forward";
   n_kv_head = check_flash(batch, seq, n_head, head_dim, n_kv_head, who);
   require(out != nullptr && lse != nullptr && qkv != nullptr, who,
@@ -553,13 +561,13 @@ void flash_attention_forward(Context& ctx, float* out, float* lse, const float* 
   const FlashArgs a = flash_args(batch, seq, n_head, n_kv_head, head_dim);
   switch (columns_for(head_dim)) {
     case 32:
-      launch_forward<32>(ctx, out, lse, qkv, a);
+      launch_forward<32>(ctx, out, out_bf16, lse, qkv, a);
       break;
     case 64:
-      launch_forward<64>(ctx, out, lse, qkv, a);
+      launch_forward<64>(ctx, out, out_bf16, lse, qkv, a);
       break;
     default:
-      launch_forward<128>(ctx, out, lse, qkv, a);
+      launch_forward<128>(ctx, out, out_bf16, lse, qkv, a);
       break;
   }
 }

@@ -2,6 +2,7 @@
 // src/model/llama.cpp, on device buffers, with pion/cuda/layers.h in place of the CPU layers.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 
 #include "pion/core/error.h"
@@ -76,6 +77,14 @@ Weights weights_in(float* base, const std::vector<ParamEntry>& layout, const Mod
 struct LayerActs {
   float *x_in, *h1, *rstd1, *qkv, *attn_keep, *att, *x_mid, *h2, *rstd2, *gu, *act;
   // attn_keep: probs [B, H, T, T] (materialised) or the logsumexp [B, H, T] (flash).
+  // Bf16 matmuls: the bf16 copies (uint16_t storage) of the four GEMM inputs, written once in
+  // the forward by their producers (RMSNorm, SwiGLU, flash attention) or one conversion (the
+  // materialised attention's output; without norms x_in, x_mid), read by the forward GEMM and
+  // again by its weight gradient; and gu16, the gate-up GEMM's output written in bf16 for
+  // SwiGLU's forward and backward. Where only those read a tensor, its fp32 version is not
+  // kept (h1 and h2 with norms, act, gu): those pointers are null. At the other precisions
+  // the bf16 pointers are null.
+  std::uint16_t *h1_16, *att16, *h2_16, *act16, *gu16;
 };
 
 }  // namespace
@@ -94,9 +103,17 @@ struct CudaLlama::Impl {
   std::vector<LayerActs> layer_acts;
   float *x_final = nullptr, *h_final = nullptr, *rstd_final = nullptr, *logits = nullptr,
         *lse = nullptr, *proj = nullptr;
-  // Gradient scratch, one layer at a time.
+  // Gradient scratch, one layer at a time. dlogits (fp32) exists only without Bf16 matmuls;
+  // with them the cross-entropy writes bf16 dlogits into the start of the Bf16Workspace, the
+  // slice the LM head's backward would have converted them into, and the head reads them there.
   float *dres = nullptr, *dh = nullptr, *dqkv = nullptr, *datt = nullptr, *dgu = nullptr,
         *dact = nullptr, *dlogits = nullptr, *attn_scratch = nullptr;
+  // Bf16 matmuls: bf16 activations and gradient scratch (the LayerActs copies, then dres16,
+  // dgu16, dqkv16: the output gradients the backward GEMMs read, written by RMSNorm's
+  // backward, SwiGLU's backward and the fused RoPE backward; and dact16, the down-projection's
+  // din written by its GEMM in bf16 for SwiGLU's backward). Null at other precisions.
+  std::unique_ptr<layers::Bf16Workspace> acts16;
+  std::uint16_t *dres16 = nullptr, *dgu16 = nullptr, *dqkv16 = nullptr, *dact16 = nullptr;
   bool have_loss = false;
   // A forward-only call's activations wait for weighted_backward (RL's objective path).
   bool backward_pending = false;
@@ -194,9 +211,13 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   const i64 attn_scratch =
       flash ? static_cast<i64>(layers::flash_attention_scratch_elements(batch, seq, h))
             : static_cast<i64>(batch) * h * seq * seq;
-  const i64 per_layer = n * d /*x_in*/ + n * d /*h1*/ + n /*rstd1*/ + n * qkv /*qkv*/ + keep +
-                        n * d /*att*/ + n * d /*x_mid*/ + n * d /*h2*/ + n /*rstd2*/ +
-                        2 * n * f /*gu*/ + n * f /*act*/;
+  // Bf16 matmuls keep only the bf16 copy of a tensor a GEMM alone reads (see LayerActs).
+  const bool bf16 = o.matmul == MatmulPrecision::Bf16;
+  const i64 h_fp32 = bf16 && c.has_norm() ? 0 : n * d, act_fp32 = bf16 ? 0 : n * f;
+  const i64 gu_fp32 = bf16 ? 0 : 2 * n * f;
+  const i64 per_layer = n * d /*x_in*/ + h_fp32 /*h1*/ + n /*rstd1*/ + n * qkv /*qkv*/ + keep +
+                        n * d /*att*/ + n * d /*x_mid*/ + h_fp32 /*h2*/ + n /*rstd2*/ +
+                        gu_fp32 /*gu*/ + act_fp32 /*act*/;
   const i64 tail = n * d /*x_final*/ + n * d /*h_final*/ + n /*rstd*/ + n * v /*logits*/ +
                    n /*lse*/ + n * d /*proj*/;
   const i64 rms_scratch =
@@ -206,25 +227,50 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.grad_acts = DeviceBuffer();
   m.acts = DeviceBuffer(static_cast<std::size_t>(L * per_layer + tail));
   float* p = m.acts.data();
-  auto take = [&p](i64 count) {
+  auto take = [&p](i64 count) -> float* {
     float* r = p;
     p += count;
+    return count > 0 ? r : nullptr;
+  };
+  // bf16 slices start on 64-element (128-byte) boundaries, as the GEMMs want.
+  const auto pad16 = [](i64 count) { return (count + 63) / 64 * 64; };
+  m.acts16.reset();
+  std::uint16_t* p16 = nullptr;
+  if (bf16) {
+    m.acts16 = std::make_unique<layers::Bf16Workspace>(
+        static_cast<std::size_t>(L * (3 * pad16(n * d) + pad16(n * f) + pad16(2 * n * f)) +
+                                 pad16(n * d) + pad16(2 * n * f) + pad16(n * qkv) + pad16(n * f)));
+    p16 = static_cast<std::uint16_t*>(m.acts16->data());
+  }
+  auto take16 = [&](i64 count) -> std::uint16_t* {
+    if (!bf16) return nullptr;
+    std::uint16_t* r = p16;
+    p16 += pad16(count);
     return r;
   };
   m.layer_acts.assign(static_cast<std::size_t>(L), LayerActs{});
   for (auto& a : m.layer_acts) {
     a.x_in = take(n * d);
-    a.h1 = take(n * d);
+    a.h1 = take(h_fp32);
     a.rstd1 = take(n);
     a.qkv = take(n * qkv);
     a.attn_keep = take(keep);
     a.att = take(n * d);
     a.x_mid = take(n * d);
-    a.h2 = take(n * d);
+    a.h2 = take(h_fp32);
     a.rstd2 = take(n);
-    a.gu = take(2 * n * f);
-    a.act = take(n * f);
+    a.gu = take(gu_fp32);
+    a.act = take(act_fp32);
+    a.h1_16 = take16(n * d);
+    a.att16 = take16(n * d);
+    a.h2_16 = take16(n * d);
+    a.act16 = take16(n * f);
+    a.gu16 = take16(2 * n * f);
   }
+  m.dres16 = take16(n * d);
+  m.dgu16 = take16(2 * n * f);
+  m.dqkv16 = take16(n * qkv);
+  m.dact16 = take16(n * f);
   m.x_final = take(n * d);
   m.h_final = take(n * d);
   m.rstd_final = take(n);
@@ -232,17 +278,21 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.lse = take(n);
   m.proj = take(n * d);
 
+  // bf16: dgu and dact exist only as dgu16 and dact16, and the dlogits only in bf16 (the
+  // cross-entropy writes them into the workspace's LM-head dout slice).
+  const i64 dgu_fp32 = bf16 ? 0 : 2 * n * f, dact_fp32 = bf16 ? 0 : n * f;
+  const i64 dlogits = bf16 ? 0 : n * v;
   m.grad_acts = DeviceBuffer(static_cast<std::size_t>(
-      n * d /*dres*/ + n * d /*dh*/ + n * qkv /*dqkv*/ + n * d /*datt*/ + 2 * n * f /*dgu*/ +
-      n * f /*dact*/ + n * v /*dlogits*/ + attn_scratch + rms_scratch));
+      n * d /*dres*/ + n * d /*dh*/ + n * qkv /*dqkv*/ + n * d /*datt*/ + dgu_fp32 /*dgu*/ +
+      dact_fp32 /*dact*/ + dlogits + attn_scratch + rms_scratch));
   p = m.grad_acts.data();
   m.dres = take(n * d);
   m.dh = take(n * d);
   m.dqkv = take(n * qkv);
   m.datt = take(n * d);
-  m.dgu = take(2 * n * f);
-  m.dact = take(n * f);
-  m.dlogits = take(n * v);
+  m.dgu = take(dgu_fp32);
+  m.dact = take(dact_fp32);
+  m.dlogits = take(dlogits);
   m.attn_scratch = take(attn_scratch);
   m.rms_scratch = rms_scratch > 0 ? take(rms_scratch) : nullptr;
 
@@ -253,10 +303,12 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.row_scale = DeviceBuffer();
   m.bf16.reset();
   if (o.matmul == MatmulPrecision::Bf16) {
-    // Every GEMM weight is in the mirror: the workspace holds activation copies only.
+    // Every GEMM weight is in the mirror: the workspace holds activation copies only, and
+    // the bf16 dlogits in the LM head's dout slice ({d, v}).
     std::size_t need = 0;
     for (auto [din, dout] : {std::pair<i64, i64>{d, qkv}, {d, d}, {d, 2 * f}, {f, d}, {d, v}})
       need = std::max(need, layers::linear_bf16_workspace_elements(n, din, dout, true));
+    need = std::max(need, layers::linear_bf16_dout_elements(n, v));
     m.bf16 = std::make_unique<layers::Bf16Workspace>(need);
     m.bf16->set_weight_mirror(m.params.data() + m.mirror_from, m.bf16_params->data(),
                               static_cast<std::size_t>(num_params - m.mirror_from));
@@ -278,7 +330,7 @@ struct Pass {
   double eps;
   MatmulPrecision mp, attn_mp;
   layers::Bf16Workspace* ws;
-  bool flash, norms;
+  bool flash, norms, bf16;
 
   Pass(Context& context, CudaLlama::Impl& impl, const ModelConfig& config,
        const CudaLlamaOptions& options)
@@ -299,21 +351,32 @@ struct Pass {
                                                         : MatmulPrecision::Tf32),
         ws(impl.bf16.get()),
         flash(options.attention == CudaAttention::Flash),
-        norms(config.has_norm()) {}
+        norms(config.has_norm()),
+        bf16(options.matmul == MatmulPrecision::Bf16) {}
 
   // norm "none": each RMSNorm is the identity, so its input feeds the next GEMM directly
   // (h1 = x_in, h2 = x_mid, h_final = x_final) and its backward passes dh through
   // (dres += dh), as src/model/llama.cpp does.
   const float* normed(float* hn, const float* x) const { return norms ? hn : x; }
-  void norm_backward(float* dweight, const float* x, const float* weight, const float* rstd) {
+  // dres16 (bf16 with norms): RMSNorm's backward also writes the updated dres in bf16, the
+  // output gradient the next backward GEMM reads.
+  void norm_backward(float* dweight, const float* x, const float* weight, const float* rstd,
+                     layers::GradWrite dres_write, std::uint16_t* dres16 = nullptr) {
     if (norms)
-      layers::rmsnorm_backward(ctx, m.dres, dweight, m.rms_scratch, m.dh, x, weight, rstd, n, d);
+      layers::rmsnorm_backward(ctx, m.dres, dweight, m.rms_scratch, m.dh, x, weight, rstd, n, d,
+                               dres_write, dres16);
     else
       layers::accumulate(ctx, m.dres, m.dh, n * d);
   }
   // The first writer of a gradient scratch buffer assigns it (no zeroing pass before it, and
   // its GEMM runs with beta = 0); later contributions add.
   static constexpr auto kAssign = layers::GradWrite::Assign;
+  static constexpr auto kAdd = layers::GradWrite::Add;
+  // Where the cross-entropy writes the dlogits the LM head's backward reads: with Bf16 matmuls
+  // bf16 values at the start of the workspace (the head's dout slice, read there by its GEMMs
+  // with no conversion pass; the fp32 dlogits buffer is not even allocated), else m.dlogits.
+  bool bf16_dlogits() const { return bf16; }
+  void* dlogits16() const { return ws->data(); }
 
   // Embedding to logits, keeping what backward needs.
   void forward() {
@@ -323,21 +386,37 @@ struct Pass {
       LayerActs& a = m.layer_acts[l];
       const LayerParams& w = m.w.layers[l];
       float* x_out = l + 1 < m.layer_acts.size() ? m.layer_acts[l + 1].x_in : m.x_final;
-      if (norms) layers::rmsnorm_forward(ctx, a.h1, a.rstd1, a.x_in, w.attn_norm, n, d, eps);
-      layers::linear_forward(ctx, a.qkv, normed(a.h1, a.x_in), w.wqkv, n, d, qkv, mp, ws);
+      // Bf16: RMSNorm writes the bf16 input of the QKV GEMM (kept for its weight gradient);
+      // without norms x_in is converted once for both.
+      if (norms)
+        layers::rmsnorm_forward(ctx, a.h1, a.rstd1, a.x_in, w.attn_norm, n, d, eps, a.h1_16);
+      else if (bf16)
+        layers::convert_to_bf16(ctx, a.h1_16, a.x_in, n * d);
+      layers::linear_forward(ctx, a.qkv, normed(a.h1, a.x_in), w.wqkv, n, d, qkv, mp, ws, a.h1_16);
       // RoPE rotates the h query heads and the kvh key heads (never the values).
       layers::rope_forward(ctx, a.qkv, m.rope, batch, seq, h, hd, qkv);
       layers::rope_forward(ctx, a.qkv + d, m.rope, batch, seq, kvh, hd, qkv);
-      if (flash)
-        layers::flash_attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh);
-      else
+      // The attention output stays fp32 (the flash backward reads it); its bf16 copy, for the
+      // wo GEMM and its weight gradient, is written by the flash kernel, or made once here from
+      // the materialised attention's fp32 GEMM output (TF32 operands: it cannot write bf16).
+      if (flash) {
+        layers::flash_attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh,
+                                        a.att16);
+      } else {
         layers::attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh, attn_mp);
-      layers::linear_forward(ctx, m.proj, a.att, w.wo, n, d, d, mp, ws);
+        if (bf16) layers::convert_to_bf16(ctx, a.att16, a.att, n * d);
+      }
+      layers::linear_forward(ctx, m.proj, a.att, w.wo, n, d, d, mp, ws, a.att16);
       layers::residual_forward(ctx, a.x_mid, a.x_in, m.proj, n * d);
-      if (norms) layers::rmsnorm_forward(ctx, a.h2, a.rstd2, a.x_mid, w.mlp_norm, n, d, eps);
-      layers::linear_forward(ctx, a.gu, normed(a.h2, a.x_mid), w.w_gate_up, n, d, 2 * f, mp, ws);
-      layers::swiglu_forward(ctx, a.act, a.gu, n, f);
-      layers::linear_forward(ctx, m.proj, a.act, w.w_down, n, f, d, mp, ws);
+      if (norms)
+        layers::rmsnorm_forward(ctx, a.h2, a.rstd2, a.x_mid, w.mlp_norm, n, d, eps, a.h2_16);
+      else if (bf16)
+        layers::convert_to_bf16(ctx, a.h2_16, a.x_mid, n * d);
+      // Bf16: the gate-up GEMM writes gu in bf16, which SwiGLU reads (forward and backward).
+      layers::linear_forward(ctx, a.gu, normed(a.h2, a.x_mid), w.w_gate_up, n, d, 2 * f, mp, ws,
+                             a.h2_16, a.gu16);
+      layers::swiglu_forward(ctx, a.act, a.gu, n, f, a.act16, a.gu16);
+      layers::linear_forward(ctx, m.proj, a.act, w.w_down, n, f, d, mp, ws, a.act16);
       layers::residual_forward(ctx, x_out, a.x_mid, m.proj, n * d);
     }
     if (norms)
@@ -346,41 +425,64 @@ struct Pass {
                            ws);
   }
 
-  // From dlogits (filled by the caller) to every parameter's gradient, added into m.g.
-  // Last layer first (src/model/llama.cpp's order). With tied embeddings g.lm_head is
-  // g.tok_embedding: the head's weight gradient lands there first and embedding_backward adds
-  // the lookup gradient at the end, both queued on the one stream (a fixed order).
+  // From the dlogits (assigned by the caller's cross-entropy, where bf16_dlogits() says) to
+  // every parameter's gradient, added into m.g. Last layer first (src/model/llama.cpp's order).
+  // The LM head's backward assigns its din and the final norm's backward assigns dres: no
+  // zeroing pass. Without norms the head's din is dres itself (the final norm is the identity).
+  // With tied embeddings g.lm_head is g.tok_embedding: the head's weight gradient lands there
+  // first and embedding_backward adds the lookup gradient at the end, both queued on the one
+  // stream (a fixed order).
   void backward() {
     const int batch = m.batch, seq = m.seq;
-    fill_zero(ctx, m.dh, n * d);
-    layers::linear_backward(ctx, m.dh, m.g.lm_head, m.dlogits, normed(m.h_final, m.x_final),
-                            m.w.lm_head, n, d, v, mp, ws);
-    fill_zero(ctx, m.dres, n * d);
-    norm_backward(m.g.final_norm, m.x_final, m.w.final_norm, m.rstd_final);
+    float* head_din = norms ? m.dh : m.dres;
+    const float* head_in = normed(m.h_final, m.x_final);
+    if (bf16_dlogits())
+      layers::linear_backward_bf16(ctx, head_din, m.g.lm_head, dlogits16(), head_in, m.w.lm_head, n,
+                                   d, v, *ws, kAssign);
+    else
+      layers::linear_backward(ctx, head_din, m.g.lm_head, m.dlogits, head_in, m.w.lm_head, n, d, v,
+                              mp, ws, kAssign);
+    // Bf16 with norms: each RMSNorm backward (the final one's included) leaves dres's bf16
+    // copy in dres16 for the next backward GEMM.
+    std::uint16_t* const dres16 = bf16 && norms ? m.dres16 : nullptr;
+    if (norms)
+      norm_backward(m.g.final_norm, m.x_final, m.w.final_norm, m.rstd_final, kAssign, dres16);
+    // Bf16: the MLP's and the QKV GEMM's output gradients exist only in bf16 (their producers,
+    // swiglu_backward and the fused RoPE backward, write nothing else).
+    float* const dgu = bf16 ? nullptr : m.dgu;
+    float* const dact = bf16 ? nullptr : m.dact;
     for (std::size_t li = m.layer_acts.size(); li-- > 0;) {
       const LayerActs& a = m.layer_acts[li];
       const LayerParams& w = m.w.layers[li];
       const LayerParams& g = m.g.layers[li];
-      // MLP block: dres holds dL/d(x_out).
-      layers::linear_backward(ctx, m.dact, g.w_down, m.dres, a.act, w.w_down, n, f, d, mp, ws,
-                              kAssign);
-      layers::swiglu_backward(ctx, m.dgu, m.dact, a.gu, n, f, kAssign);
-      layers::linear_backward(ctx, m.dh, g.w_gate_up, m.dgu, normed(a.h2, a.x_mid), w.w_gate_up, n,
-                              d, 2 * f, mp, ws, kAssign);
-      norm_backward(g.mlp_norm, a.x_mid, w.mlp_norm, a.rstd2);
+      // MLP block: dres holds dL/d(x_out). Bf16: the down-projection's din (dact) is written
+      // in bf16 and SwiGLU's backward reads it.
+      layers::linear_backward(ctx, dact, g.w_down, m.dres, a.act, w.w_down, n, f, d, mp, ws,
+                              kAssign, dres16, a.act16, m.dact16);
+      layers::swiglu_backward(ctx, dgu, dact, a.gu, n, f, kAssign, m.dgu16, a.gu16, m.dact16);
+      layers::linear_backward(ctx, m.dh, g.w_gate_up, dgu, normed(a.h2, a.x_mid), w.w_gate_up, n,
+                              d, 2 * f, mp, ws, kAssign, m.dgu16, a.h2_16);
+      norm_backward(g.mlp_norm, a.x_mid, w.mlp_norm, a.rstd2, kAdd, dres16);
       // Attention block: dres now holds dL/d(x_mid).
-      layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws, kAssign);
+      layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws, kAssign,
+                              dres16, a.att16);
       if (flash)
         layers::flash_attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.att, a.attn_keep,
                                          a.qkv, batch, seq, h, hd, kvh, kAssign);
       else
         layers::attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.attn_keep, a.qkv, batch,
                                    seq, h, hd, kvh, attn_mp, kAssign);
-      layers::rope_backward(ctx, m.dqkv, m.rope, batch, seq, h, hd, qkv);
-      layers::rope_backward(ctx, m.dqkv + d, m.rope, batch, seq, kvh, hd, qkv);
-      layers::linear_backward(ctx, m.dh, g.wqkv, m.dqkv, normed(a.h1, a.x_in), w.wqkv, n, d, qkv,
-                              mp, ws, kAssign);
-      norm_backward(g.attn_norm, a.x_in, w.attn_norm, a.rstd1);
+      if (bf16) {
+        // One pass: RoPE's backward of the query and key heads, the values copied, into the
+        // bf16 operand of the QKV GEMM's backward (dqkv's only reader).
+        layers::rope_backward_qkv_bf16(ctx, m.dqkv16, m.dqkv, m.rope, batch, seq, h, kvh, hd, qkv);
+      } else {
+        layers::rope_backward(ctx, m.dqkv, m.rope, batch, seq, h, hd, qkv);
+        layers::rope_backward(ctx, m.dqkv + d, m.rope, batch, seq, kvh, hd, qkv);
+      }
+      layers::linear_backward(ctx, m.dh, g.wqkv, bf16 ? nullptr : m.dqkv, normed(a.h1, a.x_in),
+                              w.wqkv, n, d, qkv, mp, ws, kAssign, m.dqkv16, a.h1_16);
+      norm_backward(g.attn_norm, a.x_in, w.attn_norm, a.rstd1, kAdd, dres16);
     }
     layers::embedding_backward(ctx, m.g.tok_embedding, m.dres, m.tokens.data(), n, d);
   }
@@ -427,9 +529,12 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     layers::cross_entropy(ctx_, *m.loss, m.lse, nullptr, m.logits, m.targets.data(), n, v, 1.0);
     return;
   }
-  fill_zero(ctx_, m.dlogits, n * v);
-  layers::cross_entropy(ctx_, *m.loss, m.lse, m.dlogits, m.logits, m.targets.data(), n, v,
-                        loss_scale);
+  if (pass.bf16_dlogits())
+    layers::cross_entropy_bf16(ctx_, *m.loss, m.lse, pass.dlogits16(), m.logits, m.targets.data(),
+                               n, v, loss_scale);
+  else
+    layers::cross_entropy(ctx_, *m.loss, m.lse, m.dlogits, m.logits, m.targets.data(), n, v,
+                          loss_scale, layers::GradWrite::Assign);
   pass.backward();
 }
 
@@ -464,10 +569,14 @@ void CudaLlama::weighted_backward(std::span<const double> weights, double loss_s
     m.row_scale = DeviceBuffer(static_cast<std::size_t>(n));
   m.row_scale.upload(m.row_scale_host.data(), m.row_scale_host.size());
   m.backward_pending = false;
-  fill_zero(ctx_, m.dlogits, n * v);
-  layers::weighted_cross_entropy_backward(ctx_, m.dlogits, m.logits, m.lse, m.targets.data(),
-                                          m.row_scale.data(), n, v);
-  Pass(ctx_, m, config_, options_).backward();
+  Pass pass(ctx_, m, config_, options_);
+  if (pass.bf16_dlogits())
+    layers::weighted_cross_entropy_backward_bf16(ctx_, pass.dlogits16(), m.logits, m.lse,
+                                                 m.targets.data(), m.row_scale.data(), n, v);
+  else
+    layers::weighted_cross_entropy_backward(ctx_, m.dlogits, m.logits, m.lse, m.targets.data(),
+                                            m.row_scale.data(), n, v);
+  pass.backward();
 }
 
 CudaLlama::Loss CudaLlama::read_loss() {
@@ -497,6 +606,7 @@ std::size_t CudaLlama::device_bytes() const {
       (m.params.size() + m.grads.size() + m.acts.size() + m.grad_acts.size()) * sizeof(float);
   if (m.bf16) bytes += m.bf16->size() * 2;
   if (m.bf16_params) bytes += m.bf16_params->size() * 2;
+  if (m.acts16) bytes += m.acts16->size() * 2;
   return bytes;
 }
 

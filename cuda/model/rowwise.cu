@@ -2,6 +2,8 @@
 // the int32 device buffer for token ids. Each kernel is the CPU loop of src/model/layers.cpp
 // with the same expression order (nvcc may still contract a * b + c into an FMA, so results
 // differ from the CPU by rounding; the tests bound it).
+#include <cuda_bf16.h>
+
 #include <algorithm>
 #include <utility>
 
@@ -130,9 +132,10 @@ __global__ void embedding_backward_kernel(float* dtable, const float* dout,
   }
 }
 
-// One block per row: rstd = 1 / sqrt(mean(x^2) + eps), out = w * (x * rstd).
-__global__ void rmsnorm_forward_kernel(float* out, float* rstd, const float* x, const float* weight,
-                                       i64 c, float eps) {
+// One block per row: rstd = 1 / sqrt(mean(x^2) + eps), out = w * (x * rstd); out16 (when not
+// null) the same value rounded to bf16, out (when not null) in fp32.
+__global__ void rmsnorm_forward_kernel(float* out, __nv_bfloat16* out16, float* rstd,
+                                       const float* x, const float* weight, i64 c, float eps) {
   const i64 row = blockIdx.x;
   const float* xi = x + row * c;
   float ss = 0.0f;
@@ -140,15 +143,18 @@ __global__ void rmsnorm_forward_kernel(float* out, float* rstd, const float* x, 
   ss = block_sum(ss);
   const float r = 1.0f / sqrtf(ss / static_cast<float>(c) + eps);  // IEEE sqrt and divide
   if (threadIdx.x == 0) rstd[row] = r;
-  float* oi = out + row * c;
-  for (i64 j = threadIdx.x; j < c; j += blockDim.x) oi[j] = weight[j] * (xi[j] * r);
+  for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+    const float y = weight[j] * (xi[j] * r);
+    if (out != nullptr) out[row * c + j] = y;
+    if (out16 != nullptr) out16[row * c + j] = __float2bfloat16(y);  // round to nearest even
+  }
 }
 
 // One block per row: dx_j += r w_j dy_j - (r^3 / c) x_j sum_k w_k dy_k x_k (the CPU's
 // derivation: y = w x r, r = (mean(x^2) + eps)^(-1/2), dr/dx_j = -r^3 x_j / c).
-__global__ void rmsnorm_backward_dx_kernel(float* dx, const float* dout, const float* x,
-                                           const float* weight, const float* rstd, i64 c,
-                                           bool assign) {
+__global__ void rmsnorm_backward_dx_kernel(float* dx, __nv_bfloat16* dx16, const float* dout,
+                                           const float* x, const float* weight, const float* rstd,
+                                           i64 c, bool assign) {
   const i64 row = blockIdx.x;
   const float* xi = x + row * c;
   const float* gi = dout + row * c;
@@ -164,6 +170,7 @@ __global__ void rmsnorm_backward_dx_kernel(float* dx, const float* dout, const f
       dxi[j] = g;  // the first writer: dx is neither zeroed before nor read
     else
       dxi[j] += g;
+    if (dx16 != nullptr) dx16[row * c + j] = __float2bfloat16(dxi[j]);  // the final value
   }
 }
 
@@ -224,31 +231,76 @@ __global__ void rope_kernel(float* x, const float* cos_table, const float* sin_t
   }
 }
 
-__global__ void swiglu_forward_kernel(float* out, const float* gu, i64 n, i64 f) {
+// RoPE's backward over whole [q | k | v] rows into bf16: thread per element of a row; the
+// first `rotated` columns (query then key heads) are rotated by -angle with rope_kernel's
+// expressions (sign -1), the rest copied.
+__global__ void rope_backward_qkv_bf16_kernel(__nv_bfloat16* out, const float* dqkv,
+                                              const float* cos_table, const float* sin_table,
+                                              i64 rows, i64 seq, i64 rotated, i64 head_dim,
+                                              i64 half, i64 width) {
+  PION_FOR_EACH(e, rows * width) {
+    const i64 row = e / width, col = e - row * width;
+    float v = dqkv[e];
+    if (col < rotated) {
+      const i64 k = col % head_dim;  // column inside its head
+      const i64 i = k < half ? k : k - half;
+      const i64 pos = row % seq;
+      const float cs = cos_table[pos * half + i];
+      const float s = -1.0f * sin_table[pos * half + i];
+      const float* a = dqkv + e - k;  // the head's first column
+      const float xa = a[i], xb = a[i + half];
+      v = k < half ? xa * cs - xb * s : xb * cs + xa * s;
+    }
+    out[e] = __float2bfloat16(v);
+  }
+}
+
+// gu in fp32, or in bf16 (a bf16 GEMM's output) widened to fp32 on load.
+__device__ inline float load(const float* p, i64 i) {
+  return p[i];
+}
+__device__ inline float load(const __nv_bfloat16* p, i64 i) {
+  return __bfloat162float(p[i]);
+}
+
+template <typename G>
+__global__ void swiglu_forward_kernel(float* out, __nv_bfloat16* out16, const G* gu, i64 n, i64 f) {
   PION_FOR_EACH(e, n * f) {
     const i64 i = e / f, j = e - i * f;
-    const float g = gu[i * 2 * f + j];
-    const float u = gu[i * 2 * f + f + j];
-    out[e] = g / (1.0f + expf(-g)) * u;
+    const float g = load(gu, i * 2 * f + j);
+    const float u = load(gu, i * 2 * f + f + j);
+    const float y = g / (1.0f + expf(-g)) * u;
+    if (out != nullptr) out[e] = y;
+    if (out16 != nullptr) out16[e] = __float2bfloat16(y);
   }
 }
 
 // silu(g) = g s(g), silu'(g) = s(g) (1 + g (1 - s(g))).
-__global__ void swiglu_backward_kernel(float* dgu, const float* dout, const float* gu, i64 n, i64 f,
+// dout in fp32, or (dout16 not null) in bf16: a uniform branch.
+template <typename G>
+__global__ void swiglu_backward_kernel(float* dgu, __nv_bfloat16* dgu16, const float* dout,
+                                       const __nv_bfloat16* dout16, const G* gu, i64 n, i64 f,
                                        bool assign) {
   PION_FOR_EACH(e, n * f) {
     const i64 i = e / f, j = e - i * f;
-    const float g = gu[i * 2 * f + j];
-    const float u = gu[i * 2 * f + f + j];
-    const float go = dout[e];
+    const float g = load(gu, i * 2 * f + j);
+    const float u = load(gu, i * 2 * f + f + j);
+    const float go = dout16 != nullptr ? load(dout16, e) : dout[e];
     const float s = 1.0f / (1.0f + expf(-g));
     const float dg = go * u * s * (1.0f + g * (1.0f - s)), du = go * g * s;
-    if (assign) {  // the first writer: dgu is neither zeroed before nor read
-      dgu[i * 2 * f + j] = dg;
-      dgu[i * 2 * f + f + j] = du;
-    } else {
-      dgu[i * 2 * f + j] += dg;
-      dgu[i * 2 * f + f + j] += du;
+    const i64 ig = i * 2 * f + j, iu = ig + f;
+    if (dgu != nullptr) {
+      if (assign) {  // the first writer: dgu is neither zeroed before nor read
+        dgu[ig] = dg;
+        dgu[iu] = du;
+      } else {
+        dgu[ig] += dg;
+        dgu[iu] += du;
+      }
+    }
+    if (dgu16 != nullptr) {  // the final values; dgu is null only with assign
+      dgu16[ig] = __float2bfloat16(dgu != nullptr ? dgu[ig] : dg);
+      dgu16[iu] = __float2bfloat16(dgu != nullptr ? dgu[iu] : du);
     }
   }
 }
@@ -307,11 +359,14 @@ void embedding_backward(Context& ctx, float* dtable, const float* dout, const st
 }
 
 void rmsnorm_forward(Context& ctx, float* out, float* rstd, const float* x, const float* weight,
-                     i64 n, i64 c, double eps) {
+                     i64 n, i64 c, double eps, void* out_bf16) {
   require_positive(n, "rmsnorm_forward", "n");
   require_positive(c, "rmsnorm_forward", "c");
+  require(out != nullptr || out_bf16 != nullptr, "rmsnorm_forward",
+          "needs an output (out or out_bf16)");
   rmsnorm_forward_kernel<<<static_cast<unsigned>(as_int(n, "rmsnorm_forward", "n")), kThreads, 0,
-                           stream_of(ctx)>>>(out, rstd, x, weight, c, static_cast<float>(eps));
+                           stream_of(ctx)>>>(out, static_cast<__nv_bfloat16*>(out_bf16), rstd, x,
+                                             weight, c, static_cast<float>(eps));
   PION_CUDA_CHECK_LAUNCH("rmsnorm_forward_kernel");
 }
 
@@ -323,13 +378,14 @@ std::size_t rmsnorm_backward_scratch_elements(i64 n, i64 c) {
 
 void rmsnorm_backward(Context& ctx, float* dx, float* dweight, float* scratch, const float* dout,
                       const float* x, const float* weight, const float* rstd, i64 n, i64 c,
-                      GradWrite dx_write) {
+                      GradWrite dx_write, void* dx_bf16) {
   require_positive(n, "rmsnorm_backward", "n");
   require_positive(c, "rmsnorm_backward", "c");
   require(scratch != nullptr, "rmsnorm_backward",
           "scratch must hold rmsnorm_backward_scratch_elements(n, c) floats");
   rmsnorm_backward_dx_kernel<<<static_cast<unsigned>(as_int(n, "rmsnorm_backward", "n")), kThreads,
-                               0, stream_of(ctx)>>>(dx, dout, x, weight, rstd, c,
+                               0, stream_of(ctx)>>>(dx, static_cast<__nv_bfloat16*>(dx_bf16), dout,
+                                                    x, weight, rstd, c,
                                                     dx_write == GradWrite::Assign);
   PION_CUDA_CHECK_LAUNCH("rmsnorm_backward_dx_kernel");
   const i64 chunks = rmsnorm_chunks(n);
@@ -366,19 +422,59 @@ void rope_backward(Context& ctx, float* dx, const DeviceRopeTable& table, i64 ba
   rope_apply(ctx, dx, table, batch, seq, n_head, head_dim, row_stride, -1.0f, "rope_backward");
 }
 
-void swiglu_forward(Context& ctx, float* out, const float* gu, i64 n, i64 f) {
+void rope_backward_qkv_bf16(Context& ctx, void* out_bf16, const float* dqkv,
+                            const DeviceRopeTable& table, i64 batch, i64 seq, i64 n_head,
+                            i64 n_kv_head, i64 head_dim, i64 row_width) {
+  const char* who = "rope_backward_qkv_bf16";
+  require_positive(n_kv_head, who, "n_kv_head");
+  // The query and key heads are contiguous from the row's start: one head range.
+  check_rope(table, batch, seq, n_head + n_kv_head, head_dim, row_width, who);
+  require(out_bf16 != nullptr && dqkv != nullptr, who, "needs dqkv and out_bf16");
+  const i64 rows = batch * seq;
+  rope_backward_qkv_bf16_kernel<<<blocks_for(rows * row_width), kThreads, 0, stream_of(ctx)>>>(
+      static_cast<__nv_bfloat16*>(out_bf16), dqkv, table.cos(), table.sin(), rows, seq,
+      (n_head + n_kv_head) * head_dim, head_dim, table.half(), row_width);
+  PION_CUDA_CHECK_LAUNCH("rope_backward_qkv_bf16_kernel");
+}
+
+void swiglu_forward(Context& ctx, float* out, const float* gu, i64 n, i64 f, void* out_bf16,
+                    const void* gu_bf16) {
   require_positive(n, "swiglu_forward", "n");
   require_positive(f, "swiglu_forward", "f");
-  swiglu_forward_kernel<<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(out, gu, n, f);
+  require(out != nullptr || out_bf16 != nullptr, "swiglu_forward",
+          "needs an output (out or out_bf16)");
+  require((gu != nullptr) != (gu_bf16 != nullptr), "swiglu_forward",
+          "needs exactly one of gu and gu_bf16");
+  auto* out16 = static_cast<__nv_bfloat16*>(out_bf16);
+  if (gu_bf16 != nullptr)
+    swiglu_forward_kernel<__nv_bfloat16><<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(
+        out, out16, static_cast<const __nv_bfloat16*>(gu_bf16), n, f);
+  else
+    swiglu_forward_kernel<float>
+        <<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(out, out16, gu, n, f);
   PION_CUDA_CHECK_LAUNCH("swiglu_forward_kernel");
 }
 
 void swiglu_backward(Context& ctx, float* dgu, const float* dout, const float* gu, i64 n, i64 f,
-                     GradWrite dgu_write) {
+                     GradWrite dgu_write, void* dgu_bf16, const void* gu_bf16,
+                     const void* dout_bf16) {
   require_positive(n, "swiglu_backward", "n");
   require_positive(f, "swiglu_backward", "f");
-  swiglu_backward_kernel<<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(
-      dgu, dout, gu, n, f, dgu_write == GradWrite::Assign);
+  require(dgu != nullptr || (dgu_bf16 != nullptr && dgu_write == GradWrite::Assign),
+          "swiglu_backward", "dgu may be null only with Assign and a dgu_bf16 output");
+  require((gu != nullptr) != (gu_bf16 != nullptr), "swiglu_backward",
+          "needs exactly one of gu and gu_bf16");
+  require((dout != nullptr) != (dout_bf16 != nullptr), "swiglu_backward",
+          "needs exactly one of dout and dout_bf16");
+  auto* dgu16 = static_cast<__nv_bfloat16*>(dgu_bf16);
+  const auto* dout16 = static_cast<const __nv_bfloat16*>(dout_bf16);
+  const bool assign = dgu_write == GradWrite::Assign;
+  if (gu_bf16 != nullptr)
+    swiglu_backward_kernel<__nv_bfloat16><<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(
+        dgu, dgu16, dout, dout16, static_cast<const __nv_bfloat16*>(gu_bf16), n, f, assign);
+  else
+    swiglu_backward_kernel<float><<<blocks_for(n * f), kThreads, 0, stream_of(ctx)>>>(
+        dgu, dgu16, dout, dout16, gu, n, f, assign);
   PION_CUDA_CHECK_LAUNCH("swiglu_backward_kernel");
 }
 

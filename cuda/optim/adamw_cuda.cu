@@ -53,7 +53,8 @@ __device__ inline void adamw_element(float& w, float g, float& m, float& v, cons
 // Grid detail::elementwise_grid. When the matrix's four arrays are 16-byte aligned, each
 // thread moves float4s (one 16-byte load per array per step) and the count % 4 tail goes
 // element by element; otherwise every element is scalar. Each element gets the same
-// arithmetic either way (same bits).
+// arithmetic either way (same bits). The gradient is read times the step's gradient scale
+// (rounded to float, as a clip pass over g would leave it).
 __global__ void adamw_update(float* const* w_ptrs, float* const* g_ptrs, float* const* m_ptrs,
                              float* const* v_ptrs, std::int64_t count, Coefficients k,
                              const StepFactors* f, const StepScalars* scalars) {
@@ -63,24 +64,20 @@ __global__ void adamw_update(float* const* w_ptrs, float* const* g_ptrs, float* 
   float* m = m_ptrs[blockIdx.y];
   float* v = v_ptrs[blockIdx.y];
   const StepFactors s = *f;
-  const std::int64_t first = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
-  const std::int64_t vectors = detail::aligned16(w, grad, m, v) ? count / 4 : 0;
-  for (std::int64_t q = first; q < vectors; q += stride) {
-    float4 w4 = reinterpret_cast<float4*>(w)[q];
-    const float4 g4 = reinterpret_cast<const float4*>(grad)[q];
-    float4 m4 = reinterpret_cast<float4*>(m)[q];
-    float4 v4 = reinterpret_cast<float4*>(v)[q];
-    adamw_element(w4.x, g4.x, m4.x, v4.x, k, s);
-    adamw_element(w4.y, g4.y, m4.y, v4.y, k, s);
-    adamw_element(w4.z, g4.z, m4.z, v4.z, k, s);
-    adamw_element(w4.w, g4.w, m4.w, v4.w, k, s);
-    reinterpret_cast<float4*>(m)[q] = m4;
-    reinterpret_cast<float4*>(v)[q] = v4;
-    reinterpret_cast<float4*>(w)[q] = w4;
-  }
-  for (std::int64_t i = 4 * vectors + first; i < count; i += stride)
-    adamw_element(w[i], grad[i], m[i], v[i], k, s);
+  const float scale = scalars->grad_scale;
+  detail::for_each_lanes(count, detail::aligned16(w, grad, m, v), [&](auto width, std::int64_t i) {
+    constexpr int W = decltype(width)::value;
+    detail::Lanes<float, W> wv = detail::load_lanes<W>(w, i);
+    const detail::Lanes<float, W> gv = detail::load_lanes<W>(grad, i);
+    detail::Lanes<float, W> mv = detail::load_lanes<W>(m, i);
+    detail::Lanes<float, W> vv = detail::load_lanes<W>(v, i);
+#pragma unroll
+    for (int l = 0; l < W; ++l)
+      adamw_element(wv.v[l], __fmul_rn(gv.v[l], scale), mv.v[l], vv.v[l], k, s);
+    detail::store_lanes<W>(m, i, mv);
+    detail::store_lanes<W>(v, i, vv);
+    detail::store_lanes<W>(w, i, wv);
+  });
 }
 
 class CudaAdamW final : public detail::CudaOptimizerBase {

@@ -8,6 +8,26 @@ __global__ void set_lr_kernel(StepScalars* s, double lr) {
   s->lr = lr;
 }
 
+__global__ void set_grad_scale_kernel(StepScalars* s, float scale) {
+  s->grad_scale = scale;
+}
+
+// Grid elementwise_grid. x * scale rounded once, as the trainer's clip pass over the whole
+// gradient buffer (scale_kernel) computes it.
+__global__ void scale_gradients_kernel(void* const* g_ptrs, std::int64_t count,
+                                       const StepScalars* s) {
+  const float scale = s->grad_scale;
+  if (scale == 1.0f) return;
+  float* g = static_cast<float*>(g_ptrs[blockIdx.y]);
+  for_each_lanes(count, aligned16(g), [&](auto width, std::int64_t i) {
+    constexpr int W = decltype(width)::value;
+    Lanes<float, W> v = load_lanes<W>(g, i);
+#pragma unroll
+    for (int l = 0; l < W; ++l) v.v[l] = __fmul_rn(v.v[l], scale);
+    store_lanes<W>(g, i, v);
+  });
+}
+
 __global__ void begin_step_kernel(StepScalars* s) {
   s->bad_grad = 0;
 }
@@ -22,15 +42,13 @@ __global__ void count_step_kernel(StepScalars* s) {
 // Grid elementwise_grid: float4 loads when x is 16-byte aligned, then the count % 4 tail.
 __global__ void flag_non_finite_kernel(void* const* x_ptrs, std::int64_t count, StepScalars* s) {
   const float* x = static_cast<const float*>(x_ptrs[blockIdx.y]);
-  const std::int64_t first = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
-  const std::int64_t vectors = aligned16(x) ? count / 4 : 0;
   int bad = 0;
-  for (std::int64_t q = first; q < vectors; q += stride) {
-    const float4 v = reinterpret_cast<const float4*>(x)[q];
-    bad |= !isfinite(v.x) | !isfinite(v.y) | !isfinite(v.z) | !isfinite(v.w);
-  }
-  for (std::int64_t i = 4 * vectors + first; i < count; i += stride) bad |= !isfinite(x[i]);
+  for_each_lanes(count, aligned16(x), [&](auto width, std::int64_t i) {
+    constexpr int W = decltype(width)::value;
+    const Lanes<float, W> v = load_lanes<W>(x, i);
+#pragma unroll
+    for (int l = 0; l < W; ++l) bad |= !isfinite(v.v[l]);
+  });
   // One atomic per block at most; every thread reaches the barrier (the loop exits at the
   // same count for all).
   if (__syncthreads_or(bad) != 0 && threadIdx.x == 0) atomicOr(&s->bad_grad, 1);
@@ -62,6 +80,18 @@ __global__ void sum_squares_kernel(void* const* x_ptrs, void* const* y_ptrs, std
 void queue_set_lr(cudaStream_t stream, StepScalars* scalars, double lr) {
   set_lr_kernel<<<1, 1, 0, stream>>>(scalars, lr);
   PION_CUDA_CHECK_LAUNCH("set_lr");
+}
+
+void queue_set_grad_scale(cudaStream_t stream, StepScalars* scalars, float scale) {
+  set_grad_scale_kernel<<<1, 1, 0, stream>>>(scalars, scale);
+  PION_CUDA_CHECK_LAUNCH("set_grad_scale");
+}
+
+void queue_scale_gradients(cudaStream_t stream, const DevicePointers& g, std::int64_t count,
+                           std::size_t batch, const StepScalars* scalars) {
+  scale_gradients_kernel<<<elementwise_grid(count, batch), kThreads, 0, stream>>>(g.get(), count,
+                                                                                  scalars);
+  PION_CUDA_CHECK_LAUNCH("scale_gradients");
 }
 
 void queue_begin_step(cudaStream_t stream, StepScalars* scalars) {

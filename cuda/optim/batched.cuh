@@ -38,19 +38,65 @@ inline dim3 batch_grid(std::size_t batch) {
 // embedding gets enough threads to fill a GPU and a 768-element norm weight one block.
 constexpr int kVecWidth = 4;
 constexpr std::int64_t kMaxElementwiseBlocks = 8192;
-inline dim3 elementwise_grid(std::int64_t count, std::size_t batch) {
+// Blocks per matrix of elementwise_grid (0 for count 0: a pass over two arrays of a matrix,
+// one of which may be empty, adds the two).
+inline unsigned elementwise_blocks(std::int64_t count) {
   constexpr std::int64_t per_block = static_cast<std::int64_t>(kThreads) * kVecWidth;
   const std::int64_t blocks = (count + per_block - 1) / per_block;
-  return dim3(static_cast<unsigned>(blocks < 1                       ? 1
-                                    : blocks > kMaxElementwiseBlocks ? kMaxElementwiseBlocks
-                                                                     : blocks),
-              static_cast<unsigned>(batch));
+  return static_cast<unsigned>(blocks > kMaxElementwiseBlocks ? kMaxElementwiseBlocks : blocks);
+}
+inline dim3 elementwise_grid(std::int64_t count, std::size_t batch) {
+  const unsigned blocks = elementwise_blocks(count);
+  return dim3(blocks < 1 ? 1 : blocks, static_cast<unsigned>(batch));
 }
 
 // Whether every pointer is 16-byte aligned: float4 loads and stores are allowed on all.
 template <class... P>
 __device__ inline bool aligned16(const P*... p) {
   return ((reinterpret_cast<std::uintptr_t>(p) % 16 == 0) && ...);
+}
+
+// W consecutive values of T, aligned so that one load or store moves them all (a float4 for
+// W = 4 floats, 8 bytes for 4 bf16s), the way PyTorch's aligned_vector does it.
+template <class T, int W>
+struct alignas(sizeof(T) * W) Lanes {
+  T v[W];
+};
+template <int W, class T>
+__device__ inline Lanes<T, W> load_lanes(const T* p, std::int64_t i) {
+  return *reinterpret_cast<const Lanes<T, W>*>(p + i);
+}
+template <int W, class T>
+__device__ inline void store_lanes(T* p, std::int64_t i, const Lanes<T, W>& x) {
+  *reinterpret_cast<Lanes<T, W>*>(p + i) = x;
+}
+
+// The lane count of one call of an elementwise body (a type, so the body can size arrays
+// and unroll by it).
+template <int W>
+struct Width {
+  static constexpr int value = W;
+};
+
+// The loop of an elementwise pass over count values, shared by the optimizers' kernels so
+// the vector and scalar paths cannot drift apart: body(Width<kVecWidth>{}, i) for every
+// i = 4 q when `vectorised` (the caller checked aligned16 on every array the body touches),
+// then body(Width<1>{}, i) for the count % 4 tail (every i when not vectorised). This thread
+// is thread `block * blockDim.x + threadIdx.x` of `blocks * blockDim.x` (by default the x
+// grid). Which thread takes which value changes nothing for a body that reads and writes
+// only index i..i+W-1 with per-element arithmetic: same bits whatever the grid or path.
+template <class Body>
+__device__ inline void for_each_lanes(std::int64_t count, bool vectorised, std::int64_t block,
+                                      std::int64_t blocks, Body&& body) {
+  const std::int64_t first = block * blockDim.x + threadIdx.x;
+  const std::int64_t stride = blocks * blockDim.x;
+  const std::int64_t vectors = vectorised ? count / kVecWidth : 0;
+  for (std::int64_t q = first; q < vectors; q += stride) body(Width<kVecWidth>{}, kVecWidth * q);
+  for (std::int64_t i = kVecWidth * vectors + first; i < count; i += stride) body(Width<1>{}, i);
+}
+template <class Body>
+__device__ inline void for_each_lanes(std::int64_t count, bool vectorised, Body&& body) {
+  for_each_lanes(count, vectorised, blockIdx.x, gridDim.x, static_cast<Body&&>(body));
 }
 
 // Owns count values of T in device memory (uninitialised). Movable, not copyable.
@@ -140,9 +186,16 @@ struct StepScalars {
   long long steps;    // applied steps (AdamW's bias corrections read it)
   long long skipped;  // steps skipped for non-finite gradients
   int bad_grad;       // this step's gradients hold a NaN or Inf
+  float grad_scale;   // set by set_grad_scale; the step reads every gradient times it
 };
 
 void queue_set_lr(cudaStream_t stream, StepScalars* scalars, double lr);
+void queue_set_grad_scale(cudaStream_t stream, StepScalars* scalars, float scale);
+// g <- g * grad_scale in place over count values of each matrix of the batch, for an
+// optimizer whose GEMMs read the gradients (so the scale cannot be folded into an
+// elementwise pass). Reads no gradient when the scale is 1, the usual unclipped step.
+void queue_scale_gradients(cudaStream_t stream, const DevicePointers& g, std::int64_t count,
+                           std::size_t batch, const StepScalars* scalars);
 // bad_grad <- 0: the start of every step.
 void queue_begin_step(cudaStream_t stream, StepScalars* scalars);
 // bad_grad <- 1 when any of count values of any matrix of the batch is NaN or Inf.

@@ -87,26 +87,28 @@ inline DeviceArray<float> zeroed(std::size_t count) {
 }
 
 // The base of every GPU optimizer, shaped like the CPU's Optimizer (pion/optim/optimizer.h):
-// it owns the device-side StepScalars (learning rate, counters, the non-finite-gradient
-// flag), the parameters' gradients for the finite check, the map from parameter names to
-// where their state lives, and queue_step() itself:
-//   bad_grad <- 0; bad_grad <- 1 when any gradient holds a NaN or Inf; steps += 1 (or
-//   skipped += 1 when bad_grad); then the optimizer's queue_update()
+// it owns the device-side StepScalars (learning rate, gradient scale, counters, the
+// non-finite-gradient flag), the parameters' gradients for the finite check, the map from
+// parameter names to where their state lives, and queue_step() itself:
+//   bad_grad <- 0; bad_grad <- 1 when any gradient holds a NaN or Inf (unless the caller
+//   turned the check off); steps += 1 (or skipped += 1 when bad_grad); then the
+//   optimizer's queue_update(), which reads each gradient times grad_scale
 // as Optimizer::step() checks the gradients, counts the step and calls update_group().
 // A derived class calls set_params() where it checks its parameters and place() for each
 // parameter's state slot, and implements queue_update().
 class CudaOptimizerBase : public CudaOptimizer {
  public:
   explicit CudaOptimizerBase(Context& ctx) : ctx_(ctx), scalars_(1) {
-    const StepScalars zero{0.0, 0, 0, 0};
+    const StepScalars zero{0.0, 0, 0, 0, 1.0f};
     PION_CUDA_CHECK(cudaMemcpy(scalars_.data(), &zero, sizeof(zero), cudaMemcpyHostToDevice));
   }
 
   void queue_step() final {
     check(!gradients_.empty(), who() + ": internal error: set_params was not called");
     queue_begin_step(stream(), scalars());
-    for (const GradientBatch& g : gradients_)
-      queue_flag_non_finite(stream(), g.ptrs, g.count, g.batch, scalars());
+    if (finite_check_)
+      for (const GradientBatch& g : gradients_)
+        queue_flag_non_finite(stream(), g.ptrs, g.count, g.batch, scalars());
     queue_count_step(stream(), scalars());
     queue_update();
   }
@@ -116,6 +118,14 @@ class CudaOptimizerBase : public CudaOptimizer {
       throw Error(who() + ": learning rate must be finite and >= 0, got " + std::to_string(lr));
     queue_set_lr(stream(), scalars(), lr);
   }
+
+  void set_grad_scale(float scale) override {
+    if (!(scale >= 0.0f && scale <= 1.0f))
+      throw Error(who() + ": gradient scale must be in [0, 1], got " + std::to_string(scale));
+    queue_set_grad_scale(stream(), scalars(), scale);
+  }
+
+  void set_finite_check(bool on) override { finite_check_ = on; }
 
   std::int64_t steps() const override { return read_scalars().steps; }
   std::int64_t skipped_steps() const override { return read_scalars().skipped; }
@@ -181,6 +191,7 @@ class CudaOptimizerBase : public CudaOptimizer {
 
   DeviceArray<StepScalars> scalars_;
   std::vector<GradientBatch> gradients_;
+  bool finite_check_ = true;
   std::map<std::string, std::pair<std::size_t, std::size_t>> where_;  // name -> (group, slot)
 };
 

@@ -38,8 +38,10 @@ __device__ inline float lerp(float start, float end, float w, float one_minus_w)
                   : __fsub_rn(end, __fmul_rn(diff, one_minus_w));
 }
 
-// buf <- lerp(buf, g, 1 - beta); x <- nesterov ? lerp(g, buf, beta) : buf. When the step is
-// skipped: buf stays, x <- 0 (so Newton-Schulz sees zeros and stays finite).
+// buf <- lerp(buf, s g, 1 - beta); x <- nesterov ? lerp(s g, buf, beta) : buf, s the step's
+// gradient scale (s g rounded to float, as a clip pass over g would leave it). When the step
+// is skipped: buf stays, x <- 0 (so Newton-Schulz sees zeros and stays finite). Grid
+// detail::elementwise_grid; float4s when the three arrays are 16-byte aligned.
 __global__ void momentum(float* const* buf_ptrs, float* const* grad_ptrs, float* const* x_ptrs,
                          std::int64_t count, float beta, float one_minus_beta, bool nesterov,
                          const StepScalars* scalars) {
@@ -47,16 +49,23 @@ __global__ void momentum(float* const* buf_ptrs, float* const* grad_ptrs, float*
   const float* grad = grad_ptrs[blockIdx.y];
   float* x = x_ptrs[blockIdx.y];
   const bool skip = scalars->bad_grad != 0;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    if (skip) {
-      x[i] = 0.0f;
-      continue;
+  const float scale = scalars->grad_scale;
+  detail::for_each_lanes(count, detail::aligned16(buf, grad, x), [&](auto width, std::int64_t i) {
+    constexpr int W = decltype(width)::value;
+    detail::Lanes<float, W> out{};
+    if (!skip) {
+      detail::Lanes<float, W> b = detail::load_lanes<W>(buf, i);
+      const detail::Lanes<float, W> g = detail::load_lanes<W>(grad, i);
+#pragma unroll
+      for (int l = 0; l < W; ++l) {
+        const float gl = __fmul_rn(g.v[l], scale);
+        b.v[l] = lerp(b.v[l], gl, one_minus_beta, beta);
+        out.v[l] = nesterov ? lerp(gl, b.v[l], beta, one_minus_beta) : b.v[l];
+      }
+      detail::store_lanes<W>(buf, i, b);
     }
-    const float b = lerp(buf[i], grad[i], one_minus_beta, beta);
-    buf[i] = b;
-    x[i] = nesterov ? lerp(grad[i], b, beta, one_minus_beta) : b;
-  }
+    detail::store_lanes<W>(x, i, out);
+  });
 }
 
 // inv[b] = 1 / (||X_b||_F + eps) in double, rounded to float as on the CPU.
@@ -66,20 +75,27 @@ __global__ void inverse_norms(const double* partial, unsigned batch, double eps,
   inv[b] = static_cast<float>(1.0 / (detail::norm_from_partials(partial, b) + eps));
 }
 
-// out_b[i] = x_b[i] * inv[b], rounded to T (float: in place is allowed).
+// out_b[i] = x_b[i] * inv[b], rounded to T (float: in place is allowed). Grid
+// detail::elementwise_grid.
 template <class T>
 __global__ void normalise(float* const* x_ptrs, T* const* out_ptrs, std::int64_t count,
                           const float* inv) {
   const float* x = x_ptrs[blockIdx.y];
   T* out = out_ptrs[blockIdx.y];
   const float s = inv[blockIdx.y];
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    out[i] = from_float<T>(__fmul_rn(x[i], s));
+  detail::for_each_lanes(count, detail::aligned16(x, out), [&](auto width, std::int64_t i) {
+    constexpr int W = decltype(width)::value;
+    const detail::Lanes<float, W> xv = detail::load_lanes<W>(x, i);
+    detail::Lanes<T, W> o;
+#pragma unroll
+    for (int l = 0; l < W; ++l) o.v[l] = from_float<T>(__fmul_rn(xv.v[l], s));
+    detail::store_lanes<W>(out, i, o);
+  });
 }
 
 // W <- W - (lr wd W + lr shape_scale X), with lr wd and lr shape_scale formed in double and
 // rounded (muon.cpp). Nothing when the step is skipped (no decay either, as on the CPU).
+// Grid detail::elementwise_grid.
 template <class T>
 __global__ void apply_update(float* const* w_ptrs, T* const* x_ptrs, std::int64_t count,
                              double weight_decay, double shape_scale, const StepScalars* scalars) {
@@ -88,9 +104,16 @@ __global__ void apply_update(float* const* w_ptrs, T* const* x_ptrs, std::int64_
   const T* x = x_ptrs[blockIdx.y];
   const auto decay_rate = static_cast<float>(scalars->lr * weight_decay);
   const auto step = static_cast<float>(scalars->lr * shape_scale);
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    w[i] = __fsub_rn(w[i], __fadd_rn(__fmul_rn(decay_rate, w[i]), __fmul_rn(step, to_float(x[i]))));
+  detail::for_each_lanes(count, detail::aligned16(w, x), [&](auto width, std::int64_t i) {
+    constexpr int W = decltype(width)::value;
+    detail::Lanes<float, W> wv = detail::load_lanes<W>(w, i);
+    const detail::Lanes<T, W> xv = detail::load_lanes<W>(x, i);
+#pragma unroll
+    for (int l = 0; l < W; ++l)
+      wv.v[l] = __fsub_rn(
+          wv.v[l], __fadd_rn(__fmul_rn(decay_rate, wv.v[l]), __fmul_rn(step, to_float(xv.v[l]))));
+    detail::store_lanes<W>(w, i, wv);
+  });
 }
 
 class CudaMuon final : public detail::CudaOptimizerBase {
@@ -199,7 +222,7 @@ class CudaMuon final : public detail::CudaOptimizerBase {
     const auto rows = static_cast<std::int64_t>(g.rows), cols = static_cast<std::int64_t>(g.cols);
     const std::int64_t n = rows * cols, r = std::min(rows, cols);
     const std::size_t B = g.batch;
-    const dim3 grid = detail::batch_grid(B);
+    const dim3 grid = detail::elementwise_grid(n, B);
     const std::size_t elem = bf16_ ? sizeof(bf16) : sizeof(float);
 
     // X = nesterov(momentum(g)); X <- X / (||X||_F + eps) (into bf16 in that mode).

@@ -1,8 +1,9 @@
 // Pion on the GPU, taylor2 retraction: the math of src/optim/pion.cpp (definitions in
 // src/optim/pion_math.h) with every matrix of one shape updated by batched cuBLAS calls.
-// Per shape group and step: 7 batched GEMMs and 6 other launches (finite check, moment
-// pass, norm partials, step scales, direction scaling, two elementwise adds: the moment
-// pass covers both sides' generators, skew parts, moments and directions in one kernel per
+// Per shape group and step: 7 batched GEMMs and 7 other launches (finite check, unless the
+// caller turned it off; the gradient scale, which returns at once when it is 1; moment pass,
+// norm partials, step scales, direction scaling, two elementwise adds: the moment pass
+// covers both sides' generators, skew parts, moments and directions in one kernel per
 // side). alpha and s = lr * alpha stay on the device.
 //
 // The variants (issue 11, pion.cpp; their kernels are in pion_variants.cu): update_side
@@ -128,44 +129,64 @@ __global__ void step_scales(const double* partial, unsigned batch, double c_sqrt
                                   (c_sqrt_mn / (detail::norm_from_partials(partial, b) + eps)));
 }
 
-// A_in <- s A_in and A_out <- s A_out for every matrix b: blocks [0, kBlocksPerMatrix) of
-// the x grid take A_in, the next kBlocksPerMatrix take A_out.
+// A_in <- s A_in and A_out <- s A_out for every matrix b: the first in_blocks blocks of the
+// x grid take A_in, the rest A_out (each side sized by its count, as elementwise_grid).
 __global__ void scale_directions(float* const* a_in_ptrs, std::int64_t nn, float* const* a_out_ptrs,
-                                 std::int64_t mm, const float* s) {
-  const bool in = blockIdx.x < kBlocksPerMatrix;
+                                 std::int64_t mm, unsigned in_blocks, const float* s) {
+  const bool in = blockIdx.x < in_blocks;
   float* a = in ? a_in_ptrs[blockIdx.y] : a_out_ptrs[blockIdx.y];
   const std::int64_t count = in ? nn : mm;
-  const std::int64_t block = in ? blockIdx.x : blockIdx.x - kBlocksPerMatrix;
+  const std::int64_t block = in ? blockIdx.x : blockIdx.x - in_blocks;
+  const std::int64_t blocks = in ? in_blocks : gridDim.x - in_blocks;
   const float sb = s[blockIdx.y];
-  for (std::int64_t i = block * blockDim.x + threadIdx.x; i < count;
-       i += static_cast<std::int64_t>(kBlocksPerMatrix) * blockDim.x)
-    a[i] = __fmul_rn(a[i], sb);
+  detail::for_each_lanes(count, detail::aligned16(a), block, blocks,
+                         [&](auto width, std::int64_t i) {
+                           constexpr int W = decltype(width)::value;
+                           detail::Lanes<float, W> v = detail::load_lanes<W>(a, i);
+#pragma unroll
+                           for (int l = 0; l < W; ++l) v.v[l] = __fmul_rn(v.v[l], sb);
+                           detail::store_lanes<W>(a, i, v);
+                         });
 }
 
 // a_b <- s_b a_b; out_b <- w_b + a_b (the CPU's add_scaled(w, a, s, out), same rounding).
+// out may be w. Grid detail::elementwise_grid.
 __global__ void scale_then_add(float* const* w_ptrs, float* const* a_ptrs, float* const* out_ptrs,
                                std::int64_t count, const float* s) {
   const float* w = w_ptrs[blockIdx.y];
   float* a = a_ptrs[blockIdx.y];
   float* out = out_ptrs[blockIdx.y];
   const float sb = s[blockIdx.y];
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const float scaled = __fmul_rn(a[i], sb);
-    a[i] = scaled;
-    out[i] = __fadd_rn(w[i], scaled);
-  }
+  detail::for_each_lanes(count, detail::aligned16(w, a, out), [&](auto width, std::int64_t i) {
+    constexpr int W = decltype(width)::value;
+    const detail::Lanes<float, W> wv = detail::load_lanes<W>(w, i);
+    detail::Lanes<float, W> av = detail::load_lanes<W>(a, i);
+    detail::Lanes<float, W> o;
+#pragma unroll
+    for (int l = 0; l < W; ++l) {
+      av.v[l] = __fmul_rn(av.v[l], sb);
+      o.v[l] = __fadd_rn(wv.v[l], av.v[l]);
+    }
+    detail::store_lanes<W>(a, i, av);
+    detail::store_lanes<W>(out, i, o);
+  });
 }
 
-// out_b = x_b + y_b.
+// out_b = x_b + y_b. Grid detail::elementwise_grid.
 __global__ void add(float* const* x_ptrs, float* const* y_ptrs, float* const* out_ptrs,
                     std::int64_t count) {
   const float* x = x_ptrs[blockIdx.y];
   const float* y = y_ptrs[blockIdx.y];
   float* out = out_ptrs[blockIdx.y];
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    out[i] = __fadd_rn(x[i], y[i]);
+  detail::for_each_lanes(count, detail::aligned16(x, y, out), [&](auto width, std::int64_t i) {
+    constexpr int W = decltype(width)::value;
+    const detail::Lanes<float, W> xv = detail::load_lanes<W>(x, i);
+    const detail::Lanes<float, W> yv = detail::load_lanes<W>(y, i);
+    detail::Lanes<float, W> o;
+#pragma unroll
+    for (int l = 0; l < W; ++l) o.v[l] = __fadd_rn(xv.v[l], yv.v[l]);
+    detail::store_lanes<W>(out, i, o);
+  });
 }
 
 // Muon's eps on buf / (||buf||_F + eps) before the msign normalizer's Newton-Schulz (pion.cpp).
@@ -377,6 +398,9 @@ class CudaPion final : public detail::CudaOptimizerBase {
         detail::queue_skew_in_place(st, Aout, m, B, scalars(), out_parity);
       }
     } else {
+      // The GEMMs below read g, so the step's gradient scale (the clip) cannot ride on an
+      // elementwise pass: g <- scale g in place first, a no-op unless scale != 1.
+      detail::queue_scale_gradients(st, G, m * n, B, scalars());
       // Generators through one GEMM each (pion.cpp): X_in = W^T g is (n x m)(m x n) = n x n,
       // k = m; X_out = g W^T is (m x n)(n x m) = m x m, k = n. Row strides: W, g: n.
       if (has_in_)
@@ -428,8 +452,11 @@ class CudaPion final : public detail::CudaOptimizerBase {
     PION_CUDA_CHECK_LAUNCH("pion step scales");
     // A <- s A on the rotating sides, so E2(sA) = I + (sA) + (sA)^2/2 needs only constant
     // GEMM scalars (an idle side's scratch is left alone: count 0).
-    scale_directions<<<dim3(2 * kBlocksPerMatrix, static_cast<unsigned>(B)), kThreads, 0, st>>>(
-        Ain.as<float>(), has_in_ ? n * n : 0, Aout.as<float>(), has_out_ ? m * m : 0, g.s.data());
+    const std::int64_t nn = has_in_ ? n * n : 0, mm = has_out_ ? m * m : 0;
+    const unsigned in_blocks = detail::elementwise_blocks(nn);
+    scale_directions<<<dim3(in_blocks + detail::elementwise_blocks(mm), static_cast<unsigned>(B)),
+                       kThreads, 0, st>>>(Ain.as<float>(), nn, Aout.as<float>(), mm, in_blocks,
+                                          g.s.data());
     PION_CUDA_CHECK_LAUNCH("pion scale directions");
   }
 
@@ -454,7 +481,7 @@ class CudaPion final : public detail::CudaOptimizerBase {
     const GemmTypes& types = types_;
     const auto m = static_cast<std::int64_t>(g.m), n = static_cast<std::int64_t>(g.n);
     const std::size_t B = g.batch;
-    const dim3 grid = detail::batch_grid(B);
+    const dim3 grid = detail::elementwise_grid(m * n, B);
     const DevicePointers &Ain = g.a_in_ptrs, &Aout = g.a_out_ptrs, &P = g.p_ptrs, &Q = g.q_ptrs;
     // A means sA here. Every product below is m x n with row stride n; A_out has row stride
     // m and k = m, A_in row stride n and k = n.
@@ -495,8 +522,8 @@ class CudaPion final : public detail::CudaOptimizerBase {
     const auto m = static_cast<std::int64_t>(g.m), n = static_cast<std::int64_t>(g.n);
     const std::size_t B = g.batch;
     const DevicePointers& X = has_out_ ? g.p_ptrs : g.q_ptrs;
-    scale_then_add<<<detail::batch_grid(B), kThreads, 0, st>>>(W.as<float>(), X.as<float>(),
-                                                               W.as<float>(), m * n, s);
+    scale_then_add<<<detail::elementwise_grid(m * n, B), kThreads, 0, st>>>(
+        W.as<float>(), X.as<float>(), W.as<float>(), m * n, s);
     PION_CUDA_CHECK_LAUNCH("pion one side: W + sX");
     if (has_out_)
       detail::gemm_group(h, types_, false, false, m, n, m, 0.5f, g.a_out_ptrs, m, X, n, 1.0f, W, n,

@@ -14,6 +14,8 @@ __device__ inline bool idle(const StepScalars* scalars, int parity) {
   return scalars->bad_grad != 0 || (parity >= 0 && static_cast<int>(scalars->steps & 1) != parity);
 }
 
+// Grid elementwise_grid; float4s when the four arrays are 16-byte aligned. g is read times
+// the step's gradient scale (rounded to float, as a clip pass over g would leave it).
 __global__ void ambient_moments(float* const* g_ptrs, float* const* m_ptrs, float* const* v_ptrs,
                                 float* const* e_ptrs, std::int64_t count, AdamCoefficients k,
                                 const StepScalars* scalars) {
@@ -22,19 +24,28 @@ __global__ void ambient_moments(float* const* g_ptrs, float* const* m_ptrs, floa
   float* v = v_ptrs[blockIdx.y];
   float* e = e_ptrs[blockIdx.y];
   const bool skip = scalars->bad_grad != 0;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    if (skip) {
-      e[i] = 0.0f;
-      continue;
+  const float scale = scalars->grad_scale;
+  for_each_lanes(count, aligned16(g, m, v, e), [&](auto width, std::int64_t i) {
+    constexpr int W = decltype(width)::value;
+    Lanes<float, W> ev{};
+    if (!skip) {
+      const Lanes<float, W> gv = load_lanes<W>(g, i);
+      Lanes<float, W> mv = load_lanes<W>(m, i);
+      Lanes<float, W> vv = load_lanes<W>(v, i);
+#pragma unroll
+      for (int l = 0; l < W; ++l) {
+        const float gi = __fmul_rn(gv.v[l], scale);
+        const float mi = __fadd_rn(__fmul_rn(k.b1, mv.v[l]), __fmul_rn(k.c1, gi));
+        const float vi = __fadd_rn(__fmul_rn(k.b2, vv.v[l]), __fmul_rn(__fmul_rn(k.c2, gi), gi));
+        mv.v[l] = mi;
+        vv.v[l] = vi;
+        ev.v[l] = __fdiv_rn(-mi, __fadd_rn(__fsqrt_rn(vi), k.eps));
+      }
+      store_lanes<W>(m, i, mv);
+      store_lanes<W>(v, i, vv);
     }
-    const float gi = g[i];
-    const float mi = __fadd_rn(__fmul_rn(k.b1, m[i]), __fmul_rn(k.c1, gi));
-    const float vi = __fadd_rn(__fmul_rn(k.b2, v[i]), __fmul_rn(__fmul_rn(k.c2, gi), gi));
-    m[i] = mi;
-    v[i] = vi;
-    e[i] = __fdiv_rn(-mi, __fadd_rn(__fsqrt_rn(vi), k.eps));
-  }
+    store_lanes<W>(e, i, ev);
+  });
 }
 
 // One thread per element (i, j) with i <= j writes both (i, j) and (j, i): no two threads
@@ -89,27 +100,34 @@ __global__ void inverse_norms(const double* partial, unsigned batch, double eps,
   inv[b] = static_cast<float>(1.0 / (norm_from_partials(partial, b) + eps));
 }
 
+// Grid elementwise_grid.
 __global__ void scale_into(float* const* x_ptrs, float* const* out_ptrs, std::int64_t count,
                            const float* inv) {
   const float* x = x_ptrs[blockIdx.y];
   float* out = out_ptrs[blockIdx.y];
   const float s = inv[blockIdx.y];
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    out[i] = __fmul_rn(x[i], s);
+  for_each_lanes(count, aligned16(x, out), [&](auto width, std::int64_t i) {
+    constexpr int W = decltype(width)::value;
+    Lanes<float, W> v = load_lanes<W>(x, i);
+#pragma unroll
+    for (int l = 0; l < W; ++l) v.v[l] = __fmul_rn(v.v[l], s);
+    store_lanes<W>(out, i, v);
+  });
 }
 
+// Grid elementwise_grid.
 __global__ void copy(float* const* x_ptrs, float* const* out_ptrs, std::int64_t count) {
   const float* x = x_ptrs[blockIdx.y];
   float* out = out_ptrs[blockIdx.y];
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    out[i] = x[i];
+  for_each_lanes(count, aligned16(x, out), [&](auto width, std::int64_t i) {
+    constexpr int W = decltype(width)::value;
+    store_lanes<W>(out, i, load_lanes<W>(x, i));
+  });
 }
 
 void copy_group(cudaStream_t st, const DevicePointers& x, const DevicePointers& out,
                 std::int64_t count, std::size_t batch) {
-  copy<<<batch_grid(batch), kThreads, 0, st>>>(x.as<float>(), out.as<float>(), count);
+  copy<<<elementwise_grid(count, batch), kThreads, 0, st>>>(x.as<float>(), out.as<float>(), count);
   PION_CUDA_CHECK_LAUNCH("pion msign copy");
 }
 
@@ -119,30 +137,31 @@ void queue_ambient_moments(cudaStream_t st, const DevicePointers& g, const Devic
                            const DevicePointers& v, const DevicePointers& e, std::int64_t count,
                            std::size_t batch, const AdamCoefficients& k,
                            const StepScalars* scalars) {
-  ambient_moments<<<batch_grid(batch), kThreads, 0, st>>>(
+  ambient_moments<<<elementwise_grid(count, batch), kThreads, 0, st>>>(
       g.as<float>(), m.as<float>(), v.as<float>(), e.as<float>(), count, k, scalars);
   PION_CUDA_CHECK_LAUNCH("pion ambient moments");
 }
 
 void queue_skew_in_place(cudaStream_t st, const DevicePointers& x, std::int64_t d,
                          std::size_t batch, const StepScalars* scalars, int parity) {
-  skew_in_place<<<batch_grid(batch), kThreads, 0, st>>>(x.as<float>(), d, scalars, parity);
+  skew_in_place<<<elementwise_grid(d * d, batch), kThreads, 0, st>>>(x.as<float>(), d, scalars,
+                                                                     parity);
   PION_CUDA_CHECK_LAUNCH("pion skew in place");
 }
 
 void queue_skew_buffer(cudaStream_t st, const DevicePointers& x, const DevicePointers& buf,
                        std::int64_t d, std::size_t batch, float b, float c,
                        const StepScalars* scalars, int parity) {
-  skew_buffer<<<batch_grid(batch), kThreads, 0, st>>>(x.as<float>(), buf.as<float>(), d, b, c,
-                                                      scalars, parity);
+  skew_buffer<<<elementwise_grid(d * d, batch), kThreads, 0, st>>>(x.as<float>(), buf.as<float>(),
+                                                                   d, b, c, scalars, parity);
   PION_CUDA_CHECK_LAUNCH("pion msign buffer");
 }
 
 void queue_negated_skew_part(cudaStream_t st, const DevicePointers& n, const DevicePointers& a,
                              std::int64_t d, std::size_t batch, const StepScalars* scalars,
                              int parity) {
-  negated_skew_part<<<batch_grid(batch), kThreads, 0, st>>>(n.as<float>(), a.as<float>(), d,
-                                                            scalars, parity);
+  negated_skew_part<<<elementwise_grid(d * d, batch), kThreads, 0, st>>>(
+      n.as<float>(), a.as<float>(), d, scalars, parity);
   PION_CUDA_CHECK_LAUNCH("pion negated skew part");
 }
 
@@ -156,7 +175,8 @@ int queue_newton_schulz_square(cudaStream_t st, cublasHandle_t h, const GemmType
   inverse_norms<<<static_cast<unsigned>((batch + 127) / 128), 128, 0, st>>>(
       partial, static_cast<unsigned>(batch), eps, inv);
   PION_CUDA_CHECK_LAUNCH("pion msign inverse norms");
-  scale_into<<<batch_grid(batch), kThreads, 0, st>>>(buf.as<float>(), x[0].as<float>(), count, inv);
+  scale_into<<<elementwise_grid(count, batch), kThreads, 0, st>>>(buf.as<float>(), x[0].as<float>(),
+                                                                  count, inv);
   PION_CUDA_CHECK_LAUNCH("pion msign normalise");
   // Square: muon_cuda.cu's wide branch. A = X X^T; B = b A + c A A; X' = a X + B X.
   int cur = 0;

@@ -19,7 +19,7 @@ struct AdamCoefficients {
 
 // Ambient momentum, elementwise over count values of each matrix: m <- b1 m + c1 g,
 // v <- b2 v + c2 g g, e <- -m / (sqrt(v) + eps) (pion_math::update_ambient_moments, same
-// rounding). Skipped step: e <- 0, m and v stay.
+// rounding), g read times the step's grad_scale. Skipped step: e <- 0, m and v stay.
 void queue_ambient_moments(cudaStream_t st, const DevicePointers& g, const DevicePointers& m,
                            const DevicePointers& v, const DevicePointers& e, std::int64_t count,
                            std::size_t batch, const AdamCoefficients& k,

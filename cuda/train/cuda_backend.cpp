@@ -196,13 +196,18 @@ class DeviceRun {
 };
 
 // The optimizer step of every group: eager on the first call (CUDA loads kernels lazily, and
-// capture must not), then captured once into a graph and replayed.
+// capture must not), then captured once into a graph and replayed. The learning rate and the
+// gradient scale are written to the device before each step, outside the graph.
 class StepLauncher {
  public:
   StepLauncher(Context& ctx, std::vector<DeviceGroup>& groups) : ctx_(ctx), groups_(groups) {}
 
-  void step(double factor) {
+  void step(double factor, float grad_scale) {
     for (auto& d : groups_) d.device->set_lr(d.base_lr * factor);
+    if (grad_scale != grad_scale_) {  // one launch per group saved on unclipped runs
+      for (auto& d : groups_) d.device->set_grad_scale(grad_scale);
+      grad_scale_ = grad_scale;
+    }
     if (eager_steps_ == 0 || !use_graph_) {
       for (auto& d : groups_) d.device->queue_step();
       ++eager_steps_;
@@ -229,6 +234,7 @@ class StepLauncher {
  private:
   Context& ctx_;
   std::vector<DeviceGroup>& groups_;
+  float grad_scale_ = 1.0f;  // what the optimizers hold (their initial value)
   int eager_steps_ = 0;
   bool captured_ = false;
   bool use_graph_ = true;
@@ -263,6 +269,11 @@ class CudaBackend final : public TrainBackend {
     run_->build_optimizers();
     if (!benchmark_only) run_->capture_sigma0();
     run_->upload_from_mirror();
+    // run_training steps only after a finite grad_norm(), and the norm (squares of floats
+    // summed in double: no overflow, NaN and Inf propagate) is finite exactly when every
+    // gradient is; a clip scale in [0, 1] keeps them finite. So the optimizers' own NaN/Inf
+    // check would read every gradient again to find nothing: off.
+    for (auto& d : run_->groups()) d.device->set_finite_check(false);
     launcher_ = std::make_unique<StepLauncher>(ctx_, run_->groups());
     // Every write to the device weights is an optimizer step (reported in step()) or an
     // upload: the model's bf16 weight copy is refreshed once per step, not per micro-batch.
@@ -281,7 +292,10 @@ class CudaBackend final : public TrainBackend {
     mirror_.set_lr_factor(factor);  // the mirror's groups report the lr (and save it)
   }
   double lr() const override { return mirror_.optimizers().front()->groups().front().lr; }
-  void zero_grad() override { run_->model().zero_grad(); }
+  void zero_grad() override {
+    grad_scale_ = 1.0f;
+    run_->model().zero_grad();
+  }
 
   double forward_backward(const MicroBatch& batch, double weight, bool /*last*/) override {
     CudaLlama& model = run_->model();
@@ -308,19 +322,38 @@ class CudaBackend final : public TrainBackend {
 
   void finish_grads() override {}  // one process: nothing to reduce
   // Synchronises: the backward pass is done when it returns.
-  double grad_norm() override { return run_->model().grad_norm(); }
-  void scale_grads(float factor) override { run_->model().scale_grads(factor); }
+  double grad_norm() override {
+    apply_grad_scale();
+    return run_->model().grad_norm();
+  }
+  // The clip: the optimizers read each gradient times the factor (set_grad_scale), the same
+  // bits as scaling the gradients first, without the pass over them. The factor must be in
+  // [0, 1] (run_training's clip / norm is below 1, and may round to 0 in float): that keeps
+  // finite gradients finite,
+  // which turning the optimizers' check off relies on. A second factor before the step
+  // pushes the first into the gradients through the model's pass.
+  void scale_grads(float factor) override {
+    check(
+        factor >= 0.0f && factor <= 1.0f,
+        "--device cuda: scale_grads takes a clip factor in [0, 1], got " + std::to_string(factor));
+    apply_grad_scale();
+    grad_scale_ = factor;
+  }
 
   bool step() override {
     const auto t0 = Clock::now();
-    launcher_->step(factor_);
+    launcher_->step(factor_, grad_scale_);
+    grad_scale_ = 1.0f;
     run_->model().weights_changed();
     ctx_.synchronize();
     optimizer_seconds_ += std::chrono::duration<double>(Clock::now() - t0).count();
     return true;
   }
 
-  void skip_step() override { ++skipped_; }  // weights and optimizer state untouched
+  void skip_step() override {  // weights and optimizer state untouched
+    grad_scale_ = 1.0f;
+    ++skipped_;
+  }
   std::int64_t skipped_steps() const override { return skipped_; }
 
   double evaluate(const Evaluator& evaluator) override {
@@ -402,6 +435,12 @@ class CudaBackend final : public TrainBackend {
   }
 
  private:
+  // A scale_grads factor not yet handed to the optimizers, into the gradients themselves.
+  void apply_grad_scale() {
+    if (grad_scale_ != 1.0f) run_->model().scale_grads(grad_scale_);
+    grad_scale_ = 1.0f;
+  }
+
   // Drift at evals costs an fp64 SVD of every Pion matrix on the host; above this many Pion
   // parameters it is left to the end of the run.
   static constexpr std::int64_t kDriftAtEvalMaxParams = 20'000'000;
@@ -414,6 +453,7 @@ class CudaBackend final : public TrainBackend {
   std::unique_ptr<DeviceRun> run_;
   std::unique_ptr<StepLauncher> launcher_;
   double factor_ = 1.0;
+  float grad_scale_ = 1.0f;  // scale_grads' factor for the next step (1: none)
   std::int64_t skipped_ = 0;
   bool drift_at_evals_ = false;
   double optimizer_seconds_ = 0.0;

@@ -39,8 +39,12 @@ std::size_t flash_attention_scratch_elements(i64 batch, i64 seq, i64 n_head);
 // h / (n_head / n_kv_head) (grouped-query attention; n_kv_head must divide n_head, and
 // n_kv_head 0 or n_head is multi-head attention); lse [batch, n_head, seq] = per-row
 // logsumexp of those scaled, masked scores (kept for backward).
+// out_bf16 (optional, __nv_bfloat16 device memory like out's shape): out rounded to bf16 (nearest
+// even) as well, for a bf16 GEMM reading the attention output (layers.h); out is still
+// written (the backward reads it).
 void flash_attention_forward(Context& ctx, float* out, float* lse, const float* qkv, i64 batch,
-                             i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head = 0);
+                             i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head = 0,
+                             void* out_bf16 = nullptr);
 
 // dqkv [batch, seq, d + 2 kv] += the gradient of the loss with respect to qkv, given dout (its
 // gradient with respect to out) and the forward's out and lse; a K/V head's gradient is the

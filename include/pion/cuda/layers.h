@@ -5,7 +5,8 @@
 // - Linear weights are [d_out, d_in] (out = in W^T).
 // - Forward functions write their outputs; backward functions ADD into every gradient they
 //   produce, so callers zero gradient buffers first, except where a GradWrite argument lets
-//   the first writer of a buffer assign it instead. Exception: rope_* work in place.
+//   the first writer of a buffer assign it instead (cross_entropy_bf16 always assigns).
+//   Exception: rope_* work in place.
 // Every function queues kernels / cuBLAS calls on the Context's stream and returns: no host
 // synchronisation, no allocation, no device-to-host copy, so a training step built from them
 // can be captured into a CUDA graph. Argument checks (shapes, int ranges) throw pion::Error
@@ -72,7 +73,21 @@ using i64 = std::int64_t;
 //       caller-owned Bf16Workspace, multiplied on the tensor cores with fp32 accumulation
 //       (CUBLAS_COMPUTE_32F); outputs and gradients stay fp32 (~1e-2 relative). A weight
 //       inside the workspace's mirror (Bf16Workspace::set_weight_mirror) is read from the
-//       mirror's bf16 copy instead of being converted again on every call.
+//       mirror's bf16 copy instead of being converted again on every call, and a dout
+//       already in bf16 (cross_entropy_bf16's dlogits) is read as it is (linear_backward's
+//       dout_bf16, or linear_backward_bf16).
+//       bf16 activations: the kernels that produce a GEMM operand can also write its bf16
+//       copy (the `*_bf16` outputs below: RMSNorm's output, SwiGLU's output and its
+//       gradient, RMSNorm's dx, RoPE's backward over a whole [q | k | v] row), and the linear
+//       layers take such a copy (`in_bf16`, `dout_bf16`) instead of converting the fp32
+//       operand. Every one is the fp32 value its kernel computes, rounded to nearest even:
+//       bit for bit what the linear layer's own conversion would give. A bf16 GEMM can also
+//       write its output in bf16 (linear_forward's out_bf16, linear_backward's din_bf16) for a
+//       kernel that reads it so (SwiGLU's gu_bf16 and dout_bf16): the GEMM's fp32
+//       accumulators rounded once.
+// A bf16 buffer is `void*` here (no CUDA types): __nv_bfloat16 device memory, e.g. a
+// Bf16Workspace's data() or a slice of it (the tensor-core GEMMs want 16-byte aligned
+// operands; 64-element, 128-byte aligned slices are what the workspace itself uses).
 using cuda::MatmulPrecision;
 
 // How a backward function writes a gradient it produces: Add (+=, the default: callers zero
@@ -117,6 +132,9 @@ std::size_t linear_bf16_workspace_elements(i64 n, i64 d_in, i64 d_out,
 // out[i] = in[i] rounded to bf16 (nearest even), count values; out is __nv_bfloat16 device
 // memory (a Bf16Workspace's data(), say). The conversion the Bf16 linear layers apply.
 void convert_to_bf16(Context& ctx, void* out, const float* in, i64 count);
+// out[i] = in[i] widened to fp32 (exact), count values of __nv_bfloat16 device memory: how a
+// caller reads a bf16 buffer back (tests).
+void convert_from_bf16(Context& ctx, float* out, const void* in, i64 count);
 
 // ---- token embedding: out[i] = table[tokens[i]] (table [V, c], out [n, c]) ----------------
 void embedding_forward(Context& ctx, float* out, const std::int32_t* tokens, const float* table,
@@ -129,31 +147,60 @@ void embedding_backward(Context& ctx, float* dtable, const float* dout, const st
                         i64 n, i64 c);
 
 // ---- RMSNorm: out = weight * x / sqrt(mean(x^2) + eps), per row of c; rstd [n] is kept ------
-// One block per row, fp32 sums in a fixed tree order.
+// One block per row, fp32 sums in a fixed tree order. out_bf16 (optional): the output rounded
+// to bf16 as well, [n, c]; out may then be nullptr (a GEMM reading only the bf16 copy).
 void rmsnorm_forward(Context& ctx, float* out, float* rstd, const float* x, const float* weight,
-                     i64 n, i64 c, double eps);
+                     i64 n, i64 c, double eps, void* out_bf16 = nullptr);
 // dx += ... (dx = ... with dx_write Assign), dweight += sum over rows of dout * x * rstd: a
 // 2-D grid of blocks (32 columns x kRmsNormChunkRows rows each) writes one partial sum per
 // column and row chunk into scratch (rmsnorm_backward_scratch_elements floats, overwritten),
 // then one thread per column adds its chunks' partials in chunk order. Every sum has a fixed
 // order and there are no atomics: the same bits on every run, in any block order.
+// dx_bf16 (optional): the final dx (after the add) rounded to bf16, [n, c]: the residual
+// stream's gradient as the next backward GEMMs read it.
 void rmsnorm_backward(Context& ctx, float* dx, float* dweight, float* scratch, const float* dout,
                       const float* x, const float* weight, const float* rstd, i64 n, i64 c,
-                      GradWrite dx_write = GradWrite::Add);
+                      GradWrite dx_write = GradWrite::Add, void* dx_bf16 = nullptr);
 inline constexpr i64 kRmsNormChunkRows = 64;
 // ceil(n / kRmsNormChunkRows) * c.
 std::size_t rmsnorm_backward_scratch_elements(i64 n, i64 c);
 
 // ---- linear without bias: out [n, d_out] = in [n, d_in] * weight[d_out, d_in]^T -------------
 // workspace is needed (and must hold linear_bf16_workspace_elements) only for Bf16.
+// in_bf16 (Bf16 only, optional): the bf16 copy of in, read instead of converting in (which
+// may then be nullptr); without it, in is converted into the workspace as before.
+// out_bf16 (Bf16 only, optional): the output written in bf16 instead of fp32 (out must then
+// be nullptr): the GEMM's fp32 accumulators rounded once to bf16, for a consumer that reads
+// bf16 (swiglu_* with gu_bf16).
 void linear_forward(Context& ctx, float* out, const float* in, const float* weight, i64 n, i64 d_in,
                     i64 d_out, MatmulPrecision precision = MatmulPrecision::Fp32,
-                    Bf16Workspace* workspace = nullptr);
+                    Bf16Workspace* workspace = nullptr, const void* in_bf16 = nullptr,
+                    void* out_bf16 = nullptr);
 // din += dout W (din may be nullptr; din = dout W with din_write Assign), dweight += dout^T in.
+// dout_bf16, in_bf16 (Bf16 only, optional): bf16 copies of dout and in, read instead of
+// converting them (the fp32 pointer may then be nullptr). din_bf16 (Bf16 and Assign only,
+// din nullptr): din written in bf16 instead (the fp32 accumulators rounded once), for a
+// kernel that reads the gradient in bf16 (swiglu_backward's dout_bf16).
 void linear_backward(Context& ctx, float* din, float* dweight, const float* dout, const float* in,
                      const float* weight, i64 n, i64 d_in, i64 d_out,
                      MatmulPrecision precision = MatmulPrecision::Fp32,
-                     Bf16Workspace* workspace = nullptr, GradWrite din_write = GradWrite::Add);
+                     Bf16Workspace* workspace = nullptr, GradWrite din_write = GradWrite::Add,
+                     const void* dout_bf16 = nullptr, const void* in_bf16 = nullptr,
+                     void* din_bf16 = nullptr);
+
+// linear_backward at Bf16 precision with dout already in bf16 (__nv_bfloat16 [n, d_out]
+// device memory, e.g. cross_entropy_bf16's dlogits; linear_backward with only dout_bf16): the
+// GEMMs read it as it is, so the results are bit for bit linear_backward's with the fp32 dout
+// it was rounded from. The
+// workspace needs linear_bf16_workspace_elements(n, d_in, d_out, mirrored) as for
+// linear_backward, and dout_bf16 may lie in its first linear_bf16_dout_elements(n, d_out)
+// elements (the slice linear_backward converts dout into): this call writes only after them.
+void linear_backward_bf16(Context& ctx, float* din, float* dweight, const void* dout_bf16,
+                          const float* in, const float* weight, i64 n, i64 d_in, i64 d_out,
+                          Bf16Workspace& workspace, GradWrite din_write = GradWrite::Add);
+// The workspace elements at its start that hold linear_backward's bf16 dout, [n, d_out]
+// padded: where a caller may place the bf16 dout it hands to linear_backward_bf16.
+std::size_t linear_bf16_dout_elements(i64 n, i64 d_out);
 
 // ---- rotary position embedding (pairs (i, i + head_dim/2), like the CPU) ---------------------
 // The cos / sin tables of pion::layers::make_rope_table<float> ([seq_len, half] each), copied
@@ -177,6 +224,14 @@ void rope_forward(Context& ctx, float* x, const DeviceRopeTable& table, i64 batc
 // The transpose (rotation by -angle), in place on a gradient.
 void rope_backward(Context& ctx, float* dx, const DeviceRopeTable& table, i64 batch, i64 seq,
                    i64 n_head, i64 head_dim, i64 row_stride);
+// RoPE's backward over whole fused rows for a bf16 GEMM: out_bf16 [batch * seq, row_width]
+// (bf16) = dqkv's rows with the n_head query heads and the n_kv_head key heads that follow
+// them rotated back (rope_backward's arithmetic) and the rest of the row (the values) copied,
+// all rounded to bf16. dqkv is read, not written: one pass instead of two rope_backward
+// passes and a conversion, for when the QKV GEMM's backward is the gradient's only reader.
+void rope_backward_qkv_bf16(Context& ctx, void* out_bf16, const float* dqkv,
+                            const DeviceRopeTable& table, i64 batch, i64 seq, i64 n_head,
+                            i64 n_kv_head, i64 head_dim, i64 row_width);
 
 // ---- causal multi-head self-attention (layout of pion::layers::attention_forward) -----------
 // qkv [batch, seq, d + 2 kv] rows [q | k | v] with d = n_head * head_dim query columns and
@@ -202,10 +257,18 @@ void attention_backward(Context& ctx, float* dqkv, float* scratch, const float* 
                         GradWrite dqkv_write = GradWrite::Add);
 
 // ---- SwiGLU: gu [n, 2 f] = [gate | up], out [n, f] = silu(gate) * up -------------------------
-void swiglu_forward(Context& ctx, float* out, const float* gu, i64 n, i64 f);
-// dgu += gradient (dgu = gradient with dgu_write Assign).
+// out_bf16 (optional): the output rounded to bf16 as well, [n, f]; out may then be nullptr.
+// gu_bf16 (optional): gu stored in bf16 (a bf16 GEMM's output), read instead of gu (then
+// nullptr); the arithmetic is the same, in fp32, on the widened values.
+void swiglu_forward(Context& ctx, float* out, const float* gu, i64 n, i64 f,
+                    void* out_bf16 = nullptr, const void* gu_bf16 = nullptr);
+// dgu += gradient (dgu = gradient with dgu_write Assign). dgu_bf16 (optional): the final dgu
+// rounded to bf16, [n, 2 f]; with Assign, dgu may then be nullptr (only the bf16 copy).
+// gu_bf16: as in swiglu_forward. dout_bf16 (optional): dout stored in bf16 (a bf16 GEMM's
+// din), read instead of dout (then nullptr).
 void swiglu_backward(Context& ctx, float* dgu, const float* dout, const float* gu, i64 n, i64 f,
-                     GradWrite dgu_write = GradWrite::Add);
+                     GradWrite dgu_write = GradWrite::Add, void* dgu_bf16 = nullptr,
+                     const void* gu_bf16 = nullptr, const void* dout_bf16 = nullptr);
 
 // ---- residual stream -------------------------------------------------------------------------
 // out = x + delta (out may alias x or delta). Its backward is accumulate(dx, dout) and
@@ -243,12 +306,22 @@ class CrossEntropyResult {
 // logits [n, v]: lse [n] (may be null) = logsumexp of each row; loss = mean over rows with
 // target >= 0 of lse - logits[target] (rows with a negative target are ignored; no counted
 // row: loss 0 and no gradient); when dlogits is not null, dlogits += dloss * d(mean
-// loss)/dlogits. dloss is a kernel argument (a captured graph replays the captured value).
+// loss)/dlogits (dlogits = that with dlogits_write Assign: every element is written, zeros on
+// the ignored rows, so the buffer needs no zeroing; the same bits as the add into zeros).
+// dloss is a kernel argument (a captured graph replays the captured value).
 // The CPU throws for a target >= v; checking that here would need a host round trip, so such
 // a row is ignored (no loss, no gradient) and counted in bad_targets: callers check
 // result.read().bad_targets == 0 (or validate targets on the host before uploading them).
 void cross_entropy(Context& ctx, CrossEntropyResult& result, float* lse, float* dlogits,
-                   const float* logits, const std::int32_t* targets, i64 n, i64 v, double dloss);
+                   const float* logits, const std::int32_t* targets, i64 n, i64 v, double dloss,
+                   GradWrite dlogits_write = GradWrite::Add);
+// cross_entropy with dlogits assigned in bf16 (__nv_bfloat16 [n, v] device memory, not null):
+// each value is the fp32 gradient cross_entropy assigns, rounded to nearest even, i.e. what
+// convert_to_bf16 of it gives. What a Bf16 LM head's linear_backward_bf16 reads as dout, so
+// the fp32 dlogits are never written nor converted.
+void cross_entropy_bf16(Context& ctx, CrossEntropyResult& result, float* lse, void* dlogits_bf16,
+                        const float* logits, const std::int32_t* targets, i64 n, i64 v,
+                        double dloss);
 
 // ---- RL: per-target log-probs and the weighted cross-entropy's gradient -----------------------
 // What an RL objective (pion/train/backend.h's TargetObjective) needs from a forward, kept on
@@ -278,12 +351,19 @@ class TargetLogProbs {
 // double: a metric, not differentiated); 0 for both elsewhere.
 void target_log_probs(Context& ctx, TargetLogProbs& out, const float* logits, const float* lse,
                       const std::int32_t* targets, i64 n, i64 v);
-// dlogits[r] += row_scale[r] (softmax(logits[r]) - onehot(targets[r])) for each row r with a
-// target in [0, v) and row_scale[r] != 0 (pion::layers::weighted_cross_entropy_backward with
-// row_scale = dloss * weights, rounded to fp32 on the host as the CPU rounds it): the gradient of
-// sum_r row_scale[r] (-log p(target_r)). lse [n] as cross_entropy computed it.
+// dlogits[r] = row_scale[r] (softmax(logits[r]) - onehot(targets[r])) for each row r with a
+// target in [0, v) and row_scale[r] != 0, and 0 on every other row: assigned, so the buffer
+// needs no zeroing, with the bits pion::layers::weighted_cross_entropy_backward adds into a
+// zeroed buffer (row_scale = dloss * weights, rounded to fp32 on the host as the CPU rounds
+// it): the gradient of sum_r row_scale[r] (-log p(target_r)). lse [n] as cross_entropy
+// computed it.
 void weighted_cross_entropy_backward(Context& ctx, float* dlogits, const float* logits,
                                      const float* lse, const std::int32_t* targets,
                                      const float* row_scale, i64 n, i64 v);
+// The same dlogits rounded to bf16 (as to_bf16 rounds the fp32 ones), for the LM head's bf16
+// GEMMs to read without a conversion pass (cross_entropy_bf16's counterpart).
+void weighted_cross_entropy_backward_bf16(Context& ctx, void* dlogits_bf16, const float* logits,
+                                          const float* lse, const std::int32_t* targets,
+                                          const float* row_scale, i64 n, i64 v);
 
 }  // namespace pion::cuda::layers

@@ -66,6 +66,18 @@ class CudaOptimizer {
   // Queues one update that reads the learning rate and step counter from device memory:
   // this is what a CUDA graph captures.
   virtual void queue_step() = 0;
+  // Queues a write of the gradient scale (0 <= scale <= 1; 1 until set): every step reads
+  // each gradient times it, g * scale rounded to float, which is what scaling the gradients
+  // in place first (the trainer's clip) would leave, without a pass over them. The gradients
+  // themselves are left unscaled (Pion's lie and msign momenta, whose GEMMs read them, scale
+  // them in place, and only when scale != 1). Like set_lr, a kernel argument written to the
+  // device: a captured step reads each step's value. With scale <= 1, g * scale is finite
+  // exactly when g is, so the non-finite check may look at the unscaled gradients.
+  virtual void set_grad_scale(float scale) = 0;
+  // Whether queue_step checks the gradients for NaN/Inf (on until turned off). A caller that
+  // steps only after it has seen a finite gradient norm (the training loop) turns it off and
+  // saves a read of every gradient per step. Applies to steps queued (or captured) after it.
+  virtual void set_finite_check(bool on) = 0;
 
   // Steps applied and steps skipped for non-finite gradients, read from the device (these
   // synchronise the stream; never call them inside a step or a capture).
