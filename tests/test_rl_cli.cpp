@@ -167,6 +167,27 @@ TEST(RlCli, BadResampledGroupsInTheCheckpointNamesTheKey) {
   }
 }
 
+// The data state's 'policy_is_reference' (true only while every step so far was skipped) must
+// be a boolean: a string, a number, an array or an object is refused on resume naming it.
+TEST(RlCli, BadPolicyIsReferenceInTheCheckpointNamesTheKey) {
+  const std::string dir = fixture().dir + "/bad_policy_is_reference";
+  const std::string flags = rl_flags(dir + "/r");
+  auto r = test::run_pion(flags + " --stop_after 3");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string ckpt = dir + "/r/checkpoint.safetensors";
+  const TensorFile good = load_safetensors(ckpt);
+  for (const std::string bad : {"\"yes\"", "2", "[true]", "{\"a\": true}"}) {
+    TensorFile f = good;
+    auto train = nlohmann::json::parse(f.metadata.at("pion.train"));
+    auto state = nlohmann::json::parse(train.at("data_state").get<std::string>());
+    state["policy_is_reference"] = nlohmann::json::parse(bad);
+    train["data_state"] = state.dump();
+    f.metadata["pion.train"] = train.dump();
+    save_safetensors(ckpt, f);
+    test::expect_cli_error(flags + " --resume", {"'policy_is_reference'"});
+  }
+}
+
 // Without a KL term, rows whose group carries no signal (advantage 0) are left out of the
 // micro-batches. A run with kl_coef 1e-300 trains every row (the KL term's value and gradient
 // are below double's resolution next to the surrogate's), so the two runs must agree: the
