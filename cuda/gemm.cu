@@ -1,4 +1,5 @@
 // The row-major GEMM wrapper over cuBLAS (cuda/gemm.cuh).
+#include <atomic>
 #include <limits>
 #include <string>
 
@@ -6,6 +7,8 @@
 
 namespace pion::cuda {
 namespace {
+
+std::atomic<long long> single_calls{0}, strided_calls{0}, pointer_array_calls{0};
 
 int as_int(std::int64_t v, const char* what) {
   check(v >= 0 && v <= std::numeric_limits<int>::max(), std::string("cuda gemm: ") + what + " = " +
@@ -45,6 +48,7 @@ void gemm_rm(cublasHandle_t h, const GemmTypes& t, bool trans_a, bool trans_b, s
              std::int64_t n, std::int64_t k, float alpha, const void* a, std::int64_t lda,
              const void* b, std::int64_t ldb, float beta, void* c, std::int64_t ldc) {
   const ColumnMajor cm = column_major(trans_a, trans_b, m, n, k, lda, ldb, ldc);
+  single_calls.fetch_add(1, std::memory_order_relaxed);
   PION_CUBLAS_CHECK(cublasGemmEx(h, cm.op_b, cm.op_a, cm.n, cm.m, cm.k, &alpha, b, t.ab, cm.ldb, a,
                                  t.ab, cm.lda, &beta, c, t.c, cm.ldc, t.compute,
                                  CUBLAS_GEMM_DEFAULT));
@@ -56,6 +60,7 @@ void gemm_rm_strided(cublasHandle_t h, const GemmTypes& t, bool trans_a, bool tr
                      long long stride_b, float beta, void* c, std::int64_t ldc, long long stride_c,
                      std::int64_t batch) {
   const ColumnMajor cm = column_major(trans_a, trans_b, m, n, k, lda, ldb, ldc);
+  strided_calls.fetch_add(1, std::memory_order_relaxed);
   PION_CUBLAS_CHECK(
       cublasGemmStridedBatchedEx(h, cm.op_b, cm.op_a, cm.n, cm.m, cm.k, &alpha, b, t.ab, cm.ldb,
                                  stride_b, a, t.ab, cm.lda, stride_a, &beta, c, t.c, cm.ldc,
@@ -67,9 +72,16 @@ void gemm_rm_batched(cublasHandle_t h, const GemmTypes& t, bool trans_a, bool tr
                      const void* const* a, std::int64_t lda, const void* const* b, std::int64_t ldb,
                      float beta, void* const* c, std::int64_t ldc, std::int64_t batch) {
   const ColumnMajor cm = column_major(trans_a, trans_b, m, n, k, lda, ldb, ldc);
+  pointer_array_calls.fetch_add(1, std::memory_order_relaxed);
   PION_CUBLAS_CHECK(cublasGemmBatchedEx(h, cm.op_b, cm.op_a, cm.n, cm.m, cm.k, &alpha, b, t.ab,
                                         cm.ldb, a, t.ab, cm.lda, &beta, c, t.c, cm.ldc,
                                         as_int(batch, "batch"), t.compute, CUBLAS_GEMM_DEFAULT));
+}
+
+GemmCallCounts gemm_call_counts() {
+  return {single_calls.load(std::memory_order_relaxed),
+          strided_calls.load(std::memory_order_relaxed),
+          pointer_array_calls.load(std::memory_order_relaxed)};
 }
 
 }  // namespace pion::cuda

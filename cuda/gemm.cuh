@@ -9,10 +9,12 @@
 // (op(X)^T is X read column-major when op is N, and its transpose when op is T), and the row
 // strides become the leading dimensions. beta = 1 accumulates into C in fp32 whatever the
 // types. Every size must fit cuBLAS's int arguments (pion::Error otherwise).
+#include <cstddef>
 #include <cstdint>
 
 #include "check.cuh"
 #include "pion/cuda/precision.h"
+#include "pion/cuda/runtime.h"  // GemmCallCounts
 
 namespace pion::cuda {
 
@@ -46,5 +48,10 @@ void gemm_rm_batched(cublasHandle_t h, const GemmTypes& t, bool trans_a, bool tr
                      std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                      const void* const* a, std::int64_t lda, const void* const* b, std::int64_t ldb,
                      float beta, void* const* c, std::int64_t ldc, std::int64_t batch);
+
+// Bytes per element of a GEMM data type (CUDA_R_32F or CUDA_R_16BF).
+inline std::size_t bytes_per_element(cudaDataType t) {
+  return t == CUDA_R_16BF ? 2 : 4;
+}
 
 }  // namespace pion::cuda

@@ -55,6 +55,12 @@ namespace cu = pion::cuda;
   GTEST_SKIP() << "no CUDA device: cudaGetDeviceCount reports none (this build has the CUDA " \
                   "back end; run scripts/gpu-check.sh on a machine with an NVIDIA GPU)"
 
+// The entries of the host-order buffers that upload_params / download_* copy (the CPU's
+// llama_param_layout; the device keeps its own order, gpu.layout()).
+std::vector<ParamEntry> host_layout(const cu::CudaLlama& gpu) {
+  return pion::llama_param_layout(gpu.config());
+}
+
 ModelConfig small_config(int seq_len = 24, const std::string& norm = "rmsnorm") {
   ModelConfig c;
   c.norm = norm;
@@ -122,7 +128,7 @@ Parity compare_with_cpu(const cu::CudaLlamaOptions& options, int rows, int seq, 
 
   Parity out;
   out.loss_error = std::abs(loss.loss - cpu_loss) / std::abs(cpu_loss);
-  for (const auto& e : gpu.layout()) {
+  for (const auto& e : host_layout(gpu)) {
     const double err =
         rel_error(grads.data() + e.offset, cpu.grads().data<float>() + e.offset, e.numel());
     if (err > out.worst_grad) {
@@ -306,7 +312,7 @@ TEST(CudaLlama, BackwardScratchAssignedNotZeroed) {
       cpu.forward(second.tokens, second.targets, 2, 24);
       cpu.backward(0.75);
       double worst = 0.0;
-      for (const auto& e : used.layout())
+      for (const auto& e : host_layout(used))
         worst = std::max(worst, rel_error(used_grads.data() + e.offset,
                                           cpu.grads().data<float>() + e.offset, e.numel()));
       EXPECT_LT(worst, bf16 ? 8e-2 : 2e-4);
@@ -357,7 +363,7 @@ TEST(CudaLlama, AccumulatesNormsAndScales) {
   // A NaN weight makes the norm non-finite (the trainer then skips the step).
   std::vector<float> w(cpu.params().data<float>(),
                        cpu.params().data<float>() + cpu.params().numel());
-  w[static_cast<std::size_t>(gpu.layout()[3].offset)] = std::nanf("");
+  w[static_cast<std::size_t>(host_layout(gpu)[3].offset)] = std::nanf("");
   gpu.upload_params(w);
   gpu.forward_backward(a.tokens, a.targets, 2, 24, 1.0);
   EXPECT_FALSE(std::isfinite(gpu.grad_norm()));
@@ -418,7 +424,7 @@ Parity compare_structurally(const cu::CudaLlamaOptions& options, int n_kv_head, 
   // Sums are taken in double and rounded once.
   std::vector<float> want(params.size());
   const float* rg = ref.grads().data<float>();
-  for (const auto& e : gpu.layout()) {
+  for (const auto& e : host_layout(gpu)) {
     const ParamEntry& r = ref_entries.at(e.name);
     if (is_kv_weight(e.name)) {
       // K/V head kh: ref's head kh g (all of the group are equal); gradient: the group's sum.
@@ -461,7 +467,7 @@ Parity compare_structurally(const cu::CudaLlamaOptions& options, int n_kv_head, 
 
   Parity out;
   out.loss_error = std::abs(loss.loss - ref_loss) / std::abs(ref_loss);
-  for (const auto& e : gpu.layout()) {
+  for (const auto& e : host_layout(gpu)) {
     const double err = rel_error(grads.data() + e.offset, want.data() + e.offset, e.numel());
     if (err > out.worst_grad) {
       out.worst_grad = err;
@@ -589,7 +595,7 @@ TEST(CudaLlama, RlObjectivePathMatchesCpuModel) {
     gpu.download_grads(grads);
     double worst = 0.0;
     std::string worst_name;
-    for (const auto& e : gpu.layout()) {
+    for (const auto& e : host_layout(gpu)) {
       const double err =
           rel_error(grads.data() + e.offset, cpu.grads().data<float>() + e.offset, e.numel());
       if (err > worst) {
@@ -615,6 +621,31 @@ TEST(CudaLlama, RlObjectivePathMatchesCpuModel) {
     gpu.forward_backward(b.tokens, b.targets, rows, seq, 1.0);
     EXPECT_THROW(gpu.weighted_backward(w, 0.75), pion::Error);
   }
+}
+
+// The device buffers are in llama_param_layout_by_shape order, the host spans in the CPU's:
+// upload then download gives the host values back bit for bit, and the layout really is
+// another order (so the round trip is not vacuous), with the same entries.
+TEST(CudaLlama, ParamsRoundTripInHostOrder) {
+  PION_REQUIRE_CUDA_DEVICE();
+  cu::Context ctx;
+  const ModelConfig config = small_config();
+  cu::CudaLlama gpu(ctx, config, {});
+  const std::vector<ParamEntry> host = host_layout(gpu);
+  ASSERT_EQ(gpu.layout().size(), host.size());
+  bool moved = false;
+  for (std::size_t i = 0; i < host.size(); ++i) {
+    EXPECT_EQ(gpu.layout()[i].name, host[i].name);
+    moved = moved || gpu.layout()[i].offset != host[i].offset;
+  }
+  EXPECT_TRUE(moved);
+  std::vector<float> w(static_cast<std::size_t>(gpu.num_params()));
+  Rng rng(3);
+  for (float& x : w) x = static_cast<float>(rng.normal());
+  gpu.upload_params(w);
+  std::vector<float> back(w.size());
+  gpu.download_params(back);
+  EXPECT_EQ(back, w);
 }
 
 TEST(CudaLlama, RejectsBadInput) {

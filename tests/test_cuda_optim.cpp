@@ -29,6 +29,7 @@
 #include "pion/train/build_optimizer.h"
 #ifdef PION_HAVE_CUDA
 #include "pion/cuda/backend.h"
+#include "pion/cuda/llama.h"
 #include "pion/cuda/optim.h"
 #include "pion/cuda/optim_like.h"
 #include "pion/train/session.h"
@@ -291,6 +292,93 @@ TEST(CudaOptim, PionVariantsMatchCpu) {
       std::sort(want.begin(), want.end());
       EXPECT_EQ(got, want) << p.name;
     }
+  }
+}
+
+// Matrices of one shape evenly spaced in one buffer (as CudaLlama lays out a model): Pion's
+// batched GEMMs go strided-batched (cublasGemmStridedBatchedEx, no pointer array) and give the
+// same weights and state as the pointer-array path (strided_gemms false) to rounding level
+// (cuBLAS may pick another kernel; on the emulator they are the same bits), per variant.
+TEST(CudaOptim, PionStridedGemmsEqualPointerArrays) {
+  PION_REQUIRE_CUDA_DEVICE();
+  const std::vector<Shape2> shapes = {{64, 48}, {64, 48}, {64, 48}, {48, 96}, {48, 96}, {33, 33}};
+  // Two copies of the same weights and gradients, each in one buffer, shapes in blocks.
+  std::vector<std::size_t> offsets;
+  std::size_t total = 0;
+  for (const Shape2& s : shapes) {
+    offsets.push_back(total);
+    total += static_cast<std::size_t>(s.rows * s.cols);
+  }
+  std::vector<float> w0(total), g(total);
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    const Tensor w = random_tensor({shapes[i].rows, shapes[i].cols}, 300 + i, 0.5);
+    const Tensor gi = random_tensor({shapes[i].rows, shapes[i].cols}, 400 + i);
+    std::copy_n(w.data<float>(), w.numel(), w0.begin() + static_cast<std::ptrdiff_t>(offsets[i]));
+    std::copy_n(gi.data<float>(), gi.numel(), g.begin() + static_cast<std::ptrdiff_t>(offsets[i]));
+  }
+  struct Variant {
+    PionMomentum momentum;
+    PionUpdateSide side;
+    PionNormalizer normalizer;
+  };
+  using M = PionMomentum;
+  using S = PionUpdateSide;
+  using N = PionNormalizer;
+  for (const Variant& v :
+       {Variant{M::Lie, S::Both, N::Adam}, Variant{M::Lie, S::Left, N::Adam},
+        Variant{M::Ambient, S::Right, N::Adam}, Variant{M::Transported, S::Alternate, N::Adam},
+        Variant{M::Lie, S::Both, N::Msign}}) {
+    SCOPED_TRACE(std::string(kPionMomenta.names[static_cast<int>(v.momentum)]) + "/" +
+                 kPionUpdateSides.names[static_cast<int>(v.side)] + "/" +
+                 kPionNormalizers.names[static_cast<int>(v.normalizer)]);
+    cuda::Context ctx;
+    std::vector<float> result[2];
+    std::map<std::string, cuda::HostState> state[2];
+    for (int strided = 0; strided < 2; ++strided) {
+      cuda::DeviceBuffer values(total), grads(total);
+      values.upload(w0.data(), total);
+      grads.upload(g.data(), total);
+      std::vector<cuda::DeviceParam> params;
+      for (std::size_t i = 0; i < shapes.size(); ++i)
+        params.push_back({"p" + std::to_string(i), values.data() + offsets[i],
+                          grads.data() + offsets[i], shapes[i].rows, shapes[i].cols});
+      cuda::CudaPionOptions o = pion_options("fp32");
+      o.momentum = v.momentum;
+      o.update_side = v.side;
+      o.normalizer = v.normalizer;
+      o.strided_gemms = strided == 1;
+      auto opt = cuda::make_cuda_pion(ctx, params, o);
+      const cuda::GemmCallCounts before = cuda::gemm_call_counts();
+      for (int step = 0; step < 4; ++step) opt->step(0.02);
+      ctx.synchronize();
+      const cuda::GemmCallCounts after = cuda::gemm_call_counts();
+      if (strided == 1) {
+        EXPECT_EQ(after.pointer_array, before.pointer_array) << "a strided run used pointer arrays";
+        EXPECT_GT(after.strided, before.strided);
+      } else {
+        EXPECT_GT(after.pointer_array, before.pointer_array);
+        if (v.normalizer != N::Msign) {  // msign's Newton-Schulz scratch is strided either way
+          EXPECT_EQ(after.strided, before.strided) << "a pointer-array run went strided";
+        }
+      }
+      result[strided].resize(total);
+      values.download(result[strided].data(), total);
+      for (const auto& p : params) state[strided][p.name] = opt->download_state(p.name);
+    }
+    const double moved = frobenius_diff(result[0].data(), w0.data(), total);
+    EXPECT_GT(moved, 0.0);
+    const double err = frobenius_diff(result[1].data(), result[0].data(), total) / moved;
+    std::printf("pion strided vs pointer arrays: weights %.3e\n", err);
+    EXPECT_LT(err, 1e-5);
+    for (const auto& [name, slots] : state[0])
+      for (const auto& [key, x] : slots) {
+        const std::vector<float>& y = state[1].at(name).at(key);
+        ASSERT_EQ(x.size(), y.size());
+        double norm = 0.0;
+        for (float e : x) norm += double(e) * e;
+        EXPECT_LE(frobenius_diff(x.data(), y.data(), x.size()), 1e-5 * std::sqrt(norm))
+            << name << "." << key;
+      }
   }
 }
 
@@ -808,6 +896,46 @@ TEST(CudaOptim, PionSpectrumDrift) {
 // muon the tied tok_embedding is one AdamW parameter and wq, wk, wv (wk / wv [kv_dim, d], not
 // square) belong to the matrix optimizer; every parameter gets exactly one optimizer; and a
 // few steps of those CUDA optimizers follow the CPU set's.
+// CudaLlama lays its parameters out by shape (llama_param_layout_by_shape), so Pion over a
+// multi-head model's layer matrices (the trainer's Pion group) queues only strided-batched
+// GEMMs; with grouped-query attention the attention matrices fall back to pointer arrays
+// (wq|wo and wk|wv alternate in each layer), the MLP's stay strided.
+TEST(CudaOptim, PionOverCudaLlamaIsStridedBatched) {
+  PION_REQUIRE_CUDA_DEVICE();
+  for (const int kv_heads : {0, 1}) {
+    SCOPED_TRACE(kv_heads == 0 ? "multi-head" : "grouped-query");
+    ModelConfig c;
+    c.vocab_size = 32;
+    c.n_layer = 3;
+    c.n_head = 4;
+    c.n_kv_head = kv_heads;
+    c.d_model = 32;
+    c.seq_len = 8;
+    cuda::Context ctx;
+    cuda::CudaLlama model(ctx, c, {});
+    std::vector<float> host(static_cast<std::size_t>(model.num_params()));
+    Rng rng(5);
+    for (float& x : host) x = static_cast<float>(rng.normal() * 0.1);
+    model.upload_params(host);
+    std::vector<cuda::DeviceParam> params;
+    for (const ParamEntry& e : model.layout())
+      if (e.shape.size() == 2 && e.name.rfind("layers.", 0) == 0)
+        params.push_back(
+            {e.name, model.params() + e.offset, model.grads() + e.offset, e.shape[0], e.shape[1]});
+    auto opt = cuda::make_cuda_pion(ctx, params, pion_options("fp32"));
+    const cuda::GemmCallCounts before = cuda::gemm_call_counts();
+    opt->step(0.01);
+    ctx.synchronize();
+    const cuda::GemmCallCounts after = cuda::gemm_call_counts();
+    EXPECT_GT(after.strided, before.strided);
+    if (kv_heads == 0) {
+      EXPECT_EQ(after.pointer_array, before.pointer_array);
+    } else {
+      EXPECT_GT(after.pointer_array, before.pointer_array);
+    }
+  }
+}
+
 TEST(CudaOptim, GroupedQueryTiedLayoutRoutesLikeCpu) {
   PION_REQUIRE_CUDA_DEVICE();
   ModelConfig mc;

@@ -3,11 +3,13 @@
 // independent PyTorch model (tests/reference/torch_llama.py) in float64 and float32.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <set>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -153,6 +155,72 @@ TEST(Llama, ParameterLayoutIsOneBuffer) {
   for (auto& p : params) {
     EXPECT_TRUE(p.value.same_storage(model.params())) << p.name;
     EXPECT_TRUE(p.grad.same_storage(model.grads())) << p.name;
+  }
+}
+
+// The CUDA model's by-shape layout: the same entries in the same order, a permutation of one
+// buffer (no gap, no overlap), the embedding first, the fused GEMMs' operands adjacent, and
+// each shape group of the trainer's Pion matrices evenly spaced in parameter order wherever
+// one stride can hold it (multi-head attention's four d x d matrices; always the MLP's).
+TEST(Llama, ByShapeLayoutIsAPermutationWithEvenShapeGroups) {
+  struct Case {
+    const char* what;
+    int n_kv_head;
+    bool tie, norm;
+    bool attention_even;
+  };
+  for (const Case& k : {Case{"mha", 0, false, true, true}, Case{"gqa", 1, false, true, false},
+                        Case{"mha tied no-norm", 0, true, false, true}}) {
+    SCOPED_TRACE(k.what);
+    ModelConfig c = tiny_config();
+    c.n_layer = 3;
+    c.n_head = 4;
+    if (k.n_kv_head > 0) c.n_kv_head = k.n_kv_head;
+    c.tie_embeddings = k.tie;
+    if (!k.norm) c.norm = "none";
+    const std::vector<ParamEntry> host = llama_param_layout(c),
+                                  dev = llama_param_layout_by_shape(c);
+    ASSERT_EQ(dev.size(), host.size());
+    std::map<std::string, const ParamEntry*> by_name;
+    std::vector<std::pair<std::int64_t, std::int64_t>> spans;
+    for (std::size_t i = 0; i < dev.size(); ++i) {
+      EXPECT_EQ(dev[i].name, host[i].name);
+      EXPECT_EQ(dev[i].shape, host[i].shape);
+      by_name[dev[i].name] = &dev[i];
+      spans.push_back({dev[i].offset, dev[i].offset + dev[i].numel()});
+    }
+    std::sort(spans.begin(), spans.end());
+    std::int64_t end = 0;
+    for (const auto& [a, b] : spans) {
+      EXPECT_EQ(a, end);
+      end = b;
+    }
+    EXPECT_EQ(end, c.num_params());
+    EXPECT_EQ(by_name.at("tok_embedding.weight")->offset, 0);
+    const auto at = [&](int layer, const char* name) {
+      return by_name.at("layers." + std::to_string(layer) + "." + name);
+    };
+    for (int l = 0; l < c.n_layer; ++l) {
+      EXPECT_EQ(at(l, "attn.wk")->offset, at(l, "attn.wq")->offset + at(l, "attn.wq")->numel());
+      EXPECT_EQ(at(l, "attn.wv")->offset, at(l, "attn.wk")->offset + at(l, "attn.wk")->numel());
+      EXPECT_EQ(at(l, "mlp.w_up")->offset,
+                at(l, "mlp.w_gate")->offset + at(l, "mlp.w_gate")->numel());
+    }
+    // The shape groups in parameter order (as the GPU optimizers form them).
+    std::map<Shape, std::vector<std::int64_t>> groups;
+    for (const ParamEntry& e : dev)
+      if (e.shape.size() == 2 && e.name.rfind("layers.", 0) == 0)
+        groups[e.shape].push_back(e.offset);
+    for (const auto& [shape, offsets] : groups) {
+      bool even = true;
+      for (std::size_t i = 2; i < offsets.size(); ++i)
+        even = even && offsets[i] - offsets[i - 1] == offsets[1] - offsets[0];
+      // GQA: wq|wo (d x d) and wk|wv (kv x d) alternate with the other shape in each layer.
+      const bool attention =
+          shape == Shape{c.d_model, c.d_model} || shape == Shape{c.kv_dim(), c.d_model};
+      EXPECT_EQ(even, attention ? k.attention_even : true)
+          << shape[0] << " x " << shape[1] << ", " << offsets.size() << " matrices";
+    }
   }
 }
 
@@ -467,8 +535,7 @@ TEST(Llama, NormFreeModelHasNoNormsAndItsGradientMatchesFiniteDifferences) {
   // RMSNorm weights of d: two per layer and the final one.
   EXPECT_EQ(with_norms.num_params() - c.num_params(),
             static_cast<std::int64_t>(2 * c.n_layer + 1) * c.d_model);
-  for (const auto& e : model.layout())
-    EXPECT_EQ(e.name.find("norm"), std::string::npos) << e.name;
+  for (const auto& e : model.layout()) EXPECT_EQ(e.name.find("norm"), std::string::npos) << e.name;
   EXPECT_EQ(model.named_params().size(), 2u + 7u * static_cast<std::size_t>(c.n_layer));
   Rng rng(7);
   model.init_weights(rng);

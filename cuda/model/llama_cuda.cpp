@@ -46,7 +46,8 @@ struct Weights {
   float* lm_head = nullptr;
 };
 
-// Pointers into a flat buffer in llama_param_layout order (as Llama::weights_in). Without
+// Pointers into a flat buffer laid out by `layout` (its entries in llama_param_layout's order,
+// as Llama::weights_in reads them). Without
 // RMSNorm (norm "none") the layout has no norm weights: their pointers stay null. With tied
 // embeddings the layout has no lm_head: it points at the token embedding, so in the gradient
 // buffer the LM head's weight gradient and the lookup gradient add into the same rows.
@@ -138,10 +139,11 @@ struct CudaLlama::Impl {
 };
 
 CudaLlama::CudaLlama(Context& ctx, const ModelConfig& config, const CudaLlamaOptions& options)
-    : ctx_(ctx), config_(config), options_(options), layout_(llama_param_layout(config)) {
+    : ctx_(ctx), config_(config), options_(options), layout_(llama_param_layout_by_shape(config)) {
   check(config.dropout == 0.0,
         "--device cuda does not implement dropout yet: set dropout 0 (or train on the CPU)");
-  num_params_ = layout_.back().offset + layout_.back().numel();
+  num_params_ = 0;
+  for (const ParamEntry& e : layout_) num_params_ += e.numel();
   const auto table =
       pion::layers::make_rope_table<float>(config.seq_len, config.head_dim(), config.rope_theta);
   impl_ = std::make_unique<Impl>(num_params_, table, config.seq_len, config.head_dim() / 2);
@@ -151,8 +153,8 @@ CudaLlama::CudaLlama(Context& ctx, const ModelConfig& config, const CudaLlamaOpt
   impl_->g = weights_in(impl_->grads.data(), layout_, config);
   if (options.matmul == MatmulPrecision::Bf16) {
     // The embedding lookup reads fp32 rows; only a tied embedding (the LM head) is a GEMM
-    // operand. layout_[1] is the first layer's first parameter (or the head / final norm).
-    impl_->mirror_from = config.tie_embeddings ? 0 : layout_.at(1).offset;
+    // operand. It sits first in the layout, everything after it is mirrored.
+    impl_->mirror_from = config.tie_embeddings ? 0 : layout_.at(0).numel();
     impl_->bf16_params = std::make_unique<layers::Bf16Workspace>(num_params_ - impl_->mirror_from);
   }
 }
@@ -166,11 +168,28 @@ float* CudaLlama::grads() {
   return impl_->grads.data();
 }
 
+namespace {
+// Copies every parameter between a buffer in llama_param_layout order (the host's) and one in
+// `device` order (same entries, other offsets): to_device moves host -> device order.
+void reorder(std::span<const float> from, std::span<float> to,
+             const std::vector<ParamEntry>& device, const ModelConfig& config, bool to_device) {
+  const std::vector<ParamEntry> host = llama_param_layout(config);
+  for (std::size_t i = 0; i < host.size(); ++i) {
+    const auto src = static_cast<std::size_t>(to_device ? host[i].offset : device[i].offset);
+    const auto dst = static_cast<std::size_t>(to_device ? device[i].offset : host[i].offset);
+    std::copy_n(from.begin() + static_cast<std::ptrdiff_t>(src), host[i].numel(),
+                to.begin() + static_cast<std::ptrdiff_t>(dst));
+  }
+}
+}  // namespace
+
 void CudaLlama::upload_params(std::span<const float> host) {
   check(static_cast<std::int64_t>(host.size()) == num_params_,
         "CudaLlama::upload_params: got " + std::to_string(host.size()) + " values for " +
             std::to_string(num_params_) + " parameters");
-  impl_->params.upload(host.data(), host.size());
+  std::vector<float> ordered(host.size());
+  reorder(host, ordered, layout_, config_, true);
+  impl_->params.upload(ordered.data(), ordered.size());
   impl_->weights_stale = true;
 }
 
@@ -187,14 +206,18 @@ void CudaLlama::download_params(std::span<float> host) const {
   check(static_cast<std::int64_t>(host.size()) == num_params_,
         "CudaLlama::download_params: room for " + std::to_string(host.size()) + " values, " +
             std::to_string(num_params_) + " needed");
-  impl_->params.download(host.data(), host.size());
+  std::vector<float> ordered(host.size());
+  impl_->params.download(ordered.data(), ordered.size());
+  reorder(ordered, host, layout_, config_, false);
 }
 
 void CudaLlama::download_grads(std::span<float> host) const {
   check(static_cast<std::int64_t>(host.size()) == num_params_,
         "CudaLlama::download_grads: room for " + std::to_string(host.size()) + " values, " +
             std::to_string(num_params_) + " needed");
-  impl_->grads.download(host.data(), host.size());
+  std::vector<float> ordered(host.size());
+  impl_->grads.download(ordered.data(), ordered.size());
+  reorder(ordered, host, layout_, config_, false);
 }
 
 namespace {
@@ -460,8 +483,8 @@ struct Pass {
       layers::linear_backward(ctx, dact, g.w_down, m.dres, a.act, w.w_down, n, f, d, mp, ws,
                               kAssign, dres16, a.act16, m.dact16);
       layers::swiglu_backward(ctx, dgu, dact, a.gu, n, f, kAssign, m.dgu16, a.gu16, m.dact16);
-      layers::linear_backward(ctx, m.dh, g.w_gate_up, dgu, normed(a.h2, a.x_mid), w.w_gate_up, n,
-                              d, 2 * f, mp, ws, kAssign, m.dgu16, a.h2_16);
+      layers::linear_backward(ctx, m.dh, g.w_gate_up, dgu, normed(a.h2, a.x_mid), w.w_gate_up, n, d,
+                              2 * f, mp, ws, kAssign, m.dgu16, a.h2_16);
       norm_backward(g.mlp_norm, a.x_mid, w.mlp_norm, a.rstd2, kAdd, dres16);
       // Attention block: dres now holds dL/d(x_mid).
       layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws, kAssign,

@@ -141,7 +141,10 @@ class DeviceArray {
 };
 
 // A device array of matrix pointers: what cuBLAS batched calls and our kernels read.
-// Stored untyped (cuBLAS wants void* arrays); kernels view it typed through as<T>().
+// Stored untyped (cuBLAS wants void* arrays); kernels view it typed through as<T>(). When the
+// matrices sit evenly spaced (each one a fixed number of bytes after the one before: the
+// slices of one buffer, or a shape group of a model laid out by shape), it also keeps the
+// first pointer and that spacing, so a GEMM over the batch can be strided-batched.
 class DevicePointers {
  public:
   DevicePointers() = default;
@@ -149,6 +152,15 @@ class DevicePointers {
   explicit DevicePointers(const std::vector<T*>& host) {
     std::vector<void*> raw(host.begin(), host.end());
     array_ = DeviceArray<void*>(raw);
+    if (raw.empty()) return;
+    first_ = raw[0];
+    const auto at = [&](std::size_t i) { return reinterpret_cast<std::uintptr_t>(raw[i]); };
+    const long long step =
+        raw.size() > 1 ? static_cast<long long>(at(1)) - static_cast<long long>(at(0)) : 0;
+    even_ = raw.size() == 1 || step > 0;
+    for (std::size_t i = 1; even_ && i < raw.size(); ++i)
+      even_ = static_cast<long long>(at(i)) - static_cast<long long>(at(i - 1)) == step;
+    byte_stride_ = step;
   }
   void* const* get() const { return array_.data(); }
   template <class T>
@@ -156,9 +168,16 @@ class DevicePointers {
     return reinterpret_cast<T* const*>(array_.data());
   }
   std::size_t size() const { return array_.size(); }
+  // Evenly spaced (one matrix counts as evenly spaced, at stride 0).
+  bool even() const { return even_; }
+  void* first() const { return first_; }
+  long long byte_stride() const { return byte_stride_; }
 
  private:
   DeviceArray<void*> array_;
+  void* first_ = nullptr;
+  bool even_ = false;
+  long long byte_stride_ = 0;
 };
 
 // Pointers to batch consecutive slices of a buffer, stride elements apart.
@@ -169,13 +188,25 @@ DevicePointers slice_pointers(T* base, std::size_t batch, std::size_t stride) {
   return DevicePointers(out);
 }
 
-// gemm_rm_batched (cuda/gemm.cuh) over the pointer arrays of a shape group: row-major
-// C = alpha op(A) op(B) + beta C for each of its `batch` matrices.
+// Row-major C = alpha op(A) op(B) + beta C for each of the `batch` matrices of a shape group.
+// When A, B and C are each evenly spaced (DevicePointers::even) at a whole number of elements,
+// one gemm_rm_strided (cublasGemmStridedBatchedEx: cuBLAS reads no pointer array and picks
+// its kernel knowing the layout); otherwise, or when strided is false, gemm_rm_batched over
+// the pointer arrays. Each product's arithmetic is the same either way.
 inline void gemm_group(cublasHandle_t h, const GemmTypes& types, bool trans_a, bool trans_b,
                        std::int64_t m, std::int64_t n, std::int64_t k, float alpha,
                        const DevicePointers& a, std::int64_t lda, const DevicePointers& b,
                        std::int64_t ldb, float beta, const DevicePointers& c, std::int64_t ldc,
-                       std::size_t batch) {
+                       std::size_t batch, bool strided = true) {
+  const auto ab = static_cast<long long>(bytes_per_element(types.ab));
+  const auto cb = static_cast<long long>(bytes_per_element(types.c));
+  if (strided && a.even() && b.even() && c.even() && a.byte_stride() % ab == 0 &&
+      b.byte_stride() % ab == 0 && c.byte_stride() % cb == 0) {
+    gemm_rm_strided(h, types, trans_a, trans_b, m, n, k, alpha, a.first(), lda,
+                    a.byte_stride() / ab, b.first(), ldb, b.byte_stride() / ab, beta, c.first(),
+                    ldc, c.byte_stride() / cb, static_cast<std::int64_t>(batch));
+    return;
+  }
   gemm_rm_batched(h, types, trans_a, trans_b, m, n, k, alpha, a.get(), lda, b.get(), ldb, beta,
                   c.get(), ldc, static_cast<std::int64_t>(batch));
 }

@@ -348,10 +348,10 @@ class CudaPion final : public detail::CudaOptimizerBase {
         const DevicePointers& M = g.state_ptrs.at("m");
         if (has_out_)
           detail::gemm_group(blas(), types_, false, false, m, n, m, 1.0f, g.a_out_ptrs, m, M, n,
-                             0.0f, g.p_ptrs, n, g.batch);
+                             0.0f, g.p_ptrs, n, g.batch, options_.strided_gemms);
         if (has_in_)
           detail::gemm_group(blas(), types_, false, false, m, n, n, 1.0f, M, n, g.a_in_ptrs, n,
-                             0.0f, g.q_ptrs, n, g.batch);
+                             0.0f, g.q_ptrs, n, g.batch, options_.strided_gemms);
         retract(g, M, g.ones.data());
       }
     }
@@ -390,11 +390,13 @@ class CudaPion final : public detail::CudaOptimizerBase {
       detail::queue_ambient_moments(st, G, g.state_ptrs.at("m"), g.state_ptrs.at("v"), P, m * n, B,
                                     k, scalars());
       if (has_in_) {
-        detail::gemm_group(h, types, true, false, n, n, m, 1.0f, W, n, P, n, 0.0f, Ain, n, B);
+        detail::gemm_group(h, types, true, false, n, n, m, 1.0f, W, n, P, n, 0.0f, Ain, n, B,
+                           options_.strided_gemms);
         detail::queue_skew_in_place(st, Ain, n, B, scalars(), in_parity);
       }
       if (has_out_) {
-        detail::gemm_group(h, types, false, true, m, m, n, 1.0f, P, n, W, n, 0.0f, Aout, m, B);
+        detail::gemm_group(h, types, false, true, m, m, n, 1.0f, P, n, W, n, 0.0f, Aout, m, B,
+                           options_.strided_gemms);
         detail::queue_skew_in_place(st, Aout, m, B, scalars(), out_parity);
       }
     } else {
@@ -404,9 +406,11 @@ class CudaPion final : public detail::CudaOptimizerBase {
       // Generators through one GEMM each (pion.cpp): X_in = W^T g is (n x m)(m x n) = n x n,
       // k = m; X_out = g W^T is (m x n)(n x m) = m x m, k = n. Row strides: W, g: n.
       if (has_in_)
-        detail::gemm_group(h, types, true, false, n, n, m, 1.0f, W, n, G, n, 0.0f, Ain, n, B);
+        detail::gemm_group(h, types, true, false, n, n, m, 1.0f, W, n, G, n, 0.0f, Ain, n, B,
+                           options_.strided_gemms);
       if (has_out_)
-        detail::gemm_group(h, types, false, true, m, m, n, 1.0f, G, n, W, n, 0.0f, Aout, m, B);
+        detail::gemm_group(h, types, false, true, m, m, n, 1.0f, G, n, W, n, 0.0f, Aout, m, B,
+                           options_.strided_gemms);
       if (msign_) {
         if (has_in_) queue_msign(g, Ain, g.state_ptrs.at("m_in"), g.ns_in, n, in_parity);
         if (has_out_) queue_msign(g, Aout, g.state_ptrs.at("m_out"), g.ns_out, m, out_parity);
@@ -438,9 +442,11 @@ class CudaPion final : public detail::CudaOptimizerBase {
     // P = A_out W: (m x m)(m x n), k = m, row strides m, n -> n.
     // Q = W A_in:  (m x n)(n x n), k = n, row strides n, n -> n.
     if (has_out_)
-      detail::gemm_group(h, types, false, false, m, n, m, 1.0f, Aout, m, W, n, 0.0f, P, n, B);
+      detail::gemm_group(h, types, false, false, m, n, m, 1.0f, Aout, m, W, n, 0.0f, P, n, B,
+                         options_.strided_gemms);
     if (has_in_)
-      detail::gemm_group(h, types, false, false, m, n, n, 1.0f, W, n, Ain, n, 0.0f, Q, n, B);
+      detail::gemm_group(h, types, false, false, m, n, n, 1.0f, W, n, Ain, n, 0.0f, Q, n, B,
+                         options_.strided_gemms);
     // s = lr * alpha from ||P + Q||_F (one-sided: ||P|| or ||Q||), on the device.
     if (has_in_ && has_out_)
       detail::queue_sum_squares(st, P, &Q, m * n, B, g.partial.data());
@@ -492,24 +498,30 @@ class CudaPion final : public detail::CudaOptimizerBase {
       scale_then_add<<<grid, kThreads, 0, st>>>(W.as<float>(), P.as<float>(), Q.as<float>(), count,
                                                 s);
       PION_CUDA_CHECK_LAUNCH("pion left: W + sP");
-      detail::gemm_group(h, types, false, false, m, n, m, 0.5f, Aout, m, P, n, 1.0f, Q, n, B);
+      detail::gemm_group(h, types, false, false, m, n, m, 0.5f, Aout, m, P, n, 1.0f, Q, n, B,
+                         options_.strided_gemms);
       //   P <- R' = LW (sA_in) = sR;  W <- LW + sR + (1/2) (sR)(sA_in)
-      detail::gemm_group(h, types, false, false, m, n, n, 1.0f, Q, n, Ain, n, 0.0f, P, n, B);
+      detail::gemm_group(h, types, false, false, m, n, n, 1.0f, Q, n, Ain, n, 0.0f, P, n, B,
+                         options_.strided_gemms);
       add<<<grid, kThreads, 0, st>>>(Q.as<float>(), P.as<float>(), W.as<float>(), count);
       PION_CUDA_CHECK_LAUNCH("pion left: LW + sR");
-      detail::gemm_group(h, types, false, false, m, n, n, 0.5f, P, n, Ain, n, 1.0f, W, n, B);
+      detail::gemm_group(h, types, false, false, m, n, n, 0.5f, P, n, Ain, n, 1.0f, W, n, B,
+                         options_.strided_gemms);
     } else {
       // Right first, the mirror image:
       //   Q <- sQ;  P <- WR = W + sQ + (1/2)(sQ)(sA_in)
       scale_then_add<<<grid, kThreads, 0, st>>>(W.as<float>(), Q.as<float>(), P.as<float>(), count,
                                                 s);
       PION_CUDA_CHECK_LAUNCH("pion right: W + sQ");
-      detail::gemm_group(h, types, false, false, m, n, n, 0.5f, Q, n, Ain, n, 1.0f, P, n, B);
+      detail::gemm_group(h, types, false, false, m, n, n, 0.5f, Q, n, Ain, n, 1.0f, P, n, B,
+                         options_.strided_gemms);
       //   Q <- L' = (sA_out) WR = sL;  W <- WR + sL + (1/2)(sA_out)(sL)
-      detail::gemm_group(h, types, false, false, m, n, m, 1.0f, Aout, m, P, n, 0.0f, Q, n, B);
+      detail::gemm_group(h, types, false, false, m, n, m, 1.0f, Aout, m, P, n, 0.0f, Q, n, B,
+                         options_.strided_gemms);
       add<<<grid, kThreads, 0, st>>>(P.as<float>(), Q.as<float>(), W.as<float>(), count);
       PION_CUDA_CHECK_LAUNCH("pion right: WR + sL");
-      detail::gemm_group(h, types, false, false, m, n, m, 0.5f, Aout, m, Q, n, 1.0f, W, n, B);
+      detail::gemm_group(h, types, false, false, m, n, m, 0.5f, Aout, m, Q, n, 1.0f, W, n, B,
+                         options_.strided_gemms);
     }
   }
 
@@ -527,10 +539,10 @@ class CudaPion final : public detail::CudaOptimizerBase {
     PION_CUDA_CHECK_LAUNCH("pion one side: W + sX");
     if (has_out_)
       detail::gemm_group(h, types_, false, false, m, n, m, 0.5f, g.a_out_ptrs, m, X, n, 1.0f, W, n,
-                         B);
+                         B, options_.strided_gemms);
     else
       detail::gemm_group(h, types_, false, false, m, n, n, 0.5f, X, n, g.a_in_ptrs, n, 1.0f, W, n,
-                         B);
+                         B, options_.strided_gemms);
   }
 
   CudaPionOptions options_;

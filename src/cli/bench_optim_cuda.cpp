@@ -111,44 +111,71 @@ double time_step_gemms(cuda::Context& ctx, const std::string& owner, const std::
   return total;
 }
 
-struct DeviceMatrices {
-  std::vector<cuda::DeviceBuffer> weights, grads;
+// The matrices in two device buffers (weights, gradients), placed by shape as CudaLlama
+// lays out a model: one block per shape, its matrices evenly spaced in the order of the
+using MakeCuda = std::function<std::unique_ptr<cuda::CudaOptimizer>(
+    cuda::Context&, std::vector<cuda::DeviceParam>)>;
 
-  explicit DeviceMatrices(const HostMatrices& h) {
-    for (std::size_t i = 0; i < h.specs.size(); ++i) {
-      const auto n = static_cast<std::size_t>(h.weights[i].numel());
-      weights.emplace_back(n);
-      grads.emplace_back(n);
-      grads.back().upload(h.grads[i].data<float>(), n);
+// specs, so Pion's batched GEMMs over a shape group can be strided-batched.
+struct DeviceMatrices {
+  cuda::DeviceBuffer weights, grads;
+  std::vector<std::size_t> offsets;  // of matrix i, in floats
+
+  explicit DeviceMatrices(const HostMatrices& h) : offsets(h.specs.size()) {
+    std::vector<std::size_t> order(h.specs.size());
+    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](std::size_t x, std::size_t y) {
+      return std::make_pair(h.specs[x].rows, h.specs[x].cols) <
+             std::make_pair(h.specs[y].rows, h.specs[y].cols);
+    });
+    std::size_t total = 0;
+    for (std::size_t i : order) {
+      offsets[i] = total;
+      total += static_cast<std::size_t>(h.weights[i].numel());
     }
+    weights = cuda::DeviceBuffer(total);
+    grads = cuda::DeviceBuffer(total);
+    grads.upload(staged(h.grads).data(), total);
     reset_weights(h);
+  }
+  // Host matrices (in spec order) copied into one vector at this layout's offsets.
+  std::vector<float> staged(const std::vector<Tensor>& host) const {
+    std::vector<float> out(weights.size());
+    for (std::size_t i = 0; i < host.size(); ++i)
+      std::copy_n(host[i].data<float>(), host[i].numel(),
+                  out.begin() + static_cast<std::ptrdiff_t>(offsets[i]));
+    return out;
   }
   // The device weights <- the host initial weights (each optimizer starts from the same W0).
   void reset_weights(const HostMatrices& h) {
-    for (std::size_t i = 0; i < h.specs.size(); ++i)
-      weights[i].upload(h.weights[i].data<float>(), weights[i].size());
+    weights.upload(staged(h.weights).data(), weights.size());
   }
   std::vector<cuda::DeviceParam> params(const HostMatrices& h) {
     std::vector<cuda::DeviceParam> out;
     for (std::size_t i = 0; i < h.specs.size(); ++i)
-      out.push_back(
-          {h.specs[i].name, weights[i].data(), grads[i].data(), h.specs[i].rows, h.specs[i].cols});
+      out.push_back({h.specs[i].name, weights.data() + offsets[i], grads.data() + offsets[i],
+                     h.specs[i].rows, h.specs[i].cols});
     return out;
   }
-  Tensor download(std::size_t i, const MatrixSpec& s) const {
-    Tensor t = Tensor::empty({s.rows, s.cols});
-    weights[i].download(t.data<float>(), static_cast<std::size_t>(t.numel()));
-    return t;
+  // Every weight matrix, in spec order (one copy of the whole buffer).
+  std::vector<Tensor> download(const HostMatrices& h) const {
+    std::vector<float> all(weights.size());
+    weights.download(all.data(), all.size());
+    std::vector<Tensor> out;
+    for (std::size_t i = 0; i < h.specs.size(); ++i) {
+      Tensor t = Tensor::empty({h.specs[i].rows, h.specs[i].cols});
+      std::copy_n(all.begin() + static_cast<std::ptrdiff_t>(offsets[i]), t.numel(),
+                  t.data<float>());
+      out.push_back(std::move(t));
+    }
+    return out;
   }
 };
 
-using MakeCuda = std::function<std::unique_ptr<cuda::CudaOptimizer>(
-    cuda::Context&, std::vector<cuda::DeviceParam>)>;
-
-// The weights moved, and stayed finite (a cheap check that the timed work was the real one).
 void check_weights(const DeviceMatrices& d, const HostMatrices& h, const std::string& who) {
+  const std::vector<Tensor> all = d.download(h);
   for (std::size_t i : {std::size_t{0}, h.specs.size() - 1}) {
-    const Tensor w = d.download(i, h.specs[i]);
+    const Tensor& w = all[i];
     double moved = 0.0;
     const float* p = w.data<float>();
     const float* p0 = h.weights[i].data<float>();
@@ -234,10 +261,13 @@ void run_cuda(const OptimBenchArgs& a, Report& r) {
   const double muon_alone_bf16 = time_step_gemms(ctx, "muon", muon_gemms, "bf16", r);
   const double muon_alone_fp32 = time_step_gemms(ctx, "muon", muon_gemms, "fp32", r);
 
-  const auto pion_with = [](const std::string& precision) -> MakeCuda {
-    return [precision](cuda::Context& c, std::vector<cuda::DeviceParam> p) {
+  // strided false: every batched GEMM through pointer arrays, the layout-agnostic path, timed
+  // beside the default so the table shows what the strided-batched calls gain.
+  const auto pion_with = [](const std::string& precision, bool strided = true) -> MakeCuda {
+    return [precision, strided](cuda::Context& c, std::vector<cuda::DeviceParam> p) {
       cuda::CudaPionOptions o;
       o.precision = precision;
+      o.strided_gemms = strided;
       return cuda::make_cuda_pion(c, std::move(p), o);
     };
   };
@@ -261,15 +291,20 @@ void run_cuda(const OptimBenchArgs& a, Report& r) {
     MakeCuda make;
   };
   const double pion_flops = total_flops(pion_gemms), muon_flops = total_flops(muon_gemms);
-  const std::vector<Gpu> runs = {{"pion_fp32", "Pion taylor2 fp32", "fp32", kMatrixLr, pion_flops,
-                                  pion_alone_fp32, pion_with("fp32")},
-                                 {"pion_mixed", "Pion taylor2 mixed (TF32 GEMMs)", "tf32",
-                                  kMatrixLr, pion_flops, pion_alone_tf32, pion_with("mixed")},
-                                 {"muon_bf16", "Muon NS5 bf16", "bf16", kMatrixLr, muon_flops,
-                                  muon_alone_bf16, muon_with("bf16")},
-                                 {"muon_fp32", "Muon NS5 fp32", "fp32", kMatrixLr, muon_flops,
-                                  muon_alone_fp32, muon_with("fp32")},
-                                 {"adamw", "AdamW", "", kAdamLr, 0.0, 0.0, adamw}};
+  const std::vector<Gpu> runs = {
+      {"pion_fp32", "Pion taylor2 fp32", "fp32", kMatrixLr, pion_flops, pion_alone_fp32,
+       pion_with("fp32")},
+      {"pion_mixed", "Pion taylor2 mixed (TF32 GEMMs)", "tf32", kMatrixLr, pion_flops,
+       pion_alone_tf32, pion_with("mixed")},
+      {"pion_fp32_pointers", "Pion taylor2 fp32, pointer-array GEMMs", "fp32", kMatrixLr,
+       pion_flops, pion_alone_fp32, pion_with("fp32", false)},
+      {"pion_mixed_pointers", "Pion taylor2 mixed, pointer-array GEMMs", "tf32", kMatrixLr,
+       pion_flops, pion_alone_tf32, pion_with("mixed", false)},
+      {"muon_bf16", "Muon NS5 bf16", "bf16", kMatrixLr, muon_flops, muon_alone_bf16,
+       muon_with("bf16")},
+      {"muon_fp32", "Muon NS5 fp32", "fp32", kMatrixLr, muon_flops, muon_alone_fp32,
+       muon_with("fp32")},
+      {"adamw", "AdamW", "", kAdamLr, 0.0, 0.0, adamw}};
 
   for (const Gpu& g : runs) {
     Result x = make_result(g.name, g.label, g.gemm, g.lr, g.flops, h.specs);
@@ -332,9 +367,7 @@ void run_cuda(const OptimBenchArgs& a, Report& r) {
               "the drift run counted " + std::to_string(opt->steps()) + " steps and " +
                   std::to_string(opt->skipped_steps()) + " skipped; expected " +
                   std::to_string(a.drift_steps) + " and 0");
-        std::vector<Tensor> final_weights;
-        for (std::size_t i = 0; i < h.specs.size(); ++i)
-          final_weights.push_back(d.download(i, h.specs[i]));
+        const std::vector<Tensor> final_weights = d.download(h);
         const auto [drift, worst] = max_drift(sigma0, spectra(final_weights), h.specs);
         x.has_drift = true;
         x.drift = drift;

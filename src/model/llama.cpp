@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <string>
 
 #include "pion/core/error.h"
 #include "pion/model/init.h"
@@ -43,6 +45,32 @@ std::vector<ParamEntry> llama_param_layout(const ModelConfig& config) {
   return out;
 }
 
+std::vector<ParamEntry> llama_param_layout_by_shape(const ModelConfig& config) {
+  std::vector<ParamEntry> out = llama_param_layout(config);
+  std::map<std::string, std::size_t> index;
+  for (std::size_t i = 0; i < out.size(); ++i) index[out[i].name] = i;
+  i64 offset = 0;
+  auto place = [&](const std::string& name) {
+    ParamEntry& e = out[index.at(name)];
+    e.offset = offset;
+    offset += e.numel();
+  };
+  place("tok_embedding.weight");
+  const auto each_layer = [&](std::initializer_list<const char*> names) {
+    for (int i = 0; i < config.n_layer; ++i)
+      for (const char* n : names) place("layers." + std::to_string(i) + "." + n);
+  };
+  each_layer({"attn.wq", "attn.wk", "attn.wv", "attn.wo"});
+  each_layer({"mlp.w_gate", "mlp.w_up"});
+  each_layer({"mlp.w_down"});
+  if (config.has_norm()) {
+    each_layer({"attn_norm.weight", "mlp_norm.weight"});
+    place("final_norm.weight");
+  }
+  if (!config.tie_embeddings) place("lm_head.weight");
+  return out;
+}
+
 namespace {
 template <class T>
 std::int64_t first_non_finite(const Tensor& t) {
@@ -53,19 +81,18 @@ std::int64_t first_non_finite(const Tensor& t) {
 }
 }  // namespace
 
-void check_model_weights(const TensorFile& in, const std::string& prefix,
-                         const ModelConfig& config, const std::string& source) {
+void check_model_weights(const TensorFile& in, const std::string& prefix, const ModelConfig& config,
+                         const std::string& source) {
   const std::vector<ParamEntry> layout = llama_param_layout(config);
   std::size_t expected = 0;
   for (const auto& e : layout) {
     const std::string name = prefix + e.name;
     auto it = in.tensors.find(name);
-    check(it != in.tensors.end(), source + ": missing tensor \"" + name +
-                                      "\" (is this a checkpoint of the same model?)");
+    check(it != in.tensors.end(),
+          source + ": missing tensor \"" + name + "\" (is this a checkpoint of the same model?)");
     const Tensor& t = it->second;
-    check(t.shape() == e.shape, source + ": \"" + name + "\" has shape " +
-                                    shape_string(t.shape()) + ", the model expects " +
-                                    shape_string(e.shape));
+    check(t.shape() == e.shape, source + ": \"" + name + "\" has shape " + shape_string(t.shape()) +
+                                    ", the model expects " + shape_string(e.shape));
     check(t.dtype() == DType::F32 || t.dtype() == DType::F64,
           source + ": \"" + name + "\" must be F32 or F64, not " + dtype_name(t.dtype()));
     const std::int64_t bad =
@@ -77,10 +104,10 @@ void check_model_weights(const TensorFile& in, const std::string& prefix,
   std::size_t under_prefix = 0;
   for (const auto& [name, t] : in.tensors)
     if (name.rfind(prefix, 0) == 0) ++under_prefix;
-  check(under_prefix == expected,
-        source + ": holds " + std::to_string(under_prefix) + " tensors named \"" + prefix +
-            "*\", the model has " + std::to_string(expected) +
-            " (a checkpoint of another model shape?)");
+  check(under_prefix == expected, source + ": holds " + std::to_string(under_prefix) +
+                                      " tensors named \"" + prefix + "*\", the model has " +
+                                      std::to_string(expected) +
+                                      " (a checkpoint of another model shape?)");
 }
 
 template <class T>
@@ -238,8 +265,7 @@ double Llama<T>::forward(std::span<const std::int32_t> tokens,
   check(target_weights.empty() || static_cast<i64>(target_weights.size()) == n,
         "Llama::forward: got " + std::to_string(target_weights.size()) + " target weights for " +
             std::to_string(n) + " tokens");
-  check(target_weights.empty() || !targets.empty(),
-        "Llama::forward: target weights need targets");
+  check(target_weights.empty() || !targets.empty(), "Llama::forward: target weights need targets");
   const i64 v = config_.vocab_size;
   for (std::size_t i = 0; i < tokens.size(); ++i) {
     check(tokens[i] >= 0 && tokens[i] < v, "Llama::forward: token " + std::to_string(tokens[i]) +

@@ -65,10 +65,10 @@ inline double gemm_flops(const GemmShape& s) {
 }
 
 // Times C = A B on random operands (uniform in [-1, 1)) on the Context's stream: one
-// cublasGemmEx call for batch 1, one cublasGemmBatchedEx call (pointer arrays, as the
-// optimizers call it) otherwise. `warmup` untimed calls, then `reps` calls back to back,
-// each between its own event pair; returns each timed call's milliseconds. Throws
-// pion::Error for an unknown precision or a non-positive size.
+// cublasGemmEx call for batch 1, one cublasGemmStridedBatchedEx call otherwise (the slices of
+// one buffer, as the optimizers call it over an evenly spaced shape group). `warmup` untimed calls,
+// then `reps` calls back to back, each between its own event pair; returns each timed call's
+// milliseconds. Throws pion::Error for an unknown precision or a non-positive size.
 std::vector<double> time_gemm(Context& ctx, const GemmShape& shape, const std::string& precision,
                               int warmup, int reps);
 

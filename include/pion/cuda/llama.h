@@ -64,11 +64,14 @@ class CudaLlama {
   const std::vector<ParamEntry>& layout() const { return layout_; }
   std::int64_t num_params() const { return num_params_; }
 
-  // The device buffers (num_params() floats each, layout() order).
+  // The device buffers (num_params() floats each) in layout() order, which is
+  // llama_param_layout_by_shape: the matrices of one shape sit evenly spaced, so the GPU
+  // optimizers' batched GEMMs over a shape group are strided-batched.
   float* params();
   float* grads();
   // Synchronous copies of the whole buffers (host spans of num_params() floats), e.g. from
-  // and to a Llama<float>'s params() for initialisation, checkpoints and evaluation.
+  // and to a Llama<float>'s params() for initialisation, checkpoints and evaluation. The host
+  // side is in llama_param_layout order (the CPU model's); the copies reorder.
   void upload_params(std::span<const float> host);
 
   // With Bf16 matmuls the GEMMs read a bf16 copy of the weights, made by one conversion pass

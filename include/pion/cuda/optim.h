@@ -25,9 +25,10 @@
 // has three or four shapes, so Pion's step is about 4 x 7 batched GEMMs).
 //
 // State is kept per parameter under the CPU optimizer's names and slots (Pion: m_in, v_in,
-// m_out, v_out, fewer for a one-sided or msign run, m and v for ambient momentum; AdamW: exp_avg, exp_avg_sq; Muon: momentum_buffer) and can be copied to and from
-// the host with download_state / upload_state, row-major fp32 like the CPU tensors. Pion's
-// CPU state also holds sigma0 (for re-anchoring and drift reports); the GPU class does not.
+// m_out, v_out, fewer for a one-sided or msign run, m and v for ambient momentum; AdamW: exp_avg,
+// exp_avg_sq; Muon: momentum_buffer) and can be copied to and from the host with download_state /
+// upload_state, row-major fp32 like the CPU tensors. Pion's CPU state also holds sigma0 (for
+// re-anchoring and drift reports); the GPU class does not.
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -104,6 +105,12 @@ struct CudaPionOptions : PionOptions {
   // relative per step: the update is slightly less exact, the weights are not rounded.
   // The spectrum drift this adds is measured in tests/test_cuda_optim.cpp.
   std::string precision = "fp32";
+  // Batched GEMMs over a shape group whose matrices are evenly spaced (the scratch always;
+  // the weights and gradients when the model lays them out by shape, as CudaLlama does) go
+  // through cublasGemmStridedBatchedEx; false keeps every group on pointer arrays
+  // (cublasGemmBatchedEx), the layout-agnostic path the optimizer benchmark compares with
+  // (the msign normalizer's Newton-Schulz on its own scratch is strided either way).
+  bool strided_gemms = true;
 };
 
 using CudaAdamWOptions = AdamWOptions;

@@ -102,4 +102,12 @@ class Context {
   std::unique_ptr<Impl> impl_;
 };
 
+// How many cuBLAS GEMM calls of each kind this process has queued (relaxed atomic counters,
+// host side: a captured graph's replays add nothing): tests check which path a batched GEMM
+// took (cuda/gemm.cuh).
+struct GemmCallCounts {
+  long long single = 0, strided = 0, pointer_array = 0;
+};
+GemmCallCounts gemm_call_counts();
+
 }  // namespace pion::cuda

@@ -55,13 +55,20 @@ struct ParamEntry {
 };
 // The layout above for a validated config (the same for every element type and device).
 std::vector<ParamEntry> llama_param_layout(const ModelConfig& config);
+// The same entries, in the same order, placed by shape group instead of by layer: the token
+// embedding; every layer's wq, wk, wv, wo; every layer's w_gate, w_up; every layer's w_down;
+// the norm weights; the LM head. The adjacency the fused GEMMs need (wq|wk|wv, w_gate|w_up)
+// is kept, and the matrices of one shape come out evenly spaced in one block (all four
+// attention matrices when kv_dim = d_model), so a batched GEMM over a shape group can be
+// strided-batched. The CUDA model keeps its device buffers in this order.
+std::vector<ParamEntry> llama_param_layout_by_shape(const ModelConfig& config);
 // Checks that `in` holds, under `prefix`, exactly the weights of a model of `config`: every
 // parameter present with its shape, F32 or F64, every value finite, and no other tensor under
 // the prefix. It allocates nothing sized by the config, so a checkpoint whose metadata claims
 // a huge model is refused by comparing it with its (small) tensors first. `source` names the
 // file in errors.
-void check_model_weights(const TensorFile& in, const std::string& prefix,
-                         const ModelConfig& config, const std::string& source);
+void check_model_weights(const TensorFile& in, const std::string& prefix, const ModelConfig& config,
+                         const std::string& source);
 
 template <class T>
 class Llama {
