@@ -233,21 +233,34 @@ TEST(CudaOptim, PionFp32MatchesCpu) {
   EXPECT_LT(state_err, kPionTolerance);
 }
 
+// One Pion variant (issue 11) of the tests below: its name and its options.
+struct PionVariant {
+  PionMomentum momentum;
+  PionUpdateSide side;
+  PionNormalizer normalizer;
+  std::string name() const {
+    return std::string(kPionMomenta.names[static_cast<int>(momentum)]) + "/" +
+           kPionUpdateSides.names[static_cast<int>(side)] + "/" +
+           kPionNormalizers.names[static_cast<int>(normalizer)];
+  }
+  template <class Options>
+  void apply(Options& o) const {
+    o.momentum = momentum;
+    o.update_side = side;
+    o.normalizer = normalizer;
+  }
+};
+using M = PionMomentum;
+using S = PionUpdateSide;
+using N = PionNormalizer;
+
 // Pion's variants (issue 11) against the CPU's: 5 steps, so alternate rotates left on steps
 // 1, 3, 5 and right on 2, 4. The GPU keeps exactly the CPU's moment slots (a one-sided lie run
 // none of the idle side's, ambient m and v, msign no v), so checkpoints move between them.
 // msign runs Newton-Schulz, which amplifies rounding as in Muon: Muon's tolerance.
 TEST(CudaOptim, PionVariantsMatchCpu) {
   PION_REQUIRE_CUDA_DEVICE();
-  struct Variant {
-    PionMomentum momentum;
-    PionUpdateSide side;
-    PionNormalizer normalizer;
-  };
-  using M = PionMomentum;
-  using S = PionUpdateSide;
-  using N = PionNormalizer;
-  const Variant variants[] = {
+  const PionVariant variants[] = {
       {M::Lie, S::Left, N::Adam},
       {M::Lie, S::Right, N::Adam},
       {M::Lie, S::Alternate, N::Adam},
@@ -259,23 +272,17 @@ TEST(CudaOptim, PionVariantsMatchCpu) {
       {M::Lie, S::Both, N::Msign},
       {M::Lie, S::Alternate, N::Msign},
   };
-  for (const Variant& v : variants) {
-    const std::string name = std::string(kPionMomenta.names[static_cast<int>(v.momentum)]) + "/" +
-                             kPionUpdateSides.names[static_cast<int>(v.side)] + "/" +
-                             kPionNormalizers.names[static_cast<int>(v.normalizer)];
+  for (const PionVariant& v : variants) {
+    const std::string name = v.name();
     SCOPED_TRACE(name);
     Mirror mx({{64, 48}, {48, 96}, {40, 24}, {40, 24}}, 21, 0.5);
     const double lr = 0.02;
     Pion::Options co;
-    co.momentum = v.momentum;
-    co.update_side = v.side;
-    co.normalizer = v.normalizer;
+    v.apply(co);
     Pion cpu;
     cpu.add_param_group(mx.host, lr, co);
     cuda::CudaPionOptions go = pion_options("fp32");
-    go.momentum = v.momentum;
-    go.update_side = v.side;
-    go.normalizer = v.normalizer;
+    v.apply(go);
     cuda::Context ctx;
     auto gpu = cuda::make_cuda_pion(ctx, mx.device_params(), go);
     double state_err = 0.0;
@@ -316,21 +323,12 @@ TEST(CudaOptim, PionStridedGemmsEqualPointerArrays) {
     std::copy_n(w.data<float>(), w.numel(), w0.begin() + static_cast<std::ptrdiff_t>(offsets[i]));
     std::copy_n(gi.data<float>(), gi.numel(), g.begin() + static_cast<std::ptrdiff_t>(offsets[i]));
   }
-  struct Variant {
-    PionMomentum momentum;
-    PionUpdateSide side;
-    PionNormalizer normalizer;
-  };
-  using M = PionMomentum;
-  using S = PionUpdateSide;
-  using N = PionNormalizer;
-  for (const Variant& v :
-       {Variant{M::Lie, S::Both, N::Adam}, Variant{M::Lie, S::Left, N::Adam},
-        Variant{M::Ambient, S::Right, N::Adam}, Variant{M::Transported, S::Alternate, N::Adam},
-        Variant{M::Lie, S::Both, N::Msign}}) {
-    SCOPED_TRACE(std::string(kPionMomenta.names[static_cast<int>(v.momentum)]) + "/" +
-                 kPionUpdateSides.names[static_cast<int>(v.side)] + "/" +
-                 kPionNormalizers.names[static_cast<int>(v.normalizer)]);
+  for (const PionVariant& v :
+       {PionVariant{M::Lie, S::Both, N::Adam}, PionVariant{M::Lie, S::Left, N::Adam},
+        PionVariant{M::Ambient, S::Right, N::Adam},
+        PionVariant{M::Transported, S::Alternate, N::Adam},
+        PionVariant{M::Lie, S::Both, N::Msign}}) {
+    SCOPED_TRACE(v.name());
     cuda::Context ctx;
     std::vector<float> result[2];
     std::map<std::string, cuda::HostState> state[2];
@@ -343,9 +341,7 @@ TEST(CudaOptim, PionStridedGemmsEqualPointerArrays) {
         params.push_back({"p" + std::to_string(i), values.data() + offsets[i],
                           grads.data() + offsets[i], shapes[i].rows, shapes[i].cols});
       cuda::CudaPionOptions o = pion_options("fp32");
-      o.momentum = v.momentum;
-      o.update_side = v.side;
-      o.normalizer = v.normalizer;
+      v.apply(o);
       o.strided_gemms = strided == 1;
       auto opt = cuda::make_cuda_pion(ctx, params, o);
       const cuda::GemmCallCounts before = cuda::gemm_call_counts();
