@@ -293,3 +293,38 @@ TEST(CheckpointGuard, MetadataClaimingAHugeModelIsComparedWithTheTensorsFirst) {
   expect_refused("nan-weight", [](TensorFile& f) { f.tensors.at("model.lm_head.weight").data<float>()[3] = std::nanf(""); }, "non-finite");
   expect_refused("stray-weight", [](TensorFile& f) { f.tensors["model.layers.7.attn.wq"] = test::random_tensor({2, 2}, 3); }, "model");
 }
+
+// A data state larger than a checkpoint keeps (pion rl between PPO epochs, a huge batch) is
+// refused when saving, before anything is written: the last checkpoint stays byte for byte,
+// no temp file is left, and the message says what to lower. The same for a safetensors
+// header over the format's 100 MB, which no reader would load back.
+TEST(CheckpointGuard, OversizedStateIsRefusedAtSaveLeavingTheLastCheckpoint) {
+  const TinyRun& run = tiny_run();
+  const std::string dir = test::temp_dir("guard-oversized");
+  fs::copy(run.dir + "/run", dir + "/run", fs::copy_options::recursive);
+  const std::string ckpt = dir + "/run/checkpoint.safetensors";
+  const std::string before = read_bytes(ckpt);
+  const TensorFile f = load_safetensors(ckpt);
+  const ModelConfig model = ModelConfig::from_json(json::parse(f.metadata.at("pion.model_config")));
+  try {
+    write_train_checkpoint(ckpt, TrainConfig{}, model, f, TrainProgress{},
+                           json(std::string(kMaxDataStateBytes + 1, '7')), Rng(1), json::object());
+    ADD_FAILURE() << "an oversized data state was written";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("MiB a checkpoint keeps"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("ppo_epochs 1"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(read_bytes(ckpt), before);
+  EXPECT_FALSE(fs::exists(ckpt + ".tmp"));
+
+  TensorFile big = f;
+  big.metadata["pion.extra"] = std::string(input::kMaxSafetensorsHeader + 1, ' ');
+  try {
+    save_safetensors(ckpt, big);
+    ADD_FAILURE() << "a header over 100 MB was written";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("100 MB"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(read_bytes(ckpt), before);
+  EXPECT_FALSE(fs::exists(ckpt + ".tmp"));
+}

@@ -86,6 +86,12 @@ std::string encode_prefix(const TensorFile& file) {
   header["__metadata__"] = meta;
   std::string text = header.dump();
   while ((8 + text.size()) % 8 != 0) text.push_back(' ');
+  // A header our reader (and Hugging Face's) would refuse is refused here, before a byte is
+  // written: a file that cannot be loaded back is worse than none.
+  check(text.size() <= input::kMaxSafetensorsHeader,
+        "save_safetensors: the header (tensor table and metadata) would be " +
+            std::to_string(text.size()) +
+            " bytes, above the format's 100 MB limit; nothing was written");
   std::string prefix = length_bytes(text.size()) + text;
   // The file checksum covers every byte with its own digits read as "00000000".
   const std::size_t at = prefix.find(file_crc_field());

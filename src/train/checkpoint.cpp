@@ -86,6 +86,18 @@ void write_train_checkpoint(const std::string& path, const TrainConfig& config,
                             const ModelConfig& model_config, TensorFile file,
                             const TrainProgress& progress, const nlohmann::json& data_state,
                             const Rng& dropout_rng, const nlohmann::json& extra) {
+  const std::size_t state_bytes = data_state.is_string()
+                                      ? data_state.get_ref<const std::string&>().size()
+                                      : data_state.dump().size();
+  check(state_bytes <= kMaxDataStateBytes,
+        "checkpoint: the data source's state is " + std::to_string(state_bytes >> 20) +
+            " MiB, above the " + std::to_string(kMaxDataStateBytes >> 20) +
+            " MiB a checkpoint keeps, so it could not be resumed; nothing was written (the last "
+            "checkpoint in '" +
+            path +
+            "' stays). pion rl between PPO epochs keeps its whole "
+            "sampled batch: lower rl_prompts_per_step x rl_group_size or max_new_tokens, or use "
+            "ppo_epochs 1");
   nlohmann::json meta = {{"format", kCheckpointFormat},
                          {"step", progress.step},
                          {"best_val_loss", std::isfinite(progress.best_val_loss)
@@ -127,9 +139,8 @@ ResumePoint read_train_checkpoint(const std::string& path, const ModelConfig& mo
   out.data_state = at("data_state");
   // Loaders need a few hundred bytes; `pion rl` with ppo_epochs > 1 also keeps the sampled
   // batch it is still optimising (tokens, log-probs), so that resume is bit-exact.
-  constexpr std::size_t kMaxDataState = std::size_t{16} << 20;
   check(out.data_state.is_string() &&
-            out.data_state.get_ref<const std::string&>().size() <= kMaxDataState,
+            out.data_state.get_ref<const std::string&>().size() <= kMaxDataStateBytes,
         key + "'data_state' must be a string of the data loader's state, got " +
             input::describe(out.data_state));
   out.dropout_rng = at("dropout_rng");

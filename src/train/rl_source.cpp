@@ -13,7 +13,6 @@
 namespace pion {
 
 namespace {
-constexpr std::size_t kMaxStateBytes = std::size_t{16} << 20;  // checkpoint.cpp's bound
 
 // The sampling generator of completion `row` (its index in the step's global batch) of a step
 // whose shared draw was `step_seed`: its own stream, so its tokens do not depend on how many
@@ -367,7 +366,8 @@ nlohmann::json RlSource::state() const {
 void RlSource::restore(const nlohmann::json& state) {
   const std::string where = "the checkpoint's rl data_state";
   check(state.is_string(), where + " must be a string");
-  const nlohmann::json s = input::parse_json(state.get<std::string>(), where, kMaxStateBytes, 6);
+  const nlohmann::json s =
+      input::parse_json(state.get<std::string>(), where, kMaxDataStateBytes, 6);
   check(s.is_object(), where + " must be a JSON object");
   Rng rng;
   rng.set_state(rng_state_from_json(input::member(s, "rng", where), where + " 'rng'"));

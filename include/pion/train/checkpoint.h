@@ -38,6 +38,14 @@ struct TrainProgress {
   double wall_seconds = 0.0;  // training time before this process (resumed runs)
 };
 
+// The most a checkpoint keeps of a data source's state (a JSON string in the header). Loaders
+// need a few hundred bytes; `pion rl` between PPO epochs keeps the whole sampled batch (tokens
+// and two fp64 log-probs per completion token: about 45 bytes a token, so some 1.4M tokens).
+// write_train_checkpoint refuses a larger state before writing anything (the last checkpoint
+// stays), so every checkpoint written can be resumed; the escaped copy in the header stays
+// well under safetensors' 100 MB header limit.
+inline constexpr std::size_t kMaxDataStateBytes = std::size_t{64} << 20;
+
 // `tensors` holds the weights and optimizer state under the names above (the caller fills it:
 // TrainBackend::checkpoint_tensors: the CPU model and OptimizerSet, or the GPU's mirror).
 void write_train_checkpoint(const std::string& path, const TrainConfig& config,
