@@ -47,10 +47,10 @@ struct Weights {
 };
 
 // Pointers into a flat buffer laid out by `layout` (its entries in llama_param_layout's order,
-// as Llama::weights_in reads them). Without
-// RMSNorm (norm "none") the layout has no norm weights: their pointers stay null. With tied
-// embeddings the layout has no lm_head: it points at the token embedding, so in the gradient
-// buffer the LM head's weight gradient and the lookup gradient add into the same rows.
+// as Llama::weights_in reads them, at their own offsets). Without RMSNorm (norm "none") the
+// layout has no norm weights: their pointers stay null. With tied embeddings the layout has no
+// lm_head: it points at the token embedding, so in the gradient buffer the LM head's weight
+// gradient and the lookup gradient add into the same rows.
 Weights weights_in(float* base, const std::vector<ParamEntry>& layout, const ModelConfig& config) {
   const bool norms = config.has_norm();
   std::size_t k = 0;
