@@ -15,7 +15,8 @@ sittings or machines that share OUT):
   width   the muP claim: AdamW and default Pion at d_model 64 and 256 over the same 4 lrs
           (d_model 128 is stage lr's), seed 1.
   report  OUT/ABLATION.md (tables: mean +- sample std over seeds of best val loss, with the
-          optimizer state bytes and step time of the baby run) and OUT/width_transfer.png.
+          optimizer state bytes and step time of the baby run, and with --bench-json those of
+          one GPT-2-small layer; every lr tried at seed 1) and OUT/width_transfer.png.
 
 Selecting the best lr on seed 1 and then adding seeds 2 and 3 is a cheaper design than
 3 seeds at every lr (the reported means include the seed the lr was picked on, a small
@@ -23,7 +24,10 @@ optimistic bias we accept and say).
 
 usage: scripts/ablation.py (Debian's /usr/bin/python3, for python3-matplotlib)
        scripts/ablation.py [--out DIR] [--pion PATH] [--jobs N] [--iters N]
-                           [--stages lr,seeds,nonorm,width,report] [--dry-run] [-- EXTRA FLAGS]
+                           [--stages lr,seeds,nonorm,width,report] [--bench-json FILE]
+                           [--dry-run] [-- EXTRA FLAGS]
+--bench-json: the JSON of `pion bench optim --device cpu --pion_variants --json FILE`; the
+report then puts each setting's step time and moment state on one GPT-2-small layer beside it.
 EXTRA FLAGS go to every run (e.g. `-- --device cuda`). Defaults: runs/ablation, build/pion,
 2 jobs, 2000 iters (tinyshakespeare, nanoGPT's baby config as in docs/RESULTS.md).
 """
@@ -82,6 +86,7 @@ class Ablation:
         self.iters = args.iters
         self.extra = args.extra
         self.dry = args.dry_run
+        self.bench = args.bench
         # The width of the base config (stage width adds 64 and 256 beside it).
         self.d_model = 128
         if "--d_model" in self.extra:
@@ -245,13 +250,56 @@ class Ablation:
             for name, optimizer, keys in settings()[:3:2]:  # AdamW and Pion lie/both/adam
                 self.sweep_lrs(optimizer, [("d_model", d_model)] + keys, "rmsnorm", int(d_model))
 
+    def bench_row(self, name):
+        """(median ms, x the default two-sided step, moment state MiB) of a setting on the
+        GPT-2-small layer of --bench-json, or None."""
+        if not self.bench:
+            return None
+        for row in self.bench["rows"]:
+            if name == "AdamW" and row.get("optimizer") == "adamw":
+                return (row["median_ms"], None, row["moment_bytes"] / 2**20)
+            label = f"Pion {row.get('momentum')}/{row.get('update_side')}/{row.get('normalizer')}"
+            if row.get("optimizer") == "pion" and label == name:
+                return (row["median_ms"], row["ratio_to_default"], row["moment_bytes"] / 2**20)
+        return None
+
     def table(self, rows):
-        lines = ["| setting | best lr | best val loss (mean ± std) | seeds | optimizer state "
-                 "(MiB) | optimizer step, CPU ms |", "|---|---:|---:|---:|---:|---:|"]
+        head = ("| setting | best lr | best val loss (mean ± std) | seeds | optimizer state "
+                "(MiB) | optimizer step, CPU ms |")
+        rule = "|---|---:|---:|---:|---:|---:|"
+        if self.bench:
+            head += " GPT-2-small layer step, ms (x Pion default) | its moment state (MiB) |"
+            rule += "---:|---:|"
+        lines = [head, rule]
         for name, lr, mean, std, n, state, step_ms in rows:
             std_text = f"{std:.4f}" if math.isfinite(std) else "—"
-            lines.append(f"| {name} | {lr} | {mean:.4f} ± {std_text} | {n} | {state:.2f} | "
-                         f"{step_ms:.2f} |")
+            line = (f"| {name} | {lr} | {mean:.4f} ± {std_text} | {n} | {state:.2f} | "
+                    f"{step_ms:.2f} |")
+            if self.bench:
+                b = self.bench_row(name)
+                if b is None:
+                    line += " — | — |"
+                else:
+                    ratio = f" ({b[1]:.2f}x)" if b[1] is not None else ""
+                    line += f" {b[0]:.1f}{ratio} | {b[2]:.2f} |"
+            lines.append(line)
+        return "\n".join(lines)
+
+    def lr_table(self, norm="rmsnorm"):
+        """Every lr tried at seed 1 per setting, the best in bold."""
+        lines = ["| setting | lr: best val loss (seed 1) |", "|---|---|"]
+        for name, optimizer, keys in settings():
+            norm_keys = [("norm", "none")] if norm == "none" else []
+            by_lr = self.matching(optimizer, keys + norm_keys, norm)
+            points = sorted((lr, seeds[1][0].get("best_val_loss")) for lr, seeds in by_lr.items()
+                            if 1 in seeds)
+            points = [(lr, x) for lr, x in points if x is not None and math.isfinite(x)]
+            if not points:
+                continue
+            best = min(points, key=lambda p: p[1])[0]
+            cells = ", ".join(f"**{lr:g}: {x:.4f}**" if lr == best else f"{lr:g}: {x:.4f}"
+                              for lr, x in points)
+            lines.append(f"| {name} | {cells} |")
         return "\n".join(lines)
 
     def stage_report(self):
@@ -260,7 +308,13 @@ class Ablation:
                  "the best was at an edge of the values tried; then seeds 1-3 at that lr "
                  "(mean ± sample std). Written by scripts/ablation.py.\n",
                  "## With RMSNorm\n", self.table(self.ranked()), "",
-                 "## Without normalisation (`--norm none`)\n", self.table(self.ranked("none")), ""]
+                 "## Without normalisation (`--norm none`)\n", self.table(self.ranked("none")), "",
+                 "## Every lr tried (seed 1)\n", self.lr_table(), "",
+                 "Without normalisation:\n", self.lr_table("none"), ""]
+        if self.bench:
+            parts += [f"GPT-2-small layer columns: `{self.bench.get('tool')}` "
+                      f"({self.bench.get('hardware')}, {self.bench.get('date')}), median of "
+                      f"{self.bench.get('steps')} steps; moment state without sigma0.", ""]
         width = {}
         for name, optimizer, keys in settings()[:3:2]:
             for d_model in (64, self.d_model, 256):
@@ -321,8 +375,21 @@ def main():
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--stages", default="lr,seeds,nonorm,width,report")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--bench-json", default=None)
     args = p.parse_args(argv)
     args.extra = extra
+    args.bench = None
+    if args.bench_json is not None:
+        try:
+            with open(args.bench_json) as f:
+                args.bench = json.load(f)
+            if not isinstance(args.bench, dict) or not isinstance(args.bench.get("rows"), list):
+                raise ValueError("no 'rows' list")
+        except (OSError, ValueError) as e:
+            print(f"ablation: --bench-json {args.bench_json}: {e}; give the JSON that "
+                  "`pion bench optim --device cpu --pion_variants --json FILE` writes",
+                  file=sys.stderr)
+            return 2
     if not os.access(args.pion, os.X_OK):
         print(f"ablation: no pion binary at {args.pion}; build it (cmake --build build) or "
               "give --pion", file=sys.stderr)

@@ -82,4 +82,30 @@ rc=$?
 [[ $rc -eq 2 ]] && grep -q "no pion binary" "$tmp/log" && ok "missing binary: exit 2 with a hint" ||
   fail "missing binary gave exit $rc: $(cat "$tmp/log")"
 
+# --bench-json: the variant benchmark's step time and moment state beside each setting.
+cat >"$tmp/bench.json" <<'X'
+{"tool": "pion bench optim --pion_variants", "hardware": "test", "date": "today", "steps": 5,
+ "rows": [{"optimizer": "adamw", "label": "AdamW", "median_ms": 32.1, "moment_bytes": 56623104},
+          {"optimizer": "pion", "momentum": "lie", "update_side": "both", "normalizer": "adam",
+           "median_ms": 2332.1, "ratio_to_default": 1.0, "moment_bytes": 152567808},
+          {"optimizer": "pion", "momentum": "ambient", "update_side": "right", "normalizer": "adam",
+           "median_ms": 788.1, "ratio_to_default": 0.338, "moment_bytes": 56623104}]}
+X
+run --stages report --bench-json "$tmp/bench.json"
+rc=$?
+[[ $rc -eq 0 ]] && grep -q "| Pion ambient/right/adam |.*| 788.1 (0.34x) | 54.00 |" "$tmp/out/ABLATION.md" &&
+  grep -q "| AdamW |.*| 32.1 | 54.00 |" "$tmp/out/ABLATION.md" &&
+  grep -q "| Muon |.*| — | — |" "$tmp/out/ABLATION.md" &&
+  ok "report: the benchmark's step time and state beside each setting" ||
+  fail "report with --bench-json (exit $rc): $(grep -E 'AdamW|Muon|ambient/right' "$tmp/out/ABLATION.md" | head -4)"
+grep -q "^| Muon | .*\*\*0.02: 1.50" "$tmp/out/ABLATION.md" && ok "report: every lr, the best in bold" ||
+  fail "report lr table: $(grep -A4 'Every lr' "$tmp/out/ABLATION.md")"
+echo '{"rows": 3}' >"$tmp/bad.json"
+for bad in "$tmp/bad.json" "$tmp/missing.json"; do
+  run --stages report --bench-json "$bad"
+  rc=$?
+  [[ $rc -eq 2 ]] && grep -q "pion_variants --json" "$tmp/log" && ok "bad --bench-json: exit 2 with a hint" ||
+    fail "--bench-json $bad gave exit $rc: $(cat "$tmp/log")"
+done
+
 finish test_ablation
