@@ -115,6 +115,10 @@ struct CudaLlama::Impl {
   // din written by its GEMM in bf16 for SwiGLU's backward). Null at other precisions.
   std::unique_ptr<layers::Bf16Workspace> acts16;
   std::uint16_t *dres16 = nullptr, *dgu16 = nullptr, *dqkv16 = nullptr, *dact16 = nullptr;
+  // Bf16: the LM head's input in bf16 (written by the final RMSNorm, or converted once from
+  // x_final without norms), read by the head's forward GEMM and its weight gradient; the fp32
+  // h_final is then not kept (with norms).
+  std::uint16_t* h_final16 = nullptr;
   bool have_loss = false;
   // A forward-only call's activations wait for weighted_backward (RL's objective path).
   bool backward_pending = false;
@@ -241,7 +245,7 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   const i64 per_layer = n * d /*x_in*/ + h_fp32 /*h1*/ + n /*rstd1*/ + n * qkv /*qkv*/ + keep +
                         n * d /*att*/ + n * d /*x_mid*/ + h_fp32 /*h2*/ + n /*rstd2*/ +
                         gu_fp32 /*gu*/ + act_fp32 /*act*/;
-  const i64 tail = n * d /*x_final*/ + n * d /*h_final*/ + n /*rstd*/ + n * v /*logits*/ +
+  const i64 tail = n * d /*x_final*/ + h_fp32 /*h_final*/ + n /*rstd*/ + n * v /*logits*/ +
                    n /*lse*/ + n * d /*proj*/;
   const i64 rms_scratch =
       c.has_norm() ? static_cast<i64>(layers::rmsnorm_backward_scratch_elements(n, d)) : 0;
@@ -260,9 +264,9 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.acts16.reset();
   std::uint16_t* p16 = nullptr;
   if (bf16) {
-    m.acts16 = std::make_unique<layers::Bf16Workspace>(
-        static_cast<std::size_t>(L * (3 * pad16(n * d) + pad16(n * f) + pad16(2 * n * f)) +
-                                 pad16(n * d) + pad16(2 * n * f) + pad16(n * qkv) + pad16(n * f)));
+    m.acts16 = std::make_unique<layers::Bf16Workspace>(static_cast<std::size_t>(
+        L * (3 * pad16(n * d) + pad16(n * f) + pad16(2 * n * f)) + pad16(n * d) + pad16(2 * n * f) +
+        pad16(n * qkv) + pad16(n * f) + pad16(n * d)));
     p16 = static_cast<std::uint16_t*>(m.acts16->data());
   }
   auto take16 = [&](i64 count) -> std::uint16_t* {
@@ -294,8 +298,9 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   m.dgu16 = take16(2 * n * f);
   m.dqkv16 = take16(n * qkv);
   m.dact16 = take16(n * f);
+  m.h_final16 = take16(n * d);
   m.x_final = take(n * d);
-  m.h_final = take(n * d);
+  m.h_final = take(h_fp32);
   m.rstd_final = take(n);
   m.logits = take(n * v);
   m.lse = take(n);
@@ -443,9 +448,12 @@ struct Pass {
       layers::residual_forward(ctx, x_out, a.x_mid, m.proj, n * d);
     }
     if (norms)
-      layers::rmsnorm_forward(ctx, m.h_final, m.rstd_final, m.x_final, m.w.final_norm, n, d, eps);
+      layers::rmsnorm_forward(ctx, m.h_final, m.rstd_final, m.x_final, m.w.final_norm, n, d, eps,
+                              m.h_final16);
+    else if (bf16)
+      layers::convert_to_bf16(ctx, m.h_final16, m.x_final, n * d);
     layers::linear_forward(ctx, m.logits, normed(m.h_final, m.x_final), m.w.lm_head, n, d, v, mp,
-                           ws);
+                           ws, m.h_final16);
   }
 
   // From the dlogits (assigned by the caller's cross-entropy, where bf16_dlogits() says) to
@@ -461,7 +469,7 @@ struct Pass {
     const float* head_in = normed(m.h_final, m.x_final);
     if (bf16_dlogits())
       layers::linear_backward_bf16(ctx, head_din, m.g.lm_head, dlogits16(), head_in, m.w.lm_head, n,
-                                   d, v, *ws, kAssign);
+                                   d, v, *ws, kAssign, m.h_final16);
     else
       layers::linear_backward(ctx, head_din, m.g.lm_head, m.dlogits, head_in, m.w.lm_head, n, d, v,
                               mp, ws, kAssign);

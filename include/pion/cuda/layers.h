@@ -195,9 +195,11 @@ void linear_backward(Context& ctx, float* din, float* dweight, const float* dout
 // workspace needs linear_bf16_workspace_elements(n, d_in, d_out, mirrored) as for
 // linear_backward, and dout_bf16 may lie in its first linear_bf16_dout_elements(n, d_out)
 // elements (the slice linear_backward converts dout into): this call writes only after them.
+// in_bf16 (optional): the bf16 copy of in, read instead of converting in (as linear_backward).
 void linear_backward_bf16(Context& ctx, float* din, float* dweight, const void* dout_bf16,
                           const float* in, const float* weight, i64 n, i64 d_in, i64 d_out,
-                          Bf16Workspace& workspace, GradWrite din_write = GradWrite::Add);
+                          Bf16Workspace& workspace, GradWrite din_write = GradWrite::Add,
+                          const void* in_bf16 = nullptr);
 // The workspace elements at its start that hold linear_backward's bf16 dout, [n, d_out]
 // padded: where a caller may place the bf16 dout it hands to linear_backward_bf16.
 std::size_t linear_bf16_dout_elements(i64 n, i64 d_out);
