@@ -63,6 +63,21 @@ std::vector<nlohmann::json> read_metrics(const std::string& path) {
   return out;
 }
 
+// The data state in a checkpoint's pion.train metadata (a JSON string), parsed.
+nlohmann::json data_state_of(const TensorFile& f) {
+  const auto train = nlohmann::json::parse(f.metadata.at("pion.train"));
+  return nlohmann::json::parse(train.at("data_state").get<std::string>());
+}
+
+// Saves `f` at `ckpt` with its data state replaced by `state` (checksums recomputed, so only
+// the values are wrong).
+void save_with_data_state(const std::string& ckpt, TensorFile f, const nlohmann::json& state) {
+  auto train = nlohmann::json::parse(f.metadata.at("pion.train"));
+  train["data_state"] = state.dump();
+  f.metadata["pion.train"] = train.dump();
+  save_safetensors(ckpt, f);
+}
+
 }  // namespace
 
 TEST(RlCli, WritesRlMetricsEveryStep) {
@@ -155,14 +170,10 @@ TEST(RlCli, BadResampledGroupsInTheCheckpointNamesTheKey) {
   const std::string ckpt = dir + "/r/checkpoint.safetensors";
   const TensorFile good = load_safetensors(ckpt);
   for (const std::string bad : {"-1", "7", "\"x\""}) {
-    TensorFile f = good;
-    auto train = nlohmann::json::parse(f.metadata.at("pion.train"));
-    auto state = nlohmann::json::parse(train.at("data_state").get<std::string>());
+    auto state = data_state_of(good);
     ASSERT_TRUE(state.contains("resampled_groups")) << state.dump().substr(0, 200);
     state["resampled_groups"] = nlohmann::json::parse(bad);
-    train["data_state"] = state.dump();
-    f.metadata["pion.train"] = train.dump();
-    save_safetensors(ckpt, f);
+    save_with_data_state(ckpt, good, state);
     test::expect_cli_error(flags + " --resume", {"'resampled_groups'"});
   }
 }
@@ -177,13 +188,9 @@ TEST(RlCli, BadPolicyIsReferenceInTheCheckpointNamesTheKey) {
   const std::string ckpt = dir + "/r/checkpoint.safetensors";
   const TensorFile good = load_safetensors(ckpt);
   for (const std::string bad : {"\"yes\"", "2", "[true]", "{\"a\": true}"}) {
-    TensorFile f = good;
-    auto train = nlohmann::json::parse(f.metadata.at("pion.train"));
-    auto state = nlohmann::json::parse(train.at("data_state").get<std::string>());
+    auto state = data_state_of(good);
     state["policy_is_reference"] = nlohmann::json::parse(bad);
-    train["data_state"] = state.dump();
-    f.metadata["pion.train"] = train.dump();
-    save_safetensors(ckpt, f);
+    save_with_data_state(ckpt, good, state);
     test::expect_cli_error(flags + " --resume", {"'policy_is_reference'"});
   }
 }
@@ -236,15 +243,11 @@ TEST(RlCli, BadRowEntropyInTheCheckpointNamesTheKey) {
   const std::string ckpt = dir + "/r/checkpoint.safetensors";
   const TensorFile good = load_safetensors(ckpt);
   for (const std::string bad : {"-1", "1e300", "\"x\"", "[1]"}) {
-    TensorFile f = good;
-    auto train = nlohmann::json::parse(f.metadata.at("pion.train"));
-    auto state = nlohmann::json::parse(train.at("data_state").get<std::string>());
+    auto state = data_state_of(good);
     ASSERT_TRUE(state.contains("rows")) << state.dump().substr(0, 200);
     ASSERT_TRUE(state["rows"][0].contains("entropy"));
     state["rows"][0]["entropy"] = nlohmann::json::parse(bad);
-    train["data_state"] = state.dump();
-    f.metadata["pion.train"] = train.dump();
-    save_safetensors(ckpt, f);
+    save_with_data_state(ckpt, good, state);
     test::expect_cli_error(flags + " --resume", {"entropy"});
   }
 }
