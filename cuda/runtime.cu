@@ -105,8 +105,7 @@ Context::Context() : impl_(std::make_unique<Impl>()) {
 
 Context::~Context() {
   Impl& c = *impl_;
-  if (c.graph_exec != nullptr) cudaGraphExecDestroy(c.graph_exec);
-  if (c.graph != nullptr) cudaGraphDestroy(c.graph);
+  c.graph = Graph();
   if (c.stream != nullptr) cudaStreamSynchronize(c.stream);
   if (c.blas != nullptr) cublasDestroy(c.blas);
   if (c.workspace != nullptr) cudaFree(c.workspace);
@@ -117,19 +116,60 @@ void Context::synchronize() {
   PION_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
 }
 
+struct Graph::Impl {
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  ~Impl() {  // no throw from a destructor
+    if (exec != nullptr) cudaGraphExecDestroy(exec);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+  }
+};
+
+Graph::Graph() = default;
+Graph::~Graph() = default;
+Graph::Graph(Graph&& other) noexcept = default;
+Graph& Graph::operator=(Graph&& other) noexcept = default;
+
+bool Graph::empty() const {
+  return impl_ == nullptr;
+}
+
+namespace {
+// Ends the capture under way on `stream` and instantiates what it recorded.
+Graph::Impl* end_and_instantiate(cudaStream_t stream) {
+  auto impl = std::make_unique<Graph::Impl>();
+  PION_CUDA_CHECK(cudaStreamEndCapture(stream, &impl->graph));
+  PION_CUDA_CHECK(cudaGraphInstantiate(&impl->exec, impl->graph, 0));
+  return impl.release();
+}
+}  // namespace
+
+Graph Graph::capture(Context& ctx, const std::function<void()>& queue) {
+  ctx.begin_capture();
+  Graph g;
+  try {
+    queue();
+    g.impl_.reset(end_and_instantiate(ctx.impl().stream));
+  } catch (...) {
+    ctx.abort_capture();
+    throw;
+  }
+  return g;
+}
+
+void Graph::launch(Context& ctx) const {
+  check(impl_ != nullptr, "cuda: launch of an empty graph (capture one first)");
+  PION_CUDA_CHECK(cudaGraphLaunch(impl_->exec, ctx.impl().stream));
+}
+
 void Context::begin_capture() {
   PION_CUDA_CHECK(cudaStreamBeginCapture(impl_->stream, cudaStreamCaptureModeThreadLocal));
 }
 
 void Context::end_capture() {
-  Impl& c = *impl_;
-  cudaGraph_t graph = nullptr;
-  PION_CUDA_CHECK(cudaStreamEndCapture(c.stream, &graph));
-  if (c.graph_exec != nullptr) cudaGraphExecDestroy(c.graph_exec);
-  if (c.graph != nullptr) cudaGraphDestroy(c.graph);
-  c.graph = graph;
-  c.graph_exec = nullptr;
-  PION_CUDA_CHECK(cudaGraphInstantiate(&c.graph_exec, c.graph, 0));
+  Graph g;
+  g.impl_.reset(end_and_instantiate(impl_->stream));
+  impl_->graph = std::move(g);
 }
 
 void Context::abort_capture() noexcept {
@@ -144,11 +184,10 @@ void Context::abort_capture() noexcept {
 }
 
 void Context::launch_graph() {
-  Impl& c = *impl_;
-  check(c.graph_exec != nullptr,
+  check(!impl_->graph.empty(),
         "cuda: launch_graph before a capture (call begin_capture, "
         "queue the work, end_capture)");
-  PION_CUDA_CHECK(cudaGraphLaunch(c.graph_exec, c.stream));
+  impl_->graph.launch(*this);
 }
 
 }  // namespace pion::cuda

@@ -13,6 +13,11 @@ The H100 time a step implies (a model, not a measurement):
   + sum over GEMM calls of max(bytes / bandwidth, flops / peak of the call's math)
   + sum over copies and memsets of bytes / bandwidth (device side) or / host link
   + 4 us per kernel launch, GEMM call, copy and memset.
+The 4 us stays on the operations a CUDA graph replays: the model charges the gap between
+dependent kernels on the device, which a graph shortens but does not remove, not the host's
+cost of queuing them; "host submissions" counts what the host queued itself (kernel launches,
+cuBLAS calls, async copies, memsets, event records outside a graph), with the graph launches
+beside it.
 """
 import glob
 import json
@@ -46,6 +51,9 @@ def summary(j):
         "launches": 0.0, "kernel_read": 0.0, "kernel_written": 0.0, "gemm_calls": 0.0,
         "copy_calls": 0.0, "copy_device_bytes": 0.0, "copy_host_bytes": 0.0,
         "gemm_time": 0.0,
+        # stream operations the host queued itself (graph replays excluded), graph launches
+        "host_submissions": float(j["totals"].get("host_submissions", 0)),
+        "graph_launches": float(j["totals"].get("graph_launches", 0)),
     }
     for c in CLASSES:
         s["gemm_flops_" + c] = 0.0
@@ -136,16 +144,18 @@ def row(label, s, per_call_gemm=True):
     k, g, c, o = times(s, per_call_gemm)
     total = k + g + c + o
     return (f"| {label} | {s['launches']:.0f} | {s['gemm_calls']:.0f} | {s['copy_calls']:.0f} | "
+            f"{s['host_submissions']:.0f} ({s['graph_launches']:.0f}) | "
             f"{gb(s['kernel_read'] + s['kernel_written'])} | {gb(gemm_bytes(s))} | "
             f"{gemm_flops(s) / 1e12:.4f} | {1e3 * k:.3f} | {1e3 * g:.3f} | {1e3 * c:.3f} | "
             f"{1e3 * o:.3f} | "
             f"{1e3 * total:.3f} |")
 
 
-HEADER = ("| {what} | kernel launches | GEMM calls | copies + memsets | kernel bytes R+W (GB) | "
+HEADER = ("| {what} | kernel launches | GEMM calls | copies + memsets | host submissions "
+          "(graph launches) | kernel bytes R+W (GB) | "
           "GEMM bytes (GB) | GEMM TFLOP | kernels at 3.35 TB/s (ms) | GEMMs (ms) | "
           "copies + memsets (ms) | 4 us each (ms) | implied H100 (ms) |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def main():

@@ -128,7 +128,8 @@ TEST(BenchCli, BadArgumentsAreRejected) {
   for (const char* args :
        {"bench", "bench optim --device tpu", "bench optim --layers 0", "bench optim --steps 0",
         "bench nothing", "bench generate --sequences 0", "bench generate --device tpu",
-        "bench optim --device cuda --pion_variants", "bench generate --matmul_precision bf17"}) {
+        "bench optim --device cuda --pion_variants", "bench generate --matmul_precision bf17",
+        "bench train --device cpu --cuda_graphs maybe"}) {
     const auto r = run_pion(args);
     EXPECT_EQ(r.exit_code, 2) << args << ":\n" << r.output;
     EXPECT_NE(r.output.find("pion: error:"), std::string::npos) << args << ":\n" << r.output;

@@ -326,6 +326,75 @@ TEST(CudaLlama, BackwardScratchAssignedNotZeroed) {
   }
 }
 
+// forward_backward replays a CUDA graph from the second call with a shape and loss scale on.
+// Against a model with graphs off, over batches whose tokens and weights change between calls
+// (a graph reads the buffers, not the values they held at capture): the same losses and
+// gradients bit for bit, for the training scale, evaluation (scale 0) and a second shape, which
+// captures again; going back to the first shape runs eagerly again (its graphs were dropped
+// with its buffers). Fp32 and bf16 (whose weight copy is refreshed before the graph),
+// materialised and flash attention.
+TEST(CudaLlama, GraphReplaysEqualEagerPasses) {
+  PION_REQUIRE_CUDA_DEVICE();
+  for (auto mp : {cu::layers::MatmulPrecision::Fp32, cu::layers::MatmulPrecision::Bf16}) {
+    for (auto attention : {cu::CudaAttention::Materialized, cu::CudaAttention::Flash}) {
+      const bool bf16 = mp == cu::layers::MatmulPrecision::Bf16;
+      const bool flash = attention == cu::CudaAttention::Flash;
+      SCOPED_TRACE(std::string(bf16 ? "bf16 " : "fp32 ") + (flash ? "flash" : "materialized"));
+      const ModelConfig config = small_config();
+      Llama<float> cpu(config);
+      Rng init(61);
+      cpu.init_weights(init);
+      cu::Context ctx;
+      cu::CudaLlamaOptions o;
+      o.matmul = mp;
+      o.attention = attention;
+      cu::CudaLlamaOptions eager_options = o;
+      eager_options.graphs = false;
+      cu::CudaLlama graphed(ctx, config, o), eager(ctx, config, eager_options);
+      for (cu::CudaLlama* m : {&graphed, &eager}) {
+        m->track_weight_changes(true);
+        m->upload_params(
+            {cpu.params().data<float>(), static_cast<std::size_t>(cpu.params().numel())});
+      }
+      struct Call {
+        int rows, seq;
+        double loss_scale;
+      };
+      const std::vector<Call> calls = {{2, 24, 0.5}, {2, 24, 0.5}, {2, 24, 0.0}, {2, 24, 0.5},
+                                       {2, 24, 0.0}, {2, 24, 0.0}, {2, 24, 0.5}, {3, 16, 0.5},
+                                       {3, 16, 0.5}, {3, 16, 0.5}, {2, 24, 0.5}};
+      for (std::size_t i = 0; i < calls.size(); ++i) {
+        SCOPED_TRACE("call " + std::to_string(i));
+        const Call c = calls[i];
+        const Batch b = random_batch(c.rows, c.seq, config.vocab_size, 100 + i);
+        std::vector<std::pair<cu::CudaLlama::Loss, std::vector<float> > > out;
+        for (cu::CudaLlama* m : {&graphed, &eager}) {
+          m->zero_grad();
+          m->forward_backward(b.tokens, b.targets, c.rows, c.seq, c.loss_scale);
+          std::vector<float> g(static_cast<std::size_t>(m->num_params()));
+          m->download_grads(g);
+          out.emplace_back(m->read_loss(), std::move(g));
+          // New weights for the next call, as an optimizer step writes them.
+          cu::scale_inplace(ctx, m->params(), m->num_params(), 0.9f);
+          m->weights_changed();
+        }
+        EXPECT_EQ(out[0].first.loss, out[1].first.loss);
+        EXPECT_EQ(out[0].first.count, out[1].first.count);
+        EXPECT_EQ(out[0].second, out[1].second);
+        if (c.loss_scale != 0.0) {
+          EXPECT_NE(out[0].second, std::vector<float>(out[0].second.size(), 0.0f));
+        }
+      }
+      // Captured: (2x24, 0.5) at call 1, (2x24, 0) at call 4, (3x16, 0.5) at call 8. Replayed:
+      // calls 1, 3, 6; 4, 5; 8, 9. Call 10 (2x24 again) is eager.
+      EXPECT_EQ(graphed.graph_counts().captures, 3);
+      EXPECT_EQ(graphed.graph_counts().replays, 7);
+      EXPECT_EQ(eager.graph_counts().captures, 0);
+      EXPECT_EQ(eager.graph_counts().replays, 0);
+    }
+  }
+}
+
 TEST(CudaLlama, AccumulatesNormsAndScales) {
   PION_REQUIRE_CUDA_DEVICE();
   const ModelConfig config = small_config();

@@ -110,12 +110,13 @@ TEST(TrainVariants, UndefinedOrGpuOnlyCombinationsAreOneClearLine) {
       {"train --tie_embeddings maybe" + out, "config key 'tie_embeddings'"},
       {"train --rope_theta 0" + out, "config key 'rope_theta'"},
       {"train --norm_eps 2" + out, "config key 'norm_eps'"},
+      {"train --cuda_graphs maybe" + out, "config key 'cuda_graphs'"},
   };
   for (const auto& c : cases) test::expect_cli_error(c.args, {c.needle});
   // --help lists the new keys.
   auto help = test::run_pion("train --help");
   for (const char* key :
        {"--pion_momentum", "--pion_update_side", "--pion_normalizer", "--pion_ns_steps", "--norm",
-        "--n_kv_head", "--tie_embeddings", "--rope_theta", "--norm_eps"})
+        "--n_kv_head", "--tie_embeddings", "--rope_theta", "--norm_eps", "--cuda_graphs"})
     EXPECT_NE(help.output.find(key), std::string::npos) << key;
 }

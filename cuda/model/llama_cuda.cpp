@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
+#include <iostream>
 #include <string>
 
 #include "pion/core/error.h"
@@ -135,6 +137,17 @@ struct CudaLlama::Impl {
   std::int64_t mirror_from = 0;
   bool track_changes = false, weights_stale = true;
   float* rms_scratch = nullptr;  // rmsnorm_backward's per-chunk weight-gradient partials
+  // forward_backward's captured passes at the current shape, one per loss scale, and the
+  // scales that have run eagerly once at it (a capture needs every kernel loaded). Cleared by
+  // ensure_buffers with the buffers the graphs point into.
+  struct CapturedPass {
+    double loss_scale = 0.0;
+    Graph graph;
+  };
+  std::vector<CapturedPass> passes;
+  std::vector<double> eager_scales;
+  bool graphs_failed = false;  // a capture threw: eager from then on
+  CudaLlama::GraphCounts graph_counts;
 
   Impl(std::int64_t num_params, const pion::layers::RopeTable<float>& table, i64 seq_len, i64 half)
       : params(static_cast<std::size_t>(num_params)),
@@ -229,6 +242,8 @@ namespace {
 void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOptions& o, int batch,
                     int seq, std::int64_t num_params) {
   if (batch == m.batch && seq == m.seq) return;
+  m.passes.clear();
+  m.eager_scales.clear();
   const i64 n = static_cast<i64>(batch) * seq, d = c.d_model, f = c.ffn_size();
   const i64 v = c.vocab_size, h = c.n_head, L = c.n_layer;
   const i64 qkv = d + 2 * static_cast<i64>(c.kv_dim());  // [q | k | v] row width
@@ -552,21 +567,58 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
     m.weights_stale = false;
   }
 
-  Pass pass(ctx_, m, config_, options_);
-  pass.forward();
   m.have_loss = true;
   m.backward_pending = loss_scale == 0.0;
-  if (loss_scale == 0.0) {
-    layers::cross_entropy(ctx_, *m.loss, m.lse, nullptr, m.logits, m.targets.data(), n, v, 1.0);
+  const auto queue = [&] {
+    Pass pass(ctx_, m, config_, options_);
+    pass.forward();
+    if (loss_scale == 0.0) {
+      layers::cross_entropy(ctx_, *m.loss, m.lse, nullptr, m.logits, m.targets.data(), n, v, 1.0);
+      return;
+    }
+    if (pass.bf16_dlogits())
+      layers::cross_entropy_bf16(ctx_, *m.loss, m.lse, pass.dlogits16(), m.logits, m.targets.data(),
+                                 n, v, loss_scale);
+    else
+      layers::cross_entropy(ctx_, *m.loss, m.lse, m.dlogits, m.logits, m.targets.data(), n, v,
+                            loss_scale, layers::GradWrite::Assign);
+    pass.backward();
+  };
+  run_pass(loss_scale, queue);
+}
+
+// The pass of forward_backward: a replay of its graph, or eager (the first call with this
+// loss scale at this shape, graphs off or failed), or captured and then replayed.
+void CudaLlama::run_pass(double loss_scale, const std::function<void()>& queue) {
+  Impl& m = *impl_;
+  if (!options_.graphs || m.graphs_failed) return queue();
+  for (const auto& p : m.passes) {
+    if (p.loss_scale != loss_scale) continue;
+    p.graph.launch(ctx_);
+    ++m.graph_counts.replays;
     return;
   }
-  if (pass.bf16_dlogits())
-    layers::cross_entropy_bf16(ctx_, *m.loss, m.lse, pass.dlogits16(), m.logits, m.targets.data(),
-                               n, v, loss_scale);
-  else
-    layers::cross_entropy(ctx_, *m.loss, m.lse, m.dlogits, m.logits, m.targets.data(), n, v,
-                          loss_scale, layers::GradWrite::Assign);
-  pass.backward();
+  if (std::find(m.eager_scales.begin(), m.eager_scales.end(), loss_scale) == m.eager_scales.end()) {
+    m.eager_scales.push_back(loss_scale);
+    return queue();
+  }
+  Graph graph;
+  try {
+    graph = Graph::capture(ctx_, queue);
+  } catch (const std::exception& e) {
+    m.graphs_failed = true;
+    std::cout << "note: the forward/backward pass could not be captured into a CUDA graph ("
+              << e.what() << "); running it eagerly\n";
+    return queue();
+  }
+  graph.launch(ctx_);
+  ++m.graph_counts.captures;
+  ++m.graph_counts.replays;
+  m.passes.push_back({loss_scale, std::move(graph)});
+}
+
+CudaLlama::GraphCounts CudaLlama::graph_counts() const {
+  return impl_->graph_counts;
 }
 
 void CudaLlama::target_log_probs(std::span<double> log_probs, std::span<double> entropies) {

@@ -42,6 +42,7 @@ class DeviceRun {
     CudaLlamaOptions mo;
     mo.matmul = parse_matmul_precision(cfg.matmul_precision);
     mo.attention = choose_attention(cfg.attention, host.config(), cfg.batch_size);
+    mo.graphs = cfg.cuda_graphs;
     model_ = std::make_unique<CudaLlama>(ctx, host.config(), mo);
   }
 
@@ -200,7 +201,8 @@ class DeviceRun {
 // gradient scale are written to the device before each step, outside the graph.
 class StepLauncher {
  public:
-  StepLauncher(Context& ctx, std::vector<DeviceGroup>& groups) : ctx_(ctx), groups_(groups) {}
+  StepLauncher(Context& ctx, std::vector<DeviceGroup>& groups, bool use_graph)
+      : ctx_(ctx), groups_(groups), use_graph_(use_graph) {}
 
   void step(double factor, float grad_scale) {
     for (auto& d : groups_) d.device->set_lr(d.base_lr * factor);
@@ -236,8 +238,8 @@ class StepLauncher {
   std::vector<DeviceGroup>& groups_;
   float grad_scale_ = 1.0f;  // what the optimizers hold (their initial value)
   int eager_steps_ = 0;
+  bool use_graph_;
   bool captured_ = false;
-  bool use_graph_ = true;
 };
 
 using Clock = std::chrono::steady_clock;
@@ -274,7 +276,7 @@ class CudaBackend final : public TrainBackend {
     // gradient is; a clip scale in [0, 1] keeps them finite. So the optimizers' own NaN/Inf
     // check would read every gradient again to find nothing: off.
     for (auto& d : run_->groups()) d.device->set_finite_check(false);
-    launcher_ = std::make_unique<StepLauncher>(ctx_, run_->groups());
+    launcher_ = std::make_unique<StepLauncher>(ctx_, run_->groups(), cfg_.cuda_graphs);
     // Every write to the device weights is an optimizer step (reported in step()) or an
     // upload: the model's bf16 weight copy is refreshed once per step, not per micro-batch.
     run_->model().track_weight_changes(true);
@@ -284,7 +286,8 @@ class CudaBackend final : public TrainBackend {
     std::cout << "device: " << device_description() << " | matmul " << cfg_.matmul_precision
               << " | attention "
               << (model.options().attention == CudaAttention::Flash ? "flash" : "materialized")
-              << " | " << model.num_params() << " parameters on the device\n";
+              << (cfg_.cuda_graphs ? "" : " | no CUDA graphs") << " | " << model.num_params()
+              << " parameters on the device\n";
   }
 
   void set_lr_factor(double factor) override {

@@ -104,6 +104,7 @@ Result bench_one(const BenchTrainArgs& a, const Preset& p, const std::string& op
   cfg.attention = a.attention;
   cfg.matmul_precision = a.matmul_precision;
   cfg.pion_precision = a.pion_precision;
+  cfg.cuda_graphs = a.cuda_graphs;
   cfg.out_dir = dir + "/" + optimizer;
   cfg.validate();
 
@@ -195,14 +196,19 @@ void run_bench_train(const BenchTrainArgs& a) {
   t << "\npion bench train | " << a.preset << " | device " << a.device << " (" << hardware << ")";
   if (a.device == "cuda")
     t << " | matmul " << a.matmul_precision << " | attention " << a.attention << " | pion "
-      << a.pion_precision;
+      << a.pion_precision << (a.cuda_graphs ? "" : " | no CUDA graphs");
   t << " | " << today() << "\n\n"
     << "| optimizer | tokens/s | median step (ms) | optimizer step (ms) | vs adamw | final loss |\n"
     << "|---|---:|---:|---:|---:|---:|\n";
-  nlohmann::json j = {{"device", a.device},       {"hardware", hardware},
-                      {"preset", a.preset},       {"matmul_precision", a.matmul_precision},
-                      {"attention", a.attention}, {"pion_precision", a.pion_precision},
-                      {"date", today()},          {"results", nlohmann::json::array()}};
+  nlohmann::json j = {{"device", a.device},
+                      {"hardware", hardware},
+                      {"preset", a.preset},
+                      {"matmul_precision", a.matmul_precision},
+                      {"attention", a.attention},
+                      {"pion_precision", a.pion_precision},
+                      {"cuda_graphs", a.cuda_graphs},
+                      {"date", today()},
+                      {"results", nlohmann::json::array()}};
   for (const auto& r : results) {
     t << "| " << r.optimizer << " | " << std::fixed << std::setprecision(0) << r.tokens_per_sec
       << " | " << std::setprecision(1) << r.median_step_ms << " | " << r.optimizer_ms << " | ";
@@ -248,6 +254,9 @@ void add_bench_train_command(CLI::App& bench) {
   cmd->add_option("--matmul_precision", args->matmul_precision, "cuda: bf16 | tf32 | fp32")
       ->capture_default_str();
   cmd->add_option("--pion_precision", args->pion_precision, "cuda: fp32 | mixed")
+      ->capture_default_str();
+  cmd->add_option("--cuda_graphs", args->cuda_graphs,
+                  "cuda: true | false (false: every kernel launched by the host, no CUDA graphs)")
       ->capture_default_str();
   cmd->add_option("--json", args->json, "also write the results to this JSON file");
   cmd->callback([args] { run_bench_train(*args); });

@@ -22,6 +22,7 @@ struct BenchTrainArgs {
   std::string attention = "auto";
   std::string matmul_precision = "bf16";
   std::string pion_precision = "fp32";
+  bool cuda_graphs = true;  // the trainer's cuda_graphs: false launches every kernel
   std::string json;  // also write the results here
 };
 

@@ -26,7 +26,13 @@
 // - spectrum drift at evals needs an fp64 SVD of every Pion matrix on the host; it is computed
 //   at evals only while the Pion matrices hold under 20M parameters, and always at the end.
 // - the optimizer step of every group is captured into one CUDA graph after the first
-//   (eager) step and replayed; if capture fails the trainer says so and steps eagerly.
+//   (eager) step and replayed, and so is each micro-batch's forward/backward (CudaLlama, one
+//   graph per shape and loss scale: training and evaluation); if a capture fails the trainer
+//   says so and runs that part eagerly. A step is then a handful of host calls: the gradient
+//   zeroing, per micro-batch the token copies and a graph launch and the loss read, the
+//   norm's kernel and read, the optimizer's graph. The clip and the NaN/Inf skip stay host
+//   decisions on the one norm read per step (the loop's rule, shared with the CPU back end).
+//   cuda_graphs false launches every kernel (for profilers and debuggers).
 #include <memory>
 
 #include "pion/model/llama.h"

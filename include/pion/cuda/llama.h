@@ -23,6 +23,7 @@
 // CUDA back end is. Every call queues work on the Context's stream; the calls that return
 // host values (read_loss, grad_norm) and the copies synchronise.
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -38,6 +39,10 @@ enum class CudaAttention { Materialized, Flash };
 struct CudaLlamaOptions {
   layers::MatmulPrecision matmul = layers::MatmulPrecision::Bf16;
   CudaAttention attention = CudaAttention::Flash;
+  // forward_backward replays a CUDA graph of its kernels (one graph launch instead of a few
+  // hundred kernel launches) from the second call with a shape and loss scale on; the first
+  // runs eagerly (CUDA loads kernels lazily, a capture must not). false: always eager.
+  bool graphs = true;
 };
 
 // "bf16" | "tf32" | "fp32".
@@ -90,9 +95,17 @@ class CudaLlama {
   // [0, vocab), targets < vocab, negative targets ignored) and the fused cross-entropy. With
   // loss_scale != 0 it then runs backward and ADDS d(loss_scale * mean loss)/dparams into
   // grads(); with loss_scale == 0 it is forward only (evaluation). The loss stays on the
-  // device until read_loss().
+  // device until read_loss(). With options().graphs the pass after the token upload (and the
+  // bf16 weight refresh) is a CUDA graph per (batch, seq, loss_scale), captured on the
+  // second call with them and replayed after; a new shape drops the graphs with the buffers
+  // they point into. If a capture fails, the model says so once and stays eager.
   void forward_backward(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets,
                         int batch, int seq, double loss_scale);
+  // How many forward_backward calls replayed a graph, and how many graphs were captured.
+  struct GraphCounts {
+    std::int64_t replays = 0, captures = 0;
+  };
+  GraphCounts graph_counts() const;
   struct Loss {
     double loss = 0.0;       // mean over counted targets
     std::int64_t count = 0;  // targets counted
@@ -133,6 +146,7 @@ class CudaLlama {
   struct Impl;
 
  private:
+  void run_pass(double loss_scale, const std::function<void()>& queue);
   Context& ctx_;
   ModelConfig config_;
   CudaLlamaOptions options_;

@@ -5,6 +5,7 @@
 // cuda/runtime.cu. Every CUDA or cuBLAS failure throws pion::Error naming the call and the
 // CUDA error string.
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -71,6 +72,37 @@ class DeviceBuffer {
  private:
   float* ptr_ = nullptr;
   std::size_t count_ = 0;
+};
+
+class Context;
+
+// A captured and instantiated CUDA graph: the work one function queued on a Context's stream,
+// replayed by launch() with one call instead of one launch per kernel. Movable, not copyable;
+// a default-constructed Graph is empty.
+class Graph {
+ public:
+  Graph();
+  ~Graph();
+  Graph(Graph&& other) noexcept;
+  Graph& operator=(Graph&& other) noexcept;
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+
+  // Records what `queue` puts on ctx's stream and instantiates it; nothing runs yet. `queue`
+  // must not synchronise, allocate or copy synchronously (CUDA refuses those during a
+  // capture), and every kernel it launches must have run once before (CUDA loads modules
+  // lazily, which a capture must not do). If `queue` or the capture throws, what was recorded
+  // is discarded, the stream can be used eagerly again, and the error propagates.
+  static Graph capture(Context& ctx, const std::function<void()>& queue);
+  // Queues one replay on ctx's stream (throws pion::Error when empty).
+  void launch(Context& ctx) const;
+  bool empty() const;
+
+  struct Impl;
+
+ private:
+  friend class Context;  // its own begin_capture / end_capture keep one Graph
+  std::unique_ptr<Impl> impl_;
 };
 
 // A CUDA stream with its own cuBLAS handle (plain fp32 math unless a GEMM asks for TF32 or

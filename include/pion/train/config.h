@@ -81,6 +81,7 @@ struct TrainConfig {
   std::string attention = "auto";          // auto | flash | materialized
   std::string pion_precision = "fp32";     // fp32 | mixed
   std::string muon_precision = "bf16";     // bf16 | fp32
+  bool cuda_graphs = true;  // forward/backward and optimizer step replayed as CUDA graphs
 
   nlohmann::json to_json() const;
   // Throws pion::Error naming the key for any invalid value.

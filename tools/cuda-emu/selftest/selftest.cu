@@ -207,6 +207,11 @@ int count_checks(const char* path) {
   expect(j["window"] == "cudaProfilerStart/Stop ranges" && j["ranges"] == 1 &&
              j["totals"]["kernel_launches"] == 5,
          "EMU_COUNT: totals over the one range");
+  // Queued by the host: 3 kernels, 3 memsets, 2 cuBLAS calls (the synchronous cudaMemcpy is
+  // not queued; the captured kernel runs only in the 2 graph launches, not counted again).
+  expect(j["totals"]["host_submissions"] == 8 && j["totals"]["graph_launches"] == 2,
+         "EMU_COUNT: host submissions and graph launches apart (a replay's operations not "
+         "submitted by the host)");
 
   // A fault outside every device allocation still ends the process (the handler passes it on).
   std::fflush(stdout);

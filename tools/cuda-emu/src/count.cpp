@@ -83,6 +83,7 @@ struct Counter {
   std::map<std::string, KernelCount> kernels;
   std::map<std::string, GemmCount> gemms;
   std::map<std::string, CopyCount> copies;
+  long host_submits = 0, graph_launches = 0;
 
   Counter() {
     if (const char* p = std::getenv("EMU_COUNT"); p != nullptr && *p != 0) path = p;
@@ -98,6 +99,7 @@ struct Counter {
     kernels.clear();
     gemms.clear();
     copies.clear();
+    host_submits = graph_launches = 0;
   }
 };
 
@@ -220,8 +222,9 @@ void write_json(const char* path) {
                "  \"totals\": {\"kernel_launches\": %ld, \"kernel_bytes_read\": %llu, "
                "\"kernel_bytes_written\": %llu, \"gemm_calls\": %ld, \"gemm_flops\": %.0f, "
                "\"gemm_bytes_read\": %llu, \"gemm_bytes_written\": %llu, \"copy_calls\": %ld, "
-               "\"copy_bytes\": %llu},\n",
-               launches, kr, kw, gemm_calls, flops, gr, gw, copy_calls, copy_bytes);
+               "\"copy_bytes\": %llu, \"host_submissions\": %ld, \"graph_launches\": %ld},\n",
+               launches, kr, kw, gemm_calls, flops, gr, gw, copy_calls, copy_bytes, c.host_submits,
+               c.graph_launches);
   std::fprintf(f, "  \"kernels\": {");
   const char* sep = "\n";
   for (const auto& [name, k] : c.kernels) {
@@ -376,6 +379,12 @@ void count_gemm(const char* entry, bool tf32, cudaDataType at, cudaDataType bt, 
                                  (reads_c ? elems(m, n) * size(ct) : 0);
   g.read += per * static_cast<unsigned long long>(batch) + extra_read;
   g.written += elems(m, n) * size(ct) * static_cast<unsigned long long>(batch);
+}
+
+void count_submit(bool graph_launch) {
+  Counter& c = counter();
+  if (c.path.empty() || !c.active) return;
+  ++(graph_launch ? c.graph_launches : c.host_submits);
 }
 
 void count_copy(const std::string& what, std::size_t bytes) {

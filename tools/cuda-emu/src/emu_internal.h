@@ -38,4 +38,8 @@ void count_gemm(const char* entry, bool tf32, cudaDataType at, cudaDataType bt, 
                 int m, int n, int k, int batch, bool reads_c, std::size_t extra_read);
 // A copy or memset as it runs, e.g. "cudaMemcpyAsync DtoH".
 void count_copy(const std::string& what, std::size_t bytes);
+// One stream operation the host submitted itself (a kernel launch, a cuBLAS call, an async
+// copy or memset; not one a graph replays), or one cudaGraphLaunch: what the host pays per
+// launch on a GPU, which a graph replaces by one call.
+void count_submit(bool graph_launch);
 }  // namespace emu

@@ -577,6 +577,10 @@ bool capture_forbids(const char* what) {
 }
 }  // namespace
 
+namespace {
+bool g_replaying = false;  // cudaGraphLaunch is running a graph's operations
+}  // namespace
+
 // Runs the operation now, or records it when the stream is capturing.
 cudaError_t enqueue(cudaStream_t stream, std::function<void()> op, bool is_kernel) {
   if (!valid_stream(stream)) return ret(cudaErrorInvalidResourceHandle);
@@ -597,6 +601,7 @@ cudaError_t enqueue(cudaStream_t stream, std::function<void()> op, bool is_kerne
         return ret(cudaErrorStreamCaptureImplicit);
       }
   }
+  if (!g_replaying) count_submit(false);
   op();
   return g_sticky != cudaSuccess ? ret(g_sticky) : cudaSuccess;
 }
@@ -1047,10 +1052,16 @@ cudaError_t cudaGraphInstantiate(cudaGraphExec_t* exec, cudaGraph_t graph, unsig
 cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s) {
   EMU_API_LOCK;
   if (exec == nullptr || !g_execs.count(exec)) return ret(cudaErrorInvalidValue);
+  count_submit(true);
+  g_replaying = true;
   for (const auto& op : exec->ops) {
     const cudaError_t e = enqueue(s, op, false);
-    if (e != cudaSuccess) return ret(e);
+    if (e != cudaSuccess) {
+      g_replaying = false;
+      return ret(e);
+    }
   }
+  g_replaying = false;
   return cudaSuccess;
 }
 
