@@ -83,6 +83,16 @@ struct Dev {
   }
 };
 
+// The first count bf16 values of a device buffer (a DeviceBuffer holds floats: two per float).
+std::vector<std::uint16_t> bf16_bits(const DeviceBuffer& buf, i64 count) {
+  std::vector<float> raw(buf.size());
+  buf.download(raw.data(), raw.size());
+  std::vector<std::uint16_t> bits(raw.size() * 2);
+  std::memcpy(bits.data(), raw.data(), raw.size() * sizeof(float));
+  bits.resize(static_cast<std::size_t>(count));
+  return bits;
+}
+
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
@@ -377,15 +387,8 @@ TEST(CudaFlashAttention, WritesBf16OutputCopy) {
                                 s.head_dim, s.n_kv_head, out16.data());
     EXPECT_TRUE(same_bits(with16.host(), plain.host())) << "the fp32 output changed";
     cl::convert_to_bf16(ctx, conv16.data(), with16.get(), count);
-    std::vector<float> got_raw(out16.size()), conv_raw(out16.size());
-    out16.download(got_raw.data(), got_raw.size());
-    conv16.download(conv_raw.data(), conv_raw.size());
-    std::vector<std::uint16_t> got_bits(got_raw.size() * 2), conv_bits(got_bits.size());
-    std::memcpy(got_bits.data(), got_raw.data(), got_raw.size() * sizeof(float));
-    std::memcpy(conv_bits.data(), conv_raw.data(), conv_raw.size() * sizeof(float));
-    got_bits.resize(static_cast<std::size_t>(count));
-    conv_bits.resize(got_bits.size());
-    EXPECT_EQ(got_bits, conv_bits);
+    const auto got_bits = bf16_bits(out16, count);
+    EXPECT_EQ(got_bits, bf16_bits(conv16, count));
 
     double max_ref = 0.0;
     for (float c : out) max_ref = std::max(max_ref, std::abs(static_cast<double>(c)));
@@ -413,6 +416,96 @@ TEST(CudaFlashAttention, GroupedQueryMatchesCpu) {
   check_against_cpu({1, 70, 6, 64, 2}, 1110);   // g = 3, three backward key tiles
   check_against_cpu({1, 40, 4, 128, 1}, 1120);  // multi-query, 16-row backward tiles
   check_against_cpu({2, 19, 3, 7, 1}, 1130);    // masked columns
+}
+
+// The bf16 tensor-core forward (flash_attention_forward_tc) against the CPU float attention of
+// the bf16-rounded q, k, v. What is left is the bf16 rounding of the probabilities before
+// P V (relative 2^-9 each, while l sums them unrounded): |out - ref| <= 2^-9 sum_j p_j |v_j| / l
+// <= 2^-9 max |v|, plus fp32 sums; allowed 2^-8 max |v| + 1e-5. lse has no rounded factor
+// left (bf16 products are exact in fp32): within fp32 summation of the host's. Against the
+// unrounded attention the error is bf16-sized, larger than fp32's by far (shows the rounding).
+// The optional bf16 copy is bf16(out). Ragged lengths, several query and key tiles, head sizes
+// 64, 128 and padded ones (48, 7), grouped-query, a peaky softmax; the same bits twice.
+TEST(CudaFlashAttention, TensorCoreForwardMatchesCpuOfRoundedInputs) {
+  PION_REQUIRE_CUDA_DEVICE();
+  const auto round_bf16 = [](float x) {
+    std::uint32_t bits = 0;
+    std::memcpy(&bits, &x, sizeof bits);
+    bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;  // nearest even (finite x)
+    float r = 0.0f;
+    std::memcpy(&r, &bits, sizeof r);
+    return r;
+  };
+  struct Case {
+    Shape s;
+    double std;
+  };
+  for (const Case c :
+       {Case{{1, 150, 2, 64}, 1.0}, Case{{2, 70, 2, 128}, 1.0}, Case{{1, 45, 4, 48, 2}, 1.0},
+        Case{{2, 19, 3, 7, 1}, 1.0}, Case{{1, 130, 2, 32}, 2.0}}) {
+    const Shape& s = c.s;
+    SCOPED_TRACE(s.label());
+    std::printf(" %s (std %.1f)\n", s.label().c_str(), c.std);
+    const auto qkv = randn(s.qkv_elements(), 1300 + static_cast<std::uint64_t>(s.seq), c.std);
+    std::vector<float> rounded(qkv.size());
+    std::transform(qkv.begin(), qkv.end(), rounded.begin(), round_bf16);
+    const bool grouped = s.kv_heads() != s.n_head;
+    const Shape m = s.mha();
+    const auto attend = [&](const std::vector<float>& x) {
+      const auto wide = grouped ? repeat_kv(x, s) : x;
+      std::vector<float> out(static_cast<std::size_t>(s.out_elements())),
+          probs(static_cast<std::size_t>(m.rows() * s.seq));
+      hl::attention_forward(out.data(), probs.data(), wide.data(), s.batch, s.seq, s.n_head,
+                            s.head_dim);
+      return std::pair{out, host_lse(wide, m)};
+    };
+    const auto [ref, ref_lse] = attend(rounded);
+    const auto [exact, exact_lse] = attend(qkv);
+    double max_v = 0.0;
+    for (i64 row = 0; row < s.batch * s.seq; ++row)
+      for (i64 col = s.d() + s.kv(); col < s.width(); ++col)
+        max_v = std::max(max_v, std::abs(static_cast<double>(rounded[row * s.width() + col])));
+
+    Context ctx;
+    const i64 count = s.out_elements();
+    Dev d_qkv(qkv), out = Dev::poisoned(count);
+    Dev lse =
+        Dev::poisoned(static_cast<i64>(cl::flash_attention_lse_elements(s.batch, s.seq, s.n_head)));
+    DeviceBuffer out16((static_cast<std::size_t>(count) + 1) / 2), conv16(out16.size());
+    cl::flash_attention_forward_tc(ctx, out.get(), lse.get(), d_qkv.get(), s.batch, s.seq, s.n_head,
+                                   s.head_dim, s.n_kv_head, out16.data());
+    const auto got = out.host(), got_lse = lse.host();
+    std::size_t bad = 0, non_finite = 0;
+    double worst = 0.0;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      if (!std::isfinite(got[i])) ++non_finite;
+      const double diff = std::abs(static_cast<double>(got[i]) - ref[i]);
+      worst = std::max(worst, diff);
+      if (!(diff <= std::ldexp(max_v, -8) + 1e-5)) ++bad;
+    }
+    std::printf("  tc out vs cpu of rounded inputs: max|diff| = %.3e (bound %.3e)\n", worst,
+                std::ldexp(max_v, -8) + 1e-5);
+    EXPECT_EQ(non_finite, 0u) << "unwritten outputs";
+    EXPECT_EQ(bad, 0u) << "outputs beyond the probabilities' bf16 rounding";
+    expect_close("tc lse", got_lse, ref_lse, kFp32Chain, "host fp64 of rounded inputs");
+    const double vs_exact = expect_close("tc out", got, exact, 2e-2, "cpu, unrounded inputs");
+    EXPECT_GT(vs_exact, 1e-4) << "no bf16 rounding visible: are the inputs rounded?";
+
+    // The bf16 copy is bf16(out), bit for bit.
+    cl::convert_to_bf16(ctx, conv16.data(), out.get(), count);
+    EXPECT_EQ(bf16_bits(out16, count), bf16_bits(conv16, count));
+
+    Dev again = Dev::poisoned(count);
+    cl::flash_attention_forward_tc(ctx, again.get(), lse.get(), d_qkv.get(), s.batch, s.seq,
+                                   s.n_head, s.head_dim, s.n_kv_head);
+    EXPECT_TRUE(same_bits(again.host(), got)) << "out differs between two runs";
+  }
+  Context ctx;
+  Dev x = Dev::poisoned(10);
+  EXPECT_THROW(cl::flash_attention_forward_tc(ctx, x.get(), x.get(), x.get(), 1, 2, 1, 129),
+               pion::Error);
+  EXPECT_THROW(cl::flash_attention_forward_tc(ctx, x.get(), x.get(), x.get(), 1, 2, 3, 8, 2),
+               pion::Error);
 }
 
 TEST(CudaFlashAttention, MatchesCudaAttention) {

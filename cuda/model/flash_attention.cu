@@ -37,11 +37,13 @@
 #include <cmath>
 
 #include "common.cuh"
+#include "flash_common.cuh"
 #include "pion/cuda/flash_attention.h"
 
 namespace pion::cuda::layers {
 
 using namespace detail;
+using namespace flash;
 
 namespace {
 
@@ -459,54 +461,6 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
 
 // ---- host side -----------------------------------------------------------------------------
 
-// The compiled column count for a head_dim (checked <= kMaxHeadDim before).
-int columns_for(i64 head_dim) {
-  return head_dim <= 32 ? 32 : head_dim <= 64 ? 64 : 128;
-}
-
-// Returns the K/V head count (n_kv_head, or n_head for 0).
-i64 check_flash(i64 batch, i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head,
-                const std::string& who) {
-  require_positive(batch, who, "batch");
-  require_positive(seq, who, "seq");
-  require_positive(n_head, who, "n_head");
-  require(n_kv_head >= 0, who,
-          "n_kv_head must be >= 0 (0: n_head), got " + std::to_string(n_kv_head));
-  if (n_kv_head == 0) n_kv_head = n_head;
-  require(n_head % n_kv_head == 0, who,
-          "n_kv_head (" + std::to_string(n_kv_head) + ") must divide n_head (" +
-              std::to_string(n_head) + ")");
-  require_positive(head_dim, who, "head_dim");
-  require(head_dim <= kMaxHeadDim, who,
-          "head_dim = " + std::to_string(head_dim) + " is not supported (at most " +
-              std::to_string(kMaxHeadDim) + ")");
-  as_int(batch, who, "batch");
-  as_int(n_head, who, "n_head");
-  as_int(seq, who, "seq");
-  as_int(batch * n_head, who, "batch * n_head (grid x)");
-  // Tiles go along grid y (at most 65535); the smallest tile (16) is the binding one.
-  const i64 max_tiles = 65535;
-  require(tiles_for(seq, FlashTiles<kMaxHeadDim>::kBackward) <= max_tiles, who,
-          "seq = " + std::to_string(seq) + " is too long (at most " +
-              std::to_string(max_tiles * FlashTiles<kMaxHeadDim>::kBackward) + ")");
-  return n_kv_head;
-}
-
-struct FlashArgs {
-  int bh, bkv, seq, n_head, n_kv_head, head_dim;  // bh = batch * n_head, bkv = batch * n_kv_head
-  float scale;
-};
-
-FlashArgs flash_args(i64 batch, i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim) {
-  return {static_cast<int>(batch * n_head),
-          static_cast<int>(batch * n_kv_head),
-          static_cast<int>(seq),
-          static_cast<int>(n_head),
-          static_cast<int>(n_kv_head),
-          static_cast<int>(head_dim),
-          1.0f / std::sqrt(static_cast<float>(head_dim))};
-}
-
 template <int D>
 void launch_forward(Context& ctx, float* out, void* out16, float* lse, const float* qkv,
                     const FlashArgs& a) {
@@ -544,6 +498,51 @@ std::size_t rows_of(i64 batch, i64 seq, i64 n_head, const char* who) {
 
 }  // namespace
 
+namespace flash {
+
+int columns_for(i64 head_dim) {
+  return head_dim <= 32 ? 32 : head_dim <= 64 ? 64 : 128;
+}
+
+i64 check_flash(i64 batch, i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head,
+                const std::string& who) {
+  require_positive(batch, who, "batch");
+  require_positive(seq, who, "seq");
+  require_positive(n_head, who, "n_head");
+  require(n_kv_head >= 0, who,
+          "n_kv_head must be >= 0 (0: n_head), got " + std::to_string(n_kv_head));
+  if (n_kv_head == 0) n_kv_head = n_head;
+  require(n_head % n_kv_head == 0, who,
+          "n_kv_head (" + std::to_string(n_kv_head) + ") must divide n_head (" +
+              std::to_string(n_head) + ")");
+  require_positive(head_dim, who, "head_dim");
+  require(head_dim <= kMaxHeadDim, who,
+          "head_dim = " + std::to_string(head_dim) + " is not supported (at most " +
+              std::to_string(kMaxHeadDim) + ")");
+  as_int(batch, who, "batch");
+  as_int(n_head, who, "n_head");
+  as_int(seq, who, "seq");
+  as_int(batch * n_head, who, "batch * n_head (grid x)");
+  // Tiles go along grid y (at most 65535); the smallest tile (16) is the binding one.
+  const i64 max_tiles = 65535;
+  require(tiles_for(seq, FlashTiles<kMaxHeadDim>::kBackward) <= max_tiles, who,
+          "seq = " + std::to_string(seq) + " is too long (at most " +
+              std::to_string(max_tiles * FlashTiles<kMaxHeadDim>::kBackward) + ")");
+  return n_kv_head;
+}
+
+FlashArgs flash_args(i64 batch, i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim) {
+  return {static_cast<int>(batch * n_head),
+          static_cast<int>(batch * n_kv_head),
+          static_cast<int>(seq),
+          static_cast<int>(n_head),
+          static_cast<int>(n_kv_head),
+          static_cast<int>(head_dim),
+          1.0f / std::sqrt(static_cast<float>(head_dim))};
+}
+
+}  // namespace flash
+
 std::size_t flash_attention_lse_elements(i64 batch, i64 seq, i64 n_head) {
   return rows_of(batch, seq, n_head, "flash_attention_lse_elements");
 }
@@ -559,17 +558,7 @@ void flash_attention_forward(Context& ctx, float* out, float* lse, const float* 
   require(out != nullptr && lse != nullptr && qkv != nullptr, who,
           "out, lse and qkv must not be null");
   const FlashArgs a = flash_args(batch, seq, n_head, n_kv_head, head_dim);
-  switch (columns_for(head_dim)) {
-    case 32:
-      launch_forward<32>(ctx, out, out_bf16, lse, qkv, a);
-      break;
-    case 64:
-      launch_forward<64>(ctx, out, out_bf16, lse, qkv, a);
-      break;
-    default:
-      launch_forward<128>(ctx, out, out_bf16, lse, qkv, a);
-      break;
-  }
+  with_columns(head_dim, [&](auto D) { launch_forward<decltype(D)::value>(ctx, out, out_bf16, lse, qkv, a); });
 }
 
 void flash_attention_backward(Context& ctx, float* dqkv, float* scratch, const float* dout,
@@ -593,17 +582,9 @@ void flash_attention_backward(Context& ctx, float* dqkv, float* scratch, const f
 
   // The dK/dV and dQ kernels together write every element of dqkv once.
   const bool assign = dqkv_write == GradWrite::Assign;
-  switch (columns_for(head_dim)) {
-    case 32:
-      launch_backward<32>(ctx, dqkv, scratch, dout, lse, qkv, a, assign);
-      break;
-    case 64:
-      launch_backward<64>(ctx, dqkv, scratch, dout, lse, qkv, a, assign);
-      break;
-    default:
-      launch_backward<128>(ctx, dqkv, scratch, dout, lse, qkv, a, assign);
-      break;
-  }
+  with_columns(head_dim, [&](auto D) {
+    launch_backward<decltype(D)::value>(ctx, dqkv, scratch, dout, lse, qkv, a, assign);
+  });
 }
 
 }  // namespace pion::cuda::layers

@@ -6,7 +6,8 @@
 // and backward recomputes the probabilities tile by tile from it. Memory is O(batch n_head seq)
 // instead of O(batch n_head seq^2).
 //
-// fp32 throughout (inputs, outputs and arithmetic on CUDA cores; no tensor cores).
+// flash_attention_forward / _backward: fp32 throughout (inputs, outputs and arithmetic on
+// CUDA cores); flash_attention_forward_tc: bf16 tensor cores (below).
 // Conventions of layers.h: kernels are queued on the Context's stream with no allocation, no
 // host synchronisation and no device-to-host copy (graph-capturable); argument checks throw
 // pion::Error on the host before anything is queued; backward ADDS into dqkv (callers zero
@@ -45,6 +46,17 @@ std::size_t flash_attention_scratch_elements(i64 batch, i64 seq, i64 n_head);
 void flash_attention_forward(Context& ctx, float* out, float* lse, const float* qkv, i64 batch,
                              i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head = 0,
                              void* out_bf16 = nullptr);
+
+// The same forward on bf16 tensor cores (nvcuda::wmma 16 x 16 x 16 tiles; cuda/model/
+// flash_attention_tc.cu): q, k and v are rounded to bf16 on their way into shared memory and
+// the probabilities to bf16 for the P V product; scores, softmax, accumulation and outputs
+// stay fp32. Same arguments, layout, head_dim range and conventions as above. Differs from
+// the fp32 forward by the bf16 rounding of its inputs and probabilities: against an exact
+// attention of the rounded q, k, v, each output moves by at most about 2^-9 max |v|.
+// Forward only (no backward of its own yet).
+void flash_attention_forward_tc(Context& ctx, float* out, float* lse, const float* qkv, i64 batch,
+                                i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head = 0,
+                                void* out_bf16 = nullptr);
 
 // dqkv [batch, seq, d + 2 kv] += the gradient of the loss with respect to qkv, given dout (its
 // gradient with respect to out) and the forward's out and lse; a K/V head's gradient is the

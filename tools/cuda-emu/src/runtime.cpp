@@ -392,7 +392,11 @@ unsigned lane_id() {
 }
 
 void* dynamic_shared_base() {
-  return B.dyn_shared.empty() ? nullptr : B.dyn_shared.data();
+  if (B.dyn_shared.empty()) return nullptr;
+  // A GPU's dynamic shared memory starts at least 128-byte aligned (wmma wants 32); the
+  // buffer has 128 bytes to spare for it.
+  const auto p = reinterpret_cast<std::uintptr_t>(B.dyn_shared.data());
+  return reinterpret_cast<void*>((p + 127) & ~static_cast<std::uintptr_t>(127));
 }
 
 void syncthreads(const char* file, int line) {
@@ -622,7 +626,7 @@ void run_grid(const LaunchSpec& spec, KernelBody body, void* closure) {
   const bool counted = count_kernel_begin();
   g_body = body;
   g_closure = closure;
-  B.dyn_shared.assign(spec.shmem, 0xff);
+  B.dyn_shared.assign(spec.shmem == 0 ? 0 : spec.shmem + 128, 0xff);
   const unsigned nthreads = spec.block.x * spec.block.y * spec.block.z;
   const std::uint64_t nblocks =
       static_cast<std::uint64_t>(spec.grid.x) * spec.grid.y * spec.grid.z;

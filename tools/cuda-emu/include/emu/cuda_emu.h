@@ -26,7 +26,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))  // as CUDA defines it: allowed anywhere
 #define __constant__ static
 #define __managed__
 // Static shared memory: one copy per variable (blocks run one at a time on one host thread),
