@@ -9,7 +9,7 @@ struct Context::Impl {
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
   void* workspace = nullptr;  // fixed cuBLAS workspace: graph capture must not allocate
-  Graph graph;  // begin_capture / end_capture / launch_graph's
+  Graph graph;                // begin_capture / end_capture / launch_graph's
 };
 
 }  // namespace pion::cuda

@@ -558,7 +558,9 @@ void flash_attention_forward(Context& ctx, float* out, float* lse, const float* 
   require(out != nullptr && lse != nullptr && qkv != nullptr, who,
           "out, lse and qkv must not be null");
   const FlashArgs a = flash_args(batch, seq, n_head, n_kv_head, head_dim);
-  with_columns(head_dim, [&](auto D) { launch_forward<decltype(D)::value>(ctx, out, out_bf16, lse, qkv, a); });
+  with_columns(head_dim, [&](auto D) {
+    launch_forward<decltype(D)::value>(ctx, out, out_bf16, lse, qkv, a);
+  });
 }
 
 void flash_attention_backward(Context& ctx, float* dqkv, float* scratch, const float* dout,

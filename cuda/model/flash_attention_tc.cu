@@ -54,8 +54,8 @@ struct TcLayout {
   static constexpr int kPBytes = kWarps * 16 * kLdP * 2;
   static constexpr int kOBytes = kWarps * 16 * kLdO * 4;
   static constexpr int kBytes = kQBytes + kKvBytes + kSBytes + kPBytes + kOBytes;
-  static_assert(kQBytes % 32 == 0 && kKvBytes % 32 == 0 && kSBytes % 32 == 0 &&
-                    kPBytes % 32 == 0 && (16 * kLdS * 4) % 32 == 0 && (16 * kLdP * 2) % 32 == 0 &&
+  static_assert(kQBytes % 32 == 0 && kKvBytes % 32 == 0 && kSBytes % 32 == 0 && kPBytes % 32 == 0 &&
+                    (16 * kLdS * 4) % 32 == 0 && (16 * kLdP * 2) % 32 == 0 &&
                     (16 * kLdO * 4) % 32 == 0 && (16 * kLdQ * 2) % 32 == 0,
                 "flash tc: every wmma tile must start 32-byte aligned");
 };
@@ -63,8 +63,8 @@ struct TcLayout {
 // Rows [row0, row0 + rows) of one head, rounded to bf16, into tile (rows ld floats apart in
 // src, kLdQ apart in the tile); rows >= seq and columns >= head_dim are zeros.
 template <int D>
-__device__ void load_tile_bf16(__nv_bfloat16* tile, const float* __restrict__ src, i64 ld,
-                               int rows, int row0, int seq, int head_dim) {
+__device__ void load_tile_bf16(__nv_bfloat16* tile, const float* __restrict__ src, i64 ld, int rows,
+                               int row0, int seq, int head_dim) {
   for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
     const int r = idx / D, col = idx % D;
     const int row = row0 + r;
@@ -88,9 +88,8 @@ __global__ void __launch_bounds__(kThreads)
   auto* s_w = reinterpret_cast<float*>(smem + L::kQBytes + L::kKvBytes) + warp * 16 * L::kLdS;
   auto* p_w = reinterpret_cast<__nv_bfloat16*>(smem + L::kQBytes + L::kKvBytes + L::kSBytes) +
               warp * 16 * L::kLdP;
-  auto* o_w =
-      reinterpret_cast<float*>(smem + L::kQBytes + L::kKvBytes + L::kSBytes + L::kPBytes) +
-      warp * 16 * L::kLdO;
+  auto* o_w = reinterpret_cast<float*>(smem + L::kQBytes + L::kKvBytes + L::kSBytes + L::kPBytes) +
+              warp * 16 * L::kLdO;
 
   const int bh = blockIdx.x;
   const int b = bh / n_head, h = bh % n_head;
@@ -212,8 +211,9 @@ void flash_attention_forward_tc(Context& ctx, float* out, float* lse, const floa
   require(out != nullptr && lse != nullptr && qkv != nullptr, who,
           "out, lse and qkv must not be null");
   const FlashArgs a = flash_args(batch, seq, n_head, n_kv_head, head_dim);
-  with_columns(head_dim,
-               [&](auto D) { launch_forward_tc<decltype(D)::value>(ctx, out, out_bf16, lse, qkv, a); });
+  with_columns(head_dim, [&](auto D) {
+    launch_forward_tc<decltype(D)::value>(ctx, out, out_bf16, lse, qkv, a);
+  });
 }
 
 }  // namespace pion::cuda::layers

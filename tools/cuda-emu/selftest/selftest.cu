@@ -456,8 +456,9 @@ int main(int argc, char** argv) {
           want += __bfloat162float(ha[i * 32 + k]) * __bfloat162float(hbt[j * 32 + k]);
         ok = ok && hc[i * 16 + j] == want && hc2[i * 16 + j] == 2.0f * (j * 16 + i);
       }
-    expect(ok, "wmma: bf16 16x16x16 products (row- and column-major operands), accumulator "
-               "load (column-major) and store");
+    expect(ok,
+           "wmma: bf16 16x16x16 products (row- and column-major operands), accumulator "
+           "load (column-major) and store");
     // A misaligned operand is warned about (a GPU faults or misreads).
     wmma_product<<<1, 32>>>(da + 1, dbt, dc, dc2);
     expect(emu::warning_count() > before, "wmma: a pointer that is not 32-byte aligned: warned");
