@@ -508,6 +508,156 @@ TEST(CudaFlashAttention, TensorCoreForwardMatchesCpuOfRoundedInputs) {
                pion::Error);
 }
 
+// The bf16 tensor-core backward (flash_attention_backward_tc, after the tc forward) against a
+// double reference of the bf16-rounded q, k, v and dout. Its remaining roundings: P to bf16 in
+// dV = sum_i P_ij dO_i (relative 2^-9 per term), dS to bf16 in dK and dQ (2^-9 per term), and
+// delta_i = dO_i . out_i read from the tc forward's out, which is off by at most 2^-9 max|v| per
+// element, so delta by Delta_i = 2^-9 max|v| sum_c |dO_ic|. Allowed per element, 4x those:
+// dV_jc: 2^-7 sum_i P_ij |dO_ic|; dK_jc: 2^-7 scale sum_i (|dS_ij| + P_ij Delta'_i) |q_ic| with
+// Delta'_i = max|v| sum_c |dO_ic|; dQ_ic likewise over j with |k_jc|; plus 1e-6 of the largest
+// reference gradient. Added into a random start and assigned over NaN; the same bits twice;
+// against the fp32 kernels on the unrounded inputs, bf16-sized differences.
+TEST(CudaFlashAttention, TensorCoreBackwardMatchesReferenceOfRoundedInputs) {
+  PION_REQUIRE_CUDA_DEVICE();
+  const auto round_bf16 = [](float x) {
+    std::uint32_t bits = 0;
+    std::memcpy(&bits, &x, sizeof bits);
+    bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    float r = 0.0f;
+    std::memcpy(&r, &bits, sizeof r);
+    return r;
+  };
+  for (const Shape s : {Shape{1, 150, 2, 64}, Shape{2, 70, 2, 128}, Shape{1, 45, 4, 48, 2},
+                        Shape{2, 19, 3, 7, 1}, Shape{1, 100, 2, 32}}) {
+    SCOPED_TRACE(s.label());
+    std::printf(" %s\n", s.label().c_str());
+    const auto qkv = randn(s.qkv_elements(), 1400 + static_cast<std::uint64_t>(s.seq));
+    const auto dout = randn(s.out_elements(), 1500 + static_cast<std::uint64_t>(s.seq));
+    const auto dqkv0 = randn(s.qkv_elements(), 1600);
+    std::vector<float> rq(qkv.size()), rdo(dout.size());
+    std::transform(qkv.begin(), qkv.end(), rq.begin(), round_bf16);
+    std::transform(dout.begin(), dout.end(), rdo.begin(), round_bf16);
+
+    // The reference, per (b, h): P, dS and the bounds' sums, in double.
+    const i64 T = s.seq, hd = s.head_dim, W = s.width(), d = s.d();
+    const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+    double max_v = 0.0;
+    for (i64 row = 0; row < s.batch * T; ++row)
+      for (i64 c = d + s.kv(); c < W; ++c)
+        max_v = std::max(max_v, std::abs(static_cast<double>(rq[row * W + c])));
+    std::vector<double> ref(qkv.size(), 0.0), bound(qkv.size(), 0.0);
+    std::vector<double> P(static_cast<std::size_t>(T * T)), dS(P.size()), delta_err(T);
+    for (i64 b = 0; b < s.batch; ++b)
+      for (i64 h = 0; h < s.n_head; ++h) {
+        const i64 kvh = h / s.group();
+        const auto q = [&](i64 i, i64 c) {
+          return static_cast<double>(rq[(b * T + i) * W + h * hd + c]);
+        };
+        const auto k = [&](i64 j, i64 c) {
+          return static_cast<double>(rq[(b * T + j) * W + d + kvh * hd + c]);
+        };
+        const auto v = [&](i64 j, i64 c) {
+          return static_cast<double>(rq[(b * T + j) * W + d + s.kv() + kvh * hd + c]);
+        };
+        const auto g = [&](i64 i, i64 c) {
+          return static_cast<double>(rdo[(b * T + i) * d + h * hd + c]);
+        };
+        for (i64 i = 0; i < T; ++i) {
+          double mx = -INFINITY;
+          for (i64 j = 0; j <= i; ++j) {
+            double dot = 0.0;
+            for (i64 c = 0; c < hd; ++c) dot += q(i, c) * k(j, c);
+            P[i * T + j] = scale * dot;
+            mx = std::max(mx, scale * dot);
+          }
+          double sum = 0.0;
+          for (i64 j = 0; j <= i; ++j) sum += (P[i * T + j] = std::exp(P[i * T + j] - mx));
+          double delta = 0.0, abs_do = 0.0;
+          for (i64 c = 0; c < hd; ++c) {
+            double o = 0.0;
+            for (i64 j = 0; j <= i; ++j) o += P[i * T + j] / sum * v(j, c);
+            delta += g(i, c) * o;
+            abs_do += std::abs(g(i, c));
+          }
+          delta_err[i] = max_v * abs_do;
+          for (i64 j = 0; j <= i; ++j) {
+            P[i * T + j] /= sum;
+            double dp = 0.0;
+            for (i64 c = 0; c < hd; ++c) dp += g(i, c) * v(j, c);
+            dS[i * T + j] = P[i * T + j] * (dp - delta);
+          }
+        }
+        for (i64 i = 0; i < T; ++i)
+          for (i64 j = 0; j <= i; ++j) {
+            const double p = P[i * T + j], ds = dS[i * T + j];
+            const double wk = std::abs(ds) + p * delta_err[i];
+            for (i64 c = 0; c < hd; ++c) {
+              const std::size_t iq = static_cast<std::size_t>((b * T + i) * W + h * hd + c);
+              const std::size_t jk = static_cast<std::size_t>((b * T + j) * W + d + kvh * hd + c);
+              const std::size_t jv = jk + static_cast<std::size_t>(s.kv());
+              ref[iq] += scale * ds * k(j, c);
+              bound[iq] += scale * wk * std::abs(k(j, c));
+              ref[jk] += scale * ds * q(i, c);
+              bound[jk] += scale * wk * std::abs(q(i, c));
+              ref[jv] += p * g(i, c);
+              bound[jv] += p * std::abs(g(i, c));
+            }
+          }
+      }
+    double max_ref = 0.0;
+    for (double x : ref) max_ref = std::max(max_ref, std::abs(x));
+
+    Context ctx;
+    Dev d_qkv(qkv), d_dout(dout), out = Dev::poisoned(s.out_elements());
+    Dev lse =
+        Dev::poisoned(static_cast<i64>(cl::flash_attention_lse_elements(s.batch, s.seq, s.n_head)));
+    Dev scratch = Dev::poisoned(
+        static_cast<i64>(cl::flash_attention_scratch_elements(s.batch, s.seq, s.n_head)));
+    cl::flash_attention_forward_tc(ctx, out.get(), lse.get(), d_qkv.get(), s.batch, s.seq, s.n_head,
+                                   s.head_dim, s.n_kv_head);
+    const auto run = [&](const std::vector<float>& start, cl::GradWrite write) {
+      Dev dqkv(start);
+      cl::flash_attention_backward_tc(ctx, dqkv.get(), scratch.get(), d_dout.get(), out.get(),
+                                      lse.get(), d_qkv.get(), s.batch, s.seq, s.n_head, s.head_dim,
+                                      s.n_kv_head, write);
+      return dqkv.host();
+    };
+    const std::vector<float> poison(qkv.size(), std::numeric_limits<float>::quiet_NaN());
+    const auto assigned = run(poison, cl::GradWrite::Assign);
+    std::size_t bad = 0, non_finite = 0;
+    double worst = 0.0;  // largest |diff| / allowed
+    for (std::size_t e = 0; e < ref.size(); ++e) {
+      if (!std::isfinite(assigned[e])) ++non_finite;
+      const double allowed = std::ldexp(bound[e], -7) + 1e-6 * max_ref;
+      const double diff = std::abs(assigned[e] - ref[e]);
+      worst = std::max(worst, diff / allowed);
+      if (!(diff <= allowed)) ++bad;
+    }
+    std::printf("  tc dqkv vs reference of rounded inputs: worst |diff| / allowed = %.3f\n", worst);
+    EXPECT_EQ(non_finite, 0u) << "unwritten gradients";
+    EXPECT_EQ(bad, 0u) << "gradients beyond the bf16 roundings' bound";
+
+    const auto added_to = run(dqkv0, cl::GradWrite::Add);
+    expect_close("tc dqkv (added gradient)", added(added_to, dqkv0), assigned, kFp32Chain,
+                 "tc assigned");
+    EXPECT_TRUE(same_bits(run(poison, cl::GradWrite::Assign), assigned))
+        << "dqkv differs between two runs";
+
+    // Against the fp32 kernels on the unrounded inputs: bf16-sized, not fp32-sized, differences.
+    const FlashRun fp32 = run_flash(ctx, s, d_qkv, d_dout, poison, cl::GradWrite::Assign);
+    const double rel = expect_close("tc dqkv", assigned, fp32.dqkv, 5e-2, "fp32 flash");
+    EXPECT_GT(rel, 1e-4) << "no bf16 rounding visible";
+  }
+  Context ctx;
+  Dev x = Dev::poisoned(10);
+  EXPECT_THROW(cl::flash_attention_backward_tc(ctx, x.get(), x.get(), x.get(), x.get(), x.get(),
+                                               x.get(), 1, 2, 1, 129),
+               pion::Error);
+  EXPECT_THROW(cl::flash_attention_backward_tc(ctx, nullptr, x.get(), x.get(), x.get(), x.get(),
+                                               x.get(), 1, 2, 1, 8),
+               pion::Error);
+}
+
 TEST(CudaFlashAttention, MatchesCudaAttention) {
   PION_REQUIRE_CUDA_DEVICE();
   const Shape s{2, 90, 4, 64};

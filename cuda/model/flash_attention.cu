@@ -541,6 +541,17 @@ FlashArgs flash_args(i64 batch, i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim
           1.0f / std::sqrt(static_cast<float>(head_dim))};
 }
 
+void launch_row_dot(Context& ctx, float* delta, const float* dout, const float* out,
+                    const FlashArgs& a, i64 batch, const std::string& who) {
+  const i64 rows = batch * a.n_head * a.seq;
+  constexpr int kRowsPerBlock = kFlashThreads / 32;  // one warp per row
+  const i64 blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  as_int(blocks, who, "batch * n_head * seq / 8 (row-dot blocks)");
+  flash_row_dot_kernel<<<static_cast<unsigned>(blocks), kFlashThreads, 0, stream_of(ctx)>>>(
+      delta, dout, out, rows, a.seq, a.n_head, a.head_dim);
+  PION_CUDA_CHECK_LAUNCH("flash_row_dot_kernel");
+}
+
 }  // namespace flash
 
 std::size_t flash_attention_lse_elements(i64 batch, i64 seq, i64 n_head) {
@@ -574,14 +585,7 @@ void flash_attention_backward(Context& ctx, float* dqkv, float* scratch, const f
           who, "dqkv, scratch, dout, out, lse and qkv must not be null");
   const FlashArgs a = flash_args(batch, seq, n_head, n_kv_head, head_dim);
 
-  const i64 rows = batch * n_head * seq;
-  constexpr int kRowsPerBlock = kFlashThreads / 32;  // one warp per row
-  const i64 blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  as_int(blocks, who, "batch * n_head * seq / 8 (row-dot blocks)");
-  flash_row_dot_kernel<<<static_cast<unsigned>(blocks), kFlashThreads, 0, stream_of(ctx)>>>(
-      scratch, dout, out, rows, a.seq, a.n_head, a.head_dim);
-  PION_CUDA_CHECK_LAUNCH("flash_row_dot_kernel");
-
+  launch_row_dot(ctx, scratch, dout, out, a, batch, who);
   // The dK/dV and dQ kernels together write every element of dqkv once.
   const bool assign = dqkv_write == GradWrite::Assign;
   with_columns(head_dim, [&](auto D) {

@@ -14,7 +14,18 @@
 //   3. Each warp O += P V. O stays fp32 in shared memory, since the rescale needs rows and a
 //      fragment does not say which of its elements belong to which row.
 // At the end out = O / l (fp32, and bf16 when asked) and lse = m + log l, as the fp32 kernel
-// writes them (its backward can read them).
+// writes them.
+//
+// Backward (FlashAttention-2 style, as the fp32 kernels: P recomputed from lse, no atomics, every
+// sum in a fixed order), after the fp32 row dots delta_i = dout_i . out_i:
+//   dK / dV: one block per (key tile, batch * K/V head), warp w owning 16 keys, looping over the
+//     group's query heads and the query tiles at or after the key tile: S^T = K Q^T, P^T =
+//     exp(scale S^T - lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta); dV += P^T dO and
+//     dK += dS^T Q (P^T and dS^T rounded to bf16 for the products), dK scaled at the end.
+//   dQ: one block per (query tile, batch * head), warp w owning 16 rows, looping over the key
+//     tiles up to the diagonal: S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+// Q, K, V and dO are rounded to bf16 on their way into shared memory; the accumulators live in
+// shared memory in fp32 as O does in the forward.
 //
 // Shared memory (dynamic; 95 KiB at D = 128, 62 KiB at D = 64): Q and K-then-V in bf16, and
 // per warp a 16 x kKeys fp32 score tile, a 16 x kKeys bf16 P tile and its 16 x D fp32 O rows.
@@ -24,6 +35,7 @@
 #include <mma.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "flash_common.cuh"
 #include "pion/cuda/flash_attention.h"
@@ -65,11 +77,43 @@ struct TcLayout {
 template <int D>
 __device__ void load_tile_bf16(__nv_bfloat16* tile, const float* __restrict__ src, i64 ld, int rows,
                                int row0, int seq, int head_dim) {
-  for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
     const int r = idx / D, col = idx % D;
     const int row = row0 + r;
     const float v = row < seq && col < head_dim ? src[static_cast<i64>(row) * ld + col] : 0.0f;
     tile[r * TcLayout<D>::kLdQ + col] = __float2bfloat16(v);
+  }
+}
+
+// Per-row values (lse, delta) of rows [row0, row0 + kRows) into dst; 0 past seq.
+__device__ void load_rows_tc(float* dst, const float* __restrict__ src, int row0, int seq) {
+  for (int r = threadIdx.x; r < kRows; r += blockDim.x)
+    dst[r] = row0 + r < seq ? src[row0 + r] : 0.0f;
+}
+
+// One warp: C [16 x N] (fp32, row-major, ldc) = (accumulate ? C : 0) + A [16 x K] B [K x N].
+// A is bf16 row-major (lda); B is bf16 with element (k, n) at b[k ldb + n] (row_major) or at
+// b[n ldb + k] (col_major: B^T stored row-major, e.g. K's rows for Q K^T). K, N multiples of 16.
+template <typename LayoutB, int K, int N>
+__device__ void warp_mma(float* c, int ldc, bool accumulate, const __nv_bfloat16* a, int lda,
+                         const __nv_bfloat16* b, int ldb) {
+  for (int n = 0; n < N; n += 16) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    if (accumulate)
+      wmma::load_matrix_sync(acc, c + n, ldc, wmma::mem_row_major);
+    else
+      wmma::fill_fragment(acc, 0.0f);
+    for (int k = 0; k < K; k += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, LayoutB> fb;
+      wmma::load_matrix_sync(fa, a + k, lda);
+      if constexpr (std::is_same_v<LayoutB, wmma::row_major>)
+        wmma::load_matrix_sync(fb, b + k * ldb + n, ldb);
+      else
+        wmma::load_matrix_sync(fb, b + n * ldb + k, ldb);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(c + n, acc, ldc, wmma::mem_row_major);
   }
 }
 
@@ -116,19 +160,9 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // the previous tile's P V is done with kv_s (and Q is loaded)
     load_tile_bf16<D>(kv_s, k_g, ld, kKeys, k0, seq, head_dim);
     __syncthreads();
-    for (int n = 0; n < kKeys / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
-      for (int k = 0; k < D / 16; ++k) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> qa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> kb;
-        wmma::load_matrix_sync(qa, q_s + (16 * warp) * L::kLdQ + 16 * k, L::kLdQ);
-        // B = K^T: element (c, j) is K's row j, column c, i.e. K's rows read column-major.
-        wmma::load_matrix_sync(kb, kv_s + (16 * n) * L::kLdQ + 16 * k, L::kLdQ);
-        wmma::mma_sync(acc, qa, kb, acc);
-      }
-      wmma::store_matrix_sync(s_w + 16 * n, acc, L::kLdS, wmma::mem_row_major);
-    }
+    // S = Q K^T for this warp's 16 rows (K's rows read column-major are K^T).
+    warp_mma<wmma::col_major, D, kKeys>(s_w, L::kLdS, false, q_s + (16 * warp) * L::kLdQ, L::kLdQ,
+                                        kv_s, L::kLdQ);
     __syncthreads();  // every warp is done reading K
     load_tile_bf16<D>(kv_s, v_g, ld, kKeys, k0, seq, head_dim);
 
@@ -157,18 +191,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int c = half; c < D; c += 2) o_w[r * L::kLdO + c] *= alpha;
     __syncthreads();  // V is loaded; this warp's P and O rows are written
 
-    for (int n = 0; n < D / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, o_w + 16 * n, L::kLdO, wmma::mem_row_major);
-      for (int k = 0; k < kKeys / 16; ++k) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> pa;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> vb;
-        wmma::load_matrix_sync(pa, p_w + 16 * k, L::kLdP);
-        wmma::load_matrix_sync(vb, kv_s + (16 * k) * L::kLdQ + 16 * n, L::kLdQ);
-        wmma::mma_sync(acc, pa, vb, acc);
-      }
-      wmma::store_matrix_sync(o_w + 16 * n, acc, L::kLdO, wmma::mem_row_major);
-    }
+    warp_mma<wmma::row_major, kKeys, D>(o_w, L::kLdO, true, p_w, L::kLdP, kv_s,
+                                        L::kLdQ);  // O += P V
   }
 
   __syncwarp();  // the last P V's stores of O are visible to the lanes that read them
@@ -183,15 +207,229 @@ __global__ void __launch_bounds__(kThreads)
   if (half == 0) lse[static_cast<i64>(bh) * seq + i] = m + logf(l);
 }
 
+// Backward's layouts. dK / dV: kDkdvWarps warps of 16 keys (2 at D = 128, to fit an A100's
+// 163 KiB of shared memory as well as an H100's 227), query tiles of kRows. dQ: kWarps warps of
+// 16 query rows, key tiles of kKeys (= kRows).
+template <int D>
+struct TcBackward {
+  using L = TcLayout<D>;
+  static constexpr int kDkdvWarps = D <= 64 ? 4 : 2;
+  static constexpr int kKeyTile = 16 * kDkdvWarps;
+  static constexpr int kWarpScore = 16 * L::kLdS * 4;  // a warp's fp32 16 x 64 tile
+  static constexpr int kWarpBf16 = 16 * L::kLdP * 2;   // a warp's bf16 16 x 64 tile
+  static constexpr int kWarpAcc = 16 * L::kLdO * 4;    // a warp's fp32 16 x D accumulator
+  static constexpr int kTile = kRows * L::kLdQ * 2;    // a bf16 64 x D tile
+  // k_s, v_s (kKeyTile rows), q_s, do_s, lse_s, delta_s; per warp: P^T and dP^T (fp32), P^T and
+  // dS^T (bf16), dK and dV.
+  static constexpr int kDkdvBytes = 2 * kKeyTile * L::kLdQ * 2 + 2 * kTile + 2 * kRows * 4 +
+                                    kDkdvWarps * (2 * kWarpScore + 2 * kWarpBf16 + 2 * kWarpAcc);
+  // q_s, do_s, k_s, v_s; per warp: S-then-P and dP (fp32), dS (bf16), dQ.
+  static constexpr int kDqBytes = 4 * kTile + kWarps * (2 * kWarpScore + kWarpBf16 + kWarpAcc);
+  static_assert((kKeyTile * L::kLdQ * 2) % 32 == 0 && kWarpScore % 32 == 0 && kWarpBf16 % 32 == 0 &&
+                    kWarpAcc % 32 == 0 && kTile % 32 == 0,
+                "flash tc backward: every wmma tile must start 32-byte aligned");
+  static_assert(kDkdvBytes <= 163 * 1024 && kDqBytes <= 163 * 1024,
+                "flash tc backward: over an A100's shared memory per block");
+};
+
+// dqkv element += v, or = v (assign).
+__device__ inline void write_grad(float* p, float v, bool assign) {
+  *p = assign ? v : *p + v;
+}
+
+// grid (batch * n_kv_head, key tiles of kKeyTile). dK and dV of the block's key tile of one K/V
+// head, summed over the query heads of its group (in order) and, for each, over the query tiles
+// from the one holding the tile's first key on (earlier queries cannot see these keys).
+template <int D>
+__global__ void __launch_bounds__(32 * TcBackward<D>::kDkdvWarps)
+    flash_backward_dkdv_tc_kernel(float* __restrict__ dqkv, const float* __restrict__ dout,
+                                  const float* __restrict__ lse, const float* __restrict__ delta,
+                                  const float* __restrict__ qkv, int seq, int n_head, int n_kv_head,
+                                  int head_dim, float scale, bool assign) {
+  using L = TcLayout<D>;
+  using B = TcBackward<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  unsigned char* p = smem;
+  const auto take = [&p](int bytes) {
+    unsigned char* r = p;
+    p += bytes;
+    return r;
+  };
+  auto* k_s = reinterpret_cast<__nv_bfloat16*>(take(B::kKeyTile * L::kLdQ * 2));
+  auto* v_s = reinterpret_cast<__nv_bfloat16*>(take(B::kKeyTile * L::kLdQ * 2));
+  auto* q_s = reinterpret_cast<__nv_bfloat16*>(take(B::kTile));
+  auto* do_s = reinterpret_cast<__nv_bfloat16*>(take(B::kTile));
+  auto* lse_s = reinterpret_cast<float*>(take(kRows * 4));
+  auto* delta_s = reinterpret_cast<float*>(take(kRows * 4));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  p += warp * (2 * B::kWarpScore + 2 * B::kWarpBf16 + 2 * B::kWarpAcc);
+  auto* pt_w = reinterpret_cast<float*>(take(B::kWarpScore));   // S^T, then P^T (fp32)
+  auto* dpt_w = reinterpret_cast<float*>(take(B::kWarpScore));  // dP^T
+  auto* pt16_w = reinterpret_cast<__nv_bfloat16*>(take(B::kWarpBf16));
+  auto* dst16_w = reinterpret_cast<__nv_bfloat16*>(take(B::kWarpBf16));
+  auto* dk_w = reinterpret_cast<float*>(take(B::kWarpAcc));
+  auto* dv_w = reinterpret_cast<float*>(take(B::kWarpAcc));
+
+  const int bkv = blockIdx.x;
+  const int b = bkv / n_kv_head, kvh = bkv % n_kv_head;
+  const int k0 = static_cast<int>(blockIdx.y) * B::kKeyTile;
+  const int group = n_head / n_kv_head;
+  const i64 d = static_cast<i64>(n_head) * head_dim;
+  const i64 kv = static_cast<i64>(n_kv_head) * head_dim;
+  const i64 ld = d + 2 * kv;
+  const float* row0 = qkv + static_cast<i64>(b) * seq * ld;
+  const i64 kv_off = static_cast<i64>(kvh) * head_dim;
+  load_tile_bf16<D>(k_s, row0 + d + kv_off, ld, B::kKeyTile, k0, seq, head_dim);
+  load_tile_bf16<D>(v_s, row0 + d + kv + kv_off, ld, B::kKeyTile, k0, seq, head_dim);
+  const int r = lane / 2, half = lane % 2;
+  const int j = k0 + 16 * warp + r;  // this lane's key (>= seq: padding, not stored)
+  for (int c = half; c < D; c += 2) dk_w[r * L::kLdO + c] = dv_w[r * L::kLdO + c] = 0.0f;
+
+  for (int g = 0; g < group; ++g) {
+    const int h = kvh * group + g;
+    const float* q_g = row0 + static_cast<i64>(h) * head_dim;
+    const float* do_g = dout + static_cast<i64>(b) * seq * d + static_cast<i64>(h) * head_dim;
+    const float* lse_g = lse + (static_cast<i64>(b) * n_head + h) * seq;
+    const float* delta_g = delta + (static_cast<i64>(b) * n_head + h) * seq;
+    for (int q0 = k0 / kRows * kRows; q0 < seq; q0 += kRows) {
+      __syncthreads();  // the previous query tile is done with q_s, do_s, lse_s, delta_s
+      load_tile_bf16<D>(q_s, q_g, ld, kRows, q0, seq, head_dim);
+      load_tile_bf16<D>(do_s, do_g, d, kRows, q0, seq, head_dim);
+      load_rows_tc(lse_s, lse_g, q0, seq);
+      load_rows_tc(delta_s, delta_g, q0, seq);
+      __syncthreads();
+      // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys.
+      warp_mma<wmma::col_major, D, kRows>(pt_w, L::kLdS, false, k_s + (16 * warp) * L::kLdQ,
+                                          L::kLdQ, q_s, L::kLdQ);
+      warp_mma<wmma::col_major, D, kRows>(dpt_w, L::kLdS, false, v_s + (16 * warp) * L::kLdQ,
+                                          L::kLdQ, do_s, L::kLdQ);
+      __syncwarp();
+      for (int ii = half * (kRows / 2); ii < (half + 1) * (kRows / 2); ++ii) {
+        const int i = q0 + ii;
+        const float pv =
+            j <= i && i < seq && j < seq ? expf(scale * pt_w[r * L::kLdS + ii] - lse_s[ii]) : 0.0f;
+        const float ds = pv * (dpt_w[r * L::kLdS + ii] - delta_s[ii]);
+        pt16_w[r * L::kLdP + ii] = __float2bfloat16(pv);
+        dst16_w[r * L::kLdP + ii] = __float2bfloat16(ds);
+      }
+      __syncwarp();
+      warp_mma<wmma::row_major, kRows, D>(dv_w, L::kLdO, true, pt16_w, L::kLdP, do_s, L::kLdQ);
+      warp_mma<wmma::row_major, kRows, D>(dk_w, L::kLdO, true, dst16_w, L::kLdP, q_s, L::kLdQ);
+    }
+  }
+  __syncwarp();  // the last products' stores are visible to the lanes that read them
+  if (j >= seq) return;
+  float* dk_row = dqkv + (static_cast<i64>(b) * seq + j) * ld + d + kv_off;
+  for (int c = half; c < head_dim; c += 2) {
+    write_grad(dk_row + c, scale * dk_w[r * L::kLdO + c], assign);
+    write_grad(dk_row + kv + c, dv_w[r * L::kLdO + c], assign);
+  }
+}
+
+// grid (batch * n_head, query tiles of kRows). dQ of the block's query tile of one head, summed
+// over the key tiles up to the diagonal.
+template <int D>
+__global__ void __launch_bounds__(kThreads)
+    flash_backward_dq_tc_kernel(float* __restrict__ dqkv, const float* __restrict__ dout,
+                                const float* __restrict__ lse, const float* __restrict__ delta,
+                                const float* __restrict__ qkv, int seq, int n_head, int n_kv_head,
+                                int head_dim, float scale, bool assign) {
+  using L = TcLayout<D>;
+  using B = TcBackward<D>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  auto* q_s = reinterpret_cast<__nv_bfloat16*>(smem);
+  auto* do_s = reinterpret_cast<__nv_bfloat16*>(smem + B::kTile);
+  auto* k_s = reinterpret_cast<__nv_bfloat16*>(smem + 2 * B::kTile);
+  auto* v_s = reinterpret_cast<__nv_bfloat16*>(smem + 3 * B::kTile);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  unsigned char* w = smem + 4 * B::kTile + warp * (2 * B::kWarpScore + B::kWarpBf16 + B::kWarpAcc);
+  auto* s_w = reinterpret_cast<float*>(w);  // S, then P
+  auto* dp_w = reinterpret_cast<float*>(w + B::kWarpScore);
+  auto* ds16_w = reinterpret_cast<__nv_bfloat16*>(w + 2 * B::kWarpScore);
+  auto* dq_w = reinterpret_cast<float*>(w + 2 * B::kWarpScore + B::kWarpBf16);
+
+  const int bh = blockIdx.x;
+  const int b = bh / n_head, h = bh % n_head;
+  const int qt = static_cast<int>(gridDim.y) - 1 - static_cast<int>(blockIdx.y);
+  const int q0 = qt * kRows;
+  const i64 d = static_cast<i64>(n_head) * head_dim;
+  const i64 kv = static_cast<i64>(n_kv_head) * head_dim;
+  const i64 ld = d + 2 * kv;
+  const float* row0 = qkv + static_cast<i64>(b) * seq * ld;
+  const i64 kv_off = static_cast<i64>(h / (n_head / n_kv_head)) * head_dim;
+  load_tile_bf16<D>(q_s, row0 + static_cast<i64>(h) * head_dim, ld, kRows, q0, seq, head_dim);
+  load_tile_bf16<D>(do_s, dout + static_cast<i64>(b) * seq * d + static_cast<i64>(h) * head_dim, d,
+                    kRows, q0, seq, head_dim);
+  const int r = lane / 2, half = lane % 2;
+  const int i = q0 + 16 * warp + r;
+  const i64 row = (static_cast<i64>(b) * n_head + h) * seq + i;
+  const float lse_i = i < seq ? lse[row] : 0.0f, delta_i = i < seq ? delta[row] : 0.0f;
+  for (int c = half; c < D; c += 2) dq_w[r * L::kLdO + c] = 0.0f;
+
+  const int last_key = (q0 + kRows < seq ? q0 + kRows : seq) - 1;
+  for (int k0 = 0; k0 <= last_key; k0 += kKeys) {
+    __syncthreads();  // the previous key tile's dS K is done with k_s (and Q, dO are loaded)
+    load_tile_bf16<D>(k_s, row0 + d + kv_off, ld, kKeys, k0, seq, head_dim);
+    load_tile_bf16<D>(v_s, row0 + d + kv + kv_off, ld, kKeys, k0, seq, head_dim);
+    __syncthreads();
+    warp_mma<wmma::col_major, D, kKeys>(s_w, L::kLdS, false, q_s + (16 * warp) * L::kLdQ, L::kLdQ,
+                                        k_s, L::kLdQ);  // S = Q K^T
+    warp_mma<wmma::col_major, D, kKeys>(dp_w, L::kLdS, false, do_s + (16 * warp) * L::kLdQ, L::kLdQ,
+                                        v_s, L::kLdQ);  // dP = dO V^T
+    __syncwarp();
+    for (int jj = half * (kKeys / 2); jj < (half + 1) * (kKeys / 2); ++jj) {
+      const int j = k0 + jj;
+      const float pv =
+          j <= i && j < seq && i < seq ? expf(scale * s_w[r * L::kLdS + jj] - lse_i) : 0.0f;
+      ds16_w[r * L::kLdP + jj] = __float2bfloat16(pv * (dp_w[r * L::kLdS + jj] - delta_i));
+    }
+    __syncwarp();
+    warp_mma<wmma::row_major, kKeys, D>(dq_w, L::kLdO, true, ds16_w, L::kLdP, k_s,
+                                        L::kLdQ);  // dQ += dS K
+  }
+  __syncwarp();
+  if (i >= seq) return;
+  float* dq_row = dqkv + (static_cast<i64>(b) * seq + i) * ld + static_cast<i64>(h) * head_dim;
+  for (int c = half; c < head_dim; c += 2)
+    write_grad(dq_row + c, scale * dq_w[r * L::kLdO + c], assign);
+}
+
+// Above 48 KiB of dynamic shared memory a kernel must opt in: once per process and kernel (not
+// a stream operation, so it may also run during a graph capture).
+template <typename Kernel>
+void opt_in_shared(Kernel* kernel, int bytes) {
+  PION_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+template <int D>
+void launch_backward_tc(Context& ctx, float* dqkv, const float* delta, const float* dout,
+                        const float* lse, const float* qkv, const FlashArgs& a, bool assign) {
+  using B = TcBackward<D>;
+  static const bool opted_in = [] {
+    opt_in_shared(flash_backward_dkdv_tc_kernel<D>, B::kDkdvBytes);
+    opt_in_shared(flash_backward_dq_tc_kernel<D>, B::kDqBytes);
+    return true;
+  }();
+  (void)opted_in;
+  const dim3 kv_grid(static_cast<unsigned>(a.bkv),
+                     static_cast<unsigned>((a.seq + B::kKeyTile - 1) / B::kKeyTile));
+  const dim3 q_grid(static_cast<unsigned>(a.bh),
+                    static_cast<unsigned>((a.seq + kRows - 1) / kRows));
+  // dK / dV and dQ write disjoint parts of dqkv; both only read delta, lse, qkv and dout.
+  flash_backward_dkdv_tc_kernel<D><<<kv_grid, 32 * B::kDkdvWarps, B::kDkdvBytes, stream_of(ctx)>>>(
+      dqkv, dout, lse, delta, qkv, a.seq, a.n_head, a.n_kv_head, a.head_dim, a.scale, assign);
+  PION_CUDA_CHECK_LAUNCH("flash_backward_dkdv_tc_kernel");
+  flash_backward_dq_tc_kernel<D><<<q_grid, kThreads, B::kDqBytes, stream_of(ctx)>>>(
+      dqkv, dout, lse, delta, qkv, a.seq, a.n_head, a.n_kv_head, a.head_dim, a.scale, assign);
+  PION_CUDA_CHECK_LAUNCH("flash_backward_dq_tc_kernel");
+}
+
 template <int D>
 void launch_forward_tc(Context& ctx, float* out, void* out16, float* lse, const float* qkv,
                        const FlashArgs& a) {
   constexpr int bytes = TcLayout<D>::kBytes;
-  // Above 48 KiB a kernel must opt in; once per process and D (not a stream operation, so it
-  // may run during a graph capture too).
   static const bool opted_in = [] {
-    PION_CUDA_CHECK(cudaFuncSetAttribute(flash_forward_tc_kernel<D>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    opt_in_shared(flash_forward_tc_kernel<D>, bytes);
     return true;
   }();
   (void)opted_in;
@@ -213,6 +451,24 @@ void flash_attention_forward_tc(Context& ctx, float* out, float* lse, const floa
   const FlashArgs a = flash_args(batch, seq, n_head, n_kv_head, head_dim);
   with_columns(head_dim, [&](auto D) {
     launch_forward_tc<decltype(D)::value>(ctx, out, out_bf16, lse, qkv, a);
+  });
+}
+
+void flash_attention_backward_tc(Context& ctx, float* dqkv, float* scratch, const float* dout,
+                                 const float* out, const float* lse, const float* qkv, i64 batch,
+                                 i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head,
+                                 GradWrite dqkv_write) {
+  const std::string who = "flash_attention_backward_tc";
+  n_kv_head = check_flash(batch, seq, n_head, head_dim, n_kv_head, who);
+  require(dqkv != nullptr && scratch != nullptr && dout != nullptr && out != nullptr &&
+              lse != nullptr && qkv != nullptr,
+          who, "dqkv, scratch, dout, out, lse and qkv must not be null");
+  const FlashArgs a = flash_args(batch, seq, n_head, n_kv_head, head_dim);
+  launch_row_dot(ctx, scratch, dout, out, a, batch, who);
+  // The dK/dV and dQ kernels together write every element of dqkv once.
+  const bool assign = dqkv_write == GradWrite::Assign;
+  with_columns(head_dim, [&](auto D) {
+    launch_backward_tc<decltype(D)::value>(ctx, dqkv, scratch, dout, lse, qkv, a, assign);
   });
 }
 
