@@ -442,7 +442,12 @@ struct Pass {
       // The attention output stays fp32 (the flash backward reads it); its bf16 copy, for the
       // wo GEMM and its weight gradient, is written by the flash kernel, or made once here from
       // the materialised attention's fp32 GEMM output (TF32 operands: it cannot write bf16).
-      if (flash) {
+      // With bf16 GEMMs the flash attention runs on bf16 tensor cores too (its fp32 kernels
+      // are the references the tests hold it to, and the tf32 / fp32 models' attention).
+      if (flash && bf16) {
+        layers::flash_attention_forward_tc(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh,
+                                           a.att16);
+      } else if (flash) {
         layers::flash_attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh,
                                         a.att16);
       } else {
@@ -512,7 +517,10 @@ struct Pass {
       // Attention block: dres now holds dL/d(x_mid).
       layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws, kAssign,
                               dres16, a.att16);
-      if (flash)
+      if (flash && bf16)
+        layers::flash_attention_backward_tc(ctx, m.dqkv, m.attn_scratch, m.datt, a.att,
+                                            a.attn_keep, a.qkv, batch, seq, h, hd, kvh, kAssign);
+      else if (flash)
         layers::flash_attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.att, a.attn_keep,
                                          a.qkv, batch, seq, h, hd, kvh, kAssign);
       else

@@ -7,7 +7,8 @@
 // instead of O(batch n_head seq^2).
 //
 // flash_attention_forward / _backward: fp32 throughout (inputs, outputs and arithmetic on
-// CUDA cores); flash_attention_forward_tc: bf16 tensor cores (below).
+// CUDA cores); flash_attention_forward_tc / _backward_tc: the products on bf16 tensor cores,
+// the rest fp32 (below). CudaLlama runs the _tc pair when its GEMMs are bf16.
 // Conventions of layers.h: kernels are queued on the Context's stream with no allocation, no
 // host synchronisation and no device-to-host copy (graph-capturable); argument checks throw
 // pion::Error on the host before anything is queued; backward ADDS into dqkv (callers zero

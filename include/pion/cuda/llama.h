@@ -34,6 +34,9 @@
 
 namespace pion::cuda {
 
+// Flash: fused attention (pion/cuda/flash_attention.h), on bf16 tensor cores when the GEMMs are
+// bf16 (flash_attention_forward_tc / _backward_tc), fp32 otherwise. Materialized: the T x T
+// scores through cuBLAS (pion/cuda/layers.h).
 enum class CudaAttention { Materialized, Flash };
 
 struct CudaLlamaOptions {
@@ -48,10 +51,11 @@ struct CudaLlamaOptions {
 // "bf16" | "tf32" | "fp32".
 layers::MatmulPrecision parse_matmul_precision(const std::string& name);
 // "flash" | "materialized" | "auto". auto keeps the scores (materialised: TF32 cuBLAS GEMMs
-// and memory-bound softmax passes, faster than our fp32 flash kernel at GPT-2 lengths) while
-// every layer's [batch, heads, seq, seq] probabilities together take at most a quarter of the
-// GPU's memory, and switches to flash beyond (long contexts, where T x T per head would not
-// fit).
+// and memory-bound softmax passes, predicted faster than our fp32 flash kernel at GPT-2
+// lengths) while every layer's [batch, heads, seq, seq] probabilities together take at most a
+// quarter of the GPU's memory, and switches to flash beyond (long contexts, where T x T per
+// head would not fit). The rule predates the tensor-core flash kernels and stays until a GPU
+// has timed both.
 CudaAttention choose_attention(const std::string& name, const ModelConfig& config, int batch);
 
 class CudaLlama {
