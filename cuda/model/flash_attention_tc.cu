@@ -27,7 +27,7 @@
 // Q, K, V and dO are rounded to bf16 on their way into shared memory; the accumulators live in
 // shared memory in fp32 as O does in the forward.
 //
-// Shared memory (dynamic; 95 KiB at D = 128, 62 KiB at D = 64): Q and K-then-V in bf16, and
+// Shared memory (dynamic; 93 KiB at D = 128, 61 KiB at D = 64): Q and K-then-V in bf16, and
 // per warp a 16 x kKeys fp32 score tile, a 16 x kKeys bf16 P tile and its 16 x D fp32 O rows.
 // Rows are padded so that every wmma pointer is 32-byte aligned and every ldm a multiple of 8
 // (bf16) or 4 (fp32) elements, as wmma requires; the padding also spreads rows over banks.
