@@ -637,6 +637,37 @@ TEST(CudaFlashAttention, TensorCoreBackwardMatchesReferenceOfRoundedInputs) {
     EXPECT_EQ(non_finite, 0u) << "unwritten gradients";
     EXPECT_EQ(bad, 0u) << "gradients beyond the bf16 roundings' bound";
 
+    // The bf16-only forward output (a bf16 model keeps no fp32 one): the same bf16 bits, and a
+    // backward whose row dots read it stays within the same bounds (reading out rounded to
+    // bf16 moves delta_i by at most 2^-9 sum_c |dO_ic| max|v|, inside Delta'_i's slack).
+    {
+      DeviceBuffer full16((qkv.size() + 1) / 2), only16(full16.size());
+      Dev lse16 = Dev::poisoned(
+          static_cast<i64>(cl::flash_attention_lse_elements(s.batch, s.seq, s.n_head)));
+      cl::flash_attention_forward_tc(ctx, out.get(), lse.get(), d_qkv.get(), s.batch, s.seq,
+                                     s.n_head, s.head_dim, s.n_kv_head, full16.data());
+      cl::flash_attention_forward_tc(ctx, nullptr, lse16.get(), d_qkv.get(), s.batch, s.seq,
+                                     s.n_head, s.head_dim, s.n_kv_head, only16.data());
+      EXPECT_EQ(bf16_bits(only16, s.out_elements()), bf16_bits(full16, s.out_elements()));
+      EXPECT_TRUE(same_bits(lse16.host(), lse.host()));
+      Dev dqkv16(poison);
+      cl::flash_attention_backward_tc(ctx, dqkv16.get(), scratch.get(), d_dout.get(), nullptr,
+                                      lse.get(), d_qkv.get(), s.batch, s.seq, s.n_head, s.head_dim,
+                                      s.n_kv_head, cl::GradWrite::Assign, only16.data());
+      const auto from16 = dqkv16.host();
+      std::size_t bad16 = 0;
+      double worst16 = 0.0;
+      for (std::size_t e = 0; e < ref.size(); ++e) {
+        const double allowed = std::ldexp(bound[e], -7) + 1e-6 * max_ref;
+        const double diff = std::abs(from16[e] - ref[e]);
+        worst16 = std::max(worst16, diff / allowed);
+        if (!(diff <= allowed)) ++bad16;
+      }
+      std::printf("  tc dqkv from the bf16 output: worst |diff| / allowed = %.3f\n", worst16);
+      EXPECT_EQ(bad16, 0u) << "gradients from the bf16 output beyond the bound";
+      EXPECT_FALSE(same_bits(from16, assigned)) << "the bf16 output was not read";
+    }
+
     const auto added_to = run(dqkv0, cl::GradWrite::Add);
     expect_close("tc dqkv (added gradient)", added(added_to, dqkv0), assigned, kFp32Chain,
                  "tc assigned");
@@ -655,6 +686,12 @@ TEST(CudaFlashAttention, TensorCoreBackwardMatchesReferenceOfRoundedInputs) {
                pion::Error);
   EXPECT_THROW(cl::flash_attention_backward_tc(ctx, nullptr, x.get(), x.get(), x.get(), x.get(),
                                                x.get(), 1, 2, 1, 8),
+               pion::Error);
+  // Neither out nor out_bf16.
+  EXPECT_THROW(cl::flash_attention_backward_tc(ctx, x.get(), x.get(), x.get(), nullptr, x.get(),
+                                               x.get(), 1, 2, 1, 8),
+               pion::Error);
+  EXPECT_THROW(cl::flash_attention_forward_tc(ctx, nullptr, x.get(), x.get(), 1, 2, 1, 8),
                pion::Error);
 }
 

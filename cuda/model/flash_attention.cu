@@ -239,8 +239,16 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
 
 // delta [rows = batch * n_head * seq] (rows in [b, h, i] order): dout_i . out_i over the
 // head's columns. One warp per row; a warp-uniform early exit keeps warp_sum's full mask valid.
+// out fp32, or bf16 (the tensor-core forward's only output in a bf16 model).
+__device__ inline float load_out(const float* p) {
+  return *p;
+}
+__device__ inline float load_out(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
+}
+template <typename OutT>
 __global__ void flash_row_dot_kernel(float* __restrict__ delta, const float* __restrict__ dout,
-                                     const float* __restrict__ out, i64 rows, int seq, int n_head,
+                                     const OutT* __restrict__ out, i64 rows, int seq, int n_head,
                                      int head_dim) {
   constexpr int kWarps = kFlashThreads / 32;
   const i64 row = static_cast<i64>(blockIdx.x) * kWarps + threadIdx.x / 32;
@@ -252,7 +260,8 @@ __global__ void flash_row_dot_kernel(float* __restrict__ delta, const float* __r
   const i64 d = static_cast<i64>(n_head) * head_dim;
   const i64 off = (b * seq + i) * d + h * head_dim;
   float s = 0.0f;
-  for (int col = lane; col < head_dim; col += 32) s = fmaf(dout[off + col], out[off + col], s);
+  for (int col = lane; col < head_dim; col += 32)
+    s = fmaf(dout[off + col], load_out(out + off + col), s);
   s = warp_sum(s);
   if (lane == 0) delta[row] = s;
 }
@@ -542,13 +551,20 @@ FlashArgs flash_args(i64 batch, i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim
 }
 
 void launch_row_dot(Context& ctx, float* delta, const float* dout, const float* out,
-                    const FlashArgs& a, i64 batch, const std::string& who) {
+                    const void* out_bf16, const FlashArgs& a, i64 batch, const std::string& who) {
   const i64 rows = batch * a.n_head * a.seq;
   constexpr int kRowsPerBlock = kFlashThreads / 32;  // one warp per row
   const i64 blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
   as_int(blocks, who, "batch * n_head * seq / 8 (row-dot blocks)");
-  flash_row_dot_kernel<<<static_cast<unsigned>(blocks), kFlashThreads, 0, stream_of(ctx)>>>(
-      delta, dout, out, rows, a.seq, a.n_head, a.head_dim);
+  if (out != nullptr)
+    flash_row_dot_kernel<float>
+        <<<static_cast<unsigned>(blocks), kFlashThreads, 0, stream_of(ctx)>>>(
+            delta, dout, out, rows, a.seq, a.n_head, a.head_dim);
+  else
+    flash_row_dot_kernel<__nv_bfloat16>
+        <<<static_cast<unsigned>(blocks), kFlashThreads, 0, stream_of(ctx)>>>(
+            delta, dout, static_cast<const __nv_bfloat16*>(out_bf16), rows, a.seq, a.n_head,
+            a.head_dim);
   PION_CUDA_CHECK_LAUNCH("flash_row_dot_kernel");
 }
 
@@ -585,7 +601,7 @@ void flash_attention_backward(Context& ctx, float* dqkv, float* scratch, const f
           who, "dqkv, scratch, dout, out, lse and qkv must not be null");
   const FlashArgs a = flash_args(batch, seq, n_head, n_kv_head, head_dim);
 
-  launch_row_dot(ctx, scratch, dout, out, a, batch, who);
+  launch_row_dot(ctx, scratch, dout, out, nullptr, a, batch, who);
   // The dK/dV and dQ kernels together write every element of dqkv once.
   const bool assign = dqkv_write == GradWrite::Assign;
   with_columns(head_dim, [&](auto D) {

@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads)
   const i64 out_row = (static_cast<i64>(b) * seq + i) * d + static_cast<i64>(h) * head_dim;
   for (int c = half; c < head_dim; c += 2) {
     const float v = o_w[r * L::kLdO + c] * inv_l;
-    out[out_row + c] = v;
+    if (out != nullptr) out[out_row + c] = v;
     if (out16 != nullptr) out16[out_row + c] = __float2bfloat16(v);
   }
   if (half == 0) lse[static_cast<i64>(bh) * seq + i] = m + logf(l);
@@ -446,8 +446,8 @@ void flash_attention_forward_tc(Context& ctx, float* out, float* lse, const floa
                                 i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head, void* out_bf16) {
   const std::string who = "flash_attention_forward_tc";
   n_kv_head = check_flash(batch, seq, n_head, head_dim, n_kv_head, who);
-  require(out != nullptr && lse != nullptr && qkv != nullptr, who,
-          "out, lse and qkv must not be null");
+  require((out != nullptr || out_bf16 != nullptr) && lse != nullptr && qkv != nullptr, who,
+          "lse, qkv and out (or out_bf16) must not be null");
   const FlashArgs a = flash_args(batch, seq, n_head, n_kv_head, head_dim);
   with_columns(head_dim, [&](auto D) {
     launch_forward_tc<decltype(D)::value>(ctx, out, out_bf16, lse, qkv, a);
@@ -457,14 +457,14 @@ void flash_attention_forward_tc(Context& ctx, float* out, float* lse, const floa
 void flash_attention_backward_tc(Context& ctx, float* dqkv, float* scratch, const float* dout,
                                  const float* out, const float* lse, const float* qkv, i64 batch,
                                  i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head,
-                                 GradWrite dqkv_write) {
+                                 GradWrite dqkv_write, const void* out_bf16) {
   const std::string who = "flash_attention_backward_tc";
   n_kv_head = check_flash(batch, seq, n_head, head_dim, n_kv_head, who);
-  require(dqkv != nullptr && scratch != nullptr && dout != nullptr && out != nullptr &&
-              lse != nullptr && qkv != nullptr,
-          who, "dqkv, scratch, dout, out, lse and qkv must not be null");
+  require(dqkv != nullptr && scratch != nullptr && dout != nullptr &&
+              (out != nullptr || out_bf16 != nullptr) && lse != nullptr && qkv != nullptr,
+          who, "dqkv, scratch, dout, out (or out_bf16), lse and qkv must not be null");
   const FlashArgs a = flash_args(batch, seq, n_head, n_kv_head, head_dim);
-  launch_row_dot(ctx, scratch, dout, out, a, batch, who);
+  launch_row_dot(ctx, scratch, dout, out, out_bf16, a, batch, who);
   // The dK/dV and dQ kernels together write every element of dqkv once.
   const bool assign = dqkv_write == GradWrite::Assign;
   with_columns(head_dim, [&](auto D) {

@@ -85,7 +85,8 @@ struct LayerActs {
   // materialised attention's output; without norms x_in, x_mid), read by the forward GEMM and
   // again by its weight gradient; and gu16, the gate-up GEMM's output written in bf16 for
   // SwiGLU's forward and backward. Where only those read a tensor, its fp32 version is not
-  // kept (h1 and h2 with norms, act, gu): those pointers are null. At the other precisions
+  // kept (h1 and h2 with norms, act, gu, and att with flash attention, whose tensor-core
+  // backward reads att16): those pointers are null. At the other precisions
   // the bf16 pointers are null.
   std::uint16_t *h1_16, *att16, *h2_16, *act16, *gu16;
 };
@@ -257,8 +258,11 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   const bool bf16 = o.matmul == MatmulPrecision::Bf16;
   const i64 h_fp32 = bf16 && c.has_norm() ? 0 : n * d, act_fp32 = bf16 ? 0 : n * f;
   const i64 gu_fp32 = bf16 ? 0 : 2 * n * f;
+  // The bf16 model's tensor-core flash attention writes its output in bf16 only (the wo GEMM
+  // and the attention's backward read that); every other attention keeps it in fp32.
+  const i64 att_fp32 = flash && bf16 ? 0 : n * d;
   const i64 per_layer = n * d /*x_in*/ + h_fp32 /*h1*/ + n /*rstd1*/ + n * qkv /*qkv*/ + keep +
-                        n * d /*att*/ + n * d /*x_mid*/ + h_fp32 /*h2*/ + n /*rstd2*/ +
+                        att_fp32 /*att*/ + n * d /*x_mid*/ + h_fp32 /*h2*/ + n /*rstd2*/ +
                         gu_fp32 /*gu*/ + act_fp32 /*act*/;
   const i64 tail = n * d /*x_final*/ + h_fp32 /*h_final*/ + n /*rstd*/ + n * v /*logits*/ +
                    n /*lse*/ + n * d /*proj*/;
@@ -297,7 +301,7 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
     a.rstd1 = take(n);
     a.qkv = take(n * qkv);
     a.attn_keep = take(keep);
-    a.att = take(n * d);
+    a.att = take(att_fp32);
     a.x_mid = take(n * d);
     a.h2 = take(h_fp32);
     a.rstd2 = take(n);
@@ -439,11 +443,12 @@ struct Pass {
       // RoPE rotates the h query heads and the kvh key heads (never the values).
       layers::rope_forward(ctx, a.qkv, m.rope, batch, seq, h, hd, qkv);
       layers::rope_forward(ctx, a.qkv + d, m.rope, batch, seq, kvh, hd, qkv);
-      // The attention output stays fp32 (the flash backward reads it); its bf16 copy, for the
-      // wo GEMM and its weight gradient, is written by the flash kernel, or made once here from
-      // the materialised attention's fp32 GEMM output (TF32 operands: it cannot write bf16).
       // With bf16 GEMMs the flash attention runs on bf16 tensor cores too (its fp32 kernels
-      // are the references the tests hold it to, and the tf32 / fp32 models' attention).
+      // are the references the tests hold it to, and the tf32 / fp32 models' attention), and
+      // writes its output in bf16 only (a.att is null): the wo GEMM, its weight gradient and
+      // the attention's backward read att16. The fp32 flash kernel writes both (its backward
+      // reads the fp32 output); the materialised attention's fp32 GEMM output (TF32 operands:
+      // it cannot write bf16) is converted once here.
       if (flash && bf16) {
         layers::flash_attention_forward_tc(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh,
                                            a.att16);
@@ -518,8 +523,9 @@ struct Pass {
       layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws, kAssign,
                               dres16, a.att16);
       if (flash && bf16)
-        layers::flash_attention_backward_tc(ctx, m.dqkv, m.attn_scratch, m.datt, a.att,
-                                            a.attn_keep, a.qkv, batch, seq, h, hd, kvh, kAssign);
+        layers::flash_attention_backward_tc(ctx, m.dqkv, m.attn_scratch, m.datt, nullptr,
+                                            a.attn_keep, a.qkv, batch, seq, h, hd, kvh, kAssign,
+                                            a.att16);
       else if (flash)
         layers::flash_attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.att, a.attn_keep,
                                          a.qkv, batch, seq, h, hd, kvh, kAssign);
