@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <span>
@@ -393,6 +394,54 @@ TEST(CudaLlama, GraphReplaysEqualEagerPasses) {
       EXPECT_EQ(eager.graph_counts().replays, 0);
     }
   }
+}
+
+// A capture that fails (on the emulator, EMU_FAKE_CAPTURE_ERROR makes every capture end
+// invalidated, as an unsupported call inside one does on a GPU): the model says so, runs that
+// pass and every later one eagerly, and gives the eager model's bits. Emulator only: a GPU's
+// captures cannot be made to fail from outside.
+TEST(CudaLlama, FailedCaptureFallsBackToEagerPasses) {
+  PION_REQUIRE_CUDA_DEVICE();
+  if (cu::device_description().find("emulator") == std::string::npos)
+    GTEST_SKIP() << "needs the CUDA emulator's EMU_FAKE_CAPTURE_ERROR";
+  const ModelConfig config = small_config();
+  Llama<float> cpu(config);
+  Rng init(71);
+  cpu.init_weights(init);
+  cu::Context ctx;
+  cu::CudaLlamaOptions o;
+  o.matmul = cu::layers::MatmulPrecision::Bf16;
+  cu::CudaLlamaOptions eager_options = o;
+  eager_options.graphs = false;
+  cu::CudaLlama graphed(ctx, config, o), eager(ctx, config, eager_options);
+  for (cu::CudaLlama* m : {&graphed, &eager})
+    m->upload_params({cpu.params().data<float>(), static_cast<std::size_t>(cpu.params().numel())});
+  setenv("EMU_FAKE_CAPTURE_ERROR", "1", 1);
+  testing::internal::CaptureStdout();
+  for (int call = 0; call < 4; ++call) {
+    const Batch b = random_batch(2, 24, config.vocab_size, 200 + static_cast<std::uint64_t>(call));
+    std::vector<std::vector<float> > grads;
+    std::vector<double> losses;
+    for (cu::CudaLlama* m : {&graphed, &eager}) {
+      m->zero_grad();
+      m->forward_backward(b.tokens, b.targets, 2, 24, 0.5);
+      std::vector<float> g(static_cast<std::size_t>(m->num_params()));
+      m->download_grads(g);
+      grads.push_back(std::move(g));
+      losses.push_back(m->read_loss().loss);
+    }
+    EXPECT_EQ(losses[0], losses[1]) << "call " << call;
+    EXPECT_EQ(grads[0], grads[1]) << "call " << call;
+  }
+  const std::string said = testing::internal::GetCapturedStdout();
+  unsetenv("EMU_FAKE_CAPTURE_ERROR");
+  EXPECT_EQ(graphed.graph_counts().captures, 0);
+  EXPECT_EQ(graphed.graph_counts().replays, 0);
+  // Said once (the second call tried to capture; the later ones do not try again).
+  const std::string note = "could not be captured into a CUDA graph";
+  const auto first = said.find(note);
+  EXPECT_NE(first, std::string::npos) << said;
+  EXPECT_EQ(said.find(note, first + 1), std::string::npos) << said;
 }
 
 TEST(CudaLlama, AccumulatesNormsAndScales) {

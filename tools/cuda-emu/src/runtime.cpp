@@ -1021,6 +1021,10 @@ cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t* graph) {
   s->capturing = false;
   Graph* g = s->graph;
   s->graph = nullptr;
+  // EMU_FAKE_CAPTURE_ERROR (non-empty): every capture ends invalidated, as a capture that met an
+  // unsupported call does on a GPU, so callers' fallbacks to eager work can be tested.
+  if (const char* fake = std::getenv("EMU_FAKE_CAPTURE_ERROR"); fake != nullptr && *fake != 0)
+    s->invalidated = true;
   if (s->invalidated) {
     s->invalidated = false;
     delete g;
