@@ -18,6 +18,19 @@ sittings or machines that share OUT):
           optimizer state bytes and step time of the baby run, and with --bench-json those of
           one GPT-2-small layer; every lr tried at seed 1) and OUT/width_transfer.png.
 
+--archive DIR keeps each finished run's run_config.json and summary.json (a few KB, no
+checkpoint) in DIR/runs/<name>/, and copies them back into OUT before any stage, so the runs
+outlive OUT: commit DIR, and a fresh machine's rerun skips every archived run. The project's
+own ablation archives into results/ablation.
+
+--best-lrs FILE ({"setting name": "lr", ...}, names as the report writes them) skips the lr
+sweep of those settings (with RMSNorm at the base width): stage seeds runs seeds 1-3 at the
+given lr. For an lr sweep already run whose runs were lost; the report says which were given.
+
+--shard K/N: stages lr and seeds take only settings K, K+N, K+2N, ... so N drivers (e.g. each
+with --jobs 1) share one OUT without running the same run twice. Stage nonorm waits until
+every setting has 3 seeds; it and stage width run in shard 0 only.
+
 Selecting the best lr on seed 1 and then adding seeds 2 and 3 is a cheaper design than
 3 seeds at every lr (the reported means include the seed the lr was picked on, a small
 optimistic bias we accept and say).
@@ -25,6 +38,7 @@ optimistic bias we accept and say).
 usage: scripts/ablation.py (Debian's /usr/bin/python3, for python3-matplotlib)
        scripts/ablation.py [--out DIR] [--pion PATH] [--jobs N] [--iters N]
                            [--stages lr,seeds,nonorm,width,report] [--bench-json FILE]
+                           [--archive DIR] [--best-lrs FILE] [--shard K/N]
                            [--dry-run] [-- EXTRA FLAGS]
 --bench-json: the JSON of `pion bench optim --device cpu --pion_variants --json FILE`; the
 report then puts each setting's step time and moment state on one GPT-2-small layer beside it.
@@ -35,6 +49,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -87,6 +102,9 @@ class Ablation:
         self.extra = args.extra
         self.dry = args.dry_run
         self.bench = args.bench
+        self.archive = os.path.abspath(args.archive) if args.archive else None
+        self.best_lrs = args.best_lrs
+        self.shard = args.shard
         # The width of the base config (stage width adds 64 and 256 beside it).
         self.d_model = 128
         if "--d_model" in self.extra:
@@ -113,6 +131,34 @@ class Ablation:
         if rc != 0:
             print(f"ablation: a run of this sweep failed (exit {rc}); its log is in "
                   f"{self.out}/runs/<name>/log.txt. Going on with the others.", flush=True)
+        self.sync_archive()
+
+    ARCHIVED = ("run_config.json", "summary.json")
+
+    def sync_archive(self):
+        """Both ways between OUT/runs and the archive: a finished run the archive lacks is
+        copied in (its two small files); an archived run OUT lacks or has unfinished is
+        copied back, which `pion sweep` then counts as finished."""
+        if not self.archive or self.dry:
+            return
+        runs = os.path.join(self.out, "runs")
+        kept = os.path.join(self.archive, "runs")
+        done = {name for name, _, _ in self.records()}
+        os.makedirs(kept, exist_ok=True)
+        for name in sorted(done):
+            for f in self.ARCHIVED:
+                src, dst = os.path.join(runs, name, f), os.path.join(kept, name, f)
+                if not os.path.exists(dst) or open(src, "rb").read() != open(dst, "rb").read():
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    shutil.copyfile(src, dst + ".tmp")
+                    os.replace(dst + ".tmp", dst)
+        for name in sorted(os.listdir(kept)):
+            if name in done or not all(os.path.exists(os.path.join(kept, name, f))
+                                       for f in self.ARCHIVED):
+                continue
+            os.makedirs(os.path.join(runs, name), exist_ok=True)
+            for f in self.ARCHIVED:
+                shutil.copyfile(os.path.join(kept, name, f), os.path.join(runs, name, f))
 
     def records(self):
         """Every finished run in OUT/runs: its config and summary."""
@@ -192,12 +238,20 @@ class Ablation:
 
     def stage_lr(self, norm_keys=(), chosen=None):
         norm = "none" if norm_keys else "rmsnorm"
-        for name, optimizer, keys in (chosen or settings()):
+        for name, optimizer, keys in (chosen or self.my_settings()):
+            if not norm_keys and name in self.best_lrs:
+                continue  # its lr sweep was run before; stage seeds runs seeds 1-3 at its best
             self.sweep_lrs(optimizer, keys + list(norm_keys), norm)
 
+    def my_settings(self):
+        """settings(), or this driver's share of them under --shard K/N."""
+        k, n = self.shard
+        return [s for i, s in enumerate(settings()) if i % n == k]
+
     def stage_seeds(self, norm_keys=(), chosen=None, norm="rmsnorm"):
-        for name, optimizer, keys in (chosen or settings()):
-            lr = self.best_lr(optimizer, keys + list(norm_keys), norm)
+        for name, optimizer, keys in (chosen or self.my_settings()):
+            lr = (self.best_lrs.get(name) if not norm_keys else None) or \
+                self.best_lr(optimizer, keys + list(norm_keys), norm)
             if lr is None:
                 print(f"ablation: {name}{' (norm none)' if norm_keys else ''} has no finished "
                       "seed-1 run yet; run stage lr first", flush=True)
@@ -236,6 +290,14 @@ class Ablation:
         return [s for s in settings() if s[0] in names]
 
     def stage_nonorm(self):
+        if self.shard[0] != 0:
+            return  # one driver (shard 0) runs the shared stages
+        unfinished = [r[0] for r in self.ranked() if r[4] < 3]
+        missing = len(settings()) - len(self.ranked())
+        if unfinished or missing:
+            print(f"ablation: stage nonorm waits for stage seeds of every setting "
+                  f"({len(unfinished) + missing} without 3 seeds yet)", flush=True)
+            return
         chosen = self.best_three()
         if len(chosen) < 3:
             print("ablation: stage nonorm needs three settings with 3 seeds (stage seeds)",
@@ -246,6 +308,8 @@ class Ablation:
         self.stage_seeds([("norm", "none")], chosen, "none")
 
     def stage_width(self):
+        if self.shard[0] != 0:
+            return  # one driver (shard 0) runs the shared stages
         for d_model in ("64", "256"):
             for name, optimizer, keys in settings()[:3:2]:  # AdamW and Pion lie/both/adam
                 self.sweep_lrs(optimizer, [("d_model", d_model)] + keys, "rmsnorm", int(d_model))
@@ -307,6 +371,9 @@ class Ablation:
                  "Best lr per setting at seed 1 from 4 values, extended by factors of 2 while "
                  "the best was at an edge of the values tried; then seeds 1-3 at that lr "
                  "(mean ± sample std). Written by scripts/ablation.py.\n",
+                 *([f"Given best lrs (`--best-lrs`; their lr sweep is not in these runs): "
+                    + ", ".join(f"{k} {v}" for k, v in self.best_lrs.items()) + ".\n"]
+                   if self.best_lrs else []),
                  "## With RMSNorm\n", self.table(self.ranked()), "",
                  "## Without normalisation (`--norm none`)\n", self.table(self.ranked("none")), "",
                  "## Every lr tried (seed 1)\n", self.lr_table(), "",
@@ -376,6 +443,9 @@ def main():
     p.add_argument("--stages", default="lr,seeds,nonorm,width,report")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--bench-json", default=None)
+    p.add_argument("--archive", default=None)
+    p.add_argument("--best-lrs", dest="best_lrs_file", default=None)
+    p.add_argument("--shard", default="0/1")
     args = p.parse_args(argv)
     args.extra = extra
     args.bench = None
@@ -390,11 +460,38 @@ def main():
                   "`pion bench optim --device cpu --pion_variants --json FILE` writes",
                   file=sys.stderr)
             return 2
+    try:
+        k, n = (int(x) for x in args.shard.split("/"))
+        if not 0 <= k < n:
+            raise ValueError
+        args.shard = (k, n)
+    except ValueError:
+        print(f"ablation: --shard {args.shard}: give K/N with 0 <= K < N (e.g. 0/2 and 1/2 "
+              "for two drivers)", file=sys.stderr)
+        return 2
+    args.best_lrs = {}
+    if args.best_lrs_file is not None:
+        names = {name for name, _, _ in settings()}
+        try:
+            with open(args.best_lrs_file) as f:
+                args.best_lrs = json.load(f)
+            if not isinstance(args.best_lrs, dict):
+                raise ValueError("not a JSON object")
+            for k, v in args.best_lrs.items():
+                if k not in names:
+                    raise ValueError(f"'{k}' is not a setting ({', '.join(sorted(names))})")
+                if not isinstance(v, str) or not math.isfinite(float(v)) or float(v) <= 0:
+                    raise ValueError(f"'{k}': lr {v!r} is not a positive number in a string")
+        except (OSError, ValueError) as e:
+            print(f"ablation: --best-lrs {args.best_lrs_file}: {e}; give a JSON object "
+                  '{"setting name": "lr", ...}', file=sys.stderr)
+            return 2
     if not os.access(args.pion, os.X_OK):
         print(f"ablation: no pion binary at {args.pion}; build it (cmake --build build) or "
               "give --pion", file=sys.stderr)
         return 2
     a = Ablation(args)
+    a.sync_archive()
     stages = {"lr": a.stage_lr, "seeds": a.stage_seeds, "nonorm": a.stage_nonorm,
               "width": a.stage_width, "report": a.stage_report}
     for s in args.stages.split(","):

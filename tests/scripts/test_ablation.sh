@@ -3,7 +3,8 @@
 # run's run_config.json and a summary.json whose best val loss is a parabola in log2(lr) with
 # its minimum at a chosen lr per optimizer. Checks: the lr stage extends the grid by factors of
 # 2 while the best lr is at an edge (at most 2 more) and not when it is inside; the seeds stage
-# runs seeds 2 and 3 at the best lr; the report ranks the settings; bad arguments exit 2.
+# runs seeds 2 and 3 at the best lr; the report ranks the settings; bad arguments exit 2;
+# --archive keeps finished runs and restores them into a fresh OUT.
 # Usage: tests/scripts/test_ablation.sh SOURCE_DIR (ctest: ScriptAblation).
 source "$(dirname "$0")/lib.sh" "${1:-}"
 py=/usr/bin/python3
@@ -106,6 +107,62 @@ for bad in "$tmp/bad.json" "$tmp/missing.json"; do
   rc=$?
   [[ $rc -eq 2 ]] && grep -q "pion_variants --json" "$tmp/log" && ok "bad --bench-json: exit 2 with a hint" ||
     fail "--bench-json $bad gave exit $rc: $(cat "$tmp/log")"
+done
+
+# --archive: finished runs' two small files kept in DIR, and copied back into a fresh OUT.
+"$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/out" --iters 10 --stages report \
+  --archive "$tmp/archive" >"$tmp/log" 2>&1 || fail "archive: exit $?: $(tail -n 5 "$tmp/log")"
+kept=$(find "$tmp/archive/runs" -name summary.json | wc -l)
+[[ $kept -eq $(find "$tmp/out/runs" -name summary.json | wc -l) && $kept -gt 20 ]] &&
+  [[ -z $(find "$tmp/archive/runs" -type f ! -name run_config.json ! -name summary.json) ]] &&
+  ok "archive: every finished run's config and summary, nothing else ($kept runs)" ||
+  fail "archive holds $kept runs: $(find "$tmp/archive" -type f | head -5)"
+"$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/fresh" --iters 10 --stages report \
+  --archive "$tmp/archive" >"$tmp/log" 2>&1
+cmp -s "$tmp/out/ABLATION.md" "$tmp/fresh/ABLATION.md" &&
+  grep -q "| Muon | 0.02 | 1.502" "$tmp/fresh/ABLATION.md" &&
+  ok "archive: a fresh OUT reports the archived runs as the first did" ||
+  fail "fresh report differs: $(diff "$tmp/out/ABLATION.md" "$tmp/fresh/ABLATION.md" | head -n 8)"
+"$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/fresh" --iters 10 --stages seeds \
+  --archive "$tmp/archive" --dry-run >"$tmp/log" 2>&1
+grep -q -- "--grid seed=1,2,3" "$tmp/log" && ok "archive: the seeds stage finds the archived best lrs" ||
+  fail "seeds after restore: $(tail -n 5 "$tmp/log")"
+
+# --best-lrs: a given setting runs seed 1 at its given lr only, and its seeds there.
+echo '{"AdamW": "1e-3"}' >"$tmp/best.json"
+"$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/given" --iters 10 --stages lr,seeds,report \
+  --best-lrs "$tmp/best.json" >"$tmp/log" 2>&1 || fail "--best-lrs: exit $?: $(tail -n 5 "$tmp/log")"
+given=$(grep adamw "$tmp/given/calls.txt" | sort -u | tr '\n' ' ')
+[[ $given == "optimizer-adamw_lr-1e-3_seed-1 optimizer-adamw_lr-1e-3_seed-2 optimizer-adamw_lr-1e-3_seed-3 " ]] &&
+  grep -q "Given best lrs.*AdamW 1e-3" "$tmp/given/ABLATION.md" &&
+  [[ $(sort -u "$tmp/given/calls.txt" | grep -c "optimizer-muon_matrix_lr-[0-9.e-]*_seed-1$") -eq 4 ]] &&
+  ok "--best-lrs: AdamW at 1e-3 only, said in the report; Muon swept" || fail "--best-lrs runs: $given"
+echo '{"Adam": "1e-3"}' >"$tmp/bad1.json"
+echo '{"AdamW": "fast"}' >"$tmp/bad2.json"
+for bad in "$tmp/bad1.json" "$tmp/bad2.json" "$tmp/missing.json"; do
+  run --stages report --best-lrs "$bad"
+  rc=$?
+  [[ $rc -eq 2 ]] && grep -q -- "--best-lrs $bad" "$tmp/log" && ok "bad --best-lrs: exit 2 naming the file" ||
+    fail "--best-lrs $bad gave exit $rc: $(cat "$tmp/log")"
+done
+
+# --shard K/N: two drivers split the settings, no run asked for twice, none left out.
+for k in 0 1; do
+  "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/shard$k" --iters 10 --stages lr,seeds,width \
+    --shard $k/2 >"$tmp/log" 2>&1 || fail "--shard $k/2: exit $?"
+done
+both=$(cat <(sort -u "$tmp/shard0/calls.txt") <(sort -u "$tmp/shard1/calls.txt") | sort | uniq -d | wc -l)
+union=$(cat "$tmp/shard0/calls.txt" "$tmp/shard1/calls.txt" | grep -v d_model | sort -u | wc -l)
+[[ $both -eq 0 && $union -eq $(grep -v d_model "$calls" | sort -u | wc -l) ]] &&
+  grep -q d_model "$tmp/shard0/calls.txt" && ! grep -q d_model "$tmp/shard1/calls.txt" &&
+  ok "--shard: disjoint halves, together every run; width in shard 0 only" ||
+  fail "--shard: $both runs in both, $union in all"
+for bad in "--shard 2/2" "--shard x"; do
+  # shellcheck disable=SC2086
+  run $bad
+  rc=$?
+  [[ $rc -eq 2 ]] && grep -q -- "--shard" "$tmp/log" && ok "'$bad' exits 2 naming the flag" ||
+    fail "'$bad' gave exit $rc: $(cat "$tmp/log")"
 done
 
 finish test_ablation
