@@ -1,6 +1,8 @@
 // Device memory, the stream + cuBLAS context and graph capture (include/pion/cuda/runtime.h).
 #include <cuda_profiler_api.h>
 
+#include <algorithm>
+#include <iostream>
 #include <utility>
 
 #include "context.cuh"
@@ -160,6 +162,41 @@ Graph Graph::capture(Context& ctx, const std::function<void()>& queue) {
 void Graph::launch(Context& ctx) const {
   check(impl_ != nullptr, "cuda: launch of an empty graph (capture one first)");
   PION_CUDA_CHECK(cudaGraphLaunch(impl_->exec, ctx.impl().stream));
+}
+
+GraphReplayer::GraphReplayer(std::string what, bool enabled)
+    : what_(std::move(what)), enabled_(enabled) {}
+
+void GraphReplayer::run(Context& ctx, double key, const std::function<void()>& queue) {
+  if (!enabled_ || failed_) return queue();
+  for (const auto& g : graphs_) {
+    if (g.key != key) continue;
+    g.graph.launch(ctx);
+    ++counts_.replays;
+    return;
+  }
+  if (std::find(eager_keys_.begin(), eager_keys_.end(), key) == eager_keys_.end()) {
+    eager_keys_.push_back(key);
+    return queue();
+  }
+  Graph graph;
+  try {
+    graph = Graph::capture(ctx, queue);
+  } catch (const std::exception& e) {
+    failed_ = true;
+    std::cout << "note: " << what_ << " could not be captured into a CUDA graph (" << e.what()
+              << "); running it eagerly\n";
+    return queue();
+  }
+  graph.launch(ctx);
+  ++counts_.captures;
+  ++counts_.replays;
+  graphs_.push_back({key, std::move(graph)});
+}
+
+void GraphReplayer::clear() {
+  graphs_.clear();
+  eager_keys_.clear();
 }
 
 void Context::begin_capture() {

@@ -400,6 +400,48 @@ TEST(CudaLlama, GraphReplaysEqualEagerPasses) {
 // invalidated, as an unsupported call inside one does on a GPU): the model says so, runs that
 // pass and every later one eagerly, and gives the eager model's bits. Emulator only: a GPU's
 // captures cannot be made to fail from outside.
+// GraphReplayer, which the model's pass and the optimizer step share: per key eager first,
+// then captured, then replayed; clear() starts over; disabled, it is always eager. The work
+// (doubling a buffer) must happen exactly once per run, whichever way it ran.
+TEST(CudaRuntime, GraphReplayerRunsEagerThenCapturesThenReplays) {
+  PION_REQUIRE_CUDA_DEVICE();
+  cu::Context ctx;
+  cu::DeviceBuffer x(8);
+  const std::vector<float> ones(8, 1.0f);
+  auto value = [&] {
+    std::vector<float> host(8);
+    x.download(host.data(), host.size());
+    return host[3];
+  };
+  const auto doubled = [&] { cu::scale_inplace(ctx, x.data(), 8, 2.0f); };
+  for (const bool enabled : {true, false}) {
+    x.upload(ones.data(), ones.size());
+    cu::GraphReplayer replayer("the doubling", enabled);
+    const auto counts = [&] {
+      return std::make_pair(replayer.counts().captures, replayer.counts().replays);
+    };
+    using P = std::pair<std::int64_t, std::int64_t>;
+    replayer.run(ctx, 1.0, doubled);  // eager
+    EXPECT_EQ(value(), 2.0f);
+    EXPECT_EQ(counts(), P(0, 0));
+    replayer.run(ctx, 1.0, doubled);  // captured and launched
+    EXPECT_EQ(value(), 4.0f);
+    EXPECT_EQ(counts(), enabled ? P(1, 1) : P(0, 0));
+    replayer.run(ctx, 1.0, doubled);  // replayed
+    replayer.run(ctx, 2.0, doubled);  // a new key: eager
+    EXPECT_EQ(value(), 16.0f);
+    EXPECT_EQ(counts(), enabled ? P(1, 2) : P(0, 0));
+    replayer.run(ctx, 2.0, doubled);  // its capture
+    replayer.run(ctx, 1.0, doubled);  // the first key's graph again
+    EXPECT_EQ(value(), 64.0f);
+    EXPECT_EQ(counts(), enabled ? P(2, 4) : P(0, 0));
+    replayer.clear();
+    replayer.run(ctx, 1.0, doubled);  // eager again after clear()
+    EXPECT_EQ(value(), 128.0f);
+    EXPECT_EQ(counts(), enabled ? P(2, 4) : P(0, 0)) << "enabled " << enabled;
+  }
+}
+
 TEST(CudaLlama, FailedCaptureFallsBackToEagerPasses) {
   PION_REQUIRE_CUDA_DEVICE();
   if (cu::device_description().find("emulator") == std::string::npos)

@@ -138,22 +138,16 @@ struct CudaLlama::Impl {
   std::int64_t mirror_from = 0;
   bool track_changes = false, weights_stale = true;
   float* rms_scratch = nullptr;  // rmsnorm_backward's per-chunk weight-gradient partials
-  // forward_backward's captured passes at the current shape, one per loss scale, and the
-  // scales that have run eagerly once at it (a capture needs every kernel loaded). Cleared by
+  // forward_backward's passes at the current shape, replayed per loss scale; cleared by
   // ensure_buffers with the buffers the graphs point into.
-  struct CapturedPass {
-    double loss_scale = 0.0;
-    Graph graph;
-  };
-  std::vector<CapturedPass> passes;
-  std::vector<double> eager_scales;
-  bool graphs_failed = false;  // a capture threw: eager from then on
-  CudaLlama::GraphCounts graph_counts;
+  GraphReplayer passes;
 
-  Impl(std::int64_t num_params, const pion::layers::RopeTable<float>& table, i64 seq_len, i64 half)
+  Impl(std::int64_t num_params, const pion::layers::RopeTable<float>& table, i64 seq_len, i64 half,
+       bool graphs)
       : params(static_cast<std::size_t>(num_params)),
         grads(static_cast<std::size_t>(num_params)),
-        rope(table.cos, table.sin, seq_len, half) {}
+        rope(table.cos, table.sin, seq_len, half),
+        passes("the forward/backward pass", graphs) {}
 };
 
 CudaLlama::CudaLlama(Context& ctx, const ModelConfig& config, const CudaLlamaOptions& options)
@@ -164,7 +158,8 @@ CudaLlama::CudaLlama(Context& ctx, const ModelConfig& config, const CudaLlamaOpt
   for (const ParamEntry& e : layout_) num_params_ += e.numel();
   const auto table =
       pion::layers::make_rope_table<float>(config.seq_len, config.head_dim(), config.rope_theta);
-  impl_ = std::make_unique<Impl>(num_params_, table, config.seq_len, config.head_dim() / 2);
+  impl_ = std::make_unique<Impl>(num_params_, table, config.seq_len, config.head_dim() / 2,
+                                 options.graphs);
   impl_->params.zero();
   impl_->grads.zero();
   impl_->w = weights_in(impl_->params.data(), layout_, config);
@@ -244,7 +239,6 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
                     int seq, std::int64_t num_params) {
   if (batch == m.batch && seq == m.seq) return;
   m.passes.clear();
-  m.eager_scales.clear();
   const i64 n = static_cast<i64>(batch) * seq, d = c.d_model, f = c.ffn_size();
   const i64 v = c.vocab_size, h = c.n_head, L = c.n_layer;
   const i64 qkv = d + 2 * static_cast<i64>(c.kv_dim());  // [q | k | v] row width
@@ -598,41 +592,11 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
                             loss_scale, layers::GradWrite::Assign);
     pass.backward();
   };
-  run_pass(loss_scale, queue);
-}
-
-// The pass of forward_backward: a replay of its graph, or eager (the first call with this
-// loss scale at this shape, graphs off or failed), or captured and then replayed.
-void CudaLlama::run_pass(double loss_scale, const std::function<void()>& queue) {
-  Impl& m = *impl_;
-  if (!options_.graphs || m.graphs_failed) return queue();
-  for (const auto& p : m.passes) {
-    if (p.loss_scale != loss_scale) continue;
-    p.graph.launch(ctx_);
-    ++m.graph_counts.replays;
-    return;
-  }
-  if (std::find(m.eager_scales.begin(), m.eager_scales.end(), loss_scale) == m.eager_scales.end()) {
-    m.eager_scales.push_back(loss_scale);
-    return queue();
-  }
-  Graph graph;
-  try {
-    graph = Graph::capture(ctx_, queue);
-  } catch (const std::exception& e) {
-    m.graphs_failed = true;
-    std::cout << "note: the forward/backward pass could not be captured into a CUDA graph ("
-              << e.what() << "); running it eagerly\n";
-    return queue();
-  }
-  graph.launch(ctx_);
-  ++m.graph_counts.captures;
-  ++m.graph_counts.replays;
-  m.passes.push_back({loss_scale, std::move(graph)});
+  m.passes.run(ctx_, loss_scale, queue);
 }
 
 CudaLlama::GraphCounts CudaLlama::graph_counts() const {
-  return impl_->graph_counts;
+  return impl_->passes.counts();
 }
 
 void CudaLlama::target_log_probs(std::span<double> log_probs, std::span<double> entropies) {

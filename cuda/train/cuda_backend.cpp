@@ -196,13 +196,13 @@ class DeviceRun {
   std::map<std::string, Tensor> sigma0_;
 };
 
-// The optimizer step of every group: eager on the first call (CUDA loads kernels lazily, and
-// capture must not), then captured once into a graph and replayed. The learning rate and the
-// gradient scale are written to the device before each step, outside the graph.
+// The optimizer step of every group, replayed from one CUDA graph after its first (eager) run
+// (GraphReplayer). The learning rate and the gradient scale are written to the device before
+// each step, outside the graph.
 class StepLauncher {
  public:
   StepLauncher(Context& ctx, std::vector<DeviceGroup>& groups, bool use_graph)
-      : ctx_(ctx), groups_(groups), use_graph_(use_graph) {}
+      : ctx_(ctx), groups_(groups), steps_("the optimizer step", use_graph) {}
 
   void step(double factor, float grad_scale) {
     for (auto& d : groups_) d.device->set_lr(d.base_lr * factor);
@@ -210,36 +210,16 @@ class StepLauncher {
       for (auto& d : groups_) d.device->set_grad_scale(grad_scale);
       grad_scale_ = grad_scale;
     }
-    if (eager_steps_ == 0 || !use_graph_) {
+    steps_.run(ctx_, 0.0, [this] {
       for (auto& d : groups_) d.device->queue_step();
-      ++eager_steps_;
-      return;
-    }
-    if (!captured_) {
-      try {
-        ctx_.begin_capture();
-        for (auto& d : groups_) d.device->queue_step();
-        ctx_.end_capture();
-        captured_ = true;
-      } catch (const std::exception& e) {
-        ctx_.abort_capture();
-        use_graph_ = false;
-        std::cout << "note: the optimizer step could not be captured into a CUDA graph ("
-                  << e.what() << "); stepping eagerly\n";
-        for (auto& d : groups_) d.device->queue_step();
-        return;
-      }
-    }
-    ctx_.launch_graph();
+    });
   }
 
  private:
   Context& ctx_;
   std::vector<DeviceGroup>& groups_;
   float grad_scale_ = 1.0f;  // what the optimizers hold (their initial value)
-  int eager_steps_ = 0;
-  bool use_graph_;
-  bool captured_ = false;
+  GraphReplayer steps_;
 };
 
 using Clock = std::chrono::steady_clock;

@@ -106,9 +106,7 @@ class CudaLlama {
   void forward_backward(std::span<const std::int32_t> tokens, std::span<const std::int32_t> targets,
                         int batch, int seq, double loss_scale);
   // How many forward_backward calls replayed a graph, and how many graphs were captured.
-  struct GraphCounts {
-    std::int64_t replays = 0, captures = 0;
-  };
+  using GraphCounts = GraphReplayer::Counts;
   GraphCounts graph_counts() const;
   struct Loss {
     double loss = 0.0;       // mean over counted targets
@@ -150,7 +148,6 @@ class CudaLlama {
   struct Impl;
 
  private:
-  void run_pass(double loss_scale, const std::function<void()>& queue);
   Context& ctx_;
   ModelConfig config_;
   CudaLlamaOptions options_;

@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace pion::cuda {
 
@@ -103,6 +104,37 @@ class Graph {
  private:
   friend class Context;  // its own begin_capture / end_capture keep one Graph
   std::unique_ptr<Impl> impl_;
+};
+
+// Work that is queued the same way again and again, replayed from CUDA graphs, one per key
+// (e.g. a loss scale). Per key the first run is eager (CUDA loads kernels lazily, which a
+// capture must not do), the second is captured and replayed, and later runs replay. If a
+// capture fails, a note naming `what` is printed once and every later run is eager. Shared by
+// the model's forward/backward pass and the optimizer step.
+class GraphReplayer {
+ public:
+  GraphReplayer(std::string what, bool enabled);
+  // Queues `queue`'s work on ctx's stream: eagerly, or as one graph launch.
+  void run(Context& ctx, double key, const std::function<void()>& queue);
+  // Drops every graph and the record of eager runs (the buffers the graphs point into moved).
+  void clear();
+  // Runs that replayed a graph (a capture's run included), and graphs captured.
+  struct Counts {
+    std::int64_t replays = 0, captures = 0;
+  };
+  Counts counts() const { return counts_; }
+
+ private:
+  struct Captured {
+    double key = 0.0;
+    Graph graph;
+  };
+  std::string what_;
+  bool enabled_;
+  bool failed_ = false;  // a capture threw: eager from then on
+  std::vector<double> eager_keys_;
+  std::vector<Captured> graphs_;
+  Counts counts_;
 };
 
 // A CUDA stream with its own cuBLAS handle (plain fp32 math unless a GEMM asks for TF32 or
