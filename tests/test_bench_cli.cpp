@@ -8,6 +8,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 
 #include "helpers.h"
 #include "pion/core/device.h"
@@ -124,15 +125,26 @@ TEST(BenchCli, GenerateOnCuda) {
     EXPECT_TRUE(row.at("same_tokens").get<bool>()) << row.dump();
 }
 
+// Exit 2 with the CLI's prefix and a message that names what was wrong.
 TEST(BenchCli, BadArgumentsAreRejected) {
-  for (const char* args :
-       {"bench", "bench optim --device tpu", "bench optim --layers 0", "bench optim --steps 0",
-        "bench nothing", "bench generate --sequences 0", "bench generate --device tpu",
-        "bench optim --device cuda --pion_variants", "bench generate --matmul_precision bf17",
-        "bench train --device cpu --cuda_graphs maybe"}) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"bench", "subcommand"},
+      {"bench optim --device tpu", "--device"},
+      {"bench optim --layers 0", "--layers"},
+      {"bench optim --steps 0", "--steps"},
+      {"bench nothing", "subcommand"},
+      {"bench generate --sequences 0", "--sequences"},
+      {"bench generate --device tpu", "--device"},
+      {"bench optim --device cuda --pion_variants", "--pion_variants"},
+      {"bench generate --matmul_precision bf17", "--matmul_precision"},
+      {"bench train --device cpu --cuda_graphs maybe", "--cuda_graphs"}};
+  for (const auto& [args, named] : cases) {
     const auto r = run_pion(args);
     EXPECT_EQ(r.exit_code, 2) << args << ":\n" << r.output;
     EXPECT_NE(r.output.find("pion: error:"), std::string::npos) << args << ":\n" << r.output;
+    EXPECT_NE(r.output.find(named), std::string::npos)
+        << args << ": the message should name " << named << ":\n"
+        << r.output;
   }
 }
 
