@@ -259,8 +259,10 @@ class Ablation:
             self.sweep(optimizer, keys + list(norm_keys), [lr], [1, 2, 3])
 
     def summary_row(self, name, optimizer, keys, norm="rmsnorm"):
-        """(name, best lr, mean, std, n, state MiB, step ms) at the best lr, or None."""
-        lr = self.best_lr(optimizer, keys, norm)
+        """(name, best lr, mean, std, n, state MiB, step ms) at the best lr (the given one under
+        --best-lrs), or None."""
+        lr = (self.best_lrs.get(name) if norm == "rmsnorm" else None) or \
+            self.best_lr(optimizer, keys, norm)
         if lr is None:
             return None
         seeds = self.matching(optimizer, keys, norm).get(float(lr), {})

@@ -137,6 +137,10 @@ given=$(grep adamw "$tmp/given/calls.txt" | sort -u | tr '\n' ' ')
   grep -q "Given best lrs.*AdamW 1e-3" "$tmp/given/ABLATION.md" &&
   [[ $(sort -u "$tmp/given/calls.txt" | grep -c "optimizer-muon_matrix_lr-[0-9.e-]*_seed-1$") -eq 4 ]] &&
   ok "--best-lrs: AdamW at 1e-3 only, said in the report; Muon swept" || fail "--best-lrs runs: $given"
+# ... and the report's row is at the given lr even where another lr's seed-1 run is better.
+run --stages report --best-lrs "$tmp/best.json"
+grep -q "^| AdamW | 1e-3 | " "$tmp/out/ABLATION.md" && ok "--best-lrs: the report's row at the given lr" ||
+  fail "--best-lrs report row: $(grep '^| AdamW' "$tmp/out/ABLATION.md" | head -1)"
 echo '{"Adam": "1e-3"}' >"$tmp/bad1.json"
 echo '{"AdamW": "fast"}' >"$tmp/bad2.json"
 for bad in "$tmp/bad1.json" "$tmp/bad2.json" "$tmp/missing.json"; do
