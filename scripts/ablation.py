@@ -17,6 +17,8 @@ sittings or machines that share OUT):
   report  OUT/ABLATION.md (tables: mean +- sample std over seeds of best val loss, with the
           optimizer state bytes and step time of the baby run, and with --bench-json those of
           one GPT-2-small layer; every lr tried at seed 1) and OUT/width_transfer.png.
+  archive nothing but the --archive sync that starts every call: to keep the runs a running
+          driver finished since its last sweep (it syncs after each sweep)
 
 --archive DIR keeps each finished run's run_config.json and summary.json (a few KB, no
 checkpoint) in DIR/runs/<name>/, and copies them back into OUT before any stage, so the runs
@@ -495,10 +497,10 @@ def main():
     a = Ablation(args)
     a.sync_archive()
     stages = {"lr": a.stage_lr, "seeds": a.stage_seeds, "nonorm": a.stage_nonorm,
-              "width": a.stage_width, "report": a.stage_report}
+              "width": a.stage_width, "report": a.stage_report, "archive": lambda: None}
     for s in args.stages.split(","):
         if s not in stages:
-            print(f"ablation: unknown stage '{s}' (lr, seeds, nonorm, width, report)",
+            print(f"ablation: unknown stage '{s}' (lr, seeds, nonorm, width, report, archive)",
                   file=sys.stderr)
             return 2
     for s in args.stages.split(","):

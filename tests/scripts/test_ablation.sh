@@ -117,6 +117,14 @@ kept=$(find "$tmp/archive/runs" -name summary.json | wc -l)
   [[ -z $(find "$tmp/archive/runs" -type f ! -name run_config.json ! -name summary.json) ]] &&
   ok "archive: every finished run's config and summary, nothing else ($kept runs)" ||
   fail "archive holds $kept runs: $(find "$tmp/archive" -type f | head -5)"
+# --stages archive: only the sync, e.g. for a run a driver finished inside its current sweep.
+cp -r "$tmp/out/runs/optimizer-muon_matrix_lr-0.02_seed-1" "$tmp/out/runs/extra-run"
+"$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/out" --iters 10 --stages archive \
+  --archive "$tmp/archive" >"$tmp/log" 2>&1
+[[ -f $tmp/archive/runs/extra-run/summary.json ]] &&
+  ok "--stages archive: a run finished since the last sync is kept" ||
+  fail "--stages archive: $(ls "$tmp/archive/runs" | grep extra; tail -n 3 "$tmp/log")"
+rm -r "$tmp/out/runs/extra-run" "$tmp/archive/runs/extra-run"
 "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/fresh" --iters 10 --stages report \
   --archive "$tmp/archive" >"$tmp/log" 2>&1
 cmp -s "$tmp/out/ABLATION.md" "$tmp/fresh/ABLATION.md" &&
