@@ -117,6 +117,31 @@ __device__ void warp_mma(float* c, int ldc, bool accumulate, const __nv_bfloat16
   }
 }
 
+// The (batch, head, query tile) a forward or dQ block works on, and where it reads qkv:
+// blockIdx.x = b * n_head + h; blockIdx.y counts query tiles from the last, since the last
+// tiles see the most keys and launching them first balances the tail.
+struct QueryTileBlock {
+  int bh, b, h, q0;
+  i64 d, kv, ld;      // widths of Q and of K (= V), and the qkv row stride
+  const float* row0;  // batch b's first qkv row
+  i64 kv_off;         // column of head h's K/V head (h / group size) within K and V
+};
+
+__device__ inline QueryTileBlock query_tile_block(const float* qkv, int seq, int n_head,
+                                                  int n_kv_head, int head_dim) {
+  QueryTileBlock t;
+  t.bh = static_cast<int>(blockIdx.x);
+  t.b = t.bh / n_head;
+  t.h = t.bh % n_head;
+  t.q0 = (static_cast<int>(gridDim.y) - 1 - static_cast<int>(blockIdx.y)) * kRows;
+  t.d = static_cast<i64>(n_head) * head_dim;
+  t.kv = static_cast<i64>(n_kv_head) * head_dim;
+  t.ld = t.d + 2 * t.kv;
+  t.row0 = qkv + static_cast<i64>(t.b) * seq * t.ld;
+  t.kv_off = static_cast<i64>(t.h / (n_head / n_kv_head)) * head_dim;
+  return t;
+}
+
 // grid (batch * n_head, query tiles). out [batch, seq, n_head head_dim], lse [batch * n_head,
 // seq], qkv [batch, seq, (n_head + 2 n_kv_head) head_dim].
 template <int D>
@@ -135,16 +160,8 @@ __global__ void __launch_bounds__(kThreads)
   auto* o_w = reinterpret_cast<float*>(smem + L::kQBytes + L::kKvBytes + L::kSBytes + L::kPBytes) +
               warp * 16 * L::kLdO;
 
-  const int bh = blockIdx.x;
-  const int b = bh / n_head, h = bh % n_head;
-  // The last query tiles see the most keys: launch them first (better tail balance).
-  const int qt = static_cast<int>(gridDim.y) - 1 - static_cast<int>(blockIdx.y);
-  const int q0 = qt * kRows;
-  const i64 d = static_cast<i64>(n_head) * head_dim;
-  const i64 kv = static_cast<i64>(n_kv_head) * head_dim;
-  const i64 ld = d + 2 * kv;
-  const float* row0 = qkv + static_cast<i64>(b) * seq * ld;
-  const i64 kv_off = static_cast<i64>(h / (n_head / n_kv_head)) * head_dim;  // K/V head h / g
+  const auto [bh, b, h, q0, d, kv, ld, row0, kv_off] =
+      query_tile_block(qkv, seq, n_head, n_kv_head, head_dim);
   const float* k_g = row0 + d + kv_off;
   const float* v_g = row0 + d + kv + kv_off;
 
@@ -348,15 +365,8 @@ __global__ void __launch_bounds__(kThreads)
   auto* ds16_w = reinterpret_cast<__nv_bfloat16*>(w + 2 * B::kWarpScore);
   auto* dq_w = reinterpret_cast<float*>(w + 2 * B::kWarpScore + B::kWarpBf16);
 
-  const int bh = blockIdx.x;
-  const int b = bh / n_head, h = bh % n_head;
-  const int qt = static_cast<int>(gridDim.y) - 1 - static_cast<int>(blockIdx.y);
-  const int q0 = qt * kRows;
-  const i64 d = static_cast<i64>(n_head) * head_dim;
-  const i64 kv = static_cast<i64>(n_kv_head) * head_dim;
-  const i64 ld = d + 2 * kv;
-  const float* row0 = qkv + static_cast<i64>(b) * seq * ld;
-  const i64 kv_off = static_cast<i64>(h / (n_head / n_kv_head)) * head_dim;
+  const auto [bh, b, h, q0, d, kv, ld, row0, kv_off] =
+      query_tile_block(qkv, seq, n_head, n_kv_head, head_dim);
   load_tile_bf16<D>(q_s, row0 + static_cast<i64>(h) * head_dim, ld, kRows, q0, seq, head_dim);
   load_tile_bf16<D>(do_s, dout + static_cast<i64>(b) * seq * d + static_cast<i64>(h) * head_dim, d,
                     kRows, q0, seq, head_dim);
