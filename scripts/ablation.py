@@ -473,6 +473,12 @@ def main():
         print(f"ablation: --shard {args.shard}: give K/N with 0 <= K < N (e.g. 0/2 and 1/2 "
               "for two drivers)", file=sys.stderr)
         return 2
+    not_dir = lambda path: os.path.exists(path) and not os.path.isdir(path)  # noqa: E731
+    if args.archive is not None and (not_dir(args.archive) or
+                                     not_dir(os.path.join(args.archive, "runs"))):
+        print(f"ablation: --archive {args.archive}: not a directory (or its runs/ is not); give "
+              "the folder the archive lives in, e.g. results/ablation", file=sys.stderr)
+        return 2
     args.best_lrs = {}
     if args.best_lrs_file is not None:
         names = {name for name, _, _ in settings()}

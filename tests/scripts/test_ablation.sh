@@ -136,6 +136,16 @@ cmp -s "$tmp/out/ABLATION.md" "$tmp/fresh/ABLATION.md" &&
 grep -q -- "--grid seed=1,2,3" "$tmp/log" && ok "archive: the seeds stage finds the archived best lrs" ||
   fail "seeds after restore: $(tail -n 5 "$tmp/log")"
 
+# --archive that is a file, or whose runs/ is a file: exit 2 naming the flag.
+echo x >"$tmp/afile"
+mkdir -p "$tmp/adir" && echo x >"$tmp/adir/runs"
+for bad in "$tmp/afile" "$tmp/adir"; do
+  run --stages report --archive "$bad"
+  rc=$?
+  [[ $rc -eq 2 ]] && grep -q -- "--archive $bad" "$tmp/log" && ok "bad --archive: exit 2 naming the flag" ||
+    fail "--archive $bad gave exit $rc: $(tail -n 3 "$tmp/log")"
+done
+
 # --best-lrs: a given setting runs seed 1 at its given lr only, and its seeds there.
 echo '{"AdamW": "1e-3"}' >"$tmp/best.json"
 "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/given" --iters 10 --stages lr,seeds,report \
