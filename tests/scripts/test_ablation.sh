@@ -161,7 +161,9 @@ grep -q "^| AdamW | 1e-3 | " "$tmp/out/ABLATION.md" && ok "--best-lrs: the repor
   fail "--best-lrs report row: $(grep '^| AdamW' "$tmp/out/ABLATION.md" | head -1)"
 echo '{"Adam": "1e-3"}' >"$tmp/bad1.json"
 echo '{"AdamW": "fast"}' >"$tmp/bad2.json"
-for bad in "$tmp/bad1.json" "$tmp/bad2.json" "$tmp/missing.json"; do
+echo '{"AdamW": {"lr": "1e-3"}}' >"$tmp/bad3.json"
+echo '{"AdamW": "1e-' >"$tmp/bad4.json"
+for bad in "$tmp/bad1.json" "$tmp/bad2.json" "$tmp/bad3.json" "$tmp/bad4.json" "$tmp/missing.json"; do
   run --stages report --best-lrs "$bad"
   rc=$?
   [[ $rc -eq 2 ]] && grep -q -- "--best-lrs $bad" "$tmp/log" && ok "bad --best-lrs: exit 2 naming the file" ||
