@@ -12,8 +12,8 @@ sittings or machines that share OUT):
   seeds   seeds 2 and 3 at each setting's best lr from stage lr (its seed-1 run is reused).
   nonorm  the best three settings of stage seeds again with `--norm none`: 4 lrs at seed 1,
           then seeds 2, 3 at the best.
-  width   the muP claim: AdamW and default Pion at d_model 64 and 256 over the same 4 lrs
-          (d_model 128 is stage lr's), seed 1.
+  width   the muP claim: AdamW and default Pion at d_model 64, 128 and 256 over the same 4 lrs,
+          seed 1 (at 128 these are stage lr's runs, run here where --best-lrs skipped them).
   report  OUT/ABLATION.md (tables: mean +- sample std over seeds of best val loss, with the
           optimizer state bytes and step time of the baby run, and with --bench-json those of
           one GPT-2-small layer; every lr tried at seed 1) and OUT/width_transfer.png.
@@ -29,9 +29,12 @@ own ablation archives into results/ablation.
 sweep of those settings (with RMSNorm at the base width): stage seeds runs seeds 1-3 at the
 given lr. For an lr sweep already run whose runs were lost; the report says which were given.
 
---shard K/N: stages lr and seeds take only settings K, K+N, K+2N, ... so N drivers (e.g. each
-with --jobs 1) share one OUT without running the same run twice. Stage nonorm waits until
-every setting has 3 seeds; it and stage width run in shard 0 only.
+--shard K/N: every stage takes only its units K, K+N, K+2N, ... (stages lr and seeds: the
+settings; width: the (width, optimizer) pairs; nonorm: the three chosen settings), so N drivers
+(e.g. each with --jobs 1) share one OUT without running the same run twice and keep every core
+busy. Stage nonorm needs every setting's 3 seeds: a lone driver skips it while any is missing;
+a shard polls OUT every minute (PION_ABLATION_POLL_S) until the other shards finish them, up to
+12 hours. Run stage width before nonorm so a shard that finishes its seeds early has work.
 
 Selecting the best lr on seed 1 and then adding seeds 2 and 3 is a cheaper design than
 3 seeds at every lr (the reported means include the seed the lr was picked on, a small
@@ -39,7 +42,7 @@ optimistic bias we accept and say).
 
 usage: scripts/ablation.py (Debian's /usr/bin/python3, for python3-matplotlib)
        scripts/ablation.py [--out DIR] [--pion PATH] [--jobs N] [--iters N]
-                           [--stages lr,seeds,nonorm,width,report] [--bench-json FILE]
+                           [--stages lr,seeds,width,nonorm,report] [--bench-json FILE]
                            [--archive DIR] [--best-lrs FILE] [--shard K/N]
                            [--dry-run] [-- EXTRA FLAGS]
 --bench-json: the JSON of `pion bench optim --device cpu --pion_variants --json FILE`; the
@@ -55,6 +58,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -245,10 +249,13 @@ class Ablation:
                 continue  # its lr sweep was run before; stage seeds runs seeds 1-3 at its best
             self.sweep_lrs(optimizer, keys + list(norm_keys), norm)
 
-    def my_settings(self):
-        """settings(), or this driver's share of them under --shard K/N."""
+    def mine(self, units):
+        """This driver's share of a stage's units under --shard K/N: K, K+N, K+2N, ..."""
         k, n = self.shard
-        return [s for i, s in enumerate(settings()) if i % n == k]
+        return [u for i, u in enumerate(units) if i % n == k]
+
+    def my_settings(self):
+        return self.mine(settings())
 
     def stage_seeds(self, norm_keys=(), chosen=None, norm="rmsnorm"):
         for name, optimizer, keys in (chosen or self.my_settings()):
@@ -293,30 +300,43 @@ class Ablation:
         names = {r[0] for r in full}
         return [s for s in settings() if s[0] in names]
 
+    def without_three_seeds(self):
+        """How many settings lack 3 finished seeds at their best lr."""
+        ranked = self.ranked()
+        return len(settings()) - len(ranked) + sum(1 for r in ranked if r[4] < 3)
+
     def stage_nonorm(self):
-        if self.shard[0] != 0:
-            return  # one driver (shard 0) runs the shared stages
-        unfinished = [r[0] for r in self.ranked() if r[4] < 3]
-        missing = len(settings()) - len(self.ranked())
-        if unfinished or missing:
-            print(f"ablation: stage nonorm waits for stage seeds of every setting "
-                  f"({len(unfinished) + missing} without 3 seeds yet)", flush=True)
+        # The best three are chosen on every setting's 3 seeds. Under --shard the other drivers
+        # may still be running theirs: poll (a lone driver has nobody to wait for).
+        poll_s = float(os.environ.get("PION_ABLATION_POLL_S", "60"))
+        waited, limit_s = 0.0, 12 * 3600
+        while (left := self.without_three_seeds()) and self.shard[1] > 1 and waited < limit_s:
+            if waited == 0:
+                print(f"ablation: stage nonorm waits for stage seeds of {left} setting(s) in "
+                      f"the other shards (polling every {poll_s:g} s)", flush=True)
+            time.sleep(poll_s)
+            waited += poll_s
+        if left := self.without_three_seeds():
+            print(f"ablation: stage nonorm needs stage seeds of every setting ({left} without "
+                  "3 seeds yet)", flush=True)
             return
         chosen = self.best_three()
         if len(chosen) < 3:
             print("ablation: stage nonorm needs three settings with 3 seeds (stage seeds)",
                   flush=True)
-            if not chosen:
-                return
+        chosen = self.mine(chosen)
         self.stage_lr([("norm", "none")], chosen)
         self.stage_seeds([("norm", "none")], chosen, "none")
 
     def stage_width(self):
-        if self.shard[0] != 0:
-            return  # one driver (shard 0) runs the shared stages
-        for d_model in ("64", "256"):
-            for name, optimizer, keys in settings()[:3:2]:  # AdamW and Pion lie/both/adam
-                self.sweep_lrs(optimizer, [("d_model", d_model)] + keys, "rmsnorm", int(d_model))
+        # At the base width stage lr's runs are the points, unless --best-lrs skipped that
+        # sweep: then it runs here, under the base config's names (no d_model key).
+        pair = settings()[:3:2]  # AdamW and Pion lie/both/adam
+        units = [(self.d_model, s) for s in pair if s[0] in self.best_lrs] + \
+            [(d_model, s) for d_model in (64, 256) for s in pair]
+        for d_model, (name, optimizer, keys) in self.mine(units):
+            width = [] if d_model == self.d_model else [("d_model", str(d_model))]
+            self.sweep_lrs(optimizer, width + keys, "rmsnorm", d_model)
 
     def bench_row(self, name):
         """(median ms, x the default two-sided step, moment state MiB) of a setting on the
@@ -444,7 +464,7 @@ def main():
     p.add_argument("--pion", default=os.path.join(ROOT, "build", "pion"))
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--iters", type=int, default=2000)
-    p.add_argument("--stages", default="lr,seeds,nonorm,width,report")
+    p.add_argument("--stages", default="lr,seeds,width,nonorm,report")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--bench-json", default=None)
     p.add_argument("--archive", default=None)

@@ -41,7 +41,7 @@ for values in itertools.product(*[v for _, v in grid]):
     json.dump({"best_val_loss": loss, "iters": config["max_iters"],
                "optimizer_state_bytes_per_rank": [2 ** 20],
                "optimizer_step_cpu_ms_per_rank": [1.0]}, open(os.path.join(d, "summary.json"), "w"))
-    with open(os.path.join(out, "calls.txt"), "a") as f:
+    with open(os.environ.get("CALLS", os.path.join(out, "calls.txt")), "a") as f:
         f.write(name + "\n")
 X
 chmod +x "$tmp/pion"
@@ -170,17 +170,36 @@ for bad in "$tmp/bad1.json" "$tmp/bad2.json" "$tmp/bad3.json" "$tmp/bad4.json" "
     fail "--best-lrs $bad gave exit $rc: $(cat "$tmp/log")"
 done
 
-# --shard K/N: two drivers split the settings, no run asked for twice, none left out.
-for k in 0 1; do
-  "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/shard$k" --iters 10 --stages lr,seeds,width \
-    --shard $k/2 >"$tmp/log" 2>&1 || fail "--shard $k/2: exit $?"
-done
-both=$(cat <(sort -u "$tmp/shard0/calls.txt") <(sort -u "$tmp/shard1/calls.txt") | sort | uniq -d | wc -l)
-union=$(cat "$tmp/shard0/calls.txt" "$tmp/shard1/calls.txt" | grep -v d_model | sort -u | wc -l)
-[[ $both -eq 0 && $union -eq $(grep -v d_model "$calls" | sort -u | wc -l) ]] &&
-  grep -q d_model "$tmp/shard0/calls.txt" && ! grep -q d_model "$tmp/shard1/calls.txt" &&
-  ok "--shard: disjoint halves, together every run; width in shard 0 only" ||
-  fail "--shard: $both runs in both, $union in all"
+# ... and stage width runs the given setting's lr sweep at the base width, under its names.
+"$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/given" --iters 10 --stages width \
+  --best-lrs "$tmp/best.json" >"$tmp/log" 2>&1 || fail "--best-lrs width: exit $?: $(tail -n 5 "$tmp/log")"
+grep -qx "optimizer-adamw_lr-5e-4_seed-1" "$tmp/given/calls.txt" &&
+  grep -qx "optimizer-adamw_d_model-64_lr-5e-4_seed-1" "$tmp/given/calls.txt" &&
+  ok "--best-lrs: stage width sweeps the given setting at the base width too" ||
+  fail "--best-lrs width runs: $(grep 'adamw_lr-5e-4' "$tmp/given/calls.txt")"
+
+# --shard K/N: two drivers at once on one OUT split every stage (width and nonorm too; nonorm
+# polls until the other shard's seeds are done): no run asked for twice, none left out.
+"$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/single" --iters 10 \
+  --stages lr,seeds,width,nonorm >"$tmp/log" 2>&1 || fail "single driver: exit $?"
+shard() {
+  CALLS=$tmp/shard$1.txt PION_ABLATION_POLL_S=0.2 "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" \
+    --out "$tmp/shared" --iters 10 --stages lr,seeds,width,nonorm --shard "$1/2" >"$tmp/shard$1.log" 2>&1
+}
+# Shard 0 alone reaches stage nonorm and must wait there; shard 1 starts only then.
+shard 0 &
+for _ in $(seq 300); do grep -q "stage nonorm waits" "$tmp/shard0.log" && break; sleep 0.1; done
+grep -q "stage nonorm waits" "$tmp/shard0.log" && ok "--shard: nonorm waits for the other shard's seeds" ||
+  fail "--shard: shard 0 did not wait: $(grep -A2 'stage nonorm' "$tmp/shard0.log")"
+shard 1
+wait
+both=$(cat <(sort -u "$tmp/shard0.txt") <(sort -u "$tmp/shard1.txt") | sort | uniq -d | wc -l)
+union=$(cat "$tmp/shard0.txt" "$tmp/shard1.txt" | sort -u | wc -l)
+single=$(sort -u "$tmp/single/calls.txt" | wc -l)
+split() { grep -q -- "$1" "$tmp/shard0.txt" && grep -q -- "$1" "$tmp/shard1.txt"; }
+[[ $both -eq 0 && $union -eq $single ]] && split d_model-256 && split norm-none &&
+  ok "--shard: disjoint halves that together make the single driver's $single runs; width and nonorm split" ||
+  fail "--shard: $both runs in both, $union in all (single $single): $(tail -n 3 "$tmp/shard0.log")"
 for bad in "--shard 2/2" "--shard x"; do
   # shellcheck disable=SC2086
   run $bad
