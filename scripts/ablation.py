@@ -140,6 +140,46 @@ class Ablation:
         self.sync_archive()
 
     ARCHIVED = ("run_config.json", "summary.json")
+    MACHINE = "machine.json"
+
+    def machine(self):
+        """{"cpu", "openblas_core"} of this machine, as OpenBLAS reports it to `pion`."""
+        if not hasattr(self, "_machine"):
+            cpu = "unknown"
+            try:
+                with open("/proc/cpuinfo") as f:
+                    cpu = next((line.split(":", 1)[1].strip() for line in f
+                                if line.startswith("model name")), cpu)
+            except OSError:
+                pass
+            env = dict(os.environ, OPENBLAS_VERBOSE="2")
+            try:
+                ran = subprocess.run([self.pion, "--help"], env=env, capture_output=True,
+                                     text=True, timeout=60)
+                text = ran.stdout + ran.stderr  # OpenBLAS writes its line to stderr
+            except (OSError, subprocess.SubprocessError):
+                text = ""
+            core = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                         if line.startswith("Core:")), "unknown")
+            self._machine = {"cpu": cpu, "openblas_core": core}
+        return self._machine
+
+    def machines_line(self):
+        """How many archived runs each (CPU, OpenBLAS kernels) made, for the report."""
+        if not self.archive:
+            return None
+        counts = {}
+        kept = os.path.join(self.archive, "runs")
+        for name in sorted(os.listdir(kept)) if os.path.isdir(kept) else []:
+            try:
+                with open(os.path.join(kept, name, self.MACHINE)) as f:
+                    m = json.load(f)
+                key = f"{m.get('cpu', 'unknown')} (OpenBLAS {m.get('openblas_core', '?')})"
+            except (OSError, ValueError):
+                key = "not recorded"
+            counts[key] = counts.get(key, 0) + 1
+        return "Machines (archived runs): " + "; ".join(
+            f"{n} on {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])) + "."
 
     def sync_archive(self):
         """Both ways between OUT/runs and the archive: a finished run the archive lacks is
@@ -158,6 +198,15 @@ class Ablation:
                     os.makedirs(os.path.dirname(dst), exist_ok=True)
                     shutil.copyfile(src, dst + ".tmp")
                     os.replace(dst + ".tmp", dst)
+            # A run trained here (its folder holds more than the archived files; a restored one
+            # does not) gets this machine's CPU and OpenBLAS kernel set, since those and not
+            # only the binary decide a run's last bits.
+            stamp = os.path.join(kept, name, self.MACHINE)
+            if not os.path.exists(stamp) and set(os.listdir(os.path.join(runs, name))) - \
+                    set(self.ARCHIVED):
+                with open(stamp + ".tmp", "w") as f:
+                    json.dump(self.machine(), f)
+                os.replace(stamp + ".tmp", stamp)
         for name in sorted(os.listdir(kept)):
             if name in done or not all(os.path.exists(os.path.join(kept, name, f))
                                        for f in self.ARCHIVED):
@@ -402,6 +451,10 @@ class Ablation:
                  "## Without normalisation (`--norm none`)\n", self.table(self.ranked("none")), "",
                  "## Every lr tried (seed 1)\n", self.lr_table(), "",
                  "Without normalisation:\n", self.lr_table("none"), ""]
+        if (line := self.machines_line()) is not None:
+            parts += [line + " OpenBLAS picks its kernels by CPU, so the same binary and "
+                      "config give other last bits on another CPU; a run then drifts off like "
+                      "a nearby seed.", ""]
         if self.bench:
             parts += [f"GPT-2-small layer columns: `{self.bench.get('tool')}` "
                       f"({self.bench.get('hardware')}, {self.bench.get('date')}), median of "

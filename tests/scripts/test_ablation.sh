@@ -15,6 +15,11 @@ cat >"$tmp/pion" <<'X'
 # A fake `pion sweep`: one run directory per grid point, finished at once.
 import itertools, json, math, os, sys
 args = sys.argv[1:]
+if args == ["--help"]:  # what the driver asks to learn OpenBLAS's kernel set
+    if os.environ.get("OPENBLAS_VERBOSE") == "2":
+        print("Core: FakeCore", file=sys.stderr)  # where OpenBLAS writes it
+    print("usage: pion")
+    sys.exit(0)
 assert args[0] == "sweep", args
 out, grid, flags, i = None, [], {}, 1
 while i < len(args):
@@ -38,6 +43,7 @@ for values in itertools.product(*[v for _, v in grid]):
     lr = config["lr" if opt == "adamw" else "matrix_lr"]
     loss = 1.5 + 0.01 * math.log2(lr / best[opt]) ** 2 + 0.001 * config["seed"]
     json.dump(config, open(os.path.join(d, "run_config.json"), "w"))
+    open(os.path.join(d, "log.txt"), "w").write("trained\n")  # as a real run leaves
     json.dump({"best_val_loss": loss, "iters": config["max_iters"],
                "optimizer_state_bytes_per_rank": [2 ** 20],
                "optimizer_step_cpu_ms_per_rank": [1.0]}, open(os.path.join(d, "summary.json"), "w"))
@@ -109,14 +115,16 @@ for bad in "$tmp/bad.json" "$tmp/missing.json"; do
     fail "--bench-json $bad gave exit $rc: $(cat "$tmp/log")"
 done
 
-# --archive: finished runs' two small files kept in DIR, and copied back into a fresh OUT.
+# --archive: finished runs' two small files (and the machine that trained them) kept in DIR,
+# and copied back into a fresh OUT.
 "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/out" --iters 10 --stages report \
   --archive "$tmp/archive" >"$tmp/log" 2>&1 || fail "archive: exit $?: $(tail -n 5 "$tmp/log")"
 kept=$(find "$tmp/archive/runs" -name summary.json | wc -l)
-[[ $kept -eq $(find "$tmp/out/runs" -name summary.json | wc -l) && $kept -gt 20 ]] &&
-  [[ -z $(find "$tmp/archive/runs" -type f ! -name run_config.json ! -name summary.json) ]] &&
-  ok "archive: every finished run's config and summary, nothing else ($kept runs)" ||
-  fail "archive holds $kept runs: $(find "$tmp/archive" -type f | head -5)"
+stamped=$(grep -l '"openblas_core": "FakeCore"' "$tmp"/archive/runs/*/machine.json | wc -l)
+[[ $kept -eq $(find "$tmp/out/runs" -name summary.json | wc -l) && $kept -gt 20 && $stamped -eq $kept ]] &&
+  [[ -z $(find "$tmp/archive/runs" -type f ! -name run_config.json ! -name summary.json ! -name machine.json) ]] &&
+  ok "archive: every finished run's config, summary and machine, nothing else ($kept runs)" ||
+  fail "archive holds $kept runs, $stamped with a machine: $(find "$tmp/archive" -type f | head -5)"
 # --stages archive: only the sync, e.g. for a run a driver finished inside its current sweep.
 cp -r "$tmp/out/runs/optimizer-muon_matrix_lr-0.02_seed-1" "$tmp/out/runs/extra-run"
 "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/out" --iters 10 --stages archive \
@@ -126,6 +134,16 @@ cp -r "$tmp/out/runs/optimizer-muon_matrix_lr-0.02_seed-1" "$tmp/out/runs/extra-
   fail "--stages archive: $(ls "$tmp/archive/runs" | grep extra; tail -n 3 "$tmp/log")"
 rm -r "$tmp/out/runs/extra-run" "$tmp/archive/runs/extra-run"
 "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/fresh" --iters 10 --stages report \
+  --archive "$tmp/archive" >"$tmp/log" 2>&1
+grep -q "^Machines (archived runs): $kept on .* (OpenBLAS FakeCore)" "$tmp/fresh/ABLATION.md" &&
+  ok "report: which machine made how many runs" || fail "report machines: $(grep Machines "$tmp/fresh/ABLATION.md")"
+# A run restored from the archive was not trained here: a sync must not stamp this machine on it.
+rm "$tmp/archive/runs/optimizer-muon_matrix_lr-0.02_seed-1/machine.json"
+"$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/fresh" --iters 10 --stages archive \
+  --archive "$tmp/archive" >"$tmp/log" 2>&1
+[[ ! -e $tmp/archive/runs/optimizer-muon_matrix_lr-0.02_seed-1/machine.json ]] &&
+  ok "archive: a restored run gets no machine stamp" || fail "archive stamped a restored run"
+"$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/out" --iters 10 --stages archive \
   --archive "$tmp/archive" >"$tmp/log" 2>&1
 cmp -s "$tmp/out/ABLATION.md" "$tmp/fresh/ABLATION.md" &&
   grep -q "| Muon | 0.02 | 1.502" "$tmp/fresh/ABLATION.md" &&
