@@ -206,7 +206,7 @@ shard() {
 }
 # Shard 0 alone reaches stage nonorm and must wait there; shard 1 starts only then.
 shard 0 &
-for _ in $(seq 300); do grep -q "stage nonorm waits" "$tmp/shard0.log" && break; sleep 0.1; done
+for _ in $(seq 1200); do grep -q "stage nonorm waits" "$tmp/shard0.log" && break; sleep 0.1; done
 grep -q "stage nonorm waits" "$tmp/shard0.log" && ok "--shard: nonorm waits for the other shard's seeds" ||
   fail "--shard: shard 0 did not wait: $(grep -A2 'stage nonorm' "$tmp/shard0.log")"
 shard 1
