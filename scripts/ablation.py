@@ -111,6 +111,7 @@ class Ablation:
         self.archive = os.path.abspath(args.archive) if args.archive else None
         self.best_lrs = args.best_lrs
         self.shard = args.shard
+        self.poll_s = args.poll_s
         # The width of the base config (stage width adds 64 and 256 beside it).
         self.d_model = 128
         if "--d_model" in self.extra:
@@ -293,7 +294,7 @@ class Ablation:
 
     def stage_lr(self, norm_keys=(), chosen=None):
         norm = "none" if norm_keys else "rmsnorm"
-        for name, optimizer, keys in (chosen or self.my_settings()):
+        for name, optimizer, keys in (self.my_settings() if chosen is None else chosen):
             if not norm_keys and name in self.best_lrs:
                 continue  # its lr sweep was run before; stage seeds runs seeds 1-3 at its best
             self.sweep_lrs(optimizer, keys + list(norm_keys), norm)
@@ -307,7 +308,7 @@ class Ablation:
         return self.mine(settings())
 
     def stage_seeds(self, norm_keys=(), chosen=None, norm="rmsnorm"):
-        for name, optimizer, keys in (chosen or self.my_settings()):
+        for name, optimizer, keys in (self.my_settings() if chosen is None else chosen):
             lr = (self.best_lrs.get(name) if not norm_keys else None) or \
                 self.best_lr(optimizer, keys + list(norm_keys), norm)
             if lr is None:
@@ -357,7 +358,7 @@ class Ablation:
     def stage_nonorm(self):
         # The best three are chosen on every setting's 3 seeds. Under --shard the other drivers
         # may still be running theirs: poll (a lone driver has nobody to wait for).
-        poll_s = float(os.environ.get("PION_ABLATION_POLL_S", "60"))
+        poll_s = self.poll_s
         waited, limit_s = 0.0, 12 * 3600
         while (left := self.without_three_seeds()) and self.shard[1] > 1 and waited < limit_s:
             if waited == 0:
@@ -545,6 +546,14 @@ def main():
     except ValueError:
         print(f"ablation: --shard {args.shard}: give K/N with 0 <= K < N (e.g. 0/2 and 1/2 "
               "for two drivers)", file=sys.stderr)
+        return 2
+    try:
+        args.poll_s = float(os.environ.get("PION_ABLATION_POLL_S", "60"))
+        if not 0 < args.poll_s < math.inf:
+            raise ValueError
+    except ValueError:
+        print(f"ablation: PION_ABLATION_POLL_S={os.environ['PION_ABLATION_POLL_S']}: give the "
+              "seconds between polls of stage nonorm, a positive number", file=sys.stderr)
         return 2
     not_dir = lambda path: os.path.exists(path) and not os.path.isdir(path)  # noqa: E731
     if args.archive is not None and (not_dir(args.archive) or

@@ -218,6 +218,20 @@ split() { grep -q -- "$1" "$tmp/shard0.txt" && grep -q -- "$1" "$tmp/shard1.txt"
 [[ $both -eq 0 && $union -eq $single ]] && split d_model-256 && split norm-none &&
   ok "--shard: disjoint halves that together make the single driver's $single runs; width and nonorm split" ||
   fail "--shard: $both runs in both, $union in all (single $single): $(tail -n 3 "$tmp/shard0.log")"
+for bad in x 0 -1; do
+  PION_ABLATION_POLL_S=$bad run --stages report
+  rc=$?
+  [[ $rc -eq 2 ]] && grep -q "PION_ABLATION_POLL_S=$bad" "$tmp/log" && ok "PION_ABLATION_POLL_S=$bad exits 2 naming it" ||
+    fail "PION_ABLATION_POLL_S=$bad gave exit $rc: $(tail -n 3 "$tmp/log")"
+done
+# Three shards of three chosen settings, and a fourth shard with none: it must run no
+# no-norm run at all (an empty share once fell back to every setting).
+for k in 0 1 2 3; do
+  CALLS=$tmp/four$k.txt "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/shared" --iters 10 \
+    --stages nonorm --shard "$k/4" >"$tmp/log" 2>&1 || fail "--shard $k/4: exit $?"
+done
+[[ ! -s $tmp/four3.txt ]] && ok "--shard 3/4 with no chosen setting of its own runs nothing" ||
+  fail "--shard 3/4 ran: $(head -n 3 "$tmp/four3.txt")"
 for bad in "--shard 2/2" "--shard x"; do
   # shellcheck disable=SC2086
   run $bad
