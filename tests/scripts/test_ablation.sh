@@ -42,6 +42,8 @@ for values in itertools.product(*[v for _, v in grid]):
     opt = config["optimizer"]
     lr = config["lr" if opt == "adamw" else "matrix_lr"]
     loss = 1.5 + 0.01 * math.log2(lr / best[opt]) ** 2 + 0.001 * config["seed"]
+    # WORSE=a,b: runs whose name holds a or b lose 0.1 (to rank settings as a test needs).
+    loss += 0.1 * any(w and w in name for w in os.environ.get("WORSE", "").split(","))
     json.dump(config, open(os.path.join(d, "run_config.json"), "w"))
     open(os.path.join(d, "log.txt"), "w").write("trained\n")  # as a real run leaves
     json.dump({"best_val_loss": loss, "iters": config["max_iters"],
@@ -232,6 +234,17 @@ for k in 0 1 2 3; do
 done
 [[ ! -s $tmp/four3.txt ]] && ok "--shard 3/4 with no chosen setting of its own runs nothing" ||
   fail "--shard 3/4 ran: $(head -n 3 "$tmp/four3.txt")"
+# Stage nonorm runs AdamW and default Pion beside the best three even when both rank lower.
+CALLS=$tmp/refs.txt WORSE="optimizer-adamw_,pion_momentum-lie_pion_update_side-both_pion_normalizer-adam" \
+  "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/refs" --iters 10 \
+  --stages lr,seeds,nonorm,report >"$tmp/log" 2>&1 || fail "references: exit $?"
+nonorm=$(grep norm-none "$tmp/refs.txt" | sed 's/_norm-none.*//' | sort -u)
+n=$(grep -c . <<<"$nonorm")
+[[ $n -eq 5 ]] && grep -qx "optimizer-adamw" <<<"$nonorm" &&
+  grep -qx "optimizer-pion_init-spectral_pion_momentum-lie_pion_update_side-both_pion_normalizer-adam" <<<"$nonorm" &&
+  grep -q "references" "$tmp/refs/ABLATION.md" &&
+  ok "nonorm: the best three and the two references (AdamW, default Pion) ranked below them" ||
+  fail "nonorm settings ($n): $nonorm"
 for bad in "--shard 2/2" "--shard x"; do
   # shellcheck disable=SC2086
   run $bad
