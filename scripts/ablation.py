@@ -15,6 +15,8 @@ sittings or machines that share OUT):
           seed 1, then seeds 2, 3 at the best.
   width   the muP claim: AdamW and default Pion at d_model 64, 128 and 256 over the same 4 lrs,
           seed 1 (at 128 these are stage lr's runs, run here where --best-lrs skipped them).
+  widthseeds  seeds 2 and 3 at each width's seed-1 best lr and the lrs tried beside it (AdamW
+          and default Pion at the 3 widths), so the best lr per width rests on 3 seeds.
   report  OUT/ABLATION.md (tables: mean +- sample std over seeds of best val loss, with the
           optimizer state bytes and step time of the baby run, and with --bench-json those of
           one GPT-2-small layer; every lr tried at seed 1) and OUT/width_transfer.png.
@@ -31,11 +33,11 @@ sweep of those settings (with RMSNorm at the base width): stage seeds runs seeds
 given lr. For an lr sweep already run whose runs were lost; the report says which were given.
 
 --shard K/N: every stage takes only its units K, K+N, K+2N, ... (stages lr and seeds: the
-settings; width: the (width, optimizer) pairs; nonorm: the chosen settings), so N drivers
-(e.g. each with --jobs 1) share one OUT without running the same run twice and keep every core
-busy. Stage nonorm needs every setting's 3 seeds: a lone driver skips it while any is missing;
-a shard polls OUT every minute (PION_ABLATION_POLL_S) until the other shards finish them, up to
-12 hours. Run stage width before nonorm so a shard that finishes its seeds early has work.
+settings; width, widthseeds: the (width, optimizer) pairs; nonorm: the chosen settings), so N
+drivers (e.g. each with --jobs 1) share one OUT without running the same run twice and keep
+every core busy. Stage nonorm needs every setting's 3 seeds, and widthseeds every pair's seed-1
+sweep: a lone driver goes on without what is missing; a shard polls OUT every minute
+(PION_ABLATION_POLL_S) until the other shards finish them, up to 12 hours. Run stage width before nonorm so a shard that finishes its seeds early has work.
 
 Selecting the best lr on seed 1 and then adding seeds 2 and 3 is a cheaper design than
 3 seeds at every lr (the reported means include the seed the lr was picked on, a small
@@ -43,7 +45,8 @@ optimistic bias we accept and say).
 
 usage: scripts/ablation.py (Debian's /usr/bin/python3, for python3-matplotlib)
        scripts/ablation.py [--out DIR] [--pion PATH] [--jobs N] [--iters N]
-                           [--stages lr,seeds,width,nonorm,report] [--bench-json FILE]
+                           [--stages lr,seeds,width,nonorm,widthseeds,report]
+                           [--bench-json FILE]
                            [--archive DIR] [--best-lrs FILE] [--shard K/N]
                            [--dry-run] [-- EXTRA FLAGS]
 --bench-json: the JSON of `pion bench optim --device cpu --pion_variants --json FILE`; the
@@ -76,16 +79,19 @@ LRS = {"adamw": ("lr", ["5e-4", "1e-3", "2e-3", "4e-3"]),
        "pion": ("matrix_lr", ["0.001", "0.002", "0.005", "0.01"])}
 
 
-# Stage nonorm's references beside its best three.
-REFERENCES = ("AdamW", "Pion lie/both/adam")
-
-
 def lr_text(optimizer, x):
     """An lr as the grid (and so the run's name) writes it: LRS's own text for its values."""
     for text in LRS[optimizer][1]:
         if float(text) == x:
             return text
     return f"{x:g}"
+
+
+def loss_text(losses):
+    """One seed's loss, or mean ± sample std (n) of several."""
+    if len(losses) == 1:
+        return f"{losses[0]:.4f}"
+    return f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f} ({len(losses)})"
 
 
 def settings():
@@ -102,6 +108,12 @@ def settings():
                     [("init", "spectral"), ("pion_momentum", "lie"), ("pion_update_side", side),
                      ("pion_normalizer", "msign")]))
     return out
+
+
+# AdamW and default Pion: stage width's two settings, and stage nonorm's references beside its
+# best three.
+REFERENCES = ("AdamW", "Pion lie/both/adam")
+WIDTH_SETTINGS = [s for s in settings() if s[0] in REFERENCES]
 
 
 class Ablation:
@@ -279,23 +291,42 @@ class Ablation:
         at an lr its sweep could not show to be a minimum."""
         self.sweep(optimizer, keys, LRS[optimizer][1], [1])
         for _ in range(2):
-            if self.dry:
+            if self.dry or (nxt := self.edge_lr(optimizer, keys, norm, d_model)) is None:
                 return
             tried = sorted(self.matching(optimizer, keys, norm, d_model))
-            best = self.best_lr(optimizer, keys, norm, d_model)
-            base = {float(t) for t in LRS[optimizer][1]}
-            if best is None or len(tried) < 2 or len(set(tried) - base) >= 2:
-                return
-            x = float(best)
-            if x == tried[0]:
-                nxt = x / 2
-            elif x == tried[-1]:
-                nxt = x * 2
-            else:
-                return
-            print(f"ablation: best lr {best} is at the edge of {[f'{t:g}' for t in tried]}; "
-                  f"adding {nxt:g}", flush=True)
+            print(f"ablation: best lr {self.best_lr(optimizer, keys, norm, d_model)} is at the "
+                  f"edge of {[f'{t:g}' for t in tried]}; adding {nxt:g}", flush=True)
             self.sweep(optimizer, keys, [lr_text(optimizer, nxt)], [1])
+
+    def edge_lr(self, optimizer, keys, norm="rmsnorm", d_model=None):
+        """The lr a factor 2 beyond the seed-1 best when that is the smallest or largest lr
+        tried (at most 2 beyond the 4 of LRS), else None."""
+        tried = sorted(self.matching(optimizer, keys, norm, d_model))
+        best = self.best_lr(optimizer, keys, norm, d_model)
+        base = {float(t) for t in LRS[optimizer][1]}
+        if best is None or len(tried) < 2 or len(set(tried) - base) >= 2:
+            return None
+        x = float(best)
+        return x / 2 if x == tried[0] else x * 2 if x == tried[-1] else None
+
+    def lr_sweep_done(self, optimizer, keys, norm="rmsnorm", d_model=None):
+        """Whether sweep_lrs has nothing left to run: seed 1 at the 4 lrs, no edge to extend."""
+        by_lr = self.matching(optimizer, keys, norm, d_model)
+        seed1 = {lr for lr, seeds in by_lr.items() if 1 in seeds}
+        return {float(t) for t in LRS[optimizer][1]} <= seed1 and \
+            self.edge_lr(optimizer, keys, norm, d_model) is None
+
+    def wait_for_others(self, stage, left):
+        """Under --shard, poll OUT until left() (what the other shards still owe this stage)
+        is 0, up to 12 hours; returns what is still left. A lone driver does not wait."""
+        waited, limit_s = 0.0, 12 * 3600
+        while (n := left()) and self.shard[1] > 1 and waited < limit_s:
+            if waited == 0:
+                print(f"ablation: stage {stage} waits for {n} unit(s) of the other shards "
+                      f"(polling every {self.poll_s:g} s)", flush=True)
+            time.sleep(self.poll_s)
+            waited += self.poll_s
+        return left()
 
     def stage_lr(self, norm_keys=(), chosen=None):
         norm = "none" if norm_keys else "rmsnorm"
@@ -363,15 +394,7 @@ class Ablation:
     def stage_nonorm(self):
         # The best three are chosen on every setting's 3 seeds. Under --shard the other drivers
         # may still be running theirs: poll (a lone driver has nobody to wait for).
-        poll_s = self.poll_s
-        waited, limit_s = 0.0, 12 * 3600
-        while (left := self.without_three_seeds()) and self.shard[1] > 1 and waited < limit_s:
-            if waited == 0:
-                print(f"ablation: stage nonorm waits for stage seeds of {left} setting(s) in "
-                      f"the other shards (polling every {poll_s:g} s)", flush=True)
-            time.sleep(poll_s)
-            waited += poll_s
-        if left := self.without_three_seeds():
+        if left := self.wait_for_others("nonorm", self.without_three_seeds):
             print(f"ablation: stage nonorm needs stage seeds of every setting ({left} without "
                   "3 seeds yet)", flush=True)
             return
@@ -387,15 +410,42 @@ class Ablation:
         self.stage_lr([("norm", "none")], chosen)
         self.stage_seeds([("norm", "none")], chosen, "none")
 
+    def widths(self):
+        return sorted({64, self.d_model, 256})
+
+    def width_keys(self, d_model):
+        # The base width's runs carry no d_model key: they are stage lr's (or seeds') runs.
+        return [] if d_model == self.d_model else [("d_model", str(d_model))]
+
     def stage_width(self):
         # At the base width stage lr's runs are the points, unless --best-lrs skipped that
         # sweep: then it runs here, under the base config's names (no d_model key).
-        pair = settings()[:3:2]  # AdamW and Pion lie/both/adam
+        pair = WIDTH_SETTINGS
         units = [(self.d_model, s) for s in pair if s[0] in self.best_lrs] + \
             [(d_model, s) for d_model in (64, 256) for s in pair]
         for d_model, (name, optimizer, keys) in self.mine(units):
-            width = [] if d_model == self.d_model else [("d_model", str(d_model))]
-            self.sweep_lrs(optimizer, width + keys, "rmsnorm", d_model)
+            self.sweep_lrs(optimizer, self.width_keys(d_model) + keys, "rmsnorm", d_model)
+
+    def stage_widthseeds(self):
+        """Seeds 2 and 3 at each width's seed-1 best lr and the lrs tried beside it, so the
+        top of each curve, and so which lr is best at a width, rests on 3 seeds."""
+        units = [(d_model, s) for d_model in self.widths() for s in WIDTH_SETTINGS]
+        # Each pair's seed-1 sweep may be another shard's (stage width splits its pairs
+        # otherwise): wait for all of them.
+        self.wait_for_others("widthseeds", lambda: sum(
+            not self.lr_sweep_done(optimizer, self.width_keys(d_model) + keys, "rmsnorm", d_model)
+            for d_model, (_, optimizer, keys) in units))
+        for d_model, (name, optimizer, keys) in self.mine(units):
+            keys = self.width_keys(d_model) + keys
+            tried = sorted(self.matching(optimizer, keys, "rmsnorm", d_model))
+            best = self.best_lr(optimizer, keys, "rmsnorm", d_model)
+            if best is None:
+                print(f"ablation: {name} at d_model {d_model} has no finished seed-1 run; run "
+                      "stage width first", flush=True)
+                continue
+            i = tried.index(float(best))
+            self.sweep(optimizer, keys, [lr_text(optimizer, x) for x in tried[max(i - 1, 0):i + 2]],
+                       [2, 3])
 
     def bench_row(self, name):
         """(median ms, x the default two-sided step, moment state MiB) of a setting on the
@@ -454,7 +504,7 @@ class Ablation:
                  "Best lr per setting at seed 1 from 4 values, extended by factors of 2 while "
                  "the best was at an edge of the values tried; then seeds 1-3 at that lr "
                  "(mean ± sample std). Written by scripts/ablation.py.\n",
-                 *([f"Given best lrs (`--best-lrs`; their lr sweep is not in these runs): "
+                 *(["Given best lrs (`--best-lrs`; their lr sweep is not in these runs): "
                     + ", ".join(f"{k} {v}" for k, v in self.best_lrs.items()) + ".\n"]
                    if self.best_lrs else []),
                  "## With RMSNorm\n", self.table(self.ranked()), "",
@@ -471,20 +521,27 @@ class Ablation:
             parts += [f"GPT-2-small layer columns: `{self.bench.get('tool')}` "
                       f"({self.bench.get('hardware')}, {self.bench.get('date')}), median of "
                       f"{self.bench.get('steps')} steps; moment state without sigma0.", ""]
-        width = {}
-        for name, optimizer, keys in settings()[:3:2]:
-            for d_model in (64, self.d_model, 256):
+        width = {}  # (name, d_model) -> [(lr, [best val loss of each seed])]
+        for name, optimizer, keys in WIDTH_SETTINGS:
+            for d_model in self.widths():
                 by_lr = self.matching(optimizer, keys, "rmsnorm", d_model)
-                points = sorted((lr, seeds[1][0]["best_val_loss"]) for lr, seeds in by_lr.items()
-                                if 1 in seeds)
+                points = sorted((lr, [s["best_val_loss"] for s, _ in seeds.values()])
+                                for lr, seeds in by_lr.items() if 1 in seeds)
                 if points:
                     width[(name, d_model)] = points
         if width:
-            parts += ["## Learning rate against width (seed 1)\n",
-                      "| optimizer | d_model | lr: best val loss |", "|---|---:|---|"]
+            parts += ["## Learning rate against width\n",
+                      "Best val loss at each lr: seed 1, and mean ± sample std where stage "
+                      "widthseeds added seeds 2 and 3 (at the seed-1 best lr and the lrs beside "
+                      "it).\n",
+                      "| optimizer | d_model | lr: best val loss | best lr (seed 1) | best lr "
+                      "(3-seed mean) |", "|---|---:|---|---:|---:|"]
             for (name, d_model), points in sorted(width.items()):
-                cells = ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in points)
-                parts.append(f"| {name} | {d_model} | {cells} |")
+                cells = ", ".join(f"{lr:g}: {loss_text(losses)}" for lr, losses in points)
+                seed1 = min(points, key=lambda p: p[1][0])[0]
+                three = [(lr, statistics.mean(x)) for lr, x in points if len(x) >= 3]
+                best3 = f"{min(three, key=lambda p: p[1])[0]:g}" if three else "—"
+                parts.append(f"| {name} | {d_model} | {cells} | {seed1:g} | {best3} |")
             parts.append("")
             self.plot_width(width)
         text = "\n".join(parts)
@@ -501,17 +558,28 @@ class Ablation:
             print("ablation: no matplotlib (apt-get install python3-matplotlib); no plot")
             return
         fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-        for ax, name in zip(axes, ("AdamW", "Pion lie/both/adam")):
-            for d_model in sorted({64, self.d_model, 256}):
+        for ax, (name, _, _) in zip(axes, WIDTH_SETTINGS):
+            for d_model in self.widths():
                 points = width.get((name, d_model))
-                if points:
-                    ax.plot([p[0] for p in points], [p[1] for p in points], "o-",
-                            label=f"d_model {d_model}")
+                if not points:
+                    continue
+                # The mean over the seeds run at each lr (seed 1 alone off the curve's top),
+                # with the sample std as an error bar where there are several.
+                lrs = [p[0] for p in points]
+                means = [statistics.mean(p[1]) for p in points]
+                stds = [statistics.stdev(p[1]) if len(p[1]) > 1 else 0.0 for p in points]
+                line = ax.errorbar(lrs, means, yerr=stds, fmt="o-", capsize=3,
+                                   label=f"d_model {d_model}")
+                best = min((p for p in zip(lrs, means, points) if len(p[2][1]) >= 3),
+                           key=lambda p: p[1], default=None)
+                if best is not None:
+                    ax.plot([best[0]], [best[1]], "*", markersize=14,
+                            color=line[0].get_color())
             ax.set_xscale("log")
             ax.set_title(name)
             ax.set_xlabel("lr" if name == "AdamW" else "matrix_lr")
             ax.legend()
-        axes[0].set_ylabel("best val loss (seed 1)")
+        axes[0].set_ylabel("best val loss (mean over seeds; * best 3-seed mean)")
         fig.tight_layout()
         path = os.path.join(self.out, "width_transfer.png")
         fig.savefig(path, dpi=120)
@@ -529,7 +597,7 @@ def main():
     p.add_argument("--pion", default=os.path.join(ROOT, "build", "pion"))
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--iters", type=int, default=2000)
-    p.add_argument("--stages", default="lr,seeds,width,nonorm,report")
+    p.add_argument("--stages", default="lr,seeds,width,nonorm,widthseeds,report")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--bench-json", default=None)
     p.add_argument("--archive", default=None)
@@ -596,11 +664,12 @@ def main():
     a = Ablation(args)
     a.sync_archive()
     stages = {"lr": a.stage_lr, "seeds": a.stage_seeds, "nonorm": a.stage_nonorm,
-              "width": a.stage_width, "report": a.stage_report, "archive": lambda: None}
+              "width": a.stage_width, "widthseeds": a.stage_widthseeds,
+              "report": a.stage_report, "archive": lambda: None}
     for s in args.stages.split(","):
         if s not in stages:
-            print(f"ablation: unknown stage '{s}' (lr, seeds, nonorm, width, report, archive)",
-                  file=sys.stderr)
+            print(f"ablation: unknown stage '{s}' (lr, seeds, nonorm, width, widthseeds, "
+                  "report, archive)", file=sys.stderr)
             return 2
     for s in args.stages.split(","):
         print(f"== stage {s}", flush=True)

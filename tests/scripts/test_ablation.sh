@@ -234,6 +234,33 @@ for k in 0 1 2 3; do
 done
 [[ ! -s $tmp/four3.txt ]] && ok "--shard 3/4 with no chosen setting of its own runs nothing" ||
   fail "--shard 3/4 ran: $(head -n 3 "$tmp/four3.txt")"
+# Stage widthseeds: seeds 2 and 3 at each width's seed-1 best lr and the lrs beside it; the
+# report gives mean ± std there and the best lr on 3 seeds. Pion's seed-1 best is 0.002 of
+# 0.001, 0.002, 0.005, 0.01 at every width (the fake ignores d_model).
+CALLS=$tmp/ws.txt "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/ws" --iters 10 \
+  --stages lr,width,widthseeds,report >"$tmp/log" 2>&1 || fail "widthseeds: exit $?: $(tail -n 5 "$tmp/log")"
+pw="optimizer-pion_d_model-64_init-spectral_pion_momentum-lie_pion_update_side-both_pion_normalizer-adam_matrix_lr"
+got=$(grep -c "^${pw}-0.00[125]_seed-[23]$" "$tmp/ws.txt")
+grep -q "^${pw}-0.01_seed-[23]" "$tmp/ws.txt" && got=wrong
+[[ $got == 6 ]] && grep -q "0.002: 1.5... ± 0.0010 (3)" "$tmp/ws/ABLATION.md" &&
+  grep -q "| Pion lie/both/adam | 64 | .* | 0.002 | 0.002 |" "$tmp/ws/ABLATION.md" &&
+  ok "widthseeds: seeds 2, 3 at the best lr and its neighbours only; the report gives mean ± std and the 3-seed best" ||
+  fail "widthseeds: $got of 6 runs; $(grep '| 64 |' "$tmp/ws/ABLATION.md")"
+# Two shards of widthseeds on a copy of that OUT without its seeds: disjoint, same runs.
+for k in 0 1; do
+  rm -rf "$tmp/ws$k"
+  cp -r "$tmp/ws" "$tmp/ws$k"
+  find "$tmp/ws$k/runs" -maxdepth 1 -name "*_seed-[23]" -exec rm -rf {} +
+done
+for k in 0 1; do
+  CALLS=$tmp/wsh$k.txt "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/ws$k" --iters 10 \
+    --stages widthseeds --shard "$k/2" >"$tmp/log" 2>&1 || fail "widthseeds --shard $k/2: exit $?"
+done
+both=$(sort "$tmp/wsh0.txt" "$tmp/wsh1.txt" | uniq -d | wc -l)
+[[ $both -eq 0 && $(sort -u "$tmp/wsh0.txt" "$tmp/wsh1.txt" | grep -c "seed-[23]") -eq \
+   $(grep "seed-[23]" "$tmp/ws.txt" | sort -u | wc -l) && -s $tmp/wsh0.txt && -s $tmp/wsh1.txt ]] &&
+  ok "widthseeds --shard: two disjoint halves of the single driver's seed runs" ||
+  fail "widthseeds --shard: $both in both; $(wc -l "$tmp/wsh0.txt" "$tmp/wsh1.txt" "$tmp/ws.txt")"
 # Stage nonorm runs AdamW and default Pion beside the best three even when both rank lower.
 CALLS=$tmp/refs.txt WORSE="optimizer-adamw_,pion_momentum-lie_pion_update_side-both_pion_normalizer-adam" \
   "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/refs" --iters 10 \
