@@ -87,10 +87,19 @@ def lr_text(optimizer, x):
     return f"{x:g}"
 
 
+# A best val loss above this (ln 65 = 4.17 is a uniform guess over the char vocab) is a run that
+# diverged: the report says so rather than print a 27-digit number.
+DIVERGED = 100.0
+
+
+def one_loss(x):
+    return f"{x:.4f}" if x <= DIVERGED else f"diverged ({x:.1e})"
+
+
 def loss_text(losses):
     """One seed's loss, or mean ± sample std (n) of several."""
-    if len(losses) == 1:
-        return f"{losses[0]:.4f}"
+    if len(losses) == 1 or any(x > DIVERGED for x in losses):
+        return ", ".join(one_loss(x) for x in losses)
     return f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f} ({len(losses)})"
 
 
@@ -494,7 +503,8 @@ class Ablation:
             if not points:
                 continue
             best = min(points, key=lambda p: p[1])[0]
-            cells = ", ".join(f"**{lr:g}: {x:.4f}**" if lr == best else f"{lr:g}: {x:.4f}"
+            cells = ", ".join(f"**{lr:g}: {one_loss(x)}**" if lr == best else
+                              f"{lr:g}: {one_loss(x)}"
                               for lr, x in points)
             lines.append(f"| {name} | {cells} |")
         return "\n".join(lines)

@@ -44,6 +44,8 @@ for values in itertools.product(*[v for _, v in grid]):
     loss = 1.5 + 0.01 * math.log2(lr / best[opt]) ** 2 + 0.001 * config["seed"]
     # WORSE=a,b: runs whose name holds a or b lose 0.1 (to rank settings as a test needs).
     loss += 0.1 * any(w and w in name for w in os.environ.get("WORSE", "").split(","))
+    if os.environ.get("DIVERGE") and os.environ["DIVERGE"] in name:
+        loss = 8.8e26  # a run that blew up, as one AdamW run without RMSNorm did
     json.dump(config, open(os.path.join(d, "run_config.json"), "w"))
     open(os.path.join(d, "log.txt"), "w").write("trained\n")  # as a real run leaves
     json.dump({"best_val_loss": loss, "iters": config["max_iters"],
@@ -261,6 +263,12 @@ both=$(sort "$tmp/wsh0.txt" "$tmp/wsh1.txt" | uniq -d | wc -l)
    $(grep "seed-[23]" "$tmp/ws.txt" | sort -u | wc -l) && -s $tmp/wsh0.txt && -s $tmp/wsh1.txt ]] &&
   ok "widthseeds --shard: two disjoint halves of the single driver's seed runs" ||
   fail "widthseeds --shard: $both in both; $(wc -l "$tmp/wsh0.txt" "$tmp/wsh1.txt" "$tmp/ws.txt")"
+# A diverged run reads as such in the report, not as a 27-digit loss.
+DIVERGE=optimizer-adamw_lr-4e-3_seed-1 "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" \
+  --out "$tmp/div" --iters 10 --stages lr,report >"$tmp/log" 2>&1 || fail "diverged: exit $?"
+grep -q "0.004: diverged (8.8e+26)" "$tmp/div/ABLATION.md" && ! grep -q "[0-9]\{20\}" "$tmp/div/ABLATION.md" &&
+  ok "a diverged run reads 'diverged (8.8e+26)' in the lr table" ||
+  fail "diverged: $(grep '| AdamW |' "$tmp/div/ABLATION.md")"
 # Stage nonorm runs AdamW and default Pion beside the best three even when both rank lower.
 CALLS=$tmp/refs.txt WORSE="optimizer-adamw_,pion_momentum-lie_pion_update_side-both_pion_normalizer-adam" \
   "$py" "$src/scripts/ablation.py" --pion "$tmp/pion" --out "$tmp/refs" --iters 10 \
