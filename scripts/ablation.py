@@ -206,7 +206,8 @@ class Ablation:
                 key = "not recorded"
             counts[key] = counts.get(key, 0) + 1
         return "Machines (archived runs): " + "; ".join(
-            f"{n} on {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])) + "."
+            f"{n} {k}" if k == "not recorded" else f"{n} on {k}"
+            for k, n in sorted(counts.items(), key=lambda kv: -kv[1])) + "."
 
     def sync_archive(self):
         """Both ways between OUT/runs and the archive: a finished run the archive lacks is
