@@ -603,7 +603,8 @@ def main():
     if "--" in argv:
         extra = argv[argv.index("--") + 1:]
         argv = argv[:argv.index("--")]
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "ablation"))
     p.add_argument("--pion", default=os.path.join(ROOT, "build", "pion"))
     p.add_argument("--jobs", type=int, default=2)
