@@ -554,11 +554,38 @@ class Ablation:
                 best3 = f"{min(three, key=lambda p: p[1])[0]:g}" if three else "—"
                 parts.append(f"| {name} | {d_model} | {cells} | {seed1:g} | {best3} |")
             parts.append("")
+            parts += self.transfer_table(width)
             self.plot_width(width)
         text = "\n".join(parts)
         with open(os.path.join(self.out, "ABLATION.md"), "w") as f:
             f.write(text)
         print(text)
+
+    @staticmethod
+    def transfer_table(width):
+        """What the muP claim is for: tune the lr at one width, train at another. The lr picked
+        at width a (best 3-seed mean, else best seed 1) is looked up at width b; its cost is
+        its loss there less b's best (means over the seeds run; "1 seed" where only seed 1)."""
+        def pick(points):
+            three = [(lr, statistics.mean(x)) for lr, x in points if len(x) >= 3]
+            return min(three or [(lr, x[0]) for lr, x in points], key=lambda p: p[1])
+        lines = []
+        for (name, a), points_a in sorted(width.items()):
+            lr = pick(points_a)[0]
+            for (other, b), points_b in sorted(width.items()):
+                there = dict(points_b).get(lr)
+                if other != name or b == a or there is None:
+                    continue
+                mean, best = statistics.mean(there), pick(points_b)[1]
+                note = "" if len(there) > 1 else " (1 seed)"
+                lines.append(f"| {name} | {a} | {b} | {lr:g} | {mean:.4f}{note} | {best:.4f} | "
+                             f"{mean - best:+.4f} |")
+        if not lines:
+            return []
+        return ["Tuned at one width, trained at another: the lr picked at d_model a (best 3-seed "
+                "mean, else seed 1) at d_model b, against b's own best.\n",
+                "| optimizer | tuned at | trained at | lr | loss there | best there | cost |",
+                "|---|---:|---:|---:|---:|---:|---:|", *lines, ""]
 
     def plot_width(self, width):
         try:

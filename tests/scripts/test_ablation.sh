@@ -246,7 +246,8 @@ got=$(grep -c "^${pw}-0.00[125]_seed-[23]$" "$tmp/ws.txt")
 grep -q "^${pw}-0.01_seed-[23]" "$tmp/ws.txt" && got=wrong
 [[ $got == 6 ]] && grep -q "0.002: 1.5... ± 0.0010 (3)" "$tmp/ws/ABLATION.md" &&
   grep -q "| Pion lie/both/adam | 64 | .* | 0.002 | 0.002 |" "$tmp/ws/ABLATION.md" &&
-  ok "widthseeds: seeds 2, 3 at the best lr and its neighbours only; the report gives mean ± std and the 3-seed best" ||
+  grep -q "| Pion lie/both/adam | 64 | 256 | 0.002 | 1.5... | 1.5... | +0.0000 |" "$tmp/ws/ABLATION.md" &&
+  ok "widthseeds: seeds 2, 3 at the best lr and its neighbours only; the report gives mean ± std, the 3-seed best and the cost of a transferred lr (0 where the fake ignores width)" ||
   fail "widthseeds: $got of 6 runs; $(grep '| 64 |' "$tmp/ws/ABLATION.md")"
 # Two shards of widthseeds on a copy of that OUT without its seeds: disjoint, same runs.
 for k in 0 1; do
