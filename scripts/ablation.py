@@ -37,7 +37,8 @@ settings; width, widthseeds: the (width, optimizer) pairs; nonorm: the chosen se
 drivers (e.g. each with --jobs 1) share one OUT without running the same run twice and keep
 every core busy. Stage nonorm needs every setting's 3 seeds, and widthseeds every pair's seed-1
 sweep: a lone driver goes on without what is missing; a shard polls OUT every minute
-(PION_ABLATION_POLL_S) until the other shards finish them, up to 12 hours. Run stage width before nonorm so a shard that finishes its seeds early has work.
+(PION_ABLATION_POLL_S) until the other shards finish them, up to 12 hours. Run stage width
+before nonorm so a shard that finishes its seeds early has work.
 
 Selecting the best lr on seed 1 and then adding seeds 2 and 3 is a cheaper design than
 3 seeds at every lr (the reported means include the seed the lr was picked on, a small
@@ -121,8 +122,7 @@ def settings():
 
 # AdamW and default Pion: stage width's two settings, and stage nonorm's references beside its
 # best three.
-REFERENCES = ("AdamW", "Pion lie/both/adam")
-WIDTH_SETTINGS = [s for s in settings() if s[0] in REFERENCES]
+WIDTH_SETTINGS = [s for s in settings() if s[0] in ("AdamW", "Pion lie/both/adam")]
 
 
 class Ablation:
@@ -415,8 +415,7 @@ class Ablation:
         # AdamW and default Pion run too, whatever their rank: the paper's claim is that
         # Pion's fixed spectra let it train without normalisation, which a reader judges
         # against the Euclidean baseline, and the default is what a user runs first.
-        chosen = self.mine(chosen + [s for s in settings() if s[0] in REFERENCES
-                                     and s not in chosen])
+        chosen = self.mine(chosen + [s for s in WIDTH_SETTINGS if s not in chosen])
         self.stage_lr([("norm", "none")], chosen)
         self.stage_seeds([("norm", "none")], chosen, "none")
 
@@ -430,9 +429,8 @@ class Ablation:
     def stage_width(self):
         # At the base width stage lr's runs are the points, unless --best-lrs skipped that
         # sweep: then it runs here, under the base config's names (no d_model key).
-        pair = WIDTH_SETTINGS
-        units = [(self.d_model, s) for s in pair if s[0] in self.best_lrs] + \
-            [(d_model, s) for d_model in (64, 256) for s in pair]
+        units = [(self.d_model, s) for s in WIDTH_SETTINGS if s[0] in self.best_lrs] + \
+            [(d_model, s) for d_model in (64, 256) for s in WIDTH_SETTINGS]
         for d_model, (name, optimizer, keys) in self.mine(units):
             self.sweep_lrs(optimizer, self.width_keys(d_model) + keys, "rmsnorm", d_model)
 
