@@ -281,6 +281,10 @@ n=$(grep -c . <<<"$nonorm")
   grep -q "references" "$tmp/refs/ABLATION.md" &&
   ok "nonorm: the best three and the two references (AdamW, default Pion) ranked below them" ||
   fail "nonorm settings ($n): $nonorm"
+run --stages lr,widthseedz
+rc=$?
+[[ $rc -eq 2 ]] && grep -q "unknown stage 'widthseedz'" "$tmp/log" && ok "--stages with a misspelt stage exits 2 naming it" ||
+  fail "--stages lr,widthseedz gave exit $rc: $(tail -n 3 "$tmp/log")"
 for bad in "--shard 2/2" "--shard x"; do
   # shellcheck disable=SC2086
   run $bad
