@@ -794,6 +794,83 @@ TEST(CudaFlashAttention, GraphReplayMatchesEagerBits) {
   expect_close("graph replay dqkv", dqkv.host(), eager.dqkv, 0.0, "eager");
 }
 
+// The tensor-core pair reading q, k, v and dout in bf16 (qkv_bf16, dout_bf16: a bf16 model's
+// GEMM outputs) gives bit for bit what it gives on the fp32 tensors those bf16 values widen
+// to: the same bf16 operands reach the same products, and the row dots read the same values.
+// Forward (fp32 and bf16 outputs), backward (add and assign, fp32 and bf16 forward output),
+// grouped-query and padded head sizes. Mixing an fp32 dout with a bf16 qkv is refused.
+TEST(CudaFlashAttention, TensorCoreReadsBf16InputsBitForBit) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  for (const Shape s : {Shape{2, 70, 2, 64}, Shape{1, 45, 4, 48, 2}, Shape{1, 33, 2, 128, 1}}) {
+    SCOPED_TRACE(s.label());
+    const i64 nq = s.qkv_elements(), no = s.out_elements();
+    const auto half_of = [](i64 count) { return (static_cast<std::size_t>(count) + 1) / 2; };
+    // bf16 copies of random q, k, v and dout, and their values widened back to fp32.
+    Dev qkv(randn(nq, 1700 + static_cast<std::uint64_t>(s.seq))),
+        dout(randn(no, 1800 + static_cast<std::uint64_t>(s.seq)));
+    DeviceBuffer qkv16(half_of(nq)), dout16(half_of(no));
+    cl::convert_to_bf16(ctx, qkv16.data(), qkv.get(), nq);
+    cl::convert_to_bf16(ctx, dout16.data(), dout.get(), no);
+    Dev qkv_w = Dev::poisoned(nq), dout_w = Dev::poisoned(no);
+    cl::convert_from_bf16(ctx, qkv_w.get(), qkv16.data(), nq);
+    cl::convert_from_bf16(ctx, dout_w.get(), dout16.data(), no);
+    const i64 rows = static_cast<i64>(cl::flash_attention_lse_elements(s.batch, s.seq, s.n_head));
+
+    Dev out_a = Dev::poisoned(no), out_b = Dev::poisoned(no), lse_a = Dev::poisoned(rows),
+        lse_b = Dev::poisoned(rows);
+    DeviceBuffer o16_a(half_of(no)), o16_b(half_of(no));
+    cl::flash_attention_forward_tc(ctx, out_a.get(), lse_a.get(), qkv_w.get(), s.batch, s.seq,
+                                   s.n_head, s.head_dim, s.n_kv_head, o16_a.data());
+    cl::flash_attention_forward_tc(ctx, out_b.get(), lse_b.get(), nullptr, s.batch, s.seq, s.n_head,
+                                   s.head_dim, s.n_kv_head, o16_b.data(), qkv16.data());
+    EXPECT_TRUE(same_bits(out_b.host(), out_a.host())) << "forward out";
+    EXPECT_TRUE(same_bits(lse_b.host(), lse_a.host())) << "forward lse";
+    EXPECT_EQ(bf16_bits(o16_b, no), bf16_bits(o16_a, no)) << "forward bf16 out";
+    for (const float x : out_a.host()) ASSERT_TRUE(std::isfinite(x));
+
+    const auto dqkv0 = randn(nq, 1900);
+    for (const auto write : {cl::GradWrite::Add, cl::GradWrite::Assign})
+      for (const bool bf16_out : {false, true}) {
+        const bool add = write == cl::GradWrite::Add;
+        SCOPED_TRACE(std::string(add ? "add" : "assign") + (bf16_out ? ", bf16 out" : ""));
+        Dev dq_a = add ? Dev(dqkv0) : Dev::poisoned(nq),
+            dq_b = add ? Dev(dqkv0) : Dev::poisoned(nq);
+        Dev scratch = Dev::poisoned(rows);
+        float* o = bf16_out ? nullptr : out_a.get();
+        const void* o16 = bf16_out ? o16_a.data() : nullptr;
+        cl::flash_attention_backward_tc(ctx, dq_a.get(), scratch.get(), dout_w.get(), o,
+                                        lse_a.get(), qkv_w.get(), s.batch, s.seq, s.n_head,
+                                        s.head_dim, s.n_kv_head, write, o16);
+        cl::flash_attention_backward_tc(ctx, dq_b.get(), scratch.get(), nullptr, o, lse_a.get(),
+                                        nullptr, s.batch, s.seq, s.n_head, s.head_dim, s.n_kv_head,
+                                        write, o16, dout16.data(), qkv16.data());
+        const auto got = dq_b.host();
+        EXPECT_TRUE(same_bits(got, dq_a.host())) << "backward dqkv";
+        for (const float x : got) ASSERT_TRUE(std::isfinite(x));
+        EXPECT_FALSE(same_bits(got, dqkv0)) << "backward wrote nothing";
+      }
+  }
+  // One of qkv and qkv_bf16; dout and qkv both in bf16 or both not.
+  const Shape s{1, 8, 2, 64};
+  Dev qkv(randn(s.qkv_elements(), 1950)), dout(randn(s.out_elements(), 1951)),
+      out = Dev::poisoned(s.out_elements()), lse = Dev::poisoned(s.rows()),
+      scratch = Dev::poisoned(s.rows()), dqkv = Dev::poisoned(s.qkv_elements());
+  DeviceBuffer qkv16((static_cast<std::size_t>(s.qkv_elements()) + 1) / 2);
+  cl::convert_to_bf16(ctx, qkv16.data(), qkv.get(), s.qkv_elements());
+  EXPECT_THROW(cl::flash_attention_forward_tc(ctx, out.get(), lse.get(), qkv.get(), 1, 8, 2, 64, 0,
+                                              nullptr, qkv16.data()),
+               pion::Error);
+  EXPECT_THROW(cl::flash_attention_forward_tc(ctx, out.get(), lse.get(), nullptr, 1, 8, 2, 64),
+               pion::Error);
+  EXPECT_THROW(cl::flash_attention_backward_tc(
+                   ctx, dqkv.get(), scratch.get(), dout.get(), out.get(), lse.get(), nullptr, 1, 8,
+                   2, 64, 0, cl::GradWrite::Assign, nullptr, nullptr, qkv16.data()),
+               pion::Error);  // fp32 dout with bf16 qkv
+  const auto o = out.host();
+  EXPECT_TRUE(std::all_of(o.begin(), o.end(), [](float x) { return std::isnan(x); }));
+}
+
 TEST(CudaFlashAttention, RejectsBadArguments) {
   PION_REQUIRE_CUDA_DEVICE();
   EXPECT_EQ(cl::flash_attention_lse_elements(2, 5, 3), 30u);

@@ -899,6 +899,145 @@ TEST(CudaLayers, Bf16DinFeedsSwigluBackward) {
                pion::Error);  // both douts
 }
 
+// ---- bf16 GEMM outputs read by the next kernel: RoPE in place, the residual add, RMSNorm's
+// backward. Each reads the bf16 values as the fp32 kernel reads their widened copies: the same
+// bits (after one rounding where the output is bf16 too).
+
+// A bf16 copy of a device tensor (convert_to_bf16) and its values widened back to fp32.
+struct Rounded {
+  Dev16 bf16;
+  Dev wide;
+  Rounded(Context& ctx, Dev& values, i64 count) : bf16(count), wide(count) {
+    cl::convert_to_bf16(ctx, bf16.get(), values.get(), count);
+    cl::convert_from_bf16(ctx, wide.get(), bf16.get(), count);
+  }
+};
+
+// rope_forward_bf16 over the query and key heads of bf16 [q | k | v] rows (one head range, as
+// CudaLlama calls it) = rope_forward on the widened values, rounded once: bit for bit. The value
+// columns keep their bits, and the result is within bf16 rounding of the CPU's RoPE.
+TEST(CudaLayers, RopeForwardBf16InPlace) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 batch = 2, seq = 7, head_dim = 8;
+  const auto table = hl::make_rope_table<float>(10, head_dim, 10000.0);
+  const cl::DeviceRopeTable d_table(table.cos, table.sin, table.seq_len, table.half);
+  for (auto [n_head, n_kv] : {std::pair<i64, i64>{4, 2}, std::pair<i64, i64>{3, 3}}) {
+    const std::string at = " heads " + std::to_string(n_head) + "/" + std::to_string(n_kv);
+    const i64 d = n_head * head_dim, width = d + 2 * n_kv * head_dim, count = batch * seq * width;
+    Dev x(randn(count, 40));
+    Rounded r(ctx, x, count);
+    const auto before = r.bf16.host(), wide = r.wide.host();
+    cl::rope_forward(ctx, r.wide.get(), d_table, batch, seq, n_head + n_kv, head_dim, width);
+    cl::rope_forward_bf16(ctx, r.bf16.get(), d_table, batch, seq, n_head + n_kv, head_dim, width);
+    const auto got = r.bf16.host();
+    EXPECT_EQ(got, converted(ctx, r.wide.get(), count)) << at;
+    std::vector<float> cpu = wide;
+    hl::rope_forward(cpu.data(), table, batch, seq, n_head, head_dim, width);
+    hl::rope_forward(cpu.data() + d, table, batch, seq, n_kv, head_dim, width);
+    expect_bf16_close("rope forward bf16" + at, got, cpu, kFp32);
+    for (i64 row = 0; row < batch * seq; ++row)
+      for (i64 j = d + n_kv * head_dim; j < width; ++j)
+        ASSERT_EQ(got[static_cast<std::size_t>(row * width + j)],
+                  before[static_cast<std::size_t>(row * width + j)])
+            << "row " << row << " value column " << j << at;
+  }
+  Dev16 x16(batch * 11 * 32);
+  EXPECT_THROW(cl::rope_forward_bf16(ctx, x16.get(), d_table, batch, 11, 2, head_dim, 32),
+               pion::Error);  // a table too short for seq
+  EXPECT_THROW(cl::rope_forward_bf16(ctx, nullptr, d_table, batch, 7, 2, head_dim, 32),
+               pion::Error);
+}
+
+// residual_forward with a bf16 delta = the fp32 add of its widened values, bit for bit, also
+// in place; exactly one of delta and delta_bf16.
+TEST(CudaLayers, ResidualReadsBf16Delta) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 count = 1000;
+  const auto x = randn(count, 63);
+  Dev d_x(x), d_delta(randn(count, 64)), out(count);
+  Rounded delta(ctx, d_delta, count);
+  const auto wide = delta.wide.host();
+  std::vector<float> sum(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) sum[i] = x[i] + wide[i];
+  cl::residual_forward(ctx, out.get(), d_x.get(), nullptr, count, delta.bf16.get());
+  EXPECT_EQ(out.host(), sum);
+  cl::residual_forward(ctx, d_x.get(), d_x.get(), nullptr, count, delta.bf16.get());
+  EXPECT_EQ(d_x.host(), sum);
+  EXPECT_NE(wide, d_delta.host()) << "the bf16 delta holds the fp32 values (no rounding)";
+  EXPECT_THROW(
+      cl::residual_forward(ctx, out.get(), d_x.get(), d_delta.get(), count, delta.bf16.get()),
+      pion::Error);
+  EXPECT_THROW(cl::residual_forward(ctx, out.get(), d_x.get(), nullptr, count), pion::Error);
+}
+
+// rmsnorm_backward reading dout in bf16 (a bf16 GEMM's din) = reading its widened values: dx,
+// its bf16 copy and dweight bit for bit, adding and assigning; exactly one of dout and
+// dout_bf16.
+TEST(CudaLayers, RmsNormBackwardReadsBf16Dout) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 70, c = 96;  // two row chunks of the weight gradient
+  const auto x = randn(n * c, 15), w = randn(c, 16, 0.3, 1.0), dx0 = randn(n * c, 17),
+             dw0 = randn(c, 18);
+  Dev d_x(x), d_w(w), d_rstd(n), d_out(n * c), d_dout(randn(n * c, 19));
+  Dev d_scratch(nans(static_cast<i64>(cl::rmsnorm_backward_scratch_elements(n, c))));
+  cl::rmsnorm_forward(ctx, d_out.get(), d_rstd.get(), d_x.get(), d_w.get(), n, c, 1e-5);
+  Rounded dout(ctx, d_dout, n * c);
+  for (const auto write : {cl::GradWrite::Add, cl::GradWrite::Assign}) {
+    const bool add = write == cl::GradWrite::Add;
+    SCOPED_TRACE(add ? "add" : "assign");
+    Dev dx_a(add ? dx0 : nans(n * c)), dx_b(add ? dx0 : nans(n * c)), dw_a(dw0), dw_b(dw0);
+    Dev16 dx16_a(n * c), dx16_b(n * c);
+    cl::rmsnorm_backward(ctx, dx_a.get(), dw_a.get(), d_scratch.get(), dout.wide.get(), d_x.get(),
+                         d_w.get(), d_rstd.get(), n, c, write, dx16_a.get());
+    cl::rmsnorm_backward(ctx, dx_b.get(), dw_b.get(), d_scratch.get(), nullptr, d_x.get(),
+                         d_w.get(), d_rstd.get(), n, c, write, dx16_b.get(), dout.bf16.get());
+    const auto dx = dx_b.host();
+    EXPECT_EQ(dx, dx_a.host());
+    EXPECT_EQ(dw_b.host(), dw_a.host());
+    EXPECT_EQ(dx16_b.host(), dx16_a.host());
+    for (float v : dx) ASSERT_TRUE(std::isfinite(v));
+    EXPECT_NE(dw_b.host(), dw0);
+  }
+  Dev dx(n * c), dw(dw0);
+  EXPECT_THROW(cl::rmsnorm_backward(ctx, dx.get(), dw.get(), d_scratch.get(), d_dout.get(),
+                                    d_x.get(), d_w.get(), d_rstd.get(), n, c, cl::GradWrite::Add,
+                                    nullptr, dout.bf16.get()),
+               pion::Error);
+  EXPECT_THROW(cl::rmsnorm_backward(ctx, dx.get(), dw.get(), d_scratch.get(), nullptr, d_x.get(),
+                                    d_w.get(), d_rstd.get(), n, c),
+               pion::Error);
+}
+
+// linear_backward_bf16 (dout already bf16, the LM head's) writing din in bf16: the same bits as
+// linear_backward given that bf16 dout and asked for a bf16 din.
+TEST(CudaLayers, LinearBackwardBf16WritesBf16Din) {
+  PION_REQUIRE_CUDA_DEVICE();
+  Context ctx;
+  const i64 n = 21, d_in = 40, d_out = 90;
+  const auto bf16 = cl::MatmulPrecision::Bf16;
+  cl::Bf16Workspace ws(cl::linear_bf16_workspace_elements(n, d_in, d_out));
+  Dev d_in_(randn(n * d_in, 85)), d_w(randn(d_out * d_in, 86, 0.2)), d_dout(randn(n * d_out, 87));
+  const auto dw0 = randn(d_out * d_in, 88);
+  Dev dw_a(dw0), dw_b(dw0);
+  Dev16 dout16(n * d_out), din_a(n * d_in), din_b(n * d_in);
+  cl::convert_to_bf16(ctx, dout16.get(), d_dout.get(), n * d_out);
+  cl::linear_backward(ctx, nullptr, dw_a.get(), nullptr, d_in_.get(), d_w.get(), n, d_in, d_out,
+                      bf16, &ws, cl::GradWrite::Assign, dout16.get(), nullptr, din_a.get());
+  cl::linear_backward_bf16(ctx, nullptr, dw_b.get(), dout16.get(), d_in_.get(), d_w.get(), n, d_in,
+                           d_out, ws, cl::GradWrite::Assign, nullptr, din_b.get());
+  const auto got = din_b.host();
+  EXPECT_EQ(got, din_a.host());
+  EXPECT_EQ(dw_b.host(), dw_a.host());
+  EXPECT_TRUE(std::any_of(got.begin(), got.end(), [](float v) { return v != 0.0f; }));
+  EXPECT_THROW(
+      cl::linear_backward_bf16(ctx, nullptr, dw_b.get(), dout16.get(), d_in_.get(), d_w.get(), n,
+                               d_in, d_out, ws, cl::GradWrite::Add, nullptr, din_b.get()),
+      pion::Error);  // a bf16 din cannot be added to
+}
+
 TEST(CudaLayers, ResidualAddAndAccumulate) {
   PION_REQUIRE_CUDA_DEVICE();
   Context ctx;

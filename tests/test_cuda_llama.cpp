@@ -272,13 +272,19 @@ TEST(CudaLlama, Bf16WeightCopyRefreshedWhenWeightsChange) {
 // itself without norms) get no zeroing pass. So a model whose scratch holds another batch's
 // values gives bit for bit the gradients of a fresh one (whose scratch the emulator fills with
 // NaN: EMU_POISON), and a batch without a counted target gives exactly zero gradients over the
-// previous batch's scratch.
+// previous batch's scratch. Fp32 and bf16 with materialised attention, and bf16 with flash
+// attention (whose qkv and attention-output gradient live only in bf16, as do bf16's proj and,
+// with norms, dh).
 TEST(CudaLlama, BackwardScratchAssignedNotZeroed) {
   PION_REQUIRE_CUDA_DEVICE();
-  for (auto mp : {cu::layers::MatmulPrecision::Fp32, cu::layers::MatmulPrecision::Bf16}) {
+  for (auto [mp, attention] :
+       {std::pair{cu::layers::MatmulPrecision::Fp32, cu::CudaAttention::Materialized},
+        std::pair{cu::layers::MatmulPrecision::Bf16, cu::CudaAttention::Materialized},
+        std::pair{cu::layers::MatmulPrecision::Bf16, cu::CudaAttention::Flash}}) {
     for (const std::string norm : {"rmsnorm", "none"}) {
       const bool bf16 = mp == cu::layers::MatmulPrecision::Bf16;
-      SCOPED_TRACE(std::string(bf16 ? "bf16 " : "fp32 ") + norm);
+      SCOPED_TRACE(std::string(bf16 ? "bf16 " : "fp32 ") + norm +
+                   (attention == cu::CudaAttention::Flash ? " flash" : " materialized"));
       const ModelConfig config = small_config(24, norm);
       Llama<float> cpu(config);
       Rng init(51);
@@ -290,7 +296,7 @@ TEST(CudaLlama, BackwardScratchAssignedNotZeroed) {
       cu::Context ctx;
       cu::CudaLlamaOptions o;
       o.matmul = mp;
-      o.attention = cu::CudaAttention::Materialized;
+      o.attention = attention;
       const auto grads_after = [&](cu::CudaLlama& m, const Batch& b) {
         m.zero_grad();
         m.forward_backward(b.tokens, b.targets, 2, 24, 0.75);

@@ -239,15 +239,16 @@ __global__ void __launch_bounds__(kFlashThreads, kMinBlocksPerSm)
 
 // delta [rows = batch * n_head * seq] (rows in [b, h, i] order): dout_i . out_i over the
 // head's columns. One warp per row; a warp-uniform early exit keeps warp_sum's full mask valid.
-// out fp32, or bf16 (the tensor-core forward's only output in a bf16 model).
+// out fp32, or bf16 (the tensor-core forward's only output in a bf16 model); dout fp32, or
+// bf16 (a bf16 GEMM's din, read by the tensor-core backward).
 __device__ inline float load_out(const float* p) {
   return *p;
 }
 __device__ inline float load_out(const __nv_bfloat16* p) {
   return __bfloat162float(*p);
 }
-template <typename OutT>
-__global__ void flash_row_dot_kernel(float* __restrict__ delta, const float* __restrict__ dout,
+template <typename OutT, typename DoutT>
+__global__ void flash_row_dot_kernel(float* __restrict__ delta, const DoutT* __restrict__ dout,
                                      const OutT* __restrict__ out, i64 rows, int seq, int n_head,
                                      int head_dim) {
   constexpr int kWarps = kFlashThreads / 32;
@@ -261,7 +262,7 @@ __global__ void flash_row_dot_kernel(float* __restrict__ delta, const float* __r
   const i64 off = (b * seq + i) * d + h * head_dim;
   float s = 0.0f;
   for (int col = lane; col < head_dim; col += 32)
-    s = fmaf(dout[off + col], load_out(out + off + col), s);
+    s = fmaf(load_out(dout + off + col), load_out(out + off + col), s);
   s = warp_sum(s);
   if (lane == 0) delta[row] = s;
 }
@@ -550,21 +551,31 @@ FlashArgs flash_args(i64 batch, i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim
           1.0f / std::sqrt(static_cast<float>(head_dim))};
 }
 
+template <typename OutT, typename DoutT>
+void launch_row_dot_as(Context& ctx, unsigned blocks, float* delta, const DoutT* dout,
+                       const OutT* out, i64 rows, const FlashArgs& a) {
+  flash_row_dot_kernel<OutT, DoutT><<<blocks, kFlashThreads, 0, stream_of(ctx)>>>(
+      delta, dout, out, rows, a.seq, a.n_head, a.head_dim);
+}
+
 void launch_row_dot(Context& ctx, float* delta, const float* dout, const float* out,
-                    const void* out_bf16, const FlashArgs& a, i64 batch, const std::string& who) {
+                    const void* out_bf16, const FlashArgs& a, i64 batch, const std::string& who,
+                    const void* dout_bf16) {
   const i64 rows = batch * a.n_head * a.seq;
   constexpr int kRowsPerBlock = kFlashThreads / 32;  // one warp per row
-  const i64 blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  as_int(blocks, who, "batch * n_head * seq / 8 (row-dot blocks)");
-  if (out != nullptr)
-    flash_row_dot_kernel<float>
-        <<<static_cast<unsigned>(blocks), kFlashThreads, 0, stream_of(ctx)>>>(
-            delta, dout, out, rows, a.seq, a.n_head, a.head_dim);
+  const auto blocks = static_cast<unsigned>(as_int((rows + kRowsPerBlock - 1) / kRowsPerBlock, who,
+                                                   "batch * n_head * seq / 8 (row-dot "
+                                                   "blocks)"));
+  const auto* out16 = static_cast<const __nv_bfloat16*>(out_bf16);
+  const auto* dout16 = static_cast<const __nv_bfloat16*>(dout_bf16);
+  if (out != nullptr && dout16 == nullptr)
+    launch_row_dot_as(ctx, blocks, delta, dout, out, rows, a);
+  else if (out != nullptr)
+    launch_row_dot_as(ctx, blocks, delta, dout16, out, rows, a);
+  else if (dout16 == nullptr)
+    launch_row_dot_as(ctx, blocks, delta, dout, out16, rows, a);
   else
-    flash_row_dot_kernel<__nv_bfloat16>
-        <<<static_cast<unsigned>(blocks), kFlashThreads, 0, stream_of(ctx)>>>(
-            delta, dout, static_cast<const __nv_bfloat16*>(out_bf16), rows, a.seq, a.n_head,
-            a.head_dim);
+    launch_row_dot_as(ctx, blocks, delta, dout16, out16, rows, a);
   PION_CUDA_CHECK_LAUNCH("flash_row_dot_kernel");
 }
 

@@ -24,8 +24,9 @@
 //     dK += dS^T Q (P^T and dS^T rounded to bf16 for the products), dK scaled at the end.
 //   dQ: one block per (query tile, batch * head), warp w owning 16 rows, looping over the key
 //     tiles up to the diagonal: S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
-// Q, K, V and dO are rounded to bf16 on their way into shared memory; the accumulators live in
-// shared memory in fp32 as O does in the forward.
+// Q, K, V and dO are rounded to bf16 on their way into shared memory (or read as they are when
+// they come in bf16: a bf16 model's qkv and attention-output gradient are bf16 GEMM outputs);
+// the accumulators live in shared memory in fp32 as O does in the forward.
 //
 // Shared memory (dynamic; 93 KiB at D = 128, 61 KiB at D = 64): Q and K-then-V in bf16, and
 // per warp a 16 x kKeys fp32 score tile, a 16 x kKeys bf16 P tile and its 16 x D fp32 O rows.
@@ -72,16 +73,25 @@ struct TcLayout {
                 "flash tc: every wmma tile must start 32-byte aligned");
 };
 
-// Rows [row0, row0 + rows) of one head, rounded to bf16, into tile (rows ld floats apart in
-// src, kLdQ apart in the tile); rows >= seq and columns >= head_dim are zeros.
-template <int D>
-__device__ void load_tile_bf16(__nv_bfloat16* tile, const float* __restrict__ src, i64 ld, int rows,
+// An input element as a bf16 operand: fp32 rounded to nearest even, bf16 as it is.
+__device__ inline __nv_bfloat16 as_bf16(float v) {
+  return __float2bfloat16(v);
+}
+__device__ inline __nv_bfloat16 as_bf16(__nv_bfloat16 v) {
+  return v;
+}
+
+// Rows [row0, row0 + rows) of one head, as bf16, into tile (rows ld elements apart in src, kLdQ
+// apart in the tile); rows >= seq and columns >= head_dim are zeros. T: float or __nv_bfloat16.
+template <int D, typename T>
+__device__ void load_tile_bf16(__nv_bfloat16* tile, const T* __restrict__ src, i64 ld, int rows,
                                int row0, int seq, int head_dim) {
   for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
     const int r = idx / D, col = idx % D;
     const int row = row0 + r;
-    const float v = row < seq && col < head_dim ? src[static_cast<i64>(row) * ld + col] : 0.0f;
-    tile[r * TcLayout<D>::kLdQ + col] = __float2bfloat16(v);
+    tile[r * TcLayout<D>::kLdQ + col] = row < seq && col < head_dim
+                                            ? as_bf16(src[static_cast<i64>(row) * ld + col])
+                                            : __float2bfloat16(0.0f);
   }
 }
 
@@ -120,16 +130,18 @@ __device__ void warp_mma(float* c, int ldc, bool accumulate, const __nv_bfloat16
 // The (batch, head, query tile) a forward or dQ block works on, and where it reads qkv:
 // blockIdx.x = b * n_head + h; blockIdx.y counts query tiles from the last, since the last
 // tiles see the most keys and launching them first balances the tail.
+template <typename T>
 struct QueryTileBlock {
   int bh, b, h, q0;
-  i64 d, kv, ld;      // widths of Q and of K (= V), and the qkv row stride
-  const float* row0;  // batch b's first qkv row
-  i64 kv_off;         // column of head h's K/V head (h / group size) within K and V
+  i64 d, kv, ld;  // widths of Q and of K (= V), and the qkv row stride
+  const T* row0;  // batch b's first qkv row
+  i64 kv_off;     // column of head h's K/V head (h / group size) within K and V
 };
 
-__device__ inline QueryTileBlock query_tile_block(const float* qkv, int seq, int n_head,
-                                                  int n_kv_head, int head_dim) {
-  QueryTileBlock t;
+template <typename T>
+__device__ inline QueryTileBlock<T> query_tile_block(const T* qkv, int seq, int n_head,
+                                                     int n_kv_head, int head_dim) {
+  QueryTileBlock<T> t;
   t.bh = static_cast<int>(blockIdx.x);
   t.b = t.bh / n_head;
   t.h = t.bh % n_head;
@@ -143,12 +155,12 @@ __device__ inline QueryTileBlock query_tile_block(const float* qkv, int seq, int
 }
 
 // grid (batch * n_head, query tiles). out [batch, seq, n_head head_dim], lse [batch * n_head,
-// seq], qkv [batch, seq, (n_head + 2 n_kv_head) head_dim].
-template <int D>
+// seq], qkv [batch, seq, (n_head + 2 n_kv_head) head_dim] in T (float or __nv_bfloat16).
+template <int D, typename T>
 __global__ void __launch_bounds__(kThreads)
     flash_forward_tc_kernel(float* __restrict__ out, __nv_bfloat16* __restrict__ out16,
-                            float* __restrict__ lse, const float* __restrict__ qkv, int seq,
-                            int n_head, int n_kv_head, int head_dim, float scale) {
+                            float* __restrict__ lse, const T* __restrict__ qkv, int seq, int n_head,
+                            int n_kv_head, int head_dim, float scale) {
   using L = TcLayout<D>;
   extern __shared__ __align__(128) unsigned char smem[];
   auto* q_s = reinterpret_cast<__nv_bfloat16*>(smem);
@@ -162,8 +174,8 @@ __global__ void __launch_bounds__(kThreads)
 
   const auto [bh, b, h, q0, d, kv, ld, row0, kv_off] =
       query_tile_block(qkv, seq, n_head, n_kv_head, head_dim);
-  const float* k_g = row0 + d + kv_off;
-  const float* v_g = row0 + d + kv + kv_off;
+  const T* k_g = row0 + d + kv_off;
+  const T* v_g = row0 + d + kv + kv_off;
 
   load_tile_bf16<D>(q_s, row0 + static_cast<i64>(h) * head_dim, ld, kRows, q0, seq, head_dim);
   // This lane's row of the warp's 16 and its half of the columns (two lanes per row).
@@ -257,11 +269,12 @@ __device__ inline void write_grad(float* p, float v, bool assign) {
 // grid (batch * n_kv_head, key tiles of kKeyTile). dK and dV of the block's key tile of one K/V
 // head, summed over the query heads of its group (in order) and, for each, over the query tiles
 // from the one holding the tile's first key on (earlier queries cannot see these keys).
-template <int D>
+// T: the element type of qkv and dout (float or __nv_bfloat16).
+template <int D, typename T>
 __global__ void __launch_bounds__(32 * TcBackward<D>::kDkdvWarps)
-    flash_backward_dkdv_tc_kernel(float* __restrict__ dqkv, const float* __restrict__ dout,
+    flash_backward_dkdv_tc_kernel(float* __restrict__ dqkv, const T* __restrict__ dout,
                                   const float* __restrict__ lse, const float* __restrict__ delta,
-                                  const float* __restrict__ qkv, int seq, int n_head, int n_kv_head,
+                                  const T* __restrict__ qkv, int seq, int n_head, int n_kv_head,
                                   int head_dim, float scale, bool assign) {
   using L = TcLayout<D>;
   using B = TcBackward<D>;
@@ -294,7 +307,7 @@ __global__ void __launch_bounds__(32 * TcBackward<D>::kDkdvWarps)
   const i64 d = static_cast<i64>(n_head) * head_dim;
   const i64 kv = static_cast<i64>(n_kv_head) * head_dim;
   const i64 ld = d + 2 * kv;
-  const float* row0 = qkv + static_cast<i64>(b) * seq * ld;
+  const T* row0 = qkv + static_cast<i64>(b) * seq * ld;
   const i64 kv_off = static_cast<i64>(kvh) * head_dim;
   load_tile_bf16<D>(k_s, row0 + d + kv_off, ld, B::kKeyTile, k0, seq, head_dim);
   load_tile_bf16<D>(v_s, row0 + d + kv + kv_off, ld, B::kKeyTile, k0, seq, head_dim);
@@ -304,8 +317,8 @@ __global__ void __launch_bounds__(32 * TcBackward<D>::kDkdvWarps)
 
   for (int g = 0; g < group; ++g) {
     const int h = kvh * group + g;
-    const float* q_g = row0 + static_cast<i64>(h) * head_dim;
-    const float* do_g = dout + static_cast<i64>(b) * seq * d + static_cast<i64>(h) * head_dim;
+    const T* q_g = row0 + static_cast<i64>(h) * head_dim;
+    const T* do_g = dout + static_cast<i64>(b) * seq * d + static_cast<i64>(h) * head_dim;
     const float* lse_g = lse + (static_cast<i64>(b) * n_head + h) * seq;
     const float* delta_g = delta + (static_cast<i64>(b) * n_head + h) * seq;
     for (int q0 = k0 / kRows * kRows; q0 < seq; q0 += kRows) {
@@ -345,11 +358,11 @@ __global__ void __launch_bounds__(32 * TcBackward<D>::kDkdvWarps)
 
 // grid (batch * n_head, query tiles of kRows). dQ of the block's query tile of one head, summed
 // over the key tiles up to the diagonal.
-template <int D>
+template <int D, typename T>
 __global__ void __launch_bounds__(kThreads)
-    flash_backward_dq_tc_kernel(float* __restrict__ dqkv, const float* __restrict__ dout,
+    flash_backward_dq_tc_kernel(float* __restrict__ dqkv, const T* __restrict__ dout,
                                 const float* __restrict__ lse, const float* __restrict__ delta,
-                                const float* __restrict__ qkv, int seq, int n_head, int n_kv_head,
+                                const T* __restrict__ qkv, int seq, int n_head, int n_kv_head,
                                 int head_dim, float scale, bool assign) {
   using L = TcLayout<D>;
   using B = TcBackward<D>;
@@ -411,13 +424,13 @@ void opt_in_shared(Kernel* kernel, int bytes) {
   PION_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
-template <int D>
-void launch_backward_tc(Context& ctx, float* dqkv, const float* delta, const float* dout,
-                        const float* lse, const float* qkv, const FlashArgs& a, bool assign) {
+template <int D, typename T>
+void launch_backward_tc(Context& ctx, float* dqkv, const float* delta, const T* dout,
+                        const float* lse, const T* qkv, const FlashArgs& a, bool assign) {
   using B = TcBackward<D>;
   static const bool opted_in = [] {
-    opt_in_shared(flash_backward_dkdv_tc_kernel<D>, B::kDkdvBytes);
-    opt_in_shared(flash_backward_dq_tc_kernel<D>, B::kDqBytes);
+    opt_in_shared(flash_backward_dkdv_tc_kernel<D, T>, B::kDkdvBytes);
+    opt_in_shared(flash_backward_dq_tc_kernel<D, T>, B::kDqBytes);
     return true;
   }();
   (void)opted_in;
@@ -426,25 +439,26 @@ void launch_backward_tc(Context& ctx, float* dqkv, const float* delta, const flo
   const dim3 q_grid(static_cast<unsigned>(a.bh),
                     static_cast<unsigned>((a.seq + kRows - 1) / kRows));
   // dK / dV and dQ write disjoint parts of dqkv; both only read delta, lse, qkv and dout.
-  flash_backward_dkdv_tc_kernel<D><<<kv_grid, 32 * B::kDkdvWarps, B::kDkdvBytes, stream_of(ctx)>>>(
-      dqkv, dout, lse, delta, qkv, a.seq, a.n_head, a.n_kv_head, a.head_dim, a.scale, assign);
+  flash_backward_dkdv_tc_kernel<D, T>
+      <<<kv_grid, 32 * B::kDkdvWarps, B::kDkdvBytes, stream_of(ctx)>>>(
+          dqkv, dout, lse, delta, qkv, a.seq, a.n_head, a.n_kv_head, a.head_dim, a.scale, assign);
   PION_CUDA_CHECK_LAUNCH("flash_backward_dkdv_tc_kernel");
-  flash_backward_dq_tc_kernel<D><<<q_grid, kThreads, B::kDqBytes, stream_of(ctx)>>>(
+  flash_backward_dq_tc_kernel<D, T><<<q_grid, kThreads, B::kDqBytes, stream_of(ctx)>>>(
       dqkv, dout, lse, delta, qkv, a.seq, a.n_head, a.n_kv_head, a.head_dim, a.scale, assign);
   PION_CUDA_CHECK_LAUNCH("flash_backward_dq_tc_kernel");
 }
 
-template <int D>
-void launch_forward_tc(Context& ctx, float* out, void* out16, float* lse, const float* qkv,
+template <int D, typename T>
+void launch_forward_tc(Context& ctx, float* out, void* out16, float* lse, const T* qkv,
                        const FlashArgs& a) {
   constexpr int bytes = TcLayout<D>::kBytes;
   static const bool opted_in = [] {
-    opt_in_shared(flash_forward_tc_kernel<D>, bytes);
+    opt_in_shared(flash_forward_tc_kernel<D, T>, bytes);
     return true;
   }();
   (void)opted_in;
   const dim3 grid(static_cast<unsigned>(a.bh), static_cast<unsigned>((a.seq + kRows - 1) / kRows));
-  flash_forward_tc_kernel<D><<<grid, kThreads, bytes, stream_of(ctx)>>>(
+  flash_forward_tc_kernel<D, T><<<grid, kThreads, bytes, stream_of(ctx)>>>(
       out, static_cast<__nv_bfloat16*>(out16), lse, qkv, a.seq, a.n_head, a.n_kv_head, a.head_dim,
       a.scale);
   PION_CUDA_CHECK_LAUNCH("flash_forward_tc_kernel");
@@ -453,32 +467,49 @@ void launch_forward_tc(Context& ctx, float* out, void* out16, float* lse, const 
 }  // namespace
 
 void flash_attention_forward_tc(Context& ctx, float* out, float* lse, const float* qkv, i64 batch,
-                                i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head, void* out_bf16) {
+                                i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head, void* out_bf16,
+                                const void* qkv_bf16) {
   const std::string who = "flash_attention_forward_tc";
   n_kv_head = check_flash(batch, seq, n_head, head_dim, n_kv_head, who);
-  require((out != nullptr || out_bf16 != nullptr) && lse != nullptr && qkv != nullptr, who,
-          "lse, qkv and out (or out_bf16) must not be null");
+  require((out != nullptr || out_bf16 != nullptr) && lse != nullptr, who,
+          "lse and out (or out_bf16) must not be null");
+  require((qkv != nullptr) != (qkv_bf16 != nullptr), who, "needs exactly one of qkv and qkv_bf16");
   const FlashArgs a = flash_args(batch, seq, n_head, n_kv_head, head_dim);
+  const auto* qkv16 = static_cast<const __nv_bfloat16*>(qkv_bf16);
   with_columns(head_dim, [&](auto D) {
-    launch_forward_tc<decltype(D)::value>(ctx, out, out_bf16, lse, qkv, a);
+    constexpr int kD = decltype(D)::value;
+    if (qkv16 != nullptr)
+      launch_forward_tc<kD>(ctx, out, out_bf16, lse, qkv16, a);
+    else
+      launch_forward_tc<kD>(ctx, out, out_bf16, lse, qkv, a);
   });
 }
 
 void flash_attention_backward_tc(Context& ctx, float* dqkv, float* scratch, const float* dout,
                                  const float* out, const float* lse, const float* qkv, i64 batch,
                                  i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head,
-                                 GradWrite dqkv_write, const void* out_bf16) {
+                                 GradWrite dqkv_write, const void* out_bf16, const void* dout_bf16,
+                                 const void* qkv_bf16) {
   const std::string who = "flash_attention_backward_tc";
   n_kv_head = check_flash(batch, seq, n_head, head_dim, n_kv_head, who);
-  require(dqkv != nullptr && scratch != nullptr && dout != nullptr &&
-              (out != nullptr || out_bf16 != nullptr) && lse != nullptr && qkv != nullptr,
-          who, "dqkv, scratch, dout, out (or out_bf16), lse and qkv must not be null");
+  require(dqkv != nullptr && scratch != nullptr && (out != nullptr || out_bf16 != nullptr) &&
+              lse != nullptr,
+          who, "dqkv, scratch, out (or out_bf16) and lse must not be null");
+  const bool bf16_in = qkv_bf16 != nullptr;
+  require((qkv != nullptr) != bf16_in && (dout != nullptr) != (dout_bf16 != nullptr) &&
+              bf16_in == (dout_bf16 != nullptr),
+          who, "needs qkv and dout, or qkv_bf16 and dout_bf16 (both in bf16 or neither)");
   const FlashArgs a = flash_args(batch, seq, n_head, n_kv_head, head_dim);
-  launch_row_dot(ctx, scratch, dout, out, out_bf16, a, batch, who);
+  launch_row_dot(ctx, scratch, dout, out, out_bf16, a, batch, who, dout_bf16);
   // The dK/dV and dQ kernels together write every element of dqkv once.
   const bool assign = dqkv_write == GradWrite::Assign;
   with_columns(head_dim, [&](auto D) {
-    launch_backward_tc<decltype(D)::value>(ctx, dqkv, scratch, dout, lse, qkv, a, assign);
+    constexpr int kD = decltype(D)::value;
+    if (bf16_in)
+      launch_backward_tc<kD>(ctx, dqkv, scratch, static_cast<const __nv_bfloat16*>(dout_bf16), lse,
+                             static_cast<const __nv_bfloat16*>(qkv_bf16), a, assign);
+    else
+      launch_backward_tc<kD>(ctx, dqkv, scratch, dout, lse, qkv, a, assign);
   });
 }
 

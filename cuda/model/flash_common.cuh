@@ -22,9 +22,10 @@ FlashArgs flash_args(i64 batch, i64 seq, i64 n_head, i64 n_kv_head, i64 head_dim
 int columns_for(i64 head_dim);
 // Backward's first pass: delta [batch * n_head * seq] = dout_i . out_i per row and head, over
 // the head's columns (fp32 sums, one warp per row); out fp32, or bf16 (out_bf16) when out is
-// null.
+// null; dout fp32, or bf16 (dout_bf16) when that is given.
 void launch_row_dot(Context& ctx, float* delta, const float* dout, const float* out,
-                    const void* out_bf16, const FlashArgs& a, i64 batch, const std::string& who);
+                    const void* out_bf16, const FlashArgs& a, i64 batch, const std::string& who,
+                    const void* dout_bf16 = nullptr);
 // Calls f(std::integral_constant<int, D>{}) with the compiled column count D for head_dim.
 template <typename F>
 void with_columns(i64 head_dim, F&& f) {

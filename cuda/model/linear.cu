@@ -196,12 +196,13 @@ void linear_backward(Context& ctx, float* din, float* dweight, const float* dout
 
 void linear_backward_bf16(Context& ctx, float* din, float* dweight, const void* dout_bf16,
                           const float* in, const float* weight, i64 n, i64 d_in, i64 d_out,
-                          Bf16Workspace& workspace, GradWrite din_write, const void* in_bf16) {
+                          Bf16Workspace& workspace, GradWrite din_write, const void* in_bf16,
+                          void* din_bf16) {
   require(dout_bf16 != nullptr, "linear_backward_bf16", "dout_bf16 must not be null");
   // linear_backward with its dout already in bf16 leaves the workspace's dout slice alone
   // (the weight and input go after it), so dout_bf16 may lie there.
   linear_backward(ctx, din, dweight, nullptr, in, weight, n, d_in, d_out, MatmulPrecision::Bf16,
-                  &workspace, din_write, dout_bf16, in_bf16);
+                  &workspace, din_write, dout_bf16, in_bf16, din_bf16);
 }
 
 }  // namespace pion::cuda::layers

@@ -86,9 +86,11 @@ struct LayerActs {
   // again by its weight gradient; and gu16, the gate-up GEMM's output written in bf16 for
   // SwiGLU's forward and backward. Where only those read a tensor, its fp32 version is not
   // kept (h1 and h2 with norms, act, gu, and att with flash attention, whose tensor-core
-  // backward reads att16): those pointers are null. At the other precisions
-  // the bf16 pointers are null.
-  std::uint16_t *h1_16, *att16, *h2_16, *act16, *gu16;
+  // backward reads att16): those pointers are null. With flash attention also qkv16, the QKV
+  // GEMM's output written in bf16 and rotated in place (rope_forward_bf16), which the
+  // tensor-core attention reads forward and backward: the fp32 qkv is then not kept. At the
+  // other precisions the bf16 pointers are null.
+  std::uint16_t *h1_16, *att16, *h2_16, *act16, *gu16, *qkv16;
 };
 
 }  // namespace
@@ -116,8 +118,13 @@ struct CudaLlama::Impl {
   // dgu16, dqkv16: the output gradients the backward GEMMs read, written by RMSNorm's
   // backward, SwiGLU's backward and the fused RoPE backward; and dact16, the down-projection's
   // din written by its GEMM in bf16 for SwiGLU's backward). Null at other precisions.
+  // GEMM outputs only a bf16-reading kernel uses, written in bf16 (their fp32 buffers are then
+  // not allocated): proj16, the wo and w_down outputs the residual adds read; dh16 (with
+  // norms), the QKV, gate-up and LM-head backward din that RMSNorm's backward reads; datt16
+  // (flash), the wo backward's din that the tensor-core attention backward reads.
   std::unique_ptr<layers::Bf16Workspace> acts16;
   std::uint16_t *dres16 = nullptr, *dgu16 = nullptr, *dqkv16 = nullptr, *dact16 = nullptr;
+  std::uint16_t *proj16 = nullptr, *dh16 = nullptr, *datt16 = nullptr;
   // Bf16: the LM head's input in bf16 (written by the final RMSNorm, or converted once from
   // x_final without norms), read by the head's forward GEMM and its weight gradient; the fp32
   // h_final is then not kept (with norms).
@@ -254,12 +261,17 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   const i64 gu_fp32 = bf16 ? 0 : 2 * n * f;
   // The bf16 model's tensor-core flash attention writes its output in bf16 only (the wo GEMM
   // and the attention's backward read that); every other attention keeps it in fp32.
-  const i64 att_fp32 = flash && bf16 ? 0 : n * d;
-  const i64 per_layer = n * d /*x_in*/ + h_fp32 /*h1*/ + n /*rstd1*/ + n * qkv /*qkv*/ + keep +
+  // So does its qkv (the QKV GEMM writes it in bf16 for RoPE and the attention), and with it
+  // the attention output's gradient (the wo backward writes it in bf16 for the attention's
+  // backward).
+  const i64 att_fp32 = flash && bf16 ? 0 : n * d, qkv_fp32 = flash && bf16 ? 0 : n * qkv;
+  // bf16: the wo and w_down GEMMs write proj in bf16 for the residual adds.
+  const i64 proj_fp32 = bf16 ? 0 : n * d;
+  const i64 per_layer = n * d /*x_in*/ + h_fp32 /*h1*/ + n /*rstd1*/ + qkv_fp32 /*qkv*/ + keep +
                         att_fp32 /*att*/ + n * d /*x_mid*/ + h_fp32 /*h2*/ + n /*rstd2*/ +
                         gu_fp32 /*gu*/ + act_fp32 /*act*/;
   const i64 tail = n * d /*x_final*/ + h_fp32 /*h_final*/ + n /*rstd*/ + n * v /*logits*/ +
-                   n /*lse*/ + n * d /*proj*/;
+                   n /*lse*/ + proj_fp32 /*proj*/;
   const i64 rms_scratch =
       c.has_norm() ? static_cast<i64>(layers::rmsnorm_backward_scratch_elements(n, d)) : 0;
   // Release the old shape's buffers before allocating the new ones.
@@ -276,14 +288,16 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   const auto pad16 = [](i64 count) { return (count + 63) / 64 * 64; };
   m.acts16.reset();
   std::uint16_t* p16 = nullptr;
+  const bool qkv16 = flash && bf16, dh16 = bf16 && c.has_norm();
   if (bf16) {
     m.acts16 = std::make_unique<layers::Bf16Workspace>(static_cast<std::size_t>(
-        L * (3 * pad16(n * d) + pad16(n * f) + pad16(2 * n * f)) + pad16(n * d) + pad16(2 * n * f) +
-        pad16(n * qkv) + pad16(n * f) + pad16(n * d)));
+        L * (3 * pad16(n * d) + pad16(n * f) + pad16(2 * n * f) + (qkv16 ? pad16(n * qkv) : 0)) +
+        pad16(n * d) + pad16(2 * n * f) + pad16(n * qkv) + pad16(n * f) + pad16(n * d) +
+        pad16(n * d) /*proj16*/ + (dh16 ? pad16(n * d) : 0) + (qkv16 ? pad16(n * d) : 0)));
     p16 = static_cast<std::uint16_t*>(m.acts16->data());
   }
   auto take16 = [&](i64 count) -> std::uint16_t* {
-    if (!bf16) return nullptr;
+    if (!bf16 || count == 0) return nullptr;
     std::uint16_t* r = p16;
     p16 += pad16(count);
     return r;
@@ -293,7 +307,7 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
     a.x_in = take(n * d);
     a.h1 = take(h_fp32);
     a.rstd1 = take(n);
-    a.qkv = take(n * qkv);
+    a.qkv = take(qkv_fp32);
     a.attn_keep = take(keep);
     a.att = take(att_fp32);
     a.x_mid = take(n * d);
@@ -306,31 +320,37 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
     a.h2_16 = take16(n * d);
     a.act16 = take16(n * f);
     a.gu16 = take16(2 * n * f);
+    a.qkv16 = take16(qkv16 ? n * qkv : 0);
   }
   m.dres16 = take16(n * d);
   m.dgu16 = take16(2 * n * f);
   m.dqkv16 = take16(n * qkv);
   m.dact16 = take16(n * f);
   m.h_final16 = take16(n * d);
+  m.proj16 = take16(n * d);
+  m.dh16 = take16(dh16 ? n * d : 0);
+  m.datt16 = take16(qkv16 ? n * d : 0);
   m.x_final = take(n * d);
   m.h_final = take(h_fp32);
   m.rstd_final = take(n);
   m.logits = take(n * v);
   m.lse = take(n);
-  m.proj = take(n * d);
+  m.proj = take(proj_fp32);
 
   // bf16: dgu and dact exist only as dgu16 and dact16, and the dlogits only in bf16 (the
   // cross-entropy writes them into the workspace's LM-head dout slice).
   const i64 dgu_fp32 = bf16 ? 0 : 2 * n * f, dact_fp32 = bf16 ? 0 : n * f;
   const i64 dlogits = bf16 ? 0 : n * v;
+  // bf16: dh (with norms) and datt (flash) exist only as dh16 and datt16.
+  const i64 dh_fp32 = dh16 ? 0 : n * d, datt_fp32 = qkv16 ? 0 : n * d;
   m.grad_acts = DeviceBuffer(static_cast<std::size_t>(
-      n * d /*dres*/ + n * d /*dh*/ + n * qkv /*dqkv*/ + n * d /*datt*/ + dgu_fp32 /*dgu*/ +
+      n * d /*dres*/ + dh_fp32 /*dh*/ + n * qkv /*dqkv*/ + datt_fp32 /*datt*/ + dgu_fp32 /*dgu*/ +
       dact_fp32 /*dact*/ + dlogits + attn_scratch + rms_scratch));
   p = m.grad_acts.data();
   m.dres = take(n * d);
-  m.dh = take(n * d);
+  m.dh = take(dh_fp32);
   m.dqkv = take(n * qkv);
-  m.datt = take(n * d);
+  m.datt = take(datt_fp32);
   m.dgu = take(dgu_fp32);
   m.dact = take(dact_fp32);
   m.dlogits = take(dlogits);
@@ -401,11 +421,12 @@ struct Pass {
   const float* normed(float* hn, const float* x) const { return norms ? hn : x; }
   // dres16 (bf16 with norms): RMSNorm's backward also writes the updated dres in bf16, the
   // output gradient the next backward GEMM reads.
+  // Its input gradient is dh, or dh16 where the GEMMs before it write that (bf16 with norms).
   void norm_backward(float* dweight, const float* x, const float* weight, const float* rstd,
                      layers::GradWrite dres_write, std::uint16_t* dres16 = nullptr) {
     if (norms)
       layers::rmsnorm_backward(ctx, m.dres, dweight, m.rms_scratch, m.dh, x, weight, rstd, n, d,
-                               dres_write, dres16);
+                               dres_write, dres16, m.dh16);
     else
       layers::accumulate(ctx, m.dres, m.dh, n * d);
   }
@@ -433,10 +454,16 @@ struct Pass {
         layers::rmsnorm_forward(ctx, a.h1, a.rstd1, a.x_in, w.attn_norm, n, d, eps, a.h1_16);
       else if (bf16)
         layers::convert_to_bf16(ctx, a.h1_16, a.x_in, n * d);
-      layers::linear_forward(ctx, a.qkv, normed(a.h1, a.x_in), w.wqkv, n, d, qkv, mp, ws, a.h1_16);
-      // RoPE rotates the h query heads and the kvh key heads (never the values).
-      layers::rope_forward(ctx, a.qkv, m.rope, batch, seq, h, hd, qkv);
-      layers::rope_forward(ctx, a.qkv + d, m.rope, batch, seq, kvh, hd, qkv);
+      // Bf16 flash: the QKV GEMM writes qkv in bf16 only (a.qkv is null), for RoPE and the
+      // tensor-core attention.
+      layers::linear_forward(ctx, a.qkv, normed(a.h1, a.x_in), w.wqkv, n, d, qkv, mp, ws, a.h1_16,
+                             a.qkv16);
+      // RoPE rotates the h query heads and the kvh key heads that follow them (never the
+      // values): one head range from the row's start.
+      if (a.qkv16 != nullptr)
+        layers::rope_forward_bf16(ctx, a.qkv16, m.rope, batch, seq, h + kvh, hd, qkv);
+      else
+        layers::rope_forward(ctx, a.qkv, m.rope, batch, seq, h + kvh, hd, qkv);
       // With bf16 GEMMs the flash attention runs on bf16 tensor cores too (its fp32 kernels
       // are the references the tests hold it to, and the tf32 / fp32 models' attention), and
       // writes its output in bf16 only (a.att is null): the wo GEMM, its weight gradient and
@@ -444,8 +471,8 @@ struct Pass {
       // reads the fp32 output); the materialised attention's fp32 GEMM output (TF32 operands:
       // it cannot write bf16) is converted once here.
       if (flash && bf16) {
-        layers::flash_attention_forward_tc(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh,
-                                           a.att16);
+        layers::flash_attention_forward_tc(ctx, a.att, a.attn_keep, nullptr, batch, seq, h, hd, kvh,
+                                           a.att16, a.qkv16);
       } else if (flash) {
         layers::flash_attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh,
                                         a.att16);
@@ -453,8 +480,10 @@ struct Pass {
         layers::attention_forward(ctx, a.att, a.attn_keep, a.qkv, batch, seq, h, hd, kvh, attn_mp);
         if (bf16) layers::convert_to_bf16(ctx, a.att16, a.att, n * d);
       }
-      layers::linear_forward(ctx, m.proj, a.att, w.wo, n, d, d, mp, ws, a.att16);
-      layers::residual_forward(ctx, a.x_mid, a.x_in, m.proj, n * d);
+      // Bf16: the wo and w_down GEMMs write proj in bf16 only (m.proj is null), which the
+      // residual adds read; the residual stream stays fp32.
+      layers::linear_forward(ctx, m.proj, a.att, w.wo, n, d, d, mp, ws, a.att16, m.proj16);
+      layers::residual_forward(ctx, a.x_mid, a.x_in, m.proj, n * d, m.proj16);
       if (norms)
         layers::rmsnorm_forward(ctx, a.h2, a.rstd2, a.x_mid, w.mlp_norm, n, d, eps, a.h2_16);
       else if (bf16)
@@ -463,8 +492,8 @@ struct Pass {
       layers::linear_forward(ctx, a.gu, normed(a.h2, a.x_mid), w.w_gate_up, n, d, 2 * f, mp, ws,
                              a.h2_16, a.gu16);
       layers::swiglu_forward(ctx, a.act, a.gu, n, f, a.act16, a.gu16);
-      layers::linear_forward(ctx, m.proj, a.act, w.w_down, n, f, d, mp, ws, a.act16);
-      layers::residual_forward(ctx, x_out, a.x_mid, m.proj, n * d);
+      layers::linear_forward(ctx, m.proj, a.act, w.w_down, n, f, d, mp, ws, a.act16, m.proj16);
+      layers::residual_forward(ctx, x_out, a.x_mid, m.proj, n * d, m.proj16);
     }
     if (norms)
       layers::rmsnorm_forward(ctx, m.h_final, m.rstd_final, m.x_final, m.w.final_norm, n, d, eps,
@@ -486,9 +515,12 @@ struct Pass {
     const int batch = m.batch, seq = m.seq;
     float* head_din = norms ? m.dh : m.dres;
     const float* head_in = normed(m.h_final, m.x_final);
+    // Bf16 with norms: every GEMM whose din RMSNorm's backward reads writes it in bf16 (dh16;
+    // m.dh is null).
+    std::uint16_t* const dh16 = m.dh16;
     if (bf16_dlogits())
       layers::linear_backward_bf16(ctx, head_din, m.g.lm_head, dlogits16(), head_in, m.w.lm_head, n,
-                                   d, v, *ws, kAssign, m.h_final16);
+                                   d, v, *ws, kAssign, m.h_final16, norms ? dh16 : nullptr);
     else
       layers::linear_backward(ctx, head_din, m.g.lm_head, m.dlogits, head_in, m.w.lm_head, n, d, v,
                               mp, ws, kAssign);
@@ -511,15 +543,17 @@ struct Pass {
                               kAssign, dres16, a.act16, m.dact16);
       layers::swiglu_backward(ctx, dgu, dact, a.gu, n, f, kAssign, m.dgu16, a.gu16, m.dact16);
       layers::linear_backward(ctx, m.dh, g.w_gate_up, dgu, normed(a.h2, a.x_mid), w.w_gate_up, n, d,
-                              2 * f, mp, ws, kAssign, m.dgu16, a.h2_16);
+                              2 * f, mp, ws, kAssign, m.dgu16, a.h2_16, dh16);
       norm_backward(g.mlp_norm, a.x_mid, w.mlp_norm, a.rstd2, kAdd, dres16);
       // Attention block: dres now holds dL/d(x_mid).
+      // Bf16 flash: the wo backward writes datt in bf16 only (m.datt is null), which the
+      // tensor-core attention backward reads with the bf16 qkv.
       layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws, kAssign,
-                              dres16, a.att16);
+                              dres16, a.att16, m.datt16);
       if (flash && bf16)
-        layers::flash_attention_backward_tc(ctx, m.dqkv, m.attn_scratch, m.datt, nullptr,
-                                            a.attn_keep, a.qkv, batch, seq, h, hd, kvh, kAssign,
-                                            a.att16);
+        layers::flash_attention_backward_tc(ctx, m.dqkv, m.attn_scratch, nullptr, nullptr,
+                                            a.attn_keep, nullptr, batch, seq, h, hd, kvh, kAssign,
+                                            a.att16, m.datt16, a.qkv16);
       else if (flash)
         layers::flash_attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.att, a.attn_keep,
                                          a.qkv, batch, seq, h, hd, kvh, kAssign);
@@ -531,11 +565,10 @@ struct Pass {
         // bf16 operand of the QKV GEMM's backward (dqkv's only reader).
         layers::rope_backward_qkv_bf16(ctx, m.dqkv16, m.dqkv, m.rope, batch, seq, h, kvh, hd, qkv);
       } else {
-        layers::rope_backward(ctx, m.dqkv, m.rope, batch, seq, h, hd, qkv);
-        layers::rope_backward(ctx, m.dqkv + d, m.rope, batch, seq, kvh, hd, qkv);
+        layers::rope_backward(ctx, m.dqkv, m.rope, batch, seq, h + kvh, hd, qkv);
       }
       layers::linear_backward(ctx, m.dh, g.wqkv, bf16 ? nullptr : m.dqkv, normed(a.h1, a.x_in),
-                              w.wqkv, n, d, qkv, mp, ws, kAssign, m.dqkv16, a.h1_16);
+                              w.wqkv, n, d, qkv, mp, ws, kAssign, m.dqkv16, a.h1_16, dh16);
       norm_backward(g.attn_norm, a.x_in, w.attn_norm, a.rstd1, kAdd, dres16);
     }
     layers::embedding_backward(ctx, m.g.tok_embedding, m.dres, m.tokens.data(), n, d);

@@ -109,6 +109,21 @@ namespace {
 // Vocabulary shards of embedding_backward: c * kEmbeddingShards threads share the work.
 constexpr unsigned kEmbeddingShards = 64;
 
+// A tensor in fp32, or in bf16 (a bf16 GEMM's output) widened to fp32 on load and rounded to
+// nearest even on store: the kernels below do their arithmetic in fp32 either way.
+__device__ inline float load(const float* p, i64 i) {
+  return p[i];
+}
+__device__ inline float load(const __nv_bfloat16* p, i64 i) {
+  return __bfloat162float(p[i]);
+}
+__device__ inline void store(float* p, i64 i, float v) {
+  p[i] = v;
+}
+__device__ inline void store(__nv_bfloat16* p, i64 i, float v) {
+  p[i] = __float2bfloat16(v);
+}
+
 __global__ void embedding_forward_kernel(float* out, const std::int32_t* tokens, const float* table,
                                          i64 n, i64 c) {
   PION_FOR_EACH(e, n * c) {
@@ -151,21 +166,23 @@ __global__ void rmsnorm_forward_kernel(float* out, __nv_bfloat16* out16, float* 
 }
 
 // One block per row: dx_j += r w_j dy_j - (r^3 / c) x_j sum_k w_k dy_k x_k (the CPU's
-// derivation: y = w x r, r = (mean(x^2) + eps)^(-1/2), dr/dx_j = -r^3 x_j / c).
-__global__ void rmsnorm_backward_dx_kernel(float* dx, __nv_bfloat16* dx16, const float* dout,
+// derivation: y = w x r, r = (mean(x^2) + eps)^(-1/2), dr/dx_j = -r^3 x_j / c). dout (G) in
+// fp32, or in bf16 (a bf16 GEMM's din).
+template <typename G>
+__global__ void rmsnorm_backward_dx_kernel(float* dx, __nv_bfloat16* dx16, const G* dout,
                                            const float* x, const float* weight, const float* rstd,
                                            i64 c, bool assign) {
   const i64 row = blockIdx.x;
   const float* xi = x + row * c;
-  const float* gi = dout + row * c;
+  const G* gi = dout + row * c;
   const float r = rstd[row];
   float dot = 0.0f;
-  for (i64 j = threadIdx.x; j < c; j += blockDim.x) dot += weight[j] * gi[j] * xi[j];
+  for (i64 j = threadIdx.x; j < c; j += blockDim.x) dot += weight[j] * load(gi, j) * xi[j];
   dot = block_sum(dot);
   const float coef = dot * r * r * r / static_cast<float>(c);
   float* dxi = dx + row * c;
   for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
-    const float g = r * weight[j] * gi[j] - coef * xi[j];
+    const float g = r * weight[j] * load(gi, j) - coef * xi[j];
     if (assign)
       dxi[j] = g;  // the first writer: dx is neither zeroed before nor read
     else
@@ -181,7 +198,8 @@ __global__ void rmsnorm_backward_dx_kernel(float* dx, __nv_bfloat16* dx16, const
 // Final pass: one thread per column adds the chunks' partials in chunk order. Every sum has a
 // fixed order whatever order the blocks run in, and there are no atomics.
 constexpr unsigned kRowLanes = 8;
-__global__ void rmsnorm_dweight_partial_kernel(float* partial, const float* dout, const float* x,
+template <typename G>
+__global__ void rmsnorm_dweight_partial_kernel(float* partial, const G* dout, const float* x,
                                                const float* rstd, i64 n, i64 c) {
   __shared__ float lanes[kRowLanes][33];  // +1 column: no bank conflicts on the final pass
   const i64 j = blockIdx.x * static_cast<i64>(32) + threadIdx.x;
@@ -190,7 +208,7 @@ __global__ void rmsnorm_dweight_partial_kernel(float* partial, const float* dout
   float acc = 0.0f;
   if (j < c)
     for (i64 i = begin + threadIdx.y; i < end; i += kRowLanes)
-      acc += dout[i * c + j] * x[i * c + j] * rstd[i];
+      acc += load(dout, i * c + j) * x[i * c + j] * rstd[i];
   lanes[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && j < c) {
@@ -213,10 +231,11 @@ i64 rmsnorm_chunks(i64 n) {
   return (n + kRmsNormChunkRows - 1) / kRmsNormChunkRows;
 }
 
-// Thread per (row, head, pair i): rotates (x_i, x_{i+half}) by sign * angle(pos, i).
-__global__ void rope_kernel(float* x, const float* cos_table, const float* sin_table, i64 rows,
-                            i64 seq, i64 n_head, i64 head_dim, i64 half, i64 row_stride,
-                            float sign) {
+// Thread per (row, head, pair i): rotates (x_i, x_{i+half}) by sign * angle(pos, i). T: fp32,
+// or bf16 (widened, rotated in fp32, rounded back).
+template <typename T>
+__global__ void rope_kernel(T* x, const float* cos_table, const float* sin_table, i64 rows, i64 seq,
+                            i64 n_head, i64 head_dim, i64 half, i64 row_stride, float sign) {
   PION_FOR_EACH(e, rows * n_head * half) {
     const i64 i = e % half;
     const i64 h = (e / half) % n_head;
@@ -224,10 +243,10 @@ __global__ void rope_kernel(float* x, const float* cos_table, const float* sin_t
     const i64 pos = row % seq;
     const float cs = cos_table[pos * half + i];
     const float s = sign * sin_table[pos * half + i];
-    float* a = x + row * row_stride + h * head_dim;
-    const float xa = a[i], xb = a[i + half];
-    a[i] = xa * cs - xb * s;
-    a[i + half] = xb * cs + xa * s;
+    T* a = x + row * row_stride + h * head_dim;
+    const float xa = load(a, i), xb = load(a, i + half);
+    store(a, i, xa * cs - xb * s);
+    store(a, i + half, xb * cs + xa * s);
   }
 }
 
@@ -253,14 +272,6 @@ __global__ void rope_backward_qkv_bf16_kernel(__nv_bfloat16* out, const float* d
     }
     out[e] = __float2bfloat16(v);
   }
-}
-
-// gu in fp32, or in bf16 (a bf16 GEMM's output) widened to fp32 on load.
-__device__ inline float load(const float* p, i64 i) {
-  return p[i];
-}
-__device__ inline float load(const __nv_bfloat16* p, i64 i) {
-  return __bfloat162float(p[i]);
 }
 
 template <typename G>
@@ -305,8 +316,10 @@ __global__ void swiglu_backward_kernel(float* dgu, __nv_bfloat16* dgu16, const f
   }
 }
 
-__global__ void residual_kernel(float* out, const float* x, const float* delta, i64 count) {
-  PION_FOR_EACH(e, count) out[e] = x[e] + delta[e];
+// delta (D) in fp32, or in bf16 (a bf16 GEMM's output).
+template <typename D>
+__global__ void residual_kernel(float* out, const float* x, const D* delta, i64 count) {
+  PION_FOR_EACH(e, count) out[e] = x[e] + load(delta, e);
 }
 
 __global__ void accumulate_kernel(float* dst, const float* src, i64 count) {
@@ -329,11 +342,13 @@ void check_rope(const DeviceRopeTable& table, i64 batch, i64 seq, i64 n_head, i6
               " is less than n_head * head_dim = " + std::to_string(n_head * head_dim));
 }
 
-void rope_apply(Context& ctx, float* x, const DeviceRopeTable& table, i64 batch, i64 seq,
-                i64 n_head, i64 head_dim, i64 row_stride, float sign, const char* who) {
+template <typename T>
+void rope_apply(Context& ctx, T* x, const DeviceRopeTable& table, i64 batch, i64 seq, i64 n_head,
+                i64 head_dim, i64 row_stride, float sign, const char* who) {
   check_rope(table, batch, seq, n_head, head_dim, row_stride, who);
+  require(x != nullptr, who, "x must not be null");
   const i64 rows = batch * seq;
-  rope_kernel<<<blocks_for(rows * n_head * table.half()), kThreads, 0, stream_of(ctx)>>>(
+  rope_kernel<T><<<blocks_for(rows * n_head * table.half()), kThreads, 0, stream_of(ctx)>>>(
       x, table.cos(), table.sin(), rows, seq, n_head, head_dim, table.half(), row_stride, sign);
   PION_CUDA_CHECK_LAUNCH("rope_kernel");
 }
@@ -378,21 +393,33 @@ std::size_t rmsnorm_backward_scratch_elements(i64 n, i64 c) {
 
 void rmsnorm_backward(Context& ctx, float* dx, float* dweight, float* scratch, const float* dout,
                       const float* x, const float* weight, const float* rstd, i64 n, i64 c,
-                      GradWrite dx_write, void* dx_bf16) {
+                      GradWrite dx_write, void* dx_bf16, const void* dout_bf16) {
   require_positive(n, "rmsnorm_backward", "n");
   require_positive(c, "rmsnorm_backward", "c");
   require(scratch != nullptr, "rmsnorm_backward",
           "scratch must hold rmsnorm_backward_scratch_elements(n, c) floats");
-  rmsnorm_backward_dx_kernel<<<static_cast<unsigned>(as_int(n, "rmsnorm_backward", "n")), kThreads,
-                               0, stream_of(ctx)>>>(dx, static_cast<__nv_bfloat16*>(dx_bf16), dout,
-                                                    x, weight, rstd, c,
-                                                    dx_write == GradWrite::Assign);
+  require((dout != nullptr) != (dout_bf16 != nullptr), "rmsnorm_backward",
+          "needs exactly one of dout and dout_bf16");
+  const unsigned rows = static_cast<unsigned>(as_int(n, "rmsnorm_backward", "n"));
+  const auto* dout16 = static_cast<const __nv_bfloat16*>(dout_bf16);
+  auto* dx16 = static_cast<__nv_bfloat16*>(dx_bf16);
+  const bool assign = dx_write == GradWrite::Assign;
+  if (dout16 != nullptr)
+    rmsnorm_backward_dx_kernel<__nv_bfloat16>
+        <<<rows, kThreads, 0, stream_of(ctx)>>>(dx, dx16, dout16, x, weight, rstd, c, assign);
+  else
+    rmsnorm_backward_dx_kernel<float>
+        <<<rows, kThreads, 0, stream_of(ctx)>>>(dx, dx16, dout, x, weight, rstd, c, assign);
   PION_CUDA_CHECK_LAUNCH("rmsnorm_backward_dx_kernel");
   const i64 chunks = rmsnorm_chunks(n);
   const dim3 grid(static_cast<unsigned>(as_int((c + 31) / 32, "rmsnorm_backward", "c / 32")),
                   static_cast<unsigned>(as_int(chunks, "rmsnorm_backward", "n / 64")));
-  rmsnorm_dweight_partial_kernel<<<grid, dim3(32, kRowLanes), 0, stream_of(ctx)>>>(scratch, dout, x,
-                                                                                   rstd, n, c);
+  if (dout16 != nullptr)
+    rmsnorm_dweight_partial_kernel<__nv_bfloat16>
+        <<<grid, dim3(32, kRowLanes), 0, stream_of(ctx)>>>(scratch, dout16, x, rstd, n, c);
+  else
+    rmsnorm_dweight_partial_kernel<float>
+        <<<grid, dim3(32, kRowLanes), 0, stream_of(ctx)>>>(scratch, dout, x, rstd, n, c);
   PION_CUDA_CHECK_LAUNCH("rmsnorm_dweight_partial_kernel");
   rmsnorm_dweight_sum_kernel<<<blocks_for(c), kThreads, 0, stream_of(ctx)>>>(dweight, scratch,
                                                                              chunks, c);
@@ -420,6 +447,12 @@ void rope_backward(Context& ctx, float* dx, const DeviceRopeTable& table, i64 ba
                    i64 n_head, i64 head_dim, i64 row_stride) {
   // A rotation's transpose is the rotation by the opposite angle.
   rope_apply(ctx, dx, table, batch, seq, n_head, head_dim, row_stride, -1.0f, "rope_backward");
+}
+
+void rope_forward_bf16(Context& ctx, void* x_bf16, const DeviceRopeTable& table, i64 batch, i64 seq,
+                       i64 n_head, i64 head_dim, i64 row_stride) {
+  rope_apply(ctx, static_cast<__nv_bfloat16*>(x_bf16), table, batch, seq, n_head, head_dim,
+             row_stride, 1.0f, "rope_forward_bf16");
 }
 
 void rope_backward_qkv_bf16(Context& ctx, void* out_bf16, const float* dqkv,
@@ -478,9 +511,17 @@ void swiglu_backward(Context& ctx, float* dgu, const float* dout, const float* g
   PION_CUDA_CHECK_LAUNCH("swiglu_backward_kernel");
 }
 
-void residual_forward(Context& ctx, float* out, const float* x, const float* delta, i64 count) {
+void residual_forward(Context& ctx, float* out, const float* x, const float* delta, i64 count,
+                      const void* delta_bf16) {
   require_positive(count, "residual_forward", "count");
-  residual_kernel<<<blocks_for(count), kThreads, 0, stream_of(ctx)>>>(out, x, delta, count);
+  require((delta != nullptr) != (delta_bf16 != nullptr), "residual_forward",
+          "needs exactly one of delta and delta_bf16");
+  if (delta_bf16 != nullptr)
+    residual_kernel<__nv_bfloat16><<<blocks_for(count), kThreads, 0, stream_of(ctx)>>>(
+        out, x, static_cast<const __nv_bfloat16*>(delta_bf16), count);
+  else
+    residual_kernel<float>
+        <<<blocks_for(count), kThreads, 0, stream_of(ctx)>>>(out, x, delta, count);
   PION_CUDA_CHECK_LAUNCH("residual_kernel");
 }
 

@@ -55,10 +55,12 @@ void flash_attention_forward(Context& ctx, float* out, float* lse, const float* 
 // the fp32 forward by the bf16 rounding of its inputs and probabilities: against an exact
 // attention of the rounded q, k, v, each output moves by at most about 2^-9 max |v|. out may be
 // null when out_bf16 is given: then only the bf16 output is written (a bf16 model keeps no
-// fp32 attention output; the backward reads the bf16 one).
+// fp32 attention output; the backward reads the bf16 one). qkv_bf16 (optional): qkv stored in
+// bf16 (a bf16 GEMM's output, RoPE applied by rope_forward_bf16), read instead of qkv (then
+// nullptr) as it is: the same bits as the fp32 qkv those bf16 values widen to.
 void flash_attention_forward_tc(Context& ctx, float* out, float* lse, const float* qkv, i64 batch,
                                 i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head = 0,
-                                void* out_bf16 = nullptr);
+                                void* out_bf16 = nullptr, const void* qkv_bf16 = nullptr);
 
 // The backward on bf16 tensor cores, with flash_attention_backward's arguments and semantics:
 // q, k, v and dout rounded to bf16 on their way into shared memory, the probabilities and their
@@ -66,11 +68,15 @@ void flash_attention_forward_tc(Context& ctx, float* out, float* lse, const floa
 // scores, softmax and accumulations fp32. Pairs with either forward (it reads out and lse).
 // out may be null when out_bf16 (the forward's bf16 output) is given: the row dots
 // delta_i = dout_i . out_i then read it, which moves delta by at most 2^-9 sum_c |dout_ic out_ic|.
+// dout_bf16 and qkv_bf16 (optional, together): dout and qkv stored in bf16 (a bf16 model's wo
+// GEMM din and its qkv), read instead of dout and qkv (then nullptr): the same bits as the fp32
+// tensors those values widen to. dqkv stays fp32.
 void flash_attention_backward_tc(Context& ctx, float* dqkv, float* scratch, const float* dout,
                                  const float* out, const float* lse, const float* qkv, i64 batch,
                                  i64 seq, i64 n_head, i64 head_dim, i64 n_kv_head = 0,
                                  GradWrite dqkv_write = GradWrite::Add,
-                                 const void* out_bf16 = nullptr);
+                                 const void* out_bf16 = nullptr, const void* dout_bf16 = nullptr,
+                                 const void* qkv_bf16 = nullptr);
 
 // dqkv [batch, seq, d + 2 kv] += the gradient of the loss with respect to qkv, given dout (its
 // gradient with respect to out) and the forward's out and lse; a K/V head's gradient is the

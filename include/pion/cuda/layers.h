@@ -83,8 +83,9 @@ using i64 = std::int64_t;
 //       operand. Every one is the fp32 value its kernel computes, rounded to nearest even:
 //       bit for bit what the linear layer's own conversion would give. A bf16 GEMM can also
 //       write its output in bf16 (linear_forward's out_bf16, linear_backward's din_bf16) for a
-//       kernel that reads it so (SwiGLU's gu_bf16 and dout_bf16): the GEMM's fp32
-//       accumulators rounded once.
+//       kernel that reads it so (SwiGLU's gu_bf16 and dout_bf16, RMSNorm backward's
+//       dout_bf16, the residual add's delta_bf16, rope_forward_bf16 in place, the tensor-core
+//       flash attention's qkv_bf16 and dout_bf16): the GEMM's fp32 accumulators rounded once.
 // A bf16 buffer is `void*` here (no CUDA types): __nv_bfloat16 device memory, e.g. a
 // Bf16Workspace's data() or a slice of it (the tensor-core GEMMs want 16-byte aligned
 // operands; 64-element, 128-byte aligned slices are what the workspace itself uses).
@@ -157,10 +158,13 @@ void rmsnorm_forward(Context& ctx, float* out, float* rstd, const float* x, cons
 // then one thread per column adds its chunks' partials in chunk order. Every sum has a fixed
 // order and there are no atomics: the same bits on every run, in any block order.
 // dx_bf16 (optional): the final dx (after the add) rounded to bf16, [n, c]: the residual
-// stream's gradient as the next backward GEMMs read it.
+// stream's gradient as the next backward GEMMs read it. dout_bf16 (optional): dout stored in
+// bf16 (a bf16 GEMM's din), read instead of dout (then nullptr); the arithmetic is the same
+// fp32 on the widened values.
 void rmsnorm_backward(Context& ctx, float* dx, float* dweight, float* scratch, const float* dout,
                       const float* x, const float* weight, const float* rstd, i64 n, i64 c,
-                      GradWrite dx_write = GradWrite::Add, void* dx_bf16 = nullptr);
+                      GradWrite dx_write = GradWrite::Add, void* dx_bf16 = nullptr,
+                      const void* dout_bf16 = nullptr);
 inline constexpr i64 kRmsNormChunkRows = 64;
 // ceil(n / kRmsNormChunkRows) * c.
 std::size_t rmsnorm_backward_scratch_elements(i64 n, i64 c);
@@ -196,10 +200,11 @@ void linear_backward(Context& ctx, float* din, float* dweight, const float* dout
 // linear_backward, and dout_bf16 may lie in its first linear_bf16_dout_elements(n, d_out)
 // elements (the slice linear_backward converts dout into): this call writes only after them.
 // in_bf16 (optional): the bf16 copy of in, read instead of converting in (as linear_backward).
+// din_bf16 (optional, Assign only, din nullptr): din written in bf16 (as linear_backward).
 void linear_backward_bf16(Context& ctx, float* din, float* dweight, const void* dout_bf16,
                           const float* in, const float* weight, i64 n, i64 d_in, i64 d_out,
                           Bf16Workspace& workspace, GradWrite din_write = GradWrite::Add,
-                          const void* in_bf16 = nullptr);
+                          const void* in_bf16 = nullptr, void* din_bf16 = nullptr);
 // The workspace elements at its start that hold linear_backward's bf16 dout, [n, d_out]
 // padded: where a caller may place the bf16 dout it hands to linear_backward_bf16.
 std::size_t linear_bf16_dout_elements(i64 n, i64 d_out);
@@ -223,6 +228,10 @@ class DeviceRopeTable {
 // In place on batch * seq rows `row_stride` apart, each starting with n_head heads of head_dim.
 void rope_forward(Context& ctx, float* x, const DeviceRopeTable& table, i64 batch, i64 seq,
                   i64 n_head, i64 head_dim, i64 row_stride);
+// rope_forward in place on a bf16 tensor (a bf16 GEMM's [q | k | v] output): each pair
+// widened, rotated with rope_forward's fp32 expressions, and rounded back to nearest even.
+void rope_forward_bf16(Context& ctx, void* x_bf16, const DeviceRopeTable& table, i64 batch, i64 seq,
+                       i64 n_head, i64 head_dim, i64 row_stride);
 // The transpose (rotation by -angle), in place on a gradient.
 void rope_backward(Context& ctx, float* dx, const DeviceRopeTable& table, i64 batch, i64 seq,
                    i64 n_head, i64 head_dim, i64 row_stride);
@@ -274,8 +283,11 @@ void swiglu_backward(Context& ctx, float* dgu, const float* dout, const float* g
 
 // ---- residual stream -------------------------------------------------------------------------
 // out = x + delta (out may alias x or delta). Its backward is accumulate(dx, dout) and
-// accumulate(ddelta, dout).
-void residual_forward(Context& ctx, float* out, const float* x, const float* delta, i64 count);
+// accumulate(ddelta, dout). delta_bf16 (optional): delta stored in bf16 (a bf16 GEMM's
+// output, linear_forward's out_bf16), read instead of delta (then nullptr) and widened: the
+// residual stream itself stays fp32.
+void residual_forward(Context& ctx, float* out, const float* x, const float* delta, i64 count,
+                      const void* delta_bf16 = nullptr);
 // dst += src.
 void accumulate(Context& ctx, float* dst, const float* src, i64 count);
 
