@@ -4,11 +4,13 @@
 # runs, with the H100 time they imply (scripts/emu_count_report.py states the model).
 #
 #   scripts/emu-count.sh [--out DIR] [--optimizers adamw,muon,pion] [--seq N] [--seq2 N]
-#                        [--batch2 N] [--no-build] [--keep] [--no-check]
+#                        [--batch2 N] [--attention materialized|flash] [--no-build] [--keep]
+#                        [--no-check]
 #
 # Builds the emulated `pion` (build-emu/, like tools/cuda-emu/run.sh --all), then for each run
 # calls `pion bench train --device cuda --preset gpt2-small` (d_model 768, 12 heads, vocab
-# 50304, materialized attention: what `auto` picks for GPT-2 small on an 80 GB GPU) with
+# 50304, materialized attention: what `auto` picks for GPT-2 small on an 80 GB GPU; --attention
+# flash counts the bf16 tensor-core flash attention instead) with
 # --warmup 2 --steps 1 --profile_step 3 under EMU_COUNT, so exactly one steady-state step is
 # counted: step 3, the first replay of the optimizer's CUDA graph (step 1 runs eagerly, step
 # 2 captures). Runs: every optimizer at 1 and 2 layers, batch 1 x seq --seq (default 128);
@@ -31,17 +33,23 @@ batch2=2
 build=1
 keep=0
 check=1
+attention=materialized
 while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --out|--optimizers|--seq|--seq2|--batch2|--attention)
+      [[ $# -ge 2 ]] || { echo "emu-count.sh: $1 needs a value" >&2; exit 2; } ;;
+  esac
   case "$1" in
     --out) out="$2"; shift 2 ;;
     --optimizers) optimizers="$2"; shift 2 ;;
     --seq) seq="$2"; shift 2 ;;
     --seq2) seq2="$2"; shift 2 ;;
     --batch2) batch2="$2"; shift 2 ;;
+    --attention) attention="$2"; shift 2 ;;
     --no-build) build=0; shift ;;
     --keep) keep=1; shift ;;
     --no-check) check=0; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '/^set -e/q;2,$p' "$0"; exit 0 ;;
     *) echo "emu-count.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -53,6 +61,10 @@ if [ $build = 1 ]; then
   cmake --build build-emu -j"${JOBS:-2}" --target pion >build-emu/build.log 2>&1 ||
     { grep -E "error|Error" build-emu/build.log | head -40; echo "emu-count.sh: build failed"; exit 1; }
 fi
+case "$attention" in
+  materialized|flash) ;;
+  *) echo "emu-count.sh: --attention must be materialized or flash, got '$attention'" >&2; exit 2 ;;
+esac
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 pion=$PWD/build-emu/pion
@@ -66,7 +78,7 @@ run() {
     return
   fi
   if ! EMU_COUNT="$json" "$pion" bench train --device cuda --preset gpt2-small \
-      --optimizers "$1" --layers "$2" --batch "$3" --seq_len "$4" --attention materialized \
+      --optimizers "$1" --layers "$2" --batch "$3" --seq_len "$4" --attention "$attention" \
       --warmup 2 --steps 1 --profile_step 3 >"$log" 2>&1; then
     tail -20 "$log"
     echo "emu-count.sh: $1 L$2 B$3 S$4 failed (log: $log)" >&2
