@@ -9,8 +9,8 @@
 #
 # Builds the emulated `pion` (build-emu/, like tools/cuda-emu/run.sh --all), then for each run
 # calls `pion bench train --device cuda --preset gpt2-small` (d_model 768, 12 heads, vocab
-# 50304, materialized attention: what `auto` picks for GPT-2 small on an 80 GB GPU; --attention
-# flash counts the bf16 tensor-core flash attention instead) with
+# 50304, materialized attention, as the earlier counts in docs/BENCHMARKS.md; --attention
+# flash counts the bf16 tensor-core flash attention, what `auto` now picks with bf16 GEMMs) with
 # --warmup 2 --steps 1 --profile_step 3 under EMU_COUNT, so exactly one steady-state step is
 # counted: step 3, the first replay of the optimizer's CUDA graph (step 1 runs eagerly, step
 # 2 captures). Runs: every optimizer at 1 and 2 layers, batch 1 x seq --seq (default 128);

@@ -789,6 +789,37 @@ TEST(CudaLlama, RlObjectivePathMatchesCpuModel) {
   }
 }
 
+// --attention flash and materialized are taken as named; auto is flash with bf16 GEMMs (the
+// tensor-core kernels) and, with tf32 or fp32 GEMMs, keeps the scores while every layer's
+// [batch, heads, seq, seq] fp32 probabilities fit a quarter of the device's memory, flash
+// beyond; a bad name is an error naming it.
+TEST(CudaLlama, ChoosesAttention) {
+  PION_REQUIRE_CUDA_DEVICE();
+  using P = cu::layers::MatmulPrecision;
+  const auto flash = cu::CudaAttention::Flash, materialized = cu::CudaAttention::Materialized;
+  const ModelConfig c = small_config(24);
+  for (const P mp : {P::Bf16, P::Tf32, P::Fp32}) {
+    EXPECT_EQ(cu::choose_attention("flash", c, 4, mp), flash);
+    EXPECT_EQ(cu::choose_attention("materialized", c, 4, mp), materialized);
+  }
+  EXPECT_EQ(cu::choose_attention("auto", c, 4, P::Bf16), flash);
+  EXPECT_EQ(cu::choose_attention("auto", c, 4, P::Tf32), materialized);
+  EXPECT_EQ(cu::choose_attention("auto", c, 4, P::Fp32), materialized);
+  // A batch whose probabilities take just over a quarter of the device's memory.
+  const double per_row = 4.0 * c.n_layer * c.n_head * static_cast<double>(c.seq_len) * c.seq_len;
+  const auto big =
+      static_cast<int>(0.25 * static_cast<double>(cu::device_memory_bytes()) / per_row) + 1;
+  EXPECT_EQ(cu::choose_attention("auto", c, big - 1, P::Tf32), materialized);
+  EXPECT_EQ(cu::choose_attention("auto", c, big, P::Tf32), flash);
+  EXPECT_EQ(cu::choose_attention("auto", c, big, P::Fp32), flash);
+  try {
+    cu::choose_attention("flsh", c, 4, P::Bf16);
+    ADD_FAILURE() << "attention 'flsh' was accepted";
+  } catch (const pion::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'flsh'"), std::string::npos) << e.what();
+  }
+}
+
 // The device buffers are in llama_param_layout_by_shape order, the host spans in the CPU's:
 // upload then download gives the host values back bit for bit, and the layout really is
 // another order (so the round trip is not vacuous), with the same entries.

@@ -25,10 +25,12 @@ layers::MatmulPrecision parse_matmul_precision(const std::string& name) {
   throw Error("matmul precision must be bf16, tf32 or fp32, got '" + name + "'");
 }
 
-CudaAttention choose_attention(const std::string& name, const ModelConfig& config, int batch) {
+CudaAttention choose_attention(const std::string& name, const ModelConfig& config, int batch,
+                               MatmulPrecision matmul) {
   if (name == "flash") return CudaAttention::Flash;
   if (name == "materialized") return CudaAttention::Materialized;
   check(name == "auto", "attention must be auto, flash or materialized, got '" + name + "'");
+  if (matmul == MatmulPrecision::Bf16) return CudaAttention::Flash;  // the tensor-core kernels
   const double probs_bytes = 4.0 * config.n_layer * batch * config.n_head *
                              static_cast<double>(config.seq_len) * config.seq_len;
   return probs_bytes <= 0.25 * static_cast<double>(device_memory_bytes())
@@ -419,9 +421,9 @@ struct Pass {
   // (h1 = x_in, h2 = x_mid, h_final = x_final) and its backward passes dh through
   // (dres += dh), as src/model/llama.cpp does.
   const float* normed(float* hn, const float* x) const { return norms ? hn : x; }
-  // dres16 (bf16 with norms): RMSNorm's backward also writes the updated dres in bf16, the
-  // output gradient the next backward GEMM reads.
-  // Its input gradient is dh, or dh16 where the GEMMs before it write that (bf16 with norms).
+  // A norm's backward into dres, from dh, or from dh16 where the GEMMs before it write that
+  // (bf16 with norms). dres16 (bf16 with norms): RMSNorm's backward also writes the updated dres in
+  // bf16, the output gradient the next backward GEMM reads.
   void norm_backward(float* dweight, const float* x, const float* weight, const float* rstd,
                      layers::GradWrite dres_write, std::uint16_t* dres16 = nullptr) {
     if (norms)
@@ -515,12 +517,12 @@ struct Pass {
     const int batch = m.batch, seq = m.seq;
     float* head_din = norms ? m.dh : m.dres;
     const float* head_in = normed(m.h_final, m.x_final);
-    // Bf16 with norms: every GEMM whose din RMSNorm's backward reads writes it in bf16 (dh16;
-    // m.dh is null).
+    // Bf16 with norms: every GEMM whose din RMSNorm's backward reads writes it in bf16 only
+    // (dh16; m.dh is null). Otherwise dh16 is null and the GEMMs write the fp32 dh.
     std::uint16_t* const dh16 = m.dh16;
     if (bf16_dlogits())
       layers::linear_backward_bf16(ctx, head_din, m.g.lm_head, dlogits16(), head_in, m.w.lm_head, n,
-                                   d, v, *ws, kAssign, m.h_final16, norms ? dh16 : nullptr);
+                                   d, v, *ws, kAssign, m.h_final16, dh16);
     else
       layers::linear_backward(ctx, head_din, m.g.lm_head, m.dlogits, head_in, m.w.lm_head, n, d, v,
                               mp, ws, kAssign);

@@ -41,7 +41,7 @@ class DeviceRun {
       : ctx_(ctx), cfg_(cfg), host_(host), mirror_(mirror) {
     CudaLlamaOptions mo;
     mo.matmul = parse_matmul_precision(cfg.matmul_precision);
-    mo.attention = choose_attention(cfg.attention, host.config(), cfg.batch_size);
+    mo.attention = choose_attention(cfg.attention, host.config(), cfg.batch_size, mo.matmul);
     mo.graphs = cfg.cuda_graphs;
     model_ = std::make_unique<CudaLlama>(ctx, host.config(), mo);
   }

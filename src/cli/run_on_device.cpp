@@ -65,7 +65,8 @@ BatchLoss batch_loss_on_device(const TrainConfig& config, Llama<float>& model) {
 #ifdef PION_HAVE_CUDA
   cuda::CudaLlamaOptions options;
   options.matmul = cuda::parse_matmul_precision(config.matmul_precision);
-  options.attention = cuda::choose_attention(config.attention, model.config(), config.batch_size);
+  options.attention =
+      cuda::choose_attention(config.attention, model.config(), config.batch_size, options.matmul);
   auto gpu = gpu_copy(model.config(), options, model);
   return [gpu](std::span<const std::int32_t> inputs, std::span<const std::int32_t> targets,
                int rows, int seq, std::int64_t& counted) {

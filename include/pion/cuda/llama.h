@@ -50,13 +50,19 @@ struct CudaLlamaOptions {
 
 // "bf16" | "tf32" | "fp32".
 layers::MatmulPrecision parse_matmul_precision(const std::string& name);
-// "flash" | "materialized" | "auto". auto keeps the scores (materialised: TF32 cuBLAS GEMMs
-// and memory-bound softmax passes, predicted faster than our fp32 flash kernel at GPT-2
-// lengths) while every layer's [batch, heads, seq, seq] probabilities together take at most a
-// quarter of the GPU's memory, and switches to flash beyond (long contexts, where T x T per
-// head would not fit). The rule predates the tensor-core flash kernels and stays until a GPU
-// has timed both.
-CudaAttention choose_attention(const std::string& name, const ModelConfig& config, int batch);
+// "flash" | "materialized" | "auto". With bf16 GEMMs auto is flash, the tensor-core kernels:
+// at GPT-2 small (16 x 1024 tokens) the emulator counts 64 GB of traffic for an AdamW step with
+// them against 174 GB with the scores materialised (docs/BENCHMARKS.md). The T x T fp32 scores
+// and probabilities alone take 34 ms at an H100's bandwidth, while the fused kernels' products
+// (about 1.5 TFLOP of bf16, estimated from the shapes) take 15 ms even at a tenth of its
+// tensor-core peak; and no layer keeps its probabilities (9.7 GB there). With tf32 or fp32
+// GEMMs the flash kernel runs on CUDA cores, so auto keeps the scores (TF32 cuBLAS GEMMs and
+// memory-bound softmax passes) while every layer's [batch, heads, seq, seq] probabilities
+// together take at most a quarter of the GPU's memory, and switches to flash beyond (long
+// contexts). Neither rule has been timed on a GPU yet: scripts/gpu-train.sh times auto beside
+// --attention flash and materialized.
+CudaAttention choose_attention(const std::string& name, const ModelConfig& config, int batch,
+                               layers::MatmulPrecision matmul);
 
 class CudaLlama {
  public:
