@@ -69,13 +69,16 @@ pion_gpu_split_ctest_log() {
 
 # Prints the name of every per-test log in DIR (from pion_gpu_split_ctest_log) whose test was
 # skipped for a reason other than "this machine has a GPU" (the tests of the no-GPU error
-# paths, unreachable on a GPU machine). On a machine with a GPU any other skip means a CUDA
-# test did not run (no device found, numpy missing, ...), so gpu-check.sh fails.
+# paths, unreachable on a GPU machine) or "built without cuDNN" (--attention cudnn where CMake
+# found no cuDNN: the rest of the back end runs without it). On a machine with a GPU any other
+# skip means a CUDA test did not run (no device found, numpy missing, ...), so gpu-check.sh
+# fails.
 pion_gpu_unexpected_skips() {
   local dir=$1 f
   for f in "$dir"/*.log; do
     [[ -e "$f" ]] || continue
-    if grep -q '^\[  SKIPPED \]' "$f" && ! grep -q 'this machine has a GPU' "$f"; then
+    if grep -q '^\[  SKIPPED \]' "$f" &&
+      ! grep -q -e 'this machine has a GPU' -e 'built without cuDNN' "$f"; then
       basename "$f" .log
     fi
   done
@@ -101,7 +104,22 @@ pion_gpu_use_deps() {
   echo "== using the Debian packages in $pion_gpu_deps_dir (unpacked under $prefix)"
 }
 
+# cuDNN's folder (include/, lib/) when the CUDA toolkit has none: the nvidia-cudnn wheel of
+# the image's python3 (PyTorch's). Prints nothing when there is neither.
+pion_gpu_cudnn_root() {
+  local nvcc_dir
+  nvcc_dir=$(dirname "$(command -v nvcc 2>/dev/null || echo /usr/local/cuda/bin/nvcc)")
+  [[ -f "$nvcc_dir/../include/cudnn_graph.h" ]] && return 0
+  python3 -c 'import nvidia.cudnn as c; print(list(c.__path__)[0])' 2>/dev/null || true
+}
+
 pion_gpu_configure() {
+  local cudnn
+  cudnn=$(pion_gpu_cudnn_root)
+  if [[ -n "$cudnn" ]]; then
+    pion_gpu_cmake_extra+=("-DPION_CUDNN_ROOT=$cudnn")
+    export LD_LIBRARY_PATH="$cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
   cmake -S . -B "$pion_gpu_build_dir" -DCMAKE_BUILD_TYPE=Release -DPION_CUDA=ON \
     -DPION_BUILD_BENCH=OFF -DPION_MPI=OFF "${pion_gpu_cmake_extra[@]}"
 }

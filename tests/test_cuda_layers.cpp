@@ -915,7 +915,8 @@ struct Rounded {
 
 // rope_forward_bf16 over the query and key heads of bf16 [q | k | v] rows (one head range, as
 // CudaLlama calls it) = rope_forward on the widened values, rounded once: bit for bit. The value
-// columns keep their bits, and the result is within bf16 rounding of the CPU's RoPE.
+// columns keep their bits, and the result is within bf16 rounding of the CPU's RoPE. The same
+// for rope_backward_bf16 (applied to the rotated rows) against rope_backward.
 TEST(CudaLayers, RopeForwardBf16InPlace) {
   PION_REQUIRE_CUDA_DEVICE();
   Context ctx;
@@ -941,6 +942,18 @@ TEST(CudaLayers, RopeForwardBf16InPlace) {
         ASSERT_EQ(got[static_cast<std::size_t>(row * width + j)],
                   before[static_cast<std::size_t>(row * width + j)])
             << "row " << row << " value column " << j << at;
+    // Backward in place on the bf16 result, against rope_backward on its widened values.
+    Dev grad(count);
+    cl::convert_from_bf16(ctx, grad.get(), r.bf16.get(), count);
+    const auto grad_wide = grad.host();
+    cl::rope_backward(ctx, grad.get(), d_table, batch, seq, n_head + n_kv, head_dim, width);
+    cl::rope_backward_bf16(ctx, r.bf16.get(), d_table, batch, seq, n_head + n_kv, head_dim, width);
+    const auto back = r.bf16.host();
+    EXPECT_EQ(back, converted(ctx, grad.get(), count)) << "backward" << at;
+    std::vector<float> cpu_back = grad_wide;
+    hl::rope_backward(cpu_back.data(), table, batch, seq, n_head, head_dim, width);
+    hl::rope_backward(cpu_back.data() + d, table, batch, seq, n_kv, head_dim, width);
+    expect_bf16_close("rope backward bf16" + at, back, cpu_back, kFp32);
   }
   Dev16 x16(batch * 11 * 32);
   EXPECT_THROW(cl::rope_forward_bf16(ctx, x16.get(), d_table, batch, 11, 2, head_dim, 32),

@@ -30,6 +30,7 @@
 #include "pion/core/random.h"
 #include "pion/model/llama.h"
 #ifdef PION_HAVE_CUDA
+#include "pion/cuda/cudnn_attention.h"
 #include "pion/cuda/llama.h"
 #include "pion/cuda/vector_ops.h"
 #endif
@@ -211,6 +212,53 @@ TEST(CudaLlama, Bf16NormFreeStaysClose) {
                 p.worst_grad, p.worst_name.c_str());
     EXPECT_LT(p.loss_error, 2e-2) << what;
     EXPECT_LT(p.worst_grad, 8e-2) << what << " " << p.worst_name;
+  }
+}
+
+// --attention cudnn (cuDNN's fused attention; its backward writes dq, dk, dv in bf16 and RoPE's
+// backward rotates them in place): the bf16 model's bounds against the CPU model, with norms
+// and without, multi-head and grouped-query. Twice on one model, so the second call replays the
+// captured graph. Skips where the build has no cuDNN (the CPU emulator never has it).
+TEST(CudaLlama, CudnnAttentionStaysClose) {
+  PION_REQUIRE_CUDA_DEVICE();
+  if (const std::string why = cu::layers::cudnn_attention_unavailable(); !why.empty())
+    GTEST_SKIP() << why;
+  cu::CudaLlamaOptions o;
+  o.matmul = cu::layers::MatmulPrecision::Bf16;
+  o.attention = cu::CudaAttention::Cudnn;
+  for (const std::string norm : {"rmsnorm", "none"}) {
+    const Parity p = compare_with_cpu(o, 3, 24, 5, norm);
+    std::printf("bf16 cudnn (%s) vs cpu: loss %.2e, worst grad %.2e (%s)\n", norm.c_str(),
+                p.loss_error, p.worst_grad, p.worst_name.c_str());
+    EXPECT_LT(p.loss_error, 2e-2) << norm;
+    EXPECT_LT(p.worst_grad, 8e-2) << norm << " " << p.worst_name;
+  }
+  ModelConfig gqa = small_config(24);
+  gqa.n_head = 4;
+  gqa.n_kv_head = 2;
+  gqa.d_model = 64;  // head_dim 16
+  Llama<float> cpu(gqa);
+  Rng init(7);
+  cpu.init_weights(init);
+  const Batch b = random_batch(2, 24, gqa.vocab_size, 8);
+  cpu.zero_grad();
+  const double cpu_loss = cpu.forward(b.tokens, b.targets, 2, 24);
+  cpu.backward(1.0);
+  cu::Context ctx;
+  cu::CudaLlama gpu(ctx, gqa, o);
+  gpu.upload_params({cpu.params().data<float>(), static_cast<std::size_t>(cpu.params().numel())});
+  std::vector<float> grads(static_cast<std::size_t>(gpu.num_params()));
+  for (int call = 0; call < 3; ++call) {  // eager, captured, replayed
+    gpu.zero_grad();
+    gpu.forward_backward(b.tokens, b.targets, 2, 24, 1.0);
+    EXPECT_LT(std::abs(gpu.read_loss().loss - cpu_loss) / std::abs(cpu_loss), 2e-2) << call;
+    gpu.download_grads(grads);
+    double worst = 0.0;
+    for (const auto& e : host_layout(gpu))
+      worst = std::max(worst, rel_error(grads.data() + e.offset,
+                                        cpu.grads().data<float>() + e.offset, e.numel()));
+    std::printf("bf16 cudnn grouped-query vs cpu, call %d: worst grad %.2e\n", call, worst);
+    EXPECT_LT(worst, 8e-2) << "call " << call;
   }
 }
 
@@ -792,7 +840,7 @@ TEST(CudaLlama, RlObjectivePathMatchesCpuModel) {
 // --attention flash and materialized are taken as named; auto is flash with bf16 GEMMs (the
 // tensor-core kernels) and, with tf32 or fp32 GEMMs, keeps the scores while every layer's
 // [batch, heads, seq, seq] fp32 probabilities fit a quarter of the device's memory, flash
-// beyond; a bad name is an error naming it.
+// beyond; cudnn needs bf16 GEMMs and cuDNN; a bad name is an error naming it.
 TEST(CudaLlama, ChoosesAttention) {
   PION_REQUIRE_CUDA_DEVICE();
   using P = cu::layers::MatmulPrecision;
@@ -812,6 +860,18 @@ TEST(CudaLlama, ChoosesAttention) {
   EXPECT_EQ(cu::choose_attention("auto", c, big - 1, P::Tf32), materialized);
   EXPECT_EQ(cu::choose_attention("auto", c, big, P::Tf32), flash);
   EXPECT_EQ(cu::choose_attention("auto", c, big, P::Fp32), flash);
+  // cudnn: bf16 only, and only in a build with cuDNN (else an error saying so).
+  EXPECT_THROW(cu::choose_attention("cudnn", c, 4, P::Tf32), pion::Error);
+  if (cu::layers::cudnn_attention_unavailable().empty()) {
+    EXPECT_EQ(cu::choose_attention("cudnn", c, 4, P::Bf16), cu::CudaAttention::Cudnn);
+  } else {
+    try {
+      cu::choose_attention("cudnn", c, 4, P::Bf16);
+      ADD_FAILURE() << "attention 'cudnn' was accepted by a build without cuDNN";
+    } catch (const pion::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("built without cuDNN"), std::string::npos) << e.what();
+    }
+  }
   try {
     cu::choose_attention("flsh", c, 4, P::Bf16);
     ADD_FAILURE() << "attention 'flsh' was accepted";

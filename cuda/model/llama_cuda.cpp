@@ -8,6 +8,7 @@
 #include <string>
 
 #include "pion/core/error.h"
+#include "pion/cuda/cudnn_attention.h"
 #include "pion/cuda/flash_attention.h"
 #include "pion/cuda/llama.h"
 #include "pion/cuda/vector_ops.h"
@@ -25,11 +26,30 @@ layers::MatmulPrecision parse_matmul_precision(const std::string& name) {
   throw Error("matmul precision must be bf16, tf32 or fp32, got '" + name + "'");
 }
 
+const char* attention_name(CudaAttention attention) {
+  switch (attention) {
+    case CudaAttention::Materialized:
+      return "materialized";
+    case CudaAttention::Flash:
+      return "flash";
+    case CudaAttention::Cudnn:
+      return "cudnn";
+  }
+  return "?";
+}
+
 CudaAttention choose_attention(const std::string& name, const ModelConfig& config, int batch,
                                MatmulPrecision matmul) {
   if (name == "flash") return CudaAttention::Flash;
   if (name == "materialized") return CudaAttention::Materialized;
-  check(name == "auto", "attention must be auto, flash or materialized, got '" + name + "'");
+  if (name == "cudnn") {
+    check(matmul == MatmulPrecision::Bf16,
+          "--attention cudnn needs --matmul_precision bf16 (cuDNN's fused attention is bf16)");
+    const std::string why = layers::cudnn_attention_unavailable();
+    check(why.empty(), "--attention cudnn: this pion was " + why + "; use --attention flash");
+    return CudaAttention::Cudnn;
+  }
+  check(name == "auto", "attention must be auto, flash, materialized or cudnn, got '" + name + "'");
   if (matmul == MatmulPrecision::Bf16) return CudaAttention::Flash;  // the tensor-core kernels
   const double probs_bytes = 4.0 * config.n_layer * batch * config.n_head *
                              static_cast<double>(config.seq_len) * config.seq_len;
@@ -147,6 +167,10 @@ struct CudaLlama::Impl {
   std::int64_t mirror_from = 0;
   bool track_changes = false, weights_stale = true;
   float* rms_scratch = nullptr;  // rmsnorm_backward's per-chunk weight-gradient partials
+  // --attention cudnn: the fused attention's plans for the current shape and their workspace.
+  // Its backward writes dqkv16 directly (no fp32 dqkv).
+  std::unique_ptr<layers::CudnnAttention> cudnn;
+  DeviceBuffer cudnn_workspace;
   // forward_backward's passes at the current shape, replayed per loss scale; cleared by
   // ensure_buffers with the buffers the graphs point into.
   GraphReplayer passes;
@@ -163,6 +187,8 @@ CudaLlama::CudaLlama(Context& ctx, const ModelConfig& config, const CudaLlamaOpt
     : ctx_(ctx), config_(config), options_(options), layout_(llama_param_layout_by_shape(config)) {
   check(config.dropout == 0.0,
         "--device cuda does not implement dropout yet: set dropout 0 (or train on the CPU)");
+  check(options.attention != CudaAttention::Cudnn || options.matmul == MatmulPrecision::Bf16,
+        "--attention cudnn needs --matmul_precision bf16 (cuDNN's fused attention is bf16)");
   num_params_ = 0;
   for (const ParamEntry& e : layout_) num_params_ += e.numel();
   const auto table =
@@ -244,19 +270,22 @@ void CudaLlama::download_grads(std::span<float> host) const {
 
 namespace {
 
-void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOptions& o, int batch,
-                    int seq, std::int64_t num_params) {
+void ensure_buffers(Context& ctx, CudaLlama::Impl& m, const ModelConfig& c,
+                    const CudaLlamaOptions& o, int batch, int seq, std::int64_t num_params) {
   if (batch == m.batch && seq == m.seq) return;
   m.passes.clear();
   const i64 n = static_cast<i64>(batch) * seq, d = c.d_model, f = c.ffn_size();
   const i64 v = c.vocab_size, h = c.n_head, L = c.n_layer;
   const i64 qkv = d + 2 * static_cast<i64>(c.kv_dim());  // [q | k | v] row width
-  const bool flash = o.attention == CudaAttention::Flash;
+  // flash: a fused attention (ours or cuDNN's) that keeps one statistic per query row.
+  const bool cudnn = o.attention == CudaAttention::Cudnn;
+  const bool flash = o.attention != CudaAttention::Materialized;
   const i64 keep = flash ? static_cast<i64>(layers::flash_attention_lse_elements(batch, seq, h))
                          : static_cast<i64>(batch) * h * seq * seq;
   const i64 attn_scratch =
-      flash ? static_cast<i64>(layers::flash_attention_scratch_elements(batch, seq, h))
-            : static_cast<i64>(batch) * h * seq * seq;
+      cudnn   ? 0
+      : flash ? static_cast<i64>(layers::flash_attention_scratch_elements(batch, seq, h))
+              : static_cast<i64>(batch) * h * seq * seq;
   // Bf16 matmuls keep only the bf16 copy of a tensor a GEMM alone reads (see LayerActs).
   const bool bf16 = o.matmul == MatmulPrecision::Bf16;
   const i64 h_fp32 = bf16 && c.has_norm() ? 0 : n * d, act_fp32 = bf16 ? 0 : n * f;
@@ -345,13 +374,15 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
   const i64 dlogits = bf16 ? 0 : n * v;
   // bf16: dh (with norms) and datt (flash) exist only as dh16 and datt16.
   const i64 dh_fp32 = dh16 ? 0 : n * d, datt_fp32 = qkv16 ? 0 : n * d;
+  // cuDNN's attention backward writes dqkv in bf16 (dqkv16) only.
+  const i64 dqkv_fp32 = cudnn ? 0 : n * qkv;
   m.grad_acts = DeviceBuffer(static_cast<std::size_t>(
-      n * d /*dres*/ + dh_fp32 /*dh*/ + n * qkv /*dqkv*/ + datt_fp32 /*datt*/ + dgu_fp32 /*dgu*/ +
+      n * d /*dres*/ + dh_fp32 /*dh*/ + dqkv_fp32 /*dqkv*/ + datt_fp32 /*datt*/ + dgu_fp32 /*dgu*/ +
       dact_fp32 /*dact*/ + dlogits + attn_scratch + rms_scratch));
   p = m.grad_acts.data();
   m.dres = take(n * d);
   m.dh = take(dh_fp32);
-  m.dqkv = take(n * qkv);
+  m.dqkv = take(dqkv_fp32);
   m.datt = take(datt_fp32);
   m.dgu = take(dgu_fp32);
   m.dact = take(dact_fp32);
@@ -376,6 +407,13 @@ void ensure_buffers(CudaLlama::Impl& m, const ModelConfig& c, const CudaLlamaOpt
     m.bf16->set_weight_mirror(m.params.data() + m.mirror_from, m.bf16_params->data(),
                               static_cast<std::size_t>(num_params - m.mirror_from));
   }
+  m.cudnn.reset();
+  m.cudnn_workspace = DeviceBuffer();
+  if (cudnn) {
+    m.cudnn =
+        std::make_unique<layers::CudnnAttention>(ctx, batch, seq, h, c.head_dim(), c.kv_heads());
+    m.cudnn_workspace = DeviceBuffer((m.cudnn->workspace_bytes() + 3) / 4);
+  }
   m.batch = batch;
   m.seq = seq;
 }
@@ -393,7 +431,7 @@ struct Pass {
   double eps;
   MatmulPrecision mp, attn_mp;
   layers::Bf16Workspace* ws;
-  bool flash, norms, bf16;
+  bool flash, cudnn, norms, bf16;
 
   Pass(Context& context, CudaLlama::Impl& impl, const ModelConfig& config,
        const CudaLlamaOptions& options)
@@ -413,7 +451,8 @@ struct Pass {
         attn_mp(options.matmul == MatmulPrecision::Fp32 ? MatmulPrecision::Fp32
                                                         : MatmulPrecision::Tf32),
         ws(impl.bf16.get()),
-        flash(options.attention == CudaAttention::Flash),
+        flash(options.attention != CudaAttention::Materialized),  // ours or cuDNN's
+        cudnn(options.attention == CudaAttention::Cudnn),
         norms(config.has_norm()),
         bf16(options.matmul == MatmulPrecision::Bf16) {}
 
@@ -472,7 +511,9 @@ struct Pass {
       // the attention's backward read att16. The fp32 flash kernel writes both (its backward
       // reads the fp32 output); the materialised attention's fp32 GEMM output (TF32 operands:
       // it cannot write bf16) is converted once here.
-      if (flash && bf16) {
+      if (cudnn) {
+        m.cudnn->forward(a.att16, a.attn_keep, a.qkv16, m.cudnn_workspace.data());
+      } else if (flash && bf16) {
         layers::flash_attention_forward_tc(ctx, a.att, a.attn_keep, nullptr, batch, seq, h, hd, kvh,
                                            a.att16, a.qkv16);
       } else if (flash) {
@@ -552,7 +593,10 @@ struct Pass {
       // tensor-core attention backward reads with the bf16 qkv.
       layers::linear_backward(ctx, m.datt, g.wo, m.dres, a.att, w.wo, n, d, d, mp, ws, kAssign,
                               dres16, a.att16, m.datt16);
-      if (flash && bf16)
+      if (cudnn)
+        m.cudnn->backward(m.dqkv16, m.datt16, a.att16, a.attn_keep, a.qkv16,
+                          m.cudnn_workspace.data());
+      else if (flash && bf16)
         layers::flash_attention_backward_tc(ctx, m.dqkv, m.attn_scratch, nullptr, nullptr,
                                             a.attn_keep, nullptr, batch, seq, h, hd, kvh, kAssign,
                                             a.att16, m.datt16, a.qkv16);
@@ -562,7 +606,10 @@ struct Pass {
       else
         layers::attention_backward(ctx, m.dqkv, m.attn_scratch, m.datt, a.attn_keep, a.qkv, batch,
                                    seq, h, hd, kvh, attn_mp, kAssign);
-      if (bf16) {
+      if (cudnn) {
+        // cuDNN wrote dq, dk, dv in bf16: RoPE's backward in place on the query and key heads.
+        layers::rope_backward_bf16(ctx, m.dqkv16, m.rope, batch, seq, h + kvh, hd, qkv);
+      } else if (bf16) {
         // One pass: RoPE's backward of the query and key heads, the values copied, into the
         // bf16 operand of the QKV GEMM's backward (dqkv's only reader).
         layers::rope_backward_qkv_bf16(ctx, m.dqkv16, m.dqkv, m.rope, batch, seq, h, kvh, hd, qkv);
@@ -601,7 +648,7 @@ void CudaLlama::forward_backward(std::span<const std::int32_t> tokens,
                               std::to_string(i) + " is >= vocab_size " + std::to_string(v));
   }
   Impl& m = *impl_;
-  ensure_buffers(m, config_, options_, batch, seq, num_params_);
+  ensure_buffers(ctx_, m, config_, options_, batch, seq, num_params_);
   m.tokens.upload_async(ctx_, tokens.data(), tokens.size());
   m.targets.upload_async(ctx_, targets.data(), targets.size());
   if (m.bf16_params && (m.weights_stale || !m.track_changes)) {

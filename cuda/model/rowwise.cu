@@ -455,6 +455,12 @@ void rope_forward_bf16(Context& ctx, void* x_bf16, const DeviceRopeTable& table,
              row_stride, 1.0f, "rope_forward_bf16");
 }
 
+void rope_backward_bf16(Context& ctx, void* dx_bf16, const DeviceRopeTable& table, i64 batch,
+                        i64 seq, i64 n_head, i64 head_dim, i64 row_stride) {
+  rope_apply(ctx, static_cast<__nv_bfloat16*>(dx_bf16), table, batch, seq, n_head, head_dim,
+             row_stride, -1.0f, "rope_backward_bf16");
+}
+
 void rope_backward_qkv_bf16(Context& ctx, void* out_bf16, const float* dqkv,
                             const DeviceRopeTable& table, i64 batch, i64 seq, i64 n_head,
                             i64 n_kv_head, i64 head_dim, i64 row_width) {

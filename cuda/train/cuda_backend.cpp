@@ -264,8 +264,7 @@ class CudaBackend final : public TrainBackend {
     drift_at_evals_ = !benchmark_only && run_->pion_params() <= kDriftAtEvalMaxParams;
     CudaLlama& model = run_->model();
     std::cout << "device: " << device_description() << " | matmul " << cfg_.matmul_precision
-              << " | attention "
-              << (model.options().attention == CudaAttention::Flash ? "flash" : "materialized")
+              << " | attention " << attention_name(model.options().attention)
               << (cfg_.cuda_graphs ? "" : " | no CUDA graphs") << " | " << model.num_params()
               << " parameters on the device\n";
   }

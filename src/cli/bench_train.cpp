@@ -249,7 +249,7 @@ void add_bench_train_command(CLI::App& bench) {
                   "cudaProfilerStart/Stop: the range nsys/ncu capture and the emulator's "
                   "EMU_COUNT window (0 = none)")
       ->check(FiniteRange(0, 200000));
-  cmd->add_option("--attention", args->attention, "cuda: auto | flash | materialized")
+  cmd->add_option("--attention", args->attention, "cuda: auto | flash | materialized | cudnn")
       ->capture_default_str();
   cmd->add_option("--matmul_precision", args->matmul_precision, "cuda: bf16 | tf32 | fp32")
       ->capture_default_str();

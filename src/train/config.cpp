@@ -203,8 +203,9 @@ const std::vector<Field>& fields() {
           "cuda: the model's GEMMs, bf16 | tf32 | fp32 (fp32 accumulation, fp32 master weights)",
           &TrainConfig::matmul_precision),
       string_field("attention",
-                   "cuda: auto | flash | materialized (auto: materialised while all layers' T x T "
-                   "scores fit a quarter of GPU memory)",
+                   "cuda: auto | flash | materialized | cudnn (auto: flash with bf16 GEMMs; "
+                   "otherwise materialised while all layers' T x T scores fit a quarter of GPU "
+                   "memory; cudnn: cuDNN's fused attention, bf16 only)",
                    &TrainConfig::attention),
       string_field("pion_precision",
                    "cuda: Pion's GEMMs, fp32 | mixed (TF32 tensor cores, fp32 weights)",
@@ -334,8 +335,8 @@ void TrainConfig::validate() const {
   check(one_of(matmul_precision, {"bf16", "tf32", "fp32"}),
         "config key 'matmul_precision' must be bf16, tf32 or fp32, got " +
             input::describe(matmul_precision));
-  check(one_of(attention, {"auto", "flash", "materialized"}),
-        "config key 'attention' must be auto, flash or materialized, got " +
+  check(one_of(attention, {"auto", "flash", "materialized", "cudnn"}),
+        "config key 'attention' must be auto, flash, materialized or cudnn, got " +
             input::describe(attention));
   check(
       one_of(pion_precision, {"fp32", "mixed"}),

@@ -2,8 +2,9 @@
 # scripts/gpu-check.sh without a GPU: the whole script runs in a temporary copy of scripts/
 # with fake nvidia-smi, nvcc, cmake, ctest and apt-get first on PATH (ctest prints a canned
 # `ctest -V` log). Checks: --fetch-deps in a git checkout without .git/info/ (and outside
-# git); a GPU listed + a CUDA test skipped fails; the no-GPU error-path skip is allowed; no GPU
-# listed fails; --out gets the whole logs, one per test; bad arguments exit 2.
+# git); a GPU listed + a CUDA test skipped fails; the no-GPU error-path skip and a build
+# without cuDNN's skip are allowed; no GPU listed fails; --out gets the whole logs, one per
+# test; bad arguments exit 2.
 # Usage: tests/scripts/test_gpu_check.sh SOURCE_DIR (ctest: ScriptGpuCheck).
 source "$(dirname "$0")/lib.sh" "${1:-}"
 
@@ -56,7 +57,12 @@ test 3
 
 3: [ RUN      ] CudaLayers.Param/1
 LOG
-if [ -n "${FAKE_SKIP:-}" ]; then
+if [ -n "${FAKE_CUDNN_SKIP:-}" ]; then
+  echo "3: tests/test_cuda_cudnn_attention.cpp:40: Skipped"
+  echo "3: built without cuDNN (CMake found no cudnn_graph.h and libcudnn; set PION_CUDNN_ROOT)"
+  echo "3: [  SKIPPED ] CudaLayers.Param/1 (0 ms)"
+  echo "3/3 Test #3: CudaLayers.Param/1 ......***Skipped   0.01 sec"
+elif [ -n "${FAKE_SKIP:-}" ]; then
   echo "3: tests/test_cuda_layers.cpp:112: Skipped"
   echo "3: no CUDA device: cudaGetDeviceCount reports none"
   echo "3: [  SKIPPED ] CudaLayers.Param/1 (0 ms)"
@@ -115,6 +121,9 @@ grep -q "lists a GPU but these CUDA tests skipped" "$tmp/gpu-skip.console" &&
   grep -q "^  CudaLayers.Param_1$" "$tmp/gpu-skip.console" &&
   ! grep -q "^  CudaTrain.NoGpuIsAClearError" "$tmp/gpu-skip.console" &&
   ok "a skipped CUDA test on a GPU machine is named" || fail "skip message"
+
+# A build without cuDNN skips the --attention cudnn tests: allowed (the rest runs without it).
+run_check gpu-no-cudnn 0 FAKE_GPU=1 FAKE_CUDNN_SKIP=1
 
 run_check no-gpu 1
 grep -q "lists no GPU" "$tmp/no-gpu.console" && ok "no GPU: says so" || fail "no-GPU message"

@@ -235,6 +235,10 @@ void rope_forward_bf16(Context& ctx, void* x_bf16, const DeviceRopeTable& table,
 // The transpose (rotation by -angle), in place on a gradient.
 void rope_backward(Context& ctx, float* dx, const DeviceRopeTable& table, i64 batch, i64 seq,
                    i64 n_head, i64 head_dim, i64 row_stride);
+// rope_backward in place on a bf16 gradient (cuDNN's attention backward writes dq and dk in
+// bf16): widened, rotated back, rounded to nearest even.
+void rope_backward_bf16(Context& ctx, void* dx_bf16, const DeviceRopeTable& table, i64 batch,
+                        i64 seq, i64 n_head, i64 head_dim, i64 row_stride);
 // RoPE's backward over whole fused rows for a bf16 GEMM: out_bf16 [batch * seq, row_width]
 // (bf16) = dqkv's rows with the n_head query heads and the n_kv_head key heads that follow
 // them rotated back (rope_backward's arithmetic) and the rest of the row (the values) copied,

@@ -36,8 +36,13 @@ namespace pion::cuda {
 
 // Flash: fused attention (pion/cuda/flash_attention.h), on bf16 tensor cores when the GEMMs are
 // bf16 (flash_attention_forward_tc / _backward_tc), fp32 otherwise. Materialized: the T x T
-// scores through cuBLAS (pion/cuda/layers.h).
-enum class CudaAttention { Materialized, Flash };
+// scores through cuBLAS (pion/cuda/layers.h). Cudnn: cuDNN's fused flash attention
+// (pion/cuda/cudnn_attention.h), bf16 GEMMs only, where the build found cuDNN; its backward
+// writes the bf16 dqkv directly and RoPE's backward rotates it in place.
+enum class CudaAttention { Materialized, Flash, Cudnn };
+
+// "flash", "materialized" or "cudnn", for logs.
+const char* attention_name(CudaAttention attention);
 
 struct CudaLlamaOptions {
   layers::MatmulPrecision matmul = layers::MatmulPrecision::Bf16;
@@ -50,11 +55,13 @@ struct CudaLlamaOptions {
 
 // "bf16" | "tf32" | "fp32".
 layers::MatmulPrecision parse_matmul_precision(const std::string& name);
-// "flash" | "materialized" | "auto". With bf16 GEMMs auto is flash, the tensor-core kernels:
-// at GPT-2 small (16 x 1024 tokens) the emulator counts 64 GB of traffic for an AdamW step with
-// them against 174 GB with the scores materialised (docs/BENCHMARKS.md). The T x T fp32 scores
-// and probabilities alone take 34 ms at an H100's bandwidth, while the fused kernels' products
-// (about 1.5 TFLOP of bf16, estimated from the shapes) take 15 ms even at a tenth of its
+// "flash" | "materialized" | "cudnn" | "auto". cudnn needs bf16 GEMMs and a build with cuDNN
+// (an error naming what is missing otherwise); auto never picks it until a GPU has timed it
+// against flash (scripts/gpu-train.sh times all three). With bf16 GEMMs auto is flash, the
+// tensor-core kernels: at GPT-2 small (16 x 1024 tokens) the emulator counts 64 GB of traffic for
+// an AdamW step with them against 174 GB with the scores materialised (docs/BENCHMARKS.md). The T x
+// T fp32 scores and probabilities alone take 34 ms at an H100's bandwidth, while the fused kernels'
+// products (about 1.5 TFLOP of bf16, estimated from the shapes) take 15 ms even at a tenth of its
 // tensor-core peak; and no layer keeps its probabilities (9.7 GB there). With tf32 or fp32
 // GEMMs the flash kernel runs on CUDA cores, so auto keeps the scores (TF32 cuBLAS GEMMs and
 // memory-bound softmax passes) while every layer's [batch, heads, seq, seq] probabilities
