@@ -17,11 +17,12 @@
 #   run(command="scripts/gpu-train.sh", carry=[".gpu-deps"], timeout_s=600)
 #
 #   scripts/gpu-train.sh [--build] [--only speed|quality] [--steps N] [--iters N]
-#                        [--attention auto|flash|materialized] [--out DIR] [--python PY]
+#                        [--attention auto|flash|materialized|cudnn] [--out DIR] [--python PY]
 #                        [--no-compile]
 # Results in $OUT (else build-gpu/bench-train): pion-train.json, pion-train-<the other
 # attention>.json (AdamW with materialized attention beside auto's flash, or flash beside
-# --attention materialized), torch-eager.json, torch-compile.json, baby-*/ run directories
+# --attention materialized), pion-train-cudnn.json (AdamW with cuDNN's fused attention),
+# torch-eager.json, torch-compile.json, baby-*/ run directories
 # (summary.json, metrics.jsonl), quality.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,8 +51,8 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 case "$attention" in
-  auto|flash|materialized) ;;
-  *) echo "gpu-train.sh: --attention must be auto, flash or materialized, got '$attention'" >&2
+  auto|flash|materialized|cudnn) ;;
+  *) echo "gpu-train.sh: --attention must be auto, flash, materialized or cudnn, got '$attention'" >&2
      exit 2 ;;
 esac
 case "$only" in
@@ -109,6 +110,14 @@ if [[ -z "$only" || "$only" == "speed" ]]; then
   "$pion_bin" bench train --device cuda --preset gpt2-small --steps "$steps" --warmup 5 \
     --optimizers adamw --attention "$other" --json "$out_dir/pion-train-$other.json" |
     tail -n 4 || status=1
+  # cuDNN's fused attention (opt-in, first timed here): a failure (no cuDNN in the build, no
+  # engine for the graph) is reported, not counted against the stage.
+  if [[ "$attention" != cudnn ]]; then
+    echo "== speed: AdamW with --attention cudnn (cuDNN's fused attention)"
+    "$pion_bin" bench train --device cuda --preset gpt2-small --steps "$steps" --warmup 5 \
+      --optimizers adamw --attention cudnn --json "$out_dir/pion-train-cudnn.json" |
+      tail -n 4 || echo "gpu-train: --attention cudnn FAILED (see above); not counted"
+  fi
   for p in "$python" python3 /usr/bin/python3; do
     [[ -n "$p" ]] || continue
     if env LD_LIBRARY_PATH="$pion_gpu_orig_ld_library_path" "$p" -c \

@@ -17,7 +17,7 @@ for bad in "--attention flsh" "--only sped" "--frobnicate"; do
 done
 (cd "$src" && bash scripts/gpu-train.sh --help) >"$tmp/help" 2>&1
 rc=$?
-[[ $rc -eq 0 ]] && grep -q -- "--attention auto|flash|materialized" "$tmp/help" &&
+[[ $rc -eq 0 ]] && grep -q -- "--attention auto|flash|materialized|cudnn" "$tmp/help" &&
   ! grep -q "^set -e" "$tmp/help" && ok "--help prints the usage" ||
   fail "--help: exit $rc: $(cat "$tmp/help")"
 
