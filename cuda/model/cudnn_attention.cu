@@ -197,8 +197,12 @@ class GraphBuilder {
 // An operation graph finalised into an execution plan: the first engine configuration of
 // cuDNN's heuristics (mode A, then the fallback list) that finalises, with its workspace size.
 struct Plan {
-  std::unique_ptr<Descriptor> graph, plan;
+  // Declared in the order they refer to each other, so each outlives what points at it: the
+  // graph's tensors and operations, the graph, the engine configurations, the plan.
+  GraphBuilder builder;
+  std::unique_ptr<Descriptor> graph;
   std::vector<std::unique_ptr<Descriptor>> configs;  // the plan refers to one of them
+  std::unique_ptr<Descriptor> plan;
   std::size_t workspace = 0;
   std::string engine;
 
@@ -217,8 +221,8 @@ struct Plan {
     return graph;
   }
 
-  Plan(cudnnHandle_t handle, const GraphBuilder& g, const char* what) {
-    graph = operation_graph(handle, g);
+  Plan(cudnnHandle_t handle, GraphBuilder g, const char* what) : builder(std::move(g)) {
+    graph = operation_graph(handle, builder);
     std::string tried;
     for (cudnnBackendHeurMode_t mode : {CUDNN_HEUR_MODE_A, CUDNN_HEUR_MODE_FALLBACK}) {
       Descriptor heur(CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR);
