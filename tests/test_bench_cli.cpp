@@ -137,7 +137,8 @@ TEST(BenchCli, BadArgumentsAreRejected) {
       {"bench generate --device tpu", "--device"},
       {"bench optim --device cuda --pion_variants", "--pion_variants"},
       {"bench generate --matmul_precision bf17", "--matmul_precision"},
-      {"bench train --device cpu --cuda_graphs maybe", "--cuda_graphs"}};
+      {"bench train --device cpu --cuda_graphs maybe", "--cuda_graphs"},
+      {"bench train --device cpu --attention cudnnn", "'attention'"}};
   for (const auto& [args, named] : cases) {
     const auto r = run_pion(args);
     EXPECT_EQ(r.exit_code, 2) << args << ":\n" << r.output;
